@@ -1,0 +1,14 @@
+//! The validator's competition state machine and the miner's job state machine.
+//! Pure: time (`now`, Unix ms) and randomness (an `RngCore`) are passed in, effects come
+//! out. No tokio, no sockets, no files, no clocks here.
+
+pub mod miner;
+pub mod validator;
+
+pub use miner::{
+    MinerEffect, MinerEngine, MinerError, MinerInput, MinerJob, MinerPhase, MinerPolicy,
+};
+pub use validator::{
+    CompetitionPlan, JobPhase, JobPlan, JobState, MinerSlot, OfferState, SubmissionState,
+    ValidatorEffect, ValidatorEngine, ValidatorError, ValidatorInput,
+};

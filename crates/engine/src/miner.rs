@@ -1,0 +1,575 @@
+//! The miner side of a job: decide on offers by policy, take signed assignments, and once
+//! the runtime has trained, commit before the deadline and reveal after it.
+
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use tunenet_types::{
+    Assignment, BlobId, Commitment, Decision, Identity, JobId, JobKind, MinerJobStatus, Offer,
+    Receipt, RejectCode, RejectReason, UnixMillis, UploadHeader, commit_hash,
+};
+
+/// The operator's accept/reject policy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MinerPolicy {
+    /// Most jobs accepted or running at once.
+    pub max_concurrent_jobs: u32,
+    /// Largest base model accepted, in parameters.
+    pub max_model_params: u64,
+    /// Shortest time budget accepted, in seconds.
+    pub min_time_budget_secs: u64,
+    /// Longest time budget accepted, in seconds.
+    pub max_time_budget_secs: u64,
+    /// Job kinds this miner runs.
+    pub kinds: Vec<JobKind>,
+    /// Reject everything (maintenance).
+    pub paused: bool,
+    /// How long an accepted offer holds a slot while waiting for its assignment.
+    pub accept_hold_secs: u64,
+}
+
+impl Default for MinerPolicy {
+    fn default() -> Self {
+        MinerPolicy {
+            max_concurrent_jobs: 1,
+            max_model_params: 2_000_000_000,
+            min_time_budget_secs: 5,
+            max_time_budget_secs: 24 * 3600,
+            kinds: vec![JobKind::FineTune],
+            paused: false,
+            accept_hold_secs: 60,
+        }
+    }
+}
+
+impl MinerPolicy {
+    /// The policy's verdict on an offer, given how many jobs are already held.
+    pub fn decide(&self, offer: &Offer, held: u32) -> Decision {
+        let reject = |code, detail: String| Decision::Reject(RejectReason { code, detail });
+        if self.paused {
+            return reject(RejectCode::Paused, "the operator paused this miner".into());
+        }
+        if !self.kinds.contains(&offer.kind) {
+            return reject(
+                RejectCode::KindNotSupported,
+                format!(
+                    "job kind {} is not in this miner's kinds {:?}",
+                    offer.kind, self.kinds
+                ),
+            );
+        }
+        if held >= self.max_concurrent_jobs {
+            return reject(
+                RejectCode::Busy,
+                format!(
+                    "already holding {held} of {} concurrent jobs",
+                    self.max_concurrent_jobs
+                ),
+            );
+        }
+        if offer.base_params > self.max_model_params {
+            return reject(
+                RejectCode::ModelTooLarge,
+                format!(
+                    "model has {} parameters, this miner takes at most {}",
+                    offer.base_params, self.max_model_params
+                ),
+            );
+        }
+        let budget_s = offer.time_budget_ms / 1000;
+        if budget_s < self.min_time_budget_secs {
+            return reject(
+                RejectCode::BudgetTooShort,
+                format!(
+                    "time budget {budget_s} s is below this miner's minimum {} s",
+                    self.min_time_budget_secs
+                ),
+            );
+        }
+        if budget_s > self.max_time_budget_secs {
+            return reject(
+                RejectCode::BudgetTooLong,
+                format!(
+                    "time budget {budget_s} s is above this miner's maximum {} s",
+                    self.max_time_budget_secs
+                ),
+            );
+        }
+        Decision::Accept
+    }
+}
+
+/// Where one of the miner's jobs is.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum MinerPhase {
+    /// Accepted; waiting for the assignment.
+    Accepted {
+        /// When it was accepted.
+        at: UnixMillis,
+    },
+    /// Fetching data and training.
+    Training,
+    /// Commitment sent; waiting for the receipt.
+    Committing,
+    /// Receipt held; waiting for the deadline to reveal.
+    Committed,
+    /// Uploading the artifact.
+    Uploading,
+    /// Revealed; nothing left to do.
+    Uploaded,
+    /// Ended without a submission; the detail says why.
+    Failed,
+}
+
+/// One of the miner's jobs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MinerJob {
+    /// The offer.
+    pub offer: Offer,
+    /// The assignment, once received.
+    pub assignment: Option<Assignment>,
+    /// The phase.
+    pub phase: MinerPhase,
+    /// The artifact and its size, once trained.
+    pub artifact: Option<(BlobId, u64)>,
+    /// The commitment's salt (secret until the reveal).
+    pub salt: Option<[u8; 32]>,
+    /// The validator's receipt.
+    pub receipt: Option<Receipt>,
+    /// Training step reached.
+    pub step: u64,
+    /// Latest training loss.
+    pub loss: f32,
+    /// A sentence about the job.
+    pub detail: String,
+}
+
+/// Why the miner refused an assignment.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum MinerError {
+    /// Never offered or already expired.
+    #[error("unknown job `{0}`: not offered to this miner, or the accepted offer expired")]
+    UnknownJob(JobId),
+    /// The offer was not accepted or the job is past that point.
+    #[error("job {0} is not waiting for an assignment")]
+    NotAwaiting(JobId),
+    /// The assignment names another miner.
+    #[error("assignment is for miner {0}, not this one")]
+    WrongMiner(String),
+    /// The signature does not verify or comes from another validator.
+    #[error("assignment signature: {0}")]
+    BadSignature(String),
+    /// The deadline has already passed.
+    #[error("assignment deadline {0} has already passed")]
+    Expired(UnixMillis),
+}
+
+/// What happened to the miner.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MinerInput {
+    /// Time passed.
+    Tick,
+    /// Training progress.
+    Progress {
+        /// The job.
+        job_id: JobId,
+        /// Step reached.
+        step: u64,
+        /// Latest loss.
+        loss: f32,
+    },
+    /// Training finished with an artifact stored in the blob store, or failed.
+    Trained {
+        /// The job.
+        job_id: JobId,
+        /// The artifact and its size, or why training failed.
+        result: Result<(BlobId, u64), String>,
+    },
+    /// The validator answered the commitment.
+    CommitAnswered {
+        /// The job.
+        job_id: JobId,
+        /// The receipt, or why it was refused.
+        result: Result<Receipt, String>,
+    },
+    /// The upload finished.
+    UploadAnswered {
+        /// The job.
+        job_id: JobId,
+        /// Ok, or why it failed.
+        result: Result<(), String>,
+    },
+}
+
+/// What the runtime must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MinerEffect {
+    /// Fetch the assignment's blobs and train; answer with `Progress` and `Trained`.
+    Train {
+        /// The assignment.
+        assignment: Assignment,
+        /// Where the validator is.
+        reply_to: String,
+    },
+    /// Send a commitment; answer with `CommitAnswered`.
+    SendCommit {
+        /// Where the validator is.
+        reply_to: String,
+        /// The signed commitment.
+        commitment: Commitment,
+    },
+    /// Upload the artifact; answer with `UploadAnswered`.
+    Upload {
+        /// Where the validator is.
+        reply_to: String,
+        /// What is revealed.
+        header: UploadHeader,
+    },
+    /// Store this job.
+    Persist(Box<MinerJob>),
+    /// One line for the operator.
+    Event(String),
+}
+
+/// The miner's state machine.
+pub struct MinerEngine {
+    identity: Identity,
+    policy: MinerPolicy,
+    jobs: BTreeMap<JobId, MinerJob>,
+}
+
+fn held(phase: &MinerPhase) -> bool {
+    matches!(
+        phase,
+        MinerPhase::Accepted { .. } | MinerPhase::Training | MinerPhase::Committing
+    )
+}
+
+impl MinerEngine {
+    /// A miner with the given identity and policy, resuming stored jobs.
+    pub fn new(identity: Identity, policy: MinerPolicy, stored: Vec<MinerJob>) -> Self {
+        let jobs = stored
+            .into_iter()
+            .map(|j| (j.offer.job_id.clone(), j))
+            .collect();
+        MinerEngine {
+            identity,
+            policy,
+            jobs,
+        }
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &MinerPolicy {
+        &self.policy
+    }
+
+    /// Replaces the policy (e.g. pause/unpause).
+    pub fn set_policy(&mut self, p: MinerPolicy) {
+        self.policy = p;
+    }
+
+    /// Jobs that hold a slot (accepted, training or committing).
+    pub fn running(&self) -> u32 {
+        self.jobs.values().filter(|j| held(&j.phase)).count() as u32
+    }
+
+    /// A status line per job.
+    pub fn status(&self) -> Vec<MinerJobStatus> {
+        self.jobs
+            .values()
+            .map(|j| MinerJobStatus {
+                job_id: j.offer.job_id.clone(),
+                phase: match j.phase {
+                    MinerPhase::Accepted { .. } => "accepted",
+                    MinerPhase::Training => "training",
+                    MinerPhase::Committing => "committing",
+                    MinerPhase::Committed => "committed",
+                    MinerPhase::Uploading => "uploading",
+                    MinerPhase::Uploaded => "uploaded",
+                    MinerPhase::Failed => "failed",
+                }
+                .into(),
+                step: j.step,
+                loss: j.loss,
+                detail: j.detail.clone(),
+            })
+            .collect()
+    }
+
+    /// A job's record.
+    pub fn job(&self, id: &JobId) -> Option<&MinerJob> {
+        self.jobs.get(id)
+    }
+
+    /// Decides on an offer. A repeated offer for a job already held is accepted again.
+    pub fn offer(&mut self, offer: Offer, now: UnixMillis) -> (Decision, Vec<MinerEffect>) {
+        if let Some(j) = self.jobs.get(&offer.job_id)
+            && j.offer.validator == offer.validator
+            && matches!(j.phase, MinerPhase::Accepted { .. })
+        {
+            return (Decision::Accept, vec![]);
+        }
+        let d = self.policy.decide(&offer, self.running());
+        let mut fx = vec![];
+        match &d {
+            Decision::Accept => {
+                let job = MinerJob {
+                    offer: offer.clone(),
+                    assignment: None,
+                    phase: MinerPhase::Accepted { at: now },
+                    artifact: None,
+                    salt: None,
+                    receipt: None,
+                    step: 0,
+                    loss: 0.0,
+                    detail: "accepted; waiting for the assignment".into(),
+                };
+                fx.push(MinerEffect::Event(format!(
+                    "job {}: accepted offer from {}",
+                    offer.job_id, offer.validator
+                )));
+                fx.push(MinerEffect::Persist(Box::new(job.clone())));
+                self.jobs.insert(offer.job_id.clone(), job);
+            }
+            Decision::Reject(r) => {
+                fx.push(MinerEffect::Event(format!(
+                    "job {}: rejected: {r}",
+                    offer.job_id
+                )));
+            }
+        }
+        (d, fx)
+    }
+
+    /// Takes an assignment: it must be for this miner, for an accepted offer, signed by
+    /// the offering validator, and not expired.
+    pub fn assign(
+        &mut self,
+        a: Assignment,
+        now: UnixMillis,
+    ) -> Result<Vec<MinerEffect>, MinerError> {
+        if a.miner != self.identity.peer_id() {
+            return Err(MinerError::WrongMiner(a.miner.0.clone()));
+        }
+        let job = self
+            .jobs
+            .get_mut(&a.job_id)
+            .ok_or_else(|| MinerError::UnknownJob(a.job_id.clone()))?;
+        if !matches!(job.phase, MinerPhase::Accepted { .. }) {
+            return Err(MinerError::NotAwaiting(a.job_id.clone()));
+        }
+        a.verify()
+            .map_err(|e| MinerError::BadSignature(e.to_string()))?;
+        if a.validator != job.offer.validator {
+            return Err(MinerError::BadSignature(format!(
+                "signed by {}, but the offer came from {}",
+                a.validator, job.offer.validator
+            )));
+        }
+        if a.deadline_ms <= now {
+            return Err(MinerError::Expired(a.deadline_ms));
+        }
+        job.phase = MinerPhase::Training;
+        job.detail = "fetching the base model and shard".into();
+        job.assignment = Some(a.clone());
+        Ok(vec![
+            MinerEffect::Event(format!(
+                "job {}: assigned, {} s to the deadline",
+                a.job_id,
+                (a.deadline_ms - now) / 1000
+            )),
+            MinerEffect::Persist(Box::new(job.clone())),
+            MinerEffect::Train {
+                assignment: a,
+                reply_to: job.offer.reply_to.clone(),
+            },
+        ])
+    }
+
+    /// Handles an input.
+    pub fn handle(
+        &mut self,
+        input: MinerInput,
+        now: UnixMillis,
+        rng: &mut dyn RngCore,
+    ) -> Vec<MinerEffect> {
+        let mut fx = Vec::new();
+        match input {
+            MinerInput::Tick => {}
+            MinerInput::Progress { job_id, step, loss } => {
+                if let Some(j) = self.jobs.get_mut(&job_id) {
+                    j.step = step;
+                    j.loss = loss;
+                    j.detail = format!("training: step {step}, loss {loss:.4}");
+                }
+            }
+            MinerInput::Trained { job_id, result } => {
+                self.on_trained(job_id, result, now, rng, &mut fx)
+            }
+            MinerInput::CommitAnswered { job_id, result } => {
+                if let Some(j) = self.jobs.get_mut(&job_id)
+                    && j.phase == MinerPhase::Committing
+                {
+                    match result.and_then(|r| check_receipt(j, &r).map(|_| r)) {
+                        Ok(r) => {
+                            j.phase = MinerPhase::Committed;
+                            j.detail = "committed; revealing after the deadline".into();
+                            j.receipt = Some(r);
+                            fx.push(MinerEffect::Event(format!(
+                                "job {job_id}: commitment acknowledged"
+                            )));
+                        }
+                        Err(e) => {
+                            j.phase = MinerPhase::Failed;
+                            j.detail = format!("commitment refused: {e}");
+                            fx.push(MinerEffect::Event(format!(
+                                "job {job_id}: commitment refused: {e}"
+                            )));
+                        }
+                    }
+                    fx.push(MinerEffect::Persist(Box::new(j.clone())));
+                }
+            }
+            MinerInput::UploadAnswered { job_id, result } => {
+                if let Some(j) = self.jobs.get_mut(&job_id)
+                    && j.phase == MinerPhase::Uploading
+                {
+                    match result {
+                        Ok(()) => {
+                            j.phase = MinerPhase::Uploaded;
+                            j.detail = "artifact revealed".into();
+                            fx.push(MinerEffect::Event(format!(
+                                "job {job_id}: artifact uploaded"
+                            )));
+                        }
+                        Err(e) => {
+                            j.phase = MinerPhase::Failed;
+                            j.detail = format!("upload failed: {e}");
+                            fx.push(MinerEffect::Event(format!(
+                                "job {job_id}: upload failed: {e}"
+                            )));
+                        }
+                    }
+                    fx.push(MinerEffect::Persist(Box::new(j.clone())));
+                }
+            }
+        }
+        self.tick(now, &mut fx);
+        fx
+    }
+
+    fn on_trained(
+        &mut self,
+        job_id: JobId,
+        result: Result<(BlobId, u64), String>,
+        now: UnixMillis,
+        rng: &mut dyn RngCore,
+        fx: &mut Vec<MinerEffect>,
+    ) {
+        let Some(j) = self.jobs.get_mut(&job_id) else {
+            return;
+        };
+        if j.phase != MinerPhase::Training {
+            return;
+        }
+        let Some(a) = j.assignment.clone() else {
+            return;
+        };
+        match result {
+            Err(e) => {
+                j.phase = MinerPhase::Failed;
+                j.detail = format!("training failed: {e}");
+                fx.push(MinerEffect::Event(format!(
+                    "job {job_id}: training failed: {e}"
+                )));
+            }
+            Ok(_) if now > a.deadline_ms => {
+                j.phase = MinerPhase::Failed;
+                j.detail = "training finished after the deadline; nothing committed".into();
+                fx.push(MinerEffect::Event(format!(
+                    "job {job_id}: missed the deadline"
+                )));
+            }
+            Ok((artifact, size)) => {
+                let mut salt = [0u8; 32];
+                rng.fill_bytes(&mut salt);
+                let me = self.identity.peer_id();
+                let mut c = Commitment {
+                    job_id: job_id.clone(),
+                    miner: me.clone(),
+                    miner_key: self.identity.public_key_bytes(),
+                    commit: commit_hash(&artifact, &me, &job_id, &salt),
+                    artifact_size: size,
+                    signature: vec![],
+                };
+                c.signature = self.identity.sign(&c.signing_bytes());
+                j.artifact = Some((artifact, size));
+                j.salt = Some(salt);
+                j.phase = MinerPhase::Committing;
+                j.detail = format!("trained ({size} bytes); committing");
+                fx.push(MinerEffect::SendCommit {
+                    reply_to: j.offer.reply_to.clone(),
+                    commitment: c,
+                });
+            }
+        }
+        fx.push(MinerEffect::Persist(Box::new(j.clone())));
+    }
+
+    fn tick(&mut self, now: UnixMillis, fx: &mut Vec<MinerEffect>) {
+        let hold = self.policy.accept_hold_secs * 1000;
+        let me = self.identity.peer_id();
+        for (id, j) in self.jobs.iter_mut() {
+            match j.phase {
+                MinerPhase::Accepted { at } if now > at + hold => {
+                    j.phase = MinerPhase::Failed;
+                    j.detail = "no assignment arrived; the slot was released".into();
+                    fx.push(MinerEffect::Event(format!(
+                        "job {id}: not assigned; slot released"
+                    )));
+                    fx.push(MinerEffect::Persist(Box::new(j.clone())));
+                }
+                MinerPhase::Committed => {
+                    let (Some(a), Some((artifact, size)), Some(salt)) =
+                        (&j.assignment, j.artifact, j.salt)
+                    else {
+                        continue;
+                    };
+                    if now <= a.deadline_ms {
+                        continue;
+                    }
+                    j.phase = MinerPhase::Uploading;
+                    j.detail = "revealing the artifact".into();
+                    fx.push(MinerEffect::Upload {
+                        reply_to: j.offer.reply_to.clone(),
+                        header: UploadHeader {
+                            job_id: id.clone(),
+                            miner: me.clone(),
+                            artifact,
+                            size,
+                            salt,
+                        },
+                    });
+                    fx.push(MinerEffect::Persist(Box::new(j.clone())));
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn check_receipt(j: &MinerJob, r: &Receipt) -> Result<(), String> {
+    r.verify().map_err(|e| format!("receipt signature: {e}"))?;
+    if r.validator != j.offer.validator {
+        return Err(format!(
+            "receipt signed by {}, not the job's validator",
+            r.validator
+        ));
+    }
+    if r.job_id != j.offer.job_id {
+        return Err("receipt is for another job".into());
+    }
+    Ok(())
+}

@@ -1,0 +1,914 @@
+//! The validator side of a competition: offer each job, assign it to the miners that
+//! accept, take signed commitments until the deadline, take reveals after it, have each
+//! revealed artifact evaluated, and score the job (qualities with mean 1).
+
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use tunenet_types::{
+    Assignment, BlobId, Commitment, CompetitionId, Decision, DecisionReply, HparamBounds, Identity,
+    JobId, JobKind, JobScore, Offer, PeerIdStr, Receipt, ScoringWeights, UnixMillis, UploadHeader,
+    commit_hash, qualities,
+};
+
+/// One job of a competition, as planned before it starts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobPlan {
+    /// The job's id.
+    pub job_id: JobId,
+    /// The base model's manifest blob.
+    pub base_model: BlobId,
+    /// The base model's parameter count.
+    pub base_params: u64,
+    /// The training shard blob.
+    pub train_shard: BlobId,
+    /// Records in the shard.
+    pub shard_records: u64,
+    /// Training time allowed from assignment to deadline.
+    pub time_budget_ms: u64,
+    /// Informational reward.
+    pub reward_hint: f64,
+}
+
+/// A competition: its jobs and the rules that apply to all of them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CompetitionPlan {
+    /// The competition's id.
+    pub id: CompetitionId,
+    /// The jobs, started in order.
+    pub jobs: Vec<JobPlan>,
+    /// How many miners each job is assigned to (at most).
+    pub miners_per_job: u32,
+    /// How many jobs may be in flight at once.
+    pub concurrent_jobs: u32,
+    /// Limits on training settings.
+    pub hparams: HparamBounds,
+    /// How losses become qualities.
+    pub scoring: ScoringWeights,
+    /// How long after the deadline artifacts may be revealed.
+    pub reveal_window_ms: u64,
+    /// How long to wait for miners to answer an offer.
+    pub offer_timeout_ms: u64,
+    /// Largest artifact accepted.
+    pub max_artifact_bytes: u64,
+    /// Where miners reach this validator (sent in offers).
+    pub reply_to: String,
+    /// Hardware the jobs are sized for, informational.
+    pub hardware: String,
+}
+
+/// Where a job is in its life.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum JobPhase {
+    /// Not started.
+    Pending,
+    /// Offers sent; waiting for decisions.
+    Offering {
+        /// When the offers went out.
+        since: UnixMillis,
+    },
+    /// Assigned; miners train and commit until the deadline.
+    Running {
+        /// No commitment after this.
+        deadline: UnixMillis,
+    },
+    /// Past the deadline; artifacts are revealed and evaluated.
+    Revealing {
+        /// The deadline that passed.
+        deadline: UnixMillis,
+        /// No reveal after this.
+        until: UnixMillis,
+    },
+    /// Scored (or abandoned, with the reason).
+    Done {
+        /// Why the job ended without scores, if it did.
+        note: Option<String>,
+    },
+}
+
+/// The state of one offer to one miner address.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum OfferState {
+    /// Sent; no answer yet.
+    Sent,
+    /// Accepted by this miner.
+    Accepted {
+        /// The miner at the address.
+        miner: PeerIdStr,
+        /// Arrival order, so the first accepters are assigned.
+        order: u32,
+    },
+    /// Rejected, with the miner's reason.
+    Rejected {
+        /// The miner at the address.
+        miner: PeerIdStr,
+        /// The reason it gave.
+        reason: String,
+    },
+    /// The offer could not be delivered or answered.
+    Failed {
+        /// What went wrong.
+        error: String,
+    },
+}
+
+/// What happened to one assigned miner's submission.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum SubmissionState {
+    /// Assigned; nothing revealed yet.
+    Waiting,
+    /// Revealed and stored; being evaluated.
+    Uploaded {
+        /// The artifact.
+        artifact: BlobId,
+    },
+    /// Evaluated.
+    Evaluated {
+        /// The artifact.
+        artifact: BlobId,
+        /// Mean token loss on the hidden test split.
+        test_loss: f64,
+    },
+    /// Gets the penalty; the reason says why.
+    Failed {
+        /// Why, in words.
+        reason: String,
+    },
+}
+
+/// One assigned miner within a job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MinerSlot {
+    /// The miner's address.
+    pub addr: String,
+    /// The signed assignment it was sent.
+    pub assignment: Assignment,
+    /// Its latest commitment before the deadline.
+    pub commitment: Option<Commitment>,
+    /// The receipt given for that commitment.
+    pub receipt: Option<Receipt>,
+    /// The submission's state.
+    pub submission: SubmissionState,
+}
+
+/// A job's whole state: stored after every change, so a restarted validator resumes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobState {
+    /// The competition.
+    pub competition_id: CompetitionId,
+    /// The plan.
+    pub plan: JobPlan,
+    /// The phase.
+    pub phase: JobPhase,
+    /// Offers by miner address.
+    pub offers: BTreeMap<String, OfferState>,
+    /// Assigned miners.
+    pub slots: BTreeMap<PeerIdStr, MinerSlot>,
+    /// Scores, once the job is done.
+    pub scores: Vec<JobScore>,
+}
+
+/// Why the validator refused a commitment or an upload. Each says what to do.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ValidatorError {
+    /// No such job.
+    #[error("unknown job `{0}`: it was never offered by this validator")]
+    UnknownJob(JobId),
+    /// The miner is not assigned to the job.
+    #[error("miner {miner} is not assigned to job {job}")]
+    NotAssigned {
+        /// The job.
+        job: JobId,
+        /// The miner.
+        miner: PeerIdStr,
+    },
+    /// The signature or key is bad.
+    #[error("commitment signature does not verify: {0}")]
+    BadSignature(String),
+    /// Past the deadline.
+    #[error(
+        "commitment for job {job} arrived at {now}, after the deadline {deadline} (ms since epoch)"
+    )]
+    TooLate {
+        /// The job.
+        job: JobId,
+        /// The deadline.
+        deadline: UnixMillis,
+        /// When it arrived.
+        now: UnixMillis,
+    },
+    /// The artifact is over the limit.
+    #[error("artifact of {size} bytes is over the job's limit of {limit} bytes")]
+    TooLarge {
+        /// The declared size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// A reveal before the deadline.
+    #[error("job {job} is still running: reveal the artifact after the deadline {deadline}")]
+    TooEarly {
+        /// The job.
+        job: JobId,
+        /// The deadline.
+        deadline: UnixMillis,
+    },
+    /// A reveal with no commitment.
+    #[error("no commitment from {miner} for job {job}: commit before the deadline, then upload")]
+    NoCommitment {
+        /// The job.
+        job: JobId,
+        /// The miner.
+        miner: PeerIdStr,
+    },
+    /// The revealed artifact and salt do not match the commitment.
+    #[error("upload does not match the commitment: {0}")]
+    CommitMismatch(String),
+    /// The reveal window is over or the job is done.
+    #[error("job {0} no longer takes uploads (reveal window over)")]
+    Closed(JobId),
+    /// Already revealed.
+    #[error("job {job}: {miner} already uploaded its artifact")]
+    AlreadyUploaded {
+        /// The job.
+        job: JobId,
+        /// The miner.
+        miner: PeerIdStr,
+    },
+}
+
+/// Things that happen to the validator, other than commit and upload (which answer at once).
+#[derive(Clone, Debug, PartialEq)]
+pub enum ValidatorInput {
+    /// Time passed.
+    Tick,
+    /// A miner answered an offer, or the offer failed.
+    Decision {
+        /// The job.
+        job_id: JobId,
+        /// The miner's address.
+        addr: String,
+        /// Its answer, or why there is none.
+        reply: Result<DecisionReply, String>,
+    },
+    /// An assignment was delivered, or failed.
+    Assigned {
+        /// The job.
+        job_id: JobId,
+        /// The miner.
+        miner: PeerIdStr,
+        /// Ok, or why it failed.
+        result: Result<(), String>,
+    },
+    /// An evaluation finished.
+    Evaluated {
+        /// The job.
+        job_id: JobId,
+        /// The miner.
+        miner: PeerIdStr,
+        /// The test loss, or why evaluation failed (the artifact gets the penalty).
+        result: Result<f64, String>,
+    },
+}
+
+/// What the runtime must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ValidatorEffect {
+    /// Send an offer to a miner address; answer with [`ValidatorInput::Decision`].
+    SendOffer {
+        /// The miner's address.
+        addr: String,
+        /// The offer.
+        offer: Offer,
+    },
+    /// Deliver an assignment; answer with [`ValidatorInput::Assigned`].
+    SendAssignment {
+        /// The miner's address.
+        addr: String,
+        /// The signed assignment.
+        assignment: Assignment,
+    },
+    /// Evaluate a stored artifact; answer with [`ValidatorInput::Evaluated`].
+    Evaluate {
+        /// The job.
+        job_id: JobId,
+        /// The miner.
+        miner: PeerIdStr,
+        /// The artifact blob.
+        artifact: BlobId,
+    },
+    /// Store this job state.
+    Persist(Box<JobState>),
+    /// A job was scored.
+    JobFinished {
+        /// The job.
+        job_id: JobId,
+        /// Its scores.
+        scores: Vec<JobScore>,
+    },
+    /// Every job of the competition is done.
+    CompetitionFinished(CompetitionId),
+    /// Something an operator wants to see, one line.
+    Event(String),
+}
+
+/// The validator's state machine for one competition.
+pub struct ValidatorEngine {
+    identity: Identity,
+    plan: CompetitionPlan,
+    miners: Vec<String>,
+    jobs: BTreeMap<JobId, JobState>,
+    order: Vec<JobId>,
+    finished_announced: bool,
+}
+
+impl ValidatorEngine {
+    /// A fresh competition, or one resumed from stored job states (`stored`).
+    pub fn new(
+        identity: Identity,
+        plan: CompetitionPlan,
+        miners: Vec<String>,
+        stored: Vec<JobState>,
+    ) -> Self {
+        let mut stored: BTreeMap<JobId, JobState> = stored
+            .into_iter()
+            .map(|j| (j.plan.job_id.clone(), j))
+            .collect();
+        let mut jobs = BTreeMap::new();
+        let mut order = Vec::new();
+        for p in &plan.jobs {
+            let st = stored.remove(&p.job_id).unwrap_or_else(|| JobState {
+                competition_id: plan.id.clone(),
+                plan: p.clone(),
+                phase: JobPhase::Pending,
+                offers: BTreeMap::new(),
+                slots: BTreeMap::new(),
+                scores: Vec::new(),
+            });
+            order.push(p.job_id.clone());
+            jobs.insert(p.job_id.clone(), st);
+        }
+        ValidatorEngine {
+            identity,
+            plan,
+            miners,
+            jobs,
+            order,
+            finished_announced: false,
+        }
+    }
+
+    /// The competition plan.
+    pub fn plan(&self) -> &CompetitionPlan {
+        &self.plan
+    }
+
+    /// A job's state.
+    pub fn job(&self, id: &JobId) -> Option<&JobState> {
+        self.jobs.get(id)
+    }
+
+    /// All jobs, in plan order.
+    pub fn jobs(&self) -> impl Iterator<Item = &JobState> {
+        self.order.iter().filter_map(|id| self.jobs.get(id))
+    }
+
+    /// Whether every job is done.
+    pub fn is_finished(&self) -> bool {
+        self.jobs
+            .values()
+            .all(|j| matches!(j.phase, JobPhase::Done { .. }))
+    }
+
+    /// Effects a restarted validator must redo: evaluations that were under way.
+    pub fn resume(&self) -> Vec<ValidatorEffect> {
+        let mut out = Vec::new();
+        for j in self.jobs() {
+            for (miner, slot) in &j.slots {
+                if let SubmissionState::Uploaded { artifact } = &slot.submission {
+                    out.push(ValidatorEffect::Evaluate {
+                        job_id: j.plan.job_id.clone(),
+                        miner: miner.clone(),
+                        artifact: *artifact,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Handles an input.
+    pub fn handle(
+        &mut self,
+        input: ValidatorInput,
+        now: UnixMillis,
+        rng: &mut dyn RngCore,
+    ) -> Vec<ValidatorEffect> {
+        let mut fx = Vec::new();
+        match input {
+            ValidatorInput::Tick => {}
+            ValidatorInput::Decision {
+                job_id,
+                addr,
+                reply,
+            } => self.on_decision(&job_id, addr, reply, &mut fx),
+            ValidatorInput::Assigned {
+                job_id,
+                miner,
+                result,
+            } => {
+                if let (Err(e), Some(job)) = (result, self.jobs.get_mut(&job_id))
+                    && let Some(slot) = job.slots.get_mut(&miner)
+                {
+                    slot.submission = SubmissionState::Failed {
+                        reason: format!("assignment could not be delivered: {e}"),
+                    };
+                    fx.push(ValidatorEffect::Event(format!(
+                        "job {job_id}: assignment to {miner} failed: {e}"
+                    )));
+                    fx.push(ValidatorEffect::Persist(Box::new(job.clone())));
+                }
+            }
+            ValidatorInput::Evaluated {
+                job_id,
+                miner,
+                result,
+            } => {
+                if let Some(job) = self.jobs.get_mut(&job_id)
+                    && let Some(slot) = job.slots.get_mut(&miner)
+                    && let SubmissionState::Uploaded { artifact } = slot.submission.clone()
+                {
+                    slot.submission = match result {
+                        Ok(test_loss) if test_loss.is_finite() => {
+                            fx.push(ValidatorEffect::Event(format!(
+                                "job {job_id}: {miner} test loss {test_loss:.4}"
+                            )));
+                            SubmissionState::Evaluated {
+                                artifact,
+                                test_loss,
+                            }
+                        }
+                        Ok(bad) => SubmissionState::Failed {
+                            reason: format!("evaluation gave a non-finite loss ({bad})"),
+                        },
+                        Err(e) => SubmissionState::Failed {
+                            reason: format!("artifact could not be evaluated: {e}"),
+                        },
+                    };
+                    fx.push(ValidatorEffect::Persist(Box::new(job.clone())));
+                }
+            }
+        }
+        self.advance(now, rng, &mut fx);
+        fx
+    }
+
+    fn on_decision(
+        &mut self,
+        job_id: &JobId,
+        addr: String,
+        reply: Result<DecisionReply, String>,
+        fx: &mut Vec<ValidatorEffect>,
+    ) {
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return;
+        };
+        if !matches!(job.offers.get(&addr), Some(OfferState::Sent)) {
+            return; // unknown address or already answered
+        }
+        let accepted = job
+            .offers
+            .values()
+            .filter(|o| matches!(o, OfferState::Accepted { .. }))
+            .count() as u32;
+        let state = match reply {
+            Ok(r) if &r.job_id != job_id => OfferState::Failed {
+                error: format!("answered about job {} instead", r.job_id),
+            },
+            Ok(r) => match r.decision {
+                Decision::Accept => {
+                    fx.push(ValidatorEffect::Event(format!(
+                        "job {job_id}: {} accepted",
+                        r.miner
+                    )));
+                    OfferState::Accepted {
+                        miner: r.miner,
+                        order: accepted,
+                    }
+                }
+                Decision::Reject(reason) => {
+                    fx.push(ValidatorEffect::Event(format!(
+                        "job {job_id}: {} rejected: {reason}",
+                        r.miner
+                    )));
+                    OfferState::Rejected {
+                        miner: r.miner,
+                        reason: reason.to_string(),
+                    }
+                }
+            },
+            Err(error) => {
+                fx.push(ValidatorEffect::Event(format!(
+                    "job {job_id}: offer to {addr} failed: {error}"
+                )));
+                OfferState::Failed { error }
+            }
+        };
+        job.offers.insert(addr, state);
+        fx.push(ValidatorEffect::Persist(Box::new(job.clone())));
+    }
+
+    /// Takes a commitment: checks it and returns the signed receipt.
+    pub fn commit(
+        &mut self,
+        c: Commitment,
+        now: UnixMillis,
+    ) -> Result<(Receipt, Vec<ValidatorEffect>), ValidatorError> {
+        let max = self.plan.max_artifact_bytes;
+        let job = self
+            .jobs
+            .get_mut(&c.job_id)
+            .ok_or_else(|| ValidatorError::UnknownJob(c.job_id.clone()))?;
+        let deadline = match job.phase {
+            JobPhase::Running { deadline } => deadline,
+            JobPhase::Revealing { deadline, .. } => deadline,
+            JobPhase::Done { .. } => {
+                return Err(ValidatorError::Closed(c.job_id.clone()));
+            }
+            JobPhase::Pending | JobPhase::Offering { .. } => {
+                return Err(ValidatorError::NotAssigned {
+                    job: c.job_id.clone(),
+                    miner: c.miner.clone(),
+                });
+            }
+        };
+        let slot = job
+            .slots
+            .get_mut(&c.miner)
+            .ok_or_else(|| ValidatorError::NotAssigned {
+                job: c.job_id.clone(),
+                miner: c.miner.clone(),
+            })?;
+        c.verify()
+            .map_err(|e| ValidatorError::BadSignature(e.to_string()))?;
+        if now > deadline {
+            return Err(ValidatorError::TooLate {
+                job: c.job_id.clone(),
+                deadline,
+                now,
+            });
+        }
+        if c.artifact_size > max {
+            return Err(ValidatorError::TooLarge {
+                size: c.artifact_size,
+                limit: max,
+            });
+        }
+        let mut receipt = Receipt {
+            job_id: c.job_id.clone(),
+            miner: c.miner.clone(),
+            commit: c.commit,
+            received_at_ms: now,
+            validator: self.identity.peer_id(),
+            validator_key: self.identity.public_key_bytes(),
+            signature: vec![],
+        };
+        receipt.signature = self.identity.sign(&receipt.signing_bytes());
+        let event = format!(
+            "job {}: commitment from {} ({} bytes)",
+            c.job_id, c.miner, c.artifact_size
+        );
+        slot.commitment = Some(c);
+        slot.receipt = Some(receipt.clone());
+        Ok((
+            receipt,
+            vec![
+                ValidatorEffect::Event(event),
+                ValidatorEffect::Persist(Box::new(job.clone())),
+            ],
+        ))
+    }
+
+    /// Checks an upload's header before any byte is received.
+    pub fn check_upload(&self, h: &UploadHeader, now: UnixMillis) -> Result<(), ValidatorError> {
+        let job = self
+            .jobs
+            .get(&h.job_id)
+            .ok_or_else(|| ValidatorError::UnknownJob(h.job_id.clone()))?;
+        let slot = job
+            .slots
+            .get(&h.miner)
+            .ok_or_else(|| ValidatorError::NotAssigned {
+                job: h.job_id.clone(),
+                miner: h.miner.clone(),
+            })?;
+        match job.phase {
+            JobPhase::Running { deadline } if now <= deadline => {
+                return Err(ValidatorError::TooEarly {
+                    job: h.job_id.clone(),
+                    deadline,
+                });
+            }
+            JobPhase::Done { .. } => return Err(ValidatorError::Closed(h.job_id.clone())),
+            JobPhase::Revealing { until, .. } if now > until => {
+                return Err(ValidatorError::Closed(h.job_id.clone()));
+            }
+            _ => {}
+        }
+        if !matches!(slot.submission, SubmissionState::Waiting) {
+            return Err(ValidatorError::AlreadyUploaded {
+                job: h.job_id.clone(),
+                miner: h.miner.clone(),
+            });
+        }
+        let c = slot
+            .commitment
+            .as_ref()
+            .ok_or_else(|| ValidatorError::NoCommitment {
+                job: h.job_id.clone(),
+                miner: h.miner.clone(),
+            })?;
+        if h.size > self.plan.max_artifact_bytes {
+            return Err(ValidatorError::TooLarge {
+                size: h.size,
+                limit: self.plan.max_artifact_bytes,
+            });
+        }
+        if h.size != c.artifact_size {
+            return Err(ValidatorError::CommitMismatch(format!(
+                "size {} differs from the committed {}",
+                h.size, c.artifact_size
+            )));
+        }
+        if commit_hash(&h.artifact, &h.miner, &h.job_id, &h.salt) != c.commit {
+            return Err(ValidatorError::CommitMismatch(
+                "artifact id and salt do not hash to the commitment".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Records a revealed artifact whose bytes the runtime has stored and verified
+    /// against `h.artifact`; asks for its evaluation.
+    pub fn uploaded(
+        &mut self,
+        h: &UploadHeader,
+        now: UnixMillis,
+    ) -> Result<Vec<ValidatorEffect>, ValidatorError> {
+        self.check_upload(h, now)?;
+        let mut fx = Vec::new();
+        if let Some(job) = self.jobs.get_mut(&h.job_id)
+            && let Some(slot) = job.slots.get_mut(&h.miner)
+        {
+            slot.submission = SubmissionState::Uploaded {
+                artifact: h.artifact,
+            };
+            fx.push(ValidatorEffect::Event(format!(
+                "job {}: {} revealed {}",
+                h.job_id, h.miner, h.artifact
+            )));
+            fx.push(ValidatorEffect::Persist(Box::new(job.clone())));
+            fx.push(ValidatorEffect::Evaluate {
+                job_id: h.job_id.clone(),
+                miner: h.miner.clone(),
+                artifact: h.artifact,
+            });
+        }
+        Ok(fx)
+    }
+
+    fn advance(&mut self, now: UnixMillis, rng: &mut dyn RngCore, fx: &mut Vec<ValidatorEffect>) {
+        // Start pending jobs while the concurrency allows.
+        let active = self
+            .jobs
+            .values()
+            .filter(|j| !matches!(j.phase, JobPhase::Pending | JobPhase::Done { .. }))
+            .count() as u32;
+        let mut free = self.plan.concurrent_jobs.max(1).saturating_sub(active);
+        for id in self.order.clone() {
+            if free == 0 {
+                break;
+            }
+            let Some(job) = self.jobs.get_mut(&id) else {
+                continue;
+            };
+            if job.phase != JobPhase::Pending {
+                continue;
+            }
+            free -= 1;
+            job.phase = JobPhase::Offering { since: now };
+            let offer = Offer {
+                job_id: id.clone(),
+                competition_id: self.plan.id.clone(),
+                kind: JobKind::FineTune,
+                validator: self.identity.peer_id(),
+                base_model: job.plan.base_model,
+                base_params: job.plan.base_params,
+                dataset_records: job.plan.shard_records,
+                time_budget_ms: job.plan.time_budget_ms,
+                reward_hint: job.plan.reward_hint,
+                hardware: self.plan.hardware.clone(),
+                reply_to: self.plan.reply_to.clone(),
+            };
+            for addr in &self.miners {
+                job.offers.insert(addr.clone(), OfferState::Sent);
+                fx.push(ValidatorEffect::SendOffer {
+                    addr: addr.clone(),
+                    offer: offer.clone(),
+                });
+            }
+            fx.push(ValidatorEffect::Event(format!(
+                "job {id}: offered to {} miners (budget {} s)",
+                self.miners.len(),
+                job.plan.time_budget_ms / 1000
+            )));
+            fx.push(ValidatorEffect::Persist(Box::new(job.clone())));
+        }
+
+        for id in self.order.clone() {
+            self.advance_job(&id, now, rng, fx);
+        }
+
+        if !self.finished_announced && self.is_finished() {
+            self.finished_announced = true;
+            fx.push(ValidatorEffect::CompetitionFinished(self.plan.id.clone()));
+        }
+    }
+
+    fn advance_job(
+        &mut self,
+        id: &JobId,
+        now: UnixMillis,
+        rng: &mut dyn RngCore,
+        fx: &mut Vec<ValidatorEffect>,
+    ) {
+        let plan = &self.plan;
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        match job.phase.clone() {
+            JobPhase::Offering { since } => {
+                let mut accepted: Vec<(u32, String, PeerIdStr)> = job
+                    .offers
+                    .iter()
+                    .filter_map(|(addr, o)| match o {
+                        OfferState::Accepted { miner, order } => {
+                            Some((*order, addr.clone(), miner.clone()))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                accepted.sort();
+                let answered = job.offers.values().all(|o| !matches!(o, OfferState::Sent));
+                let enough = accepted.len() as u32 >= plan.miners_per_job;
+                let timed_out = now >= since + plan.offer_timeout_ms;
+                if !(enough || answered || timed_out) {
+                    return;
+                }
+                if accepted.is_empty() {
+                    job.phase = JobPhase::Done {
+                        note: Some("no miner accepted the offer".into()),
+                    };
+                    fx.push(ValidatorEffect::Event(format!(
+                        "job {id}: no miner accepted; job skipped"
+                    )));
+                    fx.push(ValidatorEffect::Persist(Box::new(job.clone())));
+                    fx.push(ValidatorEffect::JobFinished {
+                        job_id: id.clone(),
+                        scores: vec![],
+                    });
+                    return;
+                }
+                let deadline = now + job.plan.time_budget_ms;
+                let mut seen = std::collections::BTreeSet::new();
+                for (_, addr, miner) in accepted.into_iter().take(plan.miners_per_job as usize) {
+                    if !seen.insert(miner.clone()) {
+                        continue; // one miner behind two addresses gets one slot
+                    }
+                    let mut nonce = [0u8; 32];
+                    rng.fill_bytes(&mut nonce);
+                    let mut a = Assignment {
+                        job_id: id.clone(),
+                        competition_id: plan.id.clone(),
+                        miner: miner.clone(),
+                        validator: self.identity.peer_id(),
+                        validator_key: self.identity.public_key_bytes(),
+                        nonce,
+                        base_model: job.plan.base_model,
+                        train_shard: job.plan.train_shard,
+                        hparams: plan.hparams.clone(),
+                        deadline_ms: deadline,
+                        max_artifact_bytes: plan.max_artifact_bytes,
+                        signature: vec![],
+                    };
+                    a.signature = self.identity.sign(&a.signing_bytes());
+                    job.slots.insert(
+                        miner.clone(),
+                        MinerSlot {
+                            addr: addr.clone(),
+                            assignment: a.clone(),
+                            commitment: None,
+                            receipt: None,
+                            submission: SubmissionState::Waiting,
+                        },
+                    );
+                    fx.push(ValidatorEffect::SendAssignment {
+                        addr,
+                        assignment: a,
+                    });
+                }
+                job.phase = JobPhase::Running { deadline };
+                fx.push(ValidatorEffect::Event(format!(
+                    "job {id}: assigned to {} miners, deadline in {} s",
+                    job.slots.len(),
+                    job.plan.time_budget_ms / 1000
+                )));
+                fx.push(ValidatorEffect::Persist(Box::new(job.clone())));
+            }
+            JobPhase::Running { deadline } => {
+                if now <= deadline {
+                    return;
+                }
+                for (miner, slot) in job.slots.iter_mut() {
+                    if slot.commitment.is_none() && slot.submission == SubmissionState::Waiting {
+                        slot.submission = SubmissionState::Failed {
+                            reason: "no commitment before the deadline".into(),
+                        };
+                        fx.push(ValidatorEffect::Event(format!(
+                            "job {id}: {miner} did not commit in time"
+                        )));
+                    }
+                }
+                job.phase = JobPhase::Revealing {
+                    deadline,
+                    until: deadline + plan.reveal_window_ms,
+                };
+                fx.push(ValidatorEffect::Event(format!(
+                    "job {id}: deadline passed; reveals open"
+                )));
+                fx.push(ValidatorEffect::Persist(Box::new(job.clone())));
+                self.advance_job(id, now, rng, fx);
+            }
+            JobPhase::Revealing { until, .. } => {
+                let window_over = now > until;
+                if window_over {
+                    for slot in job.slots.values_mut() {
+                        if slot.submission == SubmissionState::Waiting {
+                            slot.submission = SubmissionState::Failed {
+                                reason: "artifact not revealed within the reveal window".into(),
+                            };
+                        }
+                    }
+                }
+                let settled = job.slots.values().all(|s| {
+                    matches!(
+                        s.submission,
+                        SubmissionState::Evaluated { .. } | SubmissionState::Failed { .. }
+                    )
+                });
+                if !settled {
+                    return;
+                }
+                let miners: Vec<&PeerIdStr> = job.slots.keys().collect();
+                let losses: Vec<Option<f64>> = job
+                    .slots
+                    .values()
+                    .map(|s| match s.submission {
+                        SubmissionState::Evaluated { test_loss, .. } => Some(test_loss),
+                        _ => None,
+                    })
+                    .collect();
+                let qs = qualities(&losses, plan.scoring.penalty_quality);
+                job.scores = miners
+                    .iter()
+                    .zip(job.slots.values())
+                    .zip(losses.iter().zip(qs))
+                    .map(|((m, slot), (loss, quality))| JobScore {
+                        job_id: id.clone(),
+                        miner: (*m).clone(),
+                        loss: *loss,
+                        quality,
+                        penalty_reason: match &slot.submission {
+                            SubmissionState::Failed { reason } => Some(reason.clone()),
+                            _ => None,
+                        },
+                    })
+                    .collect();
+                job.phase = JobPhase::Done { note: None };
+                fx.push(ValidatorEffect::Event(format!(
+                    "job {id}: scored {} submissions",
+                    job.scores.len()
+                )));
+                fx.push(ValidatorEffect::Persist(Box::new(job.clone())));
+                fx.push(ValidatorEffect::JobFinished {
+                    job_id: id.clone(),
+                    scores: job.scores.clone(),
+                });
+            }
+            JobPhase::Pending | JobPhase::Done { .. } => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,156 @@
+//! The Llama-family model configuration (Hugging Face `config.json`).
+
+use std::path::Path;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::error::MlError;
+
+/// A Llama-family model configuration, as found in a Hugging Face `config.json`.
+/// Unknown fields are ignored when reading.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    /// Number of token ids the embedding table holds.
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the MLP's hidden layer.
+    pub intermediate_size: usize,
+    /// Number of transformer blocks.
+    pub num_hidden_layers: usize,
+    /// Number of query heads.
+    pub num_attention_heads: usize,
+    /// Number of key/value heads (grouped-query attention); `None` means one per query head.
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Longest sequence the model supports.
+    pub max_position_embeddings: usize,
+    /// Epsilon of the RMS norms.
+    pub rms_norm_eps: f64,
+    /// Base of the rotary embedding frequencies.
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    /// Whether the output projection shares the token embedding matrix.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Id of the beginning-of-sequence token, prepended to every training sequence.
+    #[serde(default, deserialize_with = "one_or_first")]
+    pub bos_token_id: Option<u32>,
+    /// Id of the end-of-sequence token, appended to every training sequence.
+    #[serde(default, deserialize_with = "one_or_first")]
+    pub eos_token_id: Option<u32>,
+    /// Hugging Face model type, e.g. "llama".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_type: Option<String>,
+    /// Hugging Face architectures, e.g. ["LlamaForCausalLM"].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architectures: Option<Vec<String>>,
+}
+
+fn default_rope_theta() -> f64 {
+    10000.0
+}
+
+/// Accepts `null`, a number, or a list of numbers (first one wins), as HF configs vary.
+fn one_or_first<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(u32),
+        Many(Vec<u32>),
+    }
+    Ok(match Option::<OneOrMany>::deserialize(d)? {
+        None => None,
+        Some(OneOrMany::One(v)) => Some(v),
+        Some(OneOrMany::Many(v)) => v.first().copied(),
+    })
+}
+
+impl LlamaConfig {
+    /// Number of key/value heads (defaults to the number of attention heads).
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads.max(1)
+    }
+
+    /// Total number of parameters of the model.
+    pub fn param_count(&self) -> u64 {
+        let h = self.hidden_size as u64;
+        let hd = self.head_dim() as u64;
+        let q = h * self.num_attention_heads as u64 * hd;
+        let kv = 2 * h * self.kv_heads() as u64 * hd;
+        let o = self.num_attention_heads as u64 * hd * h;
+        let mlp = 3 * h * self.intermediate_size as u64;
+        let per_layer = q + kv + o + mlp + 2 * h;
+        let embed = self.vocab_size as u64 * h;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        embed + self.num_hidden_layers as u64 * per_layer + h + head
+    }
+
+    /// Checks that the dimensions are consistent; the error says which one is not.
+    pub fn validate(&self) -> Result<(), String> {
+        let zero = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.kv_heads()),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        if let Some((name, _)) = zero.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{name} must be positive"));
+        }
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return Err(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.num_attention_heads % self.kv_heads() != 0 {
+            return Err(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.num_attention_heads,
+                self.kv_heads()
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(format!(
+                "head dimension {} must be even for rotary embeddings",
+                self.head_dim()
+            ));
+        }
+        for (name, id) in [
+            ("bos_token_id", self.bos_token_id),
+            ("eos_token_id", self.eos_token_id),
+        ] {
+            if let Some(id) = id
+                && id as usize >= self.vocab_size
+            {
+                return Err(format!(
+                    "{name} {id} is outside the vocabulary ({})",
+                    self.vocab_size
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads and validates a `config.json`.
+    pub fn from_file(path: &Path) -> Result<LlamaConfig, MlError> {
+        let bytes = std::fs::read(path).map_err(|e| MlError::io("cannot read", path, e))?;
+        let cfg: LlamaConfig = serde_json::from_slice(&bytes).map_err(|e| MlError::Config {
+            path: path.to_path_buf(),
+            problem: format!("{e}; expected a Hugging Face Llama config.json"),
+        })?;
+        cfg.validate().map_err(|problem| MlError::Config {
+            path: path.to_path_buf(),
+            problem,
+        })?;
+        Ok(cfg)
+    }
+}

@@ -1,0 +1,189 @@
+//! Evaluation: mean next-token loss of a base model, optionally with a training artifact
+//! (LoRA adapter or full weights) applied.
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use crate::artifact::{load_artifact_tensors, read_artifact_manifest, tensor_shapes};
+use crate::config::LlamaConfig;
+use crate::data::{Example, Record, make_batch, tokenize};
+use crate::error::{CandleContext, MlError};
+use crate::lora::{load_lora, normalize_targets};
+use crate::model::{Llama, Mode, masked_nll_sum};
+use crate::model_dir::ModelDir;
+use crate::tokenizer::TextTokenizer;
+use crate::train::Method;
+
+/// Outcome of an evaluation.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EvalReport {
+    /// Mean negative log-likelihood per target token (nats).
+    pub mean_loss: f64,
+    /// Target tokens scored.
+    pub tokens: u64,
+    /// Records given.
+    pub records: usize,
+    /// Wall time of the evaluation, loading included.
+    pub seconds: f64,
+}
+
+/// Mean token loss of the base model (`artifact` None) or of base + artifact (a LoRA
+/// adapter applied to the base, or full weights that must have exactly the base's tensor
+/// names and shapes). Batched, padding masked, prompt tokens of instruction records
+/// masked, sequences truncated to `max_seq_len` tokens.
+pub fn evaluate(
+    model: &ModelDir,
+    artifact: Option<&Path>,
+    records: &[Record],
+    max_seq_len: usize,
+    batch_size: usize,
+    device: &Device,
+) -> Result<EvalReport, MlError> {
+    let start = Instant::now();
+    if batch_size == 0 {
+        return Err(MlError::Invalid(
+            "evaluation batch_size must be at least 1".into(),
+        ));
+    }
+    if max_seq_len < 2 {
+        return Err(MlError::Invalid(format!(
+            "evaluation max_seq_len must be at least 2, got {max_seq_len}"
+        )));
+    }
+    let cfg = model.config()?;
+    let tok = TextTokenizer::from_file(&model.tokenizer_path())?;
+    let mut examples = tokenize(&tok, &cfg, records, max_seq_len)?;
+    if examples.is_empty() {
+        return Err(MlError::Invalid(format!(
+            "no scorable tokens among {} evaluation records: every record is empty or its response was truncated away",
+            records.len()
+        )));
+    }
+    let llama = load_model(model, &cfg, artifact, device)?;
+    // Batching similar lengths together wastes less work on padding.
+    examples.sort_by_key(|e| e.ids.len());
+    let mut total = 0f64;
+    let mut tokens = 0u64;
+    for chunk in examples.chunks(batch_size) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let (sum, n) = eval_batch(&llama, &refs, device).ctx("evaluating a batch")?;
+        total += sum;
+        tokens += n as u64;
+    }
+    Ok(EvalReport {
+        mean_loss: total / tokens.max(1) as f64,
+        tokens,
+        records: records.len(),
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+fn eval_batch(
+    llama: &Llama,
+    refs: &[&Example],
+    device: &Device,
+) -> candle_core::Result<(f64, usize)> {
+    let batch = make_batch(refs, device)?;
+    let logits = llama.forward(&batch.inputs, &batch.key_mask, Mode::Infer)?;
+    let sum = masked_nll_sum(&logits, &batch.targets, &batch.loss_mask)?;
+    Ok((
+        sum.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+        batch.predicted,
+    ))
+}
+
+/// Architecture-defining part of a config (names and HF bookkeeping left out).
+fn arch(cfg: &LlamaConfig) -> LlamaConfig {
+    LlamaConfig {
+        model_type: None,
+        architectures: None,
+        ..cfg.clone()
+    }
+}
+
+fn load_model(
+    model: &ModelDir,
+    cfg: &LlamaConfig,
+    artifact: Option<&Path>,
+    device: &Device,
+) -> Result<Llama, MlError> {
+    let weight_files = model.weight_files()?;
+    let Some(path) = artifact else {
+        // SAFETY: the weight files are memory-mapped read-only and are not modified while
+        // the model is in use.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&weight_files, DType::F32, device) }
+            .ctx("memory-mapping the base weights")?;
+        return Llama::new(cfg, &vb, None).ctx("building the base model");
+    };
+    let bad = |problem: String| MlError::Artifact {
+        path: path.to_path_buf(),
+        problem,
+    };
+    let manifest = read_artifact_manifest(path)?;
+    if arch(&manifest.base_config) != arch(cfg) {
+        return Err(bad(format!(
+            "was trained on a different base model (its config {:?} differs from {}'s {:?}); evaluate it against the model it was trained from",
+            manifest.base_config,
+            model.path.display(),
+            cfg
+        )));
+    }
+    match manifest.method {
+        Method::Lora { rank, alpha } => {
+            let targets =
+                normalize_targets(&manifest.target_modules).map_err(|e| bad(e.to_string()))?;
+            let tensors = load_artifact_tensors(path, device)?;
+            let weights = load_lora(cfg, &tensors, &targets, rank, alpha).map_err(bad)?;
+            // SAFETY: as above, read-only mapping of files not modified while in use.
+            let vb =
+                unsafe { VarBuilder::from_mmaped_safetensors(&weight_files, DType::F32, device) }
+                    .ctx("memory-mapping the base weights")?;
+            Llama::new(cfg, &vb, Some(&weights)).ctx("building the adapted model")
+        }
+        Method::Full => {
+            let base = tensor_shapes(&weight_files)?;
+            let art = tensor_shapes(&[path.to_path_buf()])?;
+            let mut problems: Vec<String> = Vec::new();
+            let mut names: Vec<&String> = base.keys().collect();
+            names.sort();
+            for name in names {
+                match art.get(name) {
+                    None => problems.push(format!("lacks tensor {name}")),
+                    Some(s) if s != &base[name] => problems.push(format!(
+                        "tensor {name} has shape {s:?}, the base model has {:?}",
+                        base[name]
+                    )),
+                    Some(_) => {}
+                }
+            }
+            let mut extra: Vec<&String> = art.keys().filter(|k| !base.contains_key(*k)).collect();
+            extra.sort();
+            problems.extend(
+                extra
+                    .into_iter()
+                    .map(|n| format!("has tensor {n} the base model lacks")),
+            );
+            if !problems.is_empty() {
+                let more = problems.len().saturating_sub(5);
+                problems.truncate(5);
+                let tail = if more > 0 {
+                    format!(" (and {more} more)")
+                } else {
+                    String::new()
+                };
+                return Err(bad(format!(
+                    "full weights do not match the base model: {}{tail}",
+                    problems.join("; ")
+                )));
+            }
+            // SAFETY: as above, read-only mapping of files not modified while in use.
+            let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, device) }
+                .ctx("memory-mapping the artifact weights")?;
+            Llama::new(cfg, &vb, None).ctx("building the fine-tuned model")
+        }
+    }
+}

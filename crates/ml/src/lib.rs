@@ -1,0 +1,33 @@
+//! tunenet-ml: the machine-learning side of tunenet. A Llama-family causal LM in candle,
+//! LoRA and full fine-tuning with a deadline-aware loop, evaluation, JSONL datasets,
+//! training artifacts with embedded manifests, and a generator for tiny test models.
+
+mod artifact;
+mod config;
+mod data;
+mod device;
+mod error;
+mod eval;
+mod lora;
+mod model;
+mod model_dir;
+mod tiny;
+mod tokenizer;
+mod train;
+
+pub use candle_core::Device;
+
+pub use artifact::{
+    ARTIFACT_FILE, ARTIFACT_FORMAT, ArtifactManifest, MANIFEST_FILE, MANIFEST_METADATA_KEY,
+    MAX_HEADER_BYTES, read_artifact_manifest,
+};
+pub use config::LlamaConfig;
+pub use data::{Record, demo_dataset, load_jsonl, parse_jsonl, to_jsonl};
+pub use device::parse_device;
+pub use error::MlError;
+pub use eval::{EvalReport, evaluate};
+pub use lora::{ALL_LORA_TARGETS, DEFAULT_LORA_TARGETS};
+pub use model_dir::{CONFIG_FILE, ModelDir, TOKENIZER_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE};
+pub use tiny::{init_tiny, tiny_config};
+pub use tokenizer::{BOS_TOKEN, BYTE_VOCAB_SIZE, EOS_TOKEN, PAD_TOKEN, TextTokenizer};
+pub use train::{Method, Progress, TrainConfig, TrainReport, train, train_with_targets};

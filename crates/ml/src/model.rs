@@ -1,0 +1,280 @@
+//! A Llama-family causal language model in candle: RMSNorm, rotary embeddings,
+//! grouped-query attention with causal and key-padding masks, SiLU-gated MLP, optional
+//! tied embeddings, and linear layers that can carry a LoRA adapter.
+
+use candle_core::{D, DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::config::LlamaConfig;
+use crate::lora::LoraWeights;
+
+/// A large negative number used to mask attention scores (finite, so no NaNs appear).
+const MASK_VALUE: f64 = -1e9;
+
+/// A LoRA adapter on a linear layer: `y += scale * (x A^T) B^T`.
+#[derive(Clone, Debug)]
+struct Adapter {
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
+}
+
+/// A bias-free linear layer (`weight: [out, in]`) with an optional LoRA adapter.
+#[derive(Clone, Debug)]
+struct Linear {
+    weight: Tensor,
+    adapter: Option<Adapter>,
+}
+
+impl Linear {
+    fn load(
+        vb: &VarBuilder,
+        name: &str,
+        in_dim: usize,
+        out_dim: usize,
+        lora: Option<&LoraWeights>,
+    ) -> Result<Linear> {
+        let vb = vb.pp(name);
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let adapter = lora.and_then(|l| {
+            l.map.get(vb.prefix().as_str()).map(|(a, b)| Adapter {
+                a: a.clone(),
+                b: b.clone(),
+                scale: l.scale,
+            })
+        });
+        Ok(Linear { weight, adapter })
+    }
+
+    /// `x: [n, in]` -> `[n, out]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.weight.t()?)?;
+        match &self.adapter {
+            None => Ok(y),
+            Some(ad) => {
+                let h = x.matmul(&ad.a.t()?)?;
+                let d = h.matmul(&ad.b.t()?)?;
+                y + (d * ad.scale)?
+            }
+        }
+    }
+}
+
+/// Whether to use candle's fused kernels (inference only: they have no backward pass)
+/// or differentiable compositions of basic ops (training).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    Train,
+    Infer,
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, mode: Mode) -> Result<Tensor> {
+    match mode {
+        Mode::Infer => candle_nn::ops::rms_norm(x, w, eps as f32),
+        Mode::Train => candle_nn::ops::rms_norm_slow(x, w, eps as f32),
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Block {
+    attn_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    mlp_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// The causal LM.
+#[derive(Clone, Debug)]
+pub(crate) struct Llama {
+    cfg: LlamaConfig,
+    embed: Tensor,
+    layers: Vec<Block>,
+    norm: Tensor,
+    lm_head: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Llama {
+    /// Builds the model from weights with Hugging Face names, attaching `lora` adapters
+    /// (keyed by module path) where given.
+    pub(crate) fn new(
+        cfg: &LlamaConfig,
+        vb: &VarBuilder,
+        lora: Option<&LoraWeights>,
+    ) -> Result<Llama> {
+        let h = cfg.hidden_size;
+        let hd = cfg.head_dim();
+        let q_out = cfg.num_attention_heads * hd;
+        let kv_out = cfg.kv_heads() * hd;
+        let inter = cfg.intermediate_size;
+        let embed = vb.get((cfg.vocab_size, h), "model.embed_tokens.weight")?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let lb = vb.pp(format!("model.layers.{i}"));
+            let attn = lb.pp("self_attn");
+            let mlp = lb.pp("mlp");
+            layers.push(Block {
+                attn_norm: lb.get(h, "input_layernorm.weight")?,
+                q: Linear::load(&attn, "q_proj", h, q_out, lora)?,
+                k: Linear::load(&attn, "k_proj", h, kv_out, lora)?,
+                v: Linear::load(&attn, "v_proj", h, kv_out, lora)?,
+                o: Linear::load(&attn, "o_proj", q_out, h, lora)?,
+                mlp_norm: lb.get(h, "post_attention_layernorm.weight")?,
+                gate: Linear::load(&mlp, "gate_proj", h, inter, lora)?,
+                up: Linear::load(&mlp, "up_proj", h, inter, lora)?,
+                down: Linear::load(&mlp, "down_proj", inter, h, lora)?,
+            });
+        }
+        let norm = vb.get(h, "model.norm.weight")?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            vb.get((cfg.vocab_size, h), "lm_head.weight")?
+        };
+        let (cos, sin) = rope_tables(cfg, vb.device())?;
+        Ok(Llama {
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+        })
+    }
+
+    /// Logits `[b, t, vocab]` for token ids `[b, t]` (u32); `key_mask` `[b, t]` (f32) is 1
+    /// for real tokens and 0 for padding, which no position may attend to.
+    pub(crate) fn forward(&self, ids: &Tensor, key_mask: &Tensor, mode: Mode) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if t > self.cfg.max_position_embeddings {
+            candle_core::bail!(
+                "sequence of {t} tokens exceeds max_position_embeddings {}",
+                self.cfg.max_position_embeddings
+            );
+        }
+        let mask = attention_mask(key_mask, t)?;
+        let cos = self.cos.narrow(0, 0, t)?;
+        let sin = self.sin.narrow(0, 0, t)?;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?; // [b*t, h]
+        for layer in &self.layers {
+            let hn = rms_norm(&x, &layer.attn_norm, self.cfg.rms_norm_eps, mode)?;
+            let att = self.attention(layer, &hn, b, t, &mask, &cos, &sin, mode)?;
+            x = (x + att)?;
+            let hn = rms_norm(&x, &layer.mlp_norm, self.cfg.rms_norm_eps, mode)?;
+            let g = layer.gate.forward(&hn)?.silu()?;
+            let u = layer.up.forward(&hn)?;
+            x = (x + layer.down.forward(&(g * u)?)?)?;
+        }
+        let x = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, mode)?;
+        let logits = x.matmul(&self.lm_head.t()?)?;
+        logits.reshape((b, t, self.cfg.vocab_size))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: &Block,
+        x: &Tensor,
+        b: usize,
+        t: usize,
+        mask: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let nh = self.cfg.num_attention_heads;
+        let nkv = self.cfg.kv_heads();
+        let hd = self.cfg.head_dim();
+        let split = |y: Tensor, heads: usize| -> Result<Tensor> {
+            y.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let q = split(layer.q.forward(x)?, nh)?;
+        let k = split(layer.k.forward(x)?, nkv)?;
+        let v = split(layer.v.forward(x)?, nkv)?;
+        let (q, k) = match mode {
+            Mode::Infer => (
+                candle_nn::rotary_emb::rope(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope(&k, cos, sin)?,
+            ),
+            Mode::Train => (
+                candle_nn::rotary_emb::rope_slow(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope_slow(&k, cos, sin)?,
+            ),
+        };
+        let k = repeat_kv(k, nh / nkv)?;
+        let v = repeat_kv(v, nh / nkv)?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = scores.broadcast_add(mask)?;
+        let probs = match mode {
+            Mode::Infer => candle_nn::ops::softmax_last_dim(&scores)?,
+            Mode::Train => candle_nn::ops::softmax(&scores, D::Minus1)?,
+        };
+        let y = probs.matmul(&v)?; // [b, nh, t, hd]
+        let y = y.transpose(1, 2)?.reshape((b * t, nh * hd))?;
+        layer.o.forward(&y)
+    }
+}
+
+/// Repeats each key/value head `n` times: `[b, kv, t, d]` -> `[b, kv*n, t, d]`.
+fn repeat_kv(x: Tensor, n: usize) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(x);
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, kv, n, t, d))?
+        .reshape((b, kv * n, t, d))
+}
+
+/// Additive mask `[b, 1, t, t]`: 0 where query i may attend key j (j <= i and j is not
+/// padding), a large negative number elsewhere.
+fn attention_mask(key_mask: &Tensor, t: usize) -> Result<Tensor> {
+    let device = key_mask.device();
+    let causal: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { MASK_VALUE as f32 }))
+        .collect();
+    let causal = Tensor::from_vec(causal, (1, 1, t, t), device)?;
+    let b = key_mask.dim(0)?;
+    let pad = ((key_mask.to_dtype(DType::F32)?.affine(-1.0, 1.0)? * MASK_VALUE)?)
+        .reshape((b, 1, 1, t))?;
+    causal.broadcast_add(&pad)
+}
+
+/// Cosine and sine tables `[max_pos, head_dim / 2]` of the rotary embedding.
+fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let hd = cfg.head_dim();
+    let inv_freq: Vec<f32> = (0..hd / 2)
+        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64) as f32)
+        .collect();
+    let n = inv_freq.len();
+    let inv_freq = Tensor::from_vec(inv_freq, (1, n), device)?;
+    let pos = Tensor::arange(0u32, cfg.max_position_embeddings as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((cfg.max_position_embeddings, 1))?;
+    let freqs = pos.broadcast_mul(&inv_freq)?;
+    Ok((freqs.cos()?, freqs.sin()?))
+}
+
+/// Summed next-token negative log-likelihood over positions where `loss_mask` is 1, and the
+/// number of such positions. `logits: [b, t, v]`, `targets: [b, t]` u32, `loss_mask: [b, t]` f32.
+pub(crate) fn masked_nll_sum(
+    logits: &Tensor,
+    targets: &Tensor,
+    loss_mask: &Tensor,
+) -> Result<Tensor> {
+    let (b, t, v) = logits.dims3()?;
+    let logits = logits.reshape((b * t, v))?;
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let picked = logp
+        .gather(&targets.reshape((b * t, 1))?, 1)?
+        .reshape(b * t)?;
+    let mask = loss_mask.reshape(b * t)?;
+    (picked * mask)?.sum_all()?.neg()
+}

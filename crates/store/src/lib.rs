@@ -1,0 +1,9 @@
+//! Persistence: a metadata `Store` trait with a sled implementation (and an in-memory one
+//! for tests), and a blake3 content-addressed blob store on disk. Nothing here knows about
+//! jobs' meaning; callers pick trees and keys.
+
+mod blobs;
+mod meta;
+
+pub use blobs::{BlobError, BlobStore, BlobWriter};
+pub use meta::{MemStore, SledStore, Store, StoreError, StoreExt, trees};

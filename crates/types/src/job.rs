@@ -1,0 +1,354 @@
+//! A job's messages, in the order they travel: offer, decision, assignment, commitment,
+//! receipt, upload header. Signed messages expose `signing_bytes` so both transports
+//! sign and check the very same bytes.
+
+use crate::identity::{Canonical, SignatureError, verify_signature};
+use crate::ids::{BlobId, CompetitionId, JobId, PeerIdStr};
+use crate::time::UnixMillis;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// What a job asks the miner to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    /// Fine-tune the base model on the assigned shard.
+    FineTune,
+    /// Run the model over an evaluation shard (executed from a later release on).
+    Inference,
+}
+
+impl fmt::Display for JobKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            JobKind::FineTune => "fine_tune",
+            JobKind::Inference => "inference",
+        })
+    }
+}
+
+/// Limits on the miner's training settings that a job allows.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HparamBounds {
+    /// Largest LoRA rank accepted.
+    pub max_lora_rank: u32,
+    /// Whether full fine-tuning (all weights) is accepted.
+    pub allow_full: bool,
+    /// Smallest learning rate accepted.
+    pub min_learning_rate: f64,
+    /// Largest learning rate accepted.
+    pub max_learning_rate: f64,
+    /// Longest training sequence, in tokens.
+    pub max_seq_len: u32,
+}
+
+impl Default for HparamBounds {
+    fn default() -> Self {
+        HparamBounds {
+            max_lora_rank: 64,
+            allow_full: true,
+            min_learning_rate: 1e-6,
+            max_learning_rate: 1e-1,
+            max_seq_len: 256,
+        }
+    }
+}
+
+/// A job offered to a miner, before it commits to anything.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Offer {
+    /// The job.
+    pub job_id: JobId,
+    /// The competition the job belongs to.
+    pub competition_id: CompetitionId,
+    /// Fine-tuning or inference.
+    pub kind: JobKind,
+    /// The offering validator.
+    pub validator: PeerIdStr,
+    /// The base model's id (blake3 of its manifest).
+    pub base_model: BlobId,
+    /// The base model's parameter count.
+    pub base_params: u64,
+    /// Records in the training shard.
+    pub dataset_records: u64,
+    /// Training time allowed, counted from the assignment.
+    pub time_budget_ms: u64,
+    /// What the validator expects to pay, informational.
+    pub reward_hint: f64,
+    /// Hardware the job was sized for, informational (e.g. `cpu`, `1xA100`).
+    pub hardware: String,
+    /// Where the miner sends its commitment, fetches blobs and uploads: a gRPC URL
+    /// today, a multiaddr once the p2p transport carries jobs.
+    pub reply_to: String,
+}
+
+/// Why a miner turned an offer down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectCode {
+    /// Already running as many jobs as the policy allows.
+    Busy,
+    /// The operator paused the miner.
+    Paused,
+    /// The job kind is not in the policy's list.
+    KindNotSupported,
+    /// The base model has more parameters than the policy allows.
+    ModelTooLarge,
+    /// The time budget is below the policy's minimum.
+    BudgetTooShort,
+    /// The time budget is above the policy's maximum.
+    BudgetTooLong,
+    /// Anything else; the detail says what.
+    Other,
+}
+
+/// A rejection: a machine-readable code and a sentence for people.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RejectReason {
+    /// Machine-readable cause.
+    pub code: RejectCode,
+    /// What was wrong, in words.
+    pub detail: String,
+}
+
+impl fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}: {}", self.code, self.detail)
+    }
+}
+
+/// A miner's answer to an offer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Decision {
+    /// The miner will take the job if assigned.
+    Accept,
+    /// The miner declines, with the reason.
+    Reject(RejectReason),
+}
+
+/// The miner's answer with its identity, so the validator learns who sits at an address.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DecisionReply {
+    /// The job the decision is about.
+    pub job_id: JobId,
+    /// The deciding miner.
+    pub miner: PeerIdStr,
+    /// Accept or reject.
+    pub decision: Decision,
+}
+
+/// The go-ahead: the secret nonce, the data to train on, the limits and the deadline.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// The job.
+    pub job_id: JobId,
+    /// The competition.
+    pub competition_id: CompetitionId,
+    /// The miner this assignment is for.
+    pub miner: PeerIdStr,
+    /// The validator that signs it.
+    pub validator: PeerIdStr,
+    /// The validator's public key (libp2p protobuf encoding).
+    pub validator_key: Vec<u8>,
+    /// A secret sent only now; binds the work to this job and miner.
+    pub nonce: [u8; 32],
+    /// The base model's manifest blob.
+    pub base_model: BlobId,
+    /// The training shard blob (JSONL).
+    pub train_shard: BlobId,
+    /// Limits on the training settings.
+    pub hparams: HparamBounds,
+    /// Commitments are refused after this instant.
+    pub deadline_ms: UnixMillis,
+    /// Artifacts above this size are refused.
+    pub max_artifact_bytes: u64,
+    /// The validator's signature over [`Assignment::signing_bytes`].
+    pub signature: Vec<u8>,
+}
+
+impl Assignment {
+    /// The bytes the validator signs.
+    pub fn signing_bytes(&self) -> Vec<u8> {
+        let h = serde_json::to_vec(&self.hparams).unwrap_or_default();
+        Canonical::new("tunenet/v1/assignment")
+            .bytes(self.job_id.as_str().as_bytes())
+            .bytes(self.competition_id.as_str().as_bytes())
+            .bytes(self.miner.0.as_bytes())
+            .bytes(self.validator.0.as_bytes())
+            .bytes(&self.nonce)
+            .bytes(&self.base_model.0)
+            .bytes(&self.train_shard.0)
+            .bytes(&h)
+            .u64(self.deadline_ms)
+            .u64(self.max_artifact_bytes)
+            .finish()
+    }
+
+    /// Checks the validator's signature.
+    pub fn verify(&self) -> Result<(), SignatureError> {
+        verify_signature(
+            &self.validator,
+            &self.validator_key,
+            &self.signing_bytes(),
+            &self.signature,
+        )
+    }
+}
+
+/// The commitment hash: binds an artifact to the miner, the job and a secret salt, so a
+/// commitment reveals nothing and cannot be replayed by another miner.
+pub fn commit_hash(artifact: &BlobId, miner: &PeerIdStr, job: &JobId, salt: &[u8; 32]) -> BlobId {
+    let mut h = blake3::Hasher::new();
+    h.update(b"tunenet/v1/commit");
+    h.update(&artifact.0);
+    h.update(&(miner.0.len() as u64).to_le_bytes());
+    h.update(miner.0.as_bytes());
+    h.update(&(job.as_str().len() as u64).to_le_bytes());
+    h.update(job.as_str().as_bytes());
+    h.update(salt);
+    h.finalize().into()
+}
+
+/// A miner's signed promise of an artifact, sent before the deadline.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Commitment {
+    /// The job.
+    pub job_id: JobId,
+    /// The committing miner.
+    pub miner: PeerIdStr,
+    /// The miner's public key (libp2p protobuf encoding).
+    pub miner_key: Vec<u8>,
+    /// [`commit_hash`] of the artifact.
+    pub commit: BlobId,
+    /// The artifact's size in bytes (checked at upload).
+    pub artifact_size: u64,
+    /// The miner's signature over [`Commitment::signing_bytes`].
+    pub signature: Vec<u8>,
+}
+
+impl Commitment {
+    /// The bytes the miner signs.
+    pub fn signing_bytes(&self) -> Vec<u8> {
+        Canonical::new("tunenet/v1/commitment")
+            .bytes(self.job_id.as_str().as_bytes())
+            .bytes(self.miner.0.as_bytes())
+            .bytes(&self.commit.0)
+            .u64(self.artifact_size)
+            .finish()
+    }
+
+    /// Checks the miner's signature and that the key is the miner's.
+    pub fn verify(&self) -> Result<(), SignatureError> {
+        verify_signature(
+            &self.miner,
+            &self.miner_key,
+            &self.signing_bytes(),
+            &self.signature,
+        )
+    }
+}
+
+/// The validator's signed, timestamped acknowledgement of a commitment.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// The job.
+    pub job_id: JobId,
+    /// The miner whose commitment this acknowledges.
+    pub miner: PeerIdStr,
+    /// The acknowledged commitment hash.
+    pub commit: BlobId,
+    /// When the validator received it.
+    pub received_at_ms: UnixMillis,
+    /// The validator.
+    pub validator: PeerIdStr,
+    /// The validator's public key.
+    pub validator_key: Vec<u8>,
+    /// The validator's signature over [`Receipt::signing_bytes`].
+    pub signature: Vec<u8>,
+}
+
+impl Receipt {
+    /// The bytes the validator signs.
+    pub fn signing_bytes(&self) -> Vec<u8> {
+        Canonical::new("tunenet/v1/receipt")
+            .bytes(self.job_id.as_str().as_bytes())
+            .bytes(self.miner.0.as_bytes())
+            .bytes(&self.commit.0)
+            .u64(self.received_at_ms)
+            .bytes(self.validator.0.as_bytes())
+            .finish()
+    }
+
+    /// Checks the validator's signature.
+    pub fn verify(&self) -> Result<(), SignatureError> {
+        verify_signature(
+            &self.validator,
+            &self.validator_key,
+            &self.signing_bytes(),
+            &self.signature,
+        )
+    }
+}
+
+/// The first message of an artifact upload: what is being revealed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UploadHeader {
+    /// The job.
+    pub job_id: JobId,
+    /// The uploading miner.
+    pub miner: PeerIdStr,
+    /// The artifact's blake3.
+    pub artifact: BlobId,
+    /// The artifact's size.
+    pub size: u64,
+    /// The salt of the commitment, revealed now.
+    pub salt: [u8; 32],
+}
+
+/// A miner's view of one of its jobs, for `status`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MinerJobStatus {
+    /// The job.
+    pub job_id: JobId,
+    /// The phase, in words (`accepted`, `fetching`, `training`, `committed`, `uploaded`, `failed`).
+    pub phase: String,
+    /// Training step reached.
+    pub step: u64,
+    /// Latest training loss.
+    pub loss: f32,
+    /// A sentence about the job's state.
+    pub detail: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Identity;
+
+    #[test]
+    fn commitment_signature_binds_fields() {
+        let id = Identity::generate();
+        let job = JobId::new("j1").unwrap();
+        let art = BlobId::of(b"artifact");
+        let salt = [7u8; 32];
+        let mut c = Commitment {
+            job_id: job.clone(),
+            miner: id.peer_id(),
+            miner_key: id.public_key_bytes(),
+            commit: commit_hash(&art, &id.peer_id(), &job, &salt),
+            artifact_size: 8,
+            signature: vec![],
+        };
+        c.signature = id.sign(&c.signing_bytes());
+        c.verify().unwrap();
+        c.artifact_size = 9;
+        assert!(c.verify().is_err());
+        // Another miner's commit hash differs for the same artifact and salt.
+        let other = Identity::generate();
+        assert_ne!(
+            commit_hash(&art, &other.peer_id(), &job, &salt),
+            commit_hash(&art, &id.peer_id(), &job, &salt)
+        );
+    }
+}

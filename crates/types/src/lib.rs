@@ -1,0 +1,15 @@
+//! Plain data shared by every tunenet crate: ids, job messages, verdicts and scores.
+//! Serde only: nothing here does I/O. Canonical signing bytes live beside each signed
+//! message so that both transports sign and verify exactly the same bytes.
+
+pub mod identity;
+pub mod ids;
+pub mod job;
+pub mod score;
+pub mod time;
+
+pub use identity::{Identity, SignatureError, verify_signature};
+pub use ids::{BlobId, CompetitionId, IdError, JobId, PeerIdStr};
+pub use job::*;
+pub use score::*;
+pub use time::UnixMillis;

@@ -1,0 +1,169 @@
+//! Scoring: per-job qualities normalised to mean 1, and standings as geometric means.
+
+use crate::ids::{CompetitionId, JobId, PeerIdStr};
+use serde::{Deserialize, Serialize};
+
+/// How a submission's losses combine into the scored loss.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScoringWeights {
+    /// Weight of the hidden test loss.
+    pub test: f64,
+    /// Weight of the synthetic-set loss (synthetic sets come with the model engine).
+    pub synthetic: f64,
+    /// Quality given to a submission that is missing or fails a check.
+    pub penalty_quality: f64,
+}
+
+impl Default for ScoringWeights {
+    fn default() -> Self {
+        ScoringWeights {
+            test: 1.0,
+            synthetic: 0.0,
+            penalty_quality: 0.0,
+        }
+    }
+}
+
+/// One miner's result in one job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobScore {
+    /// The job.
+    pub job_id: JobId,
+    /// The miner.
+    pub miner: PeerIdStr,
+    /// The scored loss, if the submission was evaluated.
+    pub loss: Option<f64>,
+    /// Quality within the job (the job's qualities have mean 1).
+    pub quality: f64,
+    /// Why the submission got the penalty, if it did.
+    pub penalty_reason: Option<String>,
+}
+
+/// Qualities for one job's scored losses: `exp(-loss)` (the inverse perplexity)
+/// normalised so the evaluated submissions' qualities have mean 1. `None` losses (missing
+/// or failed submissions) get `penalty` and stay out of the mean.
+pub fn qualities(losses: &[Option<f64>], penalty: f64) -> Vec<f64> {
+    let raw: Vec<Option<f64>> = losses
+        .iter()
+        .map(|l| l.filter(|v| v.is_finite()).map(|v| (-v).exp()))
+        .collect();
+    let valid: Vec<f64> = raw.iter().flatten().copied().collect();
+    if valid.is_empty() {
+        return vec![penalty; losses.len()];
+    }
+    let mean = valid.iter().sum::<f64>() / valid.len() as f64;
+    raw.iter()
+        .map(|r| match r {
+            Some(v) if mean > 0.0 => v / mean,
+            Some(_) => 1.0,
+            None => penalty,
+        })
+        .collect()
+}
+
+/// A miner's standing: the geometric mean of its qualities (the product, scaled to the
+/// number of jobs so miners with different job counts compare).
+pub fn standing(qualities: &[f64]) -> f64 {
+    if qualities.is_empty() {
+        return 0.0;
+    }
+    if qualities.iter().any(|q| *q <= 0.0) {
+        return 0.0;
+    }
+    (qualities.iter().map(|q| q.ln()).sum::<f64>() / qualities.len() as f64).exp()
+}
+
+/// One row of a leaderboard.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LeaderboardRow {
+    /// 1-based rank by standing.
+    pub rank: u32,
+    /// The miner.
+    pub miner: PeerIdStr,
+    /// Jobs scored.
+    pub jobs: u32,
+    /// Mean scored loss over the jobs it was evaluated on.
+    pub mean_loss: Option<f64>,
+    /// Mean quality.
+    pub mean_quality: f64,
+    /// Geometric mean of qualities.
+    pub standing: f64,
+}
+
+/// A competition's leaderboard.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Leaderboard {
+    /// The competition.
+    pub competition_id: CompetitionId,
+    /// Rows, best first.
+    pub rows: Vec<LeaderboardRow>,
+    /// Jobs finished so far.
+    pub jobs_done: u32,
+    /// Jobs in the competition.
+    pub jobs_total: u32,
+}
+
+/// Builds a leaderboard from job scores.
+pub fn leaderboard(
+    competition_id: &CompetitionId,
+    scores: &[JobScore],
+    jobs_done: u32,
+    jobs_total: u32,
+) -> Leaderboard {
+    let mut by_miner: std::collections::BTreeMap<&PeerIdStr, Vec<&JobScore>> = Default::default();
+    for s in scores {
+        by_miner.entry(&s.miner).or_default().push(s);
+    }
+    let mut rows: Vec<LeaderboardRow> = by_miner
+        .into_iter()
+        .map(|(miner, ss)| {
+            let qs: Vec<f64> = ss.iter().map(|s| s.quality).collect();
+            let losses: Vec<f64> = ss.iter().filter_map(|s| s.loss).collect();
+            LeaderboardRow {
+                rank: 0,
+                miner: miner.clone(),
+                jobs: ss.len() as u32,
+                mean_loss: (!losses.is_empty())
+                    .then(|| losses.iter().sum::<f64>() / losses.len() as f64),
+                mean_quality: qs.iter().sum::<f64>() / qs.len() as f64,
+                standing: standing(&qs),
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        b.standing
+            .total_cmp(&a.standing)
+            .then_with(|| a.miner.cmp(&b.miner))
+    });
+    for (i, r) in rows.iter_mut().enumerate() {
+        r.rank = i as u32 + 1;
+    }
+    Leaderboard {
+        competition_id: competition_id.clone(),
+        rows,
+        jobs_done,
+        jobs_total,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qualities_have_mean_one_and_follow_loss() {
+        let q = qualities(&[Some(2.0), Some(2.5), Some(3.0)], 0.0);
+        let mean = q.iter().sum::<f64>() / 3.0;
+        assert!((mean - 1.0).abs() < 1e-12);
+        assert!(q[0] > q[1] && q[1] > q[2]);
+        let q = qualities(&[Some(2.0), None], 0.0);
+        assert_eq!(q, vec![1.0, 0.0]);
+    }
+
+    #[test]
+    fn standing_is_geometric_mean() {
+        assert!((standing(&[2.0, 0.5]) - 1.0).abs() < 1e-12);
+        assert_eq!(standing(&[1.0, 0.0]), 0.0);
+    }
+}
