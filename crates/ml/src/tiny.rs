@@ -34,7 +34,8 @@ pub fn tiny_config() -> LlamaConfig {
     }
 }
 
-/// Writes a random tiny Llama ([`tiny_config`], weights normal with std 0.02, norms one)
+/// Writes a random tiny Llama ([`tiny_config`]; embeddings standard normal, projections
+/// normal with std `1/sqrt(fan_in)`, norms one)
 /// and a byte-level BPE tokenizer to `out` in Hugging Face layout (config.json,
 /// tokenizer.json, model.safetensors). Deterministic from `seed`.
 pub fn init_tiny(out: &Path, seed: u64) -> Result<LlamaConfig, MlError> {
@@ -81,7 +82,15 @@ pub fn init_tiny(out: &Path, seed: u64) -> Result<LlamaConfig, MlError> {
         let data: Vec<f32> = if is_norm {
             vec![1.0; n]
         } else {
-            (0..n).map(|_| 0.02 * standard_normal(&mut rng)).collect()
+            // LeCun-normal projections keep activations at unit scale in so small a
+            // model, so frozen random weights still pass a useful signal to LoRA adapters.
+            let fan_in = shape.last().copied().unwrap_or(1) as f32;
+            let std = if name == "model.embed_tokens.weight" {
+                1.0
+            } else {
+                1.0 / fan_in.sqrt()
+            };
+            (0..n).map(|_| std * standard_normal(&mut rng)).collect()
         };
         let t = Tensor::from_vec(data, shape, &dev).ctx("creating tiny weights")?;
         tensors.push((name, t));

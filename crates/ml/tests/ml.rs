@@ -121,6 +121,26 @@ fn jsonl_parses_and_reports_bad_lines() {
     let err = load_jsonl(&p).unwrap_err().to_string();
     assert!(err.contains("d.jsonl") && err.contains("line 3"), "{err}");
 
+    // Training configs serialise with the method flattened in.
+    let cfg: TrainConfig = serde_json::from_str(
+        r#"{"method":"lora","rank":4,"alpha":8,"learning_rate":0.01,"max_steps":5,"batch_size":2,"max_seq_len":64,"seed":3,"weight_decay":0.1}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.method,
+        Method::Lora {
+            rank: 4,
+            alpha: 8.0
+        }
+    );
+    let full = TrainConfig {
+        method: Method::Full,
+        ..TrainConfig::default()
+    };
+    let json = serde_json::to_value(&full).unwrap();
+    assert_eq!(json["method"], "full");
+    assert_eq!(serde_json::from_value::<TrainConfig>(json).unwrap(), full);
+
     let demo = demo_dataset(50, 4);
     assert_eq!(demo, demo_dataset(50, 4));
     assert_ne!(demo, demo_dataset(50, 5));
@@ -435,4 +455,125 @@ fn same_seed_gives_identical_artifacts() {
         std::fs::read(&a.artifact).unwrap(),
         std::fs::read(&c.artifact).unwrap()
     );
+}
+
+#[test]
+fn throughput_at_batch_8_by_128_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(&dir.path().join("m"));
+    // 200-byte texts: every sequence is truncated to the full 128 tokens.
+    let records: Vec<Record> = (0..64)
+        .map(|i| Record::Text {
+            text: format!("{i} the quick brown fox jumps over the lazy dog. ").repeat(5),
+        })
+        .collect();
+    for method in [
+        lora_cfg(30),
+        TrainConfig {
+            method: Method::Full,
+            ..lora_cfg(30)
+        },
+    ] {
+        let mut times = Vec::new();
+        let mut last = Instant::now();
+        let cancel = AtomicBool::new(false);
+        let report = train(
+            &model,
+            &records,
+            &method,
+            None,
+            Duration::ZERO,
+            &Device::Cpu,
+            &cancel,
+            &mut |p| {
+                times.push(last.elapsed());
+                last = Instant::now();
+                assert!(p.tokens_per_sec > 0.0);
+            },
+            &dir.path().join("t"),
+        )
+        .unwrap();
+        assert_eq!(report.tokens, 30 * 8 * 127);
+        // Skip the first steps (warm-up).
+        let steady: Duration = times[5..].iter().sum();
+        let steps_per_sec = (times.len() - 5) as f64 / steady.as_secs_f64();
+        eprintln!(
+            "{:?}: {steps_per_sec:.1} steps/s at batch 8 x 128 tokens",
+            method.method
+        );
+        // A smoke bound only: other tests share the cores when run in parallel.
+        assert!(steps_per_sec > 0.5, "{steps_per_sec} steps/s");
+    }
+}
+
+#[test]
+fn lora_on_every_linear_layer_and_bad_targets() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(&dir.path().join("m"));
+    let records = demo_dataset(100, 1);
+    let cfg = TrainConfig {
+        method: Method::Lora {
+            rank: 4,
+            alpha: 8.0,
+        },
+        ..lora_cfg(20)
+    };
+    let all: Vec<String> = ALL_LORA_TARGETS.iter().map(|t| t.to_string()).collect();
+    let cancel = AtomicBool::new(false);
+    let out = dir.path().join("all");
+    let r = train_with_targets(
+        &model,
+        &records,
+        &cfg,
+        &all,
+        None,
+        Duration::ZERO,
+        &Device::Cpu,
+        &cancel,
+        &mut |_| {},
+        &out,
+    )
+    .unwrap();
+    assert_eq!(r.manifest.target_modules, all);
+    let base = evaluate(&model, None, &records, 128, 8, &Device::Cpu).unwrap();
+    let tuned = evaluate(&model, Some(&r.artifact), &records, 128, 8, &Device::Cpu).unwrap();
+    assert!(
+        tuned.mean_loss < base.mean_loss - 0.5,
+        "base {} tuned {}",
+        base.mean_loss,
+        tuned.mean_loss
+    );
+
+    let err = train_with_targets(
+        &model,
+        &records,
+        &cfg,
+        &["qkv".into()],
+        None,
+        Duration::ZERO,
+        &Device::Cpu,
+        &cancel,
+        &mut |_| {},
+        &out,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("qkv") && err.contains("q_proj"), "{err}");
+
+    // An adapter evaluated against a model with a different shape is refused.
+    let other = dir.path().join("other");
+    init_tiny(&other, 1).unwrap();
+    let mut cfg_json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(other.join(CONFIG_FILE)).unwrap()).unwrap();
+    cfg_json["num_hidden_layers"] = 1.into();
+    std::fs::write(
+        other.join(CONFIG_FILE),
+        serde_json::to_vec(&cfg_json).unwrap(),
+    )
+    .unwrap();
+    let other = ModelDir::open(&other).unwrap();
+    let err = evaluate(&other, Some(&r.artifact), &records, 128, 8, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("different base model"), "{err}");
 }

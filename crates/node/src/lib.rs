@@ -1,1 +1,13 @@
-//! tunenet-node
+//! The tunenet runtime: configuration, the validator and miner daemons that own an engine,
+//! the stores, the ML worker threads and the gRPC servers and clients. The engines decide;
+//! this crate carries out their effects and feeds results back.
+
+pub mod config;
+pub mod error;
+pub mod fetch;
+pub mod keys;
+pub mod miner;
+pub mod models;
+pub mod validator;
+
+pub use error::NodeError;

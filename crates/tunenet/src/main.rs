@@ -1,1 +1,208 @@
-fn main() {}
+//! `tunenet`: one binary for every role. Subcommands parse flags, load configs and call
+//! into tunenet-node; `anyhow` lives only here, at the edge.
+
+mod cli_model;
+mod demo;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use tunenet_node::config::{self, MinerConfig, ValidatorConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "tunenet",
+    version,
+    about = "Peer-to-peer fine-tuning competitions: validators, miners and their console"
+)]
+struct Cli {
+    /// Log filter (tracing's env-filter syntax), e.g. `info` or `tunenet_node=debug`.
+    #[arg(long, env = "TUNENET_LOG", default_value = "info", global = true)]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a miner daemon.
+    Miner {
+        /// The miner's TOML config.
+        #[arg(long, env = "TUNENET_CONFIG")]
+        config: Option<PathBuf>,
+        /// Overrides `data_dir`.
+        #[arg(long, env = "TUNENET_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// Overrides `listen`.
+        #[arg(long, env = "TUNENET_LISTEN")]
+        listen: Option<String>,
+    },
+    /// Run a validator daemon.
+    Validator {
+        /// The validator's TOML config.
+        #[arg(long, env = "TUNENET_CONFIG")]
+        config: Option<PathBuf>,
+        /// Overrides `data_dir`.
+        #[arg(long, env = "TUNENET_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// Overrides `listen`.
+        #[arg(long, env = "TUNENET_LISTEN")]
+        listen: Option<String>,
+        /// Exit once every competition is finished.
+        #[arg(long)]
+        exit_when_done: bool,
+    },
+    /// Print a validator's leaderboard.
+    Leaderboard {
+        /// The validator's gRPC URL.
+        #[arg(
+            long,
+            env = "TUNENET_VALIDATOR",
+            default_value = "http://127.0.0.1:7100"
+        )]
+        validator: String,
+        /// Competition id (default: the validator's first).
+        #[arg(long, default_value = "")]
+        competition: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a miner's status.
+    Status {
+        /// The miner's gRPC URL.
+        #[arg(long, env = "TUNENET_MINER", default_value = "http://127.0.0.1:7101")]
+        miner: String,
+    },
+    /// Write a new ed25519 identity key (also the node's libp2p identity).
+    Keygen {
+        /// Where to write the key.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Model tools.
+    Model {
+        #[command(subcommand)]
+        cmd: cli_model::ModelCmd,
+    },
+    /// Dataset tools.
+    Dataset {
+        #[command(subcommand)]
+        cmd: cli_model::DatasetCmd,
+    },
+    /// Fine-tune a model standalone, to try settings offline.
+    Train(cli_model::TrainArgs),
+    /// Evaluate a model (optionally with an artifact) on a dataset.
+    Eval(cli_model::EvalArgs),
+    /// Run a whole competition on this machine: one validator and three miners.
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli.cmd) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn run(cmd: Cmd) -> Result<()> {
+    match cmd {
+        Cmd::Miner {
+            config: path,
+            data_dir,
+            listen,
+        } => {
+            let mut cfg: MinerConfig = match &path {
+                Some(p) => config::load(p)?,
+                None => MinerConfig::default(),
+            };
+            if let Some(d) = data_dir {
+                cfg.data_dir = d;
+            }
+            if let Some(l) = listen {
+                cfg.listen = l;
+            }
+            runtime()?.block_on(tunenet_node::miner::run(cfg))?;
+        }
+        Cmd::Validator {
+            config: path,
+            data_dir,
+            listen,
+            exit_when_done,
+        } => {
+            let mut cfg: ValidatorConfig = match &path {
+                Some(p) => config::load(p)?,
+                None => ValidatorConfig::default(),
+            };
+            if let Some(d) = data_dir {
+                cfg.data_dir = d;
+            }
+            if let Some(l) = listen {
+                cfg.listen = l;
+            }
+            let opts = tunenet_node::validator::ValidatorOptions { exit_when_done };
+            runtime()?.block_on(tunenet_node::validator::run(cfg, opts))?;
+        }
+        Cmd::Leaderboard {
+            validator,
+            competition,
+            json,
+        } => {
+            let lb = runtime()?.block_on(async {
+                let mut c = tunenet_rpc::ValidatorClient::connect(&validator).await?;
+                c.leaderboard(&competition).await
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&lb)?);
+            } else {
+                print!("{}", tunenet_node::validator::format_leaderboard(&lb));
+            }
+        }
+        Cmd::Status { miner } => {
+            let s = runtime()?.block_on(async {
+                let mut c = tunenet_rpc::MinerClient::connect(&miner).await?;
+                c.status().await
+            })?;
+            println!(
+                "miner {}  running {}/{}{}",
+                s.miner,
+                s.running,
+                s.max_concurrent,
+                if s.paused { "  (paused)" } else { "" }
+            );
+            for j in s.jobs {
+                println!(
+                    "  {:<20} {:<11} step {:>5}  loss {:>8.4}  {}",
+                    j.job_id, j.phase, j.step, j.loss, j.detail
+                );
+            }
+        }
+        Cmd::Keygen { out } => {
+            let id = tunenet_node::keys::generate(&out)?;
+            println!("{}", id.peer_id());
+        }
+        Cmd::Model { cmd } => cli_model::model(cmd)?,
+        Cmd::Dataset { cmd } => cli_model::dataset(cmd)?,
+        Cmd::Train(a) => cli_model::train(a)?,
+        Cmd::Eval(a) => cli_model::eval(a)?,
+        Cmd::Demo(a) => demo::run(a)?,
+    }
+    Ok(())
+}

@@ -5,11 +5,13 @@
 pub mod identity;
 pub mod ids;
 pub mod job;
+pub mod model;
 pub mod score;
 pub mod time;
 
 pub use identity::{Identity, SignatureError, verify_signature};
 pub use ids::{BlobId, CompetitionId, IdError, JobId, PeerIdStr};
 pub use job::*;
+pub use model::{ManifestError, ModelFile, ModelManifest};
 pub use score::*;
 pub use time::UnixMillis;

@@ -1,0 +1,290 @@
+//! Daemon configuration: TOML files with defaults that run out of the box. Unknown keys
+//! are refused and every error names the file, the line and the field.
+
+use crate::error::NodeError;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use std::path::{Path, PathBuf};
+use tunenet_engine::MinerPolicy;
+use tunenet_types::{HparamBounds, ScoringWeights};
+
+/// Reads and parses a TOML config file.
+pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T, NodeError> {
+    let text = std::fs::read_to_string(path).map_err(|e| NodeError::Config {
+        path: path.to_path_buf(),
+        reason: format!("cannot read it: {e}"),
+    })?;
+    parse(path, &text)
+}
+
+/// Parses TOML config text (the path is only for messages).
+pub fn parse<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, NodeError> {
+    toml::from_str(text).map_err(|e| NodeError::Config {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// How a miner trains the jobs it takes. Clamped to each job's bounds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainingConfig {
+    /// `lora` or `full`.
+    pub method: String,
+    /// LoRA rank.
+    pub lora_rank: usize,
+    /// LoRA alpha.
+    pub lora_alpha: f64,
+    /// Learning rate.
+    pub learning_rate: f64,
+    /// Most optimiser steps per job.
+    pub max_steps: usize,
+    /// Sequences per step.
+    pub batch_size: usize,
+    /// Longest sequence in tokens.
+    pub max_seq_len: usize,
+    /// Seed for batch order and adapter init.
+    pub seed: u64,
+    /// Seconds kept free before the deadline for saving and committing.
+    pub commit_margin_secs: f64,
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        TrainingConfig {
+            method: "lora".into(),
+            lora_rank: 8,
+            lora_alpha: 16.0,
+            learning_rate: 2e-3,
+            max_steps: 200,
+            batch_size: 8,
+            max_seq_len: 128,
+            seed: 0,
+            commit_margin_secs: 3.0,
+        }
+    }
+}
+
+/// `miner.toml`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MinerConfig {
+    /// Where the miner keeps its database, blobs and models.
+    pub data_dir: PathBuf,
+    /// gRPC listen address.
+    pub listen: String,
+    /// The ed25519 key file (`tunenet keygen`); created in the data dir if absent.
+    pub key_file: Option<PathBuf>,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// Accept/reject policy.
+    pub policy: MinerPolicy,
+    /// Training settings.
+    pub training: TrainingConfig,
+}
+
+impl Default for MinerConfig {
+    fn default() -> Self {
+        MinerConfig {
+            data_dir: PathBuf::from("tunenet-miner"),
+            listen: "127.0.0.1:7101".into(),
+            key_file: None,
+            device: "cpu".into(),
+            policy: MinerPolicy::default(),
+            training: TrainingConfig::default(),
+        }
+    }
+}
+
+/// One competition a validator runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompetitionConfig {
+    /// The competition's id.
+    pub id: String,
+    /// The base model directory (Hugging Face layout).
+    pub base_model: PathBuf,
+    /// The dataset (JSONL).
+    pub dataset: PathBuf,
+    /// Jobs in the competition; each gets its own shard of the training split.
+    #[serde(default = "d_jobs")]
+    pub jobs: u32,
+    /// Miners assigned per job.
+    #[serde(default = "d_miners")]
+    pub miners_per_job: u32,
+    /// Jobs in flight at once.
+    #[serde(default = "d_one")]
+    pub concurrent_jobs: u32,
+    /// Training time per job, seconds.
+    #[serde(default = "d_budget")]
+    pub time_budget_secs: u64,
+    /// Share of the dataset held back as the hidden test split.
+    #[serde(default = "d_test")]
+    pub test_fraction: f64,
+    /// Seed of the train/test split.
+    #[serde(default)]
+    pub seed: u64,
+    /// Seconds after the deadline in which artifacts may be revealed.
+    #[serde(default = "d_reveal")]
+    pub reveal_window_secs: u64,
+    /// Seconds to wait for decisions on an offer.
+    #[serde(default = "d_offer")]
+    pub offer_timeout_secs: u64,
+    /// Largest artifact accepted, MiB.
+    #[serde(default = "d_artifact")]
+    pub max_artifact_mb: u64,
+    /// Longest sequence the evaluation scores, tokens.
+    #[serde(default = "d_seq")]
+    pub eval_max_seq_len: usize,
+    /// Informational reward per job.
+    #[serde(default)]
+    pub reward_hint: f64,
+    /// Limits on miners' training settings.
+    #[serde(default)]
+    pub hparams: HparamBounds,
+    /// How losses become qualities.
+    #[serde(default)]
+    pub scoring: ScoringWeights,
+}
+
+fn d_jobs() -> u32 {
+    2
+}
+fn d_miners() -> u32 {
+    3
+}
+fn d_one() -> u32 {
+    1
+}
+fn d_budget() -> u64 {
+    60
+}
+fn d_test() -> f64 {
+    0.2
+}
+fn d_reveal() -> u64 {
+    60
+}
+fn d_offer() -> u64 {
+    10
+}
+fn d_artifact() -> u64 {
+    512
+}
+fn d_seq() -> usize {
+    128
+}
+
+impl CompetitionConfig {
+    /// Checks the values serde cannot, naming the field.
+    pub fn validate(&self) -> Result<(), NodeError> {
+        let fail = |reason: String| {
+            Err(NodeError::Competition {
+                competition: self.id.clone(),
+                reason,
+            })
+        };
+        if tunenet_types::CompetitionId::new(self.id.clone()).is_err() {
+            return fail("`id` must be 1-64 characters from [A-Za-z0-9._-]".into());
+        }
+        if self.jobs == 0 {
+            return fail("`jobs` must be at least 1".into());
+        }
+        if self.miners_per_job == 0 {
+            return fail("`miners_per_job` must be at least 1".into());
+        }
+        if self.time_budget_secs == 0 {
+            return fail("`time_budget_secs` must be above 0".into());
+        }
+        if !(self.test_fraction > 0.0 && self.test_fraction < 1.0) {
+            return fail(format!(
+                "`test_fraction` must lie strictly between 0 and 1, got {}",
+                self.test_fraction
+            ));
+        }
+        if self.max_artifact_mb == 0 {
+            return fail("`max_artifact_mb` must be above 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// `validator.toml`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValidatorConfig {
+    /// Where the validator keeps its database and blobs.
+    pub data_dir: PathBuf,
+    /// gRPC listen address.
+    pub listen: String,
+    /// The URL miners use to reach this validator; defaults to `http://<listen>`.
+    pub advertise: Option<String>,
+    /// The ed25519 key file; created in the data dir if absent.
+    pub key_file: Option<PathBuf>,
+    /// `cpu` or `cuda:N`, for evaluation.
+    pub device: String,
+    /// Miner gRPC endpoints to offer jobs to.
+    pub miners: Vec<String>,
+    /// Competitions to run.
+    pub competitions: Vec<CompetitionConfig>,
+}
+
+impl Default for ValidatorConfig {
+    fn default() -> Self {
+        ValidatorConfig {
+            data_dir: PathBuf::from("tunenet-validator"),
+            listen: "127.0.0.1:7100".into(),
+            advertise: None,
+            key_file: None,
+            device: "cpu".into(),
+            miners: vec![],
+            competitions: vec![],
+        }
+    }
+}
+
+impl ValidatorConfig {
+    /// The address sent to miners.
+    pub fn reply_to(&self) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.listen))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_config_names_the_field() {
+        let err = parse::<MinerConfig>(
+            Path::new("m.toml"),
+            "listen = \"x\"\n[policy]\nmax_concurrent_jobs = \"two\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("max_concurrent_jobs"), "{err}");
+        assert!(err.contains("m.toml"), "{err}");
+        let err = parse::<MinerConfig>(Path::new("m.toml"), "[training]\nlearnin_rate = 0.1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("learnin_rate"), "{err}");
+    }
+
+    #[test]
+    fn defaults_parse_from_empty() {
+        let m: MinerConfig = parse(Path::new("m.toml"), "").unwrap();
+        assert_eq!(m, MinerConfig::default());
+        let v: ValidatorConfig = parse(Path::new("v.toml"), "").unwrap();
+        assert_eq!(v.reply_to(), "http://127.0.0.1:7100");
+    }
+
+    #[test]
+    fn bad_competition_values_are_named() {
+        let mut c: CompetitionConfig =
+            toml::from_str("id = \"c\"\nbase_model = \"m\"\ndataset = \"d\"\n").unwrap();
+        c.time_budget_secs = 0;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("time_budget_secs"), "{err}");
+    }
+}

@@ -1,0 +1,346 @@
+//! The miner daemon: serves `MinerService`, decides on offers by its policy, fetches the
+//! assigned model and shard by blake3, trains on a worker thread within the deadline,
+//! commits, and reveals after the deadline. Status stays answerable while it trains.
+
+use crate::config::{MinerConfig, TrainingConfig};
+use crate::error::NodeError;
+use crate::{fetch, keys, models};
+use rand::SeedableRng;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use tunenet_engine::{MinerEffect, MinerEngine, MinerInput, MinerJob, MinerPhase};
+use tunenet_proto::v1;
+use tunenet_rpc::{MinerBackend, Status, ValidatorClient};
+use tunenet_store::{BlobStore, SledStore, Store, StoreExt, trees};
+use tunenet_types::{
+    Assignment, BlobId, DecisionReply, HparamBounds, Offer, PeerIdStr, time::now_ms,
+};
+
+/// Largest model manifest accepted.
+const MAX_MANIFEST: u64 = 1 << 20;
+/// Largest single model file accepted.
+const MAX_MODEL_FILE: u64 = 200 << 30;
+/// Largest training shard accepted.
+const MAX_SHARD: u64 = 8 << 30;
+
+enum Cmd {
+    Offer(Offer, oneshot::Sender<Result<DecisionReply, Status>>),
+    Assign(Assignment, oneshot::Sender<Result<(), Status>>),
+    Status(oneshot::Sender<Result<v1::MinerStatus, Status>>),
+    Input(MinerInput),
+}
+
+struct Shared {
+    tx: mpsc::Sender<Cmd>,
+}
+
+impl Shared {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, Status>>) -> Cmd,
+    ) -> Result<T, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| Status::unavailable("miner is shutting down"))?;
+        rx.await
+            .map_err(|_| Status::unavailable("miner is shutting down"))?
+    }
+}
+
+#[tonic::async_trait]
+impl MinerBackend for Shared {
+    async fn offer(&self, offer: Offer) -> Result<DecisionReply, Status> {
+        self.ask(|tx| Cmd::Offer(offer, tx)).await
+    }
+    async fn assign(&self, a: Assignment) -> Result<(), Status> {
+        self.ask(|tx| Cmd::Assign(a, tx)).await
+    }
+    async fn status(&self) -> Result<v1::MinerStatus, Status> {
+        self.ask(Cmd::Status).await
+    }
+}
+
+/// The training settings for one job: the operator's, clamped to the job's bounds.
+pub fn train_config(t: &TrainingConfig, b: &HparamBounds) -> tunenet_ml::TrainConfig {
+    let method = if t.method == "full" && b.allow_full {
+        tunenet_ml::Method::Full
+    } else {
+        tunenet_ml::Method::Lora {
+            rank: t.lora_rank.clamp(1, (b.max_lora_rank as usize).max(1)),
+            alpha: t.lora_alpha,
+        }
+    };
+    tunenet_ml::TrainConfig {
+        method,
+        learning_rate: t.learning_rate.clamp(
+            b.min_learning_rate,
+            b.max_learning_rate.max(b.min_learning_rate),
+        ),
+        max_steps: t.max_steps.max(1),
+        batch_size: t.batch_size.max(1),
+        max_seq_len: t.max_seq_len.clamp(8, (b.max_seq_len as usize).max(8)),
+        seed: t.seed,
+        weight_decay: 0.0,
+    }
+}
+
+struct Ctx {
+    store: Arc<dyn Store>,
+    blobs: BlobStore,
+    tx: mpsc::Sender<Cmd>,
+    training: TrainingConfig,
+    device: tunenet_ml::Device,
+    work: PathBuf,
+    models: PathBuf,
+}
+
+impl Ctx {
+    fn execute(&self, fx: Vec<MinerEffect>) {
+        for e in fx {
+            match e {
+                MinerEffect::Train {
+                    assignment,
+                    reply_to,
+                } => self.spawn_training(assignment, reply_to),
+                MinerEffect::SendCommit {
+                    reply_to,
+                    commitment,
+                } => {
+                    let tx = self.tx.clone();
+                    tokio::spawn(async move {
+                        let job_id = commitment.job_id.clone();
+                        let result = async {
+                            ValidatorClient::connect(&reply_to)
+                                .await?
+                                .commit(commitment)
+                                .await
+                        }
+                        .await
+                        .map_err(|e| e.to_string());
+                        let _ = tx
+                            .send(Cmd::Input(MinerInput::CommitAnswered { job_id, result }))
+                            .await;
+                    });
+                }
+                MinerEffect::Upload { reply_to, header } => {
+                    let tx = self.tx.clone();
+                    let path = self.blobs.path(&header.artifact);
+                    tokio::spawn(async move {
+                        let job_id = header.job_id.clone();
+                        let result = async {
+                            ValidatorClient::connect(&reply_to)
+                                .await?
+                                .upload(header, &path)
+                                .await
+                        }
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string());
+                        let _ = tx
+                            .send(Cmd::Input(MinerInput::UploadAnswered { job_id, result }))
+                            .await;
+                    });
+                }
+                MinerEffect::Persist(job) => {
+                    if let Err(e) =
+                        self.store
+                            .put_json(trees::MINER_JOBS, job.offer.job_id.as_str(), &job)
+                    {
+                        tracing::error!(job_id = %job.offer.job_id, error = %e, "could not store job");
+                    }
+                }
+                MinerEffect::Event(s) => tracing::info!("{s}"),
+            }
+        }
+    }
+
+    fn spawn_training(&self, a: Assignment, reply_to: String) {
+        let tx = self.tx.clone();
+        let blobs = self.blobs.clone();
+        let cfg = train_config(&self.training, &a.hparams);
+        let margin = Duration::from_secs_f64(self.training.commit_margin_secs.max(0.0));
+        let device = self.device.clone();
+        let out = self.work.join(a.job_id.as_str());
+        let models_root = self.models.clone();
+        tokio::spawn(async move {
+            let job_id = a.job_id.clone();
+            let result = async {
+                let manifest_size = fetch::fetch_blob(&blobs, &reply_to, a.base_model, MAX_MANIFEST).await?;
+                let manifest = tunenet_types::ModelManifest::parse(&blobs.get(&a.base_model)?)
+                    .map_err(|e| NodeError::Other(e.to_string()))?;
+                for f in &manifest.files {
+                    fetch::fetch_blob(&blobs, &reply_to, f.blob, f.size.min(MAX_MODEL_FILE)).await?;
+                }
+                fetch::fetch_blob(&blobs, &reply_to, a.train_shard, MAX_SHARD).await?;
+                tracing::info!(job_id = %a.job_id, model_bytes = manifest.total_size() + manifest_size, "fetched model and shard");
+                let model_dir = models::materialise(&blobs, &a.base_model, &manifest, &models_root)?;
+                let records = tunenet_ml::parse_jsonl(&blobs.get(&a.train_shard)?)?;
+                // The deadline is wall-clock; the trainer plans on a monotonic clock.
+                let left = a.deadline_ms.saturating_sub(now_ms());
+                let deadline = Instant::now() + Duration::from_millis(left);
+                let progress_tx = tx.clone();
+                let job = a.job_id.clone();
+                let report = tokio::task::spawn_blocking(move || {
+                    let cancel = AtomicBool::new(false);
+                    let model = tunenet_ml::ModelDir::open(&model_dir)?;
+                    let mut last = Instant::now();
+                    let mut progress = |p: &tunenet_ml::Progress| {
+                        if last.elapsed() >= Duration::from_millis(500) || p.step == p.max_steps {
+                            last = Instant::now();
+                            tracing::info!(job_id = %job, step = p.step, max_steps = p.max_steps, loss = p.loss, tokens_per_sec = p.tokens_per_sec as u64, "training");
+                            let _ = progress_tx.try_send(Cmd::Input(MinerInput::Progress {
+                                job_id: job.clone(),
+                                step: p.step as u64,
+                                loss: p.loss,
+                            }));
+                        }
+                    };
+                    tunenet_ml::train(&model, &records, &cfg, Some(deadline), margin, &device, &cancel, &mut progress, &out)
+                        .map_err(NodeError::from)
+                })
+                .await
+                .map_err(|e| NodeError::Other(format!("training thread: {e}")))??;
+                let id = blobs.put_file(&report.artifact)?;
+                let size = blobs.size(&id)?;
+                tracing::info!(job_id = %a.job_id, steps = report.steps, final_loss = report.final_loss, artifact = %id, size, "trained");
+                Ok::<(BlobId, u64), NodeError>((id, size))
+            }
+            .await
+            .map_err(|e| e.to_string());
+            let _ = tx
+                .send(Cmd::Input(MinerInput::Trained { job_id, result }))
+                .await;
+        });
+    }
+}
+
+/// Runs a miner until it is stopped.
+pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
+        NodeError::Other(format!(
+            "cannot create data dir {}: {e}",
+            cfg.data_dir.display()
+        ))
+    })?;
+    let identity = keys::load_or_create(
+        &cfg.key_file
+            .clone()
+            .unwrap_or_else(|| cfg.data_dir.join("identity.key")),
+    )?;
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&cfg.data_dir.join("db"))?);
+    let blobs = BlobStore::open(&cfg.data_dir.join("blobs"))?;
+    let device = tunenet_ml::parse_device(&cfg.device)?;
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .map_err(|e| NodeError::Listen {
+            addr: cfg.listen.clone(),
+            reason: e.to_string(),
+        })?;
+
+    let mut stored: Vec<MinerJob> = store
+        .scan_json::<MinerJob>(trees::MINER_JOBS, "")?
+        .into_iter()
+        .map(|(_, j)| j)
+        .collect();
+    let mut interrupted = Vec::new();
+    for j in &mut stored {
+        if j.phase == MinerPhase::Training {
+            interrupted.push(j.offer.job_id.clone());
+        }
+    }
+    let me: PeerIdStr = identity.peer_id();
+    let mut engine = MinerEngine::new(identity, cfg.policy.clone(), stored);
+    let (tx, mut rx) = mpsc::channel::<Cmd>(1024);
+    let ctx = Ctx {
+        store: store.clone(),
+        blobs,
+        tx: tx.clone(),
+        training: cfg.training.clone(),
+        device,
+        work: cfg.data_dir.join("work"),
+        models: cfg.data_dir.join("models"),
+    };
+    let mut rng = rand::rngs::StdRng::from_os_rng();
+    for job_id in interrupted {
+        let fx = engine.handle(
+            MinerInput::Trained {
+                job_id,
+                result: Err("the miner restarted while training".into()),
+            },
+            now_ms(),
+            &mut rng,
+        );
+        ctx.execute(fx);
+    }
+
+    let shared = Arc::new(Shared { tx: tx.clone() });
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(tunenet_rpc::miner_server(shared))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async {
+                    let _ = stop_rx.await;
+                },
+            ),
+    );
+    tracing::info!(peer = %me, listen = %cfg.listen, "miner started");
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let shutdown = crate::validator::shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => {
+                tracing::info!("shutting down");
+                break;
+            }
+            _ = tick.tick() => {
+                let fx = engine.handle(MinerInput::Tick, now_ms(), &mut rng);
+                ctx.execute(fx);
+            }
+            Some(cmd) = rx.recv() => {
+                let now = now_ms();
+                match cmd {
+                    Cmd::Offer(offer, reply) => {
+                        let job_id = offer.job_id.clone();
+                        let (decision, fx) = engine.offer(offer, now);
+                        ctx.execute(fx);
+                        let _ = reply.send(Ok(DecisionReply { job_id, miner: me.clone(), decision }));
+                    }
+                    Cmd::Assign(a, reply) => {
+                        let r = engine.assign(a, now).map(|fx| ctx.execute(fx)).map_err(|e| match e {
+                            tunenet_engine::MinerError::BadSignature(_) => Status::unauthenticated(e.to_string()),
+                            tunenet_engine::MinerError::UnknownJob(_) => Status::not_found(e.to_string()),
+                            _ => Status::failed_precondition(e.to_string()),
+                        });
+                        let _ = reply.send(r);
+                    }
+                    Cmd::Status(reply) => {
+                        let jobs = engine.status().into_iter().map(Into::into).collect();
+                        let _ = reply.send(Ok(v1::MinerStatus {
+                            miner: me.0.clone(),
+                            paused: engine.policy().paused,
+                            running: engine.running(),
+                            max_concurrent: engine.policy().max_concurrent_jobs,
+                            jobs,
+                        }));
+                    }
+                    Cmd::Input(input) => {
+                        let fx = engine.handle(input, now, &mut rng);
+                        ctx.execute(fx);
+                    }
+                }
+            }
+        }
+    }
+    store.flush()?;
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    Ok(())
+}

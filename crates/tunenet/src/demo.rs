@@ -1,0 +1,286 @@
+//! `tunenet demo`: a whole competition on one machine. It writes a tiny model and a
+//! dataset, starts one validator and three differently-tuned miners as real daemons (this
+//! very binary, as child processes on loopback ports), shows progress, and prints the
+//! leaderboard.
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Keep everything here instead of a temporary directory.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Training time per job, seconds.
+    #[arg(long, default_value_t = 20)]
+    budget: u64,
+    /// Jobs in the competition.
+    #[arg(long, default_value_t = 2)]
+    jobs: u32,
+}
+
+/// The three miners: different methods, ranks, learning rates and step counts.
+const MINERS: [(&str, &str); 3] = [
+    (
+        "lora-r4-slow",
+        "method = \"lora\"\nlora_rank = 4\nlora_alpha = 8.0\nlearning_rate = 0.0005\nmax_steps = 30\n",
+    ),
+    (
+        "lora-r16",
+        "method = \"lora\"\nlora_rank = 16\nlora_alpha = 32.0\nlearning_rate = 0.003\nmax_steps = 400\n",
+    ),
+    (
+        "full-ft",
+        "method = \"full\"\nlearning_rate = 0.002\nmax_steps = 400\n",
+    ),
+];
+
+struct Daemons {
+    children: Vec<(String, Child, PathBuf)>,
+}
+
+impl Daemons {
+    fn check_alive(&mut self) -> Result<()> {
+        for (name, child, log) in &mut self.children {
+            if let Some(status) = child.try_wait()? {
+                let tail = std::fs::read_to_string(&*log).unwrap_or_default();
+                let tail: Vec<&str> = tail.lines().rev().take(15).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                bail!(
+                    "{name} exited early ({status}); last lines of {}:\n{}",
+                    log.display(),
+                    tail.join("\n")
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Daemons {
+    fn drop(&mut self) {
+        for (_, child, _) in &mut self.children {
+            #[cfg(unix)]
+            {
+                // SIGTERM first so the daemons flush their stores.
+                let _ = Command::new("kill").arg(child.id().to_string()).status();
+            }
+        }
+        let until = Instant::now() + Duration::from_secs(5);
+        for (_, child, _) in &mut self.children {
+            while Instant::now() < until {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot bind a loopback port")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn spawn(name: &str, args: &[&str], log: &Path, threads: Option<usize>) -> Result<Child> {
+    let exe = std::env::current_exe().context("cannot find the tunenet binary")?;
+    let out =
+        std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .stdin(Stdio::null());
+    if let Some(t) = threads {
+        cmd.env("RAYON_NUM_THREADS", t.to_string());
+    }
+    cmd.spawn().with_context(|| format!("cannot start {name}"))
+}
+
+pub fn run(a: DemoArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let _tmp;
+    let root = match &a.data_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => {
+            _tmp = tempfile::Builder::new().prefix("tunenet-demo-").tempdir()?;
+            _tmp.path().to_path_buf()
+        }
+    };
+    println!("tunenet demo: data in {}", root.display());
+    let model = root.join("base-model");
+    let cfg = tunenet_ml::init_tiny(&model, 7)?;
+    let dataset = root.join("dataset.jsonl");
+    std::fs::write(
+        &dataset,
+        tunenet_ml::to_jsonl(&tunenet_ml::demo_dataset(1500, 11)),
+    )?;
+    println!(
+        "  base model: tiny Llama, {} parameters; dataset: 1500 instruction records",
+        cfg.param_count()
+    );
+
+    let vport = free_port()?;
+    let mut miner_urls = Vec::new();
+    let mut daemons = Daemons {
+        children: Vec::new(),
+    };
+    let threads = (std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        / 2)
+    .max(1);
+    for (name, training) in MINERS {
+        let port = free_port()?;
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir)?;
+        let conf = dir.join("miner.toml");
+        std::fs::write(
+            &conf,
+            format!(
+                "data_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\n\n[policy]\nmax_concurrent_jobs = 1\n\n[training]\n{training}batch_size = 8\nmax_seq_len = 96\ncommit_margin_secs = 2.0\n",
+                dir.join("data")
+            ),
+        )?;
+        let log = dir.join("miner.log");
+        let child = spawn(
+            name,
+            &["miner", "--config", conf.to_str().unwrap_or_default()],
+            &log,
+            Some(threads),
+        )?;
+        daemons.children.push((name.to_string(), child, log));
+        miner_urls.push((name, format!("http://127.0.0.1:{port}")));
+    }
+    let vdir = root.join("validator");
+    std::fs::create_dir_all(&vdir)?;
+    let vconf = vdir.join("validator.toml");
+    let miners: Vec<String> = miner_urls.iter().map(|(_, u)| format!("{u:?}")).collect();
+    std::fs::write(
+        &vconf,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n\n[[competitions]]\nid = \"demo\"\nbase_model = {:?}\ndataset = {:?}\njobs = {}\nminers_per_job = 3\ntime_budget_secs = {}\ntest_fraction = 0.15\nseed = 1\nreveal_window_secs = 30\noffer_timeout_secs = 10\neval_max_seq_len = 96\n",
+            vdir.join("data"),
+            miners.join(", "),
+            model,
+            dataset,
+            a.jobs,
+            a.budget
+        ),
+    )?;
+    let vlog = vdir.join("validator.log");
+    let child = spawn(
+        "validator",
+        &["validator", "--config", vconf.to_str().unwrap_or_default()],
+        &vlog,
+        None,
+    )?;
+    daemons.children.push(("validator".into(), child, vlog));
+    println!("  validator on 127.0.0.1:{vport}; miners:");
+    for (name, url) in &miner_urls {
+        println!("    {name:<14} {url}");
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let vurl = format!("http://127.0.0.1:{vport}");
+    let limit = Duration::from_secs(60 + a.jobs as u64 * (a.budget + 60));
+    let mut last_line = String::new();
+    let mut names = std::collections::BTreeMap::new();
+    let lb = loop {
+        std::thread::sleep(Duration::from_millis(1000));
+        daemons.check_alive()?;
+        if t0.elapsed() > limit {
+            bail!(
+                "the demo did not finish within {} s; see the logs in {}",
+                limit.as_secs(),
+                root.display()
+            );
+        }
+        let (lb, statuses) = rt.block_on(async {
+            let lb = match tunenet_rpc::ValidatorClient::connect(&vurl).await {
+                Ok(mut c) => c.leaderboard("demo").await.ok(),
+                Err(_) => None,
+            };
+            let mut st = Vec::new();
+            for (name, url) in &miner_urls {
+                if let Ok(mut c) = tunenet_rpc::MinerClient::connect(url).await
+                    && let Ok(s) = c.status().await
+                {
+                    st.push((*name, s));
+                }
+            }
+            (lb, st)
+        });
+        let mut parts = Vec::new();
+        for (name, s) in &statuses {
+            names.insert(s.miner.clone(), *name);
+            let job = s
+                .jobs
+                .iter()
+                .rev()
+                .find(|j| !matches!(j.phase.as_str(), "uploaded" | "failed"));
+            parts.push(match job {
+                Some(j) if j.phase == "training" => {
+                    format!("{name}: {} step {} loss {:.3}", j.job_id, j.step, j.loss)
+                }
+                Some(j) => format!("{name}: {} {}", j.job_id, j.phase),
+                None => format!("{name}: idle"),
+            });
+        }
+        if let Some(lb) = &lb {
+            let line = format!(
+                "[{:>5.1}s] jobs {}/{} | {}",
+                t0.elapsed().as_secs_f64(),
+                lb.jobs_done,
+                lb.jobs_total,
+                parts.join(" | ")
+            );
+            if line[9..] != last_line.get(9..).unwrap_or_default()[..] {
+                println!("{line}");
+                last_line = line;
+            }
+            if lb.jobs_done == lb.jobs_total && lb.jobs_total > 0 {
+                break lb.clone();
+            }
+        }
+    };
+    println!();
+    println!(
+        "leaderboard of competition `demo` ({} jobs, {:.0} s):",
+        lb.jobs_total,
+        t0.elapsed().as_secs_f64()
+    );
+    println!(
+        "{:>4}  {:<14} {:<54} {:>10} {:>9} {:>9}",
+        "rank", "miner", "peer id", "test loss", "quality", "standing"
+    );
+    for r in &lb.rows {
+        println!(
+            "{:>4}  {:<14} {:<54} {:>10} {:>9.4} {:>9.4}",
+            r.rank,
+            names.get(&r.miner.0).copied().unwrap_or("?"),
+            r.miner.0,
+            r.mean_loss
+                .map(|l| format!("{l:.4}"))
+                .unwrap_or_else(|| "-".into()),
+            r.mean_quality,
+            r.standing
+        );
+    }
+    drop(daemons);
+    if lb.rows.is_empty() {
+        bail!("no miner was scored; see the logs in {}", root.display());
+    }
+    Ok(())
+}
