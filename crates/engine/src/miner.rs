@@ -270,6 +270,11 @@ impl MinerEngine {
         self.policy = p;
     }
 
+    /// This miner's id.
+    pub fn peer_id(&self) -> tunenet_types::PeerIdStr {
+        self.identity.peer_id()
+    }
+
     /// Jobs that hold a slot (accepted, training or committing).
     pub fn running(&self) -> u32 {
         self.jobs.values().filter(|j| held(&j.phase)).count() as u32

@@ -1,1 +1,498 @@
+//! The validator and miner engines driven together with a fake clock, no I/O.
 
+use super::*;
+use crate::miner::{MinerEffect, MinerEngine, MinerInput, MinerPolicy};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use tunenet_types::{Decision, HparamBounds, RejectCode};
+
+const BUDGET: u64 = 10_000;
+
+fn plan(jobs: usize, miners_per_job: u32) -> CompetitionPlan {
+    CompetitionPlan {
+        id: CompetitionId::new("c").unwrap(),
+        jobs: (0..jobs)
+            .map(|i| JobPlan {
+                job_id: JobId::new(format!("c-{i}")).unwrap(),
+                base_model: BlobId::of(b"model"),
+                base_params: 1000,
+                train_shard: BlobId::of(format!("shard{i}").as_bytes()),
+                shard_records: 10,
+                time_budget_ms: BUDGET,
+                reward_hint: 1.0,
+            })
+            .collect(),
+        miners_per_job,
+        concurrent_jobs: 1,
+        hparams: HparamBounds::default(),
+        scoring: ScoringWeights::default(),
+        reveal_window_ms: 5_000,
+        offer_timeout_ms: 2_000,
+        max_artifact_bytes: 1_000,
+        reply_to: "http://v".into(),
+        hardware: "cpu".into(),
+    }
+}
+
+struct World {
+    v: ValidatorEngine,
+    miners: Vec<(String, MinerEngine)>,
+    rng: StdRng,
+    now: UnixMillis,
+}
+
+impl World {
+    fn new(n_miners: usize, jobs: usize) -> World {
+        let miners: Vec<(String, MinerEngine)> = (0..n_miners)
+            .map(|i| {
+                (
+                    format!("m{i}"),
+                    MinerEngine::new(Identity::generate(), MinerPolicy::default(), vec![]),
+                )
+            })
+            .collect();
+        let addrs = miners.iter().map(|(a, _)| a.clone()).collect();
+        World {
+            v: ValidatorEngine::new(
+                Identity::generate(),
+                plan(jobs, n_miners as u32),
+                addrs,
+                vec![],
+            ),
+            miners,
+            rng: StdRng::seed_from_u64(1),
+            now: 1_000_000,
+        }
+    }
+
+    /// Ticks the validator and delivers offers and assignments to the miners.
+    fn tick(&mut self) -> Vec<ValidatorEffect> {
+        let fx = self.v.handle(ValidatorInput::Tick, self.now, &mut self.rng);
+        self.deliver(fx)
+    }
+
+    fn deliver(&mut self, fx: Vec<ValidatorEffect>) -> Vec<ValidatorEffect> {
+        let mut rest = vec![];
+        for e in fx {
+            match e {
+                ValidatorEffect::SendOffer { addr, offer } => {
+                    let m = &mut self.miners.iter_mut().find(|(a, _)| *a == addr).unwrap().1;
+                    let job_id = offer.job_id.clone();
+                    let (decision, _) = m.offer(offer, self.now);
+                    let reply = Ok(DecisionReply {
+                        job_id: job_id.clone(),
+                        miner: m_id(m),
+                        decision,
+                    });
+                    let more = self.v.handle(
+                        ValidatorInput::Decision {
+                            job_id,
+                            addr,
+                            reply,
+                        },
+                        self.now,
+                        &mut self.rng,
+                    );
+                    rest.extend(self.deliver(more));
+                }
+                ValidatorEffect::SendAssignment { addr, assignment } => {
+                    let m = &mut self.miners.iter_mut().find(|(a, _)| *a == addr).unwrap().1;
+                    m.assign(assignment, self.now).unwrap();
+                }
+                other => rest.push(other),
+            }
+        }
+        rest
+    }
+}
+
+fn m_id(m: &MinerEngine) -> PeerIdStr {
+    m.peer_id()
+}
+
+/// Trains "instantly" and returns the commitment effect's commitment.
+fn train(
+    m: &mut MinerEngine,
+    job: &JobId,
+    artifact: &[u8],
+    now: UnixMillis,
+    rng: &mut StdRng,
+) -> Commitment {
+    let fx = m.handle(
+        MinerInput::Trained {
+            job_id: job.clone(),
+            result: Ok((BlobId::of(artifact), artifact.len() as u64)),
+        },
+        now,
+        rng,
+    );
+    fx.into_iter()
+        .find_map(|e| match e {
+            MinerEffect::SendCommit { commitment, .. } => Some(commitment),
+            _ => None,
+        })
+        .expect("a commitment")
+}
+
+fn job0() -> JobId {
+    JobId::new("c-0").unwrap()
+}
+
+#[test]
+fn full_job_scores_follow_loss_with_mean_one() {
+    let mut w = World::new(3, 1);
+    w.tick();
+    assert!(matches!(
+        w.v.job(&job0()).unwrap().phase,
+        JobPhase::Running { .. }
+    ));
+    assert_eq!(w.v.job(&job0()).unwrap().slots.len(), 3);
+    let mut headers = vec![];
+    for i in 0..3 {
+        let art = format!("artifact-{i}");
+        let now = w.now + 100;
+        let c = train(&mut w.miners[i].1, &job0(), art.as_bytes(), now, &mut w.rng);
+        let (receipt, _) = w.v.commit(c, now).unwrap();
+        receipt.verify().unwrap();
+        let fx = w.miners[i].1.handle(
+            MinerInput::CommitAnswered {
+                job_id: job0(),
+                result: Ok(receipt),
+            },
+            now,
+            &mut w.rng,
+        );
+        assert!(
+            !fx.iter().any(|e| matches!(e, MinerEffect::Upload { .. })),
+            "no reveal before the deadline"
+        );
+        let fx = w.miners[i]
+            .1
+            .handle(MinerInput::Tick, w.now + BUDGET + 1, &mut w.rng);
+        let h = fx
+            .into_iter()
+            .find_map(|e| match e {
+                MinerEffect::Upload { header, .. } => Some(header),
+                _ => None,
+            })
+            .unwrap();
+        headers.push(h);
+    }
+    w.now += BUDGET + 1;
+    w.tick();
+    for (i, h) in headers.iter().enumerate() {
+        let fx = w.v.uploaded(h, w.now).unwrap();
+        assert!(
+            fx.iter()
+                .any(|e| matches!(e, ValidatorEffect::Evaluate { .. }))
+        );
+        let fx = w.v.handle(
+            ValidatorInput::Evaluated {
+                job_id: job0(),
+                miner: h.miner.clone(),
+                result: Ok(2.0 + i as f64),
+            },
+            w.now,
+            &mut w.rng,
+        );
+        if i == 2 {
+            assert!(
+                fx.iter()
+                    .any(|e| matches!(e, ValidatorEffect::JobFinished { .. }))
+            );
+            assert!(
+                fx.iter()
+                    .any(|e| matches!(e, ValidatorEffect::CompetitionFinished(_)))
+            );
+        }
+    }
+    let job = w.v.job(&job0()).unwrap();
+    assert_eq!(job.phase, JobPhase::Done { note: None });
+    let mean: f64 = job.scores.iter().map(|s| s.quality).sum::<f64>() / 3.0;
+    assert!((mean - 1.0).abs() < 1e-9);
+    let best = job
+        .scores
+        .iter()
+        .max_by(|a, b| a.quality.total_cmp(&b.quality))
+        .unwrap();
+    assert_eq!(best.loss, Some(2.0));
+}
+
+#[test]
+fn commit_refusals_name_the_cause() {
+    let mut w = World::new(2, 1);
+    w.tick();
+    let now = w.now + 10;
+    let good = train(&mut w.miners[0].1, &job0(), b"a", now, &mut w.rng);
+
+    let mut unknown = good.clone();
+    unknown.job_id = JobId::new("nope").unwrap();
+    assert!(matches!(
+        w.v.commit(unknown, now),
+        Err(ValidatorError::UnknownJob(_))
+    ));
+
+    let mut forged = good.clone();
+    forged.artifact_size += 1; // signature no longer covers the fields
+    assert!(matches!(
+        w.v.commit(forged, now),
+        Err(ValidatorError::BadSignature(_))
+    ));
+
+    let stranger = Identity::generate();
+    let mut other = good.clone();
+    other.miner = stranger.peer_id();
+    other.miner_key = stranger.public_key_bytes();
+    other.signature = stranger.sign(&other.signing_bytes());
+    assert!(matches!(
+        w.v.commit(other, now),
+        Err(ValidatorError::NotAssigned { .. })
+    ));
+
+    let big = {
+        let m = &mut w.miners[1].1;
+        train(m, &job0(), &vec![0u8; 2_000], now, &mut w.rng)
+    };
+    assert!(matches!(
+        w.v.commit(big, now),
+        Err(ValidatorError::TooLarge {
+            size: 2000,
+            limit: 1000
+        })
+    ));
+
+    let late = w.now + BUDGET + 1;
+    let err = w.v.commit(good.clone(), late).unwrap_err();
+    assert!(matches!(err, ValidatorError::TooLate { .. }), "{err}");
+    assert!(err.to_string().contains("after the deadline"));
+    // Nothing refused was recorded.
+    assert!(
+        w.v.job(&job0())
+            .unwrap()
+            .slots
+            .values()
+            .all(|s| s.commitment.is_none())
+    );
+    w.v.commit(good, now).unwrap();
+}
+
+#[test]
+fn upload_checks_bind_to_the_commitment() {
+    let mut w = World::new(1, 1);
+    w.tick();
+    let now = w.now + 10;
+    let c = train(&mut w.miners[0].1, &job0(), b"real", now, &mut w.rng);
+    let (receipt, _) = w.v.commit(c, now).unwrap();
+    w.miners[0].1.handle(
+        MinerInput::CommitAnswered {
+            job_id: job0(),
+            result: Ok(receipt),
+        },
+        now,
+        &mut w.rng,
+    );
+    let fx = w.miners[0]
+        .1
+        .handle(MinerInput::Tick, w.now + BUDGET + 1, &mut w.rng);
+    let h = fx
+        .into_iter()
+        .find_map(|e| match e {
+            MinerEffect::Upload { header, .. } => Some(header),
+            _ => None,
+        })
+        .unwrap();
+    assert!(matches!(
+        w.v.check_upload(&h, now),
+        Err(ValidatorError::TooEarly { .. })
+    ));
+    w.now += BUDGET + 1;
+    w.tick();
+    let mut swapped = h.clone();
+    swapped.artifact = BlobId::of(b"fake");
+    assert!(matches!(
+        w.v.check_upload(&swapped, w.now),
+        Err(ValidatorError::CommitMismatch(_))
+    ));
+    let mut salted = h.clone();
+    salted.salt[0] ^= 1;
+    assert!(matches!(
+        w.v.check_upload(&salted, w.now),
+        Err(ValidatorError::CommitMismatch(_))
+    ));
+    w.v.uploaded(&h, w.now).unwrap();
+    assert!(matches!(
+        w.v.check_upload(&h, w.now),
+        Err(ValidatorError::AlreadyUploaded { .. })
+    ));
+}
+
+#[test]
+fn missing_commit_and_reveal_get_the_penalty_with_reasons() {
+    let mut w = World::new(2, 1);
+    w.tick();
+    let now = w.now + 10;
+    // Miner 0 commits but never reveals; miner 1 never commits.
+    let c = train(&mut w.miners[0].1, &job0(), b"x", now, &mut w.rng);
+    w.v.commit(c, now).unwrap();
+    w.now += BUDGET + 1;
+    w.tick();
+    w.now += 5_001;
+    let fx = w.tick();
+    assert!(
+        fx.iter()
+            .any(|e| matches!(e, ValidatorEffect::JobFinished { .. }))
+    );
+    let job = w.v.job(&job0()).unwrap();
+    let reasons: Vec<String> = job
+        .scores
+        .iter()
+        .filter_map(|s| s.penalty_reason.clone())
+        .collect();
+    assert_eq!(reasons.len(), 2);
+    assert!(reasons.iter().any(|r| r.contains("no commitment")));
+    assert!(reasons.iter().any(|r| r.contains("not revealed")));
+    assert!(job.scores.iter().all(|s| s.quality == 0.0));
+}
+
+#[test]
+fn rejections_are_recorded_and_an_unwanted_job_ends() {
+    let mut w = World::new(1, 2);
+    w.miners[0].1.set_policy(MinerPolicy {
+        paused: true,
+        ..MinerPolicy::default()
+    });
+    w.tick();
+    let job = w.v.job(&job0()).unwrap();
+    match job.offers.values().next().unwrap() {
+        OfferState::Rejected { reason, .. } => assert!(reason.contains("paused"), "{reason}"),
+        o => panic!("expected a rejection, got {o:?}"),
+    }
+    assert!(
+        matches!(&job.phase, JobPhase::Done { note: Some(n) } if n.contains("no miner accepted"))
+    );
+    // The next job starts on the following tick.
+    w.tick();
+    assert!(!matches!(
+        w.v.job(&JobId::new("c-1").unwrap()).unwrap().phase,
+        JobPhase::Pending
+    ));
+}
+
+#[test]
+fn restored_engine_resumes_evaluation_and_keeps_state() {
+    let mut w = World::new(1, 1);
+    w.tick();
+    let now = w.now + 10;
+    let c = train(&mut w.miners[0].1, &job0(), b"keep", now, &mut w.rng);
+    w.v.commit(c, now).unwrap();
+    let mut fx = w.miners[0].1.handle(MinerInput::Tick, now, &mut w.rng);
+    assert!(fx.is_empty());
+    w.now += BUDGET + 1;
+    fx = w.miners[0].1.handle(MinerInput::Tick, w.now, &mut w.rng);
+    assert!(fx.is_empty(), "no receipt yet, so no reveal");
+    let stored: Vec<JobState> = w.v.jobs().cloned().collect();
+    let mut v2 = ValidatorEngine::new(Identity::generate(), plan(1, 1), vec!["m0".into()], stored);
+    assert_eq!(v2.job(&job0()), w.v.job(&job0()));
+    let fx = v2.handle(ValidatorInput::Tick, w.now, &mut w.rng);
+    assert!(
+        fx.iter()
+            .all(|e| !matches!(e, ValidatorEffect::SendOffer { .. })),
+        "a restored job is not re-offered"
+    );
+    assert!(matches!(
+        v2.job(&job0()).unwrap().phase,
+        JobPhase::Revealing { .. }
+    ));
+}
+
+#[test]
+fn miner_policy_rejects_with_reasons() {
+    let p = MinerPolicy {
+        max_model_params: 10,
+        min_time_budget_secs: 20,
+        ..MinerPolicy::default()
+    };
+    let mut o = Offer {
+        job_id: job0(),
+        competition_id: CompetitionId::new("c").unwrap(),
+        kind: JobKind::FineTune,
+        validator: Identity::generate().peer_id(),
+        base_model: BlobId::of(b"m"),
+        base_params: 100,
+        dataset_records: 1,
+        time_budget_ms: 60_000,
+        reward_hint: 0.0,
+        hardware: "cpu".into(),
+        reply_to: "x".into(),
+    };
+    let code = |d: Decision| match d {
+        Decision::Reject(r) => r.code,
+        Decision::Accept => panic!("accepted"),
+    };
+    assert_eq!(code(p.decide(&o, 0)), RejectCode::ModelTooLarge);
+    o.base_params = 5;
+    assert_eq!(code(p.decide(&o, 1)), RejectCode::Busy);
+    o.time_budget_ms = 5_000;
+    assert_eq!(code(p.decide(&o, 0)), RejectCode::BudgetTooShort);
+    o.time_budget_ms = 60_000;
+    o.kind = JobKind::Inference;
+    assert_eq!(code(p.decide(&o, 0)), RejectCode::KindNotSupported);
+    o.kind = JobKind::FineTune;
+    assert_eq!(p.decide(&o, 0), Decision::Accept);
+}
+
+#[test]
+fn miner_refuses_forged_or_foreign_assignments() {
+    let mut w = World::new(1, 1);
+    // Offer directly, then tamper with the assignment the validator sends.
+    let fx = w.v.handle(ValidatorInput::Tick, w.now, &mut w.rng);
+    let offer = fx
+        .iter()
+        .find_map(|e| match e {
+            ValidatorEffect::SendOffer { offer, .. } => Some(offer.clone()),
+            _ => None,
+        })
+        .unwrap();
+    let m = &mut w.miners[0].1;
+    let (d, _) = m.offer(offer, w.now);
+    assert_eq!(d, Decision::Accept);
+    let reply = Ok(DecisionReply {
+        job_id: job0(),
+        miner: m.peer_id(),
+        decision: d,
+    });
+    let fx = w.v.handle(
+        ValidatorInput::Decision {
+            job_id: job0(),
+            addr: "m0".into(),
+            reply,
+        },
+        w.now,
+        &mut w.rng,
+    );
+    let a = fx
+        .into_iter()
+        .find_map(|e| match e {
+            ValidatorEffect::SendAssignment { assignment, .. } => Some(assignment),
+            _ => None,
+        })
+        .unwrap();
+    let m = &mut w.miners[0].1;
+    let mut forged = a.clone();
+    forged.deadline_ms += 1_000_000;
+    assert!(matches!(
+        m.assign(forged, w.now),
+        Err(crate::MinerError::BadSignature(_))
+    ));
+    let mut foreign = a.clone();
+    foreign.miner = Identity::generate().peer_id();
+    assert!(matches!(
+        m.assign(foreign, w.now),
+        Err(crate::MinerError::WrongMiner(_))
+    ));
+    assert!(matches!(
+        m.assign(a.clone(), a.deadline_ms + 1),
+        Err(crate::MinerError::Expired(_))
+    ));
+    m.assign(a, w.now).unwrap();
+}

@@ -1,0 +1,504 @@
+//! End-to-end: real `tunenet` daemons (this crate's binary) on loopback ports, real gRPC,
+//! real sled files, real candle training. A scripted "rogue" miner in this process takes
+//! an assignment and sends the bad inputs a validator must refuse.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tunenet_rpc::{Code, MinerBackend, RpcError, Status, ValidatorClient};
+use tunenet_types::{
+    Assignment, BlobId, Commitment, Decision, DecisionReply, Identity, JobId, Leaderboard, Offer,
+    RejectCode, RejectReason, UploadHeader, commit_hash,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tunenet");
+
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(args: &[&str], log: &Path) -> Daemon {
+        let out = std::fs::File::create(log).unwrap();
+        let child = Command::new(BIN)
+            .args(args)
+            .env("RAYON_NUM_THREADS", "1")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        Daemon {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().unwrap()
+}
+
+/// A miner that accepts the first job, hands its assignment to the test, and rejects the rest.
+struct Rogue {
+    id: Identity,
+    assignments: mpsc::Sender<Assignment>,
+    accepted: std::sync::Mutex<bool>,
+}
+
+#[tonic::async_trait]
+impl MinerBackend for Rogue {
+    async fn offer(&self, offer: Offer) -> Result<DecisionReply, Status> {
+        let mut accepted = self.accepted.lock().unwrap();
+        let decision = if *accepted {
+            Decision::Reject(RejectReason {
+                code: RejectCode::Busy,
+                detail: "rogue takes one job".into(),
+            })
+        } else {
+            *accepted = true;
+            Decision::Accept
+        };
+        Ok(DecisionReply {
+            job_id: offer.job_id,
+            miner: self.id.peer_id(),
+            decision,
+        })
+    }
+    async fn assign(&self, a: Assignment) -> Result<(), Status> {
+        a.verify()
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        self.assignments
+            .send(a)
+            .await
+            .map_err(|_| Status::internal("test gone"))
+    }
+    async fn status(&self) -> Result<tunenet_proto::v1::MinerStatus, Status> {
+        Err(Status::unimplemented("rogue"))
+    }
+}
+
+fn refused(r: Result<impl std::fmt::Debug, RpcError>, code: Code, text: &str) {
+    match r {
+        Err(RpcError::Refused {
+            code: c, message, ..
+        }) => {
+            assert_eq!(c, code, "{message}");
+            assert!(message.contains(text), "`{message}` does not say `{text}`");
+        }
+        other => panic!("expected a {code:?} refusal saying `{text}`, got {other:?}"),
+    }
+}
+
+fn signed(id: &Identity, job: &JobId, commit: BlobId, size: u64) -> Commitment {
+    let mut c = Commitment {
+        job_id: job.clone(),
+        miner: id.peer_id(),
+        miner_key: id.public_key_bytes(),
+        commit,
+        artifact_size: size,
+        signature: vec![],
+    };
+    c.signature = id.sign(&c.signing_bytes());
+    c
+}
+
+async fn leaderboard(url: &str) -> Option<Leaderboard> {
+    ValidatorClient::connect(url)
+        .await
+        .ok()?
+        .leaderboard("e2e")
+        .await
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn competition_over_grpc_ranks_by_loss_refuses_bad_input_and_survives_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let model = root.join("model");
+    tunenet_ml::init_tiny(&model, 3).unwrap();
+    let data = root.join("data.jsonl");
+    std::fs::write(
+        &data,
+        tunenet_ml::to_jsonl(&tunenet_ml::demo_dataset(500, 5)),
+    )
+    .unwrap();
+
+    // Three honest miners with clearly different training.
+    let trainings = [
+        "method = \"lora\"\nlora_rank = 2\nlearning_rate = 0.0002\nmax_steps = 3\n",
+        "method = \"lora\"\nlora_rank = 8\nlora_alpha = 16.0\nlearning_rate = 0.003\nmax_steps = 60\n",
+        "method = \"full\"\nlearning_rate = 0.002\nmax_steps = 60\n",
+    ];
+    let mut daemons = vec![];
+    let mut miner_urls = vec![];
+    for (i, t) in trainings.iter().enumerate() {
+        let p = port();
+        let conf = root.join(format!("miner{i}.toml"));
+        std::fs::write(
+            &conf,
+            format!(
+                "data_dir = {:?}\nlisten = \"127.0.0.1:{p}\"\n[training]\n{t}batch_size = 8\nmax_seq_len = 64\ncommit_margin_secs = 1.0\n",
+                root.join(format!("miner{i}"))
+            ),
+        )
+        .unwrap();
+        daemons.push(Daemon::start(
+            &["miner", "--config", conf.to_str().unwrap()],
+            &root.join(format!("miner{i}.log")),
+        ));
+        miner_urls.push(format!("http://127.0.0.1:{p}"));
+    }
+
+    // The rogue miner, served from this test over real gRPC.
+    let rogue_id = Identity::generate();
+    let (atx, mut arx) = mpsc::channel(4);
+    let rogue = Arc::new(Rogue {
+        id: rogue_id.clone(),
+        assignments: atx,
+        accepted: Default::default(),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let rogue_url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(tunenet_rpc::miner_server(rogue))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    miner_urls.push(rogue_url);
+
+    let vport = port();
+    let vurl = format!("http://127.0.0.1:{vport}");
+    let vconf = root.join("validator.toml");
+    let urls: Vec<String> = miner_urls.iter().map(|u| format!("{u:?}")).collect();
+    std::fs::write(
+        &vconf,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n\n[[competitions]]\nid = \"e2e\"\nbase_model = {:?}\ndataset = {:?}\njobs = 2\nminers_per_job = 4\ntime_budget_secs = 10\ntest_fraction = 0.2\nreveal_window_secs = 8\noffer_timeout_secs = 5\nmax_artifact_mb = 1\neval_max_seq_len = 64\n",
+            root.join("validator"),
+            urls.join(", "),
+            model,
+            data
+        ),
+    )
+    .unwrap();
+    let vlog = root.join("validator.log");
+    let mut validator = Daemon::start(&["validator", "--config", vconf.to_str().unwrap()], &vlog);
+
+    // The rogue's assignment arrives once the validator has offered job 0.
+    let a = tokio::time::timeout(Duration::from_secs(60), arx.recv())
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "no assignment for the rogue; validator log:\n{}",
+                validator.log()
+            )
+        })
+        .unwrap();
+    a.verify().unwrap();
+    let job = a.job_id.clone();
+    let mut v = ValidatorClient::connect(&vurl).await.unwrap();
+
+    // A real artifact: a few LoRA steps on the assigned shard, fetched over gRPC.
+    let shard_dir = root.join("rogue");
+    std::fs::create_dir_all(&shard_dir).unwrap();
+    let mut shard = vec![];
+    let mut sink = |d: &[u8]| -> Result<(), String> {
+        shard.extend_from_slice(d);
+        Ok(())
+    };
+    v.download(a.train_shard, 0, 1 << 30, &mut sink)
+        .await
+        .unwrap();
+    assert_eq!(
+        BlobId::of(&shard),
+        a.train_shard,
+        "downloaded shard hashes to its id"
+    );
+    let records = tunenet_ml::parse_jsonl(&shard).unwrap();
+    let cfg = tunenet_ml::TrainConfig {
+        max_steps: 5,
+        max_seq_len: 64,
+        ..Default::default()
+    };
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let report = tunenet_ml::train(
+        &tunenet_ml::ModelDir::open(&model).unwrap(),
+        &records,
+        &cfg,
+        None,
+        Duration::ZERO,
+        &tunenet_ml::Device::Cpu,
+        &cancel,
+        &mut |_| {},
+        &shard_dir,
+    )
+    .unwrap();
+    let artifact_bytes = std::fs::read(&report.artifact).unwrap();
+    let artifact = BlobId::of(&artifact_bytes);
+    let size = artifact_bytes.len() as u64;
+    let salt = [9u8; 32];
+    let commit = commit_hash(&artifact, &rogue_id.peer_id(), &job, &salt);
+
+    // The hidden test split is not served: only public blobs are.
+    let mut none = |_: &[u8]| -> Result<(), String> { Ok(()) };
+    refused(
+        v.download(BlobId::of(b"not here"), 0, 1 << 20, &mut none)
+            .await,
+        Code::NotFound,
+        "not served",
+    );
+
+    // Bad commitments are refused, each with its reason, before the deadline.
+    refused(
+        v.commit(signed(
+            &rogue_id,
+            &JobId::new("no-such-job").unwrap(),
+            commit,
+            size,
+        ))
+        .await,
+        Code::NotFound,
+        "unknown job",
+    );
+    let mut forged = signed(&rogue_id, &job, commit, size);
+    forged.signature = Identity::generate().sign(&forged.signing_bytes());
+    refused(v.commit(forged).await, Code::Unauthenticated, "signature");
+    refused(
+        v.commit(signed(&rogue_id, &job, commit, 2 << 20)).await,
+        Code::ResourceExhausted,
+        "over the job's limit",
+    );
+    let receipt = v
+        .commit(signed(&rogue_id, &job, commit, size))
+        .await
+        .unwrap();
+    receipt.verify().unwrap();
+    assert_eq!(receipt.commit, commit);
+    let header = UploadHeader {
+        job_id: job.clone(),
+        miner: rogue_id.peer_id(),
+        artifact,
+        size,
+        salt,
+    };
+    refused(
+        v.upload(header.clone(), &report.artifact).await,
+        Code::FailedPrecondition,
+        "still running",
+    );
+
+    // After the deadline: commits are refused, reveals must match the commitment.
+    let wait = a.deadline_ms.saturating_sub(tunenet_types::time::now_ms()) + 300;
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    refused(
+        v.commit(signed(&rogue_id, &job, commit, size)).await,
+        Code::FailedPrecondition,
+        "after the deadline",
+    );
+    let mut wrong_salt = header.clone();
+    wrong_salt.salt = [1u8; 32];
+    refused(
+        v.upload(wrong_salt, &report.artifact).await,
+        Code::InvalidArgument,
+        "commitment",
+    );
+    let tampered = root.join("tampered.safetensors");
+    let mut bad = artifact_bytes.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 0xff;
+    std::fs::write(&tampered, &bad).unwrap();
+    refused(
+        v.upload(header.clone(), &tampered).await,
+        Code::InvalidArgument,
+        "nothing was stored",
+    );
+    let mut big = header.clone();
+    big.size = 2 << 20;
+    refused(
+        v.upload(big, &report.artifact).await,
+        Code::ResourceExhausted,
+        "over the job's limit",
+    );
+    // The honest reveal still goes through after all that.
+    let done = v.upload(header, &report.artifact).await.unwrap();
+    assert_eq!(done.bytes_received, size);
+
+    // Wait for both jobs to be scored.
+    let t0 = Instant::now();
+    let lb = loop {
+        assert!(
+            t0.elapsed() < Duration::from_secs(150),
+            "competition did not finish; validator log:\n{}",
+            validator.log()
+        );
+        if let Some(lb) = leaderboard(&vurl).await
+            && lb.jobs_done == 2
+        {
+            break lb;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let honest: Vec<_> = lb
+        .rows
+        .iter()
+        .filter(|r| r.miner != rogue_id.peer_id())
+        .collect();
+    assert_eq!(honest.len(), 3, "{lb:?}\n{}", validator.log());
+    assert!(
+        honest.iter().all(|r| r.jobs == 2 && r.mean_loss.is_some()),
+        "{lb:?}"
+    );
+    // Ranking follows test loss.
+    for w in honest.windows(2) {
+        assert!(
+            w[0].mean_loss.unwrap() <= w[1].mean_loss.unwrap(),
+            "rank does not follow loss: {lb:?}"
+        );
+        assert!(w[0].standing >= w[1].standing);
+    }
+    // Trained miners beat the one that barely trained.
+    assert!(
+        honest[0].mean_loss.unwrap() + 0.3 < honest[2].mean_loss.unwrap(),
+        "{lb:?}"
+    );
+    let rogue_row = lb
+        .rows
+        .iter()
+        .find(|r| r.miner == rogue_id.peer_id())
+        .expect("rogue was scored");
+    assert_eq!(rogue_row.jobs, 1);
+    assert!(
+        validator
+            .log()
+            .contains("rejected: Busy: rogue takes one job"),
+        "rejection reasons are logged"
+    );
+
+    // SIGKILL the validator; restarted, it serves the same stored leaderboard.
+    validator.child.kill().unwrap();
+    validator.child.wait().unwrap();
+    drop(validator);
+    let validator = Daemon::start(
+        &["validator", "--config", vconf.to_str().unwrap()],
+        &root.join("validator2.log"),
+    );
+    let t0 = Instant::now();
+    let after = loop {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "restarted validator does not answer:\n{}",
+            validator.log()
+        );
+        if let Some(lb) = leaderboard(&vurl).await {
+            break lb;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(after, lb);
+    drop(daemons);
+}
+
+#[test]
+fn bad_configs_models_and_datasets_are_refused_with_the_cause() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+
+    // A malformed config names the field.
+    let conf = root.join("miner.toml");
+    std::fs::write(&conf, "[policy]\nmax_concurrent_jobs = \"many\"\n").unwrap();
+    let out = run(&["miner", "--config", conf.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("max_concurrent_jobs") && err.contains("miner.toml"),
+        "{err}"
+    );
+
+    // A model dir without config.json.
+    let empty_model = root.join("empty-model");
+    std::fs::create_dir_all(&empty_model).unwrap();
+    let data = root.join("data.jsonl");
+    std::fs::write(
+        &data,
+        "{\"text\": \"one\"}\n{\"text\": \"two\"}\nnot json\n",
+    )
+    .unwrap();
+    let vconf = root.join("v.toml");
+    let write_v = |model: &Path| {
+        std::fs::write(
+            &vconf,
+            format!(
+                "data_dir = {:?}\nlisten = \"127.0.0.1:{}\"\n[[competitions]]\nid = \"c\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 1\n",
+                root.join("v"),
+                port()
+            ),
+        )
+        .unwrap();
+    };
+    write_v(&empty_model);
+    let out = run(&["validator", "--config", vconf.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("config.json") && err.contains("base_model"),
+        "{err}"
+    );
+
+    // A dataset line that is not JSON is named by its number.
+    let model = root.join("model");
+    let init = run(&[
+        "model",
+        "init",
+        "--preset",
+        "tiny",
+        "--out",
+        model.to_str().unwrap(),
+    ]);
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    write_v(&model);
+    let out = run(&["validator", "--config", vconf.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("line 3") && err.contains("dataset"), "{err}");
+
+    // A zero time budget is refused with the field named.
+    std::fs::write(
+        &data,
+        "{\"text\": \"one\"}\n{\"text\": \"two\"}\n{\"text\": \"three\"}\n",
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&vconf).unwrap() + "time_budget_secs = 0\n";
+    std::fs::write(&vconf, text).unwrap();
+    let out = run(&["validator", "--config", vconf.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("time_budget_secs"), "{err}");
+}
