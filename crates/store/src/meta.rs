@@ -10,15 +10,11 @@ use std::sync::Mutex;
 pub mod trees {
     /// Competition specs and state.
     pub const COMPETITIONS: &str = "competitions";
-    /// Jobs and their state.
+    /// Jobs with everything about them: offers and decisions, assignments, commitments
+    /// and receipts, submissions and their evaluation. Keyed `competition/job`; one record
+    /// per job so a job's state is written atomically.
     pub const JOBS: &str = "jobs";
-    /// Offers made and the decisions received, keyed `job/miner-address`.
-    pub const OFFERS: &str = "offers";
-    /// Commitments received, keyed `job/miner`.
-    pub const COMMITMENTS: &str = "commitments";
-    /// Submissions (revealed artifacts and their evaluation), keyed `job/miner`.
-    pub const SUBMISSIONS: &str = "submissions";
-    /// Per-job scores, keyed `job/miner`.
+    /// Per-job scores, keyed `competition/job`.
     pub const SCORES: &str = "scores";
     /// A miner's own jobs.
     pub const MINER_JOBS: &str = "miner_jobs";
