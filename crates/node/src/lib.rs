@@ -2,6 +2,7 @@
 //! the stores, the ML worker threads and the gRPC servers and clients. The engines decide;
 //! this crate carries out their effects and feeds results back.
 
+pub mod base;
 pub mod config;
 pub mod error;
 pub mod fetch;

@@ -4,7 +4,7 @@
 
 use crate::config::{MinerConfig, TrainingConfig};
 use crate::error::NodeError;
-use crate::{fetch, keys, models};
+use crate::{fetch, models};
 use rand::SeedableRng;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tunenet_engine::{MinerEffect, MinerEngine, MinerInput, MinerJob, MinerPhase};
 use tunenet_proto::v1;
 use tunenet_rpc::{MinerBackend, Status, ValidatorClient};
-use tunenet_store::{BlobStore, SledStore, Store, StoreExt, trees};
+use tunenet_store::{BlobStore, Store, StoreExt, trees};
 use tunenet_types::{
     Assignment, BlobId, DecisionReply, HparamBounds, Offer, PeerIdStr, time::now_ms,
 };
@@ -221,27 +221,19 @@ impl Ctx {
 
 /// Runs a miner until it is stopped.
 pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
-        NodeError::Other(format!(
-            "cannot create data dir {}: {e}",
-            cfg.data_dir.display()
-        ))
-    })?;
-    let identity = keys::load_or_create(
-        &cfg.key_file
-            .clone()
-            .unwrap_or_else(|| cfg.data_dir.join("identity.key")),
-    )?;
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(&cfg.data_dir.join("db"))?);
-    let blobs = BlobStore::open(&cfg.data_dir.join("blobs"))?;
-    let device = tunenet_ml::parse_device(&cfg.device)?;
-    let listener = tokio::net::TcpListener::bind(&cfg.listen)
-        .await
-        .map_err(|e| NodeError::Listen {
-            addr: cfg.listen.clone(),
-            reason: e.to_string(),
-        })?;
-
+    let crate::base::NodeBase {
+        identity,
+        store,
+        blobs,
+        device,
+        listener,
+    } = crate::base::open(
+        &cfg.data_dir,
+        cfg.key_file.as_ref(),
+        &cfg.device,
+        &cfg.listen,
+    )
+    .await?;
     let mut stored: Vec<MinerJob> = store
         .scan_json::<MinerJob>(trees::MINER_JOBS, "")?
         .into_iter()
@@ -292,7 +284,7 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
     );
     tracing::info!(peer = %me, listen = %cfg.listen, "miner started");
     let mut tick = tokio::time::interval(Duration::from_millis(200));
-    let shutdown = crate::validator::shutdown_signal();
+    let shutdown = crate::base::shutdown_signal();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {

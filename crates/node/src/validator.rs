@@ -4,7 +4,7 @@
 
 use crate::config::{CompetitionConfig, ValidatorConfig};
 use crate::error::NodeError;
-use crate::{keys, models};
+use crate::models;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
@@ -19,7 +19,7 @@ use tunenet_engine::{
 };
 use tunenet_proto::v1;
 use tunenet_rpc::{MinerClient, Status, UploadSink, ValidatorBackend};
-use tunenet_store::{BlobStore, BlobWriter, SledStore, Store, StoreExt, trees};
+use tunenet_store::{BlobStore, BlobWriter, Store, StoreExt, trees};
 use tunenet_types::{
     BlobId, Commitment, CompetitionId, Identity, JobId, JobScore, Leaderboard, PeerIdStr, Receipt,
     UploadHeader, leaderboard, time::now_ms,
@@ -331,29 +331,22 @@ pub fn format_leaderboard(lb: &Leaderboard) -> String {
 /// Runs a validator until it is stopped (or, with `exit_when_done`, until its
 /// competitions finish).
 pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), NodeError> {
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
-        NodeError::Other(format!(
-            "cannot create data dir {}: {e}",
-            cfg.data_dir.display()
-        ))
-    })?;
-    let identity = keys::load_or_create(
-        &cfg.key_file
-            .clone()
-            .unwrap_or_else(|| cfg.data_dir.join("identity.key")),
-    )?;
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(&cfg.data_dir.join("db"))?);
-    let blobs = BlobStore::open(&cfg.data_dir.join("blobs"))?;
-    let device = tunenet_ml::parse_device(&cfg.device)?;
+    let crate::base::NodeBase {
+        identity,
+        store,
+        blobs,
+        device,
+        listener,
+    } = crate::base::open(
+        &cfg.data_dir,
+        cfg.key_file.as_ref(),
+        &cfg.device,
+        &cfg.listen,
+    )
+    .await?;
     if cfg.miners.is_empty() {
         tracing::warn!("no miners configured: add their gRPC endpoints to `miners` in the config");
     }
-    let listener = tokio::net::TcpListener::bind(&cfg.listen)
-        .await
-        .map_err(|e| NodeError::Listen {
-            addr: cfg.listen.clone(),
-            reason: e.to_string(),
-        })?;
     let reply_to = cfg.reply_to();
 
     let mut comps = Vec::new();
@@ -405,7 +398,7 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
     }
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut announced = false;
-    let shutdown = shutdown_signal();
+    let shutdown = crate::base::shutdown_signal();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -635,27 +628,4 @@ fn spawn_evaluator(
         })
         .map_err(|e| NodeError::Other(format!("cannot start the evaluation thread: {e}")))?;
     Ok(etx)
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

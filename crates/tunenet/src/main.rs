@@ -122,6 +122,22 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+/// The config file at `path`, or the built-in defaults when no file is given.
+fn load_or_default<T: serde::de::DeserializeOwned + Default>(
+    path: Option<&std::path::Path>,
+) -> Result<T> {
+    Ok(match path {
+        Some(p) => config::load(p)?,
+        None => T::default(),
+    })
+}
+
+fn override_opt<T>(slot: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *slot = v;
+    }
+}
+
 fn run(cmd: Cmd) -> Result<()> {
     match cmd {
         Cmd::Miner {
@@ -129,16 +145,9 @@ fn run(cmd: Cmd) -> Result<()> {
             data_dir,
             listen,
         } => {
-            let mut cfg: MinerConfig = match &path {
-                Some(p) => config::load(p)?,
-                None => MinerConfig::default(),
-            };
-            if let Some(d) = data_dir {
-                cfg.data_dir = d;
-            }
-            if let Some(l) = listen {
-                cfg.listen = l;
-            }
+            let mut cfg: MinerConfig = load_or_default(path.as_deref())?;
+            override_opt(&mut cfg.data_dir, data_dir);
+            override_opt(&mut cfg.listen, listen);
             runtime()?.block_on(tunenet_node::miner::run(cfg))?;
         }
         Cmd::Validator {
@@ -147,16 +156,9 @@ fn run(cmd: Cmd) -> Result<()> {
             listen,
             exit_when_done,
         } => {
-            let mut cfg: ValidatorConfig = match &path {
-                Some(p) => config::load(p)?,
-                None => ValidatorConfig::default(),
-            };
-            if let Some(d) = data_dir {
-                cfg.data_dir = d;
-            }
-            if let Some(l) = listen {
-                cfg.listen = l;
-            }
+            let mut cfg: ValidatorConfig = load_or_default(path.as_deref())?;
+            override_opt(&mut cfg.data_dir, data_dir);
+            override_opt(&mut cfg.listen, listen);
             let opts = tunenet_node::validator::ValidatorOptions { exit_when_done };
             runtime()?.block_on(tunenet_node::validator::run(cfg, opts))?;
         }

@@ -1,0 +1,83 @@
+//! What every daemon opens first: data dir, identity, stores, device and listening socket;
+//! and the shutdown signal they all stop on.
+
+use crate::error::NodeError;
+use crate::keys;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tunenet_store::{BlobStore, SledStore, Store};
+use tunenet_types::Identity;
+
+/// A daemon's opened resources.
+pub struct NodeBase {
+    /// The node's key.
+    pub identity: Identity,
+    /// Metadata (sled).
+    pub store: Arc<dyn Store>,
+    /// Content-addressed blobs.
+    pub blobs: BlobStore,
+    /// Compute device.
+    pub device: tunenet_ml::Device,
+    /// The bound gRPC socket.
+    pub listener: tokio::net::TcpListener,
+}
+
+/// Opens everything a daemon needs, failing early with the cause (port in use, locked
+/// database, unreadable key).
+pub async fn open(
+    data_dir: &Path,
+    key_file: Option<&PathBuf>,
+    device: &str,
+    listen: &str,
+) -> Result<NodeBase, NodeError> {
+    std::fs::create_dir_all(data_dir).map_err(|e| {
+        NodeError::Other(format!(
+            "cannot create data dir {}: {e}",
+            data_dir.display()
+        ))
+    })?;
+    let identity = keys::load_or_create(
+        &key_file
+            .cloned()
+            .unwrap_or_else(|| data_dir.join("identity.key")),
+    )?;
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&data_dir.join("db"))?);
+    let blobs = BlobStore::open(&data_dir.join("blobs"))?;
+    let device = tunenet_ml::parse_device(device)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| NodeError::Listen {
+            addr: listen.to_string(),
+            reason: e.to_string(),
+        })?;
+    Ok(NodeBase {
+        identity,
+        store,
+        blobs,
+        device,
+        listener,
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
