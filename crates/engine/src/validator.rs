@@ -320,6 +320,8 @@ pub struct ValidatorEngine {
     jobs: BTreeMap<JobId, JobState>,
     order: Vec<JobId>,
     finished_announced: bool,
+    paused: bool,
+    banned: BTreeMap<PeerIdStr, String>,
 }
 
 impl ValidatorEngine {
@@ -355,7 +357,44 @@ impl ValidatorEngine {
             jobs,
             order,
             finished_announced: false,
+            paused: false,
+            banned: BTreeMap::new(),
         }
+    }
+
+    /// Holds new jobs back (jobs in flight go on) or lets them start again.
+    pub fn set_paused(&mut self, paused: bool) {
+        self.paused = paused;
+    }
+
+    /// Whether new jobs are held back.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Replaces the miner addresses new jobs are offered to.
+    pub fn set_miners(&mut self, miners: Vec<String>) {
+        self.miners = miners;
+    }
+
+    /// Replaces the banned miners (id → reason): their acceptances count as rejections.
+    pub fn set_banned(&mut self, banned: BTreeMap<PeerIdStr, String>) {
+        self.banned = banned;
+    }
+
+    /// Ends the competition early: jobs not yet started are closed with a note; jobs in
+    /// flight finish and are scored.
+    pub fn stop(&mut self) -> Vec<ValidatorEffect> {
+        let mut fx = Vec::new();
+        for job in self.jobs.values_mut() {
+            if job.phase == JobPhase::Pending {
+                job.phase = JobPhase::Done {
+                    note: Some("stopped by the competition admin".into()),
+                };
+                fx.push(ValidatorEffect::Persist(Box::new(job.clone())));
+            }
+        }
+        fx
     }
 
     /// The competition plan.
@@ -485,6 +524,19 @@ impl ValidatorEngine {
             Ok(r) if &r.job_id != job_id => OfferState::Failed {
                 error: format!("answered about job {} instead", r.job_id),
             },
+            Ok(r)
+                if matches!(r.decision, Decision::Accept) && self.banned.contains_key(&r.miner) =>
+            {
+                let reason = format!("banned: {}", self.banned[&r.miner]);
+                fx.push(ValidatorEffect::Event(format!(
+                    "job {job_id}: {} is banned; not assigned",
+                    r.miner
+                )));
+                OfferState::Rejected {
+                    miner: r.miner,
+                    reason,
+                }
+            }
             Ok(r) => match r.decision {
                 Decision::Accept => {
                     fx.push(ValidatorEffect::Event(format!(
@@ -684,7 +736,11 @@ impl ValidatorEngine {
             .values()
             .filter(|j| !matches!(j.phase, JobPhase::Pending | JobPhase::Done { .. }))
             .count() as u32;
-        let mut free = self.plan.concurrent_jobs.max(1).saturating_sub(active);
+        let mut free = if self.paused {
+            0
+        } else {
+            self.plan.concurrent_jobs.max(1).saturating_sub(active)
+        };
         for id in self.order.clone() {
             if free == 0 {
                 break;

@@ -45,6 +45,70 @@ pub struct LlamaConfig {
     /// Hugging Face architectures, e.g. ["LlamaForCausalLM"].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub architectures: Option<Vec<String>>,
+    /// Rotary-embedding scaling (`rope_scaling` in config.json), for long-context models
+    /// such as Llama 3.x.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "rope_scaling_compat"
+    )]
+    pub rope_scaling: Option<RopeScaling>,
+    /// Mistral-style sliding attention window: a query attends at most this many keys back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+}
+
+/// Model types (`model_type`) whose checkpoints this crate runs.
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral"];
+
+/// Architectures (`architectures[0]`) whose checkpoints this crate runs.
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["LlamaForCausalLM", "MistralForCausalLM"];
+
+/// How rotary frequencies are rescaled for contexts longer than the pre-training one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rope_type", rename_all = "lowercase")]
+pub enum RopeScaling {
+    /// Positions divided by `factor` (position interpolation).
+    Linear {
+        /// Scaling factor.
+        factor: f64,
+    },
+    /// NTK-aware scaling: the base grows with `factor` (HF "dynamic" at full length).
+    Dynamic {
+        /// Scaling factor.
+        factor: f64,
+    },
+    /// Llama 3.x: low frequencies divided by `factor`, high ones kept, smooth in between.
+    Llama3 {
+        /// Scaling factor.
+        factor: f64,
+        /// Below this wavelength ratio frequencies are divided by `factor`.
+        low_freq_factor: f64,
+        /// Above this wavelength ratio frequencies are kept.
+        high_freq_factor: f64,
+        /// Context length of pre-training.
+        original_max_position_embeddings: usize,
+    },
+    /// No scaling (HF writes `{"rope_type": "default"}`).
+    Default,
+}
+
+/// Reads `rope_scaling` objects that name their kind under `type` (older HF configs) or
+/// `rope_type`.
+fn rope_scaling_compat<'de, D: Deserializer<'de>>(d: D) -> Result<Option<RopeScaling>, D::Error> {
+    let v = Option::<serde_json::Value>::deserialize(d)?;
+    let Some(mut v) = v else { return Ok(None) };
+    if let Some(obj) = v.as_object_mut()
+        && !obj.contains_key("rope_type")
+        && let Some(t) = obj.get("type").cloned()
+    {
+        obj.insert("rope_type".into(), t);
+    }
+    RopeScaling::deserialize(v)
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!(
+            "rope_scaling: {e}; supported rope_type values are linear, dynamic, llama3 and default"
+        )))
 }
 
 fn default_rope_theta() -> f64 {
@@ -77,6 +141,11 @@ impl LlamaConfig {
         self.hidden_size / self.num_attention_heads.max(1)
     }
 
+    /// Inverse rotary frequencies per pair of head dimensions, with `rope_scaling` applied.
+    pub fn rope_inv_freq(&self) -> Vec<f64> {
+        crate::model::rope_inv_freq(self)
+    }
+
     /// Total number of parameters of the model.
     pub fn param_count(&self) -> u64 {
         let h = self.hidden_size as u64;
@@ -91,8 +160,47 @@ impl LlamaConfig {
         embed + self.num_hidden_layers as u64 * per_layer + h + head
     }
 
-    /// Checks that the dimensions are consistent; the error says which one is not.
+    /// Checks that the architecture is supported and the dimensions are consistent; the
+    /// error says which one is not.
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(mt) = &self.model_type
+            && !SUPPORTED_MODEL_TYPES.contains(&mt.as_str())
+        {
+            return Err(format!(
+                "model_type {mt:?} is not supported; tunenet runs Llama-family models ({SUPPORTED_MODEL_TYPES:?})"
+            ));
+        }
+        if let Some(arch) = self.architectures.as_ref().and_then(|a| a.first())
+            && !SUPPORTED_ARCHITECTURES.contains(&arch.as_str())
+        {
+            return Err(format!(
+                "architecture {arch:?} is not supported; tunenet runs {SUPPORTED_ARCHITECTURES:?}"
+            ));
+        }
+        match &self.rope_scaling {
+            Some(RopeScaling::Linear { factor } | RopeScaling::Dynamic { factor })
+                if !factor.is_finite() || *factor < 1.0 =>
+            {
+                return Err(format!("rope_scaling factor must be at least 1, got {factor}"));
+            }
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) if !factor.is_finite()
+                || *factor < 1.0
+                || !(low_freq_factor.is_finite() && *low_freq_factor > 0.0)
+                || !(high_freq_factor.is_finite() && high_freq_factor > low_freq_factor)
+                || *original_max_position_embeddings == 0 =>
+            {
+                return Err(format!(
+                    "llama3 rope_scaling needs factor >= 1, 0 < low_freq_factor < high_freq_factor and a positive original_max_position_embeddings; got {:?}",
+                    self.rope_scaling
+                ));
+            }
+            _ => {}
+        }
         let zero = [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -143,6 +251,23 @@ impl LlamaConfig {
     /// Reads and validates a `config.json`.
     pub fn from_file(path: &Path) -> Result<LlamaConfig, MlError> {
         let bytes = std::fs::read(path).map_err(|e| MlError::io("cannot read", path, e))?;
+        // Name an unsupported architecture before complaining about fields it lacks.
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
+            let probe = LlamaConfig {
+                model_type: v
+                    .get("model_type")
+                    .and_then(|m| m.as_str())
+                    .map(str::to_string),
+                architectures: v
+                    .get("architectures")
+                    .and_then(|a| serde_json::from_value(a.clone()).ok()),
+                ..crate::tiny::tiny_config()
+            };
+            probe.validate().map_err(|problem| MlError::Config {
+                path: path.to_path_buf(),
+                problem,
+            })?;
+        }
         let cfg: LlamaConfig = serde_json::from_slice(&bytes).map_err(|e| MlError::Config {
             path: path.to_path_buf(),
             problem: format!("{e}; expected a Hugging Face Llama config.json"),

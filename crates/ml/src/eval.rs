@@ -5,7 +5,6 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::artifact::{load_artifact_tensors, read_artifact_manifest, tensor_shapes};
@@ -15,7 +14,7 @@ use crate::error::{CandleContext, MlError};
 use crate::lora::{load_lora, normalize_targets};
 use crate::model::{Llama, Mode, masked_nll_sum};
 use crate::model_dir::ModelDir;
-use crate::tokenizer::TextTokenizer;
+use crate::loader::{WeightDtype, load_base, load_tokenizer, mmap_weights};
 use crate::train::Method;
 
 /// Outcome of an evaluation.
@@ -55,7 +54,7 @@ pub fn evaluate(
         )));
     }
     let cfg = model.config()?;
-    let tok = TextTokenizer::from_file(&model.tokenizer_path())?;
+    let tok = load_tokenizer(model, &cfg)?;
     let mut examples = tokenize(&tok, &cfg, records, max_seq_len)?;
     if examples.is_empty() {
         return Err(MlError::Invalid(format!(
@@ -63,7 +62,7 @@ pub fn evaluate(
             records.len()
         )));
     }
-    let llama = load_model(model, &cfg, artifact, device)?;
+    let llama = load_model(model, &cfg, artifact, WeightDtype::Auto.resolve(device), device)?;
     // Batching similar lengths together wastes less work on padding.
     examples.sort_by_key(|e| e.ids.len());
     let mut total = 0f64;
@@ -105,19 +104,16 @@ fn arch(cfg: &LlamaConfig) -> LlamaConfig {
     }
 }
 
-fn load_model(
+pub(crate) fn load_model(
     model: &ModelDir,
     cfg: &LlamaConfig,
     artifact: Option<&Path>,
+    dtype: DType,
     device: &Device,
 ) -> Result<Llama, MlError> {
     let weight_files = model.weight_files()?;
     let Some(path) = artifact else {
-        // SAFETY: the weight files are memory-mapped read-only and are not modified while
-        // the model is in use.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&weight_files, DType::F32, device) }
-            .ctx("memory-mapping the base weights")?;
-        return Llama::new(cfg, &vb, None).ctx("building the base model");
+        return load_base(model, cfg, dtype, device, None);
     };
     let bad = |problem: String| MlError::Artifact {
         path: path.to_path_buf(),
@@ -138,11 +134,7 @@ fn load_model(
                 normalize_targets(&manifest.target_modules).map_err(|e| bad(e.to_string()))?;
             let tensors = load_artifact_tensors(path, device)?;
             let weights = load_lora(cfg, &tensors, &targets, rank, alpha).map_err(bad)?;
-            // SAFETY: as above, read-only mapping of files not modified while in use.
-            let vb =
-                unsafe { VarBuilder::from_mmaped_safetensors(&weight_files, DType::F32, device) }
-                    .ctx("memory-mapping the base weights")?;
-            Llama::new(cfg, &vb, Some(&weights)).ctx("building the adapted model")
+            load_base(model, cfg, dtype, device, Some(&weights))
         }
         Method::Full => {
             let base = tensor_shapes(&weight_files)?;
@@ -180,9 +172,7 @@ fn load_model(
                     problems.join("; ")
                 )));
             }
-            // SAFETY: as above, read-only mapping of files not modified while in use.
-            let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, device) }
-                .ctx("memory-mapping the artifact weights")?;
+            let vb = mmap_weights(path, &[path.to_path_buf()], dtype, device)?;
             Llama::new(cfg, &vb, None).ctx("building the fine-tuned model")
         }
     }

@@ -3,14 +3,20 @@
 //! training artifacts with embedded manifests, and a generator for tiny test models.
 
 mod artifact;
+mod checkpoint;
 mod config;
 mod data;
 mod device;
 mod error;
 mod eval;
+mod gguf;
+mod lm;
+mod loader;
 mod lora;
 mod model;
+mod merge;
 mod model_dir;
+mod peft;
 mod tiny;
 mod tokenizer;
 mod train;
@@ -21,7 +27,13 @@ pub use artifact::{
     ARTIFACT_FILE, ARTIFACT_FORMAT, ArtifactManifest, MANIFEST_FILE, MANIFEST_METADATA_KEY,
     MAX_HEADER_BYTES, read_artifact_manifest,
 };
-pub use config::LlamaConfig;
+pub use checkpoint::CHECKPOINT_FILE;
+pub use config::{LlamaConfig, RopeScaling, SUPPORTED_ARCHITECTURES, SUPPORTED_MODEL_TYPES};
+pub use gguf::{export_gguf, import_gguf};
+pub use lm::CausalLm;
+pub use merge::merge_adapter;
+pub use loader::WeightDtype;
+pub use peft::{PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE};
 pub use data::{Record, demo_dataset, load_jsonl, parse_jsonl, to_jsonl};
 pub use device::parse_device;
 pub use error::MlError;
@@ -30,4 +42,6 @@ pub use lora::{ALL_LORA_TARGETS, DEFAULT_LORA_TARGETS};
 pub use model_dir::{CONFIG_FILE, ModelDir, TOKENIZER_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE};
 pub use tiny::{init_tiny, tiny_config};
 pub use tokenizer::{BOS_TOKEN, BYTE_VOCAB_SIZE, EOS_TOKEN, PAD_TOKEN, TextTokenizer};
-pub use train::{Method, Progress, TrainConfig, TrainReport, train, train_with_targets};
+pub use train::{
+    COSINE_FLOOR, LrSchedule, Method, Progress, TrainConfig, TrainReport, train, train_with_targets,
+};

@@ -2,6 +2,7 @@
 //! their seeded initialisation, and loading them back from an artifact.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
@@ -80,26 +81,60 @@ pub(crate) fn normalize_targets(targets: &[String]) -> Result<Vec<String>, MlErr
         .collect())
 }
 
-/// LoRA adapters ready to be applied: module path -> (A `[r, in]`, B `[out, r]`), and the
-/// scaling `alpha / rank`.
+/// Seeded dropout on adapter inputs. The training loop reseeds it before every
+/// micro-batch from (seed, step), so runs, and resumed runs, draw the same masks.
+#[derive(Clone, Debug)]
+pub(crate) struct Dropout {
+    p: f64,
+    rng: Arc<Mutex<StdRng>>,
+}
+
+impl Dropout {
+    pub(crate) fn new(p: f64, seed: u64) -> Dropout {
+        Dropout {
+            p,
+            rng: Arc::new(Mutex::new(StdRng::seed_from_u64(seed))),
+        }
+    }
+
+    /// Restarts the mask sequence from `seed`.
+    pub(crate) fn reseed(&self, seed: u64) {
+        if let Ok(mut rng) = self.rng.lock() {
+            *rng = StdRng::seed_from_u64(seed);
+        }
+    }
+
+    /// Zeroes each element with probability `p` and scales the rest by `1 / (1 - p)`.
+    pub(crate) fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 - self.p;
+        let n = x.elem_count();
+        let mask: Vec<f32> = match self.rng.lock() {
+            Ok(mut rng) => (0..n)
+                .map(|_| {
+                    if rng.random::<f64>() < keep {
+                        (1.0 / keep) as f32
+                    } else {
+                        0.0
+                    }
+                })
+                .collect(),
+            Err(_) => candle_core::bail!("LoRA dropout generator lock poisoned"),
+        };
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x * mask
+    }
+}
+
+/// LoRA adapters ready to be applied: module path -> (A `[r, in]`, B `[out, r]`), the
+/// scaling `alpha / rank`, and dropout on their inputs while training.
 #[derive(Clone, Debug)]
 pub(crate) struct LoraWeights {
     pub(crate) map: HashMap<String, (Tensor, Tensor)>,
     pub(crate) scale: f64,
-}
-
-impl LoraWeights {
-    /// The tensors under their PEFT names, sorted by name.
-    pub(crate) fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out = Vec::with_capacity(self.map.len() * 2);
-        for (module, (a, b)) in &self.map {
-            let (an, bn) = adapter_names(module);
-            out.push((an, a.clone()));
-            out.push((bn, b.clone()));
-        }
-        out.sort_by(|x, y| x.0.cmp(&y.0));
-        out
-    }
+    pub(crate) dropout: Option<Dropout>,
 }
 
 /// Creates trainable adapters for `targets` in every layer, in their own [`VarMap`]:
@@ -151,6 +186,7 @@ pub(crate) fn init_lora(
         LoraWeights {
             map,
             scale: alpha / rank as f64,
+            dropout: None,
         },
     ))
 }
@@ -213,5 +249,6 @@ pub(crate) fn load_lora(
     Ok(LoraWeights {
         map,
         scale: alpha / rank as f64,
+        dropout: None,
     })
 }

@@ -5,18 +5,19 @@
 use candle_core::{D, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::config::LlamaConfig;
-use crate::lora::LoraWeights;
+use crate::config::{LlamaConfig, RopeScaling};
+use crate::lora::{Dropout, LoraWeights};
 
 /// A large negative number used to mask attention scores (finite, so no NaNs appear).
 const MASK_VALUE: f64 = -1e9;
 
-/// A LoRA adapter on a linear layer: `y += scale * (x A^T) B^T`.
+/// A LoRA adapter on a linear layer: `y += scale * (dropout(x) A^T) B^T`.
 #[derive(Clone, Debug)]
 struct Adapter {
     a: Tensor,
     b: Tensor,
     scale: f64,
+    dropout: Option<Dropout>,
 }
 
 /// A bias-free linear layer (`weight: [out, in]`) with an optional LoRA adapter.
@@ -41,20 +42,30 @@ impl Linear {
                 a: a.clone(),
                 b: b.clone(),
                 scale: l.scale,
+                dropout: l.dropout.clone(),
             })
         });
         Ok(Linear { weight, adapter })
     }
 
-    /// `x: [n, in]` -> `[n, out]`.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x: [n, in]` -> `[n, out]`; adapter dropout applies in training mode only.
+    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let y = x.matmul(&self.weight.t()?)?;
         match &self.adapter {
             None => Ok(y),
             Some(ad) => {
-                let h = x.matmul(&ad.a.t()?)?;
-                let d = h.matmul(&ad.b.t()?)?;
-                y + (d * ad.scale)?
+                // Adapters stay in f32 even on a bf16/f16 base, so their updates are not lost
+                // to rounding.
+                let mut xa = x.to_dtype(ad.a.dtype())?;
+                if mode == Mode::Train
+                    && let Some(d) = &ad.dropout
+                {
+                    xa = d.apply(&xa)?;
+                }
+                let h = xa.matmul(&ad.a.t()?)?;
+                let d = (h.matmul(&ad.b.t()?)? * ad.scale)?;
+                let d = d.to_dtype(y.dtype())?;
+                y + d
             }
         }
     }
@@ -138,6 +149,7 @@ impl Llama {
             vb.get((cfg.vocab_size, h), "lm_head.weight")?
         };
         let (cos, sin) = rope_tables(cfg, vb.device())?;
+        let (cos, sin) = (cos.to_dtype(embed.dtype())?, sin.to_dtype(embed.dtype())?);
         Ok(Llama {
             cfg: cfg.clone(),
             embed,
@@ -159,7 +171,7 @@ impl Llama {
                 self.cfg.max_position_embeddings
             );
         }
-        let mask = attention_mask(key_mask, t)?;
+        let mask = attention_mask(key_mask, t, self.cfg.sliding_window)?;
         let cos = self.cos.narrow(0, 0, t)?;
         let sin = self.sin.narrow(0, 0, t)?;
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?; // [b*t, h]
@@ -168,12 +180,12 @@ impl Llama {
             let att = self.attention(layer, &hn, b, t, &mask, &cos, &sin, mode)?;
             x = (x + att)?;
             let hn = rms_norm(&x, &layer.mlp_norm, self.cfg.rms_norm_eps, mode)?;
-            let g = layer.gate.forward(&hn)?.silu()?;
-            let u = layer.up.forward(&hn)?;
-            x = (x + layer.down.forward(&(g * u)?)?)?;
+            let g = layer.gate.forward(&hn, mode)?.silu()?;
+            let u = layer.up.forward(&hn, mode)?;
+            x = (x + layer.down.forward(&(g * u)?, mode)?)?;
         }
         let x = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, mode)?;
-        let logits = x.matmul(&self.lm_head.t()?)?;
+        let logits = x.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?;
         logits.reshape((b, t, self.cfg.vocab_size))
     }
 
@@ -195,9 +207,9 @@ impl Llama {
         let split = |y: Tensor, heads: usize| -> Result<Tensor> {
             y.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous()
         };
-        let q = split(layer.q.forward(x)?, nh)?;
-        let k = split(layer.k.forward(x)?, nkv)?;
-        let v = split(layer.v.forward(x)?, nkv)?;
+        let q = split(layer.q.forward(x, mode)?, nh)?;
+        let k = split(layer.k.forward(x, mode)?, nkv)?;
+        let v = split(layer.v.forward(x, mode)?, nkv)?;
         let (q, k) = match mode {
             Mode::Infer => (
                 candle_nn::rotary_emb::rope(&q, cos, sin)?,
@@ -211,14 +223,16 @@ impl Llama {
         let k = repeat_kv(k, nh / nkv)?;
         let v = repeat_kv(v, nh / nkv)?;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = scores.broadcast_add(mask)?;
+        // Masking and softmax in f32: a half-precision mask value would overflow.
+        let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
         let probs = match mode {
             Mode::Infer => candle_nn::ops::softmax_last_dim(&scores)?,
             Mode::Train => candle_nn::ops::softmax(&scores, D::Minus1)?,
-        };
+        }
+        .to_dtype(v.dtype())?;
         let y = probs.matmul(&v)?; // [b, nh, t, hd]
         let y = y.transpose(1, 2)?.reshape((b * t, nh * hd))?;
-        layer.o.forward(&y)
+        layer.o.forward(&y, mode)
     }
 }
 
@@ -233,12 +247,21 @@ fn repeat_kv(x: Tensor, n: usize) -> Result<Tensor> {
         .reshape((b, kv * n, t, d))
 }
 
-/// Additive mask `[b, 1, t, t]`: 0 where query i may attend key j (j <= i and j is not
-/// padding), a large negative number elsewhere.
-fn attention_mask(key_mask: &Tensor, t: usize) -> Result<Tensor> {
+/// Additive mask `[b, 1, t, t]`: 0 where query i may attend key j (j <= i, within the
+/// sliding window if any, and j is not padding), a large negative number elsewhere.
+fn attention_mask(key_mask: &Tensor, t: usize, window: Option<usize>) -> Result<Tensor> {
     let device = key_mask.device();
+    let window = window.unwrap_or(usize::MAX).max(1);
     let causal: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { MASK_VALUE as f32 }))
+        .flat_map(|i| {
+            (0..t).map(move |j| {
+                if j <= i && i - j < window {
+                    0.0
+                } else {
+                    MASK_VALUE as f32
+                }
+            })
+        })
         .collect();
     let causal = Tensor::from_vec(causal, (1, 1, t, t), device)?;
     let b = key_mask.dim(0)?;
@@ -247,12 +270,48 @@ fn attention_mask(key_mask: &Tensor, t: usize) -> Result<Tensor> {
     causal.broadcast_add(&pad)
 }
 
-/// Cosine and sine tables `[max_pos, head_dim / 2]` of the rotary embedding.
-fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+/// Inverse rotary frequencies, rescaled as `rope_scaling` says.
+pub(crate) fn rope_inv_freq(cfg: &LlamaConfig) -> Vec<f64> {
     let hd = cfg.head_dim();
-    let inv_freq: Vec<f32> = (0..hd / 2)
-        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64) as f32)
+    let base: Vec<f64> = (0..hd / 2)
+        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64))
         .collect();
+    match &cfg.rope_scaling {
+        None | Some(RopeScaling::Default) => base,
+        // HF's dynamic NTK scaling changes nothing up to max_position_embeddings, and
+        // longer sequences are refused.
+        Some(RopeScaling::Dynamic { .. }) => base,
+        Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) => {
+            let old = *original_max_position_embeddings as f64;
+            let low_wavelen = old / low_freq_factor;
+            let high_wavelen = old / high_freq_factor;
+            base.iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < high_wavelen {
+                        f
+                    } else if wavelen > low_wavelen {
+                        f / factor
+                    } else {
+                        let smooth =
+                            (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// Cosine and sine tables `[max_pos, head_dim / 2]` of the rotary embedding (f32).
+fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let inv_freq: Vec<f32> = rope_inv_freq(cfg).into_iter().map(|f| f as f32).collect();
     let n = inv_freq.len();
     let inv_freq = Tensor::from_vec(inv_freq, (1, n), device)?;
     let pos = Tensor::arange(0u32, cfg.max_position_embeddings as u32, device)?

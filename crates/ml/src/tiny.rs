@@ -31,6 +31,8 @@ pub fn tiny_config() -> LlamaConfig {
         eos_token_id: Some(257),
         model_type: Some("llama".into()),
         architectures: Some(vec!["LlamaForCausalLM".into()]),
+        rope_scaling: None,
+        sliding_window: None,
     }
 }
 

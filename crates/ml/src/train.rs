@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder};
+use candle_nn::VarBuilder;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -16,10 +16,14 @@ use serde::{Deserialize, Serialize};
 use crate::artifact::{ARTIFACT_FORMAT, ArtifactManifest, hash_files, write_artifact};
 use crate::data::{Example, Record, make_batch, tokenize};
 use crate::error::{CandleContext, MlError};
-use crate::lora::{DEFAULT_LORA_TARGETS, init_lora, normalize_targets};
+use crate::checkpoint::{
+    AdamW, CHECKPOINT_FILE, RunState, load_checkpoint, run_fingerprint, save_checkpoint,
+};
+use crate::loader::{WeightDtype, check_weight_files, load_base, load_tokenizer};
+use crate::lora::{DEFAULT_LORA_TARGETS, Dropout, init_lora, normalize_targets};
 use crate::model::{Llama, Mode, masked_nll_sum};
 use crate::model_dir::{CONFIG_FILE, ModelDir};
-use crate::tokenizer::TextTokenizer;
+use crate::peft::write_peft_adapter;
 
 /// How to fine-tune. Serialised with a `"method"` tag: `{"method": "full"}` or
 /// `{"method": "lora", "rank": 8, "alpha": 16.0}`.
@@ -37,29 +41,81 @@ pub enum Method {
     },
 }
 
+/// How the learning rate moves over the run (after warm-up).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    /// The peak rate throughout.
+    #[default]
+    Constant,
+    /// Cosine decay from the peak to [`COSINE_FLOOR`] × peak at `max_steps`.
+    Cosine,
+}
+
+/// Fraction of the peak learning rate the cosine schedule ends at.
+pub const COSINE_FLOOR: f64 = 0.1;
+
 /// Hyper-parameters of a training run. `method` is flattened into the object:
 /// `{"method": "lora", "rank": 8, "alpha": 16.0, "learning_rate": 0.001, ...}`.
+/// Fields after `weight_decay` are optional in JSON; use `..Default::default()` in code.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TrainConfig {
     /// Full or LoRA fine-tuning.
     #[serde(flatten)]
     pub method: Method,
-    /// AdamW learning rate (constant).
+    /// Peak AdamW learning rate.
     pub learning_rate: f64,
     /// Optimiser steps to take unless the deadline stops training first.
     pub max_steps: usize,
-    /// Sequences per step.
+    /// Sequences per micro-batch.
     pub batch_size: usize,
     /// Longest sequence in tokens (bos and eos included); longer ones are truncated.
     pub max_seq_len: usize,
-    /// Seed of batch order and adapter initialisation.
+    /// Seed of batch order, adapter initialisation and dropout.
     pub seed: u64,
     /// AdamW decoupled weight decay.
     pub weight_decay: f64,
+    /// Micro-batches whose gradients are summed into one optimiser step (1 = none).
+    #[serde(default = "one")]
+    pub grad_accum_steps: usize,
+    /// Steps of linear warm-up from 0 to the peak learning rate.
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// Learning-rate schedule after warm-up.
+    #[serde(default)]
+    pub lr_schedule: LrSchedule,
+    /// Clip gradients to this global L2 norm (`None`: no clipping).
+    #[serde(default)]
+    pub max_grad_norm: Option<f64>,
+    /// Dropout on LoRA adapter inputs while training (0 = none).
+    #[serde(default)]
+    pub lora_dropout: f64,
+    /// Batch sequences of similar length together (less padding; batches are shuffled).
+    #[serde(default)]
+    pub length_bucketing: bool,
+    /// Precision of the frozen base weights (LoRA); trainable weights are always f32.
+    #[serde(default)]
+    pub dtype: WeightDtype,
+    /// Write a resumable checkpoint every this many steps (0: never by step count).
+    #[serde(default)]
+    pub checkpoint_every_steps: usize,
+    /// Write a resumable checkpoint when this many seconds passed since the last (0: never).
+    #[serde(default = "default_checkpoint_secs")]
+    pub checkpoint_every_secs: f64,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn default_checkpoint_secs() -> f64 {
+    120.0
 }
 
 impl Default for TrainConfig {
-    /// LoRA rank 8 alpha 16, learning rate 1e-3, 100 steps, batch 8, 128 tokens, seed 0, no weight decay.
+    /// LoRA rank 8 alpha 16, learning rate 1e-3 constant, 100 steps, batch 8, 128 tokens,
+    /// seed 0, no weight decay, no accumulation, warm-up, clipping or dropout, a checkpoint
+    /// every 120 s.
     fn default() -> Self {
         TrainConfig {
             method: Method::Lora {
@@ -72,11 +128,37 @@ impl Default for TrainConfig {
             max_seq_len: 128,
             seed: 0,
             weight_decay: 0.0,
+            grad_accum_steps: 1,
+            warmup_steps: 0,
+            lr_schedule: LrSchedule::Constant,
+            max_grad_norm: None,
+            lora_dropout: 0.0,
+            length_bucketing: false,
+            dtype: WeightDtype::Auto,
+            checkpoint_every_steps: 0,
+            checkpoint_every_secs: default_checkpoint_secs(),
         }
     }
 }
 
 impl TrainConfig {
+    /// Learning rate of optimiser step `step` (0-based): linear warm-up, then the schedule.
+    pub fn lr_at(&self, step: usize) -> f64 {
+        let peak = self.learning_rate;
+        if step < self.warmup_steps {
+            return peak * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        match self.lr_schedule {
+            LrSchedule::Constant => peak,
+            LrSchedule::Cosine => {
+                let span = self.max_steps.saturating_sub(self.warmup_steps).max(1) as f64;
+                let done = ((step - self.warmup_steps) as f64 / span).min(1.0);
+                let cos = 0.5 * (1.0 + (std::f64::consts::PI * done).cos());
+                peak * (COSINE_FLOOR + (1.0 - COSINE_FLOOR) * cos)
+            }
+        }
+    }
+
     fn validate(&self) -> Result<(), MlError> {
         let bad = |m: String| Err(MlError::Invalid(format!("bad training config: {m}")));
         if !self.learning_rate.is_finite() || self.learning_rate <= 0.0 {
@@ -97,10 +179,30 @@ impl TrainConfig {
         if self.batch_size == 0 {
             return bad("batch_size must be at least 1".into());
         }
+        if self.grad_accum_steps == 0 {
+            return bad("grad_accum_steps must be at least 1".into());
+        }
         if self.max_seq_len < 2 {
             return bad(format!(
                 "max_seq_len must be at least 2, got {}",
                 self.max_seq_len
+            ));
+        }
+        if let Some(n) = self.max_grad_norm
+            && (!n.is_finite() || n <= 0.0)
+        {
+            return bad(format!("max_grad_norm must be a positive number, got {n}"));
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return bad(format!(
+                "lora_dropout must be in [0, 1), got {}",
+                self.lora_dropout
+            ));
+        }
+        if !self.checkpoint_every_secs.is_finite() || self.checkpoint_every_secs < 0.0 {
+            return bad(format!(
+                "checkpoint_every_secs must be zero or positive, got {}",
+                self.checkpoint_every_secs
             ));
         }
         if let Method::Lora { rank, alpha } = self.method
@@ -117,7 +219,7 @@ impl TrainConfig {
 /// Reported after every training step.
 #[derive(Clone, Debug)]
 pub struct Progress {
-    /// Steps completed (1-based).
+    /// Steps completed (1-based; counts steps of a resumed run's earlier sessions).
     pub step: usize,
     /// The configured maximum.
     pub max_steps: usize,
@@ -127,6 +229,13 @@ pub struct Progress {
     pub tokens_per_sec: f64,
     /// Time since `train` was called.
     pub elapsed: Duration,
+    /// Non-padding tokens trained on so far.
+    pub tokens: u64,
+    /// Learning rate used by this step.
+    pub learning_rate: f64,
+    /// Estimated time until training ends (by `max_steps` or by the deadline, whichever
+    /// comes first).
+    pub time_left: Duration,
 }
 
 /// Outcome of a training run.
@@ -148,6 +257,9 @@ pub struct TrainReport {
     pub artifact: PathBuf,
     /// The manifest written with the artifact.
     pub manifest: ArtifactManifest,
+    /// Step this run resumed from (0: a fresh start).
+    #[serde(default)]
+    pub resumed_from: usize,
 }
 
 /// Trains on `records` from the model in `model`, LoRA on the default targets (q_proj,
@@ -170,27 +282,23 @@ pub fn train(
     )
 }
 
-/// What is being trained.
-enum Trainable {
-    Lora {
-        weights: crate::lora::LoraWeights,
-        targets: Vec<String>,
-    },
-    Full {
-        vars: Vec<(String, Var)>,
-        frozen: Vec<(String, Tensor)>,
-    },
-}
-
 /// Trains on `records` starting from the model in `model`; `lora_targets` names the
 /// linear layers adapted by LoRA (ignored for full fine-tuning).
 ///
+/// Each optimiser step sums the gradients of `grad_accum_steps` micro-batches, clips
+/// them to `max_grad_norm`, and applies AdamW at the scheduled learning rate.
 /// Stops after `cfg.max_steps` steps, or earlier when a step might not finish before
 /// `deadline` with `margin` to spare (it stops when now + 1.5 × mean step time + margin
 /// would pass the deadline), and fails with [`MlError::Cancelled`] when `cancel` is set.
-/// Calls `progress` after every step. Writes `out_dir/artifact.safetensors` (adapter
-/// tensors under PEFT names for LoRA, every weight under its HF name for full) with the
-/// manifest in its metadata under `tunenet_manifest`, and `out_dir/manifest.json`.
+/// Calls `progress` after every step.
+///
+/// Writes `out_dir/checkpoint.safetensors` (trainable weights and AdamW moments) as the
+/// config asks; a later call with the same model, data and config resumes from it, so a
+/// killed miner loses at most one checkpoint interval. At the end writes
+/// `out_dir/artifact.safetensors` (adapter tensors under PEFT names for LoRA, every weight
+/// under its HF name for full) with the manifest in its metadata under `tunenet_manifest`,
+/// `out_dir/manifest.json`, and for LoRA also a PEFT adapter (`adapter_config.json`,
+/// `adapter_model.safetensors`); the checkpoint is then removed.
 #[allow(clippy::too_many_arguments)]
 pub fn train_with_targets(
     model: &ModelDir,
@@ -207,7 +315,7 @@ pub fn train_with_targets(
     let start = Instant::now();
     cfg.validate()?;
     let base_cfg = model.config()?;
-    let tok = TextTokenizer::from_file(&model.tokenizer_path())?;
+    let tok = load_tokenizer(model, &base_cfg)?;
     let examples = tokenize(&tok, &base_cfg, records, cfg.max_seq_len)?;
     if examples.is_empty() {
         return Err(MlError::Invalid(format!(
@@ -216,26 +324,34 @@ pub fn train_with_targets(
         )));
     }
     let weight_files = model.weight_files()?;
+    check_weight_files(&model.path, &weight_files)?;
     let mut hashed = vec![model.path.join(CONFIG_FILE)];
     hashed.extend(weight_files.iter().cloned());
     let base_model_hash = hash_files(&hashed)?;
 
-    let (llama, vars, trainable) = match &cfg.method {
+    let (llama, named_vars, frozen, targets, dropout) = match &cfg.method {
         Method::Lora { rank, alpha } => {
             let targets = normalize_targets(lora_targets)?;
-            // SAFETY: the weight files are memory-mapped read-only and are not modified
-            // while the model is in use.
-            let vb =
-                unsafe { VarBuilder::from_mmaped_safetensors(&weight_files, DType::F32, device) }
-                    .ctx("memory-mapping the base weights")?;
-            let (varmap, weights) =
+            let (varmap, mut weights) =
                 init_lora(&base_cfg, &targets, *rank, *alpha, cfg.seed, device)?;
-            let llama = Llama::new(&base_cfg, &vb, Some(&weights)).ctx("building the model")?;
-            (
-                llama,
-                varmap.all_vars(),
-                Trainable::Lora { weights, targets },
-            )
+            let dropout = (cfg.lora_dropout > 0.0).then(|| Dropout::new(cfg.lora_dropout, 0));
+            weights.dropout = dropout.clone();
+            let llama = load_base(
+                model,
+                &base_cfg,
+                cfg.dtype.resolve(device),
+                device,
+                Some(&weights),
+            )?;
+            let mut named: Vec<(String, Var)> = varmap
+                .data()
+                .lock()
+                .map_err(|_| MlError::Invalid("LoRA variable map lock poisoned".into()))?
+                .iter()
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect();
+            named.sort_by(|a, b| a.0.cmp(&b.0));
+            (llama, named, Vec::new(), targets, dropout)
         }
         Method::Full => {
             let mut vars = Vec::new();
@@ -258,152 +374,287 @@ pub fn train_with_targets(
             }
             vars.sort_by(|a, b| a.0.cmp(&b.0));
             let vb = VarBuilder::from_tensors(map, DType::F32, device);
-            let llama = Llama::new(&base_cfg, &vb, None).ctx("building the model")?;
-            let all: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
-            (llama, all, Trainable::Full { vars, frozen })
+            let llama = Llama::new(&base_cfg, &vb, None).map_err(|e| MlError::ModelDir {
+                path: model.path.clone(),
+                problem: format!("weights do not fit config.json: {e}"),
+            })?;
+            (llama, vars, frozen, Vec::new(), None)
         }
     };
 
-    let params = ParamsAdamW {
-        lr: cfg.learning_rate,
-        weight_decay: cfg.weight_decay,
-        ..Default::default()
-    };
-    let mut opt = AdamW::new(vars, params).ctx("creating the optimiser")?;
-    let mut order = BatchOrder::new(examples.len(), cfg.seed);
-    let loop_start = Instant::now();
-    let (mut steps, mut tokens) = (0usize, 0u64);
-    let (mut first_loss, mut final_loss) = (f32::NAN, f32::NAN);
-    let mut stopped_by_deadline = false;
-    while steps < cfg.max_steps {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(MlError::Cancelled { steps });
+    let mut opt = AdamW::new(named_vars, cfg.weight_decay);
+    let mut order = BatchOrder::new(&examples, cfg.batch_size, cfg.seed, cfg.length_bucketing);
+    let ckpt_path = out_dir.join(CHECKPOINT_FILE);
+    let fingerprint = run_fingerprint(cfg, &targets, &base_model_hash, records)?;
+    let mut state = RunState::default();
+    if ckpt_path.is_file() {
+        match load_checkpoint(&ckpt_path, &fingerprint, &mut opt, device)? {
+            Some(s) => {
+                for _ in 0..s.steps * cfg.grad_accum_steps {
+                    order.next();
+                }
+                tracing::info!(step = s.steps, "resuming training from checkpoint");
+                state = s;
+            }
+            None => tracing::warn!(
+                path = %ckpt_path.display(),
+                "ignoring a checkpoint from a different run"
+            ),
         }
+    }
+    let resumed_from = state.steps;
+    let loop_start = Instant::now();
+    let mut last_ckpt = Instant::now();
+    let (mut session_steps, mut session_tokens) = (0usize, 0u64);
+    let mut stopped_by_deadline = false;
+    while state.steps < cfg.max_steps {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(MlError::Cancelled { steps: state.steps });
+        }
+        let mean_step = (session_steps > 0)
+            .then(|| loop_start.elapsed().div_f64(session_steps as f64));
         if let Some(deadline) = deadline {
-            let need = if steps == 0 {
-                margin
-            } else {
-                loop_start.elapsed().mul_f64(1.5 / steps as f64) + margin
+            let need = match mean_step {
+                None => margin,
+                Some(m) => m.mul_f64(1.5) + margin,
             };
             let fits = Instant::now()
                 .checked_add(need)
                 .is_some_and(|end| end <= deadline);
             if !fits {
-                if steps == 0 {
+                if session_steps == 0 && state.steps == 0 {
                     return Err(MlError::NoTimeToTrain { margin });
                 }
                 stopped_by_deadline = true;
                 break;
             }
         }
-        let picked: Vec<&Example> = order
-            .next(cfg.batch_size)
-            .into_iter()
-            .map(|i| &examples[i])
-            .collect();
-        let (loss, n_tokens) =
-            train_step(&llama, &mut opt, &picked, device).ctx("running a training step")?;
-        steps += 1;
-        tokens += n_tokens as u64;
+        let lr = cfg.lr_at(state.steps);
+        let mut loss_sum = 0f32;
+        let mut step_tokens = 0usize;
+        let mut grads: Option<Vec<Tensor>> = None;
+        for micro in 0..cfg.grad_accum_steps {
+            if let Some(d) = &dropout {
+                d.reseed(
+                    cfg.seed
+                        ^ ((state.steps as u64) << 16)
+                        ^ (micro as u64)
+                        ^ 0x6472_6f70_0000_0000,
+                );
+            }
+            let picked: Vec<&Example> = order.next().into_iter().map(|i| &examples[i]).collect();
+            let (loss, n_tokens, g) =
+                micro_step(&llama, &opt, &picked, cfg.grad_accum_steps, device)
+                    .ctx("running a training step")?;
+            loss_sum += loss;
+            step_tokens += n_tokens;
+            grads = Some(match grads {
+                None => g,
+                Some(acc) => acc
+                    .iter()
+                    .zip(g.iter())
+                    .map(|(a, b)| a + b)
+                    .collect::<candle_core::Result<Vec<_>>>()
+                    .ctx("accumulating gradients")?,
+            });
+        }
+        let loss = loss_sum / cfg.grad_accum_steps as f32;
+        state.steps += 1;
+        session_steps += 1;
         if !loss.is_finite() {
-            return Err(MlError::Diverged { step: steps, loss });
+            return Err(MlError::Diverged {
+                step: state.steps,
+                loss,
+            });
         }
-        if steps == 1 {
-            first_loss = loss;
+        let mut grads = grads.unwrap_or_default();
+        if let Some(max) = cfg.max_grad_norm {
+            clip_grad_norm(&mut grads, max).ctx("clipping gradients")?;
         }
-        final_loss = loss;
+        opt.step(&grads, lr).ctx("applying the optimiser")?;
+        state.tokens += step_tokens as u64;
+        session_tokens += step_tokens as u64;
+        if state.steps == 1 {
+            state.first_loss = loss;
+        }
+        state.final_loss = loss;
         let secs = loop_start.elapsed().as_secs_f64();
+        let per_step = loop_start.elapsed().div_f64(session_steps as f64);
+        let mut time_left = per_step.mul_f64((cfg.max_steps - state.steps) as f64);
+        if let Some(deadline) = deadline {
+            time_left = time_left.min(
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .saturating_sub(margin),
+            );
+        }
         progress(&Progress {
-            step: steps,
+            step: state.steps,
             max_steps: cfg.max_steps,
             loss,
             tokens_per_sec: if secs > 0.0 {
-                tokens as f64 / secs
+                session_tokens as f64 / secs
             } else {
                 0.0
             },
             elapsed: start.elapsed(),
+            tokens: state.tokens,
+            learning_rate: lr,
+            time_left,
         });
-    }
-    tracing::debug!(steps, tokens, final_loss, "training finished");
-
-    let (tensors, method_targets) = match trainable {
-        Trainable::Lora { weights, targets } => (weights.named_tensors(), targets),
-        Trainable::Full { vars, frozen } => {
-            let mut ts: Vec<(String, Tensor)> = vars
-                .into_iter()
-                .map(|(n, v)| (n, v.as_tensor().clone()))
-                .collect();
-            ts.extend(frozen);
-            ts.sort_by(|a, b| a.0.cmp(&b.0));
-            (ts, Vec::new())
+        let by_steps =
+            cfg.checkpoint_every_steps > 0 && state.steps % cfg.checkpoint_every_steps == 0;
+        let by_time = cfg.checkpoint_every_secs > 0.0
+            && last_ckpt.elapsed().as_secs_f64() >= cfg.checkpoint_every_secs;
+        if (by_steps || by_time) && state.steps < cfg.max_steps {
+            save_checkpoint(out_dir, &ckpt_path, &fingerprint, &state, &opt)?;
+            last_ckpt = Instant::now();
         }
-    };
+    }
+    tracing::debug!(
+        steps = state.steps,
+        tokens = state.tokens,
+        final_loss = state.final_loss,
+        "training finished"
+    );
+
+    let mut tensors: Vec<(String, Tensor)> = opt
+        .vars
+        .iter()
+        .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
+        .collect();
+    tensors.extend(frozen);
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let manifest = ArtifactManifest {
         format: ARTIFACT_FORMAT.to_string(),
         method: cfg.method.clone(),
-        target_modules: method_targets,
+        target_modules: targets.clone(),
         base_config: base_cfg,
         base_model_hash,
-        steps,
-        tokens,
-        final_train_loss: final_loss,
+        steps: state.steps,
+        tokens: state.tokens,
+        final_train_loss: state.final_loss,
         train_config: cfg.clone(),
     };
+    if let Method::Lora { rank, alpha } = cfg.method {
+        write_peft_adapter(out_dir, &tensors, rank, alpha, cfg.lora_dropout, &targets)?;
+    }
     let artifact = write_artifact(out_dir, tensors, &manifest)?;
+    if ckpt_path.is_file() {
+        std::fs::remove_file(&ckpt_path)
+            .map_err(|e| MlError::io("cannot remove finished checkpoint", &ckpt_path, e))?;
+    }
     Ok(TrainReport {
-        steps,
-        first_loss,
-        final_loss,
-        tokens,
+        steps: state.steps,
+        first_loss: state.first_loss,
+        final_loss: state.final_loss,
+        tokens: state.tokens,
         seconds: start.elapsed().as_secs_f64(),
         stopped_by_deadline,
         artifact,
         manifest,
+        resumed_from,
     })
 }
 
-/// One forward/backward/update; returns the step's mean loss and its non-padding tokens.
-fn train_step(
+/// One micro-batch forward/backward; returns its mean loss, its non-padding tokens, and
+/// the gradients (of loss / `accum`) of every trainable variable, in optimiser order.
+fn micro_step(
     llama: &Llama,
-    opt: &mut AdamW,
+    opt: &AdamW,
     picked: &[&Example],
+    accum: usize,
     device: &Device,
-) -> candle_core::Result<(f32, usize)> {
+) -> candle_core::Result<(f32, usize, Vec<Tensor>)> {
     let batch = make_batch(picked, device)?;
     let logits = llama.forward(&batch.inputs, &batch.key_mask, Mode::Train)?;
     let sum = masked_nll_sum(&logits, &batch.targets, &batch.loss_mask)?;
     let loss = (sum / batch.predicted.max(1) as f64)?;
-    opt.backward_step(&loss)?;
-    Ok((loss.to_scalar::<f32>()?, batch.tokens))
+    let scaled = (&loss / accum as f64)?;
+    let store = scaled.backward()?;
+    let grads = opt
+        .vars
+        .iter()
+        .map(|p| match store.get(p.var.as_tensor()) {
+            Some(g) => Ok(g.clone()),
+            None => p.var.as_tensor().zeros_like(),
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok((loss.to_scalar::<f32>()?, batch.tokens, grads))
 }
 
-/// Seeded, epoch-wise shuffled order over example indices, cycling forever.
+/// Scales `grads` so that their global L2 norm is at most `max`; returns the norm before.
+fn clip_grad_norm(grads: &mut [Tensor], max: f64) -> candle_core::Result<f64> {
+    let mut sq = 0f64;
+    for g in grads.iter() {
+        sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    }
+    let norm = sq.sqrt();
+    if norm > max {
+        let f = max / (norm + 1e-6);
+        for g in grads.iter_mut() {
+            *g = (&*g * f)?;
+        }
+    }
+    Ok(norm)
+}
+
+/// Seeded order over example indices, cycling forever: epoch-wise shuffles of single
+/// examples, or (length bucketing) of batches of similar-length examples.
 struct BatchOrder {
     rng: StdRng,
-    perm: Vec<usize>,
+    batches: Vec<Vec<usize>>,
+    singles: Option<Vec<usize>>,
+    batch_size: usize,
     pos: usize,
 }
 
 impl BatchOrder {
-    fn new(n: usize, seed: u64) -> BatchOrder {
-        BatchOrder {
-            rng: StdRng::seed_from_u64(seed),
-            perm: (0..n).collect(),
-            pos: n,
+    fn new(examples: &[Example], batch_size: usize, seed: u64, bucketing: bool) -> BatchOrder {
+        let n = examples.len();
+        if bucketing {
+            let mut idx: Vec<usize> = (0..n).collect();
+            idx.sort_by_key(|&i| (examples[i].ids.len(), i));
+            let batches: Vec<Vec<usize>> = idx.chunks(batch_size).map(|c| c.to_vec()).collect();
+            let pos = batches.len();
+            BatchOrder {
+                rng: StdRng::seed_from_u64(seed),
+                batches,
+                singles: None,
+                batch_size,
+                pos,
+            }
+        } else {
+            BatchOrder {
+                rng: StdRng::seed_from_u64(seed),
+                batches: Vec::new(),
+                singles: Some((0..n).collect()),
+                batch_size,
+                pos: n,
+            }
         }
     }
 
-    fn next(&mut self, batch_size: usize) -> Vec<usize> {
-        (0..batch_size)
-            .map(|_| {
-                if self.pos >= self.perm.len() {
-                    self.perm.shuffle(&mut self.rng);
+    fn next(&mut self) -> Vec<usize> {
+        match &mut self.singles {
+            Some(perm) => (0..self.batch_size)
+                .map(|_| {
+                    if self.pos >= perm.len() {
+                        perm.shuffle(&mut self.rng);
+                        self.pos = 0;
+                    }
+                    self.pos += 1;
+                    perm[self.pos - 1]
+                })
+                .collect(),
+            None => {
+                if self.pos >= self.batches.len() {
+                    self.batches.shuffle(&mut self.rng);
                     self.pos = 0;
                 }
                 self.pos += 1;
-                self.perm[self.pos - 1]
-            })
-            .collect()
+                self.batches[self.pos - 1].clone()
+            }
+        }
     }
 }

@@ -76,6 +76,8 @@ pub struct MinerConfig {
     pub key_file: Option<PathBuf>,
     /// `cpu` or `cuda:N`.
     pub device: String,
+    /// Serve Prometheus metrics here (host:port); off when absent.
+    pub metrics_listen: Option<String>,
     /// Accept/reject policy.
     pub policy: MinerPolicy,
     /// Training settings.
@@ -89,6 +91,7 @@ impl Default for MinerConfig {
             listen: "127.0.0.1:7101".into(),
             key_file: None,
             device: "cpu".into(),
+            metrics_listen: None,
             policy: MinerPolicy::default(),
             training: TrainingConfig::default(),
         }
@@ -114,9 +117,12 @@ pub struct CompetitionConfig {
     /// Jobs in flight at once.
     #[serde(default = "d_one")]
     pub concurrent_jobs: u32,
-    /// Training time per job, seconds.
+    /// Training time of the first job, seconds.
     #[serde(default = "d_budget")]
     pub time_budget_secs: u64,
+    /// Seconds added to the budget of each later job (the schedule gets harder).
+    #[serde(default)]
+    pub budget_step_secs: u64,
     /// Share of the dataset held back as the hidden test split.
     #[serde(default = "d_test")]
     pub test_fraction: f64,
@@ -222,6 +228,8 @@ pub struct ValidatorConfig {
     pub key_file: Option<PathBuf>,
     /// `cpu` or `cuda:N`, for evaluation.
     pub device: String,
+    /// Serve Prometheus metrics here (host:port); off when absent.
+    pub metrics_listen: Option<String>,
     /// Miner gRPC endpoints to offer jobs to.
     pub miners: Vec<String>,
     /// Competitions to run.
@@ -236,6 +244,7 @@ impl Default for ValidatorConfig {
             advertise: None,
             key_file: None,
             device: "cpu".into(),
+            metrics_listen: None,
             miners: vec![],
             competitions: vec![],
         }

@@ -2,13 +2,17 @@
 //! the stores, the ML worker threads and the gRPC servers and clients. The engines decide;
 //! this crate carries out their effects and feeds results back.
 
+pub mod auth;
 pub mod base;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod fetch;
 pub mod keys;
+pub mod metrics;
 pub mod miner;
 pub mod models;
+pub mod registry;
 pub mod validator;
 
 pub use error::NodeError;

@@ -86,6 +86,7 @@ pub fn train_config(t: &TrainingConfig, b: &HparamBounds) -> tunenet_ml::TrainCo
         max_seq_len: t.max_seq_len.clamp(8, (b.max_seq_len as usize).max(8)),
         seed: t.seed,
         weight_decay: 0.0,
+        ..Default::default()
     }
 }
 

@@ -4,12 +4,11 @@
 
 use crate::config::{CompetitionConfig, ValidatorConfig};
 use crate::error::NodeError;
-use crate::models;
+use crate::{models, registry};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -19,7 +18,7 @@ use tunenet_engine::{
 };
 use tunenet_proto::v1;
 use tunenet_rpc::{MinerClient, Status, UploadSink, ValidatorBackend};
-use tunenet_store::{BlobStore, BlobWriter, Store, StoreExt, trees};
+use tunenet_store::{BlobStore, BlobWriter, SledStore, Store, StoreExt, trees};
 use tunenet_types::{
     BlobId, Commitment, CompetitionId, Identity, JobId, JobScore, Leaderboard, PeerIdStr, Receipt,
     UploadHeader, leaderboard, time::now_ms,
@@ -38,6 +37,38 @@ pub struct CompetitionRecord {
     pub test_blob: BlobId,
     /// Blobs miners may download.
     pub public_blobs: Vec<BlobId>,
+    /// Where the competition stands.
+    #[serde(default)]
+    pub state: CompState,
+}
+
+/// A competition's state as the admin steers it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CompState {
+    /// Created from the console; not started.
+    Created,
+    /// Offering and running jobs.
+    #[default]
+    Running,
+    /// No new jobs start; jobs in flight go on.
+    Paused,
+    /// Stopped early; jobs in flight finish.
+    Stopped,
+    /// Hidden from the default list.
+    Archived,
+}
+
+impl std::fmt::Display for CompState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CompState::Created => "created",
+            CompState::Running => "running",
+            CompState::Paused => "paused",
+            CompState::Stopped => "stopped",
+            CompState::Archived => "archived",
+        })
+    }
 }
 
 /// Options that the demo and tests set.
@@ -47,12 +78,16 @@ pub struct ValidatorOptions {
     pub exit_when_done: bool,
 }
 
-enum Cmd {
+/// A closure run inside the validator loop with the whole state at hand.
+pub(crate) type Job = Box<dyn FnOnce(&mut Validator) + Send>;
+
+pub(crate) enum Cmd {
+    Run(Job),
     Commit(Commitment, oneshot::Sender<Result<Receipt, Status>>),
     CheckUpload(UploadHeader, oneshot::Sender<Result<u64, Status>>),
     Uploaded(UploadHeader, oneshot::Sender<Result<(), Status>>),
     Leaderboard(String, oneshot::Sender<Result<Leaderboard, Status>>),
-    Input(usize, ValidatorInput),
+    Input(String, ValidatorInput),
 }
 
 fn status_of(e: ValidatorError) -> Status {
@@ -152,7 +187,7 @@ pub fn prepare(
             base_params: params,
             train_shard: shard_blob,
             shard_records: shard.len() as u64,
-            time_budget_ms: cfg.time_budget_secs * 1000,
+            time_budget_ms: (cfg.time_budget_secs + cfg.budget_step_secs * i as u64) * 1000,
             reward_hint: cfg.reward_hint,
         });
     }
@@ -175,16 +210,30 @@ pub fn prepare(
         base_model,
         test_blob,
         public_blobs,
+        state: CompState::Running,
     };
     store.put_json(trees::COMPETITIONS, &cfg.id, &rec)?;
     store.flush()?;
     Ok(rec)
 }
 
-struct Shared {
-    tx: mpsc::Sender<Cmd>,
-    blobs: BlobStore,
-    public: RwLock<HashSet<BlobId>>,
+/// What the gRPC services share with the validator loop.
+pub(crate) struct Shared {
+    pub(crate) tx: mpsc::Sender<Cmd>,
+    pub(crate) blobs: BlobStore,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) public: RwLock<HashSet<BlobId>>,
+    pub(crate) events: tokio::sync::broadcast::Sender<Event>,
+    pub(crate) reply_to: String,
+}
+
+/// One line of the live feed.
+#[derive(Clone, Debug)]
+pub(crate) struct Event {
+    pub(crate) at_ms: u64,
+    pub(crate) competition: String,
+    pub(crate) job: String,
+    pub(crate) message: String,
 }
 
 impl Shared {
@@ -199,6 +248,19 @@ impl Shared {
             .map_err(|_| Status::unavailable("validator is shutting down"))?;
         rx.await
             .map_err(|_| Status::unavailable("validator is shutting down"))?
+    }
+
+    /// Runs `f` inside the validator loop and returns its answer.
+    pub(crate) async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Validator) -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        self.ask(move |reply| {
+            Cmd::Run(Box::new(move |v: &mut Validator| {
+                let _ = reply.send(f(v));
+            }))
+        })
+        .await
     }
 }
 
@@ -249,7 +311,9 @@ impl ValidatorBackend for Shared {
         Ok(Box::new(Sink { writer, header: h }))
     }
 
-    async fn end_upload(&self, _result: v1::UploadResult, h: UploadHeader) -> Result<(), Status> {
+    async fn end_upload(&self, result: v1::UploadResult, h: UploadHeader) -> Result<(), Status> {
+        metrics::counter!("tunenet_bytes_received_total", "what" => "artifact")
+            .increment(result.bytes_received);
         self.ask(|tx| Cmd::Uploaded(h, tx)).await
     }
 
@@ -267,6 +331,7 @@ impl ValidatorBackend for Shared {
             .metadata()
             .map_err(|e| Status::internal(e.to_string()))?
             .len();
+        metrics::counter!("tunenet_bytes_sent_total", "what" => "blob").increment(size);
         Ok((size, file))
     }
 
@@ -276,15 +341,26 @@ impl ValidatorBackend for Shared {
 }
 
 struct EvalRequest {
-    comp: usize,
+    comp: String,
     job_id: JobId,
     miner: PeerIdStr,
     artifact: BlobId,
+    model: BlobId,
+    test: BlobId,
+    max_seq_len: usize,
 }
 
-struct Comp {
-    engine: ValidatorEngine,
-    record: CompetitionRecord,
+/// One competition in the running validator.
+pub(crate) struct Comp {
+    pub(crate) engine: ValidatorEngine,
+    pub(crate) record: CompetitionRecord,
+}
+
+impl Comp {
+    /// The competition's id.
+    pub(crate) fn id(&self) -> &str {
+        &self.record.config.id
+    }
 }
 
 /// Scores of every finished job of a competition, as a leaderboard.
@@ -328,179 +404,163 @@ pub fn format_leaderboard(lb: &Leaderboard) -> String {
     s
 }
 
-/// Runs a validator until it is stopped (or, with `exit_when_done`, until its
-/// competitions finish).
-pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), NodeError> {
-    let crate::base::NodeBase {
-        identity,
-        store,
-        blobs,
-        device,
-        listener,
-    } = crate::base::open(
-        &cfg.data_dir,
-        cfg.key_file.as_ref(),
-        &cfg.device,
-        &cfg.listen,
-    )
-    .await?;
-    if cfg.miners.is_empty() {
-        tracing::warn!("no miners configured: add their gRPC endpoints to `miners` in the config");
-    }
-    let reply_to = cfg.reply_to();
+/// The validator loop's state: every competition, the stores, and the ways out.
+pub(crate) struct Validator {
+    pub(crate) comps: Vec<Comp>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) shared: Arc<Shared>,
+    identity: Identity,
+    config_miners: Vec<String>,
+    tx: mpsc::Sender<Cmd>,
+    evals: std::sync::mpsc::Sender<EvalRequest>,
+    rng: rand::rngs::StdRng,
+}
 
-    let mut comps = Vec::new();
-    let mut public = HashSet::new();
-    for cc in &cfg.competitions {
-        let record = prepare(store.as_ref(), &blobs, cc, &reply_to)?;
-        public.extend(record.public_blobs.iter().copied());
-        let stored: Vec<JobState> = store
-            .scan_json::<JobState>(trees::JOBS, &format!("{}/", cc.id))?
+impl Validator {
+    /// The competition with this id.
+    pub(crate) fn comp(&mut self, id: &str) -> Result<&mut Comp, Status> {
+        self.comps
+            .iter_mut()
+            .find(|c| c.id() == id)
+            .ok_or_else(|| Status::not_found(format!("no competition `{id}` on this validator")))
+    }
+
+    /// Adds a prepared competition and starts its engine.
+    pub(crate) fn add(&mut self, record: CompetitionRecord) {
+        if let Ok(mut p) = self.shared.public.write() {
+            p.extend(record.public_blobs.iter().copied());
+        }
+        let stored: Vec<JobState> = self
+            .store
+            .scan_json::<JobState>(trees::JOBS, &format!("{}/", record.config.id))
+            .unwrap_or_default()
             .into_iter()
             .map(|(_, j)| j)
             .collect();
         let mut plan = record.plan.clone();
-        plan.reply_to = reply_to.clone();
-        let engine = ValidatorEngine::new(identity.clone(), plan, cfg.miners.clone(), stored);
-        comps.push(Comp { engine, record });
+        plan.reply_to = self.shared.reply_to.clone();
+        let mut engine = ValidatorEngine::new(self.identity.clone(), plan, self.miners(), stored);
+        engine.set_banned(registry::banned(self.store.as_ref()));
+        engine.set_paused(!matches!(record.state, CompState::Running));
+        let fx = engine.resume();
+        self.comps.push(Comp { engine, record });
+        let i = self.comps.len() - 1;
+        self.execute(i, fx);
     }
 
-    let (tx, mut rx) = mpsc::channel::<Cmd>(1024);
-    let shared = Arc::new(Shared {
-        tx: tx.clone(),
-        blobs: blobs.clone(),
-        public: RwLock::new(public),
-    });
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(tunenet_rpc::validator_server(shared.clone()))
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async {
-                    let _ = stop_rx.await;
-                },
-            ),
-    );
-    tracing::info!(peer = %identity.peer_id(), listen = %cfg.listen, competitions = comps.len(), "validator started");
-
-    let evals = spawn_evaluator(&cfg, &comps, &blobs, device, tx.clone())?;
-    let mut rng = rand::rngs::StdRng::from_os_rng();
-    let ctx = Ctx {
-        store: store.clone(),
-        tx: tx.clone(),
-        evals,
-        identity,
-    };
-    for (i, c) in comps.iter_mut().enumerate() {
-        let fx = c.engine.resume();
-        ctx.execute(i, &c.engine, fx);
-    }
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    let mut announced = false;
-    let shutdown = crate::base::shutdown_signal();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => {
-                tracing::info!("shutting down");
-                break;
-            }
-            _ = tick.tick() => {
-                let now = now_ms();
-                for (i, c) in comps.iter_mut().enumerate() {
-                    let fx = c.engine.handle(ValidatorInput::Tick, now, &mut rng);
-                    ctx.execute(i, &c.engine, fx);
-                }
-            }
-            Some(cmd) = rx.recv() => {
-                let now = now_ms();
-                match cmd {
-                    Cmd::Input(i, input) => {
-                        if let Some(c) = comps.get_mut(i) {
-                            let fx = c.engine.handle(input, now, &mut rng);
-                            ctx.execute(i, &c.engine, fx);
-                        }
-                    }
-                    Cmd::Commit(commitment, reply) => {
-                        let r = match find(&mut comps, &commitment.job_id) {
-                            Some((i, c)) => c.engine.commit(commitment, now).map(|(receipt, fx)| {
-                                ctx.execute(i, &c.engine, fx);
-                                receipt
-                            }).map_err(status_of),
-                            None => Err(status_of(ValidatorError::UnknownJob(commitment.job_id))),
-                        };
-                        let _ = reply.send(r);
-                    }
-                    Cmd::CheckUpload(h, reply) => {
-                        let r = match find(&mut comps, &h.job_id) {
-                            Some((_, c)) => c.engine.check_upload(&h, now).map(|_| h.size).map_err(status_of),
-                            None => Err(status_of(ValidatorError::UnknownJob(h.job_id.clone()))),
-                        };
-                        let _ = reply.send(r);
-                    }
-                    Cmd::Uploaded(h, reply) => {
-                        let r = match find(&mut comps, &h.job_id) {
-                            Some((i, c)) => c.engine.uploaded(&h, now).map(|fx| ctx.execute(i, &c.engine, fx)).map_err(status_of),
-                            None => Err(status_of(ValidatorError::UnknownJob(h.job_id.clone()))),
-                        };
-                        let _ = reply.send(r);
-                    }
-                    Cmd::Leaderboard(id, reply) => {
-                        let c = if id.is_empty() { comps.first() } else { comps.iter().find(|c| c.record.config.id == id) };
-                        let _ = reply.send(c.map(|c| leaderboard_of(&c.engine)).ok_or_else(|| {
-                            Status::not_found(format!("no competition `{id}` on this validator"))
-                        }));
-                    }
-                }
+    /// Config miners plus registered, unbanned miners with an endpoint.
+    fn miners(&self) -> Vec<String> {
+        let mut m = self.config_miners.clone();
+        for r in registry::list(self.store.as_ref()).unwrap_or_default() {
+            if !r.banned && !r.endpoint.is_empty() && !m.contains(&r.endpoint) {
+                m.push(r.endpoint);
             }
         }
-        if !announced && !comps.is_empty() && comps.iter().all(|c| c.engine.is_finished()) {
-            announced = true;
-            for c in &comps {
-                println!("{}", format_leaderboard(&leaderboard_of(&c.engine)));
-            }
-            if opts.exit_when_done {
-                break;
-            }
+        m
+    }
+
+    /// Pushes the miner list and bans to every engine (after a registry change).
+    pub(crate) fn refresh_miners(&mut self) {
+        let miners = self.miners();
+        let banned = registry::banned(self.store.as_ref());
+        for c in &mut self.comps {
+            c.engine.set_miners(miners.clone());
+            c.engine.set_banned(banned.clone());
         }
     }
-    store.flush()?;
-    let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
-    Ok(())
-}
 
-fn find<'a>(comps: &'a mut [Comp], job: &JobId) -> Option<(usize, &'a mut Comp)> {
-    comps
-        .iter_mut()
-        .enumerate()
-        .find(|(_, c)| c.engine.job(job).is_some())
-}
+    /// Changes a competition's state; returns the new state.
+    pub(crate) fn change(&mut self, id: &str, action: &str) -> Result<CompState, Status> {
+        let store = self.store.clone();
+        let i = self
+            .comps
+            .iter()
+            .position(|c| c.id() == id)
+            .ok_or_else(|| Status::not_found(format!("no competition `{id}` on this validator")))?;
+        let c = &mut self.comps[i];
+        let finished = c.engine.is_finished();
+        let next = match (action, c.record.state) {
+            ("start" | "resume", CompState::Created | CompState::Paused) => CompState::Running,
+            ("pause", CompState::Running) => CompState::Paused,
+            ("stop", CompState::Created | CompState::Running | CompState::Paused) => {
+                CompState::Stopped
+            }
+            ("archive", s) if finished || s == CompState::Stopped => CompState::Archived,
+            ("archive", _) => {
+                return Err(Status::failed_precondition(format!(
+                    "competition `{id}` is still running: stop it or let it finish before archiving"
+                )));
+            }
+            ("start" | "resume" | "pause" | "stop", s) => {
+                return Err(Status::failed_precondition(format!(
+                    "cannot {action} competition `{id}`: it is {s}"
+                )));
+            }
+            (other, _) => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown action `{other}`: use start, pause, resume, stop or archive"
+                )));
+            }
+        };
+        c.record.state = next;
+        c.engine.set_paused(next != CompState::Running);
+        let fx = if next == CompState::Stopped {
+            c.engine.stop()
+        } else {
+            vec![]
+        };
+        store
+            .put_json(trees::COMPETITIONS, id, &c.record)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        self.execute(i, fx);
+        Ok(next)
+    }
 
-struct Ctx {
-    store: Arc<dyn Store>,
-    tx: mpsc::Sender<Cmd>,
-    evals: std::sync::mpsc::Sender<EvalRequest>,
-    #[allow(dead_code)]
-    identity: Identity,
-}
+    fn tick(&mut self) {
+        let now = now_ms();
+        for i in 0..self.comps.len() {
+            let fx = self.comps[i]
+                .engine
+                .handle(ValidatorInput::Tick, now, &mut self.rng);
+            self.execute(i, fx);
+        }
+    }
 
-impl Ctx {
-    fn execute(&self, comp: usize, engine: &ValidatorEngine, fx: Vec<ValidatorEffect>) {
-        let cid = engine.plan().id.clone();
+    fn index_of_job(&self, job: &JobId) -> Option<usize> {
+        self.comps.iter().position(|c| c.engine.job(job).is_some())
+    }
+
+    fn execute(&self, comp: usize, fx: Vec<ValidatorEffect>) {
+        let Some(c) = self.comps.get(comp) else {
+            return;
+        };
+        let cid = c.engine.plan().id.clone();
         for e in fx {
             match e {
                 ValidatorEffect::SendOffer { addr, offer } => {
+                    metrics::counter!("tunenet_jobs_offered_total").increment(1);
                     let tx = self.tx.clone();
                     tokio::spawn(async move {
                         let job_id = offer.job_id.clone();
                         let reply = async { MinerClient::connect(&addr).await?.offer(offer).await }
                             .await
                             .map_err(|e| e.to_string());
+                        match &reply {
+                            Ok(r) => match &r.decision {
+                                tunenet_types::Decision::Accept => {
+                                    metrics::counter!("tunenet_offers_accepted_total").increment(1)
+                                }
+                                tunenet_types::Decision::Reject(reason) => metrics::counter!(
+                                    "tunenet_offers_rejected_total",
+                                    "reason" => format!("{:?}", reason.code)
+                                )
+                                .increment(1),
+                            },
+                            Err(_) => metrics::counter!("tunenet_offers_failed_total").increment(1),
+                        }
                         let _ = tx
                             .send(Cmd::Input(
-                                comp,
+                                cid_key(&job_id),
                                 ValidatorInput::Decision {
                                     job_id,
                                     addr,
@@ -521,7 +581,7 @@ impl Ctx {
                                 .map_err(|e| e.to_string());
                         let _ = tx
                             .send(Cmd::Input(
-                                comp,
+                                cid_key(&job_id),
                                 ValidatorInput::Assigned {
                                     job_id,
                                     miner,
@@ -536,11 +596,15 @@ impl Ctx {
                     miner,
                     artifact,
                 } => {
+                    metrics::counter!("tunenet_submissions_total").increment(1);
                     let _ = self.evals.send(EvalRequest {
-                        comp,
+                        comp: cid.to_string(),
                         job_id,
                         miner,
                         artifact,
+                        model: c.record.base_model,
+                        test: c.record.test_blob,
+                        max_seq_len: c.record.config.eval_max_seq_len,
                     });
                 }
                 ValidatorEffect::Persist(job) => {
@@ -556,72 +620,309 @@ impl Ctx {
                     }
                     let _ = self.store.flush();
                     for s in &scores {
+                        let verdict = if s.penalty_reason.is_some() {
+                            "penalty"
+                        } else {
+                            "scored"
+                        };
+                        metrics::counter!("tunenet_verdicts_total", "verdict" => verdict)
+                            .increment(1);
                         tracing::info!(%job_id, miner = %s.miner, loss = ?s.loss, quality = s.quality, penalty = ?s.penalty_reason, "scored");
+                        self.emit(
+                            &cid,
+                            job_id.as_str(),
+                            format!(
+                                "{} scored: loss {}, quality {:.4}{}",
+                                s.miner,
+                                s.loss
+                                    .map(|l| format!("{l:.4}"))
+                                    .unwrap_or_else(|| "-".into()),
+                                s.quality,
+                                s.penalty_reason
+                                    .as_ref()
+                                    .map(|r| format!(" (penalty: {r})"))
+                                    .unwrap_or_default()
+                            ),
+                        );
                     }
                 }
                 ValidatorEffect::CompetitionFinished(id) => {
                     tracing::info!(competition = %id, "competition finished");
+                    self.emit(&cid, "", "competition finished".into());
                 }
-                ValidatorEffect::Event(s) => tracing::info!(competition = %cid, "{s}"),
+                ValidatorEffect::Event(s) => {
+                    tracing::info!(competition = %cid, "{s}");
+                    let job = s
+                        .strip_prefix("job ")
+                        .and_then(|r| r.split(':').next())
+                        .unwrap_or("")
+                        .to_string();
+                    let _ = self.shared.events.send(Event {
+                        at_ms: now_ms(),
+                        competition: cid.to_string(),
+                        job,
+                        message: s,
+                    });
+                }
+            }
+        }
+    }
+
+    fn emit(&self, cid: &CompetitionId, job: &str, message: String) {
+        let _ = self.shared.events.send(Event {
+            at_ms: now_ms(),
+            competition: cid.to_string(),
+            job: job.to_string(),
+            message,
+        });
+    }
+
+    fn handle(&mut self, cmd: Cmd) {
+        let now = now_ms();
+        match cmd {
+            Cmd::Run(f) => f(self),
+            Cmd::Input(job_key, input) => {
+                if let Some(i) = JobId::new(job_key).ok().and_then(|j| self.index_of_job(&j)) {
+                    let fx = self.comps[i].engine.handle(input, now, &mut self.rng);
+                    self.execute(i, fx);
+                }
+            }
+            Cmd::Commit(commitment, reply) => {
+                let r = match self.index_of_job(&commitment.job_id) {
+                    Some(i) => match self.comps[i].engine.commit(commitment, now) {
+                        Ok((receipt, fx)) => {
+                            self.execute(i, fx);
+                            Ok(receipt)
+                        }
+                        Err(e) => Err(status_of(e)),
+                    },
+                    None => Err(status_of(ValidatorError::UnknownJob(commitment.job_id))),
+                };
+                let _ = reply.send(r);
+            }
+            Cmd::CheckUpload(h, reply) => {
+                let r = match self.index_of_job(&h.job_id) {
+                    Some(i) => self.comps[i]
+                        .engine
+                        .check_upload(&h, now)
+                        .map(|_| h.size)
+                        .map_err(status_of),
+                    None => Err(status_of(ValidatorError::UnknownJob(h.job_id.clone()))),
+                };
+                let _ = reply.send(r);
+            }
+            Cmd::Uploaded(h, reply) => {
+                let r = match self.index_of_job(&h.job_id) {
+                    Some(i) => match self.comps[i].engine.uploaded(&h, now) {
+                        Ok(fx) => {
+                            self.execute(i, fx);
+                            Ok(())
+                        }
+                        Err(e) => Err(status_of(e)),
+                    },
+                    None => Err(status_of(ValidatorError::UnknownJob(h.job_id.clone()))),
+                };
+                let _ = reply.send(r);
+            }
+            Cmd::Leaderboard(id, reply) => {
+                let c = if id.is_empty() {
+                    self.comps.first()
+                } else {
+                    self.comps.iter().find(|c| c.id() == id)
+                };
+                let _ = reply.send(c.map(|c| leaderboard_of(&c.engine)).ok_or_else(|| {
+                    Status::not_found(format!("no competition `{id}` on this validator"))
+                }));
             }
         }
     }
 }
 
+/// Inputs are routed by job id, which names its competition uniquely.
+fn cid_key(job: &JobId) -> String {
+    job.to_string()
+}
+
+/// Creates the data dir's first admin token if there is none; returns it (shown once).
+pub fn init(cfg: &ValidatorConfig) -> Result<Option<String>, NodeError> {
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
+        NodeError::Other(format!(
+            "cannot create data dir {}: {e}",
+            cfg.data_dir.display()
+        ))
+    })?;
+    crate::keys::load_or_create(
+        &cfg.key_file
+            .clone()
+            .unwrap_or_else(|| cfg.data_dir.join("identity.key")),
+    )?;
+    let store = SledStore::open(&cfg.data_dir.join("db"))?;
+    let has_admin = crate::auth::list(&store)?
+        .iter()
+        .any(|t| t.role == crate::auth::Role::Admin && !t.revoked);
+    if has_admin {
+        return Ok(None);
+    }
+    let (token, _) = crate::auth::issue(&store, crate::auth::Role::Admin, "first admin", 0, None)?;
+    Ok(Some(token))
+}
+
+/// Runs a validator until it is stopped (or, with `exit_when_done`, until its
+/// competitions finish).
+pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), NodeError> {
+    let crate::base::NodeBase {
+        identity,
+        store,
+        blobs,
+        device,
+        listener,
+    } = crate::base::open(
+        &cfg.data_dir,
+        cfg.key_file.as_ref(),
+        &cfg.device,
+        &cfg.listen,
+    )
+    .await?;
+    if let Some(addr) = &cfg.metrics_listen {
+        crate::metrics::install(addr)?;
+    }
+    let reply_to = cfg.reply_to();
+    // Config competitions are prepared first so a bad spec stops the daemon before it serves.
+    let mut records = Vec::new();
+    for cc in &cfg.competitions {
+        records.push(prepare(store.as_ref(), &blobs, cc, &reply_to)?);
+    }
+    // Competitions created from the console live only in the store.
+    for (id, rec) in store.scan_json::<CompetitionRecord>(trees::COMPETITIONS, "")? {
+        if !cfg.competitions.iter().any(|c| c.id == id) {
+            records.push(rec);
+        }
+    }
+    if cfg.miners.is_empty() && registry::list(store.as_ref())?.is_empty() {
+        tracing::warn!(
+            "no miners configured: add their gRPC endpoints to `miners` or register them from the console"
+        );
+    }
+
+    let (tx, mut rx) = mpsc::channel::<Cmd>(1024);
+    let (events, _) = tokio::sync::broadcast::channel(1024);
+    let shared = Arc::new(Shared {
+        tx: tx.clone(),
+        blobs: blobs.clone(),
+        store: store.clone(),
+        public: RwLock::new(HashSet::new()),
+        events,
+        reply_to: reply_to.clone(),
+    });
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(tunenet_rpc::validator_server(shared.clone()))
+            .add_service(crate::console::server(shared.clone()))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async {
+                    let _ = stop_rx.await;
+                },
+            ),
+    );
+    tracing::info!(peer = %identity.peer_id(), listen = %cfg.listen, competitions = records.len(), "validator started");
+
+    let evals = spawn_evaluator(&cfg, &blobs, device, tx.clone())?;
+    let mut v = Validator {
+        comps: Vec::new(),
+        store: store.clone(),
+        shared: shared.clone(),
+        identity,
+        config_miners: cfg.miners.clone(),
+        tx: tx.clone(),
+        evals,
+        rng: rand::rngs::StdRng::from_os_rng(),
+    };
+    for r in records {
+        v.add(r);
+    }
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut announced = false;
+    let shutdown = crate::base::shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => {
+                tracing::info!("shutting down");
+                break;
+            }
+            _ = tick.tick() => v.tick(),
+            Some(cmd) = rx.recv() => v.handle(cmd),
+        }
+        let all_done = !v.comps.is_empty() && v.comps.iter().all(|c| c.engine.is_finished());
+        if !announced && all_done {
+            announced = true;
+            for c in &v.comps {
+                println!("{}", format_leaderboard(&leaderboard_of(&c.engine)));
+            }
+            if opts.exit_when_done {
+                break;
+            }
+        }
+        if !all_done {
+            announced = false;
+        }
+    }
+    store.flush()?;
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    Ok(())
+}
+
 /// Starts the evaluation worker: one thread, one evaluation at a time, off the runtime.
+/// Each request names its base model and test split by blob; both are loaded once.
 fn spawn_evaluator(
     cfg: &ValidatorConfig,
-    comps: &[Comp],
     blobs: &BlobStore,
     device: tunenet_ml::Device,
     tx: mpsc::Sender<Cmd>,
 ) -> Result<std::sync::mpsc::Sender<EvalRequest>, NodeError> {
-    struct EvalComp {
-        model: PathBuf,
-        test: Vec<tunenet_ml::Record>,
-        max_seq_len: usize,
-    }
-    let mut ecs = Vec::new();
     let models_root = cfg.data_dir.join("models");
-    for c in comps {
-        // Evaluate against the validator's own copy of the base, rebuilt from its blobs.
-        let manifest = tunenet_types::ModelManifest::parse(&blobs.get(&c.record.base_model)?)
-            .map_err(|e| NodeError::Other(e.to_string()))?;
-        let model = models::materialise(blobs, &c.record.base_model, &manifest, &models_root)?;
-        let test = tunenet_ml::parse_jsonl(&blobs.get(&c.record.test_blob)?)?;
-        ecs.push(EvalComp {
-            model,
-            test,
-            max_seq_len: c.record.config.eval_max_seq_len,
-        });
-    }
     let blobs = blobs.clone();
     let (etx, erx) = std::sync::mpsc::channel::<EvalRequest>();
     std::thread::Builder::new()
         .name("tunenet-eval".into())
         .spawn(move || {
-            let mut cache: BTreeMap<usize, tunenet_ml::ModelDir> = BTreeMap::new();
+            let mut models: BTreeMap<BlobId, tunenet_ml::ModelDir> = BTreeMap::new();
+            let mut tests: BTreeMap<BlobId, Vec<tunenet_ml::Record>> = BTreeMap::new();
             while let Ok(req) = erx.recv() {
                 let result = (|| -> Result<f64, String> {
-                    let ec = ecs.get(req.comp).ok_or("unknown competition")?;
-                    let model = match cache.get(&req.comp) {
+                    let model = match models.get(&req.model) {
                         Some(m) => m.clone(),
                         None => {
-                            let m = tunenet_ml::ModelDir::open(&ec.model).map_err(|e| e.to_string())?;
-                            cache.insert(req.comp, m.clone());
+                            // The validator's own copy of the base, rebuilt from its blobs.
+                            let bytes = blobs.get(&req.model).map_err(|e| e.to_string())?;
+                            let manifest = tunenet_types::ModelManifest::parse(&bytes).map_err(|e| e.to_string())?;
+                            let dir = models::materialise(&blobs, &req.model, &manifest, &models_root)
+                                .map_err(|e| e.to_string())?;
+                            let m = tunenet_ml::ModelDir::open(&dir).map_err(|e| e.to_string())?;
+                            models.insert(req.model, m.clone());
                             m
                         }
                     };
+                    if !tests.contains_key(&req.test) {
+                        let bytes = blobs.get(&req.test).map_err(|e| e.to_string())?;
+                        tests.insert(req.test, tunenet_ml::parse_jsonl(&bytes).map_err(|e| e.to_string())?);
+                    }
+                    let test = tests.get(&req.test).ok_or("test split missing")?;
                     blobs.verify(&req.artifact).map_err(|e| e.to_string())?;
                     let path = blobs.path(&req.artifact);
                     let t0 = std::time::Instant::now();
-                    let r = tunenet_ml::evaluate(&model, Some(&path), &ec.test, ec.max_seq_len, 8, &device)
+                    let r = tunenet_ml::evaluate(&model, Some(&path), test, req.max_seq_len, 8, &device)
                         .map_err(|e| e.to_string())?;
-                    tracing::info!(job_id = %req.job_id, miner = %req.miner, loss = r.mean_loss, secs = t0.elapsed().as_secs_f64(), "evaluated");
+                    metrics::histogram!("tunenet_evaluation_seconds").record(t0.elapsed().as_secs_f64());
+                    tracing::info!(competition = %req.comp, job_id = %req.job_id, miner = %req.miner, loss = r.mean_loss, secs = t0.elapsed().as_secs_f64(), "evaluated");
                     Ok(r.mean_loss)
                 })();
+                let job = req.job_id.to_string();
                 let input = ValidatorInput::Evaluated { job_id: req.job_id, miner: req.miner, result };
-                if tx.blocking_send(Cmd::Input(req.comp, input)).is_err() {
+                if tx.blocking_send(Cmd::Input(job, input)).is_err() {
                     break;
                 }
             }

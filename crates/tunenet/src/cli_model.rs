@@ -161,6 +161,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         max_seq_len: a.max_seq_len,
         seed: a.seed,
         weight_decay: 0.0,
+        ..Default::default()
     };
     let device = tunenet_ml::parse_device(&a.device)?;
     let model = tunenet_ml::ModelDir::open(&a.model)?;

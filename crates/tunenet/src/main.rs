@@ -2,6 +2,7 @@
 //! into tunenet-node; `anyhow` lives only here, at the edge.
 
 mod cli_model;
+mod console;
 mod demo;
 
 use anyhow::{Context, Result};
@@ -21,6 +22,12 @@ struct Cli {
     log: String,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum ValidatorAction {
+    /// Create the data dir, the node key and the first admin token (printed once).
+    Init,
 }
 
 #[derive(Subcommand)]
@@ -51,7 +58,12 @@ enum Cmd {
         /// Exit once every competition is finished.
         #[arg(long)]
         exit_when_done: bool,
+        /// `init`: create the data dir, the key and the first admin token, then exit.
+        #[command(subcommand)]
+        action: Option<ValidatorAction>,
     },
+    /// The admin console: competitions, miners, leaderboards, tokens, audit, live feed.
+    Console(console::ConsoleArgs),
     /// Print a validator's leaderboard.
     Leaderboard {
         /// The validator's gRPC URL.
@@ -155,10 +167,23 @@ fn run(cmd: Cmd) -> Result<()> {
             data_dir,
             listen,
             exit_when_done,
+            action,
         } => {
             let mut cfg: ValidatorConfig = load_or_default(path.as_deref())?;
             override_opt(&mut cfg.data_dir, data_dir);
             override_opt(&mut cfg.listen, listen);
+            if let Some(ValidatorAction::Init) = action {
+                match tunenet_node::validator::init(&cfg)? {
+                    Some(token) => {
+                        println!("first admin token (shown once, keep it safe):\n{token}")
+                    }
+                    None => println!(
+                        "{} already has an admin token; issue more with `tunenet console token create`",
+                        cfg.data_dir.display()
+                    ),
+                }
+                return Ok(());
+            }
             let opts = tunenet_node::validator::ValidatorOptions { exit_when_done };
             runtime()?.block_on(tunenet_node::validator::run(cfg, opts))?;
         }
@@ -200,6 +225,7 @@ fn run(cmd: Cmd) -> Result<()> {
             let id = tunenet_node::keys::generate(&out)?;
             println!("{}", id.peer_id());
         }
+        Cmd::Console(a) => console::run(a)?,
         Cmd::Model { cmd } => cli_model::model(cmd)?,
         Cmd::Dataset { cmd } => cli_model::dataset(cmd)?,
         Cmd::Train(a) => cli_model::train(a)?,

@@ -1,0 +1,158 @@
+//! A loaded causal LM for scoring and sampling: base weights (optionally with a training
+//! artifact applied), its tokenizer, and the device.
+
+use std::path::Path;
+
+use candle_core::{D, DType, Device, Tensor};
+
+use crate::config::LlamaConfig;
+use crate::error::{CandleContext, MlError};
+use crate::eval::load_model;
+use crate::loader::{WeightDtype, load_tokenizer};
+use crate::model::{Llama, Mode};
+use crate::model_dir::ModelDir;
+use crate::tokenizer::TextTokenizer;
+
+/// A model ready for inference.
+pub struct CausalLm {
+    llama: Llama,
+    cfg: LlamaConfig,
+    tok: TextTokenizer,
+    device: Device,
+}
+
+impl std::fmt::Debug for CausalLm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CausalLm")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CausalLm {
+    /// Loads the model in `model` (with `artifact`, a LoRA adapter or full weights, applied
+    /// when given) on `device`. Base weights are mmapped in `dtype` for the base-only
+    /// and LoRA cases; full-weight artifacts and `auto` follow the device.
+    pub fn load(
+        model: &ModelDir,
+        artifact: Option<&Path>,
+        dtype: WeightDtype,
+        device: &Device,
+    ) -> Result<CausalLm, MlError> {
+        let cfg = model.config()?;
+        let tok = load_tokenizer(model, &cfg)?;
+        let llama = load_model(model, &cfg, artifact, dtype.resolve(device), device)?;
+        Ok(CausalLm {
+            llama,
+            cfg,
+            tok,
+            device: device.clone(),
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// The model's tokenizer.
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tok
+    }
+
+    /// Next-token logits after every position of `ids`: `ids.len()` rows of `vocab_size`.
+    pub fn logits(&self, ids: &[u32]) -> Result<Vec<Vec<f32>>, MlError> {
+        self.check_ids(ids)?;
+        let t = ids.len();
+        let input = Tensor::from_vec(ids.to_vec(), (1, t), &self.device).ctx("making input")?;
+        let mask = Tensor::ones((1, t), DType::F32, &self.device).ctx("making mask")?;
+        let logits = self
+            .llama
+            .forward(&input, &mask, Mode::Infer)
+            .ctx("running the model")?;
+        logits
+            .squeeze(0)
+            .and_then(|l| l.to_vec2::<f32>())
+            .ctx("reading logits")
+    }
+
+    /// For each `(context, continuation)` pair of token ids, the summed log-probability of
+    /// the continuation given the context, and whether every continuation token was the
+    /// greedy choice. The pairs run as one right-padded batch.
+    pub fn continuation_logprobs(
+        &self,
+        pairs: &[(Vec<u32>, Vec<u32>)],
+    ) -> Result<Vec<(f64, bool)>, MlError> {
+        if pairs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let seqs: Vec<Vec<u32>> = pairs
+            .iter()
+            .map(|(c, k)| c.iter().chain(k.iter()).copied().collect())
+            .collect();
+        for ((c, k), s) in pairs.iter().zip(&seqs) {
+            if c.is_empty() || k.is_empty() {
+                return Err(MlError::Invalid(
+                    "scoring needs a non-empty context and continuation".into(),
+                ));
+            }
+            self.check_ids(&s[..s.len() - 1])?;
+        }
+        let t = seqs.iter().map(|s| s.len() - 1).max().unwrap_or(1);
+        let b = seqs.len();
+        let mut input = vec![0u32; b * t];
+        let mut mask = vec![0f32; b * t];
+        for (row, s) in seqs.iter().enumerate() {
+            for (j, &id) in s[..s.len() - 1].iter().enumerate() {
+                input[row * t + j] = id;
+                mask[row * t + j] = 1.0;
+            }
+        }
+        let run = || -> candle_core::Result<Vec<Vec<Vec<f32>>>> {
+            let input = Tensor::from_vec(input, (b, t), &self.device)?;
+            let mask = Tensor::from_vec(mask, (b, t), &self.device)?;
+            let logits = self.llama.forward(&input, &mask, Mode::Infer)?;
+            candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec3::<f32>()
+        };
+        let logp = run().ctx("scoring continuations")?;
+        let mut out = Vec::with_capacity(b);
+        for (row, (c, k)) in pairs.iter().enumerate() {
+            let mut sum = 0f64;
+            let mut greedy = true;
+            for (j, &target) in k.iter().enumerate() {
+                let pos = c.len() - 1 + j;
+                let lp = &logp[row][pos];
+                sum += lp[target as usize] as f64;
+                let best = lp
+                    .iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .map(|(i, _)| i)
+                    .unwrap_or(0);
+                greedy &= best == target as usize;
+            }
+            out.push((sum, greedy));
+        }
+        Ok(out)
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<(), MlError> {
+        if ids.is_empty() {
+            return Err(MlError::Invalid("no tokens to run".into()));
+        }
+        if ids.len() > self.cfg.max_position_embeddings {
+            return Err(MlError::Invalid(format!(
+                "{} tokens exceed the model's context of {}",
+                ids.len(),
+                self.cfg.max_position_embeddings
+            )));
+        }
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+            return Err(MlError::Invalid(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.cfg.vocab_size
+            )));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,539 @@
+//! The admin console (`ConsoleService`) on the validator. Every call checks the caller's
+//! token and role first; changes are written to the audit log; anything that touches a
+//! competition runs inside the validator loop.
+
+use crate::auth::{self, Action, Role, TokenRecord};
+use crate::config::CompetitionConfig;
+use crate::registry;
+use crate::validator::{Comp, CompState, Shared, Validator, leaderboard_of, prepare};
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+use tunenet_proto::v1::Leaderboard;
+use tunenet_rpc::services as pb;
+use tunenet_rpc::services::console_service_server::{ConsoleService, ConsoleServiceServer};
+use tunenet_store::{StoreExt, trees};
+use tunenet_types::{CompetitionId, JobScore, time::now_ms};
+
+/// The console service for a running validator.
+pub(crate) fn server(shared: Arc<Shared>) -> ConsoleServiceServer<Console> {
+    ConsoleServiceServer::new(Console { shared })
+}
+
+pub(crate) struct Console {
+    shared: Arc<Shared>,
+}
+
+fn bearer<T>(req: &Request<T>) -> Option<String> {
+    let v = req.metadata().get("authorization")?.to_str().ok()?;
+    Some(v.strip_prefix("Bearer ").unwrap_or(v).trim().to_string())
+}
+
+fn info(c: &Comp) -> pb::CompetitionInfo {
+    let jobs: Vec<_> = c.engine.jobs().collect();
+    let done = jobs
+        .iter()
+        .filter(|j| matches!(j.phase, tunenet_engine::JobPhase::Done { .. }))
+        .count();
+    let running = jobs
+        .iter()
+        .filter(|j| {
+            !matches!(
+                j.phase,
+                tunenet_engine::JobPhase::Done { .. } | tunenet_engine::JobPhase::Pending
+            )
+        })
+        .count();
+    let state = if c.record.state == CompState::Running && c.engine.is_finished() {
+        "finished".to_string()
+    } else {
+        c.record.state.to_string()
+    };
+    pb::CompetitionInfo {
+        id: c.id().to_string(),
+        state,
+        jobs_total: jobs.len() as u32,
+        jobs_done: done as u32,
+        jobs_running: running as u32,
+        miners_per_job: c.record.config.miners_per_job,
+        time_budget_secs: c.record.config.time_budget_secs,
+    }
+}
+
+fn miner_pb(r: registry::MinerRecord) -> pb::MinerRecord {
+    pb::MinerRecord {
+        peer_id: r.peer_id,
+        owner: r.owner,
+        endpoint: r.endpoint,
+        banned: r.banned,
+        ban_reason: r.ban_reason,
+        registered_at_ms: r.registered_at_ms,
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+/// Parses a competition spec (TOML or JSON), naming the field that is wrong.
+pub fn parse_spec(format: &str, text: &str) -> Result<CompetitionConfig, String> {
+    let cfg: CompetitionConfig = match format {
+        "toml" | "" => toml::from_str(text).map_err(|e| format!("spec: {e}"))?,
+        "json" => serde_json::from_str(text).map_err(|e| format!("spec: {e}"))?,
+        other => return Err(format!("unknown spec format `{other}`: use toml or json")),
+    };
+    cfg.validate().map_err(|e| e.to_string())?;
+    Ok(cfg)
+}
+
+impl Console {
+    fn check<T>(
+        &self,
+        req: &Request<T>,
+        action: Action,
+        what: &str,
+    ) -> Result<TokenRecord, Status> {
+        let token = bearer(req);
+        let rec = auth::verify(self.shared.store.as_ref(), token.as_deref(), now_ms())
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        auth::permit(&rec, action, what).map_err(|e| Status::permission_denied(e.to_string()))?;
+        Ok(rec)
+    }
+
+    fn audit(&self, who: &TokenRecord, action: &str, detail: &str) {
+        auth::audit(self.shared.store.as_ref(), who, action, detail);
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ConsoleEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ConsoleService for Console {
+    async fn who_am_i(&self, req: Request<pb::Empty>) -> Result<Response<pb::Whoami>, Status> {
+        let token = bearer(&req);
+        let rec = auth::verify(self.shared.store.as_ref(), token.as_deref(), now_ms())
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        Ok(Response::new(pb::Whoami {
+            id: rec.id,
+            role: rec.role.to_string(),
+            name: rec.name,
+        }))
+    }
+
+    async fn create_competition(
+        &self,
+        req: Request<pb::CompetitionSpec>,
+    ) -> Result<Response<pb::CompetitionInfo>, Status> {
+        let who = self.check(&req, Action::RunCompetitions, "create competitions")?;
+        let spec = req.into_inner();
+        let cfg = parse_spec(&spec.format, &spec.text).map_err(Status::invalid_argument)?;
+        let store = self.shared.store.clone();
+        if store
+            .get(trees::COMPETITIONS, &cfg.id)
+            .map_err(internal)?
+            .is_some()
+        {
+            return Err(Status::already_exists(format!(
+                "field `id`: competition `{}` already exists",
+                cfg.id
+            )));
+        }
+        let blobs = self.shared.blobs.clone();
+        let reply_to = self.shared.reply_to.clone();
+        let c2 = cfg.clone();
+        let mut record =
+            tokio::task::spawn_blocking(move || prepare(store.as_ref(), &blobs, &c2, &reply_to))
+                .await
+                .map_err(internal)?
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        record.state = CompState::Created;
+        self.shared
+            .store
+            .put_json(trees::COMPETITIONS, &cfg.id, &record)
+            .map_err(internal)?;
+        self.audit(&who, "competition.create", &cfg.id);
+        let id = cfg.id.clone();
+        let info = self
+            .shared
+            .with(move |v: &mut Validator| {
+                v.add(record);
+                Ok(info(v.comp(&id)?))
+            })
+            .await?;
+        Ok(Response::new(info))
+    }
+
+    async fn list_competitions(
+        &self,
+        req: Request<pb::Empty>,
+    ) -> Result<Response<pb::CompetitionList>, Status> {
+        self.check(&req, Action::Read, "list competitions")?;
+        let competitions = self
+            .shared
+            .with(|v: &mut Validator| Ok(v.comps.iter().map(info).collect()))
+            .await?;
+        Ok(Response::new(pb::CompetitionList { competitions }))
+    }
+
+    async fn show_competition(
+        &self,
+        req: Request<pb::CompetitionRef>,
+    ) -> Result<Response<pb::CompetitionDetail>, Status> {
+        self.check(&req, Action::Read, "read competitions")?;
+        let id = req.into_inner().id;
+        let detail = self
+            .shared
+            .with(move |v: &mut Validator| {
+                let c = v.comp(&id)?;
+                let jobs: Vec<_> = c.engine.jobs().cloned().collect();
+                Ok(pb::CompetitionDetail {
+                    info: Some(info(c)),
+                    jobs_json: serde_json::to_string_pretty(&jobs).map_err(internal)?,
+                    config_json: serde_json::to_string_pretty(&c.record.config)
+                        .map_err(internal)?,
+                })
+            })
+            .await?;
+        Ok(Response::new(detail))
+    }
+
+    async fn change_competition(
+        &self,
+        req: Request<pb::StateChange>,
+    ) -> Result<Response<pb::CompetitionInfo>, Status> {
+        let who = self.check(
+            &req,
+            Action::RunCompetitions,
+            "start, pause or stop competitions",
+        )?;
+        let ch = req.into_inner();
+        let (id, action) = (ch.id.clone(), ch.action.clone());
+        let info = self
+            .shared
+            .with(move |v: &mut Validator| {
+                v.change(&id, &action)?;
+                Ok(info(v.comp(&id)?))
+            })
+            .await?;
+        self.audit(&who, &format!("competition.{}", ch.action), &ch.id);
+        Ok(Response::new(info))
+    }
+
+    async fn competition_leaderboard(
+        &self,
+        req: Request<pb::CompetitionRef>,
+    ) -> Result<Response<Leaderboard>, Status> {
+        self.check(&req, Action::Leaderboard, "read leaderboards")?;
+        let id = req.into_inner().id;
+        let lb = self
+            .shared
+            .with(move |v: &mut Validator| Ok(leaderboard_of(&v.comp(&id)?.engine)))
+            .await?;
+        Ok(Response::new(lb.into()))
+    }
+
+    async fn overall_leaderboard(
+        &self,
+        req: Request<pb::Empty>,
+    ) -> Result<Response<Leaderboard>, Status> {
+        self.check(&req, Action::Leaderboard, "read leaderboards")?;
+        let lb = self
+            .shared
+            .with(|v: &mut Validator| {
+                let mut scores: Vec<JobScore> = Vec::new();
+                let (mut done, mut total) = (0, 0);
+                for c in &v.comps {
+                    let lb = leaderboard_of(&c.engine);
+                    done += lb.jobs_done;
+                    total += lb.jobs_total;
+                    scores.extend(c.engine.jobs().flat_map(|j| j.scores.clone()));
+                }
+                let id = CompetitionId::new("overall").map_err(internal)?;
+                Ok(tunenet_types::leaderboard(&id, &scores, done, total))
+            })
+            .await?;
+        Ok(Response::new(lb.into()))
+    }
+
+    async fn register_miner(
+        &self,
+        req: Request<pb::MinerRegistration>,
+    ) -> Result<Response<pb::MinerRecord>, Status> {
+        let who = self.check(&req, Action::ManageMiners, "register miners")?;
+        let r = req.into_inner();
+        let rec = registry::register(
+            self.shared.store.as_ref(),
+            &r.peer_id,
+            &r.owner,
+            &r.endpoint,
+            now_ms(),
+        )
+        .map_err(internal)?
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.audit(
+            &who,
+            "miner.register",
+            &format!("{} owner {}", r.peer_id, r.owner),
+        );
+        self.shared
+            .with(|v: &mut Validator| Ok(v.refresh_miners()))
+            .await?;
+        Ok(Response::new(miner_pb(rec)))
+    }
+
+    async fn ban_miner(
+        &self,
+        req: Request<pb::BanRequest>,
+    ) -> Result<Response<pb::MinerRecord>, Status> {
+        let who = self.check(&req, Action::ManageMiners, "ban miners")?;
+        let r = req.into_inner();
+        let rec = registry::set_ban(
+            self.shared.store.as_ref(),
+            &r.peer_id,
+            true,
+            &r.reason,
+            now_ms(),
+        )
+        .map_err(internal)?
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.audit(&who, "miner.ban", &format!("{}: {}", r.peer_id, r.reason));
+        self.shared
+            .with(|v: &mut Validator| Ok(v.refresh_miners()))
+            .await?;
+        Ok(Response::new(miner_pb(rec)))
+    }
+
+    async fn unban_miner(
+        &self,
+        req: Request<pb::BanRequest>,
+    ) -> Result<Response<pb::MinerRecord>, Status> {
+        let who = self.check(&req, Action::ManageMiners, "unban miners")?;
+        let r = req.into_inner();
+        let rec = registry::set_ban(self.shared.store.as_ref(), &r.peer_id, false, "", now_ms())
+            .map_err(internal)?
+            .map_err(|e| Status::not_found(e.to_string()))?;
+        self.audit(&who, "miner.unban", &r.peer_id);
+        self.shared
+            .with(|v: &mut Validator| Ok(v.refresh_miners()))
+            .await?;
+        Ok(Response::new(miner_pb(rec)))
+    }
+
+    async fn list_miners(
+        &self,
+        req: Request<pb::Empty>,
+    ) -> Result<Response<pb::MinerList>, Status> {
+        self.check(&req, Action::Read, "list miners")?;
+        let miners = registry::list(self.shared.store.as_ref())
+            .map_err(internal)?
+            .into_iter()
+            .map(miner_pb)
+            .collect();
+        Ok(Response::new(pb::MinerList { miners }))
+    }
+
+    async fn my_jobs(&self, req: Request<pb::Empty>) -> Result<Response<pb::MyJobs>, Status> {
+        let who = self.check(&req, Action::OwnJobs, "read its own jobs")?;
+        let me = who.miner_peer_id.clone().ok_or_else(|| {
+            Status::failed_precondition(
+                "this token names no miner; issue a miner token with --miner-peer-id",
+            )
+        })?;
+        let jobs = self
+            .shared
+            .with(move |v: &mut Validator| {
+                let mut out = Vec::new();
+                for c in &v.comps {
+                    for j in c.engine.jobs() {
+                        let slot = j.slots.iter().find(|(p, _)| p.0 == me).map(|(_, s)| s);
+                        let offer = j.offers.values().find(|o| match o {
+                            tunenet_engine::OfferState::Accepted { miner, .. }
+                            | tunenet_engine::OfferState::Rejected { miner, .. } => miner.0 == me,
+                            _ => false,
+                        });
+                        if slot.is_none() && offer.is_none() {
+                            continue;
+                        }
+                        out.push(serde_json::json!({
+                            "competition": c.id(),
+                            "job": j.plan.job_id,
+                            "phase": j.phase,
+                            "offer": offer,
+                            "submission": slot.map(|s| &s.submission),
+                            "committed": slot.map(|s| s.commitment.is_some()),
+                            "score": j.scores.iter().find(|s| s.miner.0 == me),
+                        }));
+                    }
+                }
+                serde_json::to_string_pretty(&out).map_err(internal)
+            })
+            .await?;
+        Ok(Response::new(pb::MyJobs { jobs_json: jobs }))
+    }
+
+    async fn create_token(
+        &self,
+        req: Request<pb::TokenRequest>,
+    ) -> Result<Response<pb::TokenIssued>, Status> {
+        let who = self.check(&req, Action::ManageTokens, "issue tokens")?;
+        let r = req.into_inner();
+        let role: Role = r.role.parse().map_err(Status::invalid_argument)?;
+        if r.name.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "field `name`: say who holds the token",
+            ));
+        }
+        let miner = (!r.miner_peer_id.is_empty()).then(|| r.miner_peer_id.clone());
+        if role == Role::Miner && miner.is_none() {
+            return Err(Status::invalid_argument(
+                "field `miner_peer_id`: a miner token must name its miner",
+            ));
+        }
+        let (token, rec) =
+            auth::issue(self.shared.store.as_ref(), role, &r.name, r.ttl_secs, miner)
+                .map_err(internal)?;
+        self.audit(
+            &who,
+            "token.create",
+            &format!("{} role {} for {}", rec.id, role, r.name),
+        );
+        Ok(Response::new(pb::TokenIssued { token, id: rec.id }))
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<pb::TokenRef>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        let who = self.check(&req, Action::ManageTokens, "revoke tokens")?;
+        let id = req.into_inner().id;
+        if !auth::revoke(self.shared.store.as_ref(), &id).map_err(internal)? {
+            return Err(Status::not_found(format!(
+                "no token with id `{id}` (see `tunenet console token list`)"
+            )));
+        }
+        self.audit(&who, "token.revoke", &id);
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn list_tokens(
+        &self,
+        req: Request<pb::Empty>,
+    ) -> Result<Response<pb::TokenList>, Status> {
+        self.check(&req, Action::ManageTokens, "list tokens")?;
+        let tokens = auth::list(self.shared.store.as_ref())
+            .map_err(internal)?
+            .into_iter()
+            .map(|t| pb::TokenInfo {
+                id: t.id,
+                role: t.role.to_string(),
+                name: t.name,
+                created_at_ms: t.created_at_ms,
+                expires_at_ms: t.expires_at_ms,
+                revoked: t.revoked,
+                miner_peer_id: t.miner_peer_id.unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(pb::TokenList { tokens }))
+    }
+
+    async fn audit(&self, req: Request<pb::Empty>) -> Result<Response<pb::AuditList>, Status> {
+        self.check(&req, Action::ManageTokens, "read the audit log")?;
+        let entries = auth::audit_log(self.shared.store.as_ref())
+            .map_err(internal)?
+            .into_iter()
+            .map(|e| pb::AuditEntry {
+                at_ms: e.at_ms,
+                actor: e.actor,
+                role: e.role.to_string(),
+                action: e.action,
+                detail: e.detail,
+            })
+            .collect();
+        Ok(Response::new(pb::AuditList { entries }))
+    }
+
+    type WatchStream = EventStream;
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<EventStream>, Status> {
+        self.check(&req, Action::Read, "watch events")?;
+        let filter = req.into_inner().competition_id;
+        let rx = self.shared.events.subscribe();
+        let stream =
+            tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |e| match e {
+                Ok(e) if filter.is_empty() || e.competition == filter => {
+                    Some(Ok(pb::ConsoleEvent {
+                        at_ms: e.at_ms,
+                        competition_id: e.competition,
+                        job_id: e.job,
+                        message: e.message,
+                    }))
+                }
+                Ok(_) => None,
+                // A slow reader missed events: say so instead of silently skipping.
+                Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                    Some(Ok(pb::ConsoleEvent {
+                        at_ms: now_ms(),
+                        competition_id: String::new(),
+                        job_id: String::new(),
+                        message: format!("({n} events skipped: the reader was too slow)"),
+                    }))
+                }
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn export(
+        &self,
+        req: Request<pb::ExportRequest>,
+    ) -> Result<Response<pb::ExportData>, Status> {
+        self.check(&req, Action::Read, "export results")?;
+        let r = req.into_inner();
+        let id = r.competition_id.clone();
+        let scores: Vec<JobScore> = self
+            .shared
+            .with(move |v: &mut Validator| {
+                Ok(v.comp(&id)?
+                    .engine
+                    .jobs()
+                    .flat_map(|j| j.scores.clone())
+                    .collect())
+            })
+            .await?;
+        let data = match r.format.as_str() {
+            "json" | "" => pb::ExportData {
+                content_type: "application/json".into(),
+                data: serde_json::to_string_pretty(&scores).map_err(internal)?,
+            },
+            "csv" => {
+                let mut s = String::from("competition,job,miner,loss,quality,penalty_reason\n");
+                for x in &scores {
+                    let reason = x
+                        .penalty_reason
+                        .clone()
+                        .unwrap_or_default()
+                        .replace('"', "\"\"");
+                    s.push_str(&format!(
+                        "{},{},{},{},{},\"{}\"\n",
+                        r.competition_id,
+                        x.job_id,
+                        x.miner,
+                        x.loss.map(|l| l.to_string()).unwrap_or_default(),
+                        x.quality,
+                        reason
+                    ));
+                }
+                pb::ExportData {
+                    content_type: "text/csv".into(),
+                    data: s,
+                }
+            }
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown format `{other}`: use csv or json"
+                )));
+            }
+        };
+        Ok(Response::new(data))
+    }
+}

@@ -1,0 +1,126 @@
+//! The cloneable handle a node uses to drive the p2p layer: each call sends a command to
+//! the event loop and waits for its reply. Blob downloads run here, on the caller's task,
+//! built from provider look-ups and single chunk requests.
+
+use crate::config::P2pConfig;
+use crate::error::P2pError;
+use crate::event_loop::{Command, JobChannel, PeerInfo};
+use crate::messages::pb::{CompetitionAnnouncement, MinerAdvert};
+use crate::messages::{JobRequest, JobResponse, pb};
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::{mpsc, oneshot};
+use tunenet_store::BlobStore;
+use tunenet_types::BlobId;
+
+/// A handle on the p2p layer; cheap to clone. Dropping every clone stops the event loop.
+#[derive(Clone)]
+pub struct Client {
+    pub(crate) commands: mpsc::Sender<Command>,
+    pub(crate) local: PeerId,
+    pub(crate) store: BlobStore,
+    pub(crate) config: P2pConfig,
+}
+
+impl Client {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, P2pError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(make(tx))
+            .await
+            .map_err(|_| P2pError::Stopped)?;
+        rx.await.map_err(|_| P2pError::Stopped)
+    }
+
+    /// This node's peer id (= its node id).
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local
+    }
+
+    /// The addresses this node listens on (waits for the first one to be bound).
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, P2pError> {
+        self.ask(Command::ListenAddrs).await
+    }
+
+    /// Connects to `addr` and returns the peer found there.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<PeerId, P2pError> {
+        self.ask(|r| Command::Dial(addr, r)).await?
+    }
+
+    /// Looks `peer` up in the DHT (when not connected) and returns its addresses; later
+    /// requests to it dial them.
+    pub async fn find_peer(&self, peer: PeerId) -> Result<Vec<Multiaddr>, P2pError> {
+        self.ask(|r| Command::FindPeer(peer, r)).await?
+    }
+
+    /// Every peer known: connected ones and recently seen ones, with their adverts.
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, P2pError> {
+        self.ask(Command::Peers).await
+    }
+
+    /// Publishes this node's miner advert (stamped and signed with the node key) and keeps
+    /// re-publishing it, freshly signed, every `advert_interval_secs`. Fails when no peer
+    /// is subscribed yet; the heartbeat retries regardless.
+    pub async fn publish_advert(&self, advert: MinerAdvert) -> Result<(), P2pError> {
+        self.ask(|r| Command::PublishAdvert(advert, r)).await?
+    }
+
+    /// Announces a competition (stamped and signed with the node key) once.
+    pub async fn announce_competition(
+        &self,
+        announcement: CompetitionAnnouncement,
+    ) -> Result<(), P2pError> {
+        self.ask(|r| Command::Announce(announcement, r)).await?
+    }
+
+    /// Publishes `data` on `topic` as it is, without signing or checking it: for tools and
+    /// tests. Peers reject invalid payloads, and that costs this node gossip score.
+    pub async fn publish_raw(&self, topic: &str, data: Vec<u8>) -> Result<(), P2pError> {
+        let topic = topic.to_string();
+        self.ask(|r| Command::PublishRaw(topic, data, r)).await?
+    }
+
+    /// Sends a job request to `peer` over `/tunenet/job/1` and waits for the answer. A
+    /// [`JobResponse::Refused`] answer comes back as [`P2pError::Refused`].
+    pub async fn request(&self, peer: PeerId, request: JobRequest) -> Result<JobResponse, P2pError> {
+        self.ask(|r| Command::Job(peer, request, r)).await?
+    }
+
+    /// Answers an inbound job request (from [`crate::Event::JobRequest`]).
+    pub async fn respond(&self, channel: JobChannel, response: JobResponse) -> Result<(), P2pError> {
+        self.ask(|r| Command::Respond(channel, response, r)).await?
+    }
+
+    /// Serves blob `id` (which must be in the blob store) and announces it in the DHT.
+    /// Returns once the provider record has been offered to the closest peers known.
+    pub async fn provide(&self, id: BlobId) -> Result<(), P2pError> {
+        if !self.store.contains(&id) {
+            return Err(P2pError::Store(tunenet_store::BlobError::NotFound(id)));
+        }
+        self.ask(|r| Command::Provide(id, r)).await?
+    }
+
+    /// Peers that announced blob `id` (a DHT look-up; this node excluded).
+    pub async fn providers(&self, id: BlobId) -> Result<Vec<PeerId>, P2pError> {
+        self.ask(|r| Command::GetProviders(id, r)).await?
+    }
+
+    /// Makes sure blob `id` is in the blob store, fetching it from whichever peers provide
+    /// it: chunk by chunk, each chunk checked against the blob id on arrival, resumed from
+    /// the last good chunk when a provider fails, and a provider that sends bad data is
+    /// dropped. Refuses blobs over `max_size` bytes. Returns the blob's size.
+    pub async fn fetch_blob(&self, id: BlobId, max_size: u64) -> Result<u64, P2pError> {
+        crate::fetch::fetch_blob(self, id, max_size).await
+    }
+
+    pub(crate) async fn blob_request(
+        &self,
+        peer: PeerId,
+        request: pb::BlobRequest,
+    ) -> Result<pb::BlobResponse, P2pError> {
+        self.ask(|r| Command::Blob(peer, request, r)).await?
+    }
+
+    pub(crate) async fn drop_peer(&self, peer: PeerId, id: BlobId, reason: String) {
+        let _ = self.commands.send(Command::DropPeer(peer, id, reason)).await;
+    }
+}

@@ -1,0 +1,479 @@
+//! `tunenet console`: the admin's gRPC client. Tables for people, `--json` for scripts,
+//! `watch` for the live feed. Errors say what to do.
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+use tunenet_rpc::services as pb;
+use tunenet_rpc::services::console_service_client::ConsoleServiceClient;
+
+#[derive(Args)]
+pub struct ConsoleArgs {
+    /// The validator's gRPC URL.
+    #[arg(
+        long,
+        env = "TUNENET_VALIDATOR",
+        default_value = "http://127.0.0.1:7100",
+        global = true
+    )]
+    validator: String,
+    /// Bearer token (from `tunenet validator init` or `console token create`).
+    #[arg(long, env = "TUNENET_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: ConsoleCmd,
+}
+
+#[derive(Subcommand)]
+enum ConsoleCmd {
+    /// Who the token belongs to.
+    Whoami,
+    /// Competitions.
+    #[command(subcommand)]
+    Competition(CompCmd),
+    /// A competition's leaderboard, or the overall one.
+    Leaderboard {
+        /// Competition id; omit for the overall leaderboard.
+        id: Option<String>,
+    },
+    /// Miners: register, ban, unban, list.
+    #[command(subcommand)]
+    Miner(MinerCmd),
+    /// The caller's own jobs and verdicts (miner tokens).
+    MyJobs,
+    /// Tokens (admin).
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// The audit log (admin).
+    Audit,
+    /// Follow the live event feed.
+    Watch {
+        /// Only this competition.
+        #[arg(long, default_value = "")]
+        competition: String,
+    },
+    /// Export a competition's scores.
+    Export {
+        /// Competition id.
+        id: String,
+        /// csv or json.
+        #[arg(long, default_value = "csv")]
+        format: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CompCmd {
+    /// Create a competition from a TOML or JSON spec file (the fields of a [[competitions]] entry).
+    Create {
+        /// The spec file.
+        spec: PathBuf,
+    },
+    /// List competitions.
+    List,
+    /// Show a competition with its jobs, offers, submissions and scores.
+    Show {
+        /// Competition id.
+        id: String,
+    },
+    /// Start a created competition.
+    Start { id: String },
+    /// Hold new jobs back.
+    Pause { id: String },
+    /// Let new jobs start again.
+    Resume { id: String },
+    /// End early: jobs not started are closed, jobs in flight finish.
+    Stop { id: String },
+    /// Hide a finished or stopped competition.
+    Archive { id: String },
+}
+
+#[derive(Subcommand)]
+enum MinerCmd {
+    /// Register a miner under an owner (at most 5 per owner).
+    Register {
+        /// The miner's peer id.
+        peer_id: String,
+        /// Who runs it.
+        #[arg(long)]
+        owner: String,
+        /// The miner's gRPC URL, to offer it jobs.
+        #[arg(long, default_value = "")]
+        endpoint: String,
+    },
+    /// Ban a miner, with a reason it will see.
+    Ban {
+        peer_id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Lift a ban.
+    Unban { peer_id: String },
+    /// List registered miners.
+    List,
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Issue a token (printed once; only its hash is kept).
+    Create {
+        /// admin, operator, miner or viewer.
+        #[arg(long)]
+        role: String,
+        /// Who holds it.
+        #[arg(long)]
+        name: String,
+        /// Lifetime in seconds (0: no expiry).
+        #[arg(long, default_value_t = 0)]
+        ttl_secs: u64,
+        /// For miner tokens: the miner's peer id.
+        #[arg(long, default_value = "")]
+        miner_peer_id: String,
+    },
+    /// Revoke a token by id.
+    Revoke { id: String },
+    /// List tokens.
+    List,
+}
+
+type Client = ConsoleServiceClient<tonic::service::interceptor::InterceptedService<Channel, Auth>>;
+
+#[derive(Clone)]
+struct Auth(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+async fn connect(a: &ConsoleArgs) -> Result<Client> {
+    let ch = tonic::transport::Endpoint::from_shared(a.validator.clone())
+        .with_context(|| {
+            format!(
+                "`{}` is not a URL (e.g. http://127.0.0.1:7100)",
+                a.validator
+            )
+        })?
+        .connect()
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach the validator at {}: is it running?",
+                a.validator
+            )
+        })?;
+    let auth = match &a.token {
+        Some(t) => Some(
+            format!("Bearer {t}")
+                .parse()
+                .context("the token has characters a header cannot carry")?,
+        ),
+        None => None,
+    };
+    Ok(ConsoleServiceClient::with_interceptor(ch, Auth(auth)))
+}
+
+fn refused(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{} ({:?})", s.message(), s.code())
+}
+
+/// How long ago a timestamp was, in seconds.
+fn ago(t: u64) -> String {
+    format!(
+        "{}s ago",
+        tunenet_types::time::now_ms().saturating_sub(t) / 1000
+    )
+}
+
+fn print_comps(list: &[pb::CompetitionInfo]) {
+    println!(
+        "{:<20} {:<10} {:>5} {:>7} {:>5} {:>7} {:>8}",
+        "id", "state", "jobs", "running", "done", "miners", "budget"
+    );
+    for c in list {
+        println!(
+            "{:<20} {:<10} {:>5} {:>7} {:>5} {:>7} {:>7}s",
+            c.id,
+            c.state,
+            c.jobs_total,
+            c.jobs_running,
+            c.jobs_done,
+            c.miners_per_job,
+            c.time_budget_secs
+        );
+    }
+}
+
+fn print_miners(list: &[pb::MinerRecord]) {
+    println!(
+        "{:<54} {:<12} {:<28} {}",
+        "peer id", "owner", "endpoint", "status"
+    );
+    for m in list {
+        let status = if m.banned {
+            format!("banned: {}", m.ban_reason)
+        } else {
+            "ok".into()
+        };
+        println!(
+            "{:<54} {:<12} {:<28} {}",
+            m.peer_id, m.owner, m.endpoint, status
+        );
+    }
+}
+
+async fn change(c: &mut Client, id: String, action: &str) -> Result<()> {
+    let info = c
+        .change_competition(pb::StateChange {
+            id,
+            action: action.into(),
+        })
+        .await
+        .map_err(refused)?
+        .into_inner();
+    println!("competition `{}` is now {}", info.id, info.state);
+    Ok(())
+}
+
+pub fn run(a: ConsoleArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run_async(a))
+}
+
+async fn run_async(a: ConsoleArgs) -> Result<()> {
+    let mut c = connect(&a).await?;
+    let json = a.json;
+    macro_rules! call {
+        ($e:expr) => {
+            $e.await.map_err(refused)?.into_inner()
+        };
+    }
+    match a.cmd {
+        ConsoleCmd::Whoami => {
+            let w = call!(c.who_am_i(pb::Empty {}));
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"id": w.id, "role": w.role, "name": w.name})
+                );
+            } else {
+                println!("token {} ({}), role {}", w.id, w.name, w.role);
+            }
+        }
+        ConsoleCmd::Competition(cmd) => match cmd {
+            CompCmd::Create { spec } => {
+                let text = std::fs::read_to_string(&spec)
+                    .with_context(|| format!("cannot read {}", spec.display()))?;
+                let format = if spec.extension().is_some_and(|e| e == "json") {
+                    "json"
+                } else {
+                    "toml"
+                };
+                let info = call!(c.create_competition(pb::CompetitionSpec {
+                    format: format.into(),
+                    text
+                }));
+                println!(
+                    "created competition `{}` ({} jobs); start it with `tunenet console competition start {}`",
+                    info.id, info.jobs_total, info.id
+                );
+            }
+            CompCmd::List => {
+                let l = call!(c.list_competitions(pb::Empty {}));
+                if json {
+                    let v: Vec<_> = l.competitions.iter().map(|c| serde_json::json!({"id": c.id, "state": c.state, "jobs_total": c.jobs_total, "jobs_done": c.jobs_done, "jobs_running": c.jobs_running})).collect();
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    print_comps(&l.competitions);
+                }
+            }
+            CompCmd::Show { id } => {
+                let d = call!(c.show_competition(pb::CompetitionRef { id }));
+                if json {
+                    println!(
+                        "{{\"config\": {}, \"jobs\": {}}}",
+                        d.config_json, d.jobs_json
+                    );
+                } else {
+                    if let Some(i) = &d.info {
+                        print_comps(std::slice::from_ref(i));
+                    }
+                    let jobs: serde_json::Value = serde_json::from_str(&d.jobs_json)?;
+                    for j in jobs.as_array().into_iter().flatten() {
+                        println!(
+                            "\njob {}  phase {}",
+                            j["plan"]["job_id"].as_str().unwrap_or("?"),
+                            j["phase"]
+                        );
+                        for (addr, o) in j["offers"].as_object().into_iter().flatten() {
+                            println!("  offer {addr}: {o}");
+                        }
+                        for (miner, s) in j["slots"].as_object().into_iter().flatten() {
+                            println!(
+                                "  {miner}: committed {}  submission {}",
+                                !s["commitment"].is_null(),
+                                s["submission"]
+                            );
+                        }
+                        for s in j["scores"].as_array().into_iter().flatten() {
+                            println!(
+                                "  score {}: loss {} quality {} {}",
+                                s["miner"], s["loss"], s["quality"], s["penalty_reason"]
+                            );
+                        }
+                    }
+                }
+            }
+            CompCmd::Start { id } => change(&mut c, id, "start").await?,
+            CompCmd::Resume { id } => change(&mut c, id, "resume").await?,
+            CompCmd::Pause { id } => change(&mut c, id, "pause").await?,
+            CompCmd::Stop { id } => change(&mut c, id, "stop").await?,
+            CompCmd::Archive { id } => change(&mut c, id, "archive").await?,
+        },
+        ConsoleCmd::Leaderboard { id } => {
+            let lb = match id {
+                Some(id) => call!(c.competition_leaderboard(pb::CompetitionRef { id })),
+                None => call!(c.overall_leaderboard(pb::Empty {})),
+            };
+            let lb: tunenet_types::Leaderboard = lb
+                .try_into()
+                .map_err(|e| anyhow::anyhow!("bad leaderboard: {e}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&lb)?);
+            } else {
+                print!("{}", tunenet_node::validator::format_leaderboard(&lb));
+            }
+        }
+        ConsoleCmd::Miner(cmd) => match cmd {
+            MinerCmd::Register {
+                peer_id,
+                owner,
+                endpoint,
+            } => {
+                let m = call!(c.register_miner(pb::MinerRegistration {
+                    peer_id,
+                    owner,
+                    endpoint
+                }));
+                print_miners(&[m]);
+            }
+            MinerCmd::Ban { peer_id, reason } => {
+                let m = call!(c.ban_miner(pb::BanRequest { peer_id, reason }));
+                print_miners(&[m]);
+            }
+            MinerCmd::Unban { peer_id } => {
+                let m = call!(c.unban_miner(pb::BanRequest {
+                    peer_id,
+                    reason: String::new()
+                }));
+                print_miners(&[m]);
+            }
+            MinerCmd::List => {
+                let l = call!(c.list_miners(pb::Empty {}));
+                if json {
+                    let v: Vec<_> = l.miners.iter().map(|m| serde_json::json!({"peer_id": m.peer_id, "owner": m.owner, "endpoint": m.endpoint, "banned": m.banned, "ban_reason": m.ban_reason})).collect();
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    print_miners(&l.miners);
+                }
+            }
+        },
+        ConsoleCmd::MyJobs => {
+            let j = call!(c.my_jobs(pb::Empty {}));
+            println!("{}", j.jobs_json);
+        }
+        ConsoleCmd::Token(cmd) => match cmd {
+            TokenCmd::Create {
+                role,
+                name,
+                ttl_secs,
+                miner_peer_id,
+            } => {
+                let t = call!(c.create_token(pb::TokenRequest {
+                    role,
+                    name,
+                    ttl_secs,
+                    miner_peer_id
+                }));
+                if json {
+                    println!("{}", serde_json::json!({"id": t.id, "token": t.token}));
+                } else {
+                    println!("token {} (shown once, keep it safe):\n{}", t.id, t.token);
+                }
+            }
+            TokenCmd::Revoke { id } => {
+                call!(c.revoke_token(pb::TokenRef { id: id.clone() }));
+                println!("token {id} revoked");
+            }
+            TokenCmd::List => {
+                let l = call!(c.list_tokens(pb::Empty {}));
+                println!(
+                    "{:<18} {:<9} {:<20} {:<10} {}",
+                    "id", "role", "name", "expires", "state"
+                );
+                for t in l.tokens {
+                    let exp = if t.expires_at_ms == 0 {
+                        "never".to_string()
+                    } else {
+                        format!("{}", t.expires_at_ms)
+                    };
+                    println!(
+                        "{:<18} {:<9} {:<20} {:<10} {}",
+                        t.id,
+                        t.role,
+                        t.name,
+                        exp,
+                        if t.revoked { "revoked" } else { "active" }
+                    );
+                }
+            }
+        },
+        ConsoleCmd::Audit => {
+            let l = call!(c.audit(pb::Empty {}));
+            for e in l.entries {
+                println!(
+                    "{:<10} {:<28} {:<9} {:<22} {}",
+                    ago(e.at_ms),
+                    e.actor,
+                    e.role,
+                    e.action,
+                    e.detail
+                );
+            }
+        }
+        ConsoleCmd::Watch { competition } => {
+            let mut s = call!(c.watch(pb::WatchRequest {
+                competition_id: competition
+            }));
+            while let Some(e) = s.message().await.map_err(refused)? {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"at_ms": e.at_ms, "competition": e.competition_id, "job": e.job_id, "message": e.message})
+                    );
+                } else {
+                    println!("[{}] {}", e.competition_id, e.message);
+                }
+            }
+        }
+        ConsoleCmd::Export { id, format } => {
+            let d = call!(c.export(pb::ExportRequest {
+                competition_id: id,
+                format
+            }));
+            print!("{}", d.data);
+        }
+    }
+    Ok(())
+}
