@@ -10,6 +10,7 @@ mod device;
 mod error;
 mod eval;
 mod gguf;
+mod hellaswag;
 mod lm;
 mod loader;
 mod lora;
@@ -19,6 +20,7 @@ mod model_dir;
 mod peft;
 mod tiny;
 mod tokenizer;
+mod synthetic;
 mod train;
 
 pub use candle_core::Device;
@@ -30,6 +32,10 @@ pub use artifact::{
 pub use checkpoint::CHECKPOINT_FILE;
 pub use config::{LlamaConfig, RopeScaling, SUPPORTED_ARCHITECTURES, SUPPORTED_MODEL_TYPES};
 pub use gguf::{export_gguf, import_gguf};
+pub use hellaswag::{
+    HellaSwagItem, HellaSwagReport, evaluate_hellaswag, hellaswag_context, hellaswag_demo_items,
+    hellaswag_preprocess, load_hellaswag,
+};
 pub use lm::CausalLm;
 pub use merge::merge_adapter;
 pub use loader::WeightDtype;
@@ -42,6 +48,7 @@ pub use lora::{ALL_LORA_TARGETS, DEFAULT_LORA_TARGETS};
 pub use model_dir::{CONFIG_FILE, ModelDir, TOKENIZER_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE};
 pub use tiny::{init_tiny, tiny_config};
 pub use tokenizer::{BOS_TOKEN, BYTE_VOCAB_SIZE, EOS_TOKEN, PAD_TOKEN, TextTokenizer};
+pub use synthetic::{Generation, SamplingConfig, synthetic_set};
 pub use train::{
     COSINE_FLOOR, LrSchedule, Method, Progress, TrainConfig, TrainReport, train, train_with_targets,
 };

@@ -50,6 +50,10 @@ impl CausalLm {
         })
     }
 
+    pub(crate) fn llama(&self) -> &Llama {
+        &self.llama
+    }
+
     /// The model's configuration.
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg

@@ -236,6 +236,96 @@ impl Llama {
     }
 }
 
+/// Keys and values of the tokens seen so far, per layer, for incremental decoding of one
+/// sequence.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    pos: usize,
+}
+
+impl KvCache {
+    /// Tokens already in the cache.
+    pub(crate) fn len(&self) -> usize {
+        self.pos
+    }
+}
+
+impl Llama {
+    /// Runs `ids` (one sequence) after the tokens in `cache`, appending their keys and
+    /// values; returns the logits `[t, vocab]` (f32) of the new positions.
+    pub(crate) fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let t = ids.len();
+        let pos = cache.pos;
+        if pos + t > self.cfg.max_position_embeddings {
+            candle_core::bail!(
+                "sequence of {} tokens exceeds max_position_embeddings {}",
+                pos + t,
+                self.cfg.max_position_embeddings
+            );
+        }
+        if cache.layers.len() != self.layers.len() {
+            cache.layers = vec![None; self.layers.len()];
+        }
+        let device = self.embed.device();
+        let window = self.cfg.sliding_window.unwrap_or(usize::MAX).max(1);
+        let total = pos + t;
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| {
+                let q = pos + i;
+                (0..total).map(move |j| {
+                    if j <= q && q - j < window {
+                        0.0
+                    } else {
+                        MASK_VALUE as f32
+                    }
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (1, 1, t, total), device)?;
+        let cos = self.cos.narrow(0, pos, t)?;
+        let sin = self.sin.narrow(0, pos, t)?;
+        let input = Tensor::from_slice(ids, t, device)?;
+        let mut x = self.embed.index_select(&input, 0)?;
+        let (nh, nkv, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.kv_heads(),
+            self.cfg.head_dim(),
+        );
+        let eps = self.cfg.rms_norm_eps;
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let hn = rms_norm(&x, &layer.attn_norm, eps, Mode::Infer)?;
+            let split = |y: Tensor, heads: usize| -> Result<Tensor> {
+                y.reshape((1, t, heads, hd))?.transpose(1, 2)?.contiguous()
+            };
+            let q = split(layer.q.forward(&hn, Mode::Infer)?, nh)?;
+            let k = split(layer.k.forward(&hn, Mode::Infer)?, nkv)?;
+            let v = split(layer.v.forward(&hn, Mode::Infer)?, nkv)?;
+            let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
+            let (k, v) = match slot.take() {
+                None => (k, v),
+                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            };
+            *slot = Some((k.clone(), v.clone()));
+            let k = repeat_kv(k, nh / nkv)?;
+            let v = repeat_kv(v, nh / nkv)?;
+            let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+            let scores = scores.to_dtype(DType::F32)?.broadcast_add(&mask)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+            let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((t, nh * hd))?;
+            x = (x + layer.o.forward(&y, Mode::Infer)?)?;
+            let hn = rms_norm(&x, &layer.mlp_norm, eps, Mode::Infer)?;
+            let g = layer.gate.forward(&hn, Mode::Infer)?.silu()?;
+            let u = layer.up.forward(&hn, Mode::Infer)?;
+            x = (x + layer.down.forward(&(g * u)?, Mode::Infer)?)?;
+        }
+        cache.pos = total;
+        let x = rms_norm(&x, &self.norm, eps, Mode::Infer)?;
+        x.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)
+    }
+}
+
 /// Repeats each key/value head `n` times: `[b, kv, t, d]` -> `[b, kv*n, t, d]`.
 fn repeat_kv(x: Tensor, n: usize) -> Result<Tensor> {
     if n == 1 {

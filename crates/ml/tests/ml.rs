@@ -795,6 +795,8 @@ fn sharded_tied_and_padded_checkpoints_load() {
     assert!(max_diff(&want, &cut) < 1e-5);
     // ...but a tokenizer with more ids than the model's vocabulary is refused.
     v["vocab_size"] = 200.into();
+    v["bos_token_id"] = 1.into();
+    v["eos_token_id"] = 2.into();
     write_json(&padded.join(CONFIG_FILE), &v);
     let err = CausalLm::load(
         &ModelDir::open(&padded).unwrap(),
@@ -1229,4 +1231,190 @@ fn lora_writes_peft_adapter_and_merges_into_full_weights() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("not a LoRA adapter"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------
+// HellaSwag.
+
+#[test]
+fn hellaswag_preprocessing_matches_the_harness() {
+    assert_eq!(
+        hellaswag_preprocess(" Hello [title] world [step] foo  bar "),
+        "Hello. world foo bar"
+    );
+    // Python's str.replace("  ", " ") is a single non-overlapping pass.
+    assert_eq!(hellaswag_preprocess("a   b"), "a  b");
+    assert_eq!(hellaswag_preprocess("keep [a] and [b] out"), "keep and out");
+    assert_eq!(hellaswag_preprocess("open [bracket"), "open [bracket");
+    let item = HellaSwagItem {
+        activity_label: "Making tea".into(),
+        ctx_a: "A man boils water.".into(),
+        ctx_b: "then HE pours it".into(),
+        endings: vec!["x".into(); 4],
+        label: 0,
+    };
+    assert_eq!(
+        hellaswag_context(&item),
+        "Making tea: A man boils water. Then he pours it"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hs.jsonl");
+    std::fs::write(
+        &path,
+        r#"{"activity_label":"A","ctx_a":"b","ctx_b":"c","endings":["1","2","3","4"],"label":"2","ind":7}
+{"activity_label":"A","ctx_a":"b","ctx_b":"c","endings":["1","2"],"label":3}
+"#,
+    )
+    .unwrap();
+    let err = load_hellaswag(&path).unwrap_err().to_string();
+    assert!(err.contains("line 2") && err.contains("label 3"), "{err}");
+}
+
+#[test]
+fn hellaswag_scores_endings_as_summed_loglikelihood() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m");
+    init_tiny(&m, 12).unwrap();
+    let lm = CausalLm::load(&ModelDir::open(&m).unwrap(), None, WeightDtype::F32, &Device::Cpu)
+        .unwrap();
+    let mut items = hellaswag_demo_items(12, 3);
+    assert_eq!(items, hellaswag_demo_items(12, 3));
+    // Independent scoring: one unbatched forward pass per ending.
+    let score = |item: &HellaSwagItem| -> Vec<(f64, f64)> {
+        let ctx = hellaswag_context(item);
+        let ctx_ids = lm.tokenizer().encode(&ctx).unwrap();
+        item.endings
+            .iter()
+            .map(|e| {
+                let e = hellaswag_preprocess(e);
+                let ids = lm.tokenizer().encode(&format!("{ctx} {e}")).unwrap();
+                let logits = lm.logits(&ids[..ids.len() - 1]).unwrap();
+                let mut sum = 0f64;
+                for pos in ctx_ids.len()..ids.len() {
+                    let row = &logits[pos - 1];
+                    let max = row.iter().copied().fold(f32::MIN, f32::max) as f64;
+                    let lse = max
+                        + row
+                            .iter()
+                            .map(|&x| (x as f64 - max).exp())
+                            .sum::<f64>()
+                            .ln();
+                    sum += row[ids[pos] as usize] as f64 - lse;
+                }
+                (sum, sum / e.chars().count() as f64)
+            })
+            .collect()
+    };
+    let best = |v: &[f64]| {
+        (0..v.len())
+            .max_by(|&a, &b| v[a].total_cmp(&v[b]))
+            .unwrap()
+    };
+    let mut raw_labels = Vec::new();
+    for item in items.iter_mut() {
+        let s = score(item);
+        let raw: Vec<f64> = s.iter().map(|x| x.0).collect();
+        item.label = best(&raw);
+        raw_labels.push(item.label);
+    }
+    let r = evaluate_hellaswag(&lm, &items).unwrap();
+    assert_eq!(r.items, 12);
+    assert_eq!(r.acc, 1.0);
+    assert!(r.items_per_sec > 0.0);
+    let expected_norm = items
+        .iter()
+        .filter(|it| {
+            let norm: Vec<f64> = score(it).iter().map(|x| x.1).collect();
+            best(&norm) == it.label
+        })
+        .count() as f64
+        / 12.0;
+    assert!((r.acc_norm - expected_norm).abs() < 1e-9);
+    // Labels pointing at the worst ending score zero.
+    for item in items.iter_mut() {
+        let raw: Vec<f64> = score(item).iter().map(|x| -x.0).collect();
+        item.label = best(&raw);
+    }
+    assert_eq!(evaluate_hellaswag(&lm, &items).unwrap().acc, 0.0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Generation and synthetic test sets.
+
+#[test]
+fn kv_cached_generation_matches_full_recomputation() {
+    use rand::SeedableRng;
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m");
+    init_tiny(&m, 21).unwrap();
+    let lm = CausalLm::load(&ModelDir::open(&m).unwrap(), None, WeightDtype::F32, &Device::Cpu)
+        .unwrap();
+    let prompt: Vec<u32> = "Once upon".bytes().map(u32::from).collect();
+    let greedy = SamplingConfig {
+        temperature: 0.0,
+        top_p: 1.0,
+        max_tokens: 24,
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let g = lm.generate(&prompt, &greedy, &mut rng).unwrap();
+    // Recompute greedily from scratch without a cache.
+    let mut ids = prompt.clone();
+    let mut want = Vec::new();
+    for _ in 0..g.ids.len() {
+        let logits = lm.logits(&ids).unwrap();
+        let last = logits.last().unwrap();
+        let next = (0..last.len())
+            .max_by(|&a, &b| last[a].total_cmp(&last[b]))
+            .unwrap() as u32;
+        want.push(next);
+        ids.push(next);
+    }
+    assert_eq!(g.ids, want);
+    assert!(!g.ids.is_empty());
+    let bad = SamplingConfig {
+        top_p: 0.0,
+        ..greedy
+    };
+    assert!(lm.generate(&prompt, &bad, &mut rng).is_err());
+}
+
+#[test]
+fn synthetic_sets_are_filtered_and_reproducible() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m");
+    init_tiny(&m, 22).unwrap();
+    let lm = CausalLm::load(&ModelDir::open(&m).unwrap(), None, WeightDtype::F32, &Device::Cpu)
+        .unwrap();
+    let prompts: Vec<String> = ["What is the colour of the sky", "Name a fruit", "Count to three"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let sampling = SamplingConfig {
+        temperature: 1.0,
+        top_p: 0.95,
+        max_tokens: 200,
+    };
+    let a = synthetic_set(&lm, &prompts, 5, &sampling, 6).unwrap();
+    let b = synthetic_set(&lm, &prompts, 5, &sampling, 6).unwrap();
+    let c = synthetic_set(&lm, &prompts, 6, &sampling, 6).unwrap();
+    assert!(!a.is_empty() && a.len() <= 6, "{}", a.len());
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    let mut seen = std::collections::HashSet::new();
+    for r in &a {
+        let Record::Instruction { prompt, response } = r else {
+            panic!("expected instruction records")
+        };
+        assert!(!response.trim().is_empty());
+        assert!(seen.insert((prompt.clone(), response.clone())));
+        assert!(lm.tokenizer().encode(response).unwrap().len() <= 200);
+    }
+    // Generations that never end are filtered out.
+    let short = SamplingConfig {
+        max_tokens: 1,
+        temperature: 0.0,
+        top_p: 1.0,
+    };
+    let none = synthetic_set(&lm, &prompts, 5, &short, 4).unwrap();
+    assert!(none.is_empty(), "{none:?}");
 }

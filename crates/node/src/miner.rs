@@ -115,12 +115,15 @@ impl Ctx {
                     let tx = self.tx.clone();
                     tokio::spawn(async move {
                         let job_id = commitment.job_id.clone();
-                        let result = async {
-                            ValidatorClient::connect(&reply_to)
-                                .await?
-                                .commit(commitment)
-                                .await
-                        }
+                        let result = retrying("commit", &job_id, || {
+                            let (reply_to, commitment) = (reply_to.clone(), commitment.clone());
+                            async move {
+                                ValidatorClient::connect(&reply_to)
+                                    .await?
+                                    .commit(commitment)
+                                    .await
+                            }
+                        })
                         .await
                         .map_err(|e| e.to_string());
                         let _ = tx
@@ -133,12 +136,16 @@ impl Ctx {
                     let path = self.blobs.path(&header.artifact);
                     tokio::spawn(async move {
                         let job_id = header.job_id.clone();
-                        let result = async {
-                            ValidatorClient::connect(&reply_to)
-                                .await?
-                                .upload(header, &path)
-                                .await
-                        }
+                        let result = retrying("upload", &job_id, || {
+                            let (reply_to, header, path) =
+                                (reply_to.clone(), header.clone(), path.clone());
+                            async move {
+                                ValidatorClient::connect(&reply_to)
+                                    .await?
+                                    .upload(header, &path)
+                                    .await
+                            }
+                        })
                         .await
                         .map(|_| ())
                         .map_err(|e| e.to_string());
@@ -217,6 +224,48 @@ impl Ctx {
                 .send(Cmd::Input(MinerInput::Trained { job_id, result }))
                 .await;
         });
+    }
+}
+
+/// How long a commit or upload keeps retrying while the validator cannot be reached
+/// (a restarting validator comes back within this).
+const RETRY_FOR: Duration = Duration::from_secs(60);
+
+/// Calls `f` until it succeeds, the validator refuses for a reason a retry cannot change,
+/// or `RETRY_FOR` has passed.
+async fn retrying<T, F, Fut>(
+    what: &str,
+    job_id: &tunenet_types::JobId,
+    mut f: F,
+) -> Result<T, tunenet_rpc::RpcError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tunenet_rpc::RpcError>>,
+{
+    let start = Instant::now();
+    let mut wait = Duration::from_millis(250);
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                let transient = match &e {
+                    tunenet_rpc::RpcError::Connect { .. } => true,
+                    tunenet_rpc::RpcError::Refused { code, .. } => {
+                        matches!(
+                            code,
+                            tunenet_rpc::Code::Unavailable | tunenet_rpc::Code::Unknown
+                        )
+                    }
+                    _ => false,
+                };
+                if !transient || start.elapsed() + wait > RETRY_FOR {
+                    return Err(e);
+                }
+                tracing::warn!(%job_id, error = %e, "{what} failed; retrying in {} ms", wait.as_millis());
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(4));
+            }
+        }
     }
 }
 

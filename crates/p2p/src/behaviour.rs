@@ -105,8 +105,7 @@ impl Behaviour {
             .with_peer_score(score, gossipsub::PeerScoreThresholds::default())
             .map_err(setup("gossipsub peer score"))?;
 
-        let rr = request_response::Config::default()
-            .with_request_timeout(config.request_timeout());
+        let rr = request_response::Config::default().with_request_timeout(config.request_timeout());
         let job = request_response::Behaviour::with_codec(
             JobCodec::new(MAX_JOB_MESSAGE, MAX_JOB_MESSAGE),
             [(StreamProtocol::new(JOB_PROTOCOL), ProtocolSupport::Full)],

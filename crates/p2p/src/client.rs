@@ -22,7 +22,10 @@ pub struct Client {
 }
 
 impl Client {
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, P2pError> {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, P2pError> {
         let (tx, rx) = oneshot::channel();
         self.commands
             .send(make(tx))
@@ -81,12 +84,20 @@ impl Client {
 
     /// Sends a job request to `peer` over `/tunenet/job/1` and waits for the answer. A
     /// [`JobResponse::Refused`] answer comes back as [`P2pError::Refused`].
-    pub async fn request(&self, peer: PeerId, request: JobRequest) -> Result<JobResponse, P2pError> {
+    pub async fn request(
+        &self,
+        peer: PeerId,
+        request: JobRequest,
+    ) -> Result<JobResponse, P2pError> {
         self.ask(|r| Command::Job(peer, request, r)).await?
     }
 
     /// Answers an inbound job request (from [`crate::Event::JobRequest`]).
-    pub async fn respond(&self, channel: JobChannel, response: JobResponse) -> Result<(), P2pError> {
+    pub async fn respond(
+        &self,
+        channel: JobChannel,
+        response: JobResponse,
+    ) -> Result<(), P2pError> {
         self.ask(|r| Command::Respond(channel, response, r)).await?
     }
 
@@ -121,6 +132,9 @@ impl Client {
     }
 
     pub(crate) async fn drop_peer(&self, peer: PeerId, id: BlobId, reason: String) {
-        let _ = self.commands.send(Command::DropPeer(peer, id, reason)).await;
+        let _ = self
+            .commands
+            .send(Command::DropPeer(peer, id, reason))
+            .await;
     }
 }

@@ -162,13 +162,13 @@ mod tests {
     async fn malformed_frames_are_errors_not_panics() {
         let mut codec = ProstCodec::<JobRequest, JobResponse>::new(64, 64);
         let cases: Vec<Vec<u8>> = vec![
-            vec![],                                  // nothing at all
-            vec![0, 0],                              // half a length
-            vec![0xff, 0xff, 0xff, 0xff],            // 4 GiB claimed: over the limit
-            vec![0, 0, 0, 10, 1, 2],                 // shorter than claimed
-            vec![0, 0, 0, 3, 0xff, 0xff, 0xff],      // not protobuf
-            vec![0, 0, 0, 0],                        // an empty envelope
-            vec![0, 0, 0, 2, 0x0a, 0x05],            // truncated nested message
+            vec![],                             // nothing at all
+            vec![0, 0],                         // half a length
+            vec![0xff, 0xff, 0xff, 0xff],       // 4 GiB claimed: over the limit
+            vec![0, 0, 0, 10, 1, 2],            // shorter than claimed
+            vec![0, 0, 0, 3, 0xff, 0xff, 0xff], // not protobuf
+            vec![0, 0, 0, 0],                   // an empty envelope
+            vec![0, 0, 0, 2, 0x0a, 0x05],       // truncated nested message
         ];
         for bytes in cases {
             let mut io = Cursor::new(bytes.clone());

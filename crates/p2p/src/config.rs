@@ -37,7 +37,9 @@ impl Default for P2pConfig {
     fn default() -> Self {
         P2pConfig {
             listen: vec![
-                "/ip4/0.0.0.0/tcp/0".parse().unwrap_or_else(|_| Multiaddr::empty()),
+                "/ip4/0.0.0.0/tcp/0"
+                    .parse()
+                    .unwrap_or_else(|_| Multiaddr::empty()),
                 "/ip4/0.0.0.0/udp/0/quic-v1"
                     .parse()
                     .unwrap_or_else(|_| Multiaddr::empty()),

@@ -390,7 +390,11 @@ impl EventLoop {
         if self.swarm.is_connected(&peer) {
             return;
         }
-        let addrs = self.peers.get(&peer).map(|e| e.addrs.clone()).unwrap_or_default();
+        let addrs = self
+            .peers
+            .get(&peer)
+            .map(|e| e.addrs.clone())
+            .unwrap_or_default();
         if !addrs.is_empty() {
             let opts = DialOpts::peer_id(peer)
                 .addresses(addrs)
@@ -454,13 +458,11 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established,
+                num_established: 0,
                 ..
             } => {
-                if num_established == 0 {
-                    self.entry(peer_id).connected = false;
-                    self.emit(Event::PeerDisconnected { peer: peer_id });
-                }
+                self.entry(peer_id).connected = false;
+                self.emit(Event::PeerDisconnected { peer: peer_id });
             }
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
@@ -498,10 +500,15 @@ impl EventLoop {
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {
-                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
                     self.remember_addr(peer, addr.clone());
                     if !self.swarm.is_connected(&peer) {
-                        let _ = self.swarm.dial(DialOpts::peer_id(peer).addresses(vec![addr]).build());
+                        let _ = self
+                            .swarm
+                            .dial(DialOpts::peer_id(peer).addresses(vec![addr]).build());
                     }
                 }
             }
@@ -510,9 +517,9 @@ impl EventLoop {
                 message_id,
                 message,
             }) => self.on_gossip(propagation_source, message_id, message),
-            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { id, result, step, .. }) => {
-                self.on_kad_query(id, result, step.last)
-            }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id, result, step, ..
+            }) => self.on_kad_query(id, result, step.last),
             BehaviourEvent::Job(event) => self.on_job_event(event),
             BehaviourEvent::Blob(event) => self.on_blob_event(event),
             _ => {}
@@ -641,10 +648,11 @@ impl EventLoop {
             }),
             E::Message {
                 peer,
-                message: M::Response {
-                    request_id,
-                    response,
-                },
+                message:
+                    M::Response {
+                        request_id,
+                        response,
+                    },
                 ..
             } => {
                 if let Some(reply) = self.jobs.remove(&request_id) {
@@ -686,14 +694,19 @@ impl EventLoop {
                 ..
             } => {
                 if let Answer::Now(channel, response) = self.server.handle(peer, request, channel) {
-                    let _ = self.swarm.behaviour_mut().blob.send_response(channel, response);
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .blob
+                        .send_response(channel, response);
                 }
             }
             E::Message {
-                message: M::Response {
-                    request_id,
-                    response,
-                },
+                message:
+                    M::Response {
+                        request_id,
+                        response,
+                    },
                 ..
             } => {
                 if let Some(reply) = self.blobs.remove(&request_id) {

@@ -3,6 +3,11 @@
 //! spread over the providers, checking each chunk before it is kept and writing them in
 //! order. A provider that sends bad bytes is dropped; one that fails is left out for the
 //! round; each new round looks providers up again and resumes at the first missing chunk.
+//!
+//! A manifest proves less than it seems (see [`Manifest::verify`]), so a chunk that fails
+//! from another provider is asked again from the manifest's sender: if that one checks
+//! out, the other provider lied; if not, the manifest's sender is dropped and the download
+//! starts over with a manifest from someone else.
 
 use crate::chunks::{MAX_BLOB_SIZE, Manifest};
 use crate::client::Client;
@@ -13,7 +18,7 @@ use futures::stream::FuturesUnordered;
 use libp2p::PeerId;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
-use tunenet_store::BlobWriter;
+use tunenet_store::{BlobStore, BlobWriter};
 use tunenet_types::BlobId;
 
 /// Failed requests after which a provider is left out for the rest of a round.
@@ -35,6 +40,11 @@ struct Download {
     max_size: u64,
     parallel: usize,
     manifest: Option<Manifest>,
+    /// Who sent the manifest: the referee when a chunk fails.
+    manifest_from: Option<PeerId>,
+    /// A manifest said the blob is over the caller's limit.
+    too_large: Option<u64>,
+    store: BlobStore,
     writer: Option<BlobWriter>,
     /// The first chunk not yet written.
     next_write: u64,
@@ -49,7 +59,11 @@ struct Download {
     last_problem: String,
 }
 
-pub(crate) async fn fetch_blob(client: &Client, id: BlobId, max_size: u64) -> Result<u64, P2pError> {
+pub(crate) async fn fetch_blob(
+    client: &Client,
+    id: BlobId,
+    max_size: u64,
+) -> Result<u64, P2pError> {
     let store = client.store.clone();
     if store.contains(&id) {
         let s = store.clone();
@@ -65,6 +79,9 @@ pub(crate) async fn fetch_blob(client: &Client, id: BlobId, max_size: u64) -> Re
         max_size,
         parallel: client.config.blob_parallel.clamp(1, 64),
         manifest: None,
+        manifest_from: None,
+        too_large: None,
+        store: store.clone(),
         writer: Some(store.writer(Some(max_size))?),
         next_write: 0,
         next_new: 0,
@@ -96,6 +113,13 @@ pub(crate) async fn fetch_blob(client: &Client, id: BlobId, max_size: u64) -> Re
             d.get_manifest(client, &providers).await?;
         }
         let Some(manifest) = d.manifest.clone() else {
+            if let Some(size) = d.too_large {
+                return Err(P2pError::BlobTooLarge {
+                    id,
+                    size,
+                    limit: max_size,
+                });
+            }
             continue;
         };
         if let Some(size) = d.download(client, &manifest, providers).await? {
@@ -115,22 +139,25 @@ impl Download {
         client.drop_peer(peer, self.id, reason).await;
     }
 
-    async fn get_manifest(&mut self, client: &Client, providers: &[PeerId]) -> Result<(), P2pError> {
+    async fn get_manifest(
+        &mut self,
+        client: &Client,
+        providers: &[PeerId],
+    ) -> Result<(), P2pError> {
         for &peer in providers {
-            let answer = client.blob_request(peer, request(self.id, Want::Manifest(true))).await;
+            let answer = client
+                .blob_request(peer, request(self.id, Want::Manifest(true)))
+                .await;
             match answer {
                 Ok(pb::BlobResponse {
                     body: Some(Body::Manifest(m)),
                 }) => match Manifest::verify(&m, self.id, MAX_BLOB_SIZE) {
-                    Ok(m) if m.size > self.max_size => {
-                        return Err(P2pError::BlobTooLarge {
-                            id: self.id,
-                            size: m.size,
-                            limit: self.max_size,
-                        });
-                    }
+                    // Kept as a verdict only if no provider offers a usable manifest: a
+                    // peer can inflate the chunk count of a blob it holds.
+                    Ok(m) if m.size > self.max_size => self.too_large = Some(m.size),
                     Ok(m) => {
                         self.manifest = Some(m);
+                        self.manifest_from = Some(peer);
                         return Ok(());
                     }
                     Err(reason) => {
@@ -142,8 +169,12 @@ impl Download {
                     body: Some(Body::Refused(r)),
                 }) => self.last_problem = format!("{peer} refused: {r}"),
                 Ok(_) => {
-                    self.drop_provider(client, peer, "answered a manifest request with something else".into())
-                        .await
+                    self.drop_provider(
+                        client,
+                        peer,
+                        "answered a manifest request with something else".into(),
+                    )
+                    .await
                 }
                 Err(P2pError::Stopped) => return Err(P2pError::Stopped),
                 Err(e) => self.last_problem = e.to_string(),
@@ -212,11 +243,9 @@ impl Download {
                     }
                 }
                 Ok(_) => {
-                    self.retry.insert(index);
                     active.retain(|p| *p != peer);
-                    if !self.dropped.contains(&peer) {
-                        let reason = format!("chunk {index} does not hash to its place in the blob");
-                        self.drop_provider(client, peer, reason).await;
+                    if !self.judge_bad_chunk(client, manifest, peer, index).await? {
+                        return Ok(None); // manifest discarded: start over next round
                     }
                 }
                 Err(P2pError::Stopped) => return Err(P2pError::Stopped),
@@ -232,6 +261,64 @@ impl Download {
             }
             self.flush().await?;
         }
+    }
+
+    /// `peer` sent a chunk that does not check out. Asks the manifest's sender for the same
+    /// chunk: if it checks out, `peer` lied and is dropped (true: carry on); otherwise the
+    /// manifest cannot be trusted, its sender is dropped and everything is reset (false).
+    async fn judge_bad_chunk(
+        &mut self,
+        client: &Client,
+        manifest: &Manifest,
+        peer: PeerId,
+        index: u64,
+    ) -> Result<bool, P2pError> {
+        let reason = format!("chunk {index} does not hash to its place in the blob");
+        let referee = self.manifest_from.filter(|m| *m != peer);
+        let Some(referee) = referee else {
+            self.drop_provider(client, peer, reason).await;
+            self.reset()?;
+            return Ok(false);
+        };
+        let answer = client
+            .blob_request(referee, request(self.id, Want::Chunk(index)))
+            .await;
+        match answer {
+            Ok(pb::BlobResponse {
+                body: Some(Body::Chunk(c)),
+            }) if c.index == index && manifest.check_chunk(index, &c.data) => {
+                self.ready.insert(index, c.data);
+                if !self.dropped.contains(&peer) {
+                    self.drop_provider(client, peer, reason).await;
+                }
+                Ok(true)
+            }
+            Err(P2pError::Stopped) => Err(P2pError::Stopped),
+            Err(e) => {
+                // The referee is gone: nobody can be blamed; start over without it.
+                self.last_problem = e.to_string();
+                self.reset()?;
+                Ok(false)
+            }
+            Ok(_) => {
+                let why = format!("its manifest and its chunk {index} disagree");
+                self.drop_provider(client, referee, why).await;
+                self.reset()?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Forgets the manifest and everything received under it.
+    fn reset(&mut self) -> Result<(), P2pError> {
+        self.manifest = None;
+        self.manifest_from = None;
+        self.next_write = 0;
+        self.next_new = 0;
+        self.retry.clear();
+        self.ready.clear();
+        self.writer = Some(self.store.writer(Some(self.max_size))?);
+        Ok(())
     }
 
     /// Writes the checked chunks that are next in order.

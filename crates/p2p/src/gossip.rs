@@ -168,8 +168,8 @@ pub fn validate(
                     data.len()
                 ));
             }
-            let ann = CompetitionAnnouncement::decode(data)
-                .map_err(|e| format!("announcement: {e}"))?;
+            let ann =
+                CompetitionAnnouncement::decode(data).map_err(|e| format!("announcement: {e}"))?;
             check_fresh(ann.timestamp_ms, now, max_age_ms)?;
             let signer = check_signer(&ann.validator, publisher)?;
             ann.verify()?;
@@ -207,8 +207,14 @@ mod tests {
     fn a_signed_advert_passes() {
         let kp = Keypair::generate_ed25519();
         let a = advert(&kp);
-        let (signer, g) =
-            validate(ADVERT_TOPIC, &a.encode_to_vec(), Some(&pid(&kp)), NOW + 1, AGE).unwrap();
+        let (signer, g) = validate(
+            ADVERT_TOPIC,
+            &a.encode_to_vec(),
+            Some(&pid(&kp)),
+            NOW + 1,
+            AGE,
+        )
+        .unwrap();
         assert_eq!(signer, pid(&kp));
         assert_eq!(g, Gossip::Advert(a));
     }
@@ -223,15 +229,39 @@ mod tests {
         };
         let mut tampered = a.clone();
         tampered.max_model_params += 1;
-        assert!(ok(&tampered, &kp, NOW, ADVERT_TOPIC).unwrap_err().contains("signature"));
-        assert!(ok(&a, &kp, NOW + AGE + 1, ADVERT_TOPIC).unwrap_err().contains("stale"));
-        assert!(ok(&a, &kp, NOW - 60_000, ADVERT_TOPIC).unwrap_err().contains("future"));
-        assert!(ok(&a, &other, NOW, ADVERT_TOPIC).unwrap_err().contains("signed by"));
-        assert!(ok(&a, &kp, NOW, "tunenet/v1/other").unwrap_err().contains("topic"));
+        assert!(
+            ok(&tampered, &kp, NOW, ADVERT_TOPIC)
+                .unwrap_err()
+                .contains("signature")
+        );
+        assert!(
+            ok(&a, &kp, NOW + AGE + 1, ADVERT_TOPIC)
+                .unwrap_err()
+                .contains("stale")
+        );
+        assert!(
+            ok(&a, &kp, NOW - 60_000, ADVERT_TOPIC)
+                .unwrap_err()
+                .contains("future")
+        );
+        assert!(
+            ok(&a, &other, NOW, ADVERT_TOPIC)
+                .unwrap_err()
+                .contains("signed by")
+        );
+        assert!(
+            ok(&a, &kp, NOW, "tunenet/v1/other")
+                .unwrap_err()
+                .contains("topic")
+        );
         let mut big = advert(&kp);
         big.policy = "x".repeat(MAX_ADVERT_BYTES);
         big.sign(&kp, NOW);
-        assert!(ok(&big, &kp, NOW, ADVERT_TOPIC).unwrap_err().contains("limit"));
+        assert!(
+            ok(&big, &kp, NOW, ADVERT_TOPIC)
+                .unwrap_err()
+                .contains("limit")
+        );
         assert!(validate(ADVERT_TOPIC, &[0xff, 0xff], None, NOW, AGE).is_err());
     }
 
@@ -244,8 +274,14 @@ mod tests {
             ..Default::default()
         };
         c.sign(&kp, NOW);
-        let (_, g) =
-            validate(COMPETITION_TOPIC, &c.encode_to_vec(), Some(&pid(&kp)), NOW, AGE).unwrap();
+        let (_, g) = validate(
+            COMPETITION_TOPIC,
+            &c.encode_to_vec(),
+            Some(&pid(&kp)),
+            NOW,
+            AGE,
+        )
+        .unwrap();
         assert_eq!(g, Gossip::Competition(c.clone()));
         c.jobs = 5;
         assert!(validate(COMPETITION_TOPIC, &c.encode_to_vec(), None, NOW, AGE).is_err());

@@ -45,10 +45,12 @@ pub fn new(
 ) -> Result<(Client, mpsc::Receiver<Event>, EventLoop), P2pError> {
     let mut swarm = behaviour::build_swarm(keypair, &config)?;
     for addr in &config.listen {
-        swarm.listen_on(addr.clone()).map_err(|e| P2pError::BadAddress {
-            addr: addr.to_string(),
-            reason: e.to_string(),
-        })?;
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| P2pError::BadAddress {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })?;
     }
     for addr in &config.external {
         swarm.add_external_address(addr.clone());

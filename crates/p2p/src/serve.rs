@@ -92,7 +92,9 @@ impl BlobServer {
         }
         let want = match request.want {
             Some(w) => w,
-            None => return Answer::Now(channel, refused("request names neither manifest nor chunk")),
+            None => {
+                return Answer::Now(channel, refused("request names neither manifest nor chunk"));
+            }
         };
         let cached = self.manifests.get(&id).cloned();
         if let (Want::Manifest(_), Some(m)) = (&want, &cached) {
@@ -121,7 +123,11 @@ impl BlobServer {
                 Want::Chunk(index) => {
                     let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
                     if index >= chunk_count(size) {
-                        (refused(format!("chunk {index} is out of range")), None, None)
+                        (
+                            refused(format!("chunk {index} is out of range")),
+                            None,
+                            None,
+                        )
                     } else {
                         match read_chunk(&path, size, index) {
                             Ok(data) => {

@@ -26,6 +26,27 @@ pub enum ModelCmd {
         /// The model directory.
         dir: PathBuf,
     },
+    /// Import a llama-architecture GGUF (e.g. from scripts/fetch-smollm2.sh) into a
+    /// Hugging Face model directory (f32 safetensors, config.json, tokenizer.json).
+    ImportGguf {
+        /// The .gguf file.
+        file: PathBuf,
+        /// Output model directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Merge a LoRA artifact into its base model's weights, writing a new model directory.
+    Merge {
+        /// Base model directory.
+        #[arg(long)]
+        base: PathBuf,
+        /// The LoRA artifact (artifact.safetensors written by training).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Output model directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -85,16 +106,49 @@ pub struct TrainArgs {
     /// `cpu` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// LoRA target modules, comma-separated (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
+    targets: Vec<String>,
+    /// Dropout on LoRA adapter inputs.
+    #[arg(long, default_value_t = 0.0)]
+    lora_dropout: f64,
+    /// Micro-batches per optimiser step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Linear warm-up steps.
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: usize,
+    /// `constant` or `cosine` (after warm-up).
+    #[arg(long, default_value = "constant")]
+    lr_schedule: String,
+    /// Clip gradients to this global norm.
+    #[arg(long)]
+    max_grad_norm: Option<f64>,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Batch sequences of similar length together.
+    #[arg(long)]
+    length_bucketing: bool,
+    /// Base weight precision: auto (f32 on CPU, bf16 on GPU), f32, bf16, f16.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// Checkpoint every this many steps (0: only by time); a rerun with the same --out resumes.
+    #[arg(long, default_value_t = 0)]
+    checkpoint_every: usize,
 }
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct EvalArgs {
+    #[command(subcommand)]
+    cmd: Option<EvalCmd>,
     /// Base model directory.
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Evaluation data (JSONL).
     #[arg(long)]
-    data: PathBuf,
+    data: Option<PathBuf>,
     /// A training artifact to apply (LoRA adapter or full weights).
     #[arg(long)]
     artifact: Option<PathBuf>,
@@ -107,6 +161,43 @@ pub struct EvalArgs {
     /// `cpu` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
+}
+
+#[derive(Subcommand)]
+pub enum EvalCmd {
+    /// HellaSwag accuracy (acc, acc_norm) scored as lm-evaluation-harness does.
+    Hellaswag {
+        /// Model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// HellaSwag JSONL (activity_label, ctx_a, ctx_b, endings, label).
+        #[arg(long)]
+        data: PathBuf,
+        /// A training artifact to apply (LoRA adapter or full weights).
+        #[arg(long)]
+        artifact: Option<PathBuf>,
+        /// Score only the first N items.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// `cpu` or `cuda:N`.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Base weight precision: auto, f32, bf16, f16.
+        #[arg(long, default_value = "auto")]
+        dtype: String,
+    },
+    /// Write synthetic items in HellaSwag's layout (for trying the scorer).
+    HellaswagDemo {
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Items to write.
+        #[arg(long, default_value_t = 100)]
+        items: usize,
+        /// Seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
 }
 
 pub fn model(cmd: ModelCmd) -> Result<()> {
@@ -127,6 +218,22 @@ pub fn model(cmd: ModelCmd) -> Result<()> {
             let cfg = m.config()?;
             println!("{}", serde_json::to_string_pretty(&cfg)?);
             println!("parameters: {}", cfg.param_count());
+        }
+        ModelCmd::ImportGguf { file, out } => {
+            let cfg = tunenet_ml::import_gguf(&file, &out)?;
+            println!(
+                "imported {} ({} parameters, {} layers, vocabulary {}) to {}",
+                file.display(),
+                cfg.param_count(),
+                cfg.num_hidden_layers,
+                cfg.vocab_size,
+                out.display()
+            );
+        }
+        ModelCmd::Merge { base, adapter, out } => {
+            let base = tunenet_ml::ModelDir::open(&base)?;
+            tunenet_ml::merge_adapter(&base, &adapter, &out)?;
+            println!("wrote merged weights to {}", out.display());
         }
     }
     Ok(())
@@ -160,7 +267,19 @@ pub fn train(a: TrainArgs) -> Result<()> {
         batch_size: a.batch_size,
         max_seq_len: a.max_seq_len,
         seed: a.seed,
-        weight_decay: 0.0,
+        weight_decay: a.weight_decay,
+        grad_accum_steps: a.grad_accum,
+        warmup_steps: a.warmup_steps,
+        lr_schedule: match a.lr_schedule.as_str() {
+            "constant" => tunenet_ml::LrSchedule::Constant,
+            "cosine" => tunenet_ml::LrSchedule::Cosine,
+            other => bail!("unknown --lr-schedule `{other}`: use `constant` or `cosine`"),
+        },
+        max_grad_norm: a.max_grad_norm,
+        lora_dropout: a.lora_dropout,
+        length_bucketing: a.length_bucketing,
+        dtype: a.dtype.parse()?,
+        checkpoint_every_steps: a.checkpoint_every,
         ..Default::default()
     };
     let device = tunenet_ml::parse_device(&a.device)?;
@@ -175,19 +294,22 @@ pub fn train(a: TrainArgs) -> Result<()> {
         if last.elapsed() >= Duration::from_secs(1) || p.step == p.max_steps {
             last = Instant::now();
             eprintln!(
-                "step {:>5}/{}  loss {:.4}  {:.0} tokens/s  {:.1} s",
+                "step {:>5}/{}  loss {:.4}  lr {:.2e}  {:.0} tokens/s  {:.1} s elapsed  {:.1} s left",
                 p.step,
                 p.max_steps,
                 p.loss,
+                p.learning_rate,
                 p.tokens_per_sec,
-                p.elapsed.as_secs_f64()
+                p.elapsed.as_secs_f64(),
+                p.time_left.as_secs_f64()
             );
         }
     };
-    let r = tunenet_ml::train(
+    let r = tunenet_ml::train_with_targets(
         &model,
         &records,
         &cfg,
+        &a.targets,
         deadline,
         Duration::from_millis(500),
         &device,
@@ -212,9 +334,50 @@ pub fn train(a: TrainArgs) -> Result<()> {
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
+    match a.cmd {
+        Some(EvalCmd::Hellaswag {
+            model,
+            data,
+            artifact,
+            limit,
+            device,
+            dtype,
+        }) => {
+            let device = tunenet_ml::parse_device(&device)?;
+            let model = tunenet_ml::ModelDir::open(&model)?;
+            let lm =
+                tunenet_ml::CausalLm::load(&model, artifact.as_deref(), dtype.parse()?, &device)?;
+            let mut items = tunenet_ml::load_hellaswag(&data)?;
+            if let Some(n) = limit {
+                items.truncate(n);
+            }
+            let r = tunenet_ml::evaluate_hellaswag(&lm, &items)?;
+            println!(
+                "hellaswag: {} items  acc {:.4}  acc_norm {:.4}  {:.2} items/s  {:.0} tokens/s  ({:.1} s)",
+                r.items, r.acc, r.acc_norm, r.items_per_sec, r.tokens_per_sec, r.seconds
+            );
+            return Ok(());
+        }
+        Some(EvalCmd::HellaswagDemo { out, items, seed }) => {
+            let data = tunenet_ml::hellaswag_demo_items(items, seed);
+            let mut bytes = Vec::new();
+            for it in &data {
+                bytes.extend(serde_json::to_vec(it)?);
+                bytes.push(b'\n');
+            }
+            std::fs::write(&out, bytes)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            println!("wrote {} items to {}", data.len(), out.display());
+            return Ok(());
+        }
+        None => {}
+    }
+    let (Some(model), Some(data)) = (a.model, a.data) else {
+        bail!("eval needs --model and --data (or a subcommand such as `eval hellaswag`)");
+    };
     let device = tunenet_ml::parse_device(&a.device)?;
-    let model = tunenet_ml::ModelDir::open(&a.model)?;
-    let records = tunenet_ml::load_jsonl(&a.data)?;
+    let model = tunenet_ml::ModelDir::open(&model)?;
+    let records = tunenet_ml::load_jsonl(&data)?;
     let r = tunenet_ml::evaluate(
         &model,
         a.artifact.as_deref(),

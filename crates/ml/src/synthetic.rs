@@ -1,0 +1,247 @@
+//! Synthetic test sets: sample responses from a model (KV-cached decoding) for perturbed
+//! prompts, and keep those that pass the filters. Same seed, same set.
+
+use std::collections::HashSet;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::data::Record;
+use crate::error::MlError;
+use crate::lm::CausalLm;
+
+/// How to sample tokens.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SamplingConfig {
+    /// Softmax temperature; 0 means greedy decoding.
+    pub temperature: f64,
+    /// Nucleus sampling: draw from the smallest set of tokens whose probability reaches this.
+    pub top_p: f64,
+    /// Most new tokens per generation.
+    pub max_tokens: usize,
+}
+
+impl Default for SamplingConfig {
+    /// Temperature 0.8, top-p 0.95, 64 tokens.
+    fn default() -> Self {
+        SamplingConfig {
+            temperature: 0.8,
+            top_p: 0.95,
+            max_tokens: 64,
+        }
+    }
+}
+
+impl SamplingConfig {
+    fn validate(&self) -> Result<(), MlError> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err(MlError::Invalid(format!(
+                "temperature must be zero or positive, got {}",
+                self.temperature
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(MlError::Invalid(format!(
+                "top_p must be in (0, 1], got {}",
+                self.top_p
+            )));
+        }
+        if self.max_tokens == 0 {
+            return Err(MlError::Invalid("max_tokens must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Picks a token from `logits` as `cfg` says.
+fn sample(logits: &[f32], cfg: &SamplingConfig, rng: &mut StdRng) -> u32 {
+    let argmax = || {
+        logits
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i as u32)
+            .unwrap_or(0)
+    };
+    if cfg.temperature <= 0.0 {
+        return argmax();
+    }
+    let max = logits.iter().copied().fold(f32::MIN, f32::max) as f64;
+    let mut probs: Vec<(u32, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, ((l as f64 - max) / cfg.temperature).exp()))
+        .collect();
+    let total: f64 = probs.iter().map(|p| p.1).sum();
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut kept = 0.0;
+    let mut n = 0;
+    for p in &probs {
+        kept += p.1 / total;
+        n += 1;
+        if kept >= cfg.top_p {
+            break;
+        }
+    }
+    let mass: f64 = probs[..n].iter().map(|p| p.1).sum();
+    let mut r = rng.random::<f64>() * mass;
+    for p in &probs[..n] {
+        r -= p.1;
+        if r <= 0.0 {
+            return p.0;
+        }
+    }
+    probs[n - 1].0
+}
+
+/// A generation and whether it ended with the end-of-sequence token.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generation {
+    /// The new token ids (eos excluded).
+    pub ids: Vec<u32>,
+    /// Whether eos ended it (rather than `max_tokens` or the context length).
+    pub finished: bool,
+}
+
+impl CausalLm {
+    /// Continues `prompt` (token ids) with KV-cached decoding, sampling as `cfg` says from
+    /// `rng`.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        cfg: &SamplingConfig,
+        rng: &mut StdRng,
+    ) -> Result<Generation, MlError> {
+        cfg.validate()?;
+        let llama = self.llama();
+        let mut cache = crate::model::KvCache::default();
+        let eos = self.config().eos_token_id;
+        let ctx = self.config().max_position_embeddings;
+        let run = |ids: &[u32], cache: &mut crate::model::KvCache| -> Result<Vec<f32>, MlError> {
+            let logits = llama
+                .forward_cached(ids, cache)
+                .map_err(|e| MlError::Candle {
+                    context: "generating".into(),
+                    source: e,
+                })?;
+            let t = ids.len();
+            logits
+                .get(t - 1)
+                .and_then(|l| l.to_vec1::<f32>())
+                .map_err(|e| MlError::Candle {
+                    context: "reading logits".into(),
+                    source: e,
+                })
+        };
+        if prompt.is_empty() || prompt.len() >= ctx {
+            return Err(MlError::Invalid(format!(
+                "prompt of {} tokens does not fit the model's context of {ctx}",
+                prompt.len()
+            )));
+        }
+        let mut logits = run(prompt, &mut cache)?;
+        let mut out = Vec::new();
+        while out.len() < cfg.max_tokens {
+            let next = sample(&logits, cfg, rng);
+            if Some(next) == eos {
+                return Ok(Generation {
+                    ids: out,
+                    finished: true,
+                });
+            }
+            out.push(next);
+            if cache.len() + 1 >= ctx {
+                break;
+            }
+            logits = run(&[next], &mut cache)?;
+        }
+        Ok(Generation {
+            ids: out,
+            finished: false,
+        })
+    }
+}
+
+/// Deterministic prompt perturbations, chosen by the rng.
+fn perturb(prompt: &str, rng: &mut StdRng) -> String {
+    let words: Vec<&str> = prompt.split_whitespace().collect();
+    match rng.random_range(0..5) {
+        0 => prompt.to_string(),
+        1 => prompt.to_lowercase(),
+        2 if words.len() >= 2 => {
+            let i = rng.random_range(0..words.len() - 1);
+            let mut w = words.clone();
+            w.swap(i, i + 1);
+            w.join(" ")
+        }
+        3 if words.len() >= 3 => {
+            let i = rng.random_range(0..words.len());
+            let mut w = words.clone();
+            w.remove(i);
+            w.join(" ")
+        }
+        _ => {
+            const LEADS: &[&str] = &["Please answer: ", "Question: ", "Tell me: "];
+            format!("{}{prompt}", LEADS[rng.random_range(0..LEADS.len())])
+        }
+    }
+}
+
+/// Whether some token 3-gram occurs more than three times (degenerate looping).
+fn is_repetitive(ids: &[u32]) -> bool {
+    let mut seen = std::collections::HashMap::new();
+    ids.windows(3).any(|w| {
+        let c = seen.entry(w).or_insert(0);
+        *c += 1;
+        *c > 3
+    })
+}
+
+/// Up to `n` instruction records made by sampling `lm` on perturbed `prompts`: each
+/// attempt picks a prompt, perturbs it (lower-casing, swapping or dropping a word, a
+/// lead-in phrase), samples a response, and drops it when it is empty, loops, repeats an
+/// earlier record, or runs to `max_tokens` without ending. Stops after `4 n` attempts, so
+/// fewer than `n` records come back when the filters reject many. Deterministic from `seed`.
+pub fn synthetic_set(
+    lm: &CausalLm,
+    prompts: &[String],
+    seed: u64,
+    sampling: &SamplingConfig,
+    n: usize,
+) -> Result<Vec<Record>, MlError> {
+    sampling.validate()?;
+    if prompts.is_empty() {
+        return Err(MlError::Invalid(
+            "synthetic_set needs at least one prompt".into(),
+        ));
+    }
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut out = Vec::with_capacity(n);
+    let mut seen: HashSet<(String, String)> = HashSet::new();
+    let bos: Vec<u32> = lm.config().bos_token_id.into_iter().collect();
+    for _ in 0..n.saturating_mul(4) {
+        if out.len() >= n {
+            break;
+        }
+        let prompt = perturb(&prompts[rng.random_range(0..prompts.len())], &mut rng);
+        let mut ids = bos.clone();
+        ids.extend(lm.tokenizer().encode(&prompt)?);
+        if ids.is_empty() || ids.len() >= lm.config().max_position_embeddings {
+            continue;
+        }
+        let g = lm.generate(&ids, sampling, &mut rng)?;
+        if !g.finished || is_repetitive(&g.ids) {
+            continue;
+        }
+        let response = lm.tokenizer().decode(&g.ids, true)?;
+        if response.trim().is_empty() {
+            continue;
+        }
+        if !seen.insert((prompt.clone(), response.clone())) {
+            continue;
+        }
+        out.push(Record::Instruction { prompt, response });
+    }
+    Ok(out)
+}

@@ -1,0 +1,395 @@
+//! Swarms on loopback (TCP, mDNS off) exercising discovery, gossip validation, the job
+//! protocol and blob transfer, including interrupted and corrupt transfers.
+
+use libp2p::multiaddr::Protocol;
+use prost::Message;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tunenet_p2p::{
+    ADVERT_TOPIC, Client, Event, JobRequest, JobResponse, MinerAdvert, Multiaddr, P2pConfig,
+    P2pError, PeerId,
+};
+use tunenet_proto::v1;
+use tunenet_store::BlobStore;
+use tunenet_types::{BlobId, Identity};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Node {
+    client: Client,
+    events: mpsc::Receiver<Event>,
+    task: JoinHandle<()>,
+    peer: PeerId,
+    addr: Multiaddr,
+    store: BlobStore,
+    identity: Identity,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    async fn start(bootstrap: Option<&Node>, tweak: impl FnOnce(&mut P2pConfig)) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let mut config = P2pConfig::loopback();
+        if let Some(b) = bootstrap {
+            config.bootstrap = vec![b.addr.clone()];
+        }
+        tweak(&mut config);
+        // The node key is the same type the rest of tunenet uses.
+        let identity = Identity::generate();
+        let (client, events, event_loop) =
+            tunenet_p2p::new(identity.keypair(), config, store.clone()).unwrap();
+        let task = tokio::spawn(event_loop.run());
+        let peer = client.local_peer_id();
+        assert_eq!(peer.to_base58(), identity.peer_id().0);
+        let addr = client.listen_addrs().await.unwrap()[0]
+            .clone()
+            .with(Protocol::P2p(peer));
+        Node {
+            client,
+            events,
+            task,
+            peer,
+            addr,
+            store,
+            identity,
+            _dir: dir,
+        }
+    }
+
+    /// Waits for the first event `f` picks, skipping the others.
+    async fn wait_for<T>(&mut self, mut f: impl FnMut(Event) -> Option<T>) -> T {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let e = self.events.recv().await.expect("event loop stopped");
+                if let Some(t) = f(e) {
+                    return t;
+                }
+            }
+        })
+        .await
+        .expect("timed out waiting for an event")
+    }
+
+    fn stop(self) {
+        self.task.abort();
+    }
+}
+
+fn blob(len: usize, seed: u8) -> Vec<u8> {
+    let mut x = seed as u32 | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+fn advert() -> MinerAdvert {
+    MinerAdvert {
+        hardware: "cpu".into(),
+        job_kinds: vec![v1::JobKind::FineTune as i32],
+        max_model_params: 135_000_000,
+        policy: "lora, 10s-10min".into(),
+        price_hint: 1.0,
+        ..Default::default()
+    }
+}
+
+/// Retries `publish_advert` until some peer is subscribed.
+async fn publish_until_ok(client: &Client, a: MinerAdvert) {
+    tokio::time::timeout(WAIT, async {
+        while client.publish_advert(a.clone()).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("no peer ever subscribed to the advert topic");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_meet_through_kademlia_and_exchange_offer_and_decision() {
+    let b = Node::start(None, |_| {}).await;
+    let mut miner = Node::start(Some(&b), |_| {}).await;
+    let validator = Node::start(Some(&b), |_| {}).await;
+
+    // The validator knows only the bootstrap node; it finds the miner in the DHT.
+    let addrs = tokio::time::timeout(WAIT, async {
+        loop {
+            match validator.client.find_peer(miner.peer).await {
+                Ok(a) => return a,
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    })
+    .await
+    .expect("the miner was never found through kademlia");
+    assert!(!addrs.is_empty());
+
+    let offer = v1::Offer {
+        job_id: "comp1-0".into(),
+        competition_id: "comp1".into(),
+        kind: v1::JobKind::FineTune as i32,
+        validator: validator.peer.to_base58(),
+        base_params: 1000,
+        time_budget_ms: 60_000,
+        ..Default::default()
+    };
+    let ask = {
+        let c = validator.client.clone();
+        let (peer, offer) = (miner.peer, offer.clone());
+        tokio::spawn(async move { c.request(peer, JobRequest::Offer(offer)).await })
+    };
+    let (from, channel) = miner
+        .wait_for(|e| match e {
+            Event::JobRequest {
+                peer,
+                request: JobRequest::Offer(o),
+                channel,
+            } => {
+                assert_eq!(o, offer);
+                Some((peer, channel))
+            }
+            _ => None,
+        })
+        .await;
+    assert_eq!(from, validator.peer);
+    let decision = v1::Decision {
+        job_id: "comp1-0".into(),
+        miner: miner.peer.to_base58(),
+        accept: false,
+        reject_code: v1::RejectCode::Busy as i32,
+        reject_reason: "2 jobs running".into(),
+    };
+    miner
+        .client
+        .respond(channel, JobResponse::Decision(decision.clone()))
+        .await
+        .unwrap();
+    let answer = ask.await.unwrap().unwrap();
+    assert_eq!(answer, JobResponse::Decision(decision));
+
+    // A refusal comes back as an error that says why.
+    let ask = {
+        let c = validator.client.clone();
+        let peer = miner.peer;
+        tokio::spawn(async move {
+            c.request(peer, JobRequest::Offer(v1::Offer::default()))
+                .await
+        })
+    };
+    let channel = miner
+        .wait_for(|e| match e {
+            Event::JobRequest { channel, .. } => Some(channel),
+            _ => None,
+        })
+        .await;
+    miner
+        .client
+        .respond(channel, JobResponse::Refused("no such competition".into()))
+        .await
+        .unwrap();
+    match ask.await.unwrap() {
+        Err(P2pError::Refused { reason, .. }) => assert!(reason.contains("no such")),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
+    let peers = validator.client.peers().await.unwrap();
+    assert!(peers.iter().any(|p| p.peer_id == miner.peer && p.connected));
+    for n in [b, miner, validator] {
+        n.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_adverts_are_delivered_and_bad_ones_rejected() {
+    let mut validator = Node::start(None, |_| {}).await;
+    let miner = Node::start(Some(&validator), |c| c.advert_interval_secs = 3600).await;
+
+    let mut bad_sig = advert();
+    bad_sig.sign(miner.identity.keypair(), now());
+    bad_sig.max_model_params += 1; // signature no longer covers the bytes
+    let mut stale = advert();
+    stale.sign(miner.identity.keypair(), now() - 3_600_000);
+    let mut big = advert();
+    big.policy = "x".repeat(6000);
+    big.sign(miner.identity.keypair(), now());
+
+    // Wait until the topic mesh works, then send the bad ones, then a good one.
+    let good = advert();
+    publish_until_ok(&miner.client, good.clone()).await;
+    let first = validator
+        .wait_for(|e| match e {
+            Event::MinerAdvert { peer, advert } => Some((peer, advert)),
+            _ => None,
+        })
+        .await;
+    assert_eq!(first.0, miner.peer);
+    assert_eq!(first.1.max_model_params, good.max_model_params);
+    first.1.verify().unwrap();
+
+    for (what, a) in [("signature", &bad_sig), ("stale", &stale), ("limit", &big)] {
+        miner
+            .client
+            .publish_raw(ADVERT_TOPIC, a.encode_to_vec())
+            .await
+            .unwrap();
+        let reason = validator
+            .wait_for(|e| match e {
+                Event::GossipRejected { peer, reason, .. } => {
+                    assert_eq!(peer, miner.peer);
+                    Some(reason)
+                }
+                Event::MinerAdvert { advert, .. } => panic!("bad advert delivered: {advert:?}"),
+                _ => None,
+            })
+            .await;
+        assert!(reason.contains(what), "{what}: {reason}");
+    }
+
+    // A good advert still gets through afterwards and is listed with the peer.
+    let mut later = advert();
+    later.price_hint = 2.5;
+    miner.client.publish_advert(later).await.unwrap();
+    let got = validator
+        .wait_for(|e| match e {
+            Event::MinerAdvert { advert, .. } => Some(advert),
+            Event::GossipRejected { reason, .. } => panic!("good advert rejected: {reason}"),
+            _ => None,
+        })
+        .await;
+    assert_eq!(got.price_hint, 2.5);
+    let peers = validator.client.peers().await.unwrap();
+    let listed = peers.iter().find(|p| p.peer_id == miner.peer).unwrap();
+    assert_eq!(listed.advert.as_ref().map(|a| a.price_hint), Some(2.5));
+    validator.stop();
+    miner.stop();
+}
+
+fn now() -> u64 {
+    tunenet_types::time::now_ms()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blob_is_found_through_providers_and_fetched() {
+    let a = Node::start(None, |_| {}).await;
+    let b = Node::start(Some(&a), |_| {}).await;
+    let data = blob(5 * (1 << 20) + 1234, 7);
+    let id = a.store.put(&data).unwrap();
+    a.client.provide(id).await.unwrap();
+
+    // C knows only B; B knows the provider record.
+    let c = Node::start(Some(&b), |_| {}).await;
+    let size = c.client.fetch_blob(id, 64 << 20).await.unwrap();
+    assert_eq!(size, data.len() as u64);
+    assert_eq!(c.store.get(&id).unwrap(), data);
+    // A second fetch is served from the local store.
+    assert_eq!(c.client.fetch_blob(id, 64 << 20).await.unwrap(), size);
+
+    // Limits and unknown blobs are refused with errors that say so.
+    let d = Node::start(Some(&b), |c| c.blob_fetch_rounds = 2).await;
+    match d.client.fetch_blob(id, 1 << 20).await {
+        Err(P2pError::BlobTooLarge { size: s, .. }) => assert_eq!(s, size),
+        other => panic!("expected too large, got {other:?}"),
+    }
+    match d
+        .client
+        .fetch_blob(BlobId::of(b"nobody has this"), 1 << 20)
+        .await
+    {
+        Err(P2pError::NoProviders { .. }) => {}
+        other => panic!("expected no providers, got {other:?}"),
+    }
+    for n in [a, b, c, d] {
+        n.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_transfer_resumes_from_another_provider() {
+    const CHUNKS: u64 = 12;
+    let b = Node::start(None, |_| {}).await;
+    let mut a = Node::start(Some(&b), |_| {}).await;
+    let data = blob((CHUNKS as usize) << 20, 3);
+    let id = a.store.put(&data).unwrap();
+    a.client.provide(id).await.unwrap();
+
+    let c = Node::start(Some(&b), |c| c.blob_parallel = 2).await;
+    let fetch = {
+        let client = c.client.clone();
+        tokio::spawn(async move { client.fetch_blob(id, 64 << 20).await })
+    };
+    // Kill the provider after it has served a few chunks.
+    let mut served_by_a = 0;
+    while served_by_a < 4 {
+        a.wait_for(|e| matches!(e, Event::BlobServed { .. }).then_some(()))
+            .await;
+        served_by_a += 1;
+    }
+    a.stop();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !fetch.is_finished(),
+        "the fetch should be waiting for a provider"
+    );
+
+    // A second provider appears; the download continues where it stopped.
+    let mut d = Node::start(Some(&b), |_| {}).await;
+    assert_eq!(d.store.put(&data).unwrap(), id);
+    d.client.provide(id).await.unwrap();
+    let size = tokio::time::timeout(Duration::from_secs(60), fetch)
+        .await
+        .expect("fetch did not finish")
+        .unwrap()
+        .unwrap();
+    assert_eq!(size, data.len() as u64);
+    assert_eq!(BlobId::of(&c.store.get(&id).unwrap()), id);
+    let mut served_by_d = 0;
+    while let Ok(e) = d.events.try_recv() {
+        if matches!(e, Event::BlobServed { .. }) {
+            served_by_d += 1;
+        }
+    }
+    assert!(
+        served_by_d > 0 && served_by_d < CHUNKS,
+        "the second provider served {served_by_d} of {CHUNKS} chunks: not a resume"
+    );
+    for n in [b, c, d] {
+        n.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_provider_is_dropped_and_honest_one_completes() {
+    let b = Node::start(None, |_| {}).await;
+    let liar = Node::start(Some(&b), |_| {}).await;
+    let data = blob(6 << 20, 9);
+    let id = liar.store.put(&data).unwrap();
+    liar.client.provide(id).await.unwrap();
+    // An honest node fetches it first (the liar computes its manifest from good bytes),
+    // then provides it too.
+    let honest = Node::start(Some(&b), |_| {}).await;
+    honest.client.fetch_blob(id, 64 << 20).await.unwrap();
+    honest.client.provide(id).await.unwrap();
+    // Now the liar's copy rots: same length, different bytes.
+    std::fs::write(liar.store.path(&id), blob(6 << 20, 10)).unwrap();
+
+    let mut c = Node::start(Some(&b), |_| {}).await;
+    let size = c.client.fetch_blob(id, 64 << 20).await.unwrap();
+    assert_eq!(size, data.len() as u64);
+    assert_eq!(c.store.get(&id).unwrap(), data);
+    let dropped = c
+        .wait_for(|e| match e {
+            Event::BlobProviderDropped { peer, reason, .. } => Some((peer, reason)),
+            _ => None,
+        })
+        .await;
+    assert_eq!(dropped.0, liar.peer, "{}", dropped.1);
+    for n in [b, liar, honest, c] {
+        n.stop();
+    }
+}

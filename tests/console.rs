@@ -1,0 +1,435 @@
+//! The admin console against a real validator and real miners: role boundaries, bad specs,
+//! a competition created and started from the console, a SIGKILL in the middle of it, and
+//! every submission scored exactly once after the restart.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tunenet");
+
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(args: &[&str], log: &Path) -> Daemon {
+        let out = std::fs::File::create(log).unwrap();
+        let child = Command::new(BIN)
+            .args(args)
+            .env("RAYON_NUM_THREADS", "1")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        Daemon {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Console {
+    url: String,
+}
+
+impl Console {
+    fn run(&self, token: Option<&str>, args: &[&str]) -> Output {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("console")
+            .arg("--validator")
+            .arg(&self.url)
+            .args(args)
+            .env_remove("TUNENET_TOKEN");
+        if let Some(t) = token {
+            cmd.arg("--token").arg(t);
+        }
+        cmd.output().unwrap()
+    }
+    /// Runs and expects success; returns stdout.
+    fn ok(&self, token: &str, args: &[&str]) -> String {
+        let out = self.run(Some(token), args);
+        assert!(
+            out.status.success(),
+            "console {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+    /// Runs and expects a refusal whose message contains every `words`.
+    fn refused(&self, token: Option<&str>, args: &[&str], words: &[&str]) {
+        let out = self.run(token, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "console {args:?} should have been refused"
+        );
+        for w in words {
+            assert!(
+                err.contains(w),
+                "refusal of {args:?} does not say `{w}`: {err}"
+            );
+        }
+    }
+    fn token(&self, admin: &str, role: &str, extra: &[&str]) -> String {
+        let mut args = vec!["--json", "token", "create", "--role", role, "--name", role];
+        args.extend_from_slice(extra);
+        let out = self.ok(admin, &args);
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        v["token"].as_str().unwrap().to_string()
+    }
+}
+
+fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool, log: impl Fn() -> String) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(secs),
+            "timed out waiting for {what}; log:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn console_roles_specs_and_a_competition_that_survives_sigkill() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let model = root.join("model");
+    tunenet_ml::init_tiny(&model, 4).unwrap();
+    let data = root.join("data.jsonl");
+    std::fs::write(
+        &data,
+        tunenet_ml::to_jsonl(&tunenet_ml::demo_dataset(400, 2)),
+    )
+    .unwrap();
+    let empty = root.join("empty.jsonl");
+    std::fs::write(&empty, "\n").unwrap();
+
+    let mut miners = vec![];
+    let mut miner_urls = vec![];
+    for (i, steps) in [20, 60].iter().enumerate() {
+        let p = port();
+        let conf = root.join(format!("m{i}.toml"));
+        std::fs::write(
+            &conf,
+            format!(
+                "data_dir = {:?}\nlisten = \"127.0.0.1:{p}\"\n[training]\nmax_steps = {steps}\nmax_seq_len = 64\ncommit_margin_secs = 1.0\n",
+                root.join(format!("m{i}"))
+            ),
+        )
+        .unwrap();
+        miners.push(Daemon::start(
+            &["miner", "--config", conf.to_str().unwrap()],
+            &root.join(format!("m{i}.log")),
+        ));
+        miner_urls.push(format!("http://127.0.0.1:{p}"));
+    }
+
+    let vport = port();
+    let mport = port();
+    let vconf = root.join("v.toml");
+    std::fs::write(
+        &vconf,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nmetrics_listen = \"127.0.0.1:{mport}\"\nminers = [{:?}, {:?}]\n",
+            root.join("v"),
+            miner_urls[0],
+            miner_urls[1]
+        ),
+    )
+    .unwrap();
+    let init = Command::new(BIN)
+        .args(["validator", "--config", vconf.to_str().unwrap(), "init"])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let admin = String::from_utf8_lossy(&init.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(admin.starts_with("tn_"), "{admin}");
+    let again = Command::new(BIN)
+        .args(["validator", "--config", vconf.to_str().unwrap(), "init"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&again.stdout).contains("already has an admin token"));
+
+    let vlog = root.join("v.log");
+    let mut validator = Daemon::start(&["validator", "--config", vconf.to_str().unwrap()], &vlog);
+    let c = Console {
+        url: format!("http://127.0.0.1:{vport}"),
+    };
+    wait_for(
+        "the validator",
+        30,
+        || c.run(Some(&admin), &["whoami"]).status.success(),
+        || validator.log(),
+    );
+
+    // Role boundaries: each refusal says why.
+    c.refused(None, &["whoami"], &["no token"]);
+    c.refused(
+        Some("tn_forged"),
+        &["competition", "list"],
+        &["unknown token"],
+    );
+    let miner_peer = "12D3KooWAbcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTU";
+    let miner_tok = c.token(&admin, "miner", &["--miner-peer-id", miner_peer]);
+    let viewer_tok = c.token(&admin, "viewer", &[]);
+    let op_tok = c.token(&admin, "operator", &[]);
+    let spec = root.join("comp.toml");
+    let write_spec = |extra: &str, dataset: &Path, model: &Path| {
+        std::fs::write(
+            &spec,
+            format!(
+                "id = \"live\"\nbase_model = {model:?}\ndataset = {dataset:?}\njobs = 2\nminers_per_job = 2\ntime_budget_secs = 12\nreveal_window_secs = 20\noffer_timeout_secs = 5\neval_max_seq_len = 64\n{extra}"
+            ),
+        )
+        .unwrap();
+    };
+    write_spec("", &data, &model);
+    let spec_s = spec.to_str().unwrap();
+    c.refused(
+        Some(&miner_tok),
+        &["competition", "create", spec_s],
+        &["role `miner` may not create competitions"],
+    );
+    c.refused(
+        Some(&miner_tok),
+        &["miner", "ban", miner_peer, "--reason", "x"],
+        &["role `miner` may not ban miners"],
+    );
+    c.refused(
+        Some(&viewer_tok),
+        &["miner", "register", miner_peer, "--owner", "v"],
+        &["role `viewer` may not register miners"],
+    );
+    c.refused(
+        Some(&op_tok),
+        &["token", "create", "--role", "admin", "--name", "x"],
+        &["role `operator` may not issue tokens"],
+    );
+    c.ok(&viewer_tok, &["competition", "list"]);
+    c.ok(&miner_tok, &["leaderboard"]);
+    let short = {
+        let out = c.ok(
+            &admin,
+            &[
+                "--json",
+                "token",
+                "create",
+                "--role",
+                "viewer",
+                "--name",
+                "short",
+                "--ttl-secs",
+                "1",
+            ],
+        );
+        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["token"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    std::thread::sleep(Duration::from_millis(1200));
+    c.refused(Some(&short), &["competition", "list"], &["expired"]);
+    let revoked = c.token(&admin, "viewer", &[]);
+    let id = c.ok(&admin, &["--json", "whoami"]);
+    assert!(id.contains("admin"));
+    let rid = {
+        let out = c.ok(&revoked, &["--json", "whoami"]);
+        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    c.ok(&admin, &["token", "revoke", &rid]);
+    c.refused(Some(&revoked), &["competition", "list"], &["revoked"]);
+
+    // Bad specs are refused with the field named, and nothing is created.
+    write_spec("", &data, &root.join("no-such-model"));
+    c.refused(
+        Some(&op_tok),
+        &["competition", "create", spec_s],
+        &["base_model"],
+    );
+    write_spec("", &empty, &model);
+    c.refused(
+        Some(&op_tok),
+        &["competition", "create", spec_s],
+        &["dataset"],
+    );
+    write_spec("", &data, &model);
+    std::fs::write(
+        &spec,
+        std::fs::read_to_string(&spec)
+            .unwrap()
+            .replace("time_budget_secs = 12", "time_budget_secs = 0"),
+    )
+    .unwrap();
+    c.refused(
+        Some(&op_tok),
+        &["competition", "create", spec_s],
+        &["time_budget_secs"],
+    );
+    for i in 0..5 {
+        let peer = format!("12D3KooW{}{}", "Q".repeat(40), i);
+        c.ok(&op_tok, &["miner", "register", &peer, "--owner", "alice"]);
+    }
+    c.refused(
+        Some(&op_tok),
+        &[
+            "miner",
+            "register",
+            &format!("12D3KooW{}", "Z".repeat(41)),
+            "--owner",
+            "alice",
+        ],
+        &["owner"],
+    );
+    assert!(!c.ok(&admin, &["competition", "list"]).contains("live"));
+
+    // A competition created and started from the console.
+    write_spec("", &data, &model);
+    c.ok(&op_tok, &["competition", "create", spec_s]);
+    assert!(
+        c.ok(&viewer_tok, &["competition", "list"])
+            .contains("created")
+    );
+    c.ok(&op_tok, &["competition", "start", "live"]);
+
+    // SIGKILL the validator while job 0 is running, then restart it.
+    let show = |tok: &str| -> serde_json::Value {
+        serde_json::from_str(&c.ok(tok, &["--json", "competition", "show", "live"])).unwrap()
+    };
+    wait_for(
+        "job 0 to run",
+        60,
+        || show(&admin)["jobs"][0]["phase"].get("Running").is_some(),
+        || validator.log(),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    validator.child.kill().unwrap();
+    validator.child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let vlog2 = root.join("v2.log");
+    let validator2 = Daemon::start(&["validator", "--config", vconf.to_str().unwrap()], &vlog2);
+    wait_for(
+        "the restarted validator",
+        30,
+        || c.run(Some(&admin), &["whoami"]).status.success(),
+        || validator2.log(),
+    );
+    wait_for(
+        "the competition to finish",
+        150,
+        || {
+            let out = c.run(Some(&viewer_tok), &["--json", "competition", "list"]);
+            String::from_utf8_lossy(&out.stdout).contains("\"finished\"")
+        },
+        || format!("{}\n---\n{}", validator2.log(), show(&admin)),
+    );
+
+    // Every submission was scored exactly once, across both runs.
+    let detail = show(&admin);
+    let logs = validator.log() + &validator2.log();
+    let mut scored: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for line in logs
+        .lines()
+        .filter(|l| l.contains(" scored ") || l.ends_with(" scored"))
+    {
+        if let (Some(j), Some(m)) = (field(line, "job_id"), field(line, "miner")) {
+            *scored.entry((j, m)).or_default() += 1;
+        }
+    }
+    for job in detail["jobs"].as_array().unwrap() {
+        let id = job["plan"]["job_id"].as_str().unwrap().to_string();
+        let slots = job["slots"].as_object().unwrap();
+        let scores = job["scores"].as_array().unwrap();
+        assert_eq!(scores.len(), slots.len(), "job {id}: {job}");
+        for miner in slots.keys() {
+            assert_eq!(
+                scored.get(&(id.clone(), miner.clone())),
+                Some(&1),
+                "job {id} miner {miner} scored {:?} times",
+                scored.get(&(id.clone(), miner.clone()))
+            );
+        }
+        assert!(!slots.is_empty(), "job {id} had no miners: {job}");
+    }
+    let lb = c.ok(&miner_tok, &["--json", "leaderboard", "live"]);
+    let lb: serde_json::Value = serde_json::from_str(&lb).unwrap();
+    assert_eq!(lb["jobs_done"], 2);
+
+    // The audit log, the feed's history in CSV, and the metrics endpoint.
+    let audit = c.ok(&admin, &["audit"]);
+    for action in [
+        "token.create",
+        "token.revoke",
+        "competition.create",
+        "competition.start",
+        "miner.register",
+    ] {
+        assert!(audit.contains(action), "audit log lacks {action}:\n{audit}");
+    }
+    c.refused(Some(&op_tok), &["audit"], &["may not read the audit log"]);
+    let csv = c.ok(&viewer_tok, &["export", "live", "--format", "csv"]);
+    assert!(csv.starts_with("competition,job,miner,loss,quality,penalty_reason\n"));
+    assert_eq!(
+        csv.lines().count(),
+        1 + detail["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["scores"].as_array().unwrap().len())
+            .sum::<usize>()
+    );
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", mport)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    assert!(body.contains("tunenet_jobs_offered_total"), "{body}");
+    drop(miners);
+}
+
+/// The value of a `key=value` field in a tracing log line.
+fn field(line: &str, key: &str) -> Option<String> {
+    let i = line.find(&format!("{key}="))? + key.len() + 1;
+    Some(
+        line[i..]
+            .split_whitespace()
+            .next()?
+            .trim_matches('"')
+            .to_string(),
+    )
+}
