@@ -419,6 +419,89 @@ fn console_roles_specs_and_a_competition_that_survives_sigkill() {
     let mut body = String::new();
     s.read_to_string(&mut body).unwrap();
     assert!(body.contains("tunenet_jobs_offered_total"), "{body}");
+
+    // Snapshot, restore into a fresh data dir, and the same leaderboard comes back.
+    let busy = Command::new(BIN)
+        .args([
+            "validator",
+            "--config",
+            vconf.to_str().unwrap(),
+            "snapshot",
+            "--out",
+        ])
+        .arg(root.join("busy.jsonl"))
+        .output()
+        .unwrap();
+    assert!(
+        !busy.status.success(),
+        "a running validator's database is locked"
+    );
+    drop(validator2);
+    let snap = root.join("snap.jsonl");
+    let out = Command::new(BIN)
+        .args([
+            "validator",
+            "--config",
+            vconf.to_str().unwrap(),
+            "snapshot",
+            "--out",
+        ])
+        .arg(&snap)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fresh = root.join("fresh");
+    let restored = Command::new(BIN)
+        .args([
+            "validator",
+            "--config",
+            vconf.to_str().unwrap(),
+            "--data-dir",
+        ])
+        .arg(&fresh)
+        .args(["restore", "--from"])
+        .arg(&snap)
+        .output()
+        .unwrap();
+    assert!(
+        restored.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restored.stderr)
+    );
+    // Blobs are copied as files.
+    let status = Command::new("cp")
+        .arg("-r")
+        .arg(root.join("v/blobs"))
+        .arg(fresh.join("blobs"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let v3 = Daemon::start(
+        &[
+            "validator",
+            "--config",
+            vconf.to_str().unwrap(),
+            "--data-dir",
+            fresh.to_str().unwrap(),
+        ],
+        &root.join("v3.log"),
+    );
+    wait_for(
+        "the restored validator",
+        30,
+        || c.run(Some(&admin), &["whoami"]).status.success(),
+        || v3.log(),
+    );
+    let lb3: serde_json::Value =
+        serde_json::from_str(&c.ok(&admin, &["--json", "leaderboard", "live"])).unwrap();
+    assert_eq!(
+        lb3, lb,
+        "the restored validator serves the same leaderboard"
+    );
     drop(miners);
 }
 

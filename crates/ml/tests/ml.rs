@@ -1407,7 +1407,7 @@ fn synthetic_sets_are_filtered_and_reproducible() {
         };
         assert!(!response.trim().is_empty());
         assert!(seen.insert((prompt.clone(), response.clone())));
-        assert!(lm.tokenizer().encode(response).unwrap().len() <= 200);
+        assert!(response.chars().count() <= 200);
     }
     // Generations that never end are filtered out.
     let short = SamplingConfig {

@@ -48,6 +48,7 @@ pub async fn fetch_blob(
             Ok(_) => {
                 let size = writer.written();
                 writer.finish(Some(id))?;
+                metrics::counter!("tunenet_bytes_received_total", "what" => "blob").increment(size);
                 return Ok(size);
             }
             Err(e) => {

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod miner;
 pub mod models;
 pub mod registry;
+pub mod snapshot;
 pub mod validator;
 
 pub use error::NodeError;

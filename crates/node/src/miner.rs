@@ -213,6 +213,8 @@ impl Ctx {
                 })
                 .await
                 .map_err(|e| NodeError::Other(format!("training thread: {e}")))??;
+                metrics::counter!("tunenet_training_steps_total").increment(report.steps as u64);
+                metrics::counter!("tunenet_training_tokens_total").increment(report.tokens);
                 let id = blobs.put_file(&report.artifact)?;
                 let size = blobs.size(&id)?;
                 tracing::info!(job_id = %a.job_id, steps = report.steps, final_loss = report.final_loss, artifact = %id, size, "trained");
@@ -284,6 +286,9 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
         &cfg.listen,
     )
     .await?;
+    if let Some(addr) = &cfg.metrics_listen {
+        crate::metrics::install(addr)?;
+    }
     let mut stored: Vec<MinerJob> = store
         .scan_json::<MinerJob>(trees::MINER_JOBS, "")?
         .into_iter()
@@ -352,6 +357,12 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
                     Cmd::Offer(offer, reply) => {
                         let job_id = offer.job_id.clone();
                         let (decision, fx) = engine.offer(offer, now);
+                        match &decision {
+                            tunenet_types::Decision::Accept => metrics::counter!("tunenet_offers_accepted_total").increment(1),
+                            tunenet_types::Decision::Reject(r) => {
+                                metrics::counter!("tunenet_offers_rejected_total", "reason" => format!("{:?}", r.code)).increment(1)
+                            }
+                        }
                         ctx.execute(fx);
                         let _ = reply.send(Ok(DecisionReply { job_id, miner: me.clone(), decision }));
                     }

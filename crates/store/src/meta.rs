@@ -77,6 +77,8 @@ pub trait Store: Send + Sync {
     fn scan(&self, tree: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
     /// Makes every write so far durable.
     fn flush(&self) -> Result<(), StoreError>;
+    /// The names of the trees that hold data.
+    fn trees(&self) -> Result<Vec<String>, StoreError>;
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -198,6 +200,15 @@ impl Store for SledStore {
         self.db.flush().map_err(be)?;
         Ok(())
     }
+    fn trees(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .db
+            .tree_names()
+            .into_iter()
+            .map(|n| String::from_utf8_lossy(&n).into_owned())
+            .filter(|n| n != "__sled__default")
+            .collect())
+    }
 }
 
 /// In-memory metadata, for tests and throwaway nodes.
@@ -251,6 +262,14 @@ impl Store for MemStore {
     }
     fn flush(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+    fn trees(&self) -> Result<Vec<String>, StoreError> {
+        self.with(|t| {
+            t.iter()
+                .filter(|(_, m)| !m.is_empty())
+                .map(|(k, _)| k.clone())
+                .collect()
+        })
     }
 }
 
@@ -308,6 +327,11 @@ mod tests {
             s.get_json::<Rec>("t", "new"),
             Err(StoreError::TooNew { version: 99, .. })
         ));
+        let names = s.trees().unwrap();
+        assert!(
+            names.contains(&"t".to_string()) && names.contains(&"u".to_string()),
+            "{names:?}"
+        );
         // A bad record does not hide the good ones from a direct read.
         assert!(s.get_json::<Rec>("t", "r").unwrap().is_some());
         s.flush().unwrap();

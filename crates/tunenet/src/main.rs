@@ -28,6 +28,21 @@ struct Cli {
 enum ValidatorAction {
     /// Create the data dir, the node key and the first admin token (printed once).
     Init,
+    /// Back up the validator's records (stop it first; copy `blobs/` alongside).
+    Snapshot {
+        /// The snapshot file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Restore records from a snapshot into an empty data dir.
+    Restore {
+        /// The snapshot file.
+        #[arg(long)]
+        from: PathBuf,
+        /// Overwrite records already in the data dir.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -174,6 +189,23 @@ fn run(cmd: Cmd) -> Result<()> {
             let mut cfg: ValidatorConfig = load_or_default(path.as_deref())?;
             override_opt(&mut cfg.data_dir, data_dir);
             override_opt(&mut cfg.listen, listen);
+            if let Some(ValidatorAction::Snapshot { out }) = &action {
+                let store = tunenet_store::SledStore::open(&cfg.data_dir.join("db"))?;
+                let n = tunenet_node::snapshot::snapshot(&store, out)?;
+                println!(
+                    "wrote {n} records to {}; copy {} alongside it",
+                    out.display(),
+                    cfg.data_dir.join("blobs").display()
+                );
+                return Ok(());
+            }
+            if let Some(ValidatorAction::Restore { from, force }) = &action {
+                std::fs::create_dir_all(&cfg.data_dir)?;
+                let store = tunenet_store::SledStore::open(&cfg.data_dir.join("db"))?;
+                let n = tunenet_node::snapshot::restore(&store, from, *force)?;
+                println!("restored {n} records into {}", cfg.data_dir.display());
+                return Ok(());
+            }
             if let Some(ValidatorAction::Init) = action {
                 match tunenet_node::validator::init(&cfg)? {
                     Some(token) => {

@@ -1,0 +1,169 @@
+//! Blob throughput on loopback: libp2p blob fetch (TCP+noise+yamux and QUIC) against a
+//! raw TCP copy of the same file and against blake3-hashing it, as MB/s and ratios.
+//! `TUNENET_BENCH_MIB` sets the size (default 1024). Run via `scripts/bench-p2p.sh`.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tunenet_p2p::{Multiaddr, P2pConfig};
+use tunenet_store::BlobStore;
+use tunenet_types::Identity;
+
+type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+fn write_file(path: &Path, size: u64) -> Res<()> {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        for w in buf.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+fn hash_file(path: &Path) -> Res<Duration> {
+    let t = Instant::now();
+    let mut f = std::fs::File::open(path)?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    std::hint::black_box(h.finalize());
+    Ok(t.elapsed())
+}
+
+/// A file sent over one plain TCP connection and written to disk on the other side.
+async fn raw_tcp(src: &Path, dst: &Path) -> Res<Duration> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let src = src.to_path_buf();
+    let sender = tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await?;
+        let mut f = tokio::fs::File::open(&src).await?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            sock.write_all(&buf[..n]).await?;
+        }
+        sock.shutdown().await?;
+        Ok::<_, std::io::Error>(())
+    });
+    let t = Instant::now();
+    let mut sock = tokio::net::TcpStream::connect(addr).await?;
+    let mut out = tokio::fs::File::create(dst).await?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = sock.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n]).await?;
+    }
+    out.sync_all().await?;
+    let elapsed = t.elapsed();
+    sender.await??;
+    Ok(elapsed)
+}
+
+async fn libp2p_fetch(src: &Path, root: &Path, listen: &str) -> Res<Duration> {
+    let listen: Multiaddr = listen.parse()?;
+    let config = P2pConfig {
+        listen: vec![listen],
+        mdns: false,
+        ..P2pConfig::default()
+    };
+    let store_a = BlobStore::open(&root.join("a"))?;
+    let id = store_a.put_file(src)?;
+    let a = Identity::generate();
+    let (client_a, _events_a, loop_a) = tunenet_p2p::new(a.keypair(), config.clone(), store_a)?;
+    tokio::spawn(loop_a.run());
+    let addr = client_a.listen_addrs().await?[0]
+        .clone()
+        .with(libp2p::multiaddr::Protocol::P2p(client_a.local_peer_id()));
+    client_a.provide(id).await?;
+    let b = Identity::generate();
+    let store_b = BlobStore::open(&root.join("b"))?;
+    let config_b = P2pConfig {
+        bootstrap: vec![addr],
+        ..config
+    };
+    let (client_b, _events_b, loop_b) = tunenet_p2p::new(b.keypair(), config_b, store_b.clone())?;
+    tokio::spawn(loop_b.run());
+    // Let B connect and learn the provider record before timing.
+    client_b.providers(id).await?;
+    let t = Instant::now();
+    let size = client_b.fetch_blob(id, u64::MAX).await?;
+    let elapsed = t.elapsed();
+    assert_eq!(size, std::fs::metadata(src)?.len());
+    Ok(elapsed)
+}
+
+fn mbps(size: u64, d: Duration) -> f64 {
+    size as f64 / 1e6 / d.as_secs_f64()
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> Res<()> {
+    let mib: u64 = std::env::var("TUNENET_BENCH_MIB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1024);
+    let size = mib << 20;
+    let dir = tempfile::tempdir()?;
+    let src = dir.path().join("src.bin");
+    write_file(&src, size)?;
+    // Warm the page cache so that every contender reads from memory.
+    hash_file(&src)?;
+
+    let hash = hash_file(&src)?;
+    let tcp = raw_tcp(&src, &dir.path().join("tcp.bin")).await?;
+    std::fs::remove_file(dir.path().join("tcp.bin"))?;
+    let p2p_tcp = libp2p_fetch(&src, &dir.path().join("p2p-tcp"), "/ip4/127.0.0.1/tcp/0").await?;
+    std::fs::remove_dir_all(dir.path().join("p2p-tcp"))?;
+    let p2p_quic = libp2p_fetch(
+        &src,
+        &dir.path().join("p2p-quic"),
+        "/ip4/127.0.0.1/udp/0/quic-v1",
+    )
+    .await?;
+
+    println!(
+        "size: {mib} MiB, cores: {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    println!("{:<34} {:>10} {:>10}", "contender", "MB/s", "vs raw TCP");
+    for (name, d) in [
+        ("blake3 (1 thread, from page cache)", hash),
+        ("raw TCP copy to disk", tcp),
+        ("libp2p blob fetch, TCP+noise+yamux", p2p_tcp),
+        ("libp2p blob fetch, QUIC", p2p_quic),
+    ] {
+        println!(
+            "{name:<34} {:>10.0} {:>10.2}",
+            mbps(size, d),
+            tcp.as_secs_f64() / d.as_secs_f64()
+        );
+    }
+    Ok(())
+}
