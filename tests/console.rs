@@ -516,3 +516,73 @@ fn field(line: &str, key: &str) -> Option<String> {
             .to_string(),
     )
 }
+
+#[test]
+fn console_over_tls_needs_the_ca() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut ca_params = CertificateParams::new(vec![]).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .unwrap();
+    std::fs::write(root.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(root.join("cert.pem"), leaf.pem()).unwrap();
+    std::fs::write(root.join("key.pem"), leaf_key.serialize_pem()).unwrap();
+
+    let vport = port();
+    let vconf = root.join("v.toml");
+    std::fs::write(
+        &vconf,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\ntls_cert = {:?}\ntls_key = {:?}\n",
+            root.join("v"),
+            root.join("cert.pem"),
+            root.join("key.pem")
+        ),
+    )
+    .unwrap();
+    let init = Command::new(BIN)
+        .args(["validator", "--config", vconf.to_str().unwrap(), "init"])
+        .output()
+        .unwrap();
+    let admin = String::from_utf8_lossy(&init.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .to_string();
+    let v = Daemon::start(
+        &["validator", "--config", vconf.to_str().unwrap()],
+        &root.join("v.log"),
+    );
+    let c = Console {
+        url: format!("https://localhost:{vport}"),
+    };
+    let ca = root.join("ca.pem");
+    let with_ca = |args: &[&str]| {
+        let mut a = vec!["--ca", ca.to_str().unwrap()];
+        a.extend_from_slice(args);
+        c.run(Some(&admin), &a)
+    };
+    wait_for(
+        "the TLS validator",
+        30,
+        || with_ca(&["whoami"]).status.success(),
+        || v.log(),
+    );
+    let out = with_ca(&["whoami"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("role admin"));
+    // Without the CA the server's certificate is not trusted.
+    c.refused(Some(&admin), &["whoami"], &["cannot reach the validator"]);
+    // Plain HTTP to a TLS port does not get through either.
+    let plain = Console {
+        url: format!("http://127.0.0.1:{vport}"),
+    };
+    assert!(!plain.run(Some(&admin), &["whoami"]).status.success());
+}

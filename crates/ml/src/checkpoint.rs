@@ -135,7 +135,8 @@ pub(crate) fn save_checkpoint(
         path: tmp.clone(),
         problem: format!("cannot write checkpoint: {e}"),
     })?;
-    std::fs::rename(&tmp, path).map_err(|e| MlError::io("cannot move checkpoint into place", path, e))
+    std::fs::rename(&tmp, path)
+        .map_err(|e| MlError::io("cannot move checkpoint into place", path, e))
 }
 
 /// Restores weights and moments into `opt` from a checkpoint of the run `fingerprint`;
@@ -163,7 +164,8 @@ pub(crate) fn load_checkpoint(
     if state.fingerprint != fingerprint {
         return Ok(None);
     }
-    let tensors = candle_core::safetensors::load_buffer(&bytes, device).ctx("loading checkpoint")?;
+    let tensors =
+        candle_core::safetensors::load_buffer(&bytes, device).ctx("loading checkpoint")?;
     for p in opt.vars.iter_mut() {
         let get = |prefix: &str| -> Result<Tensor, MlError> {
             let name = format!("{prefix}.{}", p.name);

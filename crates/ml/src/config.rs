@@ -104,11 +104,11 @@ fn rope_scaling_compat<'de, D: Deserializer<'de>>(d: D) -> Result<Option<RopeSca
     {
         obj.insert("rope_type".into(), t);
     }
-    RopeScaling::deserialize(v)
-        .map(Some)
-        .map_err(|e| serde::de::Error::custom(format!(
+    RopeScaling::deserialize(v).map(Some).map_err(|e| {
+        serde::de::Error::custom(format!(
             "rope_scaling: {e}; supported rope_type values are linear, dynamic, llama3 and default"
-        )))
+        ))
+    })
 }
 
 fn default_rope_theta() -> f64 {
@@ -181,18 +181,22 @@ impl LlamaConfig {
             Some(RopeScaling::Linear { factor } | RopeScaling::Dynamic { factor })
                 if !factor.is_finite() || *factor < 1.0 =>
             {
-                return Err(format!("rope_scaling factor must be at least 1, got {factor}"));
+                return Err(format!(
+                    "rope_scaling factor must be at least 1, got {factor}"
+                ));
             }
             Some(RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
                 high_freq_factor,
                 original_max_position_embeddings,
-            }) if !factor.is_finite()
-                || *factor < 1.0
-                || !(low_freq_factor.is_finite() && *low_freq_factor > 0.0)
-                || !(high_freq_factor.is_finite() && high_freq_factor > low_freq_factor)
-                || *original_max_position_embeddings == 0 =>
+            }) if !(factor.is_finite()
+                && *factor >= 1.0
+                && low_freq_factor.is_finite()
+                && *low_freq_factor > 0.0
+                && high_freq_factor.is_finite()
+                && high_freq_factor > low_freq_factor
+                && *original_max_position_embeddings > 0) =>
             {
                 return Err(format!(
                     "llama3 rope_scaling needs factor >= 1, 0 < low_freq_factor < high_freq_factor and a positive original_max_position_embeddings; got {:?}",

@@ -11,10 +11,10 @@ use crate::artifact::{load_artifact_tensors, read_artifact_manifest, tensor_shap
 use crate::config::LlamaConfig;
 use crate::data::{Example, Record, make_batch, tokenize};
 use crate::error::{CandleContext, MlError};
+use crate::loader::{WeightDtype, load_base, load_tokenizer, mmap_weights};
 use crate::lora::{load_lora, normalize_targets};
 use crate::model::{Llama, Mode, masked_nll_sum};
 use crate::model_dir::ModelDir;
-use crate::loader::{WeightDtype, load_base, load_tokenizer, mmap_weights};
 use crate::train::Method;
 
 /// Outcome of an evaluation.
@@ -62,7 +62,13 @@ pub fn evaluate(
             records.len()
         )));
     }
-    let llama = load_model(model, &cfg, artifact, WeightDtype::Auto.resolve(device), device)?;
+    let llama = load_model(
+        model,
+        &cfg,
+        artifact,
+        WeightDtype::Auto.resolve(device),
+        device,
+    )?;
     // Batching similar lengths together wastes less work on padding.
     examples.sort_by_key(|e| e.ids.len());
     let mut total = 0f64;

@@ -143,7 +143,11 @@ pub fn import_gguf(gguf: &Path, out: &Path) -> Result<LlamaConfig, MlError> {
         })?;
         let q = content
             .tensor(&mut reader, name, &Device::Cpu)
-            .map_err(|e| bad(format!("tensor {name} is unreadable (file truncated?): {e}")))?;
+            .map_err(|e| {
+                bad(format!(
+                    "tensor {name} is unreadable (file truncated?): {e}"
+                ))
+            })?;
         let mut t = q
             .dequantize(&Device::Cpu)
             .ctx(&format!("dequantising {name}"))?;
@@ -237,7 +241,13 @@ pub fn export_gguf(model: &ModelDir, out: &Path, architecture: &str) -> Result<(
         .unwrap_or_default();
     let types: Vec<Value> = tokens
         .iter()
-        .map(|t| Value::I32(if special.contains(t) { TOKEN_CONTROL } else { 1 }))
+        .map(|t| {
+            Value::I32(if special.contains(t) {
+                TOKEN_CONTROL
+            } else {
+                1
+            })
+        })
         .collect();
     let merges: Vec<Value> = tok_json["model"]["merges"]
         .as_array()
@@ -245,11 +255,9 @@ pub fn export_gguf(model: &ModelDir, out: &Path, architecture: &str) -> Result<(
             a.iter()
                 .filter_map(|m| match m {
                     serde_json::Value::String(s) => Some(s.clone()),
-                    serde_json::Value::Array(p) => Some(format!(
-                        "{} {}",
-                        p.first()?.as_str()?,
-                        p.get(1)?.as_str()?
-                    )),
+                    serde_json::Value::Array(p) => {
+                        Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?))
+                    }
                     _ => None,
                 })
                 .map(Value::String)
@@ -424,7 +432,10 @@ fn gguf_tokenizer(md: &HashMap<String, Value>) -> Result<Tokenizer, String> {
     };
     let tokens = strings("tokenizer.ggml.tokens")?;
     if tokens.is_empty() || tokens.len() > MAX_VOCAB {
-        return Err(format!("{} tokens is not a usable vocabulary", tokens.len()));
+        return Err(format!(
+            "{} tokens is not a usable vocabulary",
+            tokens.len()
+        ));
     }
     let merges: Vec<(String, String)> = match md.get("tokenizer.ggml.merges") {
         None => Vec::new(),

@@ -175,7 +175,9 @@ pub fn evaluate_hellaswag(
                 )));
             }
             if ctx.is_empty() {
-                return Err(MlError::Invalid("HellaSwag item with an empty context".into()));
+                return Err(MlError::Invalid(
+                    "HellaSwag item with an empty context".into(),
+                ));
             }
             let overflow = (ctx.len() + cont.len()).saturating_sub(max_len);
             if overflow >= ctx.len() {
@@ -227,9 +229,14 @@ pub fn hellaswag_demo_items(n: usize, seed: u64) -> Vec<HellaSwagItem> {
     let mut rng = StdRng::seed_from_u64(seed);
     (0..n)
         .map(|_| {
-            let pick = |rng: &mut StdRng, xs: &[&str]| xs[rng.random_range(0..xs.len())].to_string();
+            let pick =
+                |rng: &mut StdRng, xs: &[&str]| xs[rng.random_range(0..xs.len())].to_string();
             let activity = pick(&mut rng, ACTIVITIES);
-            let who = if rng.random_bool(0.5) { "A man" } else { "A WOMAN" };
+            let who = if rng.random_bool(0.5) {
+                "A man"
+            } else {
+                "A WOMAN"
+            };
             let ctx_a = format!(
                 "{who} {} {} [title] in the kitchen  [step]",
                 pick(&mut rng, VERBS),

@@ -14,13 +14,14 @@ mod hellaswag;
 mod lm;
 mod loader;
 mod lora;
-mod model;
+mod memory;
 mod merge;
+mod model;
 mod model_dir;
 mod peft;
+mod synthetic;
 mod tiny;
 mod tokenizer;
-mod synthetic;
 mod train;
 
 pub use candle_core::Device;
@@ -31,24 +32,25 @@ pub use artifact::{
 };
 pub use checkpoint::CHECKPOINT_FILE;
 pub use config::{LlamaConfig, RopeScaling, SUPPORTED_ARCHITECTURES, SUPPORTED_MODEL_TYPES};
+pub use data::{Record, demo_dataset, load_jsonl, parse_jsonl, to_jsonl};
+pub use device::parse_device;
+pub use error::MlError;
+pub use eval::{EvalReport, evaluate};
 pub use gguf::{export_gguf, import_gguf};
 pub use hellaswag::{
     HellaSwagItem, HellaSwagReport, evaluate_hellaswag, hellaswag_context, hellaswag_demo_items,
     hellaswag_preprocess, load_hellaswag,
 };
 pub use lm::CausalLm;
-pub use merge::merge_adapter;
 pub use loader::WeightDtype;
-pub use peft::{PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE};
-pub use data::{Record, demo_dataset, load_jsonl, parse_jsonl, to_jsonl};
-pub use device::parse_device;
-pub use error::MlError;
-pub use eval::{EvalReport, evaluate};
 pub use lora::{ALL_LORA_TARGETS, DEFAULT_LORA_TARGETS};
+pub use memory::{MemoryEstimate, estimate_memory, estimate_memory_with_targets};
+pub use merge::merge_adapter;
 pub use model_dir::{CONFIG_FILE, ModelDir, TOKENIZER_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE};
+pub use peft::{PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE};
+pub use synthetic::{Generation, SamplingConfig, synthetic_set};
 pub use tiny::{init_tiny, tiny_config};
 pub use tokenizer::{BOS_TOKEN, BYTE_VOCAB_SIZE, EOS_TOKEN, PAD_TOKEN, TextTokenizer};
-pub use synthetic::{Generation, SamplingConfig, synthetic_set};
 pub use train::{
     COSINE_FLOOR, LrSchedule, Method, Progress, TrainConfig, TrainReport, train, train_with_targets,
 };

@@ -24,8 +24,7 @@ pub fn merge_adapter(base: &ModelDir, adapter: &Path, out: &Path) -> Result<(), 
     };
     let Method::Lora { rank, alpha } = manifest.method else {
         return Err(bad(
-            "holds full weights, not a LoRA adapter: use it as a model's weights directly"
-                .into(),
+            "holds full weights, not a LoRA adapter: use it as a model's weights directly".into(),
         ));
     };
     let arch = |c: &crate::config::LlamaConfig| crate::config::LlamaConfig {

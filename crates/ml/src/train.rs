@@ -14,11 +14,11 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use crate::artifact::{ARTIFACT_FORMAT, ArtifactManifest, hash_files, write_artifact};
-use crate::data::{Example, Record, make_batch, tokenize};
-use crate::error::{CandleContext, MlError};
 use crate::checkpoint::{
     AdamW, CHECKPOINT_FILE, RunState, load_checkpoint, run_fingerprint, save_checkpoint,
 };
+use crate::data::{Example, Record, make_batch, tokenize};
+use crate::error::{CandleContext, MlError};
 use crate::loader::{WeightDtype, check_weight_files, load_base, load_tokenizer};
 use crate::lora::{DEFAULT_LORA_TARGETS, Dropout, init_lora, normalize_targets};
 use crate::model::{Llama, Mode, masked_nll_sum};
@@ -411,8 +411,8 @@ pub fn train_with_targets(
         if cancel.load(Ordering::Relaxed) {
             return Err(MlError::Cancelled { steps: state.steps });
         }
-        let mean_step = (session_steps > 0)
-            .then(|| loop_start.elapsed().div_f64(session_steps as f64));
+        let mean_step =
+            (session_steps > 0).then(|| loop_start.elapsed().div_f64(session_steps as f64));
         if let Some(deadline) = deadline {
             let need = match mean_step {
                 None => margin,
@@ -587,7 +587,11 @@ fn micro_step(
 fn clip_grad_norm(grads: &mut [Tensor], max: f64) -> candle_core::Result<f64> {
     let mut sq = 0f64;
     for g in grads.iter() {
-        sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        sq += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
     }
     let norm = sq.sqrt();
     if norm > max {

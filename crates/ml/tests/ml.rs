@@ -640,8 +640,16 @@ fn config_variants_rope_scaling_and_unknown_architectures() {
     // Short wavelengths (high frequencies) kept, long ones divided by the factor.
     assert!((scaled[0] - plain[0]).abs() < 1e-12);
     let last = plain.len() - 1;
-    assert!((scaled[last] - plain[last] / 8.0).abs() < 1e-12, "{scaled:?}");
-    assert!(scaled.iter().zip(&plain).all(|(s, p)| s <= p && *s >= p / 8.0 - 1e-12));
+    assert!(
+        (scaled[last] - plain[last] / 8.0).abs() < 1e-12,
+        "{scaled:?}"
+    );
+    assert!(
+        scaled
+            .iter()
+            .zip(&plain)
+            .all(|(s, p)| s <= p && *s >= p / 8.0 - 1e-12)
+    );
     // Older configs name the kind under "type".
     v["rope_scaling"] = serde_json::json!({"type": "linear", "factor": 2.0});
     write_json(&dir.path().join("lin.json"), &v);
@@ -658,7 +666,10 @@ fn config_variants_rope_scaling_and_unknown_architectures() {
     let err = LlamaConfig::from_file(&dir.path().join("yarn.json"))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("rope_scaling") && err.contains("llama3"), "{err}");
+    assert!(
+        err.contains("rope_scaling") && err.contains("llama3"),
+        "{err}"
+    );
 
     // Mistral-style: model_type mistral with a sliding window.
     v["rope_scaling"] = serde_json::Value::Null;
@@ -677,7 +688,10 @@ fn config_variants_rope_scaling_and_unknown_architectures() {
     let err = LlamaConfig::from_file(&dir.path().join("gpt2.json"))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("\"gpt2\"") && err.contains("not supported"), "{err}");
+    assert!(
+        err.contains("\"gpt2\"") && err.contains("not supported"),
+        "{err}"
+    );
     v["model_type"] = "llama".into();
     v["architectures"] = serde_json::json!(["BertModel"]);
     write_json(&dir.path().join("bert.json"), &v);
@@ -755,7 +769,10 @@ fn sharded_tied_and_padded_checkpoints_load() {
         .collect();
     safetensors::serialize_to_file(no_head.clone(), None, &tied.join(WEIGHTS_FILE)).unwrap();
     let tied_logits = logits_of(&tied, WeightDtype::F32, &ids);
-    assert!(max_diff(&want, &tied_logits) > 1e-3, "lm_head must not be used");
+    assert!(
+        max_diff(&want, &tied_logits) > 1e-3,
+        "lm_head must not be used"
+    );
     // Untied config without lm_head: a clear error naming the tensor.
     v["tie_word_embeddings"] = false.into();
     write_json(&tied.join(CONFIG_FILE), &v);
@@ -806,7 +823,10 @@ fn sharded_tied_and_padded_checkpoints_load() {
     )
     .unwrap_err()
     .to_string();
-    assert!(err.contains("259 ids") && err.contains("vocab_size is 200"), "{err}");
+    assert!(
+        err.contains("259 ids") && err.contains("vocab_size is 200"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -816,7 +836,10 @@ fn half_precision_weights_track_f32() {
     init_tiny(&m, 4).unwrap();
     let ids: Vec<u32> = "precision".bytes().map(u32::from).collect();
     let f32_logits = logits_of(&m, WeightDtype::F32, &ids);
-    assert_eq!(WeightDtype::Auto.resolve(&Device::Cpu), candle_core::DType::F32);
+    assert_eq!(
+        WeightDtype::Auto.resolve(&Device::Cpu),
+        candle_core::DType::F32
+    );
     for dtype in [WeightDtype::Bf16, WeightDtype::F16] {
         let half = logits_of(&m, dtype, &ids);
         let d = max_diff(&f32_logits, &half);
@@ -932,7 +955,10 @@ fn gguf_export_import_roundtrip_matches_candle_quantized_llama() {
     let err = import_gguf(&cut, &dir.path().join("c"))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("truncated") || err.contains("remaining"), "{err}");
+    assert!(
+        err.contains("truncated") || err.contains("remaining"),
+        "{err}"
+    );
 }
 
 /// Where the SmolLM2 GGUF is, if fetched (`scripts/fetch-smollm2.sh`).
@@ -1001,7 +1027,11 @@ fn smollm2_gguf_import_matches_quantized_llama() {
     eprintln!("SmolLM2: max |logit diff| {d:.4} over a logit range of {spread:.2}");
     assert_eq!(argmax(ours), argmax(&reference));
     assert!(d < 0.05 * spread, "max diff {d} vs range {spread}");
-    assert!(tok.decode(&[argmax(ours) as u32], false).unwrap().contains("Paris"));
+    assert!(
+        tok.decode(&[argmax(ours) as u32], false)
+            .unwrap()
+            .contains("Paris")
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1086,8 +1116,17 @@ fn killed_run_resumes_from_checkpoint_with_optimizer_state() {
             max_grad_norm: Some(1.0),
             ..lora_cfg(8)
         };
-        let name = if method == Method::Full { "full" } else { "lora" };
-        let whole = run_train(&model, &records, &cfg, &dir.path().join(format!("{name}-a")));
+        let name = if method == Method::Full {
+            "full"
+        } else {
+            "lora"
+        };
+        let whole = run_train(
+            &model,
+            &records,
+            &cfg,
+            &dir.path().join(format!("{name}-a")),
+        );
         assert_eq!(whole.resumed_from, 0);
 
         // Interrupt after step 4: the checkpoint of step 3 survives.
@@ -1120,7 +1159,10 @@ fn killed_run_resumes_from_checkpoint_with_optimizer_state() {
         assert!(d < 1e-4, "{name}: resumed run differs by {d}");
 
         // A checkpoint of another run (different seed) is ignored, not resumed.
-        let other = TrainConfig { seed: 9, ..cfg.clone() };
+        let other = TrainConfig {
+            seed: 9,
+            ..cfg.clone()
+        };
         let out2 = dir.path().join(format!("{name}-c"));
         let cancel = AtomicBool::new(false);
         let _ = train(
@@ -1191,7 +1233,8 @@ fn lora_writes_peft_adapter_and_merges_into_full_weights() {
         peft["target_modules"],
         serde_json::json!(["q_proj", "v_proj", "down_proj"])
     );
-    let adapter = candle_core::safetensors::load(out.join(PEFT_WEIGHTS_FILE), &Device::Cpu).unwrap();
+    let adapter =
+        candle_core::safetensors::load(out.join(PEFT_WEIGHTS_FILE), &Device::Cpu).unwrap();
     assert_eq!(adapter.len(), 2 * 3 * 2);
     assert_eq!(
         adapter["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].dims(),
@@ -1203,8 +1246,15 @@ fn lora_writes_peft_adapter_and_merges_into_full_weights() {
     let merged = dir.path().join("merged");
     merge_adapter(&model, &report.artifact, &merged).unwrap();
     let eval_data = demo_dataset(40, 99);
-    let with_adapter =
-        evaluate(&model, Some(&report.artifact), &eval_data, 128, 8, &Device::Cpu).unwrap();
+    let with_adapter = evaluate(
+        &model,
+        Some(&report.artifact),
+        &eval_data,
+        128,
+        8,
+        &Device::Cpu,
+    )
+    .unwrap();
     let merged_eval = evaluate(
         &ModelDir::open(&merged).unwrap(),
         None,
@@ -1275,8 +1325,13 @@ fn hellaswag_scores_endings_as_summed_loglikelihood() {
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("m");
     init_tiny(&m, 12).unwrap();
-    let lm = CausalLm::load(&ModelDir::open(&m).unwrap(), None, WeightDtype::F32, &Device::Cpu)
-        .unwrap();
+    let lm = CausalLm::load(
+        &ModelDir::open(&m).unwrap(),
+        None,
+        WeightDtype::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     let mut items = hellaswag_demo_items(12, 3);
     assert_eq!(items, hellaswag_demo_items(12, 3));
     // Independent scoring: one unbatched forward pass per ending.
@@ -1305,11 +1360,7 @@ fn hellaswag_scores_endings_as_summed_loglikelihood() {
             })
             .collect()
     };
-    let best = |v: &[f64]| {
-        (0..v.len())
-            .max_by(|&a, &b| v[a].total_cmp(&v[b]))
-            .unwrap()
-    };
+    let best = |v: &[f64]| (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap();
     let mut raw_labels = Vec::new();
     for item in items.iter_mut() {
         let s = score(item);
@@ -1347,8 +1398,13 @@ fn kv_cached_generation_matches_full_recomputation() {
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("m");
     init_tiny(&m, 21).unwrap();
-    let lm = CausalLm::load(&ModelDir::open(&m).unwrap(), None, WeightDtype::F32, &Device::Cpu)
-        .unwrap();
+    let lm = CausalLm::load(
+        &ModelDir::open(&m).unwrap(),
+        None,
+        WeightDtype::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     let prompt: Vec<u32> = "Once upon".bytes().map(u32::from).collect();
     let greedy = SamplingConfig {
         temperature: 0.0,
@@ -1383,12 +1439,21 @@ fn synthetic_sets_are_filtered_and_reproducible() {
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("m");
     init_tiny(&m, 22).unwrap();
-    let lm = CausalLm::load(&ModelDir::open(&m).unwrap(), None, WeightDtype::F32, &Device::Cpu)
-        .unwrap();
-    let prompts: Vec<String> = ["What is the colour of the sky", "Name a fruit", "Count to three"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let lm = CausalLm::load(
+        &ModelDir::open(&m).unwrap(),
+        None,
+        WeightDtype::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let prompts: Vec<String> = [
+        "What is the colour of the sky",
+        "Name a fruit",
+        "Count to three",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let sampling = SamplingConfig {
         temperature: 1.0,
         top_p: 0.95,
@@ -1417,4 +1482,46 @@ fn synthetic_sets_are_filtered_and_reproducible() {
     };
     let none = synthetic_set(&lm, &prompts, 5, &short, 4).unwrap();
     assert!(none.is_empty(), "{none:?}");
+}
+
+#[test]
+fn memory_estimates_scale_with_method_dtype_and_batch() {
+    use candle_core::DType;
+    let cfg = tiny_config();
+    let n = cfg.param_count();
+    let lora = lora_cfg(1);
+    let est = estimate_memory(&cfg, &lora, DType::F32);
+    // LoRA rank 8 on q_proj (64 -> 64) and v_proj (64 -> 32) in 2 layers.
+    let trainable = 2 * (8 * (64 + 64) + 8 * (64 + 32)) as u64;
+    assert_eq!(est.params, n * 4 + trainable * 4);
+    assert_eq!(est.grads, trainable * 4);
+    assert_eq!(est.optimizer, trainable * 8);
+    assert_eq!(
+        est.total,
+        est.params + est.grads + est.optimizer + est.activations
+    );
+    let half = estimate_memory(&cfg, &lora, DType::BF16);
+    assert_eq!(half.params, n * 2 + trainable * 4);
+    assert!(half.activations < est.activations);
+    let full = estimate_memory(
+        &cfg,
+        &TrainConfig {
+            method: Method::Full,
+            ..lora_cfg(1)
+        },
+        DType::BF16,
+    );
+    assert_eq!(full.grads, n * 4);
+    assert_eq!(full.optimizer, n * 8);
+    let bigger = estimate_memory(
+        &cfg,
+        &TrainConfig {
+            batch_size: 16,
+            ..lora_cfg(1)
+        },
+        DType::F32,
+    );
+    assert_eq!(bigger.activations, 2 * est.activations);
+    let targets: Vec<String> = ALL_LORA_TARGETS.iter().map(|s| s.to_string()).collect();
+    assert!(estimate_memory_with_targets(&cfg, &lora, &targets, DType::F32).grads > est.grads);
 }

@@ -230,6 +230,10 @@ pub struct ValidatorConfig {
     pub device: String,
     /// Serve Prometheus metrics here (host:port); off when absent.
     pub metrics_listen: Option<String>,
+    /// PEM certificate chain: with `tls_key`, the gRPC services (console included) use TLS.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
     /// Miner gRPC endpoints to offer jobs to.
     pub miners: Vec<String>,
     /// Competitions to run.
@@ -245,6 +249,8 @@ impl Default for ValidatorConfig {
             key_file: None,
             device: "cpu".into(),
             metrics_listen: None,
+            tls_cert: None,
+            tls_key: None,
             miners: vec![],
             competitions: vec![],
         }

@@ -9,6 +9,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -815,8 +816,32 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
         reply_to: reply_to.clone(),
     });
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let mut builder = tonic::transport::Server::builder();
+    match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(cert), Some(key)) => {
+            let read = |p: &PathBuf| {
+                std::fs::read(p).map_err(|e| {
+                    NodeError::Other(format!("cannot read TLS file {}: {e}", p.display()))
+                })
+            };
+            let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+            builder = builder
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .map_err(|e| {
+                    NodeError::Other(format!(
+                        "`tls_cert`/`tls_key` are not a usable PEM pair: {e}"
+                    ))
+                })?;
+        }
+        (None, None) => {}
+        _ => {
+            return Err(NodeError::Other(
+                "set both `tls_cert` and `tls_key`, or neither".into(),
+            ));
+        }
+    }
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             .add_service(tunenet_rpc::validator_server(shared.clone()))
             .add_service(crate::console::server(shared.clone()))
             .serve_with_incoming_shutdown(

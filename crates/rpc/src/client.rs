@@ -47,9 +47,37 @@ pub enum RpcError {
     Io(String),
 }
 
+/// An endpoint for `addr`; `https://` URLs use TLS, trusting the PEM CA named by the
+/// `TUNENET_CA` environment variable.
+pub fn endpoint(addr: &str) -> Result<Endpoint, RpcError> {
+    let ca = match std::env::var("TUNENET_CA") {
+        Ok(path) => Some(
+            std::fs::read(&path).map_err(|e| RpcError::Io(format!("TUNENET_CA {path}: {e}")))?,
+        ),
+        Err(_) => None,
+    };
+    endpoint_with_ca(addr, ca.as_deref())
+}
+
+/// An endpoint for `addr`; `https://` URLs use TLS, trusting `ca` (PEM) when given.
+pub fn endpoint_with_ca(addr: &str, ca: Option<&[u8]>) -> Result<Endpoint, RpcError> {
+    let mut ep = Endpoint::from_shared(addr.to_string())
+        .map_err(|_| RpcError::BadAddress(addr.to_string()))?;
+    if addr.starts_with("https://") {
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        if let Some(pem) = ca {
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        }
+        ep = ep.tls_config(tls).map_err(|e| RpcError::Connect {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(ep)
+}
+
 async fn channel(addr: &str, timeout: Duration) -> Result<Channel, RpcError> {
-    let ep = Endpoint::from_shared(addr.to_string())
-        .map_err(|_| RpcError::BadAddress(addr.to_string()))?
+    let ep = endpoint(addr)?
         .connect_timeout(Duration::from_secs(5))
         .timeout(timeout)
         .tcp_nodelay(true);

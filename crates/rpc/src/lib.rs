@@ -10,7 +10,7 @@ pub mod services {
 mod client;
 mod server;
 
-pub use client::{MinerClient, RpcError, ValidatorClient};
+pub use client::{MinerClient, RpcError, ValidatorClient, endpoint, endpoint_with_ca};
 pub use server::{MinerBackend, UploadSink, ValidatorBackend, miner_server, validator_server};
 pub use tonic::{Code, Status};
 

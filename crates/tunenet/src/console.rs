@@ -25,6 +25,9 @@ pub struct ConsoleArgs {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// PEM CA certificate that signed the validator's TLS certificate (for https:// URLs).
+    #[arg(long, env = "TUNENET_CA", global = true)]
+    ca: Option<PathBuf>,
     #[command(subcommand)]
     cmd: ConsoleCmd,
 }
@@ -156,10 +159,16 @@ impl tonic::service::Interceptor for Auth {
 }
 
 async fn connect(a: &ConsoleArgs) -> Result<Client> {
-    let ch = tonic::transport::Endpoint::from_shared(a.validator.clone())
+    let ca = match &a.ca {
+        Some(p) => Some(
+            std::fs::read(p).with_context(|| format!("cannot read the CA file {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let ch = tunenet_rpc::endpoint_with_ca(&a.validator, ca.as_deref())
         .with_context(|| {
             format!(
-                "`{}` is not a URL (e.g. http://127.0.0.1:7100)",
+                "`{}` is not a usable validator URL (e.g. http://127.0.0.1:7100)",
                 a.validator
             )
         })?
