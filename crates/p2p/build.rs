@@ -9,6 +9,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile([&file], [&local, &shared])?;
     prost_build::Config::new()
         .extern_path(".tunenet.v1", "::tunenet_proto::v1")
+        // Chunk bytes are sliced out of the received frame instead of copied.
+        .bytes([".tunenet.p2p.v1.BlobChunk.data"])
         .compile_fds(fds)?;
     Ok(())
 }

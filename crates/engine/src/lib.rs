@@ -9,6 +9,6 @@ pub use miner::{
     MinerEffect, MinerEngine, MinerError, MinerInput, MinerJob, MinerPhase, MinerPolicy,
 };
 pub use validator::{
-    CompetitionPlan, JobPhase, JobPlan, JobState, MinerSlot, OfferState, SubmissionState,
-    ValidatorEffect, ValidatorEngine, ValidatorError, ValidatorInput,
+    CompetitionPlan, Evaluation, JobPhase, JobPlan, JobState, MinerSlot, OfferState,
+    SubmissionState, ValidatorEffect, ValidatorEngine, ValidatorError, ValidatorInput,
 };

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use tunenet_types::{
     Assignment, BlobId, Commitment, CompetitionId, Decision, DecisionReply, HparamBounds, Identity,
-    JobId, JobKind, JobScore, Offer, PeerIdStr, Receipt, ScoringWeights, UnixMillis, UploadHeader,
-    commit_hash, qualities,
+    IntegritySettings, JobId, JobKind, JobScore, Offer, Outcome, PeerIdStr, Receipt,
+    ScoringWeights, UnixMillis, UploadHeader, Verdict, commit_hash, qualities,
 };
 
 /// One job of a competition, as planned before it starts.
@@ -55,6 +55,9 @@ pub struct CompetitionPlan {
     pub reply_to: String,
     /// Hardware the jobs are sized for, informational.
     pub hardware: String,
+    /// Integrity thresholds (changeable while the competition runs).
+    #[serde(default)]
+    pub integrity: IntegritySettings,
 }
 
 /// Where a job is in its life.
@@ -128,11 +131,20 @@ pub enum SubmissionState {
         artifact: BlobId,
         /// Mean token loss on the hidden test split.
         test_loss: f64,
+        /// The integrity checks' verdicts.
+        #[serde(default)]
+        verdicts: Vec<Verdict>,
+        /// The delta sketch, for near-duplicate checks across submissions.
+        #[serde(default)]
+        sketch: Vec<f32>,
     },
     /// Gets the penalty; the reason says why.
     Failed {
         /// Why, in words.
         reason: String,
+        /// The integrity checks' verdicts, when the failure is theirs.
+        #[serde(default)]
+        verdicts: Vec<Verdict>,
     },
 }
 
@@ -238,7 +250,17 @@ pub enum ValidatorError {
 }
 
 /// Things that happen to the validator, other than commit and upload (which answer at once).
+/// What the validator's evaluation found for one artifact.
 #[derive(Clone, Debug, PartialEq)]
+pub struct Evaluation {
+    /// Mean token loss on the hidden test split (None when a check failed first).
+    pub test_loss: Option<f64>,
+    /// The per-artifact integrity verdicts.
+    pub verdicts: Vec<Verdict>,
+    /// The delta sketch for cross-submission checks.
+    pub sketch: Vec<f32>,
+}
+
 pub enum ValidatorInput {
     /// Time passed.
     Tick,
@@ -267,7 +289,7 @@ pub enum ValidatorInput {
         /// The miner.
         miner: PeerIdStr,
         /// The test loss, or why evaluation failed (the artifact gets the penalty).
-        result: Result<f64, String>,
+        result: Result<Evaluation, String>,
     },
 }
 
@@ -377,6 +399,11 @@ impl ValidatorEngine {
         self.miners = miners;
     }
 
+    /// Changes the integrity thresholds; they apply to submissions evaluated from now on.
+    pub fn set_integrity(&mut self, settings: IntegritySettings) {
+        self.plan.integrity = settings;
+    }
+
     /// Replaces the banned miners (id → reason): their acceptances count as rejections.
     pub fn set_banned(&mut self, banned: BTreeMap<PeerIdStr, String>) {
         self.banned = banned;
@@ -460,6 +487,7 @@ impl ValidatorEngine {
                     && let Some(slot) = job.slots.get_mut(&miner)
                 {
                     slot.submission = SubmissionState::Failed {
+                        verdicts: vec![],
                         reason: format!("assignment could not be delivered: {e}"),
                     };
                     fx.push(ValidatorEffect::Event(format!(
@@ -478,19 +506,37 @@ impl ValidatorEngine {
                     && let SubmissionState::Uploaded { artifact } = slot.submission.clone()
                 {
                     slot.submission = match result {
-                        Ok(test_loss) if test_loss.is_finite() => {
+                        Ok(ev) if ev.verdicts.iter().any(|v| v.outcome == Outcome::Fail) => {
+                            let reason = failed_reasons(&ev.verdicts);
+                            fx.push(ValidatorEffect::Event(format!(
+                                "job {job_id}: {miner} failed integrity: {reason}"
+                            )));
+                            SubmissionState::Failed {
+                                reason,
+                                verdicts: ev.verdicts,
+                            }
+                        }
+                        Ok(Evaluation {
+                            test_loss: Some(test_loss),
+                            verdicts,
+                            sketch,
+                        }) if test_loss.is_finite() => {
                             fx.push(ValidatorEffect::Event(format!(
                                 "job {job_id}: {miner} test loss {test_loss:.4}"
                             )));
                             SubmissionState::Evaluated {
                                 artifact,
                                 test_loss,
+                                verdicts,
+                                sketch,
                             }
                         }
-                        Ok(bad) => SubmissionState::Failed {
-                            reason: format!("evaluation gave a non-finite loss ({bad})"),
+                        Ok(ev) => SubmissionState::Failed {
+                            verdicts: ev.verdicts,
+                            reason: format!("evaluation gave no finite loss ({:?})", ev.test_loss),
                         },
                         Err(e) => SubmissionState::Failed {
+                            verdicts: vec![],
                             reason: format!("artifact could not be evaluated: {e}"),
                         },
                     };
@@ -888,6 +934,7 @@ impl ValidatorEngine {
                 for (miner, slot) in job.slots.iter_mut() {
                     if slot.commitment.is_none() && slot.submission == SubmissionState::Waiting {
                         slot.submission = SubmissionState::Failed {
+                            verdicts: vec![],
                             reason: "no commitment before the deadline".into(),
                         };
                         fx.push(ValidatorEffect::Event(format!(
@@ -911,6 +958,7 @@ impl ValidatorEngine {
                     for slot in job.slots.values_mut() {
                         if slot.submission == SubmissionState::Waiting {
                             slot.submission = SubmissionState::Failed {
+                                verdicts: vec![],
                                 reason: "artifact not revealed within the reveal window".into(),
                             };
                         }
@@ -924,6 +972,32 @@ impl ValidatorEngine {
                 });
                 if !settled {
                     return;
+                }
+                let findings = duplicate_findings(&self.jobs, id, &plan.integrity);
+                let Some(job) = self.jobs.get_mut(id) else {
+                    return;
+                };
+                for (miner, v) in findings {
+                    let Some(slot) = job.slots.get_mut(&miner) else {
+                        continue;
+                    };
+                    fx.push(ValidatorEffect::Event(format!(
+                        "job {id}: {miner}: {}",
+                        v.reason
+                    )));
+                    match (&mut slot.submission, v.outcome) {
+                        (SubmissionState::Evaluated { verdicts, .. }, Outcome::Fail) => {
+                            let mut all = std::mem::take(verdicts);
+                            all.push(v);
+                            let reason = failed_reasons(&all);
+                            slot.submission = SubmissionState::Failed {
+                                reason,
+                                verdicts: all,
+                            };
+                        }
+                        (SubmissionState::Evaluated { verdicts, .. }, _) => verdicts.push(v),
+                        _ => {}
+                    }
                 }
                 let miners: Vec<&PeerIdStr> = job.slots.keys().collect();
                 let losses: Vec<Option<f64>> = job
@@ -945,8 +1019,13 @@ impl ValidatorEngine {
                         loss: *loss,
                         quality,
                         penalty_reason: match &slot.submission {
-                            SubmissionState::Failed { reason } => Some(reason.clone()),
+                            SubmissionState::Failed { reason, .. } => Some(reason.clone()),
                             _ => None,
+                        },
+                        verdicts: match &slot.submission {
+                            SubmissionState::Failed { verdicts, .. }
+                            | SubmissionState::Evaluated { verdicts, .. } => verdicts.clone(),
+                            _ => vec![],
                         },
                     })
                     .collect();
@@ -963,6 +1042,126 @@ impl ValidatorEngine {
             }
             JobPhase::Pending | JobPhase::Done { .. } => {}
         }
+    }
+}
+
+/// The failed verdicts' reasons, joined.
+fn failed_reasons(verdicts: &[Verdict]) -> String {
+    let r: Vec<String> = verdicts
+        .iter()
+        .filter(|v| v.outcome == Outcome::Fail)
+        .map(|v| format!("{}: {}", v.check, v.reason))
+        .collect();
+    format!("integrity: {}", r.join("; "))
+}
+
+/// Exact and near duplicates between job `id`'s evaluated submissions and every other
+/// evaluated submission of the competition. The submission whose commitment was received
+/// later fails; the earlier one is flagged, so both parties are named.
+fn duplicate_findings(
+    jobs: &BTreeMap<JobId, JobState>,
+    id: &JobId,
+    settings: &IntegritySettings,
+) -> Vec<(PeerIdStr, Verdict)> {
+    struct Sub<'a> {
+        job: &'a JobId,
+        miner: &'a PeerIdStr,
+        artifact: BlobId,
+        received: u64,
+        sketch: &'a [f32],
+    }
+    let mut all = Vec::new();
+    for j in jobs.values() {
+        for (m, slot) in &j.slots {
+            if let SubmissionState::Evaluated {
+                artifact, sketch, ..
+            } = &slot.submission
+            {
+                let received = slot
+                    .receipt
+                    .as_ref()
+                    .map(|r| r.received_at_ms)
+                    .unwrap_or(u64::MAX);
+                all.push(Sub {
+                    job: &j.plan.job_id,
+                    miner: m,
+                    artifact: *artifact,
+                    received,
+                    sketch,
+                });
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if !settings.enabled {
+        return out;
+    }
+    for me in all.iter().filter(|s| s.job == id) {
+        let my_key = (me.received, me.job, me.miner);
+        for other in all
+            .iter()
+            .filter(|o| !(o.job == me.job && o.miner == me.miner))
+        {
+            let earlier = (other.received, other.job, other.miner) < my_key;
+            if other.artifact == me.artifact {
+                if earlier {
+                    out.push((
+                        me.miner.clone(),
+                        Verdict {
+                            check: "exact_duplicate".into(),
+                            outcome: Outcome::Fail,
+                            value: Some(1.0),
+                            threshold: None,
+                            reason: format!(
+                                "the same artifact as {}'s in job {}, which was committed earlier",
+                                other.miner, other.job
+                            ),
+                        },
+                    ));
+                }
+                continue;
+            }
+            let cos = crate::validator::sketch_cosine(me.sketch, other.sketch);
+            if cos > settings.near_duplicate_cosine {
+                out.push((me.miner.clone(), Verdict {
+                    check: "near_duplicate".into(),
+                    outcome: if earlier { Outcome::Fail } else { Outcome::Flag },
+                    value: Some(cos),
+                    threshold: Some(settings.near_duplicate_cosine),
+                    reason: if earlier {
+                        format!(
+                            "a near copy (delta cosine {cos:.4}) of {}'s artifact in job {}, committed earlier",
+                            other.miner, other.job
+                        )
+                    } else {
+                        format!(
+                            "{}'s artifact in job {} is a near copy of this one (delta cosine {cos:.4})",
+                            other.miner, other.job
+                        )
+                    },
+                }));
+            }
+        }
+    }
+    out
+}
+
+/// Cosine of two delta sketches; 0 when either is empty or they differ in length.
+pub fn sketch_cosine(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() || a.is_empty() {
+        return 0.0;
+    }
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        let (x, y) = (*x as f64, *y as f64);
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    if aa == 0.0 || bb == 0.0 {
+        0.0
+    } else {
+        ab / (aa.sqrt() * bb.sqrt())
     }
 }
 

@@ -3,6 +3,7 @@
 //! training artifacts with embedded manifests, and a generator for tiny test models.
 
 mod artifact;
+mod bench;
 mod checkpoint;
 mod config;
 mod data;
@@ -30,6 +31,7 @@ pub use artifact::{
     ARTIFACT_FILE, ARTIFACT_FORMAT, ArtifactManifest, MANIFEST_FILE, MANIFEST_METADATA_KEY,
     MAX_HEADER_BYTES, read_artifact_manifest,
 };
+pub use bench::{BENCH_TEXT, BenchResult, bench_throughput};
 pub use checkpoint::CHECKPOINT_FILE;
 pub use config::{LlamaConfig, RopeScaling, SUPPORTED_ARCHITECTURES, SUPPORTED_MODEL_TYPES};
 pub use data::{Record, demo_dataset, load_jsonl, parse_jsonl, to_jsonl};

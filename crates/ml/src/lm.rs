@@ -6,10 +6,11 @@ use std::path::Path;
 use candle_core::{D, DType, Device, Tensor};
 
 use crate::config::LlamaConfig;
+use crate::data::{Example, make_batch};
 use crate::error::{CandleContext, MlError};
 use crate::eval::load_model;
 use crate::loader::{WeightDtype, load_tokenizer};
-use crate::model::{Llama, Mode};
+use crate::model::{Llama, Mode, masked_nll_sum};
 use crate::model_dir::ModelDir;
 use crate::tokenizer::TextTokenizer;
 
@@ -138,6 +139,37 @@ impl CausalLm {
             out.push((sum, greedy));
         }
         Ok(out)
+    }
+
+    /// Mean next-token negative log-likelihood (nats) over a batch of token sequences
+    /// (right-padded to the longest), computed on the device; one forward pass.
+    pub fn mean_nll(&self, seqs: &[Vec<u32>]) -> Result<f64, MlError> {
+        if seqs.is_empty() || seqs.iter().any(|s| s.len() < 2) {
+            return Err(MlError::Invalid(
+                "mean_nll needs sequences of at least two tokens".into(),
+            ));
+        }
+        for s in seqs {
+            self.check_ids(&s[..s.len() - 1])?;
+            self.check_ids(&s[1..])?;
+        }
+        let examples: Vec<Example> = seqs
+            .iter()
+            .map(|s| Example {
+                ids: s.clone(),
+                loss_from: 1,
+            })
+            .collect();
+        let refs: Vec<&Example> = examples.iter().collect();
+        let run = || -> candle_core::Result<f64> {
+            let batch = make_batch(&refs, &self.device)?;
+            let logits = self
+                .llama
+                .forward(&batch.inputs, &batch.key_mask, Mode::Infer)?;
+            let sum = masked_nll_sum(&logits, &batch.targets, &batch.loss_mask)?;
+            Ok(sum.to_dtype(DType::F64)?.to_scalar::<f64>()? / batch.predicted.max(1) as f64)
+        };
+        run().ctx("scoring a batch")
     }
 
     fn check_ids(&self, ids: &[u32]) -> Result<(), MlError> {

@@ -5,7 +5,7 @@ use crate::error::NodeError;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::path::{Path, PathBuf};
 use tunenet_engine::MinerPolicy;
-use tunenet_types::{HparamBounds, ScoringWeights};
+use tunenet_types::{HparamBounds, IntegritySettings, ScoringWeights};
 
 /// Reads and parses a TOML config file.
 pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T, NodeError> {
@@ -150,6 +150,9 @@ pub struct CompetitionConfig {
     /// How losses become qualities.
     #[serde(default)]
     pub scoring: ScoringWeights,
+    /// Integrity check thresholds (changeable while the competition runs).
+    #[serde(default)]
+    pub integrity: IntegritySettings,
 }
 
 fn d_jobs() -> u32 {

@@ -220,6 +220,56 @@ impl ConsoleService for Console {
         Ok(Response::new(info))
     }
 
+    async fn set_integrity(
+        &self,
+        req: Request<pb::IntegrityChange>,
+    ) -> Result<Response<pb::IntegrityView>, Status> {
+        let who = self.check(&req, Action::Integrity, "change integrity settings")?;
+        let r = req.into_inner();
+        let change: serde_json::Value = serde_json::from_str(&r.settings_json)
+            .map_err(|e| Status::invalid_argument(format!("settings_json is not JSON: {e}")))?;
+        let id = r.id.clone();
+        let store = self.shared.store.clone();
+        let view = self
+            .shared
+            .with(move |v: &mut Validator| {
+                let c = v.comp(&id)?;
+                let mut current =
+                    serde_json::to_value(&c.record.config.integrity).map_err(internal)?;
+                match (current.as_object_mut(), change.as_object()) {
+                    (Some(cur), Some(ch)) => {
+                        for (k, val) in ch {
+                            cur.insert(k.clone(), val.clone());
+                        }
+                    }
+                    _ => {
+                        return Err(Status::invalid_argument(
+                            "settings_json must be a JSON object of fields",
+                        ));
+                    }
+                }
+                let settings: tunenet_types::IntegritySettings = serde_json::from_value(current)
+                    .map_err(|e| Status::invalid_argument(format!("integrity settings: {e}")))?;
+                c.record.config.integrity = settings.clone();
+                c.record.plan.integrity = settings.clone();
+                c.engine.set_integrity(settings.clone());
+                store
+                    .put_json(trees::COMPETITIONS, &id, &c.record)
+                    .map_err(internal)?;
+                Ok(pb::IntegrityView {
+                    id: id.clone(),
+                    settings_json: serde_json::to_string(&settings).map_err(internal)?,
+                })
+            })
+            .await?;
+        self.audit(
+            &who,
+            "competition.integrity",
+            &format!("{}: {}", r.id, r.settings_json),
+        );
+        Ok(Response::new(view))
+    }
+
     async fn competition_leaderboard(
         &self,
         req: Request<pb::CompetitionRef>,

@@ -187,7 +187,14 @@ impl Ctx {
                 fetch::fetch_blob(&blobs, &reply_to, a.train_shard, MAX_SHARD).await?;
                 tracing::info!(job_id = %a.job_id, model_bytes = manifest.total_size() + manifest_size, "fetched model and shard");
                 let model_dir = models::materialise(&blobs, &a.base_model, &manifest, &models_root)?;
-                let records = tunenet_ml::parse_jsonl(&blobs.get(&a.train_shard)?)?;
+                let shard = tunenet_ml::parse_jsonl(&blobs.get(&a.train_shard)?)?;
+                // Train on this miner's own subset of the shard, in its own order, as the
+                // assignment's nonce dictates (the validator can recompute it).
+                let records: Vec<tunenet_ml::Record> =
+                    tunenet_integrity::training_subset(&a.nonce, &a.job_id, &a.miner, shard.len())
+                        .into_iter()
+                        .filter_map(|i| shard.get(i).cloned())
+                        .collect();
                 // The deadline is wall-clock; the trainer plans on a monotonic clock.
                 let left = a.deadline_ms.saturating_sub(now_ms());
                 let deadline = Instant::now() + Duration::from_millis(left);

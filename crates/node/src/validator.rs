@@ -14,8 +14,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tunenet_engine::{
-    CompetitionPlan, JobPlan, JobState, ValidatorEffect, ValidatorEngine, ValidatorError,
-    ValidatorInput,
+    CompetitionPlan, Evaluation, JobPlan, JobState, ValidatorEffect, ValidatorEngine,
+    ValidatorError, ValidatorInput,
 };
 use tunenet_proto::v1;
 use tunenet_rpc::{MinerClient, Status, UploadSink, ValidatorBackend};
@@ -204,6 +204,7 @@ pub fn prepare(
         max_artifact_bytes: cfg.max_artifact_mb * 1024 * 1024,
         reply_to: reply_to.to_string(),
         hardware: "cpu".into(),
+        integrity: cfg.integrity.clone(),
     };
     let rec = CompetitionRecord {
         config: cfg.clone(),
@@ -342,6 +343,8 @@ impl ValidatorBackend for Shared {
 }
 
 struct EvalRequest {
+    bounds: tunenet_types::HparamBounds,
+    integrity: tunenet_types::IntegritySettings,
     comp: String,
     job_id: JobId,
     miner: PeerIdStr,
@@ -599,6 +602,8 @@ impl Validator {
                 } => {
                     metrics::counter!("tunenet_submissions_total").increment(1);
                     let _ = self.evals.send(EvalRequest {
+                        bounds: c.engine.plan().hparams.clone(),
+                        integrity: c.engine.plan().integrity.clone(),
                         comp: cid.to_string(),
                         job_id,
                         miner,
@@ -917,7 +922,7 @@ fn spawn_evaluator(
             let mut models: BTreeMap<BlobId, tunenet_ml::ModelDir> = BTreeMap::new();
             let mut tests: BTreeMap<BlobId, Vec<tunenet_ml::Record>> = BTreeMap::new();
             while let Ok(req) = erx.recv() {
-                let result = (|| -> Result<f64, String> {
+                let result = (|| -> Result<Evaluation, String> {
                     let model = match models.get(&req.model) {
                         Some(m) => m.clone(),
                         None => {
@@ -939,11 +944,23 @@ fn spawn_evaluator(
                     blobs.verify(&req.artifact).map_err(|e| e.to_string())?;
                     let path = blobs.path(&req.artifact);
                     let t0 = std::time::Instant::now();
+                    let (verdicts, sketch) = if req.integrity.enabled {
+                        let report = tunenet_integrity::check_artifact(&model, &path, &req.bounds, &req.integrity)
+                            .map_err(|e| e.to_string())?;
+                        if report.failed() {
+                            return Ok(Evaluation { test_loss: None, verdicts: report.verdicts, sketch: vec![] });
+                        }
+                        (report.verdicts, report.sketch)
+                    } else {
+                        (vec![], vec![])
+                    };
+                    let checks = t0.elapsed().as_secs_f64();
                     let r = tunenet_ml::evaluate(&model, Some(&path), test, req.max_seq_len, 8, &device)
                         .map_err(|e| e.to_string())?;
                     metrics::histogram!("tunenet_evaluation_seconds").record(t0.elapsed().as_secs_f64());
-                    tracing::info!(competition = %req.comp, job_id = %req.job_id, miner = %req.miner, loss = r.mean_loss, secs = t0.elapsed().as_secs_f64(), "evaluated");
-                    Ok(r.mean_loss)
+                    metrics::histogram!("tunenet_integrity_seconds").record(checks);
+                    tracing::info!(competition = %req.comp, job_id = %req.job_id, miner = %req.miner, loss = r.mean_loss, secs = t0.elapsed().as_secs_f64(), check_secs = checks, "evaluated");
+                    Ok(Evaluation { test_loss: Some(r.mean_loss), verdicts, sketch })
                 })();
                 let job = req.job_id.to_string();
                 let input = ValidatorInput::Evaluated { job_id: req.job_id, miner: req.miner, result };

@@ -1,6 +1,7 @@
 //! Blob throughput on loopback: libp2p blob fetch (TCP+noise+yamux and QUIC) against a
 //! raw TCP copy of the same file and against blake3-hashing it, as MB/s and ratios.
-//! `TUNENET_BENCH_MIB` sets the size (default 1024). Run via `scripts/bench-p2p.sh`.
+//! `TUNENET_BENCH_MIB` sets the size (default 1024), `TUNENET_BENCH_PARALLEL` the chunk
+//! requests in flight (default: the config's). Run via `scripts/bench-p2p.sh`.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -86,9 +87,14 @@ async fn raw_tcp(src: &Path, dst: &Path) -> Res<Duration> {
 
 async fn libp2p_fetch(src: &Path, root: &Path, listen: &str) -> Res<Duration> {
     let listen: Multiaddr = listen.parse()?;
+    let parallel = std::env::var("TUNENET_BENCH_PARALLEL")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(P2pConfig::default().blob_parallel);
     let config = P2pConfig {
         listen: vec![listen],
         mdns: false,
+        blob_parallel: parallel,
         ..P2pConfig::default()
     };
     let store_a = BlobStore::open(&root.join("a"))?;

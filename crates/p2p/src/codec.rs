@@ -63,7 +63,8 @@ where
     }
     let mut buf = vec![0u8; len];
     io.read_exact(&mut buf).await?;
-    M::decode(buf.as_slice()).map_err(|e| invalid(format!("message does not decode: {e}")))
+    M::decode(prost::bytes::Bytes::from(buf))
+        .map_err(|e| invalid(format!("message does not decode: {e}")))
 }
 
 /// Encodes `msg` and writes it as one frame, refusing to send more than `max` bytes.

@@ -53,7 +53,7 @@ struct Download {
     /// Chunks to ask for again.
     retry: BTreeSet<u64>,
     /// Checked chunks waiting for their turn to be written.
-    ready: BTreeMap<u64, Vec<u8>>,
+    ready: BTreeMap<u64, prost::bytes::Bytes>,
     /// Providers that sent bad data: never asked again.
     dropped: HashSet<PeerId>,
     last_problem: String,

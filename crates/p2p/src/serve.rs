@@ -131,7 +131,10 @@ impl BlobServer {
                     } else {
                         match read_chunk(&path, size, index) {
                             Ok(data) => {
-                                let body = Body::Chunk(pb::BlobChunk { index, data });
+                                let body = Body::Chunk(pb::BlobChunk {
+                                    index,
+                                    data: data.into(),
+                                });
                                 (pb::BlobResponse { body: Some(body) }, None, Some(index))
                             }
                             Err(e) => (refused(format!("chunk read failed: {e}")), None, None),

@@ -35,6 +35,31 @@ pub enum ModelCmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Measure training (LoRA or full) or evaluation throughput on fixed-length sequences;
+    /// prints one JSON line (used by scripts/bench-ml.sh).
+    Bench {
+        /// Model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// `lora`, `full` or `eval`.
+        #[arg(long, default_value = "lora")]
+        mode: String,
+        /// Sequences per batch.
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Tokens per sequence (bos included; the model sees seq - 1 inputs).
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        /// Timed steps (one more runs first as warm-up).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// LoRA rank.
+        #[arg(long, default_value_t = 8)]
+        rank: usize,
+        /// `cpu` or `cuda:N`.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Merge a LoRA artifact into its base model's weights, writing a new model directory.
     Merge {
         /// Base model directory.
@@ -230,12 +255,37 @@ pub fn model(cmd: ModelCmd) -> Result<()> {
                 out.display()
             );
         }
+        ModelCmd::Bench {
+            model,
+            mode,
+            batch_size,
+            seq,
+            steps,
+            rank,
+            device,
+        } => bench(&model, &mode, batch_size, seq, steps, rank, &device)?,
         ModelCmd::Merge { base, adapter, out } => {
             let base = tunenet_ml::ModelDir::open(&base)?;
             tunenet_ml::merge_adapter(&base, &adapter, &out)?;
             println!("wrote merged weights to {}", out.display());
         }
     }
+    Ok(())
+}
+
+fn bench(
+    model: &std::path::Path,
+    mode: &str,
+    batch_size: usize,
+    seq: usize,
+    steps: usize,
+    rank: usize,
+    device: &str,
+) -> Result<()> {
+    let device = tunenet_ml::parse_device(device)?;
+    let dir = tunenet_ml::ModelDir::open(model)?;
+    let r = tunenet_ml::bench_throughput(&dir, mode, batch_size, seq, steps, rank, &device)?;
+    println!("{}", serde_json::to_string(&r)?);
     Ok(())
 }
 

@@ -94,6 +94,14 @@ enum CompCmd {
     Stop { id: String },
     /// Hide a finished or stopped competition.
     Archive { id: String },
+    /// Change integrity thresholds while the competition runs.
+    Integrity {
+        /// Competition id.
+        id: String,
+        /// The fields to change, as JSON, e.g. '{"near_duplicate_cosine": 0.9}'.
+        #[arg(long)]
+        set: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -349,6 +357,13 @@ async fn run_async(a: ConsoleArgs) -> Result<()> {
             CompCmd::Pause { id } => change(&mut c, id, "pause").await?,
             CompCmd::Stop { id } => change(&mut c, id, "stop").await?,
             CompCmd::Archive { id } => change(&mut c, id, "archive").await?,
+            CompCmd::Integrity { id, set } => {
+                let v = call!(c.set_integrity(pb::IntegrityChange {
+                    id,
+                    settings_json: set
+                }));
+                println!("integrity settings of `{}` now: {}", v.id, v.settings_json);
+            }
         },
         ConsoleCmd::Leaderboard { id } => {
             let lb = match id {

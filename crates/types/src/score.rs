@@ -38,6 +38,9 @@ pub struct JobScore {
     pub quality: f64,
     /// Why the submission got the penalty, if it did.
     pub penalty_reason: Option<String>,
+    /// The integrity checks' verdicts.
+    #[serde(default)]
+    pub verdicts: Vec<Verdict>,
 }
 
 /// Qualities for one job's scored losses: `exp(-loss)` (the inverse perplexity)
@@ -165,5 +168,64 @@ mod tests {
     fn standing_is_geometric_mean() {
         assert!((standing(&[2.0, 0.5]) - 1.0).abs() < 1e-12);
         assert_eq!(standing(&[1.0, 0.0]), 0.0);
+    }
+}
+
+/// The result of one integrity check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// Nothing wrong.
+    Pass,
+    /// Suspicious: shown to the admin and the miner; the score stands.
+    Flag,
+    /// Cheating or broken: the submission gets the competition's penalty.
+    Fail,
+}
+
+/// One integrity check's verdict on a submission, with its numbers and a reason in words.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// The check's name (e.g. `finite`, `lora_rank`, `delta_norm`).
+    pub check: String,
+    /// Pass, flag or fail.
+    pub outcome: Outcome,
+    /// The measured value, when there is one.
+    pub value: Option<f64>,
+    /// The threshold it was held to, when there is one.
+    pub threshold: Option<f64>,
+    /// What was found, in words.
+    pub reason: String,
+}
+
+/// Thresholds of the integrity checks: competition settings an admin may change while the
+/// competition runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IntegritySettings {
+    /// Run the checks at all.
+    pub enabled: bool,
+    /// Smallest cosine similarity allowed between a tuned tensor and the base's.
+    pub min_tensor_cosine: f64,
+    /// Largest relative change ‖W − W₀‖ / ‖W₀‖ allowed in one tensor.
+    pub max_relative_delta: f64,
+    /// Smallest total relative change that counts as fine-tuned at all.
+    pub min_relative_delta: f64,
+    /// Cosine of two submissions' delta sketches above which they are near duplicates.
+    pub near_duplicate_cosine: f64,
+    /// Length of the delta sketch.
+    pub sketch_dim: usize,
+}
+
+impl Default for IntegritySettings {
+    fn default() -> Self {
+        IntegritySettings {
+            enabled: true,
+            min_tensor_cosine: 0.5,
+            max_relative_delta: 2.0,
+            min_relative_delta: 1e-7,
+            near_duplicate_cosine: 0.95,
+            sketch_dim: 4096,
+        }
     }
 }

@@ -31,7 +31,16 @@ fn plan(jobs: usize, miners_per_job: u32) -> CompetitionPlan {
         max_artifact_bytes: 1_000,
         reply_to: "http://v".into(),
         hardware: "cpu".into(),
+        integrity: IntegritySettings::default(),
     }
+}
+
+fn eval(loss: f64, sketch: Vec<f32>) -> Result<Evaluation, String> {
+    Ok(Evaluation {
+        test_loss: Some(loss),
+        verdicts: vec![],
+        sketch,
+    })
 }
 
 struct World {
@@ -190,7 +199,7 @@ fn full_job_scores_follow_loss_with_mean_one() {
             ValidatorInput::Evaluated {
                 job_id: job0(),
                 miner: h.miner.clone(),
-                result: Ok(2.0 + i as f64),
+                result: eval(2.0 + i as f64, vec![i as f32 + 1.0, 0.0, (i * i) as f32]),
             },
             w.now,
             &mut w.rng,
@@ -495,4 +504,141 @@ fn miner_refuses_forged_or_foreign_assignments() {
         Err(crate::MinerError::Expired(_))
     ));
     m.assign(a, w.now).unwrap();
+}
+
+/// Runs one job with `n` miners to the reveal, each revealing `artifacts[i]`.
+fn reveal_all(w: &mut World, artifacts: &[&[u8]]) -> Vec<UploadHeader> {
+    w.tick();
+    let mut headers = vec![];
+    for (i, art) in artifacts.iter().enumerate() {
+        let now = w.now + 100 + i as u64; // miner 0 commits first
+        let c = train(&mut w.miners[i].1, &job0(), art, now, &mut w.rng);
+        let (receipt, _) = w.v.commit(c, now).unwrap();
+        w.miners[i].1.handle(
+            MinerInput::CommitAnswered {
+                job_id: job0(),
+                result: Ok(receipt),
+            },
+            now,
+            &mut w.rng,
+        );
+        let fx = w.miners[i]
+            .1
+            .handle(MinerInput::Tick, w.now + BUDGET + 1, &mut w.rng);
+        headers.extend(fx.into_iter().filter_map(|e| match e {
+            MinerEffect::Upload { header, .. } => Some(header),
+            _ => None,
+        }));
+    }
+    w.now += BUDGET + 1;
+    w.tick();
+    for h in &headers {
+        w.v.uploaded(h, w.now).unwrap();
+    }
+    headers
+}
+
+fn score_of<'a>(w: &'a World, miner: &PeerIdStr) -> &'a JobScore {
+    w.v.job(&job0())
+        .unwrap()
+        .scores
+        .iter()
+        .find(|s| &s.miner == miner)
+        .unwrap()
+}
+
+#[test]
+fn exact_and_near_duplicates_fail_the_later_submission() {
+    let mut w = World::new(4, 1);
+    // Miners 0 and 1 reveal the same bytes; miner 2 a near copy of miner 3's delta; 3 is honest.
+    let hs = reveal_all(&mut w, &[b"same", b"same", b"noisy", b"honest"]);
+    let sketches = [
+        vec![1.0, 0.0, 0.0, 0.0],
+        vec![1.0, 0.0, 0.0, 0.0],
+        vec![0.0, 1.0, 0.5, 0.001],
+        vec![0.0, 1.0, 0.5, 0.0],
+    ];
+    for (i, h) in hs.iter().enumerate() {
+        w.v.handle(
+            ValidatorInput::Evaluated {
+                job_id: job0(),
+                miner: h.miner.clone(),
+                result: eval(2.0 + i as f64 * 0.1, sketches[i].clone()),
+            },
+            w.now,
+            &mut w.rng,
+        );
+    }
+    let first = score_of(&w, &hs[0].miner);
+    assert!(first.penalty_reason.is_none(), "{first:?}");
+    let copy = score_of(&w, &hs[1].miner);
+    assert!(
+        copy.penalty_reason
+            .as_deref()
+            .unwrap()
+            .contains("same artifact"),
+        "{copy:?}"
+    );
+    assert_eq!(copy.quality, 0.0);
+    // Miner 2 committed before miner 3, so 3 is the later near copy; 2 is flagged, naming 3.
+    let later = score_of(&w, &hs[3].miner);
+    assert!(
+        later
+            .penalty_reason
+            .as_deref()
+            .unwrap()
+            .contains("near copy"),
+        "{later:?}"
+    );
+    let earlier = score_of(&w, &hs[2].miner);
+    assert!(earlier.penalty_reason.is_none());
+    let flag = earlier
+        .verdicts
+        .iter()
+        .find(|v| v.check == "near_duplicate")
+        .unwrap();
+    assert_eq!(flag.outcome, Outcome::Flag);
+    assert!(flag.reason.contains(&hs[3].miner.0));
+}
+
+#[test]
+fn failed_integrity_checks_give_the_penalty_with_the_reason() {
+    let mut w = World::new(2, 1);
+    let hs = reveal_all(&mut w, &[b"nan", b"fine"]);
+    let bad = Verdict {
+        check: "finite".into(),
+        outcome: Outcome::Fail,
+        value: None,
+        threshold: None,
+        reason: "tensor `x` holds NaN".into(),
+    };
+    w.v.handle(
+        ValidatorInput::Evaluated {
+            job_id: job0(),
+            miner: hs[0].miner.clone(),
+            result: Ok(Evaluation {
+                test_loss: None,
+                verdicts: vec![bad],
+                sketch: vec![],
+            }),
+        },
+        w.now,
+        &mut w.rng,
+    );
+    w.v.handle(
+        ValidatorInput::Evaluated {
+            job_id: job0(),
+            miner: hs[1].miner.clone(),
+            result: eval(3.0, vec![1.0]),
+        },
+        w.now,
+        &mut w.rng,
+    );
+    let s = score_of(&w, &hs[0].miner);
+    assert!(
+        s.penalty_reason.as_deref().unwrap().contains("NaN"),
+        "{s:?}"
+    );
+    assert_eq!(s.verdicts[0].check, "finite");
+    assert_eq!(score_of(&w, &hs[1].miner).quality, 1.0);
 }

@@ -1,0 +1,39 @@
+//! The tunenet side of scripts/bench-ml.sh, built from this crate alone so the benchmark
+//! does not depend on the rest of the workspace:
+//!
+//!   ml-bench init OUT | ml-bench import GGUF OUT | ml-bench bench DIR MODE BATCH SEQ STEPS
+
+use std::path::Path;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |i: usize| -> Result<&str, String> {
+        args.get(i).map(String::as_str).ok_or_else(|| {
+            "usage: ml-bench init OUT | import GGUF OUT | bench DIR MODE BATCH SEQ STEPS"
+                .to_string()
+        })
+    };
+    match arg(0)? {
+        "init" => {
+            tunenet_ml::init_tiny(Path::new(arg(1)?), 0)?;
+        }
+        "import" => {
+            tunenet_ml::import_gguf(Path::new(arg(1)?), Path::new(arg(2)?))?;
+        }
+        "bench" => {
+            let dir = tunenet_ml::ModelDir::open(Path::new(arg(1)?))?;
+            let r = tunenet_ml::bench_throughput(
+                &dir,
+                arg(2)?,
+                arg(3)?.parse()?,
+                arg(4)?.parse()?,
+                arg(5)?.parse()?,
+                8,
+                &tunenet_ml::Device::Cpu,
+            )?;
+            println!("{}", serde_json::to_string(&r)?);
+        }
+        other => return Err(format!("unknown command {other:?}").into()),
+    }
+    Ok(())
+}

@@ -1,0 +1,136 @@
+//! Throughput measurement on fixed-length sequences: training steps (LoRA or full) and
+//! evaluation forward passes, warm-up excluded. Used by `tunenet model bench` and
+//! `scripts/bench-ml.sh`.
+
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+
+use crate::data::Record;
+use crate::error::MlError;
+use crate::lm::CausalLm;
+use crate::loader::WeightDtype;
+use crate::model_dir::ModelDir;
+use crate::train::{Method, Progress, TrainConfig, train};
+
+/// Text repeated until every benchmark sequence is truncated to exactly `seq` tokens.
+pub const BENCH_TEXT: &str = "The quick brown fox jumps over the lazy dog while the cat watches from the warm windowsill and the birds sing in the old oak tree. ";
+
+/// One throughput measurement.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BenchResult {
+    /// `lora`, `full` or `eval`.
+    pub mode: String,
+    /// Sequences per batch.
+    pub batch_size: usize,
+    /// Tokens per sequence (the model sees `seq - 1` inputs).
+    pub seq: usize,
+    /// Timed steps.
+    pub steps: usize,
+    /// Input tokens per second over the timed steps.
+    pub tokens_per_sec: f64,
+    /// Seconds of the timed steps.
+    pub seconds: f64,
+}
+
+/// Times `steps` training steps (`mode` "lora" with rank `rank` on q/v, or "full"; AdamW)
+/// or evaluation passes ("eval": forward and mean loss) of `batch_size` sequences of `seq`
+/// tokens of [`BENCH_TEXT`], after one untimed warm-up step.
+pub fn bench_throughput(
+    model: &ModelDir,
+    mode: &str,
+    batch_size: usize,
+    seq: usize,
+    steps: usize,
+    rank: usize,
+    device: &Device,
+) -> Result<BenchResult, MlError> {
+    if steps == 0 || batch_size == 0 || seq < 2 {
+        return Err(MlError::Invalid(
+            "benchmark needs steps >= 1, batch_size >= 1 and seq >= 2".into(),
+        ));
+    }
+    let text = BENCH_TEXT.repeat(seq / 8 + 4);
+    let (tokens_per_sec, seconds) = if mode == "eval" {
+        let lm = CausalLm::load(model, None, WeightDtype::Auto, device)?;
+        let mut ids: Vec<u32> = lm.config().bos_token_id.into_iter().collect();
+        ids.extend(lm.tokenizer().encode(&text)?);
+        ids.truncate(seq);
+        if ids.len() < seq {
+            return Err(MlError::Invalid(format!(
+                "benchmark text is too short for seq {seq}"
+            )));
+        }
+        let batch = vec![ids; batch_size];
+        lm.mean_nll(&batch)?;
+        let t = Instant::now();
+        for _ in 0..steps {
+            lm.mean_nll(&batch)?;
+        }
+        let secs = t.elapsed().as_secs_f64();
+        ((steps * batch_size * (seq - 1)) as f64 / secs, secs)
+    } else {
+        let method = match mode {
+            "lora" => Method::Lora {
+                rank,
+                alpha: 2.0 * rank as f64,
+            },
+            "full" => Method::Full,
+            other => {
+                return Err(MlError::Invalid(format!(
+                    "unknown benchmark mode {other:?}: use lora, full or eval"
+                )));
+            }
+        };
+        let records: Vec<Record> = (0..batch_size)
+            .map(|_| Record::Text { text: text.clone() })
+            .collect();
+        let cfg = TrainConfig {
+            method,
+            learning_rate: 1e-4,
+            max_steps: steps + 1,
+            batch_size,
+            max_seq_len: seq,
+            checkpoint_every_secs: 0.0,
+            ..Default::default()
+        };
+        let out = std::env::temp_dir().join(format!("tunenet-bench-{}", std::process::id()));
+        let mut first: Option<(Instant, u64)> = None;
+        let mut last: Option<(Instant, u64)> = None;
+        let cancel = AtomicBool::new(false);
+        let mut progress = |p: &Progress| {
+            if p.step == 1 {
+                first = Some((Instant::now(), p.tokens));
+            }
+            last = Some((Instant::now(), p.tokens));
+        };
+        let r = train(
+            model,
+            &records,
+            &cfg,
+            None,
+            Duration::ZERO,
+            device,
+            &cancel,
+            &mut progress,
+            &out,
+        );
+        let _ = std::fs::remove_dir_all(&out);
+        r?;
+        let (Some((t0, n0)), Some((t1, n1))) = (first, last) else {
+            return Err(MlError::Invalid("no training step ran".into()));
+        };
+        let secs = (t1 - t0).as_secs_f64();
+        ((n1 - n0) as f64 / secs, secs)
+    };
+    Ok(BenchResult {
+        mode: mode.to_string(),
+        batch_size,
+        seq,
+        steps,
+        tokens_per_sec,
+        seconds,
+    })
+}
