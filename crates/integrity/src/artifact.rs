@@ -281,6 +281,7 @@ pub fn check_artifact(
     // Finite, per-tensor cosine to the base, bounded change, and tuned at all.
     let mut nonfinite = None;
     let (mut min_cos, mut min_cos_at) = (1.0f64, String::new());
+    let mut cosines: Vec<f64> = Vec::new();
     let (mut max_rel, mut max_rel_at) = (0.0f64, String::new());
     let (mut total_d, mut total_w) = (0.0f64, 0.0f64);
     let mut sketch = vec![0f32; settings.sketch_dim.max(1)];
@@ -299,6 +300,7 @@ pub fn check_artifact(
         } else {
             1.0
         };
+        cosines.push(if cos.is_nan() { -1.0 } else { cos });
         if cos < min_cos || cos.is_nan() {
             min_cos = cos;
             min_cos_at = name.clone();
@@ -333,6 +335,17 @@ pub fn check_artifact(
         None,
         "every weight is finite".into(),
     ));
+    // Tensors the artifact leaves alone count as unchanged (cosine 1).
+    let untouched = base_w.len().saturating_sub(cosines.len());
+    cosines.extend(std::iter::repeat_n(1.0, untouched));
+    cosines.sort_by(f64::total_cmp);
+    let median = cosines.get(cosines.len() / 2).copied().unwrap_or(1.0);
+    out.push(if median < settings.median_tensor_cosine {
+        verdict("base_similarity_median", Outcome::Fail, Some(median), Some(settings.median_tensor_cosine),
+            format!("the median tensor has cosine {median:.3} to the base's: this is not the base model the job asked for"))
+    } else {
+        verdict("base_similarity_median", Outcome::Pass, Some(median), Some(settings.median_tensor_cosine), "the model as a whole is the base's".into())
+    });
     out.push(if min_cos.is_nan() || min_cos < settings.min_tensor_cosine {
         verdict("base_similarity", Outcome::Fail, Some(min_cos), Some(settings.min_tensor_cosine),
             format!("`{min_cos_at}` has cosine {min_cos:.3} to the base's: this is not the base model the job asked for"))

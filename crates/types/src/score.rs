@@ -205,8 +205,11 @@ pub struct Verdict {
 pub struct IntegritySettings {
     /// Run the checks at all.
     pub enabled: bool,
-    /// Smallest cosine similarity allowed between a tuned tensor and the base's.
+    /// Smallest cosine similarity allowed between any tuned tensor and the base's.
     pub min_tensor_cosine: f64,
+    /// Smallest median (over tensors) of that cosine: another model fails this wholesale,
+    /// while honest fine-tuning moves a few tensors at most this far.
+    pub median_tensor_cosine: f64,
     /// Largest relative change ‖W − W₀‖ / ‖W₀‖ allowed in one tensor.
     pub max_relative_delta: f64,
     /// Smallest total relative change that counts as fine-tuned at all.
@@ -221,8 +224,9 @@ impl Default for IntegritySettings {
     fn default() -> Self {
         IntegritySettings {
             enabled: true,
-            min_tensor_cosine: 0.5,
-            max_relative_delta: 2.0,
+            min_tensor_cosine: 0.1,
+            median_tensor_cosine: 0.5,
+            max_relative_delta: 10.0,
             min_relative_delta: 1e-7,
             near_duplicate_cosine: 0.95,
             sketch_dim: 4096,
