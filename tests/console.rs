@@ -326,6 +326,27 @@ fn console_roles_specs_and_a_competition_that_survives_sigkill() {
         c.ok(&viewer_tok, &["competition", "list"])
             .contains("created")
     );
+    // Follow the live feed from before the start.
+    let feed_log = root.join("feed.log");
+    let feed = Daemon {
+        child: Command::new(BIN)
+            .args([
+                "console",
+                "--validator",
+                &c.url,
+                "--token",
+                &viewer_tok,
+                "watch",
+                "--competition",
+                "live",
+            ])
+            .stdout(std::fs::File::create(&feed_log).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+        log: feed_log.clone(),
+    };
+    std::thread::sleep(Duration::from_millis(500));
     c.ok(&op_tok, &["competition", "start", "live"]);
 
     // SIGKILL the validator while job 0 is running, then restart it.
@@ -359,6 +380,14 @@ fn console_roles_specs_and_a_competition_that_survives_sigkill() {
         },
         || format!("{}\n---\n{}", validator2.log(), show(&admin)),
     );
+
+    // The feed showed the offers before the validator was killed.
+    let fed = feed.log();
+    assert!(
+        fed.contains("[live] job live-0: offered to 2 miners"),
+        "feed:\n{fed}"
+    );
+    drop(feed);
 
     // Every submission was scored exactly once, across both runs.
     let detail = show(&admin);

@@ -53,6 +53,10 @@ pub struct LlamaConfig {
         deserialize_with = "rope_scaling_compat"
     )]
     pub rope_scaling: Option<RopeScaling>,
+    /// Width of one attention head when it is not `hidden_size / num_attention_heads`
+    /// (e.g. Mistral-Nemo).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
     /// Mistral-style sliding attention window: a query attends at most this many keys back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sliding_window: Option<usize>,
@@ -138,7 +142,8 @@ impl LlamaConfig {
 
     /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads.max(1)
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
     /// Inverse rotary frequencies per pair of head dimensions, with `rope_scaling` applied.
@@ -213,11 +218,12 @@ impl LlamaConfig {
             ("num_attention_heads", self.num_attention_heads),
             ("num_key_value_heads", self.kv_heads()),
             ("max_position_embeddings", self.max_position_embeddings),
+            ("head_dim", self.head_dim()),
         ];
         if let Some((name, _)) = zero.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be positive"));
         }
-        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
@@ -271,6 +277,16 @@ impl LlamaConfig {
                 path: path.to_path_buf(),
                 problem,
             })?;
+            for key in ["attention_bias", "mlp_bias"] {
+                if v.get(key).and_then(|b| b.as_bool()) == Some(true) {
+                    return Err(MlError::Config {
+                        path: path.to_path_buf(),
+                        problem: format!(
+                            "{key} is true; tunenet's Llama has bias-free linear layers"
+                        ),
+                    });
+                }
+            }
         }
         let cfg: LlamaConfig = serde_json::from_slice(&bytes).map_err(|e| MlError::Config {
             path: path.to_path_buf(),

@@ -118,6 +118,11 @@ pub fn import_gguf(gguf: &Path, out: &Path) -> Result<LlamaConfig, MlError> {
         model_type: Some("llama".into()),
         architectures: Some(vec!["LlamaForCausalLM".into()]),
         rope_scaling,
+        head_dim: md
+            .get("llama.attention.key_length")
+            .and_then(as_u64)
+            .map(|v| v as usize)
+            .filter(|&k| k != hidden / heads.max(1)),
         sliding_window: None,
     };
     cfg.validate()
@@ -274,6 +279,8 @@ pub fn export_gguf(model: &ModelDir, out: &Path, architecture: &str) -> Result<(
         ("llama.attention.head_count", u(cfg.num_attention_heads)),
         ("llama.attention.head_count_kv", u(cfg.kv_heads())),
         ("llama.rope.dimension_count", u(hd)),
+        ("llama.attention.key_length", u(hd)),
+        ("llama.attention.value_length", u(hd)),
         ("llama.rope.freq_base", Value::F32(cfg.rope_theta as f32)),
         (
             "llama.attention.layer_norm_rms_epsilon",

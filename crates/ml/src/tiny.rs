@@ -32,6 +32,7 @@ pub fn tiny_config() -> LlamaConfig {
         model_type: Some("llama".into()),
         architectures: Some(vec!["LlamaForCausalLM".into()]),
         rope_scaling: None,
+        head_dim: None,
         sliding_window: None,
     }
 }

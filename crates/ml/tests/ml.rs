@@ -1525,3 +1525,65 @@ fn memory_estimates_scale_with_method_dtype_and_batch() {
     let targets: Vec<String> = ALL_LORA_TARGETS.iter().map(|s| s.to_string()).collect();
     assert!(estimate_memory_with_targets(&cfg, &lora, &targets, DType::F32).grads > est.grads);
 }
+
+#[test]
+fn explicit_head_dim_loads_trains_and_survives_gguf() {
+    use candle_core::{DType, Tensor};
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m");
+    init_tiny(&m, 1).unwrap();
+    // Heads of 32 (4 x 32 = 128 wide) on a 64-wide residual stream, as Mistral-Nemo does.
+    let mut v = config_json(&m);
+    v["head_dim"] = 32.into();
+    write_json(&m.join(CONFIG_FILE), &v);
+    let ts = candle_core::safetensors::load(m.join(WEIGHTS_FILE), &Device::Cpu).unwrap();
+    let mut out: Vec<(String, Tensor)> = Vec::new();
+    for (name, t) in ts {
+        let shape: Option<(usize, usize)> = if name.ends_with("q_proj.weight") {
+            Some((128, 64))
+        } else if name.ends_with("k_proj.weight") || name.ends_with("v_proj.weight") {
+            Some((64, 64))
+        } else if name.ends_with("o_proj.weight") {
+            Some((64, 128))
+        } else {
+            None
+        };
+        let t = match shape {
+            Some(s) => (Tensor::randn(0f32, 1.0, s, &Device::Cpu).unwrap() * 0.1).unwrap(),
+            None => t,
+        };
+        out.push((name, t.to_dtype(DType::F32).unwrap()));
+    }
+    safetensors::serialize_to_file(out, None, &m.join(WEIGHTS_FILE)).unwrap();
+    let cfg = ModelDir::open(&m).unwrap().config().unwrap();
+    assert_eq!(cfg.head_dim(), 32);
+    let ids: Vec<u32> = "head dims".bytes().map(u32::from).collect();
+    let logits = logits_of(&m, WeightDtype::F32, &ids);
+    assert!(logits.iter().flatten().all(|x| x.is_finite()));
+    let gguf = dir.path().join("m.gguf");
+    export_gguf(&ModelDir::open(&m).unwrap(), &gguf, "llama").unwrap();
+    let back = dir.path().join("back");
+    assert_eq!(import_gguf(&gguf, &back).unwrap().head_dim, Some(32));
+    assert!(max_diff(&logits, &logits_of(&back, WeightDtype::F32, &ids)) < 1e-5);
+    let targets: Vec<String> = ALL_LORA_TARGETS.iter().map(|s| s.to_string()).collect();
+    let cancel = AtomicBool::new(false);
+    let r = train_with_targets(
+        &ModelDir::open(&m).unwrap(),
+        &demo_dataset(16, 0),
+        &lora_cfg(2),
+        &targets,
+        None,
+        Duration::ZERO,
+        &Device::Cpu,
+        &cancel,
+        &mut |_| {},
+        &dir.path().join("run"),
+    )
+    .unwrap();
+    assert_eq!(r.steps, 2);
+    // Bias-carrying variants are refused by name.
+    v["attention_bias"] = true.into();
+    write_json(&m.join(CONFIG_FILE), &v);
+    let err = ModelDir::open(&m).unwrap().config().unwrap_err().to_string();
+    assert!(err.contains("attention_bias"), "{err}");
+}

@@ -123,6 +123,9 @@ pub struct CompetitionConfig {
     /// Seconds added to the budget of each later job (the schedule gets harder).
     #[serde(default)]
     pub budget_step_secs: u64,
+    /// Each job's shard is this many times the previous one's (1: equal shards).
+    #[serde(default = "d_growth")]
+    pub shard_growth: f64,
     /// Share of the dataset held back as the hidden test split.
     #[serde(default = "d_test")]
     pub test_fraction: f64,
@@ -155,6 +158,9 @@ pub struct CompetitionConfig {
     pub integrity: IntegritySettings,
 }
 
+fn d_growth() -> f64 {
+    1.0
+}
 fn d_jobs() -> u32 {
     2
 }
@@ -208,6 +214,13 @@ impl CompetitionConfig {
             return fail(format!(
                 "`test_fraction` must lie strictly between 0 and 1, got {}",
                 self.test_fraction
+            ));
+        }
+        if !(self.shard_growth.is_finite() && self.shard_growth > 0.0 && self.shard_growth <= 10.0)
+        {
+            return fail(format!(
+                "`shard_growth` must lie in (0, 10], got {}",
+                self.shard_growth
             ));
         }
         if self.max_artifact_mb == 0 {

@@ -134,15 +134,32 @@ fn split(
     }
     let test = idx[..n_test].iter().map(|&i| records[i].clone()).collect();
     let train: Vec<usize> = idx[n_test..].to_vec();
-    let per = train.len() / cfg.jobs as usize;
-    let shards = (0..cfg.jobs as usize)
-        .map(|j| {
-            train[j * per..(j + 1) * per]
+    // Shard sizes follow the schedule: each job's shard is `shard_growth` times the last.
+    let growth = cfg.shard_growth;
+    let weights: Vec<f64> = (0..cfg.jobs).map(|j| growth.powi(j as i32)).collect();
+    let total: f64 = weights.iter().sum();
+    let mut shards = Vec::with_capacity(cfg.jobs as usize);
+    let mut start = 0usize;
+    for (j, w) in weights.iter().enumerate() {
+        let len = if j + 1 == weights.len() {
+            train.len() - start
+        } else {
+            ((train.len() as f64 * w / total).floor() as usize).max(1)
+        };
+        let end = (start + len).min(train.len());
+        if end <= start {
+            return Err(fail(format!(
+                "`shard_growth` {growth} leaves job {j} with no training records"
+            )));
+        }
+        shards.push(
+            train[start..end]
                 .iter()
                 .map(|&i| records[i].clone())
-                .collect()
-        })
-        .collect();
+                .collect::<Vec<_>>(),
+        );
+        start = end;
+    }
     Ok((test, shards))
 }
 
@@ -971,4 +988,50 @@ fn spawn_evaluator(
         })
         .map_err(|e| NodeError::Other(format!("cannot start the evaluation thread: {e}")))?;
     Ok(etx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(jobs: u32, growth: f64) -> CompetitionConfig {
+        let mut c: CompetitionConfig =
+            toml::from_str("id = \"c\"\nbase_model = \"m\"\ndataset = \"d\"\n").unwrap();
+        c.jobs = jobs;
+        c.shard_growth = growth;
+        c.test_fraction = 0.2;
+        c
+    }
+
+    fn recs(n: usize) -> Vec<tunenet_ml::Record> {
+        (0..n)
+            .map(|i| tunenet_ml::Record::Text {
+                text: format!("r{i}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn split_keeps_test_apart_and_shards_grow_by_schedule() {
+        let (test, shards) = split(&cfg(3, 2.0), recs(100)).unwrap();
+        assert_eq!(test.len(), 20);
+        let sizes: Vec<usize> = shards.iter().map(|s| s.len()).collect();
+        assert_eq!(sizes.iter().sum::<usize>(), 80);
+        assert!(sizes[0] < sizes[1] && sizes[1] < sizes[2], "{sizes:?}");
+        let test_texts: HashSet<String> = test.iter().map(|r| format!("{r:?}")).collect();
+        assert!(
+            shards
+                .iter()
+                .flatten()
+                .all(|r| !test_texts.contains(&format!("{r:?}")))
+        );
+        let (_, equal) = split(&cfg(4, 1.0), recs(100)).unwrap();
+        assert!(equal.iter().all(|s| s.len() == 20));
+        assert!(
+            split(&cfg(2, 1.0), vec![])
+                .unwrap_err()
+                .to_string()
+                .contains("dataset")
+        );
+    }
 }

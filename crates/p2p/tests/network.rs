@@ -393,3 +393,52 @@ async fn corrupt_provider_is_dropped_and_honest_one_completes() {
         n.stop();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adverts_are_refreshed_and_competitions_announced() {
+    let mut miner = Node::start(None, |c| c.advert_interval_secs = 1).await;
+    let mut validator = Node::start(Some(&miner), |_| {}).await;
+    publish_until_ok(&miner.client, advert()).await;
+    let mut stamps = Vec::new();
+    while stamps.len() < 2 {
+        let a = validator
+            .wait_for(|e| match e {
+                Event::MinerAdvert { advert, .. } => Some(advert),
+                _ => None,
+            })
+            .await;
+        stamps.push(a.timestamp_ms);
+    }
+    assert!(stamps[1] > stamps[0], "heartbeat re-signs: {stamps:?}");
+
+    let ann = tunenet_p2p::CompetitionAnnouncement {
+        competition_id: "comp7".into(),
+        kind: v1::JobKind::FineTune as i32,
+        jobs: 3,
+        description: "tiny llama, 2 min".into(),
+        ..Default::default()
+    };
+    tokio::time::timeout(WAIT, async {
+        while validator
+            .client
+            .announce_competition(ann.clone())
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("no peer ever subscribed to the competition topic");
+    let (peer, got) = miner
+        .wait_for(|e| match e {
+            Event::Competition { peer, announcement } => Some((peer, announcement)),
+            _ => None,
+        })
+        .await;
+    assert_eq!(peer, validator.peer);
+    assert_eq!(got.validator, validator.peer.to_base58());
+    assert_eq!((got.competition_id.as_str(), got.jobs), ("comp7", 3));
+    miner.stop();
+    validator.stop();
+}
