@@ -2,8 +2,8 @@
 //! real sled files, real candle training. A scripted "rogue" miner in this process takes
 //! an assignment and sends the bad inputs a validator must refuse.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -13,49 +13,8 @@ use tunenet_types::{
     RejectCode, RejectReason, UploadHeader, commit_hash,
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_tunenet");
-
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(args: &[&str], log: &Path) -> Daemon {
-        let out = std::fs::File::create(log).unwrap();
-        let child = Command::new(BIN)
-            .args(args)
-            .env("RAYON_NUM_THREADS", "1")
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        Daemon {
-            child,
-            log: log.to_path_buf(),
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod common;
+use common::{BIN, Daemon, port};
 
 fn run(args: &[&str]) -> Output {
     Command::new(BIN).args(args).output().unwrap()

@@ -1121,7 +1121,7 @@ fn duplicate_findings(
                 }
                 continue;
             }
-            let cos = crate::validator::sketch_cosine(me.sketch, other.sketch);
+            let cos = tunenet_types::sketch_cosine(me.sketch, other.sketch);
             if cos > settings.near_duplicate_cosine {
                 out.push((me.miner.clone(), Verdict {
                     check: "near_duplicate".into(),
@@ -1144,25 +1144,6 @@ fn duplicate_findings(
         }
     }
     out
-}
-
-/// Cosine of two delta sketches; 0 when either is empty or they differ in length.
-pub fn sketch_cosine(a: &[f32], b: &[f32]) -> f64 {
-    if a.len() != b.len() || a.is_empty() {
-        return 0.0;
-    }
-    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
-    for (x, y) in a.iter().zip(b) {
-        let (x, y) = (*x as f64, *y as f64);
-        ab += x * y;
-        aa += x * x;
-        bb += y * y;
-    }
-    if aa == 0.0 || bb == 0.0 {
-        0.0
-    } else {
-        ab / (aa.sqrt() * bb.sqrt())
-    }
 }
 
 #[cfg(test)]

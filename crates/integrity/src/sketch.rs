@@ -31,24 +31,8 @@ pub(crate) fn accumulate(sketch: &mut [f32], offset: u64, values: &[f32]) {
     }
 }
 
-/// Cosine similarity of two sketches (0 when either is zero or their lengths differ).
-pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    if a.len() != b.len() || a.is_empty() {
-        return 0.0;
-    }
-    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
-    for (x, y) in a.iter().zip(b) {
-        let (x, y) = (*x as f64, *y as f64);
-        ab += x * y;
-        aa += x * x;
-        bb += y * y;
-    }
-    if aa == 0.0 || bb == 0.0 {
-        0.0
-    } else {
-        ab / (aa.sqrt() * bb.sqrt())
-    }
-}
+/// Cosine similarity of two sketches (shared with the engine, which compares them).
+pub use tunenet_types::sketch_cosine as cosine;
 
 #[cfg(test)]
 mod tests {

@@ -1,6 +1,7 @@
 //! Blob throughput on loopback: libp2p blob fetch (TCP+noise+yamux and QUIC) against a
 //! raw TCP copy of the same file and against blake3-hashing it, as MB/s and ratios.
-//! `TUNENET_BENCH_MIB` sets the size (default 1024), `TUNENET_BENCH_PARALLEL` the chunk
+//! `TUNENET_BENCH_FILE` names an existing file to move, else `TUNENET_BENCH_MIB` sets the
+//! size of a generated one (default 1024), `TUNENET_BENCH_PARALLEL` the chunk
 //! requests in flight (default: the config's). Run via `scripts/bench-p2p.sh`.
 
 use std::io::{Read, Write};
@@ -135,8 +136,16 @@ async fn main() -> Res<()> {
         .unwrap_or(1024);
     let size = mib << 20;
     let dir = tempfile::tempdir()?;
-    let src = dir.path().join("src.bin");
-    write_file(&src, size)?;
+    let src = match std::env::var_os("TUNENET_BENCH_FILE") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => {
+            let p = dir.path().join("src.bin");
+            write_file(&p, size)?;
+            p
+        }
+    };
+    let size = std::fs::metadata(&src)?.len();
+    let mib = size >> 20;
     // Warm the page cache so that every contender reads from memory.
     hash_file(&src)?;
 

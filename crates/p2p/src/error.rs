@@ -36,6 +36,11 @@ pub enum P2pError {
         /// The transport's reason.
         reason: String,
     },
+    /// An answer could not be sent: the requester went away first.
+    #[error(
+        "the requester went away before the answer was sent (connection closed or request timed out)"
+    )]
+    ResponseDropped,
     /// The peer answered, but refused the request.
     #[error("{peer} refused the request: {reason}")]
     Refused {

@@ -328,10 +328,7 @@ impl EventLoop {
                     .behaviour_mut()
                     .job
                     .send_response(channel.0, response)
-                    .map_err(|_| P2pError::Request {
-                        peer: *self.swarm.local_peer_id(),
-                        reason: "the requester is gone (connection closed or timed out)".into(),
-                    });
+                    .map_err(|_| P2pError::ResponseDropped);
                 let _ = reply.send(r);
             }
             Command::Provide(id, reply) => {

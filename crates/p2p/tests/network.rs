@@ -442,3 +442,53 @@ async fn adverts_are_refreshed_and_competitions_announced() {
     miner.stop();
     validator.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_transport_carries_the_job_protocol() {
+    let quic = |c: &mut P2pConfig| c.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()];
+    let mut miner = Node::start(None, quic).await;
+    let validator = Node::start(None, quic).await;
+    assert!(miner.addr.to_string().contains("quic-v1"));
+    assert_eq!(
+        validator.client.dial(miner.addr.clone()).await.unwrap(),
+        miner.peer
+    );
+    let ask = {
+        let c = validator.client.clone();
+        let peer = miner.peer;
+        let ack = v1::Assignment {
+            job_id: "j".into(),
+            nonce: vec![7; 32],
+            ..Default::default()
+        };
+        tokio::spawn(async move { c.request(peer, JobRequest::Assignment(ack)).await })
+    };
+    let channel = miner
+        .wait_for(|e| match e {
+            Event::JobRequest {
+                request: JobRequest::Assignment(a),
+                channel,
+                ..
+            } => {
+                assert_eq!(a.nonce, vec![7; 32]);
+                Some(channel)
+            }
+            _ => None,
+        })
+        .await;
+    let ack = v1::AssignmentAck { job_id: "j".into() };
+    miner
+        .client
+        .respond(channel, JobResponse::AssignmentAck(ack.clone()))
+        .await
+        .unwrap();
+    assert_eq!(ask.await.unwrap().unwrap(), JobResponse::AssignmentAck(ack));
+    // A wrong address fails with an error rather than hanging.
+    let nowhere: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().unwrap();
+    assert!(matches!(
+        validator.client.dial(nowhere).await,
+        Err(P2pError::Dial { .. })
+    ));
+    miner.stop();
+    validator.stop();
+}
