@@ -461,3 +461,50 @@ fn bad_configs_models_and_datasets_are_refused_with_the_cause() {
     assert!(!out.status.success());
     assert!(err.contains("time_budget_secs"), "{err}");
 }
+
+#[test]
+fn redteam_catches_every_cheat_it_can_and_flags_no_honest_miner() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("INTEGRITY.md");
+    let run = Command::new(BIN)
+        .args(["redteam", "--competitions", "1", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report = std::fs::read_to_string(&out).unwrap();
+    for (row, caught) in [
+        ("one artifact submitted to several jobs", "1/1"),
+        ("two miners submitting identical artifacts", "1/1"),
+        (
+            "a copy of another miner's artifact with small noise",
+            "1/1 | near_duplicate",
+        ),
+        (
+            "a model from another random initialisation",
+            "1/1 | base_similarity_median",
+        ),
+        ("the base returned unchanged", "1/1 | fine_tuned"),
+        ("a LoRA rank above the bound", "1/1 | lora_rank"),
+        ("NaN weights", "1/1 | finite"),
+        ("exploding norms", "1/1"),
+        ("a commit after the deadline", "1/1 | deadline"),
+        (
+            "an upload whose hash differs from the commitment",
+            "1/1 | commitment",
+        ),
+        ("another miner's commitment replayed", "1/1 | commitment"),
+        ("a forged signature", "1/1 | signature"),
+    ] {
+        let line = report
+            .lines()
+            .find(|l| l.contains(row))
+            .unwrap_or_else(|| panic!("no row for {row}:\n{report}"));
+        assert!(line.contains(caught), "{row}: {line}");
+    }
+    assert!(report.contains("0 false positives"), "{report}");
+}

@@ -1068,10 +1068,32 @@ fn duplicate_findings(
         miner: &'a PeerIdStr,
         artifact: BlobId,
         received: u64,
-        sketch: &'a [f32],
+        sketch: Vec<f32>,
     }
     let mut all = Vec::new();
     for j in jobs.values() {
+        // Everyone fine-tuning one base on one task moves its weights the same way at
+        // first; what tells a copy from independent work is the part of the delta that
+        // differs from the job's mean. With fewer than three submissions there is no
+        // mean worth removing.
+        let evaluated: Vec<&Vec<f32>> = j
+            .slots
+            .values()
+            .filter_map(|s| match &s.submission {
+                SubmissionState::Evaluated { sketch, .. } if !sketch.is_empty() => Some(sketch),
+                _ => None,
+            })
+            .collect();
+        let same_len = evaluated.iter().all(|s| s.len() == evaluated[0].len());
+        let mean: Option<Vec<f32>> = (evaluated.len() >= 3 && same_len).then(|| {
+            let mut m = vec![0f32; evaluated[0].len()];
+            for s in &evaluated {
+                for (a, b) in m.iter_mut().zip(s.iter()) {
+                    *a += b / evaluated.len() as f32;
+                }
+            }
+            m
+        });
         for (m, slot) in &j.slots {
             if let SubmissionState::Evaluated {
                 artifact, sketch, ..
@@ -1082,12 +1104,18 @@ fn duplicate_findings(
                     .as_ref()
                     .map(|r| r.received_at_ms)
                     .unwrap_or(u64::MAX);
+                let residual = match &mean {
+                    Some(mean) if mean.len() == sketch.len() => {
+                        sketch.iter().zip(mean).map(|(a, b)| a - b).collect()
+                    }
+                    _ => sketch.clone(),
+                };
                 all.push(Sub {
                     job: &j.plan.job_id,
                     miner: m,
                     artifact: *artifact,
                     received,
-                    sketch,
+                    sketch: residual,
                 });
             }
         }
@@ -1121,7 +1149,7 @@ fn duplicate_findings(
                 }
                 continue;
             }
-            let cos = tunenet_types::sketch_cosine(me.sketch, other.sketch);
+            let cos = tunenet_types::sketch_cosine(&me.sketch, &other.sketch);
             if cos > settings.near_duplicate_cosine {
                 out.push((me.miner.clone(), Verdict {
                     check: "near_duplicate".into(),

@@ -11,7 +11,7 @@ use crate::artifact::{load_artifact_tensors, read_artifact_manifest, tensor_shap
 use crate::config::LlamaConfig;
 use crate::data::{Example, Record, make_batch, tokenize};
 use crate::error::{CandleContext, MlError};
-use crate::loader::{WeightDtype, load_base, load_tokenizer, mmap_weights};
+use crate::loader::{load_base, load_tokenizer, mmap_weights};
 use crate::lora::{load_lora, normalize_targets};
 use crate::model::{Llama, Mode, masked_nll_sum};
 use crate::model_dir::ModelDir;
@@ -33,7 +33,7 @@ pub struct EvalReport {
 /// Mean token loss of the base model (`artifact` None) or of base + artifact (a LoRA
 /// adapter applied to the base, or full weights that must have exactly the base's tensor
 /// names and shapes). Batched, padding masked, prompt tokens of instruction records
-/// masked, sequences truncated to `max_seq_len` tokens.
+/// masked, sequences truncated to `max_seq_len` tokens. Weights are f32 on every device.
 pub fn evaluate(
     model: &ModelDir,
     artifact: Option<&Path>,
@@ -62,13 +62,8 @@ pub fn evaluate(
             records.len()
         )));
     }
-    let llama = load_model(
-        model,
-        &cfg,
-        artifact,
-        WeightDtype::Auto.resolve(device),
-        device,
-    )?;
+    // Always f32, so validators on different devices score artifacts alike.
+    let llama = load_model(model, &cfg, artifact, DType::F32, device)?;
     // Batching similar lengths together wastes less work on padding.
     examples.sort_by_key(|e| e.ids.len());
     let mut total = 0f64;

@@ -138,8 +138,9 @@ pub fn load_hellaswag(path: &Path) -> Result<Vec<HellaSwagItem>, MlError> {
     Ok(out)
 }
 
-/// Scores `items` with `lm`. The endings of an item run as one batch over the shared
-/// context. Context and continuation are split as the harness does: the continuation's
+/// Scores `items` with `lm`. The context of an item runs through the model once and each
+/// ending continues from a copy of its KV cache (when a context must be truncated to fit,
+/// the endings run as one padded batch instead). Context and continuation are split as the harness does: the continuation's
 /// tokens are those of `context + " " + ending` past the context's own tokens; a context
 /// too long for the model loses its first tokens. No BOS token is added.
 pub fn evaluate_hellaswag(
@@ -190,7 +191,21 @@ pub fn evaluate_hellaswag(
             lens.push(ending.chars().count().max(1) as f64);
             pairs.push((ctx, cont));
         }
-        let scores = lm.continuation_logprobs(&pairs)?;
+        let truncated = pairs.iter().any(|(c, k)| c.len() + k.len() > max_len - 1);
+        let scores: Vec<(f64, bool)> = if truncated {
+            lm.continuation_logprobs(&pairs)?
+        } else {
+            // The context runs once; each ending continues from a copy of its KV cache.
+            let seqs: Vec<Vec<u32>> = pairs
+                .iter()
+                .map(|(c, k)| c.iter().chain(k).copied().collect())
+                .collect();
+            let starts: Vec<usize> = pairs.iter().map(|(c, _)| c.len()).collect();
+            lm.shared_prefix_logprobs(&seqs, &starts)?
+                .into_iter()
+                .map(|s| (s, false))
+                .collect()
+        };
         let argmax = |f: &dyn Fn(usize) -> f64| {
             (0..scores.len())
                 .max_by(|&a, &b| f(a).total_cmp(&f(b)))

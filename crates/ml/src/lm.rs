@@ -32,8 +32,8 @@ impl std::fmt::Debug for CausalLm {
 
 impl CausalLm {
     /// Loads the model in `model` (with `artifact`, a LoRA adapter or full weights, applied
-    /// when given) on `device`. Base weights are mmapped in `dtype` for the base-only
-    /// and LoRA cases; full-weight artifacts and `auto` follow the device.
+    /// when given) on `device`, its weights memory-mapped in `dtype` (`auto`: f32 on CPU,
+    /// bf16 on a GPU; LoRA adapters stay f32).
     pub fn load(
         model: &ModelDir,
         artifact: Option<&Path>,
@@ -137,6 +137,71 @@ impl CausalLm {
                 greedy &= best == target as usize;
             }
             out.push((sum, greedy));
+        }
+        Ok(out)
+    }
+
+    /// Summed log-probabilities of `seqs[i][starts[i]..]` given what precedes them, with the
+    /// longest prefix the sequences share run once through the model (KV cache) and each
+    /// remainder run from a copy of that cache. Every `starts[i]` must be at least 1.
+    pub(crate) fn shared_prefix_logprobs(
+        &self,
+        seqs: &[Vec<u32>],
+        starts: &[usize],
+    ) -> Result<Vec<f64>, MlError> {
+        let Some(first) = seqs.first() else {
+            return Ok(Vec::new());
+        };
+        for (s, &st) in seqs.iter().zip(starts) {
+            if st == 0 || st >= s.len() {
+                return Err(MlError::Invalid(
+                    "each sequence needs a non-empty prefix and continuation".into(),
+                ));
+            }
+            self.check_ids(s)?;
+        }
+        let mut prefix = starts.iter().copied().min().unwrap_or(1);
+        for s in seqs {
+            prefix = prefix.min(first.iter().zip(s).take_while(|(a, b)| a == b).count());
+        }
+        let prefix = prefix.max(1);
+        let log_softmax = |logits: Tensor| -> candle_core::Result<Vec<Vec<f32>>> {
+            candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec2::<f32>()
+        };
+        let mut cache = crate::model::KvCache::default();
+        let head = self
+            .llama
+            .forward_cached(&first[..prefix], &mut cache)
+            .and_then(|l| l.get(prefix - 1))
+            .and_then(|l| candle_nn::ops::log_softmax(&l, D::Minus1)?.to_vec1::<f32>())
+            .ctx("running the shared prefix")?;
+        let mut out = Vec::with_capacity(seqs.len());
+        for (s, &st) in seqs.iter().zip(starts) {
+            let mut c = cache.clone();
+            let rows = if s.len() - 1 > prefix {
+                self.llama
+                    .forward_cached(&s[prefix..s.len() - 1], &mut c)
+                    .and_then(log_softmax)
+                    .ctx("running a continuation")?
+            } else {
+                Vec::new()
+            };
+            // Row for the prediction of token i: position i - 1.
+            let mut sum = 0f64;
+            for (i, &tok) in s.iter().enumerate().skip(st) {
+                let row = if i - 1 < prefix {
+                    if i != prefix {
+                        return Err(MlError::Invalid(
+                            "continuation starts inside the shared prefix".into(),
+                        ));
+                    }
+                    &head
+                } else {
+                    &rows[i - 1 - prefix]
+                };
+                sum += row[tok as usize] as f64;
+            }
+            out.push(sum);
         }
         Ok(out)
     }

@@ -308,12 +308,17 @@ impl Llama {
                 Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
             };
             *slot = Some((k.clone(), v.clone()));
-            let k = repeat_kv(k, nh / nkv)?;
-            let v = repeat_kv(v, nh / nkv)?;
-            let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-            let scores = scores.to_dtype(DType::F32)?.broadcast_add(&mask)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-            let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((t, nh * hd))?;
+            let y = match flash_attention(&q, &k, &v, hd, self.cfg.sliding_window)? {
+                Some(y) => y.reshape((t, nh * hd))?,
+                None => {
+                    let k = repeat_kv(k, nh / nkv)?;
+                    let v = repeat_kv(v, nh / nkv)?;
+                    let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+                    let scores = scores.to_dtype(DType::F32)?.broadcast_add(&mask)?;
+                    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+                    probs.matmul(&v)?.transpose(1, 2)?.reshape((t, nh * hd))?
+                }
+            };
             x = (x + layer.o.forward(&y, Mode::Infer)?)?;
             let hn = rms_norm(&x, &layer.mlp_norm, eps, Mode::Infer)?;
             let g = layer.gate.forward(&hn, Mode::Infer)?.silu()?;
@@ -324,6 +329,53 @@ impl Llama {
         let x = rms_norm(&x, &self.norm, eps, Mode::Infer)?;
         x.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)
     }
+}
+
+/// Causal attention with the flash-attention kernels, for `q: [1, nh, t, hd]` after
+/// `k, v: [1, nkv, T, hd]` (T >= t, the new queries being the last t positions): `Some`
+/// output `[1, t, nh, hd]` on CUDA in f16/bf16 with the `flash-attn` feature, `None`
+/// (use the plain path) otherwise.
+#[cfg(feature = "flash-attn")]
+fn flash_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    hd: usize,
+    window: Option<usize>,
+) -> Result<Option<Tensor>> {
+    if !q.device().is_cuda() || !matches!(q.dtype(), DType::F16 | DType::BF16) {
+        return Ok(None);
+    }
+    let (q, k, v) = (
+        q.transpose(1, 2)?.contiguous()?,
+        k.transpose(1, 2)?.contiguous()?,
+        v.transpose(1, 2)?.contiguous()?,
+    );
+    let scale = (1.0 / (hd as f64).sqrt()) as f32;
+    // Flash-attention aligns the causal mask bottom-right, as a KV cache needs.
+    let y = match window {
+        None => candle_flash_attn::flash_attn(&q, &k, &v, scale, true)?,
+        Some(w) => candle_flash_attn::flash_attn_windowed(
+            &q,
+            &k,
+            &v,
+            scale,
+            Some(w.saturating_sub(1)),
+            Some(0),
+        )?,
+    };
+    Ok(Some(y))
+}
+
+#[cfg(not(feature = "flash-attn"))]
+fn flash_attention(
+    _q: &Tensor,
+    _k: &Tensor,
+    _v: &Tensor,
+    _hd: usize,
+    _window: Option<usize>,
+) -> Result<Option<Tensor>> {
+    Ok(None)
 }
 
 /// Repeats each key/value head `n` times: `[b, kv, t, d]` -> `[b, kv*n, t, d]`.

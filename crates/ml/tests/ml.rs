@@ -1584,6 +1584,10 @@ fn explicit_head_dim_loads_trains_and_survives_gguf() {
     // Bias-carrying variants are refused by name.
     v["attention_bias"] = true.into();
     write_json(&m.join(CONFIG_FILE), &v);
-    let err = ModelDir::open(&m).unwrap().config().unwrap_err().to_string();
+    let err = ModelDir::open(&m)
+        .unwrap()
+        .config()
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("attention_bias"), "{err}");
 }

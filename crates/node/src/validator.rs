@@ -922,6 +922,49 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
     Ok(())
 }
 
+/// Checks an artifact's integrity and, if it passes, its mean loss on the hidden test
+/// split. Returns the evaluation and the seconds the checks took.
+pub fn evaluate_submission(
+    model: &tunenet_ml::ModelDir,
+    artifact: &std::path::Path,
+    test: &[tunenet_ml::Record],
+    bounds: &tunenet_types::HparamBounds,
+    integrity: &tunenet_types::IntegritySettings,
+    max_seq_len: usize,
+    device: &tunenet_ml::Device,
+) -> Result<(Evaluation, f64), String> {
+    let t0 = std::time::Instant::now();
+    let (verdicts, sketch) = if integrity.enabled {
+        let report = tunenet_integrity::check_artifact(model, artifact, bounds, integrity)
+            .map_err(|e| e.to_string())?;
+        if report.failed() {
+            let secs = t0.elapsed().as_secs_f64();
+            return Ok((
+                Evaluation {
+                    test_loss: None,
+                    verdicts: report.verdicts,
+                    sketch: vec![],
+                },
+                secs,
+            ));
+        }
+        (report.verdicts, report.sketch)
+    } else {
+        (vec![], vec![])
+    };
+    let checks = t0.elapsed().as_secs_f64();
+    let r = tunenet_ml::evaluate(model, Some(artifact), test, max_seq_len, 8, device)
+        .map_err(|e| e.to_string())?;
+    Ok((
+        Evaluation {
+            test_loss: Some(r.mean_loss),
+            verdicts,
+            sketch,
+        },
+        checks,
+    ))
+}
+
 /// Starts the evaluation worker: one thread, one evaluation at a time, off the runtime.
 /// Each request names its base model and test split by blob; both are loaded once.
 fn spawn_evaluator(
@@ -961,23 +1004,11 @@ fn spawn_evaluator(
                     blobs.verify(&req.artifact).map_err(|e| e.to_string())?;
                     let path = blobs.path(&req.artifact);
                     let t0 = std::time::Instant::now();
-                    let (verdicts, sketch) = if req.integrity.enabled {
-                        let report = tunenet_integrity::check_artifact(&model, &path, &req.bounds, &req.integrity)
-                            .map_err(|e| e.to_string())?;
-                        if report.failed() {
-                            return Ok(Evaluation { test_loss: None, verdicts: report.verdicts, sketch: vec![] });
-                        }
-                        (report.verdicts, report.sketch)
-                    } else {
-                        (vec![], vec![])
-                    };
-                    let checks = t0.elapsed().as_secs_f64();
-                    let r = tunenet_ml::evaluate(&model, Some(&path), test, req.max_seq_len, 8, &device)
-                        .map_err(|e| e.to_string())?;
+                    let (ev, checks) = evaluate_submission(&model, &path, test, &req.bounds, &req.integrity, req.max_seq_len, &device)?;
                     metrics::histogram!("tunenet_evaluation_seconds").record(t0.elapsed().as_secs_f64());
                     metrics::histogram!("tunenet_integrity_seconds").record(checks);
-                    tracing::info!(competition = %req.comp, job_id = %req.job_id, miner = %req.miner, loss = r.mean_loss, secs = t0.elapsed().as_secs_f64(), check_secs = checks, "evaluated");
-                    Ok(Evaluation { test_loss: Some(r.mean_loss), verdicts, sketch })
+                    tracing::info!(competition = %req.comp, job_id = %req.job_id, miner = %req.miner, loss = ?ev.test_loss, secs = t0.elapsed().as_secs_f64(), check_secs = checks, "evaluated");
+                    Ok(ev)
                 })();
                 let job = req.job_id.to_string();
                 let input = ValidatorInput::Evaluated { job_id: req.job_id, miner: req.miner, result };

@@ -86,7 +86,8 @@ async fn raw_tcp(src: &Path, dst: &Path) -> Res<Duration> {
     Ok(elapsed)
 }
 
-async fn libp2p_fetch(src: &Path, root: &Path, listen: &str) -> Res<Duration> {
+/// Time and CPU seconds of one fetch between two nodes in this process.
+async fn libp2p_fetch(src: &Path, root: &Path, listen: &str) -> Res<(Duration, f64)> {
     let listen: Multiaddr = listen.parse()?;
     let parallel = std::env::var("TUNENET_BENCH_PARALLEL")
         .ok()
@@ -117,11 +118,25 @@ async fn libp2p_fetch(src: &Path, root: &Path, listen: &str) -> Res<Duration> {
     tokio::spawn(loop_b.run());
     // Let B connect and learn the provider record before timing.
     client_b.providers(id).await?;
-    let t = Instant::now();
+    let (t, c) = (Instant::now(), cpu_secs());
     let size = client_b.fetch_blob(id, u64::MAX).await?;
-    let elapsed = t.elapsed();
+    let (elapsed, cpu) = (t.elapsed(), cpu_secs() - c);
     assert_eq!(size, std::fs::metadata(src)?.len());
-    Ok(elapsed)
+    Ok((elapsed, cpu))
+}
+
+/// CPU seconds (user + system) this process has used so far, from /proc (0 elsewhere).
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    f.iter().sum::<f64>() / 100.0
 }
 
 fn mbps(size: u64, d: Duration) -> f64 {
@@ -149,12 +164,16 @@ async fn main() -> Res<()> {
     // Warm the page cache so that every contender reads from memory.
     hash_file(&src)?;
 
+    let c0 = cpu_secs();
     let hash = hash_file(&src)?;
+    let c1 = cpu_secs();
     let tcp = raw_tcp(&src, &dir.path().join("tcp.bin")).await?;
+    let c2 = cpu_secs();
     std::fs::remove_file(dir.path().join("tcp.bin"))?;
-    let p2p_tcp = libp2p_fetch(&src, &dir.path().join("p2p-tcp"), "/ip4/127.0.0.1/tcp/0").await?;
+    let (p2p_tcp, cpu_tcp) =
+        libp2p_fetch(&src, &dir.path().join("p2p-tcp"), "/ip4/127.0.0.1/tcp/0").await?;
     std::fs::remove_dir_all(dir.path().join("p2p-tcp"))?;
-    let p2p_quic = libp2p_fetch(
+    let (p2p_quic, cpu_quic) = libp2p_fetch(
         &src,
         &dir.path().join("p2p-quic"),
         "/ip4/127.0.0.1/udp/0/quic-v1",
@@ -167,18 +186,26 @@ async fn main() -> Res<()> {
             .map(|n| n.get())
             .unwrap_or(0)
     );
-    println!("{:<34} {:>10} {:>10}", "contender", "MB/s", "vs raw TCP");
-    for (name, d) in [
-        ("blake3 (1 thread, from page cache)", hash),
-        ("raw TCP copy to disk", tcp),
-        ("libp2p blob fetch, TCP+noise+yamux", p2p_tcp),
-        ("libp2p blob fetch, QUIC", p2p_quic),
+    println!(
+        "{:<36} {:>8} {:>11} {:>9} {:>13}",
+        "contender", "MB/s", "vs raw TCP", "CPU s", "CPU vs TCP"
+    );
+    let gib = size as f64 / (1u64 << 30) as f64;
+    let tcp_cpu = c2 - c1;
+    for (name, d, cpu) in [
+        ("blake3 (1 thread, from page cache)", hash, c1 - c0),
+        ("raw TCP copy to disk", tcp, tcp_cpu),
+        ("libp2p blob fetch, TCP+noise+yamux", p2p_tcp, cpu_tcp),
+        ("libp2p blob fetch, QUIC", p2p_quic, cpu_quic),
     ] {
         println!(
-            "{name:<34} {:>10.0} {:>10.2}",
+            "{name:<36} {:>8.0} {:>11.2} {:>9.2} {:>13.2}",
             mbps(size, d),
-            tcp.as_secs_f64() / d.as_secs_f64()
+            tcp.as_secs_f64() / d.as_secs_f64(),
+            cpu / gib,
+            cpu / tcp_cpu.max(0.01),
         );
     }
+    println!("(CPU s = CPU seconds per GiB, both ends together)");
     Ok(())
 }

@@ -2,12 +2,14 @@
 //! the event loop and waits for its reply. Blob downloads run here, on the caller's task,
 //! built from provider look-ups and single chunk requests.
 
+use crate::chunks::Manifest;
 use crate::config::P2pConfig;
 use crate::error::P2pError;
 use crate::event_loop::{Command, JobChannel, PeerInfo};
 use crate::messages::pb::{CompetitionAnnouncement, MinerAdvert};
 use crate::messages::{JobRequest, JobResponse, pb};
 use libp2p::{Multiaddr, PeerId};
+use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tunenet_store::BlobStore;
 use tunenet_types::BlobId;
@@ -102,12 +104,26 @@ impl Client {
     }
 
     /// Serves blob `id` (which must be in the blob store) and announces it in the DHT.
-    /// Returns once the provider record has been offered to the closest peers known.
+    /// The blob is hashed chunk by chunk first (its manifest, kept for serving), so a
+    /// damaged copy is never announced. Returns once the provider record has been offered
+    /// to the closest peers known.
     pub async fn provide(&self, id: BlobId) -> Result<(), P2pError> {
         if !self.store.contains(&id) {
             return Err(P2pError::Store(tunenet_store::BlobError::NotFound(id)));
         }
-        self.ask(|r| Command::Provide(id, r)).await?
+        let path = self.store.path(&id);
+        let shown = path.display().to_string();
+        let manifest = tokio::task::spawn_blocking(move || Manifest::of_file(&path, id))
+            .await
+            .map_err(|e| P2pError::Task(e.to_string()))?
+            .map_err(|e| {
+                P2pError::Store(tunenet_store::BlobError::Io {
+                    path: shown,
+                    source: e,
+                })
+            })?;
+        let manifest = Arc::new(manifest);
+        self.ask(|r| Command::Provide(id, manifest, r)).await?
     }
 
     /// Peers that announced blob `id` (a DHT look-up; this node excluded).

@@ -124,7 +124,7 @@ pub(crate) enum Command {
     PublishRaw(String, Vec<u8>, Reply<()>),
     Job(PeerId, JobRequest, Reply<JobResponse>),
     Respond(JobChannel, JobResponse, Reply<()>),
-    Provide(BlobId, Reply<()>),
+    Provide(BlobId, std::sync::Arc<crate::chunks::Manifest>, Reply<()>),
     GetProviders(BlobId, Reply<Vec<PeerId>>),
     Blob(PeerId, pb::BlobRequest, Reply<pb::BlobResponse>),
     FindPeer(PeerId, Reply<Vec<Multiaddr>>),
@@ -331,7 +331,8 @@ impl EventLoop {
                     .map_err(|_| P2pError::ResponseDropped);
                 let _ = reply.send(r);
             }
-            Command::Provide(id, reply) => {
+            Command::Provide(id, manifest, reply) => {
+                self.server.cache(manifest);
                 if !self.server.provide(id) {
                     let _ = reply.send(Err(P2pError::Kad(format!(
                         "not providing {id}: this node already provides the most blobs it may"

@@ -121,6 +121,15 @@ enum Cmd {
     Train(cli_model::TrainArgs),
     /// Evaluate a model (optionally with an artifact) on a dataset.
     Eval(cli_model::EvalArgs),
+    /// Run cheating and honest miners through real competitions; write the report.
+    Redteam {
+        /// Competitions to run.
+        #[arg(long, default_value_t = 20)]
+        competitions: usize,
+        /// Where to write the Markdown report.
+        #[arg(long, default_value = "docs/INTEGRITY.md")]
+        out: PathBuf,
+    },
     /// Run a whole competition on this machine: one validator and three miners.
     Demo(demo::DemoArgs),
 }
@@ -260,6 +269,28 @@ fn run(cmd: Cmd) -> Result<()> {
             println!("{}", id.peer_id());
         }
         Cmd::Console(a) => console::run(a)?,
+        Cmd::Redteam { competitions, out } => {
+            let work = tempfile::Builder::new()
+                .prefix("tunenet-redteam-")
+                .tempdir()?;
+            let report = tunenet_node::redteam::run(competitions, work.path(), &mut |line| {
+                eprintln!("{line}")
+            })?;
+            let md = tunenet_node::redteam::markdown(&report);
+            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(&out, &md).with_context(|| format!("cannot write {}", out.display()))?;
+            print!("{md}");
+            let missed = report.catches.iter().filter(|c| !c.caught).count();
+            eprintln!(
+                "{} cheaters caught of {}, {} false positives; report in {}",
+                report.catches.len() - missed,
+                report.catches.len(),
+                report.false_positives.len(),
+                out.display()
+            );
+        }
         Cmd::Model { cmd } => cli_model::model(cmd)?,
         Cmd::Dataset { cmd } => cli_model::dataset(cmd)?,
         Cmd::Train(a) => cli_model::train(a)?,
