@@ -8,8 +8,12 @@
 #
 # Environment: TUNENET_CACHE (default ~/.cache/tunenet) holds the venv (torch, transformers
 # from PyPI) and the SmolLM2 download; SKIP_SMOLLM2=1 benchmarks the tiny model only;
-# TINY_STEPS, SMOL_STEPS, SMOL_BATCH, SMOL_SEQ override the sizes below.
+# TINY_STEPS, SMOL_STEPS, SMOL_BATCH, SMOL_SEQ override the sizes below; BENCH_THREADS=N
+# limits both sides to N threads (steadier figures on a busy machine).
 set -euo pipefail
+if [ -n "${BENCH_THREADS:-}" ]; then
+  export RAYON_NUM_THREADS="$BENCH_THREADS" OMP_NUM_THREADS="$BENCH_THREADS" MKL_NUM_THREADS="$BENCH_THREADS"
+fi
 cd "$(dirname "$0")/.."
 cache="${TUNENET_CACHE:-$HOME/.cache/tunenet}"
 venv="$cache/bench-venv"
@@ -34,12 +38,14 @@ if [ -z "${SKIP_SMOLLM2:-}" ]; then
 fi
 
 cat > "$work/bench_torch.py" <<'PY'
-import json, sys, time
+import json, os, sys, time
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 model_dir, mode, batch, seq, steps, text = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 torch.manual_seed(0)
+if os.environ.get("BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
 cfg = json.load(open(f"{model_dir}/config.json"))
 tok = PreTrainedTokenizerFast(tokenizer_file=f"{model_dir}/tokenizer.json")
 ids = ([cfg["bos_token_id"]] if cfg.get("bos_token_id") is not None else []) + tok.encode(text, add_special_tokens=False)
@@ -116,5 +122,5 @@ done
   echo "| --- | --- | --- | --- | --- | --- | --- |"
   printf '%s\n' "${rows[@]}"
   echo
-  echo "CPU: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'); torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)'), transformers $("$venv/bin/python" -c 'import transformers; print(transformers.__version__)'); $(date -u +%Y-%m-%d)"
+  echo "CPU: $(nproc --all) cores, ${BENCH_THREADS:-all} threads per side, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'); torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)'), transformers $("$venv/bin/python" -c 'import transformers; print(transformers.__version__)'); $(date -u +%Y-%m-%d)"
 } | tee "${BENCH_OUT:-/dev/null}"

@@ -138,9 +138,13 @@ pub fn load_hellaswag(path: &Path) -> Result<Vec<HellaSwagItem>, MlError> {
     Ok(out)
 }
 
-/// Scores `items` with `lm`. The context of an item runs through the model once and each
-/// ending continues from a copy of its KV cache (when a context must be truncated to fit,
-/// the endings run as one padded batch instead). Context and continuation are split as the harness does: the continuation's
+/// Context-to-ending length ratio from which an item's context runs once and its endings
+/// continue from copies of its KV cache, instead of all endings running as one batch.
+const KV_REUSE_RATIO: usize = 4;
+
+/// Scores `items` with `lm`. The endings of an item run as one padded batch (a single
+/// forward pass); when the context is at least four times as long as the longest ending,
+/// the context runs once and each ending continues from a copy of its KV cache. Context and continuation are split as the harness does: the continuation's
 /// tokens are those of `context + " " + ending` past the context's own tokens; a context
 /// too long for the model loses its first tokens. No BOS token is added.
 pub fn evaluate_hellaswag(
@@ -192,7 +196,11 @@ pub fn evaluate_hellaswag(
             pairs.push((ctx, cont));
         }
         let truncated = pairs.iter().any(|(c, k)| c.len() + k.len() > max_len - 1);
-        let scores: Vec<(f64, bool)> = if truncated {
+        let longest_ending = pairs.iter().map(|(_, k)| k.len()).max().unwrap_or(0);
+        // One padded batch reads the weights once, which wins on CPU unless the context
+        // dwarfs the endings; then running the context once and reusing its KV cache does.
+        let share_context = ctx_ids.len() >= KV_REUSE_RATIO * longest_ending;
+        let scores: Vec<(f64, bool)> = if truncated || !share_context {
             lm.continuation_logprobs(&pairs)?
         } else {
             // The context runs once; each ending continues from a copy of its KV cache.

@@ -1,6 +1,8 @@
-//! tunenet-ml: the machine-learning side of tunenet. A Llama-family causal LM in candle,
-//! LoRA and full fine-tuning with a deadline-aware loop, evaluation, JSONL datasets,
-//! training artifacts with embedded manifests, and a generator for tiny test models.
+//! tunenet-ml: the machine-learning side of tunenet. A Llama-family causal LM in candle
+//! (Hugging Face checkpoints, sharded or not; GGUF import), LoRA and full fine-tuning with a
+//! deadline-aware, resumable loop, evaluation (token loss, HellaSwag), synthetic test sets,
+//! JSONL datasets, artifacts with embedded manifests (and PEFT adapters), tiny test models.
+//! Nothing here touches the network: every model and dataset comes from local files.
 
 mod artifact;
 mod bench;

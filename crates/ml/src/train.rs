@@ -233,6 +233,8 @@ pub struct Progress {
     pub tokens: u64,
     /// Learning rate used by this step.
     pub learning_rate: f64,
+    /// Global L2 norm of this step's gradient, before clipping.
+    pub grad_norm: f64,
     /// Estimated time until training ends (by `max_steps` or by the deadline, whichever
     /// comes first).
     pub time_left: Duration,
@@ -468,9 +470,8 @@ pub fn train_with_targets(
             });
         }
         let mut grads = grads.unwrap_or_default();
-        if let Some(max) = cfg.max_grad_norm {
-            clip_grad_norm(&mut grads, max).ctx("clipping gradients")?;
-        }
+        let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm.unwrap_or(f64::INFINITY))
+            .ctx("clipping gradients")?;
         opt.step(&grads, lr).ctx("applying the optimiser")?;
         state.tokens += step_tokens as u64;
         session_tokens += step_tokens as u64;
@@ -500,6 +501,7 @@ pub fn train_with_targets(
             elapsed: start.elapsed(),
             tokens: state.tokens,
             learning_rate: lr,
+            grad_norm,
             time_left,
         });
         let by_steps =

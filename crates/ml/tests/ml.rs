@@ -1334,6 +1334,16 @@ fn hellaswag_scores_endings_as_summed_loglikelihood() {
     .unwrap();
     let mut items = hellaswag_demo_items(12, 3);
     assert_eq!(items, hellaswag_demo_items(12, 3));
+    // Long contexts with short endings take the KV-cache path.
+    for item in items.iter_mut().take(4) {
+        item.ctx_a = item.ctx_a.repeat(3);
+        item.endings = vec![
+            "a cup".into(),
+            "the towel".into(),
+            "yes".into(),
+            "no".into(),
+        ];
+    }
     // Independent scoring: one unbatched forward pass per ending.
     let score = |item: &HellaSwagItem| -> Vec<(f64, f64)> {
         let ctx = hellaswag_context(item);
@@ -1590,4 +1600,40 @@ fn explicit_head_dim_loads_trains_and_survives_gguf() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("attention_bias"), "{err}");
+}
+
+#[test]
+fn gradient_clipping_bounds_the_update_direction() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(&dir.path().join("m"));
+    let records = demo_dataset(64, 2);
+    let run = |clip: Option<f64>, name: &str| {
+        let cancel = AtomicBool::new(false);
+        let mut norms = Vec::new();
+        let r = train(
+            &model,
+            &records,
+            &TrainConfig {
+                max_grad_norm: clip,
+                ..lora_cfg(6)
+            },
+            None,
+            Duration::ZERO,
+            &Device::Cpu,
+            &cancel,
+            &mut |p| norms.push(p.grad_norm),
+            &dir.path().join(name),
+        )
+        .unwrap();
+        (r, norms)
+    };
+    let (plain, norms) = run(None, "plain");
+    assert!(norms.iter().all(|n| n.is_finite() && *n > 0.0), "{norms:?}");
+    // A bound above every gradient norm changes nothing...
+    let (loose, _) = run(Some(1e9), "loose");
+    assert!(max_abs_diff(&plain.artifact, &loose.artifact) < 1e-5);
+    // ...a bound below them rescales each step's gradient differently, which AdamW sees.
+    let tight = norms.iter().copied().fold(f64::MAX, f64::min) / 100.0;
+    let (clipped, _) = run(Some(tight), "tight");
+    assert!(max_abs_diff(&plain.artifact, &clipped.artifact) > 1e-4);
 }

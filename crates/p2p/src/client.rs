@@ -85,15 +85,24 @@ impl Client {
     }
 
     /// Sends a job request to `peer` over `/tunenet/job/1` and waits for the answer. A
-    /// [`JobResponse::Refused`] answer comes back as [`P2pError::Refused`].
+    /// [`JobResponse::Refused`] answer comes back as [`P2pError::Refused`]. When no
+    /// connection to the peer can be opened (known only by id, e.g. from a gossiped
+    /// advert), it is looked up in the DHT and the request is sent once more.
     pub async fn request(
         &self,
         peer: PeerId,
         request: JobRequest,
     ) -> Result<JobResponse, P2pError> {
-        self.ask(|r| Command::Job(peer, request, r)).await?
+        let retry = request.clone();
+        match self.ask(|r| Command::Job(peer, request, r)).await? {
+            // Known only by id (e.g. from a gossiped advert): look it up in the DHT, once.
+            Err(P2pError::Unreachable { .. }) => {
+                self.find_peer(peer).await?;
+                self.ask(|r| Command::Job(peer, retry, r)).await?
+            }
+            other => other,
+        }
     }
-
     /// Answers an inbound job request (from [`crate::Event::JobRequest`]).
     pub async fn respond(
         &self,
@@ -136,7 +145,18 @@ impl Client {
     /// the last good chunk when a provider fails, and a provider that sends bad data is
     /// dropped. Refuses blobs over `max_size` bytes. Returns the blob's size.
     pub async fn fetch_blob(&self, id: BlobId, max_size: u64) -> Result<u64, P2pError> {
-        crate::fetch::fetch_blob(self, id, max_size).await
+        crate::fetch::fetch_blob(self, id, max_size, &[]).await
+    }
+
+    /// [`Client::fetch_blob`], asking `peers` first (e.g. the miner that just revealed an
+    /// artifact) besides whoever the DHT names: no wait for provider records to spread.
+    pub async fn fetch_blob_from(
+        &self,
+        id: BlobId,
+        max_size: u64,
+        peers: &[PeerId],
+    ) -> Result<u64, P2pError> {
+        crate::fetch::fetch_blob(self, id, max_size, peers).await
     }
 
     pub(crate) async fn blob_request(

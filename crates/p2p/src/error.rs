@@ -41,6 +41,14 @@ pub enum P2pError {
         "the requester went away before the answer was sent (connection closed or request timed out)"
     )]
     ResponseDropped,
+    /// No connection to the peer could be opened (no known address, or none answered).
+    #[error("cannot reach {peer}: {reason}; is it running, and does a bootstrap peer know it?")]
+    Unreachable {
+        /// The peer.
+        peer: PeerId,
+        /// The transport's reason.
+        reason: String,
+    },
     /// The peer answered, but refused the request.
     #[error("{peer} refused the request: {reason}")]
     Refused {

@@ -668,10 +668,14 @@ impl EventLoop {
                 ..
             } => {
                 if let Some(reply) = self.jobs.remove(&request_id) {
-                    let _ = reply.send(Err(P2pError::Request {
-                        peer,
-                        reason: error.to_string(),
-                    }));
+                    let reason = error.to_string();
+                    let e = match error {
+                        request_response::OutboundFailure::DialFailure => {
+                            P2pError::Unreachable { peer, reason }
+                        }
+                        _ => P2pError::Request { peer, reason },
+                    };
+                    let _ = reply.send(Err(e));
                 }
             }
             E::InboundFailure { peer, error, .. } => {

@@ -63,6 +63,7 @@ pub(crate) async fn fetch_blob(
     client: &Client,
     id: BlobId,
     max_size: u64,
+    hints: &[PeerId],
 ) -> Result<u64, P2pError> {
     let store = client.store.clone();
     if store.contains(&id) {
@@ -98,7 +99,12 @@ pub(crate) async fn fetch_blob(
             tokio::time::sleep(wait).await;
         }
         let providers: Vec<PeerId> = match client.providers(id).await {
-            Ok(p) => p.into_iter().filter(|p| !d.dropped.contains(p)).collect(),
+            Ok(p) => {
+                let mut all: Vec<PeerId> = hints.to_vec();
+                all.extend(p.into_iter().filter(|p| !hints.contains(p)));
+                all.retain(|p| !d.dropped.contains(p) && *p != client.local);
+                all
+            }
             Err(P2pError::Stopped) => return Err(P2pError::Stopped),
             Err(e) => {
                 d.last_problem = e.to_string();

@@ -21,6 +21,10 @@ pub enum JobRequest {
     Assignment(v1::Assignment),
     /// A miner commits to an artifact; answered with [`JobResponse::Receipt`].
     Commitment(v1::Commitment),
+    /// After the deadline a miner reveals its artifact id and salt; the validator fetches
+    /// the artifact blob from it ([`crate::Client::fetch_blob_from`]) and answers with
+    /// [`JobResponse::UploadResult`].
+    Reveal(v1::UploadHeader),
 }
 
 /// A response on `/tunenet/job/1`.
@@ -32,6 +36,8 @@ pub enum JobResponse {
     AssignmentAck(v1::AssignmentAck),
     /// The validator's signed receipt for a commitment.
     Receipt(v1::Receipt),
+    /// The validator has the revealed artifact.
+    UploadResult(v1::UploadResult),
     /// The request was not handled, with the reason in words.
     Refused(String),
 }
@@ -45,6 +51,7 @@ impl WireMessage for JobRequest {
             JobRequest::Offer(m) => Body::Offer(m),
             JobRequest::Assignment(m) => Body::Assignment(m),
             JobRequest::Commitment(m) => Body::Commitment(m),
+            JobRequest::Reveal(m) => Body::Reveal(m),
         };
         pb::JobRequest { body: Some(body) }
     }
@@ -55,6 +62,7 @@ impl WireMessage for JobRequest {
             Some(Body::Offer(m)) => Ok(JobRequest::Offer(m)),
             Some(Body::Assignment(m)) => Ok(JobRequest::Assignment(m)),
             Some(Body::Commitment(m)) => Ok(JobRequest::Commitment(m)),
+            Some(Body::Reveal(m)) => Ok(JobRequest::Reveal(m)),
             None => Err("job request carries no message".into()),
         }
     }
@@ -69,6 +77,7 @@ impl WireMessage for JobResponse {
             JobResponse::Decision(m) => Body::Decision(m),
             JobResponse::AssignmentAck(m) => Body::AssignmentAck(m),
             JobResponse::Receipt(m) => Body::Receipt(m),
+            JobResponse::UploadResult(m) => Body::UploadResult(m),
             JobResponse::Refused(r) => Body::Refused(r),
         };
         pb::JobResponse { body: Some(body) }
@@ -80,6 +89,7 @@ impl WireMessage for JobResponse {
             Some(Body::Decision(m)) => Ok(JobResponse::Decision(m)),
             Some(Body::AssignmentAck(m)) => Ok(JobResponse::AssignmentAck(m)),
             Some(Body::Receipt(m)) => Ok(JobResponse::Receipt(m)),
+            Some(Body::UploadResult(m)) => Ok(JobResponse::UploadResult(m)),
             Some(Body::Refused(r)) => Ok(JobResponse::Refused(r)),
             None => Err("job response carries no message".into()),
         }

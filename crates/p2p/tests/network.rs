@@ -117,19 +117,23 @@ async fn peers_meet_through_kademlia_and_exchange_offer_and_decision() {
     let mut miner = Node::start(Some(&b), |_| {}).await;
     let validator = Node::start(Some(&b), |_| {}).await;
 
-    // The validator knows only the bootstrap node; it finds the miner in the DHT.
-    let addrs = tokio::time::timeout(WAIT, async {
+    // Wait until the bootstrap node has the miner's addresses (from identify).
+    tokio::time::timeout(WAIT, async {
         loop {
-            match validator.client.find_peer(miner.peer).await {
-                Ok(a) => return a,
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            let peers = b.client.peers().await.unwrap();
+            if peers
+                .iter()
+                .any(|p| p.peer_id == miner.peer && !p.addrs.is_empty())
+            {
+                return;
             }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
     .await
-    .expect("the miner was never found through kademlia");
-    assert!(!addrs.is_empty());
-
+    .expect("the bootstrap node never learnt the miner's address");
+    // The validator knows only the bootstrap node and the miner's id: the request finds
+    // the miner through a Kademlia look-up.
     let offer = v1::Offer {
         job_id: "comp1-0".into(),
         competition_id: "comp1".into(),
@@ -200,6 +204,17 @@ async fn peers_meet_through_kademlia_and_exchange_offer_and_decision() {
 
     let peers = validator.client.peers().await.unwrap();
     assert!(peers.iter().any(|p| p.peer_id == miner.peer && p.connected));
+    assert!(
+        !validator
+            .client
+            .find_peer(miner.peer)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // An id nobody knows fails with an error, not a hang.
+    let stranger = PeerId::random();
+    assert!(validator.client.find_peer(stranger).await.is_err());
     for n in [b, miner, validator] {
         n.stop();
     }
@@ -491,4 +506,59 @@ async fn quic_transport_carries_the_job_protocol() {
     ));
     miner.stop();
     validator.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revealed_artifact_is_fetched_from_the_miner() {
+    let mut validator = Node::start(None, |_| {}).await;
+    let miner = Node::start(Some(&validator), |_| {}).await;
+    let artifact = blob(3 * (1 << 20) + 99, 5);
+    let id = miner.store.put(&artifact).unwrap();
+    miner.client.provide(id).await.unwrap();
+
+    let header = v1::UploadHeader {
+        job_id: "comp1-0".into(),
+        miner: miner.peer.to_base58(),
+        artifact: id.0.to_vec(),
+        size: artifact.len() as u64,
+        salt: vec![1; 16],
+    };
+    let ask = {
+        let (c, peer, h) = (miner.client.clone(), validator.peer, header.clone());
+        tokio::spawn(async move { c.request(peer, JobRequest::Reveal(h)).await })
+    };
+    let (from, got, channel) = validator
+        .wait_for(|e| match e {
+            Event::JobRequest {
+                peer,
+                request: JobRequest::Reveal(h),
+                channel,
+            } => Some((peer, h, channel)),
+            _ => None,
+        })
+        .await;
+    assert_eq!(got, header);
+    let wanted = BlobId::from_slice(&got.artifact).unwrap();
+    let size = validator
+        .client
+        .fetch_blob_from(wanted, got.size, &[from])
+        .await
+        .unwrap();
+    assert_eq!(validator.store.get(&wanted).unwrap(), artifact);
+    let result = v1::UploadResult {
+        job_id: got.job_id,
+        artifact: got.artifact,
+        bytes_received: size,
+    };
+    validator
+        .client
+        .respond(channel, JobResponse::UploadResult(result.clone()))
+        .await
+        .unwrap();
+    assert_eq!(
+        ask.await.unwrap().unwrap(),
+        JobResponse::UploadResult(result)
+    );
+    validator.stop();
+    miner.stop();
 }

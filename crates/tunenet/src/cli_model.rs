@@ -368,11 +368,16 @@ pub fn train(a: TrainArgs) -> Result<()> {
         &a.out,
     )?;
     println!(
-        "trained {} steps in {:.1} s: loss {:.4} -> {:.4}{}; artifact {}",
+        "trained {} steps in {:.1} s: loss {:.4} -> {:.4}{}{}; artifact {}",
         r.steps,
         r.seconds,
         r.first_loss,
         r.final_loss,
+        if r.resumed_from > 0 {
+            format!(" (resumed from the checkpoint of step {})", r.resumed_from)
+        } else {
+            String::new()
+        },
         if r.stopped_by_deadline {
             " (stopped for the time budget)"
         } else {
