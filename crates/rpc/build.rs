@@ -11,20 +11,53 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(".tunenet.v1.Offer", "::tunenet_proto::v1::Offer")
         .extern_path(".tunenet.v1.Decision", "::tunenet_proto::v1::Decision")
         .extern_path(".tunenet.v1.Assignment", "::tunenet_proto::v1::Assignment")
-        .extern_path(".tunenet.v1.AssignmentAck", "::tunenet_proto::v1::AssignmentAck")
+        .extern_path(
+            ".tunenet.v1.AssignmentAck",
+            "::tunenet_proto::v1::AssignmentAck",
+        )
         .extern_path(".tunenet.v1.Commitment", "::tunenet_proto::v1::Commitment")
         .extern_path(".tunenet.v1.Receipt", "::tunenet_proto::v1::Receipt")
-        .extern_path(".tunenet.v1.ArtifactChunk", "::tunenet_proto::v1::ArtifactChunk")
-        .extern_path(".tunenet.v1.UploadResult", "::tunenet_proto::v1::UploadResult")
-        .extern_path(".tunenet.v1.BlobRequest", "::tunenet_proto::v1::BlobRequest")
+        .extern_path(
+            ".tunenet.v1.ArtifactChunk",
+            "::tunenet_proto::v1::ArtifactChunk",
+        )
+        .extern_path(
+            ".tunenet.v1.UploadResult",
+            "::tunenet_proto::v1::UploadResult",
+        )
+        .extern_path(
+            ".tunenet.v1.BlobRequest",
+            "::tunenet_proto::v1::BlobRequest",
+        )
         .extern_path(".tunenet.v1.BlobChunk", "::tunenet_proto::v1::BlobChunk")
-        .extern_path(".tunenet.v1.StatusRequest", "::tunenet_proto::v1::StatusRequest")
-        .extern_path(".tunenet.v1.MinerStatus", "::tunenet_proto::v1::MinerStatus")
-        .extern_path(".tunenet.v1.LeaderboardRequest", "::tunenet_proto::v1::LeaderboardRequest")
-        .extern_path(".tunenet.v1.Leaderboard", "::tunenet_proto::v1::Leaderboard")
-        .extern_path(".tunenet.v1.LeaderboardRow", "::tunenet_proto::v1::LeaderboardRow")
-        .extern_path(".tunenet.v1.HparamBounds", "::tunenet_proto::v1::HparamBounds")
-        .extern_path(".tunenet.v1.UploadHeader", "::tunenet_proto::v1::UploadHeader")
+        .extern_path(
+            ".tunenet.v1.StatusRequest",
+            "::tunenet_proto::v1::StatusRequest",
+        )
+        .extern_path(
+            ".tunenet.v1.MinerStatus",
+            "::tunenet_proto::v1::MinerStatus",
+        )
+        .extern_path(
+            ".tunenet.v1.LeaderboardRequest",
+            "::tunenet_proto::v1::LeaderboardRequest",
+        )
+        .extern_path(
+            ".tunenet.v1.Leaderboard",
+            "::tunenet_proto::v1::Leaderboard",
+        )
+        .extern_path(
+            ".tunenet.v1.LeaderboardRow",
+            "::tunenet_proto::v1::LeaderboardRow",
+        )
+        .extern_path(
+            ".tunenet.v1.HparamBounds",
+            "::tunenet_proto::v1::HparamBounds",
+        )
+        .extern_path(
+            ".tunenet.v1.UploadHeader",
+            "::tunenet_proto::v1::UploadHeader",
+        )
         .extern_path(".tunenet.v1.JobStatus", "::tunenet_proto::v1::JobStatus")
         .extern_path(".tunenet.v1.JobKind", "::tunenet_proto::v1::JobKind")
         .extern_path(".tunenet.v1.RejectCode", "::tunenet_proto::v1::RejectCode")

@@ -192,7 +192,11 @@ fn honest_artifacts_pass_and_each_cheat_is_caught() {
         *v = other_w[n].flatten_all().unwrap().to_vec1::<f32>().unwrap();
     });
     let r = check(&foreign, &bounds);
-    assert_eq!(outcome(&r, "base_similarity_median"), Outcome::Fail, "{r:?}");
+    assert_eq!(
+        outcome(&r, "base_similarity_median"),
+        Outcome::Fail,
+        "{r:?}"
+    );
     assert!(reason(&r, "base_similarity_median").contains("not the base model"));
 
     // A copy with a little noise: its sketch is a near duplicate of the original's.

@@ -327,7 +327,10 @@ impl ConsoleService for Console {
             &format!("{} owner {}", r.peer_id, r.owner),
         );
         self.shared
-            .with(|v: &mut Validator| Ok(v.refresh_miners()))
+            .with(|v: &mut Validator| {
+                v.refresh_miners();
+                Ok(())
+            })
             .await?;
         Ok(Response::new(miner_pb(rec)))
     }
@@ -349,7 +352,10 @@ impl ConsoleService for Console {
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.audit(&who, "miner.ban", &format!("{}: {}", r.peer_id, r.reason));
         self.shared
-            .with(|v: &mut Validator| Ok(v.refresh_miners()))
+            .with(|v: &mut Validator| {
+                v.refresh_miners();
+                Ok(())
+            })
             .await?;
         Ok(Response::new(miner_pb(rec)))
     }
@@ -365,7 +371,10 @@ impl ConsoleService for Console {
             .map_err(|e| Status::not_found(e.to_string()))?;
         self.audit(&who, "miner.unban", &r.peer_id);
         self.shared
-            .with(|v: &mut Validator| Ok(v.refresh_miners()))
+            .with(|v: &mut Validator| {
+                v.refresh_miners();
+                Ok(())
+            })
             .await?;
         Ok(Response::new(miner_pb(rec)))
     }

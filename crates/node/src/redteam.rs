@@ -264,7 +264,7 @@ fn run_one(
         })
         .collect();
     let mut miners: Vec<Miner> = (0..3)
-        .map(|h| Role::Honest(h))
+        .map(Role::Honest)
         .chain(Strategy::ALL.iter().map(|s| Role::Cheat(*s)))
         .enumerate()
         .map(|(i, role)| Miner {
@@ -302,7 +302,7 @@ fn run_one(
     let mut multi_job_artifact: Option<PathBuf> = None;
     let mut refused: BTreeMap<Strategy, (String, String)> = BTreeMap::new();
 
-    for j in 0..2 {
+    for (j, shard) in shards.iter().enumerate() {
         let job_id =
             JobId::new(format!("rt{c}-{j}")).map_err(|e| NodeError::Other(e.to_string()))?;
         // Offer and assign.
@@ -350,9 +350,9 @@ fn run_one(
                 continue;
             };
             let subset: Vec<Record> =
-                tunenet_integrity::training_subset(&a.nonce, &a.job_id, &a.miner, shards[j].len())
+                tunenet_integrity::training_subset(&a.nonce, &a.job_id, &a.miner, shard.len())
                     .into_iter()
-                    .map(|k| shards[j][k].clone())
+                    .map(|k| shard[k].clone())
                     .collect();
             let out = jdir.join(format!("m{i}"));
             let honest_cfg = |h: usize| TrainConfig {

@@ -83,8 +83,7 @@ pub fn register(
             reason: "must be 1-64 characters".into(),
         }));
     }
-    if !endpoint.is_empty()
-        && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+    if !(endpoint.is_empty() || endpoint.starts_with("http://") || endpoint.starts_with("https://"))
     {
         return Ok(Err(RegistryError::Field {
             field: "endpoint",

@@ -996,9 +996,9 @@ fn spawn_evaluator(
                             m
                         }
                     };
-                    if !tests.contains_key(&req.test) {
+                    if let std::collections::btree_map::Entry::Vacant(slot) = tests.entry(req.test) {
                         let bytes = blobs.get(&req.test).map_err(|e| e.to_string())?;
-                        tests.insert(req.test, tunenet_ml::parse_jsonl(&bytes).map_err(|e| e.to_string())?);
+                        slot.insert(tunenet_ml::parse_jsonl(&bytes).map_err(|e| e.to_string())?);
                     }
                     let test = tests.get(&req.test).ok_or("test split missing")?;
                     blobs.verify(&req.artifact).map_err(|e| e.to_string())?;

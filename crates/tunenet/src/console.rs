@@ -232,8 +232,8 @@ fn print_comps(list: &[pb::CompetitionInfo]) {
 
 fn print_miners(list: &[pb::MinerRecord]) {
     println!(
-        "{:<54} {:<12} {:<28} {}",
-        "peer id", "owner", "endpoint", "status"
+        "{:<54} {:<12} {:<28} status",
+        "peer id", "owner", "endpoint"
     );
     for m in list {
         let status = if m.banned {
@@ -443,8 +443,8 @@ async fn run_async(a: ConsoleArgs) -> Result<()> {
             TokenCmd::List => {
                 let l = call!(c.list_tokens(pb::Empty {}));
                 println!(
-                    "{:<18} {:<9} {:<20} {:<10} {}",
-                    "id", "role", "name", "expires", "state"
+                    "{:<18} {:<9} {:<20} {:<10} state",
+                    "id", "role", "name", "expires"
                 );
                 for t in l.tokens {
                     let exp = if t.expires_at_ms == 0 {
