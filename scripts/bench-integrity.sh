@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Measures what the integrity checks add to evaluating a submission: runs the red team
+# (real training, checks and evaluation on the tiny model) and prints the cost line.
+# Usage: scripts/bench-integrity.sh [competitions]   (default 5)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+n="${1:-5}"
+cargo build --release --quiet
+out=$(mktemp -d)/INTEGRITY.md
+./target/release/tunenet redteam --competitions "$n" --out "$out" >/dev/null
+grep -A2 '^## Cost' "$out" | tail -n 1
