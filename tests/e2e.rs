@@ -508,3 +508,67 @@ fn redteam_catches_every_cheat_it_can_and_flags_no_honest_miner() {
     }
     assert!(report.contains("0 false positives"), "{report}");
 }
+
+#[test]
+fn a_miner_on_p2p_is_listed_with_its_signed_advert() {
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = tmp.path().join("miner.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{}\"\n[policy]\nmax_concurrent_jobs = 2\n[p2p]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nmdns = false\nadvert_interval_secs = 1\n",
+            tmp.path().join("m"),
+            port()
+        ),
+    )
+    .unwrap();
+    let miner = Daemon::start(
+        &["miner", "--config", conf.to_str().unwrap()],
+        &tmp.path().join("m.log"),
+    );
+    let t0 = std::time::Instant::now();
+    let addr = loop {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no p2p address logged:\n{}",
+            miner.log()
+        );
+        if let Some(a) = miner.log().lines().find_map(|l| {
+            let i = l.find("addr=")? + 5;
+            Some(
+                l[i..]
+                    .split_whitespace()
+                    .next()?
+                    .trim_matches('"')
+                    .to_string(),
+            )
+        }) {
+            break a;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let peer = addr.rsplit('/').next().unwrap().to_string();
+    let out = run(&["peers", "--bootstrap", &addr, "--wait-secs", "4", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let me = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["peer_id"] == peer.as_str())
+        .unwrap_or_else(|| panic!("{list}"));
+    assert_eq!(me["advert"]["hardware"], "cpu", "{list}");
+    assert!(
+        me["advert"]["policy"]
+            .as_str()
+            .unwrap()
+            .contains("up to 2 jobs"),
+        "{list}"
+    );
+    let bad = run(&["peers", "--bootstrap", "not-an-addr"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a multiaddr"));
+}

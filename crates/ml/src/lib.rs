@@ -27,7 +27,7 @@ mod tiny;
 mod tokenizer;
 mod train;
 
-pub use candle_core::Device;
+pub use candle_core::{DType, Device};
 
 pub use artifact::{
     ARTIFACT_FILE, ARTIFACT_FORMAT, ArtifactManifest, MANIFEST_FILE, MANIFEST_METADATA_KEY,

@@ -78,6 +78,8 @@ pub struct MinerConfig {
     pub device: String,
     /// Serve Prometheus metrics here (host:port); off when absent.
     pub metrics_listen: Option<String>,
+    /// Join the libp2p network and gossip this miner's advert (off when absent).
+    pub p2p: Option<tunenet_p2p::P2pConfig>,
     /// Accept/reject policy.
     pub policy: MinerPolicy,
     /// Training settings.
@@ -92,6 +94,7 @@ impl Default for MinerConfig {
             key_file: None,
             device: "cpu".into(),
             metrics_listen: None,
+            p2p: None,
             policy: MinerPolicy::default(),
             training: TrainingConfig::default(),
         }

@@ -12,6 +12,7 @@ pub mod keys;
 pub mod metrics;
 pub mod miner;
 pub mod models;
+pub mod presence;
 pub mod redteam;
 pub mod registry;
 pub mod snapshot;

@@ -296,6 +296,19 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
     if let Some(addr) = &cfg.metrics_listen {
         crate::metrics::install(addr)?;
     }
+    let _p2p = match &cfg.p2p {
+        Some(p) => Some(
+            crate::presence::join(
+                &identity,
+                p.clone(),
+                blobs.clone(),
+                &cfg.device,
+                Some(&cfg.policy),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let mut stored: Vec<MinerJob> = store
         .scan_json::<MinerJob>(trees::MINER_JOBS, "")?
         .into_iter()

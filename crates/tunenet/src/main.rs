@@ -121,6 +121,21 @@ enum Cmd {
     Train(cli_model::TrainArgs),
     /// Evaluate a model (optionally with an artifact) on a dataset.
     Eval(cli_model::EvalArgs),
+    /// Join the p2p network briefly and list the peers seen, with their miner adverts.
+    Peers {
+        /// Peers to join through, each ending in /p2p/<peer id> (repeatable).
+        #[arg(long)]
+        bootstrap: Vec<String>,
+        /// Also look for peers on the LAN with mDNS.
+        #[arg(long)]
+        mdns: bool,
+        /// How long to listen before printing.
+        #[arg(long, default_value_t = 5)]
+        wait_secs: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run cheating and honest miners through real competitions; write the report.
     Redteam {
         /// Competitions to run.
@@ -269,6 +284,12 @@ fn run(cmd: Cmd) -> Result<()> {
             println!("{}", id.peer_id());
         }
         Cmd::Console(a) => console::run(a)?,
+        Cmd::Peers {
+            bootstrap,
+            mdns,
+            wait_secs,
+            json,
+        } => peers(bootstrap, mdns, wait_secs, json)?,
         Cmd::Redteam { competitions, out } => {
             let work = tempfile::Builder::new()
                 .prefix("tunenet-redteam-")
@@ -296,6 +317,68 @@ fn run(cmd: Cmd) -> Result<()> {
         Cmd::Train(a) => cli_model::train(a)?,
         Cmd::Eval(a) => cli_model::eval(a)?,
         Cmd::Demo(a) => demo::run(a)?,
+    }
+    Ok(())
+}
+
+fn peers(bootstrap: Vec<String>, mdns: bool, wait_secs: u64, json: bool) -> Result<()> {
+    let mut cfg = tunenet_p2p::P2pConfig::loopback();
+    cfg.listen = vec!["/ip4/0.0.0.0/tcp/0".parse()?];
+    cfg.mdns = mdns;
+    for b in &bootstrap {
+        cfg.bootstrap.push(b.parse().with_context(|| {
+            format!("`{b}` is not a multiaddr (e.g. /ip4/1.2.3.4/tcp/7200/p2p/12D3KooW...)")
+        })?);
+    }
+    if cfg.bootstrap.is_empty() && !mdns {
+        anyhow::bail!(
+            "give --bootstrap <multiaddr> or --mdns: with neither there is nobody to meet"
+        );
+    }
+    let tmp = tempfile::tempdir()?;
+    let blobs = tunenet_store::BlobStore::open(tmp.path())?;
+    let id = tunenet_types::Identity::generate();
+    let list = runtime()?.block_on(async move {
+        let (client, mut events, event_loop) = tunenet_p2p::new(id.keypair(), cfg, blobs)?;
+        tokio::spawn(event_loop.run());
+        tokio::spawn(async move { while events.recv().await.is_some() {} });
+        tokio::time::sleep(std::time::Duration::from_secs(wait_secs)).await;
+        client.peers().await
+    })?;
+    if json {
+        let v: Vec<serde_json::Value> = list
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "peer_id": p.peer_id.to_base58(),
+                    "connected": p.connected,
+                    "addrs": p.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                    "advert": p.advert.as_ref().map(|a| serde_json::json!({
+                        "hardware": a.hardware,
+                        "max_model_params": a.max_model_params,
+                        "policy": a.policy,
+                        "price_hint": a.price_hint,
+                        "timestamp_ms": a.timestamp_ms,
+                    })),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{:<54} {:<9} advert", "peer", "connected");
+        for p in &list {
+            let advert = p
+                .advert
+                .as_ref()
+                .map(|a| {
+                    format!(
+                        "miner on {}: {} (max {} params)",
+                        a.hardware, a.policy, a.max_model_params
+                    )
+                })
+                .unwrap_or_else(|| "-".into());
+            println!("{:<54} {:<9} {advert}", p.peer_id.to_base58(), p.connected);
+        }
     }
     Ok(())
 }

@@ -1,0 +1,83 @@
+//! A daemon's presence on the libp2p network: it joins (mDNS, Kademlia bootstrap), and a
+//! miner gossips its signed advert. Jobs still travel over gRPC: job requests that arrive
+//! over libp2p are answered with a refusal that says so, until the daemons carry jobs
+//! over both transports.
+
+use crate::error::NodeError;
+use tunenet_engine::MinerPolicy;
+use tunenet_p2p::{Event, JobResponse, MinerAdvert, P2pConfig};
+use tunenet_store::BlobStore;
+use tunenet_types::{Identity, JobKind};
+
+/// Joins the network; for a miner (`policy` given), publishes its advert. Returns the
+/// client, whose event loop and event pump run on the runtime until the daemon stops.
+pub async fn join(
+    identity: &Identity,
+    config: P2pConfig,
+    blobs: BlobStore,
+    hardware: &str,
+    policy: Option<&MinerPolicy>,
+) -> Result<tunenet_p2p::Client, NodeError> {
+    let (client, mut events, event_loop) = tunenet_p2p::new(identity.keypair(), config, blobs)
+        .map_err(|e| NodeError::Other(format!("`p2p`: {e}")))?;
+    tokio::spawn(event_loop.run());
+    let addrs = client
+        .listen_addrs()
+        .await
+        .map_err(|e| NodeError::Other(format!("p2p listen: {e}")))?;
+    let me = client.local_peer_id();
+    for a in &addrs {
+        tracing::info!(addr = %format!("{a}/p2p/{me}"), "p2p listening");
+    }
+    let responder = client.clone();
+    tokio::spawn(async move {
+        while let Some(e) = events.recv().await {
+            match e {
+                Event::JobRequest { peer, channel, .. } => {
+                    let why = "this node takes jobs over gRPC only for now; use its gRPC endpoint"
+                        .to_string();
+                    if let Err(err) = responder.respond(channel, JobResponse::Refused(why)).await {
+                        tracing::debug!(%peer, error = %err, "could not answer a p2p job request");
+                    }
+                }
+                Event::GossipRejected {
+                    peer,
+                    topic,
+                    reason,
+                } => {
+                    tracing::warn!(%peer, %topic, %reason, "rejected gossip");
+                }
+                other => tracing::debug!(event = ?other, "p2p"),
+            }
+        }
+    });
+    if let Some(p) = policy {
+        let advert = MinerAdvert {
+            peer_id: me.to_base58(),
+            public_key: identity.public_key_bytes(),
+            hardware: hardware.to_string(),
+            job_kinds: p
+                .kinds
+                .iter()
+                .map(|k| match k {
+                    JobKind::FineTune => tunenet_proto::v1::JobKind::FineTune as i32,
+                    JobKind::Inference => tunenet_proto::v1::JobKind::Inference as i32,
+                })
+                .collect(),
+            max_model_params: p.max_model_params,
+            policy: format!(
+                "up to {} jobs at once, budgets {}-{} s{}",
+                p.max_concurrent_jobs,
+                p.min_time_budget_secs,
+                p.max_time_budget_secs,
+                if p.paused { ", paused" } else { "" }
+            ),
+            ..Default::default()
+        };
+        // No peer may be subscribed yet; the advert heartbeat publishes it again.
+        if let Err(e) = client.publish_advert(advert).await {
+            tracing::debug!(error = %e, "first advert not delivered yet; the heartbeat retries");
+        }
+    }
+    Ok(client)
+}
