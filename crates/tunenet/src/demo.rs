@@ -20,6 +20,33 @@ pub struct DemoArgs {
     /// Jobs in the competition.
     #[arg(long, default_value_t = 2)]
     jobs: u32,
+    /// Base model: `tiny` (generated), `smollm2` (imported from the GGUF that
+    /// scripts/fetch-smollm2.sh fetches), or a model directory in Hugging Face layout.
+    #[arg(long, default_value = "tiny")]
+    model: String,
+}
+
+/// Finds the SmolLM2 GGUF: `TUNENET_SMOLLM2_GGUF`, or the fetch script's cache.
+fn smollm2_gguf() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("TUNENET_SMOLLM2_GGUF") {
+        return Ok(PathBuf::from(p));
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let mut stack = vec![PathBuf::from(home).join(".cache/tunenet/smollm2/unpacked")];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "gguf") {
+                return Ok(p);
+            }
+        }
+    }
+    bail!("SmolLM2 is not fetched yet: run scripts/fetch-smollm2.sh (or set TUNENET_SMOLLM2_GGUF)")
 }
 
 /// The three miners: different methods, ranks, learning rates and step counts.
@@ -117,18 +144,42 @@ pub fn run(a: DemoArgs) -> Result<()> {
         }
     };
     println!("tunenet demo: data in {}", root.display());
-    let model = root.join("base-model");
-    let cfg = tunenet_ml::init_tiny(&model, 7)?;
+    let (model, real) = match a.model.as_str() {
+        "tiny" => {
+            let dir = root.join("base-model");
+            tunenet_ml::init_tiny(&dir, 7)?;
+            (dir, false)
+        }
+        "smollm2" => {
+            let dir = root.join("base-model");
+            if !dir.join("config.json").exists() {
+                let gguf = smollm2_gguf()?;
+                println!("  importing {}", gguf.display());
+                tunenet_ml::import_gguf(&gguf, &dir)?;
+            }
+            (dir, true)
+        }
+        path => (PathBuf::from(path), true),
+    };
+    let cfg = tunenet_ml::ModelDir::open(&model)?.config()?;
+    // A real model trains and evaluates far slower on a CPU: fewer, shorter records, small
+    // batches and a longer budget keep the same competition within minutes.
+    let (records, batch, seq, budget) = if real {
+        (300, 2, 64, a.budget.max(90))
+    } else {
+        (1500, 8, 96, a.budget)
+    };
+    let margin = if real { 10.0 } else { 2.0 };
     let dataset = root.join("dataset.jsonl");
     std::fs::write(
         &dataset,
-        tunenet_ml::to_jsonl(&tunenet_ml::demo_dataset(1500, 11)),
+        tunenet_ml::to_jsonl(&tunenet_ml::demo_dataset(records, 11)),
     )?;
     println!(
-        "  base model: tiny Llama, {} parameters; dataset: 1500 instruction records",
+        "  base model: {} ({} parameters); dataset: {records} instruction records; {budget} s per job",
+        model.display(),
         cfg.param_count()
     );
-
     let vport = free_port()?;
     let mut miner_urls = Vec::new();
     let mut daemons = Daemons {
@@ -147,7 +198,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         std::fs::write(
             &conf,
             format!(
-                "data_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\n\n[policy]\nmax_concurrent_jobs = 1\n\n[training]\n{training}batch_size = 8\nmax_seq_len = 96\ncommit_margin_secs = 2.0\n",
+                "data_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\n\n[policy]\nmax_concurrent_jobs = 1\n\n[training]\n{training}batch_size = {batch}\nmax_seq_len = {seq}\ncommit_margin_secs = {margin}\n",
                 dir.join("data")
             ),
         )?;
@@ -168,13 +219,16 @@ pub fn run(a: DemoArgs) -> Result<()> {
     std::fs::write(
         &vconf,
         format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n\n[[competitions]]\nid = \"demo\"\nbase_model = {:?}\ndataset = {:?}\njobs = {}\nminers_per_job = 3\ntime_budget_secs = {}\ntest_fraction = 0.15\nseed = 1\nreveal_window_secs = 30\noffer_timeout_secs = 10\neval_max_seq_len = 96\n",
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n\n[[competitions]]\nid = \"demo\"\nbase_model = {:?}\ndataset = {:?}\njobs = {}\nminers_per_job = 3\ntime_budget_secs = {}\ntest_fraction = {test_fraction}\nseed = 1\nreveal_window_secs = {reveal}\noffer_timeout_secs = 10\neval_max_seq_len = {seq}\n",
             vdir.join("data"),
             miners.join(", "),
             model,
             dataset,
             a.jobs,
-            a.budget
+            budget,
+            test_fraction = if real { 0.1 } else { 0.15 },
+            reveal = if real { 300 } else { 30 },
+            seq = seq,
         ),
     )?;
     let vlog = vdir.join("validator.log");
@@ -194,7 +248,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         .enable_all()
         .build()?;
     let vurl = format!("http://127.0.0.1:{vport}");
-    let limit = Duration::from_secs(60 + a.jobs as u64 * (a.budget + 60));
+    let limit = Duration::from_secs(60 + a.jobs as u64 * (budget + if real { 600 } else { 60 }));
     let mut last_line = String::new();
     let mut names = std::collections::BTreeMap::new();
     let lb = loop {
