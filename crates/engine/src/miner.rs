@@ -27,6 +27,8 @@ pub struct MinerPolicy {
     pub paused: bool,
     /// How long an accepted offer holds a slot while waiting for its assignment.
     pub accept_hold_secs: u64,
+    /// Memory the miner's device has for one job, GiB; jobs estimated above it are refused.
+    pub max_memory_gb: Option<f64>,
 }
 
 impl Default for MinerPolicy {
@@ -39,13 +41,15 @@ impl Default for MinerPolicy {
             kinds: vec![JobKind::FineTune],
             paused: false,
             accept_hold_secs: 60,
+            max_memory_gb: None,
         }
     }
 }
 
 impl MinerPolicy {
-    /// The policy's verdict on an offer, given how many jobs are already held.
-    pub fn decide(&self, offer: &Offer, held: u32) -> Decision {
+    /// The policy's verdict on an offer, given how many jobs are already held and the
+    /// runtime's estimate of the memory training it would need.
+    pub fn decide(&self, offer: &Offer, held: u32, memory_needed: Option<u64>) -> Decision {
         let reject = |code, detail: String| Decision::Reject(RejectReason { code, detail });
         if self.paused {
             return reject(RejectCode::Paused, "the operator paused this miner".into());
@@ -74,6 +78,17 @@ impl MinerPolicy {
                 format!(
                     "model has {} parameters, this miner takes at most {}",
                     offer.base_params, self.max_model_params
+                ),
+            );
+        }
+        if let (Some(gb), Some(need)) = (self.max_memory_gb, memory_needed)
+            && need as f64 > gb * (1u64 << 30) as f64
+        {
+            return reject(
+                RejectCode::InsufficientMemory,
+                format!(
+                    "training would need about {:.1} GiB, this miner has {gb:.1} GiB",
+                    need as f64 / (1u64 << 30) as f64
                 ),
             );
         }
@@ -309,14 +324,19 @@ impl MinerEngine {
     }
 
     /// Decides on an offer. A repeated offer for a job already held is accepted again.
-    pub fn offer(&mut self, offer: Offer, now: UnixMillis) -> (Decision, Vec<MinerEffect>) {
+    pub fn offer(
+        &mut self,
+        offer: Offer,
+        now: UnixMillis,
+        memory_needed: Option<u64>,
+    ) -> (Decision, Vec<MinerEffect>) {
         if let Some(j) = self.jobs.get(&offer.job_id)
             && j.offer.validator == offer.validator
             && matches!(j.phase, MinerPhase::Accepted { .. })
         {
             return (Decision::Accept, vec![]);
         }
-        let d = self.policy.decide(&offer, self.running());
+        let d = self.policy.decide(&offer, self.running(), memory_needed);
         let mut fx = vec![];
         match &d {
             Decision::Accept => {

@@ -28,6 +28,9 @@ pub struct JobPlan {
     pub time_budget_ms: u64,
     /// Informational reward.
     pub reward_hint: f64,
+    /// The base's `config.json`, sent with offers for the miners' memory estimates.
+    #[serde(default)]
+    pub model_config: String,
 }
 
 /// A competition: its jobs and the rules that apply to all of them.
@@ -811,6 +814,7 @@ impl ValidatorEngine {
                 reward_hint: job.plan.reward_hint,
                 hardware: self.plan.hardware.clone(),
                 reply_to: self.plan.reply_to.clone(),
+                model_config: job.plan.model_config.clone(),
             };
             for addr in &self.miners {
                 job.offers.insert(addr.clone(), OfferState::Sent);

@@ -236,6 +236,19 @@ impl Ctx {
     }
 }
 
+/// The memory training `offer`'s model would take with this miner's settings, when the
+/// offer carries the model's config.
+fn memory_needed(
+    offer: &tunenet_types::Offer,
+    training: &TrainingConfig,
+    device: &tunenet_ml::Device,
+) -> Option<u64> {
+    let cfg: tunenet_ml::LlamaConfig = serde_json::from_str(&offer.model_config).ok()?;
+    let tc = train_config(training, &HparamBounds::default());
+    let dtype = tc.dtype.resolve(device);
+    Some(tunenet_ml::estimate_memory(&cfg, &tc, dtype).total)
+}
+
 /// How long a commit or upload keeps retrying while the validator cannot be reached
 /// (a restarting validator comes back within this).
 const RETRY_FOR: Duration = Duration::from_secs(60);
@@ -376,7 +389,8 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
                 match cmd {
                     Cmd::Offer(offer, reply) => {
                         let job_id = offer.job_id.clone();
-                        let (decision, fx) = engine.offer(offer, now);
+                        let need = memory_needed(&offer, &cfg.training, &ctx.device);
+                        let (decision, fx) = engine.offer(offer, now, need);
                         match &decision {
                             tunenet_types::Decision::Accept => metrics::counter!("tunenet_offers_accepted_total").increment(1),
                             tunenet_types::Decision::Reject(r) => {
@@ -416,4 +430,45 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_estimate_comes_from_the_offered_config() {
+        let cfg = tunenet_ml::tiny_config();
+        let mut offer = tunenet_types::Offer {
+            job_id: tunenet_types::JobId::new("j").unwrap(),
+            competition_id: tunenet_types::CompetitionId::new("c").unwrap(),
+            kind: tunenet_types::JobKind::FineTune,
+            validator: tunenet_types::PeerIdStr("v".into()),
+            base_model: BlobId::of(b"m"),
+            base_params: cfg.param_count(),
+            dataset_records: 1,
+            time_budget_ms: 60_000,
+            reward_hint: 0.0,
+            hardware: "cpu".into(),
+            reply_to: "http://v".into(),
+            model_config: String::new(),
+        };
+        let training = TrainingConfig::default();
+        assert_eq!(
+            memory_needed(&offer, &training, &tunenet_ml::Device::Cpu),
+            None
+        );
+        offer.model_config = serde_json::to_string(&cfg).unwrap();
+        let lora = memory_needed(&offer, &training, &tunenet_ml::Device::Cpu).unwrap();
+        let full = memory_needed(
+            &offer,
+            &TrainingConfig {
+                method: "full".into(),
+                ..training
+            },
+            &tunenet_ml::Device::Cpu,
+        )
+        .unwrap();
+        assert!(lora > 0 && full > lora, "lora {lora}, full {full}");
+    }
 }

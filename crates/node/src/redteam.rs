@@ -261,6 +261,7 @@ fn run_one(
             shard_records: shards[j].len() as u64,
             time_budget_ms: 60_000,
             reward_hint: 0.0,
+            model_config: String::new(),
         })
         .collect();
     let mut miners: Vec<Miner> = (0..3)

@@ -191,6 +191,8 @@ pub fn prepare(
         tunenet_ml::load_jsonl(&cfg.dataset).map_err(|e| fail(format!("`dataset`: {e}")))?;
     let (test, shards) = split(cfg, records)?;
     let (base_model, manifest) = models::import_model_dir(blobs, &cfg.base_model)?;
+    let model_config =
+        std::fs::read_to_string(cfg.base_model.join("config.json")).unwrap_or_default();
     let test_blob = blobs.put(&tunenet_ml::to_jsonl(&test))?;
     let mut public_blobs = vec![base_model];
     public_blobs.extend(manifest.files.iter().map(|f| f.blob));
@@ -207,6 +209,7 @@ pub fn prepare(
             shard_records: shard.len() as u64,
             time_budget_ms: (cfg.time_budget_secs + cfg.budget_step_secs * i as u64) * 1000,
             reward_hint: cfg.reward_hint,
+            model_config: model_config.clone(),
         });
     }
     let plan = CompetitionPlan {

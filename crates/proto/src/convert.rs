@@ -113,6 +113,7 @@ impl From<t::Offer> for v1::Offer {
             reward_hint: o.reward_hint,
             hardware: o.hardware,
             reply_to: o.reply_to,
+            model_config: o.model_config,
         }
     }
 }
@@ -122,6 +123,9 @@ impl TryFrom<v1::Offer> for t::Offer {
     fn try_from(o: v1::Offer) -> Result<Self, ConvertError> {
         if o.hardware.len() > 256 {
             return Err(field("hardware", "longer than 256 bytes"));
+        }
+        if o.model_config.len() > 64 * 1024 {
+            return Err(field("model_config", "longer than 64 KiB"));
         }
         if o.reply_to.is_empty() || o.reply_to.len() > 512 {
             return Err(field(
@@ -141,6 +145,7 @@ impl TryFrom<v1::Offer> for t::Offer {
             reward_hint: o.reward_hint,
             hardware: o.hardware,
             reply_to: o.reply_to,
+            model_config: o.model_config,
         })
     }
 }
@@ -154,6 +159,7 @@ fn code_to(c: t::RejectCode) -> v1::RejectCode {
         t::RejectCode::BudgetTooShort => v1::RejectCode::BudgetTooShort,
         t::RejectCode::BudgetTooLong => v1::RejectCode::BudgetTooLong,
         t::RejectCode::Other => v1::RejectCode::Other,
+        t::RejectCode::InsufficientMemory => v1::RejectCode::InsufficientMemory,
     }
 }
 
@@ -165,6 +171,7 @@ fn code_from(c: i32) -> t::RejectCode {
         Ok(v1::RejectCode::ModelTooLarge) => t::RejectCode::ModelTooLarge,
         Ok(v1::RejectCode::BudgetTooShort) => t::RejectCode::BudgetTooShort,
         Ok(v1::RejectCode::BudgetTooLong) => t::RejectCode::BudgetTooLong,
+        Ok(v1::RejectCode::InsufficientMemory) => t::RejectCode::InsufficientMemory,
         _ => t::RejectCode::Other,
     }
 }

@@ -81,6 +81,10 @@ pub struct Offer {
     /// Where the miner sends its commitment, fetches blobs and uploads: a gRPC URL
     /// today, a multiaddr once the p2p transport carries jobs.
     pub reply_to: String,
+    /// The base model's `config.json`, so a miner can estimate the job's memory before
+    /// it accepts (empty when unknown).
+    #[serde(default)]
+    pub model_config: String,
 }
 
 /// Why a miner turned an offer down.
@@ -95,6 +99,8 @@ pub enum RejectCode {
     KindNotSupported,
     /// The base model has more parameters than the policy allows.
     ModelTooLarge,
+    /// Training the job would need more memory than the miner has.
+    InsufficientMemory,
     /// The time budget is below the policy's minimum.
     BudgetTooShort,
     /// The time budget is above the policy's maximum.

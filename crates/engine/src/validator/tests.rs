@@ -20,6 +20,7 @@ fn plan(jobs: usize, miners_per_job: u32) -> CompetitionPlan {
                 shard_records: 10,
                 time_budget_ms: BUDGET,
                 reward_hint: 1.0,
+                model_config: String::new(),
             })
             .collect(),
         miners_per_job,
@@ -87,7 +88,7 @@ impl World {
                 ValidatorEffect::SendOffer { addr, offer } => {
                     let m = &mut self.miners.iter_mut().find(|(a, _)| *a == addr).unwrap().1;
                     let job_id = offer.job_id.clone();
-                    let (decision, _) = m.offer(offer, self.now);
+                    let (decision, _) = m.offer(offer, self.now, None);
                     let reply = Ok(DecisionReply {
                         job_id: job_id.clone(),
                         miner: m_id(m),
@@ -433,21 +434,31 @@ fn miner_policy_rejects_with_reasons() {
         reward_hint: 0.0,
         hardware: "cpu".into(),
         reply_to: "x".into(),
+        model_config: String::new(),
     };
     let code = |d: Decision| match d {
         Decision::Reject(r) => r.code,
         Decision::Accept => panic!("accepted"),
     };
-    assert_eq!(code(p.decide(&o, 0)), RejectCode::ModelTooLarge);
+    assert_eq!(code(p.decide(&o, 0, None)), RejectCode::ModelTooLarge);
     o.base_params = 5;
-    assert_eq!(code(p.decide(&o, 1)), RejectCode::Busy);
+    assert_eq!(code(p.decide(&o, 1, None)), RejectCode::Busy);
     o.time_budget_ms = 5_000;
-    assert_eq!(code(p.decide(&o, 0)), RejectCode::BudgetTooShort);
+    assert_eq!(code(p.decide(&o, 0, None)), RejectCode::BudgetTooShort);
     o.time_budget_ms = 60_000;
     o.kind = JobKind::Inference;
-    assert_eq!(code(p.decide(&o, 0)), RejectCode::KindNotSupported);
+    assert_eq!(code(p.decide(&o, 0, None)), RejectCode::KindNotSupported);
     o.kind = JobKind::FineTune;
-    assert_eq!(p.decide(&o, 0), Decision::Accept);
+    assert_eq!(p.decide(&o, 0, None), Decision::Accept);
+    let small = MinerPolicy {
+        max_memory_gb: Some(1.0),
+        ..p.clone()
+    };
+    assert_eq!(
+        code(small.decide(&o, 0, Some(3 << 30))),
+        RejectCode::InsufficientMemory
+    );
+    assert_eq!(small.decide(&o, 0, Some(1 << 29)), Decision::Accept);
 }
 
 #[test]
@@ -463,7 +474,7 @@ fn miner_refuses_forged_or_foreign_assignments() {
         })
         .unwrap();
     let m = &mut w.miners[0].1;
-    let (d, _) = m.offer(offer, w.now);
+    let (d, _) = m.offer(offer, w.now, None);
     assert_eq!(d, Decision::Accept);
     let reply = Ok(DecisionReply {
         job_id: job0(),
