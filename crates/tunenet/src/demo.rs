@@ -191,6 +191,12 @@ pub fn run(a: DemoArgs) -> Result<()> {
         / 2)
     .max(1);
     for (name, training) in MINERS {
+        // A pretrained model wants a far smaller learning rate for full fine-tuning.
+        let training = if real {
+            training.replace("learning_rate = 0.002", "learning_rate = 0.00002")
+        } else {
+            training.to_string()
+        };
         let port = free_port()?;
         let dir = root.join(name);
         std::fs::create_dir_all(&dir)?;
@@ -219,7 +225,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     std::fs::write(
         &vconf,
         format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n\n[[competitions]]\nid = \"demo\"\nbase_model = {:?}\ndataset = {:?}\njobs = {}\nminers_per_job = 3\ntime_budget_secs = {}\ntest_fraction = {test_fraction}\nseed = 1\nreveal_window_secs = {reveal}\noffer_timeout_secs = 10\neval_max_seq_len = {seq}\n",
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n\n[[competitions]]\nid = \"demo\"\nbase_model = {:?}\ndataset = {:?}\njobs = {}\nminers_per_job = 3\ntime_budget_secs = {}\ntest_fraction = {test_fraction}\nseed = 1\nreveal_window_secs = {reveal}\noffer_timeout_secs = 10\neval_max_seq_len = {seq}\nmax_artifact_mb = 4096\n",
             vdir.join("data"),
             miners.join(", "),
             model,
