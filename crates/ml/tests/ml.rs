@@ -1637,3 +1637,47 @@ fn gradient_clipping_bounds_the_update_direction() {
     let (clipped, _) = run(Some(tight), "tight");
     assert!(max_abs_diff(&plain.artifact, &clipped.artifact) > 1e-4);
 }
+
+#[test]
+fn smollm2_lora_lowers_held_out_loss() {
+    let Some(gguf) = smollm2_gguf() else {
+        eprintln!(
+            "skipped: SmolLM2 GGUF not found (run scripts/fetch-smollm2.sh or set TUNENET_SMOLLM2_GGUF)"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("smollm2");
+    import_gguf(&gguf, &model_dir).unwrap();
+    let model = ModelDir::open(&model_dir).unwrap();
+    let data = demo_dataset(60, 3);
+    let (held_out, train_set) = data.split_at(16);
+    let before = evaluate(&model, None, held_out, 48, 4, &Device::Cpu)
+        .unwrap()
+        .mean_loss;
+    let cfg = TrainConfig {
+        method: Method::Lora {
+            rank: 8,
+            alpha: 16.0,
+        },
+        learning_rate: 2e-3,
+        max_steps: 8,
+        batch_size: 4,
+        max_seq_len: 48,
+        seed: 1,
+        ..Default::default()
+    };
+    let report = run_train(&model, train_set, &cfg, &dir.path().join("run"));
+    let after = evaluate(
+        &model,
+        Some(&report.artifact),
+        held_out,
+        48,
+        4,
+        &Device::Cpu,
+    )
+    .unwrap()
+    .mean_loss;
+    eprintln!("SmolLM2-135M LoRA, 8 steps: held-out loss {before:.4} -> {after:.4}");
+    assert!(after < before - 0.1, "held-out loss {before} -> {after}");
+}
