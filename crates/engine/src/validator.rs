@@ -1073,6 +1073,7 @@ fn duplicate_findings(
         artifact: BlobId,
         received: u64,
         sketch: Vec<f32>,
+        norm: f64,
     }
     let mut all = Vec::new();
     for j in jobs.values() {
@@ -1114,12 +1115,18 @@ fn duplicate_findings(
                     }
                     _ => sketch.clone(),
                 };
+                let norm = sketch
+                    .iter()
+                    .map(|x| (*x as f64) * (*x as f64))
+                    .sum::<f64>()
+                    .sqrt();
                 all.push(Sub {
                     job: &j.plan.job_id,
                     miner: m,
                     artifact: *artifact,
                     received,
                     sketch: residual,
+                    norm,
                 });
             }
         }
@@ -1154,7 +1161,14 @@ fn duplicate_findings(
                 continue;
             }
             let cos = tunenet_types::sketch_cosine(&me.sketch, &other.sketch);
-            if cos > settings.near_duplicate_cosine {
+            let size_ratio = if me.norm.max(other.norm) > 0.0 {
+                me.norm.min(other.norm) / me.norm.max(other.norm)
+            } else {
+                1.0
+            };
+            if cos > settings.near_duplicate_cosine
+                && size_ratio >= settings.near_duplicate_norm_ratio
+            {
                 out.push((me.miner.clone(), Verdict {
                     check: "near_duplicate".into(),
                     outcome: if earlier { Outcome::Fail } else { Outcome::Flag },

@@ -216,6 +216,10 @@ pub struct IntegritySettings {
     pub min_relative_delta: f64,
     /// Cosine of two submissions' delta sketches above which they are near duplicates.
     pub near_duplicate_cosine: f64,
+    /// ...provided their deltas are also this close in size (smaller norm / larger): a
+    /// copy keeps the original's size, while independent short runs that merely point the
+    /// same way (the first gradient steps on one task) differ in size.
+    pub near_duplicate_norm_ratio: f64,
     /// Length of the delta sketch.
     pub sketch_dim: usize,
 }
@@ -229,6 +233,7 @@ impl Default for IntegritySettings {
             max_relative_delta: 10.0,
             min_relative_delta: 1e-7,
             near_duplicate_cosine: 0.95,
+            near_duplicate_norm_ratio: 0.9,
             sketch_dim: 4096,
         }
     }

@@ -653,3 +653,26 @@ fn failed_integrity_checks_give_the_penalty_with_the_reason() {
     assert_eq!(s.verdicts[0].check, "finite");
     assert_eq!(score_of(&w, &hs[1].miner).quality, 1.0);
 }
+
+#[test]
+fn runs_that_point_the_same_way_but_differ_in_size_are_not_near_duplicates() {
+    let mut w = World::new(2, 1);
+    let hs = reveal_all(&mut w, &[b"short run", b"longer run"]);
+    // Same direction (the first gradient steps on one task), very different sizes.
+    let sketches = [vec![1.0, 2.0, 0.5], vec![3.0, 6.0, 1.5]];
+    for (i, h) in hs.iter().enumerate() {
+        w.v.handle(
+            ValidatorInput::Evaluated {
+                job_id: job0(),
+                miner: h.miner.clone(),
+                result: eval(3.0, sketches[i].clone()),
+            },
+            w.now,
+            &mut w.rng,
+        );
+    }
+    for h in &hs {
+        let s = score_of(&w, &h.miner);
+        assert!(s.penalty_reason.is_none() && s.verdicts.is_empty(), "{s:?}");
+    }
+}
