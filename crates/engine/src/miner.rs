@@ -290,6 +290,39 @@ impl MinerEngine {
         self.identity.peer_id()
     }
 
+    /// After a restart: jobs that were training go on (the trainer resumes from its last
+    /// checkpoint) while their deadline is ahead; the others are failed with the reason.
+    pub fn resume(&mut self, now: UnixMillis) -> Vec<MinerEffect> {
+        let mut fx = Vec::new();
+        for (id, j) in self.jobs.iter_mut() {
+            if j.phase != MinerPhase::Training {
+                continue;
+            }
+            match &j.assignment {
+                Some(a) if a.deadline_ms > now => {
+                    j.detail = "resuming training after a restart".into();
+                    fx.push(MinerEffect::Event(format!(
+                        "job {id}: resuming training after a restart"
+                    )));
+                    fx.push(MinerEffect::Train {
+                        assignment: a.clone(),
+                        reply_to: j.offer.reply_to.clone(),
+                    });
+                }
+                _ => {
+                    j.phase = MinerPhase::Failed;
+                    j.detail =
+                        "the miner restarted while training and the deadline has passed".into();
+                    fx.push(MinerEffect::Event(format!(
+                        "job {id}: deadline passed during a restart"
+                    )));
+                }
+            }
+            fx.push(MinerEffect::Persist(Box::new(j.clone())));
+        }
+        fx
+    }
+
     /// Jobs that hold a slot (accepted, training or committing).
     pub fn running(&self) -> u32 {
         self.jobs.values().filter(|j| held(&j.phase)).count() as u32

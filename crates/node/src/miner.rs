@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
-use tunenet_engine::{MinerEffect, MinerEngine, MinerInput, MinerJob, MinerPhase};
+use tunenet_engine::{MinerEffect, MinerEngine, MinerInput, MinerJob};
 use tunenet_proto::v1;
 use tunenet_rpc::{MinerBackend, Status, ValidatorClient};
 use tunenet_store::{BlobStore, Store, StoreExt, trees};
@@ -322,17 +322,11 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
         ),
         None => None,
     };
-    let mut stored: Vec<MinerJob> = store
+    let stored: Vec<MinerJob> = store
         .scan_json::<MinerJob>(trees::MINER_JOBS, "")?
         .into_iter()
         .map(|(_, j)| j)
         .collect();
-    let mut interrupted = Vec::new();
-    for j in &mut stored {
-        if j.phase == MinerPhase::Training {
-            interrupted.push(j.offer.job_id.clone());
-        }
-    }
     let me: PeerIdStr = identity.peer_id();
     let mut engine = MinerEngine::new(identity, cfg.policy.clone(), stored);
     let (tx, mut rx) = mpsc::channel::<Cmd>(1024);
@@ -346,17 +340,9 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
         models: cfg.data_dir.join("models"),
     };
     let mut rng = rand::rngs::StdRng::from_os_rng();
-    for job_id in interrupted {
-        let fx = engine.handle(
-            MinerInput::Trained {
-                job_id,
-                result: Err("the miner restarted while training".into()),
-            },
-            now_ms(),
-            &mut rng,
-        );
-        ctx.execute(fx);
-    }
+    // Training cut short by a restart picks up from its checkpoint in work/<job>.
+    let fx = engine.resume(now_ms());
+    ctx.execute(fx);
 
     let shared = Arc::new(Shared { tx: tx.clone() });
     let (stop_tx, stop_rx) = oneshot::channel::<()>();

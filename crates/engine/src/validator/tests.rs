@@ -676,3 +676,35 @@ fn runs_that_point_the_same_way_but_differ_in_size_are_not_near_duplicates() {
         assert!(s.penalty_reason.is_none() && s.verdicts.is_empty(), "{s:?}");
     }
 }
+
+#[test]
+fn a_restarted_miner_resumes_training_before_the_deadline_only() {
+    let mut w = World::new(1, 1);
+    w.tick();
+    let m = &w.miners[0].1;
+    let job = m.job(&job0()).unwrap().clone();
+    assert_eq!(job.phase, crate::MinerPhase::Training);
+    let deadline = job.assignment.as_ref().unwrap().deadline_ms;
+    // Restart before the deadline: training is handed out again.
+    let mut again = MinerEngine::new(
+        Identity::generate(),
+        MinerPolicy::default(),
+        vec![job.clone()],
+    );
+    let fx = again.resume(deadline - 1);
+    assert!(
+        fx.iter().any(|e| matches!(e, MinerEffect::Train { .. })),
+        "{fx:?}"
+    );
+    // Restart after it: the job fails with the reason.
+    let mut late = MinerEngine::new(Identity::generate(), MinerPolicy::default(), vec![job]);
+    let fx = late.resume(deadline + 1);
+    assert!(!fx.iter().any(|e| matches!(e, MinerEffect::Train { .. })));
+    assert_eq!(late.job(&job0()).unwrap().phase, crate::MinerPhase::Failed);
+    assert!(
+        late.job(&job0())
+            .unwrap()
+            .detail
+            .contains("deadline has passed")
+    );
+}
