@@ -572,3 +572,97 @@ fn a_miner_on_p2p_is_listed_with_its_signed_advert() {
     let bad = run(&["peers", "--bootstrap", "not-an-addr"]);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not a multiaddr"));
 }
+
+#[test]
+fn a_miner_killed_while_training_resumes_and_is_scored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let model = root.join("model");
+    tunenet_ml::init_tiny(&model, 5).unwrap();
+    let data = root.join("data.jsonl");
+    std::fs::write(
+        &data,
+        tunenet_ml::to_jsonl(&tunenet_ml::demo_dataset(300, 9)),
+    )
+    .unwrap();
+    let mport = port();
+    let mconf = root.join("m.toml");
+    std::fs::write(
+        &mconf,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{mport}\"\n[training]\nmax_steps = 100000\nmax_seq_len = 48\ncommit_margin_secs = 1.0\n",
+            root.join("m")
+        ),
+    )
+    .unwrap();
+    let vport = port();
+    let vconf = root.join("v.toml");
+    std::fs::write(
+        &vconf,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [\"http://127.0.0.1:{mport}\"]\n[[competitions]]\nid = \"k\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 1\nminers_per_job = 1\ntime_budget_secs = 16\nreveal_window_secs = 20\neval_max_seq_len = 48\n",
+            root.join("v")
+        ),
+    )
+    .unwrap();
+    let mut miner = Daemon::start(
+        &["miner", "--config", mconf.to_str().unwrap()],
+        &root.join("m1.log"),
+    );
+    let validator = Daemon::start(
+        &["validator", "--config", vconf.to_str().unwrap()],
+        &root.join("v.log"),
+    );
+    let t0 = Instant::now();
+    while !miner.log().contains("training job_id=k-0") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(40),
+            "miner never trained:\n{}\n{}",
+            miner.log(),
+            validator.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    miner.child.kill().unwrap();
+    miner.child.wait().unwrap();
+    drop(miner);
+    let miner2 = Daemon::start(
+        &["miner", "--config", mconf.to_str().unwrap()],
+        &root.join("m2.log"),
+    );
+    let vurl = format!("http://127.0.0.1:{vport}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let lb = loop {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "not scored:\n{}\n{}",
+            miner2.log(),
+            validator.log()
+        );
+        let lb = rt.block_on(async {
+            ValidatorClient::connect(&vurl)
+                .await
+                .ok()?
+                .leaderboard("k")
+                .await
+                .ok()
+        });
+        if let Some(lb) = lb
+            && lb.jobs_done == 1
+        {
+            break lb;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(
+        miner2.log().contains("resuming training after a restart"),
+        "{}",
+        miner2.log()
+    );
+    assert_eq!(lb.rows.len(), 1);
+    assert!(
+        lb.rows[0].mean_loss.is_some(),
+        "the resumed job was not scored: {lb:?}\n{}",
+        validator.log()
+    );
+}
