@@ -124,3 +124,6 @@ done
   echo
   echo "CPU: $(nproc --all) cores, ${BENCH_THREADS:-all} threads per side, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'); torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)'), transformers $("$venv/bin/python" -c 'import transformers; print(transformers.__version__)'); $(date -u +%Y-%m-%d)"
 } | tee "${BENCH_OUT:-/dev/null}"
+
+# The PEFT-layout adapter must load with transformers + PEFT and match tunenet's merge.
+bash "$(dirname "$0")/check-peft.sh"
