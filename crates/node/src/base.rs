@@ -59,6 +59,35 @@ pub async fn open(
     })
 }
 
+/// A running gRPC server; [`Server::stop`] lets in-flight calls finish (up to 5 s).
+pub struct Server {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Server {
+    /// Serves `router` on `listener` until stopped.
+    pub fn spawn(
+        router: tonic::transport::server::Router,
+        listener: tokio::net::TcpListener,
+    ) -> Server {
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(router.serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
+        Server { stop, task }
+    }
+
+    /// Stops accepting calls and waits briefly for those in flight.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.task).await;
+    }
+}
+
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     #[cfg(unix)]

@@ -101,6 +101,20 @@ impl Console {
         Ok(rec)
     }
 
+    /// After a registry change: every engine sees the new miner list and bans.
+    async fn miners_changed(
+        &self,
+        rec: registry::MinerRecord,
+    ) -> Result<Response<pb::MinerRecord>, Status> {
+        self.shared
+            .with(|v: &mut Validator| {
+                v.refresh_miners();
+                Ok(())
+            })
+            .await?;
+        Ok(Response::new(miner_pb(rec)))
+    }
+
     fn audit(&self, who: &TokenRecord, action: &str, detail: &str) {
         auth::audit(self.shared.store.as_ref(), who, action, detail);
     }
@@ -326,13 +340,7 @@ impl ConsoleService for Console {
             "miner.register",
             &format!("{} owner {}", r.peer_id, r.owner),
         );
-        self.shared
-            .with(|v: &mut Validator| {
-                v.refresh_miners();
-                Ok(())
-            })
-            .await?;
-        Ok(Response::new(miner_pb(rec)))
+        self.miners_changed(rec).await
     }
 
     async fn ban_miner(
@@ -351,13 +359,7 @@ impl ConsoleService for Console {
         .map_err(internal)?
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.audit(&who, "miner.ban", &format!("{}: {}", r.peer_id, r.reason));
-        self.shared
-            .with(|v: &mut Validator| {
-                v.refresh_miners();
-                Ok(())
-            })
-            .await?;
-        Ok(Response::new(miner_pb(rec)))
+        self.miners_changed(rec).await
     }
 
     async fn unban_miner(
@@ -370,13 +372,7 @@ impl ConsoleService for Console {
             .map_err(internal)?
             .map_err(|e| Status::not_found(e.to_string()))?;
         self.audit(&who, "miner.unban", &r.peer_id);
-        self.shared
-            .with(|v: &mut Validator| {
-                v.refresh_miners();
-                Ok(())
-            })
-            .await?;
-        Ok(Response::new(miner_pb(rec)))
+        self.miners_changed(rec).await
     }
 
     async fn list_miners(

@@ -345,16 +345,9 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
     ctx.execute(fx);
 
     let shared = Arc::new(Shared { tx: tx.clone() });
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(tunenet_rpc::miner_server(shared))
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async {
-                    let _ = stop_rx.await;
-                },
-            ),
+    let server = crate::base::Server::spawn(
+        tonic::transport::Server::builder().add_service(tunenet_rpc::miner_server(shared)),
+        listener,
     );
     tracing::info!(peer = %me, listen = %cfg.listen, "miner started");
     let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -413,8 +406,7 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
         }
     }
     store.flush()?;
-    let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    server.stop().await;
     Ok(())
 }
 

@@ -840,7 +840,6 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
         events,
         reply_to: reply_to.clone(),
     });
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let mut builder = tonic::transport::Server::builder();
     match (&cfg.tls_cert, &cfg.tls_key) {
         (Some(cert), Some(key)) => {
@@ -865,16 +864,11 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
             ));
         }
     }
-    let server = tokio::spawn(
+    let server = crate::base::Server::spawn(
         builder
             .add_service(tunenet_rpc::validator_server(shared.clone()))
-            .add_service(crate::console::server(shared.clone()))
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async {
-                    let _ = stop_rx.await;
-                },
-            ),
+            .add_service(crate::console::server(shared.clone())),
+        listener,
     );
     tracing::info!(peer = %identity.peer_id(), listen = %cfg.listen, competitions = records.len(), "validator started");
 
@@ -920,8 +914,7 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
         }
     }
     store.flush()?;
-    let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    server.stop().await;
     Ok(())
 }
 
