@@ -16,6 +16,7 @@ pub mod presence;
 pub mod redteam;
 pub mod registry;
 pub mod snapshot;
+pub mod transport;
 pub mod validator;
 
 pub use error::NodeError;

@@ -4,7 +4,8 @@
 
 use crate::config::{MinerConfig, TrainingConfig};
 use crate::error::NodeError;
-use crate::{fetch, models};
+use crate::models;
+use crate::transport::{MinerP2p, SendError, Transport};
 use rand::SeedableRng;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tunenet_engine::{MinerEffect, MinerEngine, MinerInput, MinerJob};
 use tunenet_proto::v1;
-use tunenet_rpc::{MinerBackend, Status, ValidatorClient};
+use tunenet_rpc::{MinerBackend, Status};
 use tunenet_store::{BlobStore, Store, StoreExt, trees};
 use tunenet_types::{
     Assignment, BlobId, DecisionReply, HparamBounds, Offer, PeerIdStr, time::now_ms,
@@ -93,6 +94,7 @@ pub fn train_config(t: &TrainingConfig, b: &HparamBounds) -> tunenet_ml::TrainCo
 struct Ctx {
     store: Arc<dyn Store>,
     blobs: BlobStore,
+    transport: Transport,
     tx: mpsc::Sender<Cmd>,
     training: TrainingConfig,
     device: tunenet_ml::Device,
@@ -112,17 +114,13 @@ impl Ctx {
                     reply_to,
                     commitment,
                 } => {
-                    let tx = self.tx.clone();
+                    let (tx, transport) = (self.tx.clone(), self.transport.clone());
                     tokio::spawn(async move {
                         let job_id = commitment.job_id.clone();
                         let result = retrying("commit", &job_id, || {
                             let (reply_to, commitment) = (reply_to.clone(), commitment.clone());
-                            async move {
-                                ValidatorClient::connect(&reply_to)
-                                    .await?
-                                    .commit(commitment)
-                                    .await
-                            }
+                            let transport = transport.clone();
+                            async move { transport.commit(&reply_to, commitment).await }
                         })
                         .await
                         .map_err(|e| e.to_string());
@@ -132,22 +130,16 @@ impl Ctx {
                     });
                 }
                 MinerEffect::Upload { reply_to, header } => {
-                    let tx = self.tx.clone();
-                    let path = self.blobs.path(&header.artifact);
+                    let (tx, transport) = (self.tx.clone(), self.transport.clone());
+                    let blobs = self.blobs.clone();
                     tokio::spawn(async move {
                         let job_id = header.job_id.clone();
                         let result = retrying("upload", &job_id, || {
-                            let (reply_to, header, path) =
-                                (reply_to.clone(), header.clone(), path.clone());
-                            async move {
-                                ValidatorClient::connect(&reply_to)
-                                    .await?
-                                    .upload(header, &path)
-                                    .await
-                            }
+                            let (reply_to, header) = (reply_to.clone(), header.clone());
+                            let (transport, blobs) = (transport.clone(), blobs.clone());
+                            async move { transport.reveal(&reply_to, header, &blobs).await }
                         })
                         .await
-                        .map(|_| ())
                         .map_err(|e| e.to_string());
                         let _ = tx
                             .send(Cmd::Input(MinerInput::UploadAnswered { job_id, result }))
@@ -170,6 +162,7 @@ impl Ctx {
     fn spawn_training(&self, a: Assignment, reply_to: String) {
         let tx = self.tx.clone();
         let blobs = self.blobs.clone();
+        let transport = self.transport.clone();
         let cfg = train_config(&self.training, &a.hparams);
         let margin = Duration::from_secs_f64(self.training.commit_margin_secs.max(0.0));
         let device = self.device.clone();
@@ -178,13 +171,13 @@ impl Ctx {
         tokio::spawn(async move {
             let job_id = a.job_id.clone();
             let result = async {
-                let manifest_size = fetch::fetch_blob(&blobs, &reply_to, a.base_model, MAX_MANIFEST).await?;
+                let manifest_size = transport.fetch_blob(&blobs, &reply_to, a.base_model, MAX_MANIFEST).await?;
                 let manifest = tunenet_types::ModelManifest::parse(&blobs.get(&a.base_model)?)
                     .map_err(|e| NodeError::Other(e.to_string()))?;
                 for f in &manifest.files {
-                    fetch::fetch_blob(&blobs, &reply_to, f.blob, f.size.min(MAX_MODEL_FILE)).await?;
+                    transport.fetch_blob(&blobs, &reply_to, f.blob, f.size.min(MAX_MODEL_FILE)).await?;
                 }
-                fetch::fetch_blob(&blobs, &reply_to, a.train_shard, MAX_SHARD).await?;
+                transport.fetch_blob(&blobs, &reply_to, a.train_shard, MAX_SHARD).await?;
                 tracing::info!(job_id = %a.job_id, model_bytes = manifest.total_size() + manifest_size, "fetched model and shard");
                 let model_dir = models::materialise(&blobs, &a.base_model, &manifest, &models_root)?;
                 let shard = tunenet_ml::parse_jsonl(&blobs.get(&a.train_shard)?)?;
@@ -259,10 +252,10 @@ async fn retrying<T, F, Fut>(
     what: &str,
     job_id: &tunenet_types::JobId,
     mut f: F,
-) -> Result<T, tunenet_rpc::RpcError>
+) -> Result<T, SendError>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, tunenet_rpc::RpcError>>,
+    Fut: std::future::Future<Output = Result<T, SendError>>,
 {
     let start = Instant::now();
     let mut wait = Duration::from_millis(250);
@@ -270,17 +263,7 @@ where
         match f().await {
             Ok(v) => return Ok(v),
             Err(e) => {
-                let transient = match &e {
-                    tunenet_rpc::RpcError::Connect { .. } => true,
-                    tunenet_rpc::RpcError::Refused { code, .. } => {
-                        matches!(
-                            code,
-                            tunenet_rpc::Code::Unavailable | tunenet_rpc::Code::Unknown
-                        )
-                    }
-                    _ => false,
-                };
-                if !transient || start.elapsed() + wait > RETRY_FOR {
+                if !e.is_transient() || start.elapsed() + wait > RETRY_FOR {
                     return Err(e);
                 }
                 tracing::warn!(%job_id, error = %e, "{what} failed; retrying in {} ms", wait.as_millis());
@@ -309,7 +292,15 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
     if let Some(addr) = &cfg.metrics_listen {
         crate::metrics::install(addr)?;
     }
-    let _p2p = match &cfg.p2p {
+    let stored: Vec<MinerJob> = store
+        .scan_json::<MinerJob>(trees::MINER_JOBS, "")?
+        .into_iter()
+        .map(|(_, j)| j)
+        .collect();
+    let me: PeerIdStr = identity.peer_id();
+    let (tx, mut rx) = mpsc::channel::<Cmd>(1024);
+    let shared = Arc::new(Shared { tx: tx.clone() });
+    let p2p = match &cfg.p2p {
         Some(p) => Some(
             crate::presence::join(
                 &identity,
@@ -317,22 +308,17 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
                 blobs.clone(),
                 &cfg.device,
                 Some(&cfg.policy),
+                |_| Arc::new(MinerP2p(shared.clone())),
             )
             .await?,
         ),
         None => None,
     };
-    let stored: Vec<MinerJob> = store
-        .scan_json::<MinerJob>(trees::MINER_JOBS, "")?
-        .into_iter()
-        .map(|(_, j)| j)
-        .collect();
-    let me: PeerIdStr = identity.peer_id();
     let mut engine = MinerEngine::new(identity, cfg.policy.clone(), stored);
-    let (tx, mut rx) = mpsc::channel::<Cmd>(1024);
     let ctx = Ctx {
         store: store.clone(),
         blobs,
+        transport: Transport::new(p2p),
         tx: tx.clone(),
         training: cfg.training.clone(),
         device,
@@ -344,7 +330,6 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
     let fx = engine.resume(now_ms());
     ctx.execute(fx);
 
-    let shared = Arc::new(Shared { tx: tx.clone() });
     let server = crate::base::Server::spawn(
         tonic::transport::Server::builder().add_service(tunenet_rpc::miner_server(shared)),
         listener,

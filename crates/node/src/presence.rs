@@ -1,24 +1,27 @@
-//! A daemon's presence on the libp2p network: it joins (mDNS, Kademlia bootstrap), and a
-//! miner gossips its signed advert. Jobs still travel over gRPC: job requests that arrive
-//! over libp2p are answered with a refusal that says so, until the daemons carry jobs
-//! over both transports.
+//! A daemon's presence on the libp2p network: it joins (mDNS, Kademlia bootstrap), a miner
+//! gossips its signed advert, a validator announces its competitions; job requests that
+//! arrive over libp2p are answered by the daemon's handler (`transport::serve`).
 
 use crate::error::NodeError;
+use crate::transport::{P2pHandler, serve};
+use std::sync::Arc;
 use tunenet_engine::MinerPolicy;
-use tunenet_p2p::{Event, JobResponse, MinerAdvert, P2pConfig};
+use tunenet_p2p::{MinerAdvert, P2pConfig};
 use tunenet_store::BlobStore;
 use tunenet_types::{Identity, JobKind};
 
-/// Joins the network; for a miner (`policy` given), publishes its advert. Returns the
-/// client, whose event loop and event pump run on the runtime until the daemon stops.
+/// Joins the network and answers job requests with the handler `make_handler` builds
+/// (given the client); for a miner (`policy` given), publishes its advert. Returns the client; its event loop and event pump run on
+/// the runtime until the daemon stops.
 pub async fn join(
     identity: &Identity,
     config: P2pConfig,
     blobs: BlobStore,
     hardware: &str,
     policy: Option<&MinerPolicy>,
+    make_handler: impl FnOnce(tunenet_p2p::Client) -> Arc<dyn P2pHandler>,
 ) -> Result<tunenet_p2p::Client, NodeError> {
-    let (client, mut events, event_loop) = tunenet_p2p::new(identity.keypair(), config, blobs)
+    let (client, events, event_loop) = tunenet_p2p::new(identity.keypair(), config, blobs)
         .map_err(|e| NodeError::Other(format!("`p2p`: {e}")))?;
     tokio::spawn(event_loop.run());
     let addrs = client
@@ -29,28 +32,7 @@ pub async fn join(
     for a in &addrs {
         tracing::info!(addr = %format!("{a}/p2p/{me}"), "p2p listening");
     }
-    let responder = client.clone();
-    tokio::spawn(async move {
-        while let Some(e) = events.recv().await {
-            match e {
-                Event::JobRequest { peer, channel, .. } => {
-                    let why = "this node takes jobs over gRPC only for now; use its gRPC endpoint"
-                        .to_string();
-                    if let Err(err) = responder.respond(channel, JobResponse::Refused(why)).await {
-                        tracing::debug!(%peer, error = %err, "could not answer a p2p job request");
-                    }
-                }
-                Event::GossipRejected {
-                    peer,
-                    topic,
-                    reason,
-                } => {
-                    tracing::warn!(%peer, %topic, %reason, "rejected gossip");
-                }
-                other => tracing::debug!(event = ?other, "p2p"),
-            }
-        }
-    });
+    serve(client.clone(), events, make_handler(client.clone()));
     if let Some(p) = policy {
         let advert = MinerAdvert {
             peer_id: me.to_base58(),

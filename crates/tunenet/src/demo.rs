@@ -24,6 +24,11 @@ pub struct DemoArgs {
     /// scripts/fetch-smollm2.sh fetches), or a model directory in Hugging Face layout.
     #[arg(long, default_value = "tiny")]
     model: String,
+    /// How jobs, blobs and artifacts travel: `grpc` (the validator lists its miners'
+    /// endpoints) or `p2p` (libp2p alone: miners join through the validator's address,
+    /// the validator finds them by their adverts, blobs move between peers).
+    #[arg(long, default_value = "grpc", value_parser = ["grpc", "p2p"])]
+    transport: String,
 }
 
 /// Finds the SmolLM2 GGUF: `TUNENET_SMOLLM2_GGUF`, or the fetch script's cache.
@@ -181,6 +186,30 @@ pub fn run(a: DemoArgs) -> Result<()> {
         cfg.param_count()
     );
     let vport = free_port()?;
+    let vdir = root.join("validator");
+    std::fs::create_dir_all(&vdir)?;
+    let p2p = a.transport == "p2p";
+    // Over p2p the miners know nothing but the validator's libp2p address.
+    let (validator_p2p, bootstrap) = if p2p {
+        let key = tunenet_node::keys::load_or_create(&vdir.join("data").join("identity.key"))?;
+        let port = free_port()?;
+        let peer = key.peer_id();
+        (
+            format!(
+                "\n[p2p]\nlisten = [\"/ip4/127.0.0.1/tcp/{port}\"]\nmdns = false\nadvert_interval_secs = 2\n"
+            ),
+            format!("/ip4/127.0.0.1/tcp/{port}/p2p/{peer}"),
+        )
+    } else {
+        (String::new(), String::new())
+    };
+    let miner_p2p = if p2p {
+        format!(
+            "\n[p2p]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nbootstrap = [{bootstrap:?}]\nmdns = false\nadvert_interval_secs = 2\n"
+        )
+    } else {
+        String::new()
+    };
     let mut miner_urls = Vec::new();
     let mut daemons = Daemons {
         children: Vec::new(),
@@ -204,7 +233,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         std::fs::write(
             &conf,
             format!(
-                "data_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\n\n[policy]\nmax_concurrent_jobs = 1\n\n[training]\n{training}batch_size = {batch}\nmax_seq_len = {seq}\ncommit_margin_secs = {margin}\n",
+                "data_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\n\n[policy]\nmax_concurrent_jobs = 1\n\n[training]\n{training}batch_size = {batch}\nmax_seq_len = {seq}\ncommit_margin_secs = {margin}\n{miner_p2p}",
                 dir.join("data")
             ),
         )?;
@@ -218,14 +247,16 @@ pub fn run(a: DemoArgs) -> Result<()> {
         daemons.children.push((name.to_string(), child, log));
         miner_urls.push((name, format!("http://127.0.0.1:{port}")));
     }
-    let vdir = root.join("validator");
-    std::fs::create_dir_all(&vdir)?;
     let vconf = vdir.join("validator.toml");
-    let miners: Vec<String> = miner_urls.iter().map(|(_, u)| format!("{u:?}")).collect();
+    let miners: Vec<String> = if p2p {
+        vec![]
+    } else {
+        miner_urls.iter().map(|(_, u)| format!("{u:?}")).collect()
+    };
     std::fs::write(
         &vconf,
         format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n\n[[competitions]]\nid = \"demo\"\nbase_model = {:?}\ndataset = {:?}\njobs = {}\nminers_per_job = 3\ntime_budget_secs = {}\ntest_fraction = {test_fraction}\nseed = 1\nreveal_window_secs = {reveal}\noffer_timeout_secs = 10\neval_max_seq_len = {seq}\nmax_artifact_mb = 4096\n",
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n\n[[competitions]]\nid = \"demo\"\nbase_model = {:?}\ndataset = {:?}\njobs = {}\nminers_per_job = 3\nmin_miners = 3\ntime_budget_secs = {}\ntest_fraction = {test_fraction}\nseed = 1\nreveal_window_secs = {reveal}\noffer_timeout_secs = 10\neval_max_seq_len = {seq}\nmax_artifact_mb = 4096\n{validator_p2p}",
             vdir.join("data"),
             miners.join(", "),
             model,
@@ -245,7 +276,12 @@ pub fn run(a: DemoArgs) -> Result<()> {
         None,
     )?;
     daemons.children.push(("validator".into(), child, vlog));
-    println!("  validator on 127.0.0.1:{vport}; miners:");
+    if p2p {
+        println!(
+            "  over libp2p: the miners join through {bootstrap} and the validator finds them by their adverts"
+        );
+    }
+    println!("  validator on 127.0.0.1:{vport}; miners (status endpoints):");
     for (name, url) in &miner_urls {
         println!("    {name:<14} {url}");
     }
