@@ -666,3 +666,268 @@ fn a_miner_killed_while_training_resumes_and_is_scored() {
         validator.log()
     );
 }
+
+/// A validator's p2p settings for the network test: loopback, no mDNS, quick adverts.
+fn p2p_section(listen: &str, bootstrap: Option<&str>) -> String {
+    format!(
+        "\n[p2p]\nlisten = [{listen:?}]\nmdns = false\nadvert_interval_secs = 2\nbootstrap = [{}]\n",
+        bootstrap.map(|b| format!("{b:?}")).unwrap_or_default()
+    )
+}
+
+/// Two validators and four miners, each its own process, meet through nothing but one
+/// bootstrap address: the validators find the miners by their adverts, and jobs, blobs
+/// and artifacts travel over libp2p. A rogue peer on the same network sends garbage
+/// gossip, malformed and forged job requests, and serves a corrupt copy of the base model;
+/// it is refused or ignored and both competitions finish with every miner scored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_validators_and_four_miners_work_over_p2p_despite_a_rogue_peer() {
+    use tunenet_p2p::{ADVERT_TOPIC, Event, JobRequest, JobResponse, P2pConfig, P2pError};
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let model = root.join("model");
+    tunenet_ml::init_tiny(&model, 5).unwrap();
+    let data = root.join("data.jsonl");
+    std::fs::write(
+        &data,
+        tunenet_ml::to_jsonl(&tunenet_ml::demo_dataset(300, 9)),
+    )
+    .unwrap();
+
+    // Validator A is the bootstrap peer: its key (hence peer id) and p2p port are fixed.
+    let a_key = tunenet_node::keys::load_or_create(&root.join("va/identity.key")).unwrap();
+    let a_p2p = port();
+    let bootstrap = format!("/ip4/127.0.0.1/tcp/{a_p2p}/p2p/{}", a_key.peer_id());
+    let comp = |id: &str| {
+        format!(
+            "[[competitions]]\nid = \"{id}\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 1\nminers_per_job = 2\nmin_miners = 4\ntime_budget_secs = 8\nreveal_window_secs = 30\noffer_timeout_secs = 10\neval_max_seq_len = 48\n"
+        )
+    };
+    let mut validators = Vec::new();
+    for (name, id, listen, boot) in [
+        ("va", "alpha", format!("/ip4/127.0.0.1/tcp/{a_p2p}"), None),
+        (
+            "vb",
+            "beta",
+            "/ip4/127.0.0.1/tcp/0".to_string(),
+            Some(bootstrap.as_str()),
+        ),
+    ] {
+        let grpc = port();
+        let conf = root.join(format!("{name}.toml"));
+        std::fs::write(
+            &conf,
+            format!(
+                "data_dir = {:?}\nlisten = \"127.0.0.1:{grpc}\"\n{}{}",
+                root.join(name),
+                comp(id),
+                p2p_section(&listen, boot)
+            ),
+        )
+        .unwrap();
+        let d = Daemon::start(
+            &["validator", "--config", conf.to_str().unwrap()],
+            &root.join(format!("{name}.log")),
+        );
+        validators.push((d, id, format!("http://127.0.0.1:{grpc}")));
+        if name == "va" {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    // The rogue joins first and poisons what it can before the miners arrive.
+    let rogue_dir = tempfile::tempdir().unwrap();
+    let rogue_blobs = tunenet_store::BlobStore::open(rogue_dir.path()).unwrap();
+    let mut cfg = P2pConfig::loopback();
+    cfg.bootstrap = vec![bootstrap.parse().unwrap()];
+    let rogue_key = tunenet_types::Identity::generate();
+    let (rogue, mut events, event_loop) =
+        tunenet_p2p::new(rogue_key.keypair(), cfg, rogue_blobs.clone()).unwrap();
+    tokio::spawn(event_loop.run());
+    let a_peer: tunenet_p2p::PeerId = a_key.peer_id().0.parse().unwrap();
+    // Garbage, unsigned and oversized adverts (publishing fails until the mesh forms).
+    let unsigned = tunenet_p2p::MinerAdvert {
+        peer_id: rogue.local_peer_id().to_base58(),
+        hardware: "8x H100".into(),
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rogue
+        .publish_raw(ADVERT_TOPIC, b"not protobuf at all".to_vec())
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "the rogue never joined the mesh");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    use prost::Message;
+    let _ = rogue
+        .publish_raw(ADVERT_TOPIC, unsigned.encode_to_vec())
+        .await;
+    let _ = rogue.publish_raw(ADVERT_TOPIC, vec![7u8; 900_000]).await;
+    // Malformed and forged job requests to the validator.
+    let refused = |r: Result<JobResponse, P2pError>| match r {
+        Err(P2pError::Refused { reason, .. }) => reason,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let forged = tunenet_proto::v1::Commitment {
+        job_id: "alpha-0".into(),
+        miner: rogue.local_peer_id().to_base58(),
+        commit: vec![1; 32],
+        signature: vec![2; 64],
+        ..Default::default()
+    };
+    let why = refused(
+        rogue
+            .request(a_peer, JobRequest::Commitment(forged.clone()))
+            .await,
+    );
+    assert!(!why.is_empty());
+    let mut impostor = forged;
+    impostor.miner = a_key.peer_id().0.clone();
+    let why = refused(rogue.request(a_peer, JobRequest::Commitment(impostor)).await);
+    assert!(why.contains("came from"), "{why}");
+    let why = refused(
+        rogue
+            .request(
+                a_peer,
+                JobRequest::Reveal(tunenet_proto::v1::UploadHeader::default()),
+            )
+            .await,
+    );
+    assert!(why.contains("reveal"), "{why}");
+    // A corrupt copy of alpha's base model, announced as a provider.
+    let base_model = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(e) = events.recv().await {
+            if let Event::Competition { announcement, .. } = e
+                && announcement.competition_id == "alpha"
+            {
+                return tunenet_types::BlobId::from_slice(&announcement.base_model).ok();
+            }
+        }
+        None
+    })
+    .await
+    .expect("no competition announcement reached the rogue")
+    .expect("announcement without a base model id");
+    rogue.fetch_blob(base_model, 1 << 20).await.unwrap();
+    let manifest =
+        tunenet_types::ModelManifest::parse(&rogue_blobs.get(&base_model).unwrap()).unwrap();
+    for f in &manifest.files {
+        rogue.fetch_blob(f.blob, 64 << 20).await.unwrap();
+        rogue.provide(f.blob).await.unwrap();
+        let len = rogue_blobs.size(&f.blob).unwrap() as usize;
+        std::fs::write(rogue_blobs.path(&f.blob), vec![0x5a; len]).unwrap();
+    }
+
+    let mut miners = Vec::new();
+    for i in 0..4 {
+        let dir = root.join(format!("m{i}"));
+        let key = tunenet_node::keys::load_or_create(&dir.join("identity.key")).unwrap();
+        let conf = root.join(format!("m{i}.toml"));
+        std::fs::write(
+            &conf,
+            format!(
+                "data_dir = {dir:?}\nlisten = \"127.0.0.1:{}\"\n[policy]\nmax_concurrent_jobs = 2\n[training]\nmax_steps = 40\nmax_seq_len = 48\nseed = {i}\ncommit_margin_secs = 1.0\n{}",
+                port(),
+                p2p_section("/ip4/127.0.0.1/tcp/0", Some(&bootstrap))
+            ),
+        )
+        .unwrap();
+        miners.push((
+            Daemon::start(
+                &["miner", "--config", conf.to_str().unwrap()],
+                &root.join(format!("m{i}.log")),
+            ),
+            key,
+        ));
+    }
+    // Forged offers and assignments to a miner are refused with the reason.
+    let m0: tunenet_p2p::PeerId = miners[0].1.peer_id().0.parse().unwrap();
+    let mut offer = tunenet_proto::v1::Offer {
+        job_id: "alpha-9".into(),
+        competition_id: "alpha".into(),
+        validator: a_key.peer_id().0.clone(),
+        base_model: base_model.0.to_vec(),
+        time_budget_ms: 10_000,
+        reply_to: "http://127.0.0.1:1".into(),
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let why = loop {
+        match rogue.request(m0, JobRequest::Offer(offer.clone())).await {
+            Err(P2pError::Refused { reason, .. }) => break reason,
+            other => {
+                assert!(Instant::now() < deadline, "miner unreachable: {other:?}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    assert!(why.contains("bad offer"), "{why}");
+    offer.kind = tunenet_proto::v1::JobKind::FineTune as i32;
+    let why = refused(rogue.request(m0, JobRequest::Offer(offer)).await);
+    assert!(why.contains("came from"), "{why}");
+    let why = refused(
+        rogue
+            .request(
+                m0,
+                JobRequest::Assignment(tunenet_proto::v1::Assignment {
+                    job_id: "alpha-0".into(),
+                    validator: rogue.local_peer_id().to_base58(),
+                    nonce: vec![0; 32],
+                    ..Default::default()
+                }),
+            )
+            .await,
+    );
+    assert!(!why.is_empty());
+
+    // Both competitions finish, every assigned miner scored, none penalised.
+    let limit = Instant::now() + Duration::from_secs(400);
+    for (d, id, url) in &validators {
+        let lb = loop {
+            assert!(
+                Instant::now() < limit,
+                "competition {id} did not finish; log:\n{}",
+                d.log()
+            );
+            let lb = async {
+                ValidatorClient::connect(url)
+                    .await
+                    .ok()?
+                    .leaderboard(id)
+                    .await
+                    .ok()
+            }
+            .await;
+            if let Some(lb) = lb
+                && lb.jobs_total > 0
+                && lb.jobs_done == lb.jobs_total
+            {
+                break lb;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
+        assert_eq!(lb.rows.len(), 2, "{id}: {lb:?}\n{}", d.log());
+        assert!(
+            lb.rows.iter().all(|r| r.mean_loss.is_some()),
+            "{id}: {lb:?}"
+        );
+        let log = d.log();
+        assert!(log.contains("found a miner by its advert"), "{log}");
+    }
+    let a_log = validators[0].0.log();
+    assert!(a_log.contains("rejected gossip"), "{a_log}");
+    for (d, _) in &miners {
+        let log = d.log();
+        assert!(!log.contains("panicked"), "{log}");
+    }
+    // Every job message went over libp2p: no miner has a gRPC endpoint in any validator's
+    // config, and each miner fetched the model (not always from the rogue, but never its
+    // corrupt bytes: training ran on the verified base).
+    let fetched = miners
+        .iter()
+        .filter(|(d, _)| d.log().contains("fetched model and shard"))
+        .count();
+    assert!(fetched >= 2, "only {fetched} miners fetched a model");
+}
