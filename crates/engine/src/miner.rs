@@ -220,12 +220,15 @@ pub enum MinerInput {
 /// What the runtime must do.
 #[derive(Clone, Debug, PartialEq)]
 pub enum MinerEffect {
-    /// Fetch the assignment's blobs and train; answer with `Progress` and `Trained`.
+    /// Fetch the assignment's blobs and train (or, for an inference job, score the shard);
+    /// answer with `Progress` and `Trained`.
     Train {
         /// The assignment.
         assignment: Assignment,
         /// Where the validator is.
         reply_to: String,
+        /// An inference job's terms; None for fine-tuning.
+        inference: Option<tunenet_types::InferenceTerms>,
     },
     /// Send a commitment; answer with `CommitAnswered`.
     SendCommit {
@@ -307,6 +310,7 @@ impl MinerEngine {
                     fx.push(MinerEffect::Train {
                         assignment: a.clone(),
                         reply_to: j.offer.reply_to.clone(),
+                        inference: j.offer.inference.clone(),
                     });
                 }
                 _ => {
@@ -442,6 +446,7 @@ impl MinerEngine {
             MinerEffect::Train {
                 assignment: a,
                 reply_to: job.offer.reply_to.clone(),
+                inference: job.offer.inference.clone(),
             },
         ])
     }

@@ -114,6 +114,10 @@ impl From<t::Offer> for v1::Offer {
             hardware: o.hardware,
             reply_to: o.reply_to,
             model_config: o.model_config,
+            inference: o.inference.map(|t| v1::InferenceTerms {
+                accuracy_tolerance: t.accuracy_tolerance,
+                allow_quantized: t.allow_quantized,
+            }),
         }
     }
 }
@@ -146,6 +150,19 @@ impl TryFrom<v1::Offer> for t::Offer {
             hardware: o.hardware,
             reply_to: o.reply_to,
             model_config: o.model_config,
+            inference: match o.inference {
+                Some(t) if !(0.0..=1.0).contains(&t.accuracy_tolerance) => {
+                    return Err(field(
+                        "inference.accuracy_tolerance",
+                        "must be between 0 and 1",
+                    ));
+                }
+                Some(t) => Some(t::InferenceTerms {
+                    accuracy_tolerance: t.accuracy_tolerance,
+                    allow_quantized: t.allow_quantized,
+                }),
+                None => None,
+            },
         })
     }
 }

@@ -29,6 +29,11 @@ pub struct DemoArgs {
     /// the validator finds them by their adverts, blobs move between peers).
     #[arg(long, default_value = "grpc", value_parser = ["grpc", "p2p"])]
     transport: String,
+    /// Run an inference competition instead: HellaSwag-layout items scored as fast as
+    /// possible (miners run q8_0, q4_0 and dense weights), timed and checked by the
+    /// validator against its reference model.
+    #[arg(long)]
+    inference: bool,
 }
 
 /// Finds the SmolLM2 GGUF: `TUNENET_SMOLLM2_GGUF`, or the fetch script's cache.
@@ -176,14 +181,28 @@ pub fn run(a: DemoArgs) -> Result<()> {
     };
     let margin = if real { 10.0 } else { 2.0 };
     let dataset = root.join("dataset.jsonl");
-    std::fs::write(
-        &dataset,
-        tunenet_ml::to_jsonl(&tunenet_ml::demo_dataset(records, 11)),
-    )?;
+    if a.inference {
+        let mut bytes = Vec::new();
+        for it in tunenet_ml::hellaswag_demo_items(if real { 200 } else { 400 }, 11) {
+            bytes.extend(serde_json::to_vec(&it)?);
+            bytes.push(b'\n');
+        }
+        std::fs::write(&dataset, bytes)?;
+    } else {
+        std::fs::write(
+            &dataset,
+            tunenet_ml::to_jsonl(&tunenet_ml::demo_dataset(records, 11)),
+        )?;
+    }
     println!(
-        "  base model: {} ({} parameters); dataset: {records} instruction records; {budget} s per job",
+        "  base model: {} ({} parameters); dataset: {}; {budget} s per job",
         model.display(),
-        cfg.param_count()
+        cfg.param_count(),
+        if a.inference {
+            "HellaSwag-layout items, one shard per job (an inference speed competition)".to_string()
+        } else {
+            format!("{records} instruction records")
+        }
     );
     let vport = free_port()?;
     let vdir = root.join("validator");
@@ -219,7 +238,26 @@ pub fn run(a: DemoArgs) -> Result<()> {
         .unwrap_or(2)
         / 2)
     .max(1);
-    for (name, training) in MINERS {
+    for (i, (name, training)) in MINERS.into_iter().enumerate() {
+        // For an inference competition: two quantisations and the dense weights.
+        let inference = if a.inference {
+            format!(
+                "\n[inference]\nquantize = {:?}\n",
+                ["q8_0", "none", "q4_0"][i % 3]
+            )
+        } else {
+            String::new()
+        };
+        let name = if a.inference {
+            ["miner-q8_0", "miner-dense", "miner-q4_0"][i % 3]
+        } else {
+            name
+        };
+        let kinds = if a.inference {
+            "kinds = [\"fine_tune\", \"inference\"]\n"
+        } else {
+            ""
+        };
         // A pretrained model wants a far smaller learning rate for full fine-tuning.
         let training = if real {
             training.replace("learning_rate = 0.002", "learning_rate = 0.00002")
@@ -233,7 +271,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         std::fs::write(
             &conf,
             format!(
-                "data_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\n\n[policy]\nmax_concurrent_jobs = 1\n\n[training]\n{training}batch_size = {batch}\nmax_seq_len = {seq}\ncommit_margin_secs = {margin}\n{miner_p2p}",
+                "data_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\n\n[policy]\nmax_concurrent_jobs = 1\n{kinds}\n[training]\n{training}batch_size = {batch}\nmax_seq_len = {seq}\ncommit_margin_secs = {margin}\n{inference}{miner_p2p}",
                 dir.join("data")
             ),
         )?;
@@ -256,7 +294,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     std::fs::write(
         &vconf,
         format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n\n[[competitions]]\nid = \"demo\"\nbase_model = {:?}\ndataset = {:?}\njobs = {}\nminers_per_job = 3\nmin_miners = 3\ntime_budget_secs = {}\ntest_fraction = {test_fraction}\nseed = 1\nreveal_window_secs = {reveal}\noffer_timeout_secs = 10\neval_max_seq_len = {seq}\nmax_artifact_mb = 4096\n{validator_p2p}",
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n\n[[competitions]]\nid = \"demo\"\nkind = \"{kind}\"\nbase_model = {:?}\ndataset = {:?}\njobs = {}\nminers_per_job = 3\nmin_miners = 3\ntime_budget_secs = {}\ntest_fraction = {test_fraction}\nseed = 1\nreveal_window_secs = {reveal}\noffer_timeout_secs = 10\neval_max_seq_len = {seq}\nmax_artifact_mb = 4096\n{validator_p2p}",
             vdir.join("data"),
             miners.join(", "),
             model,
@@ -264,6 +302,11 @@ pub fn run(a: DemoArgs) -> Result<()> {
             a.jobs,
             budget,
             test_fraction = if real { 0.1 } else { 0.15 },
+            kind = if a.inference {
+                "inference"
+            } else {
+                "fine_tune"
+            },
             reveal = if real { 300 } else { 30 },
             seq = seq,
         ),
@@ -359,19 +402,33 @@ pub fn run(a: DemoArgs) -> Result<()> {
     );
     println!(
         "{:>4}  {:<14} {:<54} {:>10} {:>9} {:>9}",
-        "rank", "miner", "peer id", "test loss", "quality", "standing"
+        "rank",
+        "miner",
+        "peer id",
+        if a.inference { "items/s" } else { "test loss" },
+        "quality",
+        "standing"
     );
     for r in &lb.rows {
+        // An inference result's scored loss is ln(seconds per item), timed by the validator.
+        let figure = r
+            .mean_loss
+            .map(|l| if a.inference { (-l).exp() } else { l });
         println!(
             "{:>4}  {:<14} {:<54} {:>10} {:>9.4} {:>9.4}",
             r.rank,
             names.get(&r.miner.0).copied().unwrap_or("?"),
             r.miner.0,
-            r.mean_loss
+            figure
                 .map(|l| format!("{l:.4}"))
                 .unwrap_or_else(|| "-".into()),
             r.mean_quality,
             r.standing
+        );
+    }
+    if a.inference {
+        println!(
+            "(each submission's checks, acc_norm included, are in the validator's log and the console's job view)"
         );
     }
     drop(daemons);

@@ -9,13 +9,33 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// What a job asks the miner to do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobKind {
     /// Fine-tune the base model on the assigned shard.
+    #[default]
     FineTune,
-    /// Run the model over an evaluation shard (executed from a later release on).
+    /// Run the model over an evaluation shard (HellaSwag layout) as fast as it can.
     Inference,
+}
+
+/// The terms of an inference job, sent with its offer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InferenceTerms {
+    /// Largest drop of `acc_norm` below the validator's reference allowed (absolute).
+    pub accuracy_tolerance: f64,
+    /// Whether quantised weights (GGUF Q8_0, Q4, ...) may be used.
+    pub allow_quantized: bool,
+}
+
+impl Default for InferenceTerms {
+    fn default() -> Self {
+        InferenceTerms {
+            accuracy_tolerance: 0.005,
+            allow_quantized: true,
+        }
+    }
 }
 
 impl fmt::Display for JobKind {
@@ -85,6 +105,9 @@ pub struct Offer {
     /// it accepts (empty when unknown).
     #[serde(default)]
     pub model_config: String,
+    /// For an inference job, its terms (the shard is the assignment's `train_shard`).
+    #[serde(default)]
+    pub inference: Option<InferenceTerms>,
 }
 
 /// Why a miner turned an offer down.

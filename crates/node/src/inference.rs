@@ -1,0 +1,373 @@
+//! Inference jobs on both sides: a miner scores a HellaSwag-layout shard with the job's
+//! model (dense, or quantised to GGUF where the job allows it) and returns per-item
+//! log-likelihoods; a validator scores the same shard with its reference model once,
+//! before any result arrives, and checks each submission against it
+//! (`tunenet_integrity::inference`).
+
+use crate::config::CompetitionConfig;
+use crate::error::NodeError;
+use crate::validator::{CompState, CompetitionRecord};
+use serde::{Deserialize, Serialize};
+use tunenet_engine::{CompetitionPlan, Evaluation, JobPlan};
+use tunenet_store::{BlobStore, Store, StoreExt, trees};
+use tunenet_types::{BlobId, CompetitionId, JobId, PeerIdStr};
+use std::path::Path;
+use std::time::Instant;
+use tunenet_integrity::inference::{
+    INFERENCE_FORMAT, InferenceSubmission, InferenceTolerance, check_inference, sample_items,
+};
+use tunenet_ml::{HellaSwagItem, ItemScore, ScoreOptions, ScoringModel};
+
+/// Most items an inference shard may hold.
+pub const MAX_ITEMS: usize = 1_000_000;
+
+/// A miner's `[inference]` settings: how it runs inference jobs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InferenceConfig {
+    /// Quantise the model to this GGUF type when the job allows it (`q8_0`, `q4_0`,
+    /// `q4_1`, `q5_0`, `q5_1`, `f16`); `none` runs the dense weights.
+    pub quantize: String,
+    /// Tokens packed into one forward pass.
+    pub batch_tokens: usize,
+}
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        InferenceConfig {
+            quantize: "q8_0".into(),
+            batch_tokens: tunenet_ml::DEFAULT_BATCH_TOKENS,
+        }
+    }
+}
+
+/// Reads an inference shard (HellaSwag-layout JSONL), bounded.
+pub fn parse_items(bytes: &[u8]) -> Result<Vec<HellaSwagItem>, NodeError> {
+    let mut items = Vec::new();
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        if items.len() >= MAX_ITEMS {
+            return Err(NodeError::Other(format!(
+                "the inference shard has more than {MAX_ITEMS} items"
+            )));
+        }
+        let item: HellaSwagItem = serde_json::from_slice(line).map_err(|e| {
+            NodeError::Other(format!(
+                "inference shard line {}: not a HellaSwag item: {e}",
+                i + 1
+            ))
+        })?;
+        if item.endings.is_empty() || item.label >= item.endings.len() {
+            return Err(NodeError::Other(format!(
+                "inference shard line {}: label {} does not name one of {} endings",
+                i + 1,
+                item.label,
+                item.endings.len()
+            )));
+        }
+        items.push(item);
+    }
+    if items.is_empty() {
+        return Err(NodeError::Other("the inference shard has no items".into()));
+    }
+    Ok(items)
+}
+
+/// The scoring model a miner runs: the dense model, or (when `allow_quantized` and the
+/// config asks for it) the same weights quantised to GGUF in `work`.
+pub fn scoring_model(
+    model_dir: &Path,
+    allow_quantized: bool,
+    cfg: &InferenceConfig,
+    work: &Path,
+    device: &tunenet_ml::Device,
+) -> Result<ScoringModel, NodeError> {
+    let model = tunenet_ml::ModelDir::open(model_dir)?;
+    if allow_quantized && cfg.quantize != "none" && !cfg.quantize.is_empty() {
+        std::fs::create_dir_all(work)
+            .map_err(|e| NodeError::Other(format!("cannot create {}: {e}", work.display())))?;
+        let gguf = work.join(format!("model-{}.gguf", cfg.quantize));
+        if !gguf.exists() {
+            tunenet_ml::export_gguf_quantized(&model, &gguf, "llama", &cfg.quantize)?;
+        }
+        return Ok(ScoringModel::load_gguf(&gguf, device)?);
+    }
+    let lm = tunenet_ml::CausalLm::load(&model, None, tunenet_ml::WeightDtype::F32, device)?;
+    Ok(ScoringModel::from_causal_lm(&lm)?)
+}
+
+/// Scores every item; returns the submission (its `reported_secs` counts from `started`).
+pub fn run(
+    scorer: &ScoringModel,
+    items: &[HellaSwagItem],
+    batch_tokens: usize,
+    started: Instant,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<InferenceSubmission, NodeError> {
+    let opts = ScoreOptions {
+        batch_tokens: batch_tokens.max(64),
+        indices: None,
+    };
+    let t0 = Instant::now();
+    let scores = tunenet_ml::score_items(scorer, items, &opts, &mut |p| progress(p.done, p.total))?;
+    let summary = tunenet_ml::hellaswag_summary(items, &scores, t0.elapsed().as_secs_f64())?;
+    Ok(InferenceSubmission {
+        format: INFERENCE_FORMAT.into(),
+        scores,
+        acc: summary.acc,
+        acc_norm: summary.acc_norm,
+        reported_secs: started.elapsed().as_secs_f64(),
+        weights: tunenet_ml::HellaSwagScorer::describe(scorer),
+    })
+}
+
+/// The validator's reference: every item scored with the dense model.
+pub fn reference(
+    model_dir: &Path,
+    items: &[HellaSwagItem],
+    device: &tunenet_ml::Device,
+) -> Result<Vec<ItemScore>, NodeError> {
+    let model = tunenet_ml::ModelDir::open(model_dir)?;
+    let lm = tunenet_ml::CausalLm::load(&model, None, tunenet_ml::WeightDtype::F32, device)?;
+    let scorer = ScoringModel::from_causal_lm(&lm)?;
+    Ok(tunenet_ml::score_items(
+        &scorer,
+        items,
+        &ScoreOptions::default(),
+        &mut |_| {},
+    )?)
+}
+
+/// What the validator learnt from one submission.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InferenceOutcome {
+    /// The checks' verdicts.
+    pub verdicts: Vec<tunenet_types::Verdict>,
+    /// Whether a check failed.
+    pub failed: bool,
+    /// `acc_norm` from the submission's log-likelihoods.
+    pub acc_norm: f64,
+    /// Items per second by the validator's clock.
+    pub items_per_sec: f64,
+}
+
+/// Checks a submission (raw bytes) against the reference, with the sample drawn from
+/// `sample_seed` (drawn after the results arrived) and the validator's `measured_secs`.
+pub fn evaluate(
+    items: &[HellaSwagItem],
+    reference: &[ItemScore],
+    submission: &[u8],
+    sample_seed: u64,
+    measured_secs: f64,
+    tol: &InferenceTolerance,
+) -> InferenceOutcome {
+    let fail = |reason: String| InferenceOutcome {
+        verdicts: vec![tunenet_types::Verdict {
+            check: "format".into(),
+            outcome: tunenet_types::Outcome::Fail,
+            value: None,
+            threshold: None,
+            reason,
+        }],
+        failed: true,
+        acc_norm: 0.0,
+        items_per_sec: 0.0,
+    };
+    let sub = match InferenceSubmission::parse(submission) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let sample = sample_items(sample_seed, items.len(), tol);
+    let report = check_inference(items, reference, &sub, &sample, measured_secs, tol);
+    InferenceOutcome {
+        failed: report.failed(),
+        acc_norm: report.acc_norm,
+        items_per_sec: report.items as f64 / measured_secs.max(1e-3),
+        verdicts: report.verdicts,
+    }
+}
+
+/// The validator's reference scores of every shard of an inference competition (kept
+/// private, like a fine-tuning competition's test split).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Reference {
+    /// Per shard blob, the dense model's score of each of its items.
+    pub shards: Vec<(BlobId, Vec<ItemScore>)>,
+}
+
+/// Prepares an inference competition: splits the HellaSwag-layout dataset into one shard
+/// per job, scores every shard with the dense base model (the reference), and stores it.
+pub fn prepare(
+    store: &dyn Store,
+    blobs: &BlobStore,
+    cfg: &CompetitionConfig,
+    reply_to: &str,
+) -> Result<CompetitionRecord, NodeError> {
+    let fail = |reason: String| NodeError::Competition {
+        competition: cfg.id.clone(),
+        reason,
+    };
+    let tol = &cfg.inference;
+    if !(0.0..=1.0).contains(&tol.acc_norm_drop) {
+        return Err(fail("`inference.acc_norm_drop` must be between 0 and 1".into()));
+    }
+    if !(tol.sample_fraction > 0.0 && tol.sample_fraction <= 1.0) {
+        return Err(fail(
+            "`inference.sample_fraction` must be above 0 and at most 1".into(),
+        ));
+    }
+    let model = tunenet_ml::ModelDir::open(&cfg.base_model)
+        .map_err(|e| fail(format!("`base_model`: {e}")))?;
+    let params = model
+        .config()
+        .map_err(|e| fail(format!("`base_model`: {e}")))?
+        .param_count();
+    let bytes = std::fs::read(&cfg.dataset)
+        .map_err(|e| fail(format!("`dataset` {}: {e}", cfg.dataset.display())))?;
+    let items = parse_items(&bytes).map_err(|e| fail(format!("`dataset`: {e}")))?;
+    if items.len() < cfg.jobs as usize {
+        return Err(fail(format!(
+            "`dataset` has {} items: too few for {} jobs",
+            items.len(),
+            cfg.jobs
+        )));
+    }
+    let (base_model, manifest) = crate::models::import_model_dir(blobs, &cfg.base_model)?;
+    let model_config =
+        std::fs::read_to_string(cfg.base_model.join("config.json")).unwrap_or_default();
+    let comp = CompetitionId::new(cfg.id.clone()).map_err(|e| fail(e.to_string()))?;
+    let mut public_blobs = vec![base_model];
+    public_blobs.extend(manifest.files.iter().map(|f| f.blob));
+    let per = items.len().div_ceil(cfg.jobs as usize);
+    let mut jobs = Vec::new();
+    let mut reference = Reference::default();
+    let t0 = Instant::now();
+    for (i, chunk) in items.chunks(per).enumerate() {
+        let mut shard = Vec::new();
+        for it in chunk {
+            shard.extend(serde_json::to_vec(it).map_err(|e| fail(e.to_string()))?);
+            shard.push(b'\n');
+        }
+        let shard_blob = blobs.put(&shard)?;
+        public_blobs.push(shard_blob);
+        let scores = self::reference(&cfg.base_model, chunk, &tunenet_ml::Device::Cpu)
+            .map_err(|e| fail(format!("reference scoring: {e}")))?;
+        reference.shards.push((shard_blob, scores));
+        jobs.push(JobPlan {
+            job_id: JobId::new(format!("{}-{i}", cfg.id)).map_err(|e| fail(e.to_string()))?,
+            base_model,
+            base_params: params,
+            train_shard: shard_blob,
+            shard_records: chunk.len() as u64,
+            time_budget_ms: (cfg.time_budget_secs + cfg.budget_step_secs * i as u64) * 1000,
+            reward_hint: cfg.reward_hint,
+            model_config: model_config.clone(),
+        });
+    }
+    tracing::info!(competition = %cfg.id, items = items.len(), secs = t0.elapsed().as_secs_f64(), "reference scores computed");
+    let ref_bytes = serde_json::to_vec(&reference).map_err(|e| fail(e.to_string()))?;
+    let test_blob = blobs.put(&ref_bytes)?;
+    let plan = CompetitionPlan {
+        id: comp,
+        jobs,
+        miners_per_job: cfg.miners_per_job,
+        concurrent_jobs: cfg.concurrent_jobs,
+        hparams: cfg.hparams.clone(),
+        scoring: cfg.scoring.clone(),
+        reveal_window_ms: cfg.reveal_window_secs * 1000,
+        offer_timeout_ms: cfg.offer_timeout_secs * 1000,
+        max_artifact_bytes: tunenet_integrity::inference::MAX_SUBMISSION_BYTES,
+        reply_to: reply_to.to_string(),
+        hardware: "cpu".into(),
+        integrity: tunenet_types::IntegritySettings {
+            enabled: false,
+            ..Default::default()
+        },
+    };
+    let rec = CompetitionRecord {
+        config: cfg.clone(),
+        plan,
+        base_model,
+        test_blob,
+        public_blobs,
+        state: CompState::Running,
+        canaries: Default::default(),
+    };
+    store.put_json(trees::COMPETITIONS, &cfg.id, &rec)?;
+    store.flush()?;
+    Ok(rec)
+}
+
+/// One inference submission to check.
+pub struct EvalRequest {
+    /// The competition (for logs).
+    pub comp: String,
+    /// The job.
+    pub job_id: JobId,
+    /// The miner.
+    pub miner: PeerIdStr,
+    /// The results blob.
+    pub artifact: BlobId,
+    /// The job's shard.
+    pub shard: BlobId,
+    /// The competition's reference blob.
+    pub reference: BlobId,
+    /// The validator's time from dispatch to the commitment, seconds.
+    pub measured_secs: f64,
+    /// Seed of the recomputed sample, drawn after the results arrived.
+    pub sample_seed: u64,
+    /// The thresholds.
+    pub tolerance: InferenceTolerance,
+}
+
+/// The scored loss of a valid inference result: `ln(seconds per item)`, so the engine's
+/// quality `exp(-loss)` is the validator-timed items per second.
+pub fn speed_loss(measured_secs: f64, items: usize) -> f64 {
+    (measured_secs.max(1e-3) / items.max(1) as f64).ln()
+}
+
+/// Starts the inference checker: one thread, one submission at a time; `done` hears each
+/// result (and returns false once nobody listens).
+pub fn spawn_evaluator(
+    blobs: BlobStore,
+    done: impl Fn(JobId, PeerIdStr, Result<Evaluation, String>) -> bool + Send + 'static,
+) -> Result<std::sync::mpsc::Sender<EvalRequest>, NodeError> {
+    let (tx, rx) = std::sync::mpsc::channel::<EvalRequest>();
+    std::thread::Builder::new()
+        .name("tunenet-inference-eval".into())
+        .spawn(move || {
+            let mut references: std::collections::BTreeMap<BlobId, Reference> = Default::default();
+            while let Ok(req) = rx.recv() {
+                let result = (|| -> Result<Evaluation, String> {
+                    if let std::collections::btree_map::Entry::Vacant(slot) = references.entry(req.reference) {
+                        let bytes = blobs.get(&req.reference).map_err(|e| e.to_string())?;
+                        slot.insert(serde_json::from_slice(&bytes).map_err(|e| format!("reference: {e}"))?);
+                    }
+                    let reference = references
+                        .get(&req.reference)
+                        .and_then(|r| r.shards.iter().find(|(b, _)| *b == req.shard))
+                        .map(|(_, s)| s.clone())
+                        .ok_or("no reference for this shard")?;
+                    let items = parse_items(&blobs.get(&req.shard).map_err(|e| e.to_string())?)
+                        .map_err(|e| e.to_string())?;
+                    blobs.verify(&req.artifact).map_err(|e| e.to_string())?;
+                    let sub = blobs.get(&req.artifact).map_err(|e| e.to_string())?;
+                    let t0 = Instant::now();
+                    let out = evaluate(&items, &reference, &sub, req.sample_seed, req.measured_secs, &req.tolerance);
+                    tracing::info!(competition = %req.comp, job_id = %req.job_id, miner = %req.miner, failed = out.failed, acc_norm = out.acc_norm, items_per_sec = out.items_per_sec, measured_secs = req.measured_secs, check_secs = t0.elapsed().as_secs_f64(), "inference results checked");
+                    Ok(Evaluation {
+                        test_loss: (!out.failed).then(|| speed_loss(req.measured_secs, items.len())),
+                        verdicts: out.verdicts,
+                        ..Default::default()
+                    })
+                })();
+                if !done(req.job_id, req.miner, result) {
+                    break;
+                }
+            }
+        })
+        .map_err(|e| NodeError::Other(format!("cannot start the inference checker: {e}")))?;
+    Ok(tx)
+}
