@@ -1,16 +1,22 @@
-//! Blob throughput on loopback: libp2p blob fetch (TCP+noise+yamux and QUIC) against a
-//! raw TCP copy of the same file and against blake3-hashing it, as MB/s and ratios.
+//! Blob throughput on loopback: libp2p blob fetch (TCP+noise+yamux and QUIC) and the
+//! validator's gRPC blob download against a raw TCP copy of the same file and against
+//! hashing it (blake3 in-process, and `b3sum` when `TUNENET_B3SUM` names it), as MB/s,
+//! ratios and CPU seconds per GiB. Every transfer ends with the blob verified, written
+//! and fsynced in a blob store (the raw TCP copy: written and fsynced, not verified).
 //! `TUNENET_BENCH_FILE` names an existing file to move, else `TUNENET_BENCH_MIB` sets the
-//! size of a generated one (default 1024), `TUNENET_BENCH_PARALLEL` the chunk
-//! requests in flight (default: the config's). Run via `scripts/bench-p2p.sh`.
+//! size of a generated one (default 1024), `TUNENET_BENCH_PARALLEL` the streams in
+//! flight (default: the config's). Run via `scripts/bench-p2p.sh`.
 
 use std::io::{Read, Write};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tunenet_p2p::{Multiaddr, P2pConfig};
+use tunenet_proto::v1;
+use tunenet_rpc::{Status, UploadSink, ValidatorBackend, ValidatorClient};
 use tunenet_store::BlobStore;
-use tunenet_types::Identity;
+use tunenet_types::{self as t, BlobId, Identity};
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -125,18 +131,101 @@ async fn libp2p_fetch(src: &Path, root: &Path, listen: &str) -> Res<(Duration, f
     Ok((elapsed, cpu))
 }
 
+/// A validator backend that only serves blobs from a store.
+struct BlobsOnly(BlobStore);
+
+#[tonic::async_trait]
+impl ValidatorBackend for BlobsOnly {
+    async fn commit(&self, _: t::Commitment) -> Result<t::Receipt, Status> {
+        Err(Status::unimplemented("bench"))
+    }
+    async fn begin_upload(&self, _: t::UploadHeader) -> Result<Box<dyn UploadSink>, Status> {
+        Err(Status::unimplemented("bench"))
+    }
+    async fn end_upload(&self, _: v1::UploadResult, _: t::UploadHeader) -> Result<(), Status> {
+        Err(Status::unimplemented("bench"))
+    }
+    async fn open_blob(&self, id: BlobId) -> Result<(u64, std::fs::File), Status> {
+        let path = self.0.path(&id);
+        let f = std::fs::File::open(&path).map_err(|e| Status::not_found(e.to_string()))?;
+        let size = f
+            .metadata()
+            .map_err(|e| Status::internal(e.to_string()))?
+            .len();
+        Ok((size, f))
+    }
+    async fn leaderboard(&self, _: String) -> Result<t::Leaderboard, Status> {
+        Err(Status::unimplemented("bench"))
+    }
+}
+
+/// Time and CPU seconds of one gRPC download (plain HTTP/2, no TLS) into a blob store:
+/// hashed as it streams in, written, fsynced and checked against the id.
+async fn grpc_download(src: &Path, root: &Path) -> Res<(Duration, f64)> {
+    let served = BlobStore::open(&root.join("a"))?;
+    let id = served.put_file(src)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let service = tunenet_rpc::validator_server(Arc::new(BlobsOnly(served)));
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut client = ValidatorClient::connect(&format!("http://{addr}")).await?;
+    let store = BlobStore::open(&root.join("b"))?;
+    let (t, c) = (Instant::now(), cpu_secs());
+    let mut writer = store.writer(None)?;
+    let size = client
+        .download(id, 0, u64::MAX, &mut |data| {
+            writer.write_chunk(data).map_err(|e| e.to_string())
+        })
+        .await?;
+    let got = tokio::task::spawn_blocking(move || writer.finish(Some(id))).await??;
+    let (elapsed, cpu) = (t.elapsed(), cpu_secs() - c);
+    assert_eq!(got, id);
+    assert_eq!(size, std::fs::metadata(src)?.len());
+    server.abort();
+    Ok((elapsed, cpu))
+}
+
+/// Time and CPU seconds (its own, from its rusage) of `b3sum` on the file, if named.
+fn b3sum(path: &Path, threads: Option<usize>) -> Res<Option<(Duration, f64)>> {
+    let Some(bin) = std::env::var_os("TUNENET_B3SUM").filter(|b| !b.is_empty()) else {
+        return Ok(None);
+    };
+    let mut cmd = std::process::Command::new(bin);
+    if let Some(n) = threads {
+        cmd.arg("--num-threads").arg(n.to_string());
+    }
+    let c = child_cpu_secs();
+    let t = Instant::now();
+    let out = cmd.arg(path).output()?;
+    let elapsed = t.elapsed();
+    if !out.status.success() {
+        return Err(format!("b3sum failed: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    Ok(Some((elapsed, child_cpu_secs() - c)))
+}
+
+/// Fields of /proc/self/stat after the command name, as numbers.
+fn stat_fields() -> Vec<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    rest.split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect()
+}
+
 /// CPU seconds (user + system) this process has used so far, from /proc (0 elsewhere).
 fn cpu_secs() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<f64> = rest
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    f.iter().sum::<f64>() / 100.0
+    // utime and stime are the 12th and 13th fields after the command name.
+    stat_fields().iter().skip(11).take(2).sum::<f64>() / 100.0
+}
+
+/// CPU seconds used by waited-for children (cutime + cstime).
+fn child_cpu_secs() -> f64 {
+    stat_fields().iter().skip(13).take(2).sum::<f64>() / 100.0
 }
 
 fn mbps(size: u64, d: Duration) -> f64 {
@@ -179,6 +268,11 @@ async fn main() -> Res<()> {
         "/ip4/127.0.0.1/udp/0/quic-v1",
     )
     .await?;
+    std::fs::remove_dir_all(dir.path().join("p2p-quic"))?;
+    let (grpc, cpu_grpc) = grpc_download(&src, &dir.path().join("grpc")).await?;
+    std::fs::remove_dir_all(dir.path().join("grpc"))?;
+    let b3 = b3sum(&src, None)?;
+    let b3_one = b3sum(&src, Some(1))?;
 
     println!(
         "size: {mib} MiB, cores: {}",
@@ -187,25 +281,37 @@ async fn main() -> Res<()> {
             .unwrap_or(0)
     );
     println!(
-        "{:<36} {:>8} {:>11} {:>9} {:>13}",
-        "contender", "MB/s", "vs raw TCP", "CPU s", "CPU vs TCP"
+        "{:<36} {:>8} {:>11} {:>9} {:>10} {:>11}",
+        "contender", "MB/s", "vs raw TCP", "vs b3sum", "CPU s/GiB", "CPU vs TCP"
     );
     let gib = size as f64 / (1u64 << 30) as f64;
     let tcp_cpu = c2 - c1;
-    for (name, d, cpu) in [
+    let mut rows = vec![
         ("blake3 (1 thread, from page cache)", hash, c1 - c0),
         ("raw TCP copy to disk", tcp, tcp_cpu),
         ("libp2p blob fetch, TCP+noise+yamux", p2p_tcp, cpu_tcp),
         ("libp2p blob fetch, QUIC", p2p_quic, cpu_quic),
-    ] {
+        ("gRPC download (HTTP/2, no TLS)", grpc, cpu_grpc),
+    ];
+    if let Some((d, cpu)) = b3 {
+        rows.push(("b3sum (default: mmap, all cores)", d, cpu));
+    }
+    if let Some((d, cpu)) = b3_one {
+        rows.push(("b3sum --num-threads 1", d, cpu));
+    }
+    for (name, d, cpu) in rows {
+        let vs_b3 = b3.map_or(String::from("-"), |(b, _)| {
+            format!("{:.2}", b.as_secs_f64() / d.as_secs_f64())
+        });
         println!(
-            "{name:<36} {:>8.0} {:>11.2} {:>9.2} {:>13.2}",
+            "{name:<36} {:>8.0} {:>11.2} {:>9} {:>10.2} {:>11.2}",
             mbps(size, d),
             tcp.as_secs_f64() / d.as_secs_f64(),
+            vs_b3,
             cpu / gib,
             cpu / tcp_cpu.max(0.01),
         );
     }
-    println!("(CPU s = CPU seconds per GiB, both ends together)");
+    println!("(CPU s/GiB: CPU seconds per GiB, both ends together; b3sum: its own)");
     Ok(())
 }

@@ -41,6 +41,8 @@ pub(crate) struct Behaviour {
     pub gossipsub: gossipsub::Behaviour,
     pub job: request_response::Behaviour<JobCodec>,
     pub blob: request_response::Behaviour<BlobCodec>,
+    /// Raw streams: `/tunenet/blob-stream/1` (see `crate::stream`).
+    pub stream: libp2p_stream::Behaviour,
 }
 
 fn setup(what: &str) -> impl FnOnce(String) -> P2pError + '_ {
@@ -125,6 +127,7 @@ impl Behaviour {
             gossipsub,
             job,
             blob,
+            stream: libp2p_stream::Behaviour::new(),
         })
     }
 }

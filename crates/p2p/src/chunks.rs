@@ -162,6 +162,22 @@ impl Manifest {
             .is_some_and(|cv| chunk_cv(index, data) == *cv)
     }
 
+    /// What chunk `index` must hash to as a subtree of the blob (see
+    /// `tunenet_store::ChunkedBlobWriter`): its chaining value, or for a blob of one chunk
+    /// the blob id itself. `None` past the last chunk.
+    pub fn expected_cv(&self, index: u64) -> Option<[u8; 32]> {
+        if index >= self.chunks() {
+            return None;
+        }
+        if self.cvs.is_empty() {
+            return Some(self.id.0);
+        }
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| self.cvs.get(i))
+            .copied()
+    }
+
     /// The wire form.
     pub fn to_pb(&self) -> pb::BlobManifest {
         pb::BlobManifest {

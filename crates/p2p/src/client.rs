@@ -1,6 +1,6 @@
 //! The cloneable handle a node uses to drive the p2p layer: each call sends a command to
 //! the event loop and waits for its reply. Blob downloads run here, on the caller's task,
-//! built from provider look-ups and single chunk requests.
+//! built from provider look-ups, a manifest request and streamed ranges of chunks.
 
 use crate::chunks::Manifest;
 use crate::config::P2pConfig;
@@ -17,6 +17,8 @@ use tunenet_types::BlobId;
 /// A handle on the p2p layer; cheap to clone. Dropping every clone stops the event loop.
 #[derive(Clone)]
 pub struct Client {
+    /// Opens `/tunenet/blob-stream/1` streams without going through the event loop.
+    pub(crate) streams: libp2p_stream::Control,
     pub(crate) commands: mpsc::Sender<Command>,
     pub(crate) local: PeerId,
     pub(crate) store: BlobStore,

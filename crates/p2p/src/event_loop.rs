@@ -10,6 +10,7 @@ use crate::gossip::{self, ADVERT_TOPIC, COMPETITION_TOPIC, Gossip};
 use crate::messages::pb::{CompetitionAnnouncement, MinerAdvert};
 use crate::messages::{JobRequest, JobResponse, pb};
 use crate::serve::{Answer, BlobServer, Served};
+use crate::stream::StreamServer;
 use futures::StreamExt;
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance};
 use libp2p::kad::{self, GetProvidersOk, QueryId, QueryResult, RecordKey};
@@ -147,6 +148,11 @@ pub struct EventLoop {
     events: mpsc::Sender<Event>,
     served: mpsc::Receiver<Served>,
     server: BlobServer,
+    /// Inbound `/tunenet/blob-stream/1` streams, and the tasks answering them (aborted
+    /// with the loop, so a stopped node stops serving).
+    incoming: libp2p_stream::IncomingStreams,
+    stream_server: StreamServer,
+    serving: tokio::task::JoinSet<()>,
     peers: HashMap<PeerId, PeerEntry>,
     my_advert: Option<MinerAdvert>,
     listen_waiters: Vec<oneshot::Sender<Vec<Multiaddr>>>,
@@ -165,8 +171,8 @@ impl EventLoop {
         config: P2pConfig,
         commands: mpsc::Receiver<Command>,
         events: mpsc::Sender<Event>,
-        served: mpsc::Receiver<Served>,
-        server: BlobServer,
+        (served, server): (mpsc::Receiver<Served>, BlobServer),
+        (incoming, stream_server): (libp2p_stream::IncomingStreams, StreamServer),
     ) -> Self {
         EventLoop {
             swarm,
@@ -176,6 +182,9 @@ impl EventLoop {
             events,
             served,
             server,
+            incoming,
+            stream_server,
+            serving: tokio::task::JoinSet::new(),
             peers: HashMap::new(),
             my_advert: None,
             listen_waiters: Vec::new(),
@@ -205,6 +214,8 @@ impl EventLoop {
                     None => break,
                 },
                 Some(served) = self.served.recv() => self.on_served(served),
+                Some((peer, stream)) = self.incoming.next() => self.on_blob_stream(peer, stream),
+                Some(_) = self.serving.join_next(), if !self.serving.is_empty() => {}
                 _ = heartbeat.tick() => self.on_heartbeat(),
             }
         }
@@ -400,6 +411,18 @@ impl EventLoop {
                 .build();
             let _ = self.swarm.dial(opts);
         }
+    }
+
+    fn on_blob_stream(&mut self, peer: PeerId, stream: libp2p::Stream) {
+        // Each task holds a read permit while it sends; this bounds those still waiting
+        // for their request.
+        let limit = 4 * self.config.blob_serve_concurrency.clamp(1, 1024);
+        if self.serving.len() >= limit {
+            tracing::debug!(%peer, "blob stream dropped: too many open at once");
+            return;
+        }
+        self.serving
+            .spawn(self.stream_server.clone().serve(peer, stream));
     }
 
     fn on_served(&mut self, s: Served) {

@@ -1,28 +1,34 @@
 //! Downloading a blob from whoever provides it: find providers in the DHT, take the first
-//! manifest that rebuilds the blob id, then keep `blob_parallel` chunk requests in flight,
-//! spread over the providers, checking each chunk before it is kept and writing them in
-//! order. A provider that sends bad bytes is dropped; one that fails is left out for the
-//! round; each new round looks providers up again and resumes at the first missing chunk.
+//! manifest that rebuilds the blob id, then keep `blob_parallel` streams in flight, each
+//! asking one provider for a range of chunks (`crate::stream`), checking each chunk as it
+//! is written at its offset. A provider that sends bad bytes is dropped; one that fails is
+//! left out for the round; each new round looks providers up again and asks only for the
+//! chunks still missing.
 //!
 //! A manifest proves less than it seems (see [`Manifest::verify`]), so a chunk that fails
 //! from another provider is asked again from the manifest's sender: if that one checks
 //! out, the other provider lied; if not, the manifest's sender is dropped and the download
 //! starts over with a manifest from someone else.
 
-use crate::chunks::{MAX_BLOB_SIZE, Manifest};
+use crate::chunks::{CHUNK_SIZE, MAX_BLOB_SIZE, Manifest};
 use crate::client::Client;
 use crate::error::P2pError;
 use crate::messages::pb::{self, blob_request::Want, blob_response::Body};
+use crate::stream::{MAX_RANGE, RangeEnd, fetch_range};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use libp2p::PeerId;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
-use tunenet_store::{BlobStore, BlobWriter};
+use tunenet_store::{BlobStore, ChunkedBlobWriter};
 use tunenet_types::BlobId;
 
 /// Failed requests after which a provider is left out for the rest of a round.
 const MAX_FAILURES: u32 = 2;
+/// The most chunks one stream is asked for: long enough that opening streams costs
+/// nothing, short enough that a slow provider holds up little.
+const MAX_RANGE_CHUNKS: u64 = 32;
 
 fn request(id: BlobId, want: Want) -> pb::BlobRequest {
     pb::BlobRequest {
@@ -45,15 +51,9 @@ struct Download {
     /// A manifest said the blob is over the caller's limit.
     too_large: Option<u64>,
     store: BlobStore,
-    writer: Option<BlobWriter>,
-    /// The first chunk not yet written.
-    next_write: u64,
-    /// The first chunk never requested.
-    next_new: u64,
-    /// Chunks to ask for again.
-    retry: BTreeSet<u64>,
-    /// Checked chunks waiting for their turn to be written.
-    ready: BTreeMap<u64, prost::bytes::Bytes>,
+    /// Holds every chunk that checked out so far (created with the manifest); a new
+    /// round resumes with the chunks it lacks.
+    writer: Option<Arc<ChunkedBlobWriter>>,
     /// Providers that sent bad data: never asked again.
     dropped: HashSet<PeerId>,
     last_problem: String,
@@ -83,11 +83,7 @@ pub(crate) async fn fetch_blob(
         manifest_from: None,
         too_large: None,
         store: store.clone(),
-        writer: Some(store.writer(Some(max_size))?),
-        next_write: 0,
-        next_new: 0,
-        retry: BTreeSet::new(),
-        ready: BTreeMap::new(),
+        writer: None,
         dropped: HashSet::new(),
         last_problem: "no provider found".into(),
     };
@@ -95,7 +91,8 @@ pub(crate) async fn fetch_blob(
     for round in 0..rounds {
         if round > 0 {
             let wait = Duration::from_millis(200 << round.min(5));
-            tracing::info!(blob = %id, offset = d.next_write * crate::chunks::CHUNK_SIZE, round, problem = %d.last_problem, "blob download resumes");
+            let have = d.writer.as_ref().map_or(0, |w| w.written_chunks());
+            tracing::info!(blob = %id, chunks_held = have, round, problem = %d.last_problem, "blob download resumes");
             tokio::time::sleep(wait).await;
         }
         let providers: Vec<PeerId> = match client.providers(id).await {
@@ -189,17 +186,20 @@ impl Download {
         Ok(())
     }
 
-    fn next_index(&mut self, chunks: u64) -> Option<u64> {
-        if let Some(i) = self.retry.pop_first() {
-            return Some(i);
+    /// The writer for `manifest`'s blob, created on first use.
+    fn writer(&mut self, manifest: &Manifest) -> Result<Arc<ChunkedBlobWriter>, P2pError> {
+        if let Some(w) = &self.writer {
+            return Ok(w.clone());
         }
-        // Bound the reorder buffer: never run more than 2 windows ahead of the writer.
-        let horizon = self.next_write + 2 * self.parallel as u64;
-        if self.next_new < chunks && self.next_new < horizon {
-            self.next_new += 1;
-            return Some(self.next_new - 1);
-        }
-        None
+        let w = self.store.chunked_writer(
+            self.id,
+            manifest.chunks(),
+            CHUNK_SIZE,
+            Some(self.max_size),
+        )?;
+        let w = Arc::new(w);
+        self.writer = Some(w.clone());
+        Ok(w)
     }
 
     /// Downloads from `active` until done (`Some(size)`) or until no provider is left.
@@ -210,62 +210,73 @@ impl Download {
         mut active: Vec<PeerId>,
     ) -> Result<Option<u64>, P2pError> {
         let chunks = manifest.chunks();
+        let writer = self.writer(manifest)?;
+        let shared = Arc::new(manifest.clone());
+        let timeout = client.config.request_timeout();
         let mut failures: HashMap<PeerId, u32> = HashMap::new();
         let mut inflight = FuturesUnordered::new();
+        // Chunks some stream in flight is asked for.
+        let mut claimed: BTreeSet<u64> = BTreeSet::new();
         let mut turn = 0usize;
         loop {
-            if self.next_write >= chunks {
+            if inflight.is_empty() && writer.written_chunks() >= chunks {
+                drop(writer);
                 return self.finish().await.map(Some);
             }
             while inflight.len() < self.parallel && !active.is_empty() {
-                let Some(index) = self.next_index(chunks) else {
+                let Some(range) = next_range(&writer, &claimed, chunks, self.parallel) else {
                     break;
                 };
+                claimed.extend(range.0..range.0 + range.1);
                 let peer = active[turn % active.len()];
                 turn = turn.wrapping_add(1);
-                let c = client.clone();
-                let req = request(self.id, Want::Chunk(index));
-                inflight.push(async move { (peer, index, c.blob_request(peer, req).await) });
+                inflight.push(fetch_range(
+                    client.streams.clone(),
+                    peer,
+                    shared.clone(),
+                    writer.clone(),
+                    range,
+                    timeout,
+                ));
             }
-            let Some((peer, index, answer)) = inflight.next().await else {
+            let Some(r) = inflight.next().await else {
                 return Ok(None); // no provider left this round
             };
-            match answer {
-                Ok(pb::BlobResponse {
-                    body: Some(Body::Chunk(c)),
-                }) if c.index == index && manifest.check_chunk(index, &c.data) => {
-                    self.ready.insert(index, c.data);
+            for i in r.first..r.first + r.count {
+                claimed.remove(&i);
+            }
+            let peer = r.peer;
+            match r.end {
+                RangeEnd::Done => {
                     failures.remove(&peer);
                 }
-                Ok(pb::BlobResponse {
-                    body: Some(Body::Refused(r)),
-                }) => {
-                    self.retry.insert(index);
-                    self.last_problem = format!("{peer} refused: {r}");
-                    if r.starts_with("busy") {
+                RangeEnd::Refused(reason) => {
+                    self.last_problem = format!("{peer} refused: {reason}");
+                    if reason.starts_with("busy") {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     } else {
                         active.retain(|p| *p != peer);
                     }
                 }
-                Ok(_) => {
+                RangeEnd::Bad(index) => {
                     active.retain(|p| *p != peer);
-                    if !self.judge_bad_chunk(client, manifest, peer, index).await? {
+                    if !self
+                        .judge_bad_chunk(client, manifest, &writer, peer, index)
+                        .await?
+                    {
                         return Ok(None); // manifest discarded: start over next round
                     }
                 }
-                Err(P2pError::Stopped) => return Err(P2pError::Stopped),
-                Err(e) => {
-                    self.retry.insert(index);
-                    self.last_problem = e.to_string();
+                RangeEnd::Failed(e) => {
+                    self.last_problem = e;
                     let n = failures.entry(peer).or_default();
                     *n += 1;
                     if *n >= MAX_FAILURES {
                         active.retain(|p| *p != peer);
                     }
                 }
+                RangeEnd::Local(e) => return Err(e),
             }
-            self.flush().await?;
         }
     }
 
@@ -276,6 +287,7 @@ impl Download {
         &mut self,
         client: &Client,
         manifest: &Manifest,
+        writer: &Arc<ChunkedBlobWriter>,
         peer: PeerId,
         index: u64,
     ) -> Result<bool, P2pError> {
@@ -292,8 +304,9 @@ impl Download {
         match answer {
             Ok(pb::BlobResponse {
                 body: Some(Body::Chunk(c)),
-            }) if c.index == index && manifest.check_chunk(index, &c.data) => {
-                self.ready.insert(index, c.data);
+            }) if c.index == index
+                && write_checked(writer, manifest, index, c.data.clone()).await? =>
+            {
                 if !self.dropped.contains(&peer) {
                     self.drop_provider(client, peer, reason).await;
                 }
@@ -319,46 +332,61 @@ impl Download {
     fn reset(&mut self) -> Result<(), P2pError> {
         self.manifest = None;
         self.manifest_from = None;
-        self.next_write = 0;
-        self.next_new = 0;
-        self.retry.clear();
-        self.ready.clear();
-        self.writer = Some(self.store.writer(Some(self.max_size))?);
+        self.writer = None;
         Ok(())
-    }
-
-    /// Writes the checked chunks that are next in order.
-    async fn flush(&mut self) -> Result<(), P2pError> {
-        let mut batch = Vec::new();
-        while let Some(data) = self.ready.remove(&self.next_write) {
-            batch.push(data);
-            self.next_write += 1;
-        }
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let Some(mut writer) = self.writer.take() else {
-            return Err(P2pError::Task("blob writer already finished".into()));
-        };
-        let (writer, result) = tokio::task::spawn_blocking(move || {
-            let r = batch.iter().try_for_each(|d| writer.write_chunk(d));
-            (writer, r)
-        })
-        .await
-        .map_err(task_err)?;
-        self.writer = Some(writer);
-        result.map_err(P2pError::from)
     }
 
     async fn finish(&mut self) -> Result<u64, P2pError> {
         let Some(writer) = self.writer.take() else {
             return Err(P2pError::Task("blob writer already finished".into()));
         };
-        let id = self.id;
-        let size = writer.written();
-        tokio::task::spawn_blocking(move || writer.finish(Some(id)))
+        let writer = Arc::try_unwrap(writer)
+            .map_err(|_| P2pError::Task("blob writer still in use at the end".into()))?;
+        tokio::task::spawn_blocking(move || writer.finish())
             .await
-            .map_err(task_err)??;
-        Ok(size)
+            .map_err(task_err)?
+            .map_err(P2pError::from)
     }
+}
+
+/// The next range of chunks to ask for: the first run of chunks neither held nor asked
+/// for, as long as an equal share of what is left (so every stream gets work), at most
+/// `MAX_RANGE_CHUNKS`.
+fn next_range(
+    writer: &ChunkedBlobWriter,
+    claimed: &BTreeSet<u64>,
+    chunks: u64,
+    parallel: usize,
+) -> Option<(u64, u64)> {
+    let open = |i: u64| !claimed.contains(&i) && !writer.has(i);
+    let first = (0..chunks).find(|&i| open(i))?;
+    // Claimed chunks may be written already (their stream is still going): saturate.
+    let left = chunks
+        .saturating_sub(writer.written_chunks())
+        .saturating_sub(claimed.len() as u64);
+    let want = left
+        .div_ceil(parallel.max(1) as u64)
+        .clamp(1, MAX_RANGE_CHUNKS.min(MAX_RANGE));
+    let mut count = 1;
+    while count < want && first + count < chunks && open(first + count) {
+        count += 1;
+    }
+    Some((first, count))
+}
+
+/// Writes a chunk received whole (from a referee) if it checks out; false if it does not.
+async fn write_checked(
+    writer: &Arc<ChunkedBlobWriter>,
+    manifest: &Manifest,
+    index: u64,
+    data: prost::bytes::Bytes,
+) -> Result<bool, P2pError> {
+    let Some(expected) = manifest.expected_cv(index) else {
+        return Ok(false);
+    };
+    let w = writer.clone();
+    tokio::task::spawn_blocking(move || w.write_chunk_at(index, &data, &expected))
+        .await
+        .map_err(task_err)?
+        .map_err(P2pError::from)
 }

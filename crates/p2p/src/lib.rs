@@ -14,6 +14,7 @@ mod fetch;
 pub mod gossip;
 pub mod messages;
 mod serve;
+mod stream;
 
 pub use behaviour::{BLOB_PROTOCOL, JOB_PROTOCOL, KAD_PROTOCOL};
 pub use client::Client;
@@ -23,6 +24,7 @@ pub use event_loop::{Event, EventLoop, JobChannel, PeerInfo};
 pub use gossip::{ADVERT_TOPIC, COMPETITION_TOPIC};
 pub use libp2p::{Multiaddr, PeerId};
 pub use messages::{CompetitionAnnouncement, JobRequest, JobResponse, MinerAdvert};
+pub use stream::BLOB_STREAM_PROTOCOL;
 
 use libp2p::multiaddr::Protocol;
 use libp2p_identity::Keypair;
@@ -72,7 +74,20 @@ pub fn new(
     let concurrency = config.blob_serve_concurrency.clamp(1, 1024);
     let (served_tx, served_rx) = mpsc::channel(concurrency);
     let server = serve::BlobServer::new(store.clone(), concurrency, served_tx);
+    let mut streams = swarm.behaviour().stream.new_control();
+    let incoming = streams
+        .accept(stream::protocol())
+        .map_err(|e| P2pError::Setup(format!("blob stream protocol: {e}")))?;
+    let (shared_store, provided, permits) = server.shared();
+    let stream_server = stream::StreamServer {
+        store: shared_store,
+        provided,
+        permits,
+        events: event_tx.clone(),
+        send_timeout: config.request_timeout(),
+    };
     let client = Client {
+        streams,
         commands: cmd_tx,
         local: keypair.public().to_peer_id(),
         store,
@@ -84,8 +99,8 @@ pub fn new(
         config,
         cmd_rx,
         event_tx,
-        served_rx,
-        server,
+        (served_rx, server),
+        (incoming, stream_server),
     );
     Ok((client, event_rx, event_loop))
 }

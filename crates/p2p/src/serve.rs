@@ -7,7 +7,7 @@ use crate::messages::pb::{self, blob_request::Want, blob_response::Body};
 use libp2p::PeerId;
 use libp2p::request_response::ResponseChannel;
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use tokio::sync::{Semaphore, mpsc};
 use tunenet_store::BlobStore;
 use tunenet_types::BlobId;
@@ -37,7 +37,8 @@ pub(crate) enum Answer {
 
 pub(crate) struct BlobServer {
     store: BlobStore,
-    provided: HashSet<BlobId>,
+    /// Shared with the `/tunenet/blob-stream/1` server tasks.
+    provided: Arc<RwLock<HashSet<BlobId>>>,
     manifests: HashMap<BlobId, Arc<Manifest>>,
     permits: Arc<Semaphore>,
     done: mpsc::Sender<Served>,
@@ -53,7 +54,7 @@ impl BlobServer {
     pub fn new(store: BlobStore, concurrency: usize, done: mpsc::Sender<Served>) -> Self {
         BlobServer {
             store,
-            provided: HashSet::new(),
+            provided: Arc::new(RwLock::new(HashSet::new())),
             manifests: HashMap::new(),
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
             done,
@@ -62,11 +63,27 @@ impl BlobServer {
 
     /// Serves `id` from now on; false when too many blobs are provided already.
     pub fn provide(&mut self, id: BlobId) -> bool {
-        if self.provided.len() >= MAX_PROVIDED && !self.provided.contains(&id) {
+        let mut provided = self.provided.write().unwrap_or_else(|p| p.into_inner());
+        if provided.len() >= MAX_PROVIDED && !provided.contains(&id) {
             return false;
         }
-        self.provided.insert(id);
+        provided.insert(id);
         true
+    }
+
+    fn provides(&self, id: &BlobId) -> bool {
+        let provided = self.provided.read().unwrap_or_else(|p| p.into_inner());
+        provided.contains(id)
+    }
+
+    /// The state the stream server shares with this one: the store, the provided set and
+    /// the bound on blob reads at once.
+    pub fn shared(&self) -> (BlobStore, Arc<RwLock<HashSet<BlobId>>>, Arc<Semaphore>) {
+        (
+            self.store.clone(),
+            self.provided.clone(),
+            self.permits.clone(),
+        )
     }
 
     pub fn cache(&mut self, m: Arc<Manifest>) {
@@ -87,7 +104,7 @@ impl BlobServer {
         let Ok(id) = BlobId::from_slice(&request.id) else {
             return Answer::Now(channel, refused("blob id must be 32 bytes"));
         };
-        if !self.provided.contains(&id) || !self.store.contains(&id) {
+        if !self.provides(&id) || !self.store.contains(&id) {
             return Answer::Now(channel, refused(format!("blob {id} is not provided here")));
         }
         let want = match request.want {

@@ -161,17 +161,18 @@ impl<B: ValidatorBackend> ValidatorService for ValidatorSvc<B> {
                 let _ = tx.blocking_send(Err(Status::internal(format!("seek: {e}"))));
                 return;
             }
-            let mut buf = vec![0u8; CHUNK];
             while offset < size {
                 let want = ((size - offset) as usize).min(CHUNK);
-                if let Err(e) = file.read_exact(&mut buf[..want]) {
+                // Read straight into the message's buffer: no copy per chunk.
+                let mut data = vec![0u8; want];
+                if let Err(e) = file.read_exact(&mut data) {
                     let _ = tx.blocking_send(Err(Status::internal(format!("read: {e}"))));
                     return;
                 }
                 let chunk = v1::BlobChunk {
                     offset,
                     total_size: size,
-                    data: buf[..want].to_vec(),
+                    data,
                 };
                 offset += want as u64;
                 if tx.blocking_send(Ok(chunk)).is_err() {

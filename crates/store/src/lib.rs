@@ -5,5 +5,5 @@
 mod blobs;
 mod meta;
 
-pub use blobs::{BlobError, BlobStore, BlobWriter};
+pub use blobs::{BlobError, BlobStore, BlobWriter, ChunkedBlobWriter};
 pub use meta::{MemStore, SledStore, Store, StoreError, StoreExt, trees};
