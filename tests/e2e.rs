@@ -785,7 +785,11 @@ async fn two_validators_and_four_miners_work_over_p2p_despite_a_rogue_peer() {
     assert!(!why.is_empty());
     let mut impostor = forged;
     impostor.miner = a_key.peer_id().0.clone();
-    let why = refused(rogue.request(a_peer, JobRequest::Commitment(impostor)).await);
+    let why = refused(
+        rogue
+            .request(a_peer, JobRequest::Commitment(impostor))
+            .await,
+    );
     assert!(why.contains("came from"), "{why}");
     let why = refused(
         rogue
@@ -930,4 +934,262 @@ async fn two_validators_and_four_miners_work_over_p2p_despite_a_rogue_peer() {
         .filter(|(d, _)| d.log().contains("fetched model and shard"))
         .count();
     assert!(fetched >= 2, "only {fetched} miners fetched a model");
+}
+
+/// How a cheating inference miner lies.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum InferenceCheat {
+    /// Log-likelihoods made up (predictions kept consistent with them).
+    MadeUp,
+    /// A different model with the same config (another random initialisation).
+    OtherModel,
+    /// Only half the items answered.
+    Partial,
+    /// Honest results with a reported time far below the real one.
+    PaddedTiming,
+}
+
+/// A miner in this process that runs inference jobs and cheats as told.
+struct InferenceCheater {
+    id: Identity,
+    cheat: InferenceCheat,
+    validator: String,
+    dir: std::path::PathBuf,
+}
+
+impl InferenceCheater {
+    async fn work(self: Arc<Self>, a: Assignment) -> Result<(), String> {
+        let started = Instant::now();
+        let blobs = tunenet_store::BlobStore::open(&self.dir.join("blobs")).map_err(|e| e.to_string())?;
+        let fetch = |id, max| tunenet_node::fetch::fetch_blob(&blobs, &self.validator, id, max);
+        fetch(a.base_model, 1 << 20).await.map_err(|e| e.to_string())?;
+        let manifest = tunenet_types::ModelManifest::parse(&blobs.get(&a.base_model).unwrap())
+            .map_err(|e| e.to_string())?;
+        for f in &manifest.files {
+            fetch(f.blob, 1 << 30).await.map_err(|e| e.to_string())?;
+        }
+        fetch(a.train_shard, 1 << 30).await.map_err(|e| e.to_string())?;
+        let mut model = tunenet_node::models::materialise(&blobs, &a.base_model, &manifest, &self.dir.join("models"))
+            .map_err(|e| e.to_string())?;
+        if self.cheat == InferenceCheat::OtherModel {
+            model = self.dir.join("other-model");
+            tunenet_ml::init_tiny(&model, 99).map_err(|e| e.to_string())?;
+        }
+        let items = tunenet_node::inference::parse_items(&blobs.get(&a.train_shard).unwrap())
+            .map_err(|e| e.to_string())?;
+        let cfg = tunenet_node::inference::InferenceConfig {
+            quantize: "none".into(),
+            ..Default::default()
+        };
+        let scorer = tunenet_node::inference::scoring_model(&model, false, &cfg, &self.dir, &tunenet_ml::Device::Cpu)
+            .map_err(|e| e.to_string())?;
+        let mut sub = tunenet_node::inference::run(&scorer, &items, 1024, started, &mut |_, _| {})
+            .map_err(|e| e.to_string())?;
+        match self.cheat {
+            InferenceCheat::MadeUp => {
+                for (k, s) in sub.scores.iter_mut().enumerate() {
+                    for (e, l) in s.logliks.iter_mut().enumerate() {
+                        *l = -1.0 - ((k * 7 + e * 3) % 5) as f64;
+                    }
+                    let best = |f: &dyn Fn(usize) -> f64| {
+                        (0..s.logliks.len()).fold(0, |b, i| if f(i) > f(b) { i } else { b })
+                    };
+                    s.pred = best(&|i| s.logliks[i]);
+                    s.pred_norm = best(&|i| s.logliks[i] / f64::from(s.ending_bytes[i].max(1)));
+                }
+                let right = sub.scores.iter().filter(|s| items[s.index].label == s.pred_norm).count();
+                sub.acc_norm = right as f64 / items.len() as f64;
+            }
+            InferenceCheat::Partial => {
+                sub.scores.truncate(items.len() / 2);
+            }
+            InferenceCheat::PaddedTiming => sub.reported_secs = 0.01,
+            InferenceCheat::OtherModel => {}
+        }
+        let bytes = serde_json::to_vec(&sub).unwrap();
+        let id = blobs.put(&bytes).map_err(|e| e.to_string())?;
+        let salt = [9u8; 32];
+        let mut c = signed(&self.id, &a.job_id, commit_hash(&id, &self.id.peer_id(), &a.job_id, &salt), bytes.len() as u64);
+        c.signature = self.id.sign(&c.signing_bytes());
+        ValidatorClient::connect(&self.validator).await.map_err(|e| e.to_string())?
+            .commit(c).await.map_err(|e| e.to_string())?;
+        let wait = a.deadline_ms.saturating_sub(tunenet_types::time::now_ms()) + 300;
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        let header = UploadHeader {
+            job_id: a.job_id.clone(),
+            miner: self.id.peer_id(),
+            artifact: id,
+            size: bytes.len() as u64,
+            salt,
+        };
+        ValidatorClient::connect(&self.validator).await.map_err(|e| e.to_string())?
+            .upload(header, &blobs.path(&id)).await.map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+struct CheaterService(Arc<InferenceCheater>);
+
+#[tonic::async_trait]
+impl MinerBackend for CheaterService {
+    async fn offer(&self, offer: Offer) -> Result<DecisionReply, Status> {
+        Ok(DecisionReply {
+            job_id: offer.job_id,
+            miner: self.0.id.peer_id(),
+            decision: Decision::Accept,
+        })
+    }
+    async fn assign(&self, a: Assignment) -> Result<(), Status> {
+        a.verify().map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let me = self.0.clone();
+        tokio::spawn(async move {
+            let cheat = me.cheat;
+            if let Err(e) = me.work(a).await {
+                eprintln!("cheater {cheat:?} failed: {e}");
+            }
+        });
+        Ok(())
+    }
+    async fn status(&self) -> Result<tunenet_proto::v1::MinerStatus, Status> {
+        Err(Status::unimplemented("cheater"))
+    }
+}
+
+/// An inference competition with one honest miner daemon and four cheaters: made-up
+/// log-likelihoods, another model, half the items, and a padded timing report. Each is
+/// caught with the reason; the honest miner is scored by the validator's own clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inference_cheats_are_caught_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let model = root.join("model");
+    tunenet_ml::init_tiny(&model, 5).unwrap();
+    let data = root.join("items.jsonl");
+    let mut bytes = Vec::new();
+    for it in tunenet_ml::hellaswag_demo_items(160, 4) {
+        bytes.extend(serde_json::to_vec(&it).unwrap());
+        bytes.push(b'\n');
+    }
+    std::fs::write(&data, bytes).unwrap();
+    let vport = port();
+    let vurl = format!("http://127.0.0.1:{vport}");
+    let mut miners = Vec::new();
+    let mut cheaters = Vec::new();
+    for (i, cheat) in [
+        InferenceCheat::MadeUp,
+        InferenceCheat::OtherModel,
+        InferenceCheat::Partial,
+        InferenceCheat::PaddedTiming,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let p = port();
+        let c = Arc::new(InferenceCheater {
+            id: Identity::generate(),
+            cheat,
+            validator: vurl.clone(),
+            dir: root.join(format!("cheater{i}")),
+        });
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", p)).await.unwrap();
+        let svc = tunenet_rpc::miner_server(Arc::new(CheaterService(c.clone())));
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        miners.push(format!("\"http://127.0.0.1:{p}\""));
+        cheaters.push(c);
+    }
+    let hport = port();
+    let hconf = root.join("honest.toml");
+    std::fs::write(
+        &hconf,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{hport}\"\n[policy]\nkinds = [\"inference\"]\n[inference]\nquantize = \"q8_0\"\n",
+            root.join("honest")
+        ),
+    )
+    .unwrap();
+    let honest = Daemon::start(&["miner", "--config", hconf.to_str().unwrap()], &root.join("honest.log"));
+    miners.push(format!("\"http://127.0.0.1:{hport}\""));
+    let vconf = root.join("v.toml");
+    std::fs::write(
+        &vconf,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n[[competitions]]\nid = \"inf\"\nkind = \"inference\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 1\nminers_per_job = 5\nmin_miners = 5\ntime_budget_secs = 12\nreveal_window_secs = 30\n",
+            root.join("v"),
+            miners.join(", ")
+        ),
+    )
+    .unwrap();
+    let init = Command::new(BIN)
+        .args(["validator", "--config", vconf.to_str().unwrap(), "init"])
+        .output()
+        .unwrap();
+    let admin = String::from_utf8_lossy(&init.stdout).lines().last().unwrap().trim().to_string();
+    let validator = Daemon::start(&["validator", "--config", vconf.to_str().unwrap()], &root.join("v.log"));
+    let limit = Instant::now() + Duration::from_secs(240);
+    let lb = loop {
+        assert!(Instant::now() < limit, "not finished; log:\n{}\n{}", validator.log(), honest.log());
+        if let Some(lb) = async { ValidatorClient::connect(&vurl).await.ok()?.leaderboard("inf").await.ok() }.await
+            && lb.jobs_total > 0
+            && lb.jobs_done == lb.jobs_total
+        {
+            break lb;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let out = Command::new(BIN)
+        .args(["console", "--validator", &vurl, "--token", &admin, "--json", "competition", "show", "inf"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let detail: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let scores = detail["jobs"][0]["scores"].as_array().unwrap().clone();
+    let score_of = |peer: &str| {
+        scores
+            .iter()
+            .find(|s| s["miner"] == peer)
+            .unwrap_or_else(|| panic!("{peer} not scored: {scores:?}\n{}", validator.log()))
+            .clone()
+    };
+    let verdict = |s: &serde_json::Value, check: &str| {
+        s["verdicts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["check"] == check)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {check} verdict in {s}"))
+    };
+    for c in &cheaters {
+        let s = score_of(&c.id.peer_id().0);
+        let (check, outcome) = match c.cheat {
+            InferenceCheat::MadeUp | InferenceCheat::OtherModel => ("loglik_sample", "fail"),
+            InferenceCheat::Partial => ("completeness", "fail"),
+            InferenceCheat::PaddedTiming => ("timing", "flag"),
+        };
+        let v = verdict(&s, check);
+        assert_eq!(v["outcome"], outcome, "{:?}: {s}", c.cheat);
+        if outcome == "fail" {
+            assert!(s["penalty_reason"].is_string(), "{:?}: {s}", c.cheat);
+        } else {
+            assert!(s["penalty_reason"].is_null(), "{:?}: {s}", c.cheat);
+            assert!(v["reason"].as_str().unwrap().contains("validator's time is scored"), "{v}");
+        }
+    }
+    // The honest miner (q8_0 weights) passes every check and leads the board.
+    let honest_id = lb
+        .rows
+        .iter()
+        .map(|r| r.miner.0.clone())
+        .find(|m| !cheaters.iter().any(|c| c.id.peer_id().0 == *m))
+        .unwrap();
+    let s = score_of(&honest_id);
+    assert!(s["penalty_reason"].is_null(), "{s}");
+    for v in s["verdicts"].as_array().unwrap() {
+        assert_eq!(v["outcome"], "pass", "{s}");
+    }
+    assert!(lb.rows.iter().find(|r| r.miner.0 == honest_id).unwrap().mean_loss.is_some());
 }
