@@ -960,17 +960,27 @@ struct InferenceCheater {
 impl InferenceCheater {
     async fn work(self: Arc<Self>, a: Assignment) -> Result<(), String> {
         let started = Instant::now();
-        let blobs = tunenet_store::BlobStore::open(&self.dir.join("blobs")).map_err(|e| e.to_string())?;
+        let blobs =
+            tunenet_store::BlobStore::open(&self.dir.join("blobs")).map_err(|e| e.to_string())?;
         let fetch = |id, max| tunenet_node::fetch::fetch_blob(&blobs, &self.validator, id, max);
-        fetch(a.base_model, 1 << 20).await.map_err(|e| e.to_string())?;
+        fetch(a.base_model, 1 << 20)
+            .await
+            .map_err(|e| e.to_string())?;
         let manifest = tunenet_types::ModelManifest::parse(&blobs.get(&a.base_model).unwrap())
             .map_err(|e| e.to_string())?;
         for f in &manifest.files {
             fetch(f.blob, 1 << 30).await.map_err(|e| e.to_string())?;
         }
-        fetch(a.train_shard, 1 << 30).await.map_err(|e| e.to_string())?;
-        let mut model = tunenet_node::models::materialise(&blobs, &a.base_model, &manifest, &self.dir.join("models"))
+        fetch(a.train_shard, 1 << 30)
+            .await
             .map_err(|e| e.to_string())?;
+        let mut model = tunenet_node::models::materialise(
+            &blobs,
+            &a.base_model,
+            &manifest,
+            &self.dir.join("models"),
+        )
+        .map_err(|e| e.to_string())?;
         if self.cheat == InferenceCheat::OtherModel {
             model = self.dir.join("other-model");
             tunenet_ml::init_tiny(&model, 99).map_err(|e| e.to_string())?;
@@ -981,8 +991,14 @@ impl InferenceCheater {
             quantize: "none".into(),
             ..Default::default()
         };
-        let scorer = tunenet_node::inference::scoring_model(&model, false, &cfg, &self.dir, &tunenet_ml::Device::Cpu)
-            .map_err(|e| e.to_string())?;
+        let scorer = tunenet_node::inference::scoring_model(
+            &model,
+            false,
+            &cfg,
+            &self.dir,
+            &tunenet_ml::Device::Cpu,
+        )
+        .map_err(|e| e.to_string())?;
         let mut sub = tunenet_node::inference::run(&scorer, &items, 1024, started, &mut |_, _| {})
             .map_err(|e| e.to_string())?;
         match self.cheat {
@@ -997,7 +1013,11 @@ impl InferenceCheater {
                     s.pred = best(&|i| s.logliks[i]);
                     s.pred_norm = best(&|i| s.logliks[i] / f64::from(s.ending_bytes[i].max(1)));
                 }
-                let right = sub.scores.iter().filter(|s| items[s.index].label == s.pred_norm).count();
+                let right = sub
+                    .scores
+                    .iter()
+                    .filter(|s| items[s.index].label == s.pred_norm)
+                    .count();
                 sub.acc_norm = right as f64 / items.len() as f64;
             }
             InferenceCheat::Partial => {
@@ -1009,10 +1029,19 @@ impl InferenceCheater {
         let bytes = serde_json::to_vec(&sub).unwrap();
         let id = blobs.put(&bytes).map_err(|e| e.to_string())?;
         let salt = [9u8; 32];
-        let mut c = signed(&self.id, &a.job_id, commit_hash(&id, &self.id.peer_id(), &a.job_id, &salt), bytes.len() as u64);
+        let mut c = signed(
+            &self.id,
+            &a.job_id,
+            commit_hash(&id, &self.id.peer_id(), &a.job_id, &salt),
+            bytes.len() as u64,
+        );
         c.signature = self.id.sign(&c.signing_bytes());
-        ValidatorClient::connect(&self.validator).await.map_err(|e| e.to_string())?
-            .commit(c).await.map_err(|e| e.to_string())?;
+        ValidatorClient::connect(&self.validator)
+            .await
+            .map_err(|e| e.to_string())?
+            .commit(c)
+            .await
+            .map_err(|e| e.to_string())?;
         let wait = a.deadline_ms.saturating_sub(tunenet_types::time::now_ms()) + 300;
         tokio::time::sleep(Duration::from_millis(wait)).await;
         let header = UploadHeader {
@@ -1022,8 +1051,12 @@ impl InferenceCheater {
             size: bytes.len() as u64,
             salt,
         };
-        ValidatorClient::connect(&self.validator).await.map_err(|e| e.to_string())?
-            .upload(header, &blobs.path(&id)).await.map_err(|e| e.to_string())?;
+        ValidatorClient::connect(&self.validator)
+            .await
+            .map_err(|e| e.to_string())?
+            .upload(header, &blobs.path(&id))
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(())
     }
 }
@@ -1040,7 +1073,8 @@ impl MinerBackend for CheaterService {
         })
     }
     async fn assign(&self, a: Assignment) -> Result<(), Status> {
-        a.verify().map_err(|e| Status::unauthenticated(e.to_string()))?;
+        a.verify()
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
         let me = self.0.clone();
         tokio::spawn(async move {
             let cheat = me.cheat;
@@ -1091,7 +1125,9 @@ async fn inference_cheats_are_caught_with_the_reason() {
             validator: vurl.clone(),
             dir: root.join(format!("cheater{i}")),
         });
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", p)).await.unwrap();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", p))
+            .await
+            .unwrap();
         let svc = tunenet_rpc::miner_server(Arc::new(CheaterService(c.clone())));
         tokio::spawn(
             tonic::transport::Server::builder()
@@ -1111,7 +1147,10 @@ async fn inference_cheats_are_caught_with_the_reason() {
         ),
     )
     .unwrap();
-    let honest = Daemon::start(&["miner", "--config", hconf.to_str().unwrap()], &root.join("honest.log"));
+    let honest = Daemon::start(
+        &["miner", "--config", hconf.to_str().unwrap()],
+        &root.join("honest.log"),
+    );
     miners.push(format!("\"http://127.0.0.1:{hport}\""));
     let vconf = root.join("v.toml");
     std::fs::write(
@@ -1127,12 +1166,33 @@ async fn inference_cheats_are_caught_with_the_reason() {
         .args(["validator", "--config", vconf.to_str().unwrap(), "init"])
         .output()
         .unwrap();
-    let admin = String::from_utf8_lossy(&init.stdout).lines().last().unwrap().trim().to_string();
-    let validator = Daemon::start(&["validator", "--config", vconf.to_str().unwrap()], &root.join("v.log"));
+    let admin = String::from_utf8_lossy(&init.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .to_string();
+    let validator = Daemon::start(
+        &["validator", "--config", vconf.to_str().unwrap()],
+        &root.join("v.log"),
+    );
     let limit = Instant::now() + Duration::from_secs(240);
     let lb = loop {
-        assert!(Instant::now() < limit, "not finished; log:\n{}\n{}", validator.log(), honest.log());
-        if let Some(lb) = async { ValidatorClient::connect(&vurl).await.ok()?.leaderboard("inf").await.ok() }.await
+        assert!(
+            Instant::now() < limit,
+            "not finished; log:\n{}\n{}",
+            validator.log(),
+            honest.log()
+        );
+        if let Some(lb) = async {
+            ValidatorClient::connect(&vurl)
+                .await
+                .ok()?
+                .leaderboard("inf")
+                .await
+                .ok()
+        }
+        .await
             && lb.jobs_total > 0
             && lb.jobs_done == lb.jobs_total
         {
@@ -1141,10 +1201,24 @@ async fn inference_cheats_are_caught_with_the_reason() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
     let out = Command::new(BIN)
-        .args(["console", "--validator", &vurl, "--token", &admin, "--json", "competition", "show", "inf"])
+        .args([
+            "console",
+            "--validator",
+            &vurl,
+            "--token",
+            &admin,
+            "--json",
+            "competition",
+            "show",
+            "inf",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let detail: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let scores = detail["jobs"][0]["scores"].as_array().unwrap().clone();
     let score_of = |peer: &str| {
@@ -1176,7 +1250,13 @@ async fn inference_cheats_are_caught_with_the_reason() {
             assert!(s["penalty_reason"].is_string(), "{:?}: {s}", c.cheat);
         } else {
             assert!(s["penalty_reason"].is_null(), "{:?}: {s}", c.cheat);
-            assert!(v["reason"].as_str().unwrap().contains("validator's time is scored"), "{v}");
+            assert!(
+                v["reason"]
+                    .as_str()
+                    .unwrap()
+                    .contains("validator's time is scored"),
+                "{v}"
+            );
         }
     }
     // The honest miner (q8_0 weights) passes every check and leads the board.
@@ -1191,5 +1271,12 @@ async fn inference_cheats_are_caught_with_the_reason() {
     for v in s["verdicts"].as_array().unwrap() {
         assert_eq!(v["outcome"], "pass", "{s}");
     }
-    assert!(lb.rows.iter().find(|r| r.miner.0 == honest_id).unwrap().mean_loss.is_some());
+    assert!(
+        lb.rows
+            .iter()
+            .find(|r| r.miner.0 == honest_id)
+            .unwrap()
+            .mean_loss
+            .is_some()
+    );
 }

@@ -8,15 +8,15 @@ use crate::config::CompetitionConfig;
 use crate::error::NodeError;
 use crate::validator::{CompState, CompetitionRecord};
 use serde::{Deserialize, Serialize};
-use tunenet_engine::{CompetitionPlan, Evaluation, JobPlan};
-use tunenet_store::{BlobStore, Store, StoreExt, trees};
-use tunenet_types::{BlobId, CompetitionId, JobId, PeerIdStr};
 use std::path::Path;
 use std::time::Instant;
+use tunenet_engine::{CompetitionPlan, Evaluation, JobPlan};
 use tunenet_integrity::inference::{
     INFERENCE_FORMAT, InferenceSubmission, InferenceTolerance, check_inference, sample_items,
 };
 use tunenet_ml::{HellaSwagItem, ItemScore, ScoreOptions, ScoringModel};
+use tunenet_store::{BlobStore, Store, StoreExt, trees};
+use tunenet_types::{BlobId, CompetitionId, JobId, PeerIdStr};
 
 /// Most items an inference shard may hold.
 pub const MAX_ITEMS: usize = 1_000_000;
@@ -92,7 +92,11 @@ pub fn scoring_model(
         if !gguf.exists() {
             tunenet_ml::export_gguf_quantized(&model, &gguf, "llama", &cfg.quantize)?;
         }
-        return Ok(ScoringModel::load_gguf(&gguf, device)?);
+        return Ok(ScoringModel::load_gguf(
+            &gguf,
+            device,
+            tunenet_ml::GgufWeights::Quantized,
+        )?);
     }
     let lm = tunenet_ml::CausalLm::load(&model, None, tunenet_ml::WeightDtype::F32, device)?;
     Ok(ScoringModel::from_causal_lm(&lm)?)
@@ -211,7 +215,9 @@ pub fn prepare(
     };
     let tol = &cfg.inference;
     if !(0.0..=1.0).contains(&tol.acc_norm_drop) {
-        return Err(fail("`inference.acc_norm_drop` must be between 0 and 1".into()));
+        return Err(fail(
+            "`inference.acc_norm_drop` must be between 0 and 1".into(),
+        ));
     }
     if !(tol.sample_fraction > 0.0 && tol.sample_fraction <= 1.0) {
         return Err(fail(

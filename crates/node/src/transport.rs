@@ -175,10 +175,12 @@ impl Transport {
         match self.route(reply_to)? {
             (Route::Grpc(url), _) => Ok(ValidatorClient::connect(&url).await?.commit(c).await?),
             (Route::P2p(peer), Some(client)) => {
-                match client.request(peer, JobRequest::Commitment(c.into())).await? {
-                    JobResponse::Receipt(r) => Receipt::try_from(r).map_err(|e| {
-                        SendError::Refused(format!("{peer} sent a bad receipt: {e}"))
-                    }),
+                match client
+                    .request(peer, JobRequest::Commitment(c.into()))
+                    .await?
+                {
+                    JobResponse::Receipt(r) => Receipt::try_from(r)
+                        .map_err(|e| SendError::Refused(format!("{peer} sent a bad receipt: {e}"))),
                     other => Err(unexpected("commitment", &other)),
                 }
             }
@@ -412,7 +414,11 @@ impl<S: RevealSink> P2pHandler for ValidatorP2p<S> {
                     Ok(l) => l,
                     Err(s) => return refusal(s),
                 };
-                let size = match self.client.fetch_blob_from(h.artifact, limit, &[peer]).await {
+                let size = match self
+                    .client
+                    .fetch_blob_from(h.artifact, limit, &[peer])
+                    .await
+                {
                     Ok(size) => size,
                     Err(e) => {
                         return JobResponse::Refused(format!(
