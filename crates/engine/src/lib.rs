@@ -9,6 +9,6 @@ pub use miner::{
     MinerEffect, MinerEngine, MinerError, MinerInput, MinerJob, MinerPhase, MinerPolicy,
 };
 pub use validator::{
-    CompetitionPlan, Evaluation, JobPhase, JobPlan, JobState, MinerSlot, OfferState,
+    CompetitionPlan, Evaluation, JobPhase, JobPlan, JobState, LEAKAGE_CHECK, MinerSlot, OfferState,
     SubmissionState, ValidatorEffect, ValidatorEngine, ValidatorError, ValidatorInput,
 };

@@ -134,6 +134,9 @@ pub enum SubmissionState {
         artifact: BlobId,
         /// Mean token loss on the hidden test split.
         test_loss: f64,
+        /// Mean token loss on the job's synthetic set, when it has one.
+        #[serde(default)]
+        synthetic_loss: Option<f64>,
         /// The integrity checks' verdicts.
         #[serde(default)]
         verdicts: Vec<Verdict>,
@@ -181,6 +184,10 @@ pub struct JobState {
     pub slots: BTreeMap<PeerIdStr, MinerSlot>,
     /// Scores, once the job is done.
     pub scores: Vec<JobScore>,
+    /// Seed of the job's synthetic evaluation set, drawn when the deadline passes (so no
+    /// miner could have trained on the set); None before, and for jobs stored earlier.
+    #[serde(default)]
+    pub synthetic_seed: Option<u64>,
 }
 
 /// Why the validator refused a commitment or an upload. Each says what to do.
@@ -254,10 +261,12 @@ pub enum ValidatorError {
 
 /// Things that happen to the validator, other than commit and upload (which answer at once).
 /// What the validator's evaluation found for one artifact.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Evaluation {
     /// Mean token loss on the hidden test split (None when a check failed first).
     pub test_loss: Option<f64>,
+    /// Mean token loss on the job's synthetic set (None when the job has none).
+    pub synthetic_loss: Option<f64>,
     /// The per-artifact integrity verdicts.
     pub verdicts: Vec<Verdict>,
     /// The delta sketch for cross-submission checks.
@@ -346,6 +355,8 @@ pub struct ValidatorEngine {
     order: Vec<JobId>,
     finished_announced: bool,
     paused: bool,
+    min_miners: usize,
+    inference: Option<tunenet_types::InferenceTerms>,
     banned: BTreeMap<PeerIdStr, String>,
 }
 
@@ -371,6 +382,7 @@ impl ValidatorEngine {
                 offers: BTreeMap::new(),
                 slots: BTreeMap::new(),
                 scores: Vec::new(),
+                synthetic_seed: None,
             });
             order.push(p.job_id.clone());
             jobs.insert(p.job_id.clone(), st);
@@ -383,6 +395,8 @@ impl ValidatorEngine {
             order,
             finished_announced: false,
             paused: false,
+            min_miners: 1,
+            inference: None,
             banned: BTreeMap::new(),
         }
     }
@@ -390,6 +404,24 @@ impl ValidatorEngine {
     /// Holds new jobs back (jobs in flight go on) or lets them start again.
     pub fn set_paused(&mut self, paused: bool) {
         self.paused = paused;
+    }
+
+    /// New jobs wait until at least `n` miner addresses are known (at least 1), so miners
+    /// found one by one over p2p all get the first offers.
+    pub fn set_min_miners(&mut self, n: usize) {
+        self.min_miners = n.max(1);
+    }
+
+    /// Makes the competition's jobs inference jobs with these terms (None: fine-tuning).
+    /// The commit-reveal flow is the same; the miner commits to its results instead of an
+    /// artifact, and the commitment's receipt time is when the validator timed it.
+    pub fn set_inference(&mut self, terms: Option<tunenet_types::InferenceTerms>) {
+        self.inference = terms;
+    }
+
+    /// The inference terms, for an inference competition.
+    pub fn inference(&self) -> Option<&tunenet_types::InferenceTerms> {
+        self.inference.as_ref()
     }
 
     /// Whether new jobs are held back.
@@ -521,15 +553,21 @@ impl ValidatorEngine {
                         }
                         Ok(Evaluation {
                             test_loss: Some(test_loss),
+                            synthetic_loss,
                             verdicts,
                             sketch,
                         }) if test_loss.is_finite() => {
+                            let synthetic_loss = synthetic_loss.filter(|l| l.is_finite());
                             fx.push(ValidatorEffect::Event(format!(
-                                "job {job_id}: {miner} test loss {test_loss:.4}"
+                                "job {job_id}: {miner} test loss {test_loss:.4}{}",
+                                synthetic_loss
+                                    .map(|l| format!(", synthetic loss {l:.4}"))
+                                    .unwrap_or_default()
                             )));
                             SubmissionState::Evaluated {
                                 artifact,
                                 test_loss,
+                                synthetic_loss,
                                 verdicts,
                                 sketch,
                             }
@@ -785,7 +823,7 @@ impl ValidatorEngine {
             .values()
             .filter(|j| !matches!(j.phase, JobPhase::Pending | JobPhase::Done { .. }))
             .count() as u32;
-        let mut free = if self.paused {
+        let mut free = if self.paused || self.miners.len() < self.min_miners {
             0
         } else {
             self.plan.concurrent_jobs.max(1).saturating_sub(active)
@@ -805,7 +843,11 @@ impl ValidatorEngine {
             let offer = Offer {
                 job_id: id.clone(),
                 competition_id: self.plan.id.clone(),
-                kind: JobKind::FineTune,
+                kind: if self.inference.is_some() {
+                    JobKind::Inference
+                } else {
+                    JobKind::FineTune
+                },
                 validator: self.identity.peer_id(),
                 base_model: job.plan.base_model,
                 base_params: job.plan.base_params,
@@ -815,6 +857,7 @@ impl ValidatorEngine {
                 hardware: self.plan.hardware.clone(),
                 reply_to: self.plan.reply_to.clone(),
                 model_config: job.plan.model_config.clone(),
+                inference: self.inference.clone(),
             };
             for addr in &self.miners {
                 job.offers.insert(addr.clone(), OfferState::Sent);
@@ -950,6 +993,9 @@ impl ValidatorEngine {
                     deadline,
                     until: deadline + plan.reveal_window_ms,
                 };
+                if job.synthetic_seed.is_none() {
+                    job.synthetic_seed = Some(rng.next_u64());
+                }
                 fx.push(ValidatorEffect::Event(format!(
                     "job {id}: deadline passed; reveals open"
                 )));
@@ -977,7 +1023,10 @@ impl ValidatorEngine {
                 if !settled {
                     return;
                 }
-                let findings = duplicate_findings(&self.jobs, id, &plan.integrity);
+                let mut findings = duplicate_findings(&self.jobs, id, &plan.integrity);
+                if let Some(job) = self.jobs.get(id) {
+                    findings.extend(leakage_findings(job, &plan.integrity));
+                }
                 let Some(job) = self.jobs.get_mut(id) else {
                     return;
                 };
@@ -985,10 +1034,12 @@ impl ValidatorEngine {
                     let Some(slot) = job.slots.get_mut(&miner) else {
                         continue;
                     };
-                    fx.push(ValidatorEffect::Event(format!(
-                        "job {id}: {miner}: {}",
-                        v.reason
-                    )));
+                    if v.outcome != Outcome::Pass {
+                        fx.push(ValidatorEffect::Event(format!(
+                            "job {id}: {miner}: {}",
+                            v.reason
+                        )));
+                    }
                     match (&mut slot.submission, v.outcome) {
                         (SubmissionState::Evaluated { verdicts, .. }, Outcome::Fail) => {
                             let mut all = std::mem::take(verdicts);
@@ -1008,7 +1059,11 @@ impl ValidatorEngine {
                     .slots
                     .values()
                     .map(|s| match s.submission {
-                        SubmissionState::Evaluated { test_loss, .. } => Some(test_loss),
+                        SubmissionState::Evaluated {
+                            test_loss,
+                            synthetic_loss,
+                            ..
+                        } => Some(plan.scoring.scored_loss(test_loss, synthetic_loss)),
                         _ => None,
                     })
                     .collect();
@@ -1057,6 +1112,120 @@ fn failed_reasons(verdicts: &[Verdict]) -> String {
         .map(|v| format!("{}: {}", v.check, v.reason))
         .collect();
     format!("integrity: {}", r.join("; "))
+}
+
+/// Name of the leakage verdict.
+pub const LEAKAGE_CHECK: &str = "test_leakage";
+
+/// Test-set leakage (DESIGN.md §4.6), judged over the job's cohort: each evaluated
+/// submission's synthetic/test loss ratio against the cohort's median, in robust spreads
+/// (1.4826 × MAD, at least `leak_spread_floor` × the median). Training on the hidden test
+/// split lowers the test loss and not the synthetic one, so the ratio rises; honest runs of
+/// any length or method move both alike. A ratio `leak_fail_z` spreads above fails; one
+/// `leak_flag_z` spreads above fails if the submission's canary and subset tests both found
+/// no significant sign of training on its assigned data, and is flagged otherwise.
+/// With fewer than three ratios there is no cohort to judge against: each gets a passing
+/// verdict saying so, with its ratio.
+fn leakage_findings(job: &JobState, settings: &IntegritySettings) -> Vec<(PeerIdStr, Verdict)> {
+    if !settings.enabled {
+        return vec![];
+    }
+    let cohort: Vec<(&PeerIdStr, f64, f64, &Vec<Verdict>)> = job
+        .slots
+        .iter()
+        .filter_map(|(m, s)| match &s.submission {
+            SubmissionState::Evaluated {
+                test_loss,
+                synthetic_loss: Some(syn),
+                verdicts,
+                ..
+            } if *test_loss > 0.0 && syn.is_finite() => Some((m, *test_loss, *syn, verdicts)),
+            _ => None,
+        })
+        .collect();
+    let ratios: Vec<f64> = cohort.iter().map(|(_, t, s, _)| s / t).collect();
+    let n = ratios.len();
+    if n < 3 {
+        return cohort
+            .iter()
+            .zip(&ratios)
+            .map(|((m, t, s, _), r)| {
+                ((*m).clone(), Verdict {
+                    check: LEAKAGE_CHECK.into(),
+                    outcome: Outcome::Pass,
+                    value: Some(*r),
+                    threshold: None,
+                    reason: format!(
+                        "not judged: a cohort of {n} evaluated submissions is too small (3 needed); synthetic/test loss ratio {r:.4} (test {t:.4}, synthetic {s:.4})"
+                    ),
+                })
+            })
+            .collect();
+    }
+    let mid = median(&ratios);
+    let deviations: Vec<f64> = ratios.iter().map(|r| (r - mid).abs()).collect();
+    let mad: f64 = 1.4826 * median(&deviations);
+    let floor = settings.leak_spread_floor * mid.abs();
+    let spread = mad.max(floor).max(f64::MIN_POSITIVE);
+    cohort
+        .iter()
+        .zip(&ratios)
+        .map(|((m, t, s, verdicts), r)| {
+            let z = (r - mid) / spread;
+            // Evidence of honest work: a significant canary or subset test.
+            let trained = verdicts.iter().any(|v| {
+                (v.check == "canaries" || v.check == "assigned_subset")
+                    && matches!((v.value, v.threshold), (Some(p), Some(a)) if p <= a)
+            });
+            let numbers = format!(
+                "synthetic/test loss ratio {r:.4} (test {t:.4}, synthetic {s:.4}) is {z:.1} spreads from the cohort's median {mid:.4} (spread {spread:.4}, {n} submissions)"
+            );
+            let (outcome, reason) = if z >= settings.leak_fail_z {
+                (
+                    Outcome::Fail,
+                    format!("the hidden test split leaked into training: {numbers}"),
+                )
+            } else if z >= settings.leak_flag_z && !trained {
+                (
+                    Outcome::Fail,
+                    format!(
+                        "the hidden test split leaked into training: {numbers}, and its canary and subset tests show no sign of training on its assigned data"
+                    ),
+                )
+            } else if z >= settings.leak_flag_z {
+                (
+                    Outcome::Flag,
+                    format!(
+                        "test loss suspiciously low for its synthetic loss: {numbers} (it did train on its assigned data)"
+                    ),
+                )
+            } else {
+                (Outcome::Pass, numbers)
+            };
+            ((*m).clone(), Verdict {
+                check: LEAKAGE_CHECK.into(),
+                outcome,
+                value: Some(z),
+                threshold: Some(settings.leak_fail_z),
+                reason,
+            })
+        })
+        .collect()
+}
+
+/// Median of finite values (0 when there are none).
+fn median(values: &[f64]) -> f64 {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let k = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[k]
+    } else {
+        (v[k - 1] + v[k]) / 2.0
+    }
 }
 
 /// Exact and near duplicates between job `id`'s evaluated submissions and every other

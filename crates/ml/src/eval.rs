@@ -1,10 +1,11 @@
 //! Evaluation: mean next-token loss of a base model, optionally with a training artifact
-//! (LoRA adapter or full weights) applied.
+//! (LoRA adapter or full weights) applied, over a whole set or record by record (the
+//! integrity checks compare per-record losses between sets).
 
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::{D, DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::artifact::{load_artifact_tensors, read_artifact_manifest, tensor_shapes};
@@ -80,6 +81,106 @@ pub fn evaluate(
         records: records.len(),
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// Per-record losses from one model load: `losses[i]` is record `i`'s mean negative
+/// log-likelihood per target token (nats), or None when the record has no scorable token
+/// (empty, or its response truncated away); `tokens[i]` is how many target tokens it has.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RecordLosses {
+    /// Each record's mean token loss.
+    pub losses: Vec<Option<f64>>,
+    /// Each record's target token count (0 when its loss is None).
+    pub tokens: Vec<u64>,
+    /// Wall time, loading included.
+    pub seconds: f64,
+}
+
+impl RecordLosses {
+    /// Token-weighted mean loss over the records in `range` (what [`evaluate`] would give
+    /// for those records alone); None when none of them has a scorable token.
+    pub fn mean_over(&self, range: std::ops::Range<usize>) -> Option<f64> {
+        let (mut sum, mut n) = (0f64, 0u64);
+        for i in range {
+            if let (Some(Some(l)), Some(t)) = (self.losses.get(i), self.tokens.get(i)) {
+                sum += l * *t as f64;
+                n += t;
+            }
+        }
+        (n > 0).then(|| sum / n as f64)
+    }
+}
+
+/// Each record's mean token loss under the base model (`artifact` None) or base + artifact,
+/// with one model load: batched like [`evaluate`] (same masking, truncation and f32
+/// weights), so the token-weighted mean of a set's per-record losses equals its
+/// [`evaluate`] loss. Records with nothing to score get None rather than an error.
+pub fn record_losses(
+    model: &ModelDir,
+    artifact: Option<&Path>,
+    records: &[Record],
+    max_seq_len: usize,
+    batch_size: usize,
+    device: &Device,
+) -> Result<RecordLosses, MlError> {
+    let start = Instant::now();
+    if batch_size == 0 {
+        return Err(MlError::Invalid(
+            "evaluation batch_size must be at least 1".into(),
+        ));
+    }
+    if max_seq_len < 2 {
+        return Err(MlError::Invalid(format!(
+            "evaluation max_seq_len must be at least 2, got {max_seq_len}"
+        )));
+    }
+    let cfg = model.config()?;
+    let tok = load_tokenizer(model, &cfg)?;
+    // Tokenized one by one so each example keeps its record's index (tokenize drops
+    // records with no target).
+    let mut examples: Vec<(usize, Example)> = Vec::with_capacity(records.len());
+    for (i, r) in records.iter().enumerate() {
+        if let Some(e) = tokenize(&tok, &cfg, std::slice::from_ref(r), max_seq_len)?.pop() {
+            examples.push((i, e));
+        }
+    }
+    let mut out = RecordLosses {
+        losses: vec![None; records.len()],
+        tokens: vec![0; records.len()],
+        seconds: 0.0,
+    };
+    if !examples.is_empty() {
+        let llama = load_model(model, &cfg, artifact, DType::F32, device)?;
+        examples.sort_by_key(|(_, e)| e.ids.len());
+        for chunk in examples.chunks(batch_size) {
+            let refs: Vec<&Example> = chunk.iter().map(|(_, e)| e).collect();
+            let sums = row_nll_sums(&llama, &refs, device).ctx("evaluating a batch")?;
+            for ((i, e), sum) in chunk.iter().zip(sums) {
+                let n = e.targets() as u64;
+                out.losses[*i] = Some(sum / n.max(1) as f64);
+                out.tokens[*i] = n;
+            }
+        }
+    }
+    out.seconds = start.elapsed().as_secs_f64();
+    Ok(out)
+}
+
+/// Summed target-token NLL of each row of a batch.
+fn row_nll_sums(
+    llama: &Llama,
+    refs: &[&Example],
+    device: &Device,
+) -> candle_core::Result<Vec<f64>> {
+    let batch = make_batch(refs, device)?;
+    let logits = llama.forward(&batch.inputs, &batch.key_mask, Mode::Infer)?;
+    let (b, t, v) = logits.dims3()?;
+    let logp = candle_nn::ops::log_softmax(&logits.reshape((b * t, v))?, D::Minus1)?;
+    let picked: Tensor = logp
+        .gather(&batch.targets.reshape((b * t, 1))?, 1)?
+        .reshape((b, t))?;
+    let nll = (picked * &batch.loss_mask)?.sum(1)?.neg()?;
+    nll.to_dtype(DType::F64)?.to_vec1::<f64>()
 }
 
 fn eval_batch(

@@ -45,89 +45,12 @@ pub fn import_gguf(gguf: &Path, out: &Path) -> Result<LlamaConfig, MlError> {
     let content = gguf_file::Content::read(&mut reader)
         .map_err(|e| bad(format!("not a readable GGUF file: {e}")))?;
     let md = &content.metadata;
-    let arch = md
-        .get("general.architecture")
-        .and_then(|v| v.to_string().ok())
-        .cloned()
-        .unwrap_or_default();
-    if arch != "llama" {
-        return Err(bad(format!(
-            "general.architecture is {arch:?}; only \"llama\" GGUF files (LLaMA, SmolLM2, Mistral-style) can be imported"
-        )));
-    }
-    let int = |key: &str| -> Result<usize, MlError> {
-        md.get(key)
-            .and_then(as_u64)
-            .map(|v| v as usize)
-            .ok_or_else(|| bad(format!("metadata {key} is missing or not an integer")))
-    };
-    let float = |key: &str| -> Option<f64> { md.get(key).and_then(as_f64) };
-    let heads = int("llama.attention.head_count")?;
-    let kv_heads = md
-        .get("llama.attention.head_count_kv")
-        .and_then(as_u64)
-        .map(|v| v as usize)
-        .unwrap_or(heads);
-    let hidden = int("llama.embedding_length")?;
-    let layers = int("llama.block_count")?;
-    if content.tensor_infos.contains_key("rope_freqs.weight") {
-        return Err(bad(
-            "has rope_freqs.weight (Llama 3 rope scaling baked into the GGUF), which import does not support; use the Hugging Face safetensors checkpoint instead".into(),
-        ));
-    }
-    let embed_info = content
-        .tensor_infos
-        .get("token_embd.weight")
-        .ok_or_else(|| bad("has no token_embd.weight tensor".into()))?;
-    let vocab_size = embed_info.shape.dims().first().copied().unwrap_or(0);
-    let tie = !content.tensor_infos.contains_key("output.weight");
-    let rope_scaling = match md
-        .get("llama.rope.scaling.type")
-        .and_then(|v| v.to_string().ok())
-        .map(String::as_str)
-    {
-        None | Some("none") => None,
-        Some("linear") => Some(crate::config::RopeScaling::Linear {
-            factor: float("llama.rope.scaling.factor").unwrap_or(1.0),
-        }),
-        Some(other) => {
-            return Err(bad(format!(
-                "rope scaling type {other:?} is not supported by import"
-            )));
-        }
-    };
-    let cfg = LlamaConfig {
-        vocab_size,
-        hidden_size: hidden,
-        intermediate_size: int("llama.feed_forward_length")?,
-        num_hidden_layers: layers,
-        num_attention_heads: heads,
-        num_key_value_heads: Some(kv_heads),
-        max_position_embeddings: int("llama.context_length")?,
-        rms_norm_eps: float("llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
-        rope_theta: float("llama.rope.freq_base").unwrap_or(10000.0),
-        tie_word_embeddings: tie,
-        bos_token_id: md
-            .get("tokenizer.ggml.bos_token_id")
-            .and_then(as_u64)
-            .map(|v| v as u32),
-        eos_token_id: md
-            .get("tokenizer.ggml.eos_token_id")
-            .and_then(as_u64)
-            .map(|v| v as u32),
-        model_type: Some("llama".into()),
-        architectures: Some(vec!["LlamaForCausalLM".into()]),
-        rope_scaling,
-        head_dim: md
-            .get("llama.attention.key_length")
-            .and_then(as_u64)
-            .map(|v| v as usize)
-            .filter(|&k| k != hidden / heads.max(1)),
-        sliding_window: None,
-    };
-    cfg.validate()
-        .map_err(|p| bad(format!("metadata describe an unusable model: {p}")))?;
+    let cfg = gguf_config(&content, gguf)?;
+    let layers = cfg.num_hidden_layers;
+    let heads = cfg.num_attention_heads;
+    let kv_heads = cfg.kv_heads();
     let hd = cfg.head_dim();
+    let vocab_size = cfg.vocab_size;
 
     let tokenizer = gguf_tokenizer(md).map_err(|p| bad(format!("tokenizer: {p}")))?;
     if tokenizer.get_vocab_size(true) > vocab_size {
@@ -191,6 +114,32 @@ pub fn import_gguf(gguf: &Path, out: &Path) -> Result<LlamaConfig, MlError> {
 /// for interleaved rotary, tokenizer vocabulary and merges in the metadata), with
 /// `general.architecture` set to `architecture` (normally "llama").
 pub fn export_gguf(model: &ModelDir, out: &Path, architecture: &str) -> Result<(), MlError> {
+    export_gguf_quantized(model, out, architecture, "f32")
+}
+
+/// [`export_gguf`] with the 2-D weights quantised to `quant` ("f32", "f16", "q8_0",
+/// "q4_0", "q4_1", "q5_0", "q5_1"); a weight whose rows do not divide into the type's
+/// blocks, and every norm, stays f32 (as llama.cpp's converter does).
+pub fn export_gguf_quantized(
+    model: &ModelDir,
+    out: &Path,
+    architecture: &str,
+    quant: &str,
+) -> Result<(), MlError> {
+    let dtype = match quant.to_ascii_lowercase().as_str() {
+        "f32" => GgmlDType::F32,
+        "f16" => GgmlDType::F16,
+        "q8_0" => GgmlDType::Q8_0,
+        "q4_0" => GgmlDType::Q4_0,
+        "q4_1" => GgmlDType::Q4_1,
+        "q5_0" => GgmlDType::Q5_0,
+        "q5_1" => GgmlDType::Q5_1,
+        other => {
+            return Err(MlError::Invalid(format!(
+                "GGUF type {other:?} is not one of f32, f16, q8_0, q4_0, q4_1, q5_0, q5_1"
+            )));
+        }
+    };
     let cfg = model.config()?;
     let files = model.weight_files()?;
     let hd = cfg.head_dim();
@@ -213,7 +162,13 @@ pub fn export_gguf(model: &ModelDir, out: &Path, architecture: &str) -> Result<(
             } else if g.ends_with(".attn_k.weight") {
                 t = permute(&t, cfg.kv_heads(), hd).ctx("permuting k")?;
             }
-            q.push((g, QTensor::quantize(&t, GgmlDType::F32).ctx("packing")?));
+            let cols = t.dims().last().copied().unwrap_or(0);
+            let ty = if t.rank() == 2 && cols.is_multiple_of(dtype.block_size()) {
+                dtype
+            } else {
+                GgmlDType::F32
+            };
+            q.push((g, QTensor::quantize(&t, ty).ctx("packing")?));
         }
     }
     let tok_json: serde_json::Value = serde_json::from_slice(
@@ -307,6 +262,103 @@ pub fn export_gguf(model: &ModelDir, out: &Path, architecture: &str) -> Result<(
     let mut w = BufWriter::new(file);
     gguf_file::write(&mut w, &md_refs, &t_refs).ctx("writing GGUF")?;
     std::io::Write::flush(&mut w).map_err(|e| MlError::io("cannot write", out, e))
+}
+
+/// The [`LlamaConfig`] described by a llama-architecture GGUF's metadata; errors name
+/// `path`.
+pub(crate) fn gguf_config(
+    content: &gguf_file::Content,
+    path: &Path,
+) -> Result<LlamaConfig, MlError> {
+    let gguf = path;
+    let bad = |problem: String| MlError::Config {
+        path: gguf.to_path_buf(),
+        problem,
+    };
+    let md = &content.metadata;
+    let arch = md
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_default();
+    if arch != "llama" {
+        return Err(bad(format!(
+            "general.architecture is {arch:?}; only \"llama\" GGUF files (LLaMA, SmolLM2, Mistral-style) can be imported"
+        )));
+    }
+    let int = |key: &str| -> Result<usize, MlError> {
+        md.get(key)
+            .and_then(as_u64)
+            .map(|v| v as usize)
+            .ok_or_else(|| bad(format!("metadata {key} is missing or not an integer")))
+    };
+    let float = |key: &str| -> Option<f64> { md.get(key).and_then(as_f64) };
+    let heads = int("llama.attention.head_count")?;
+    let kv_heads = md
+        .get("llama.attention.head_count_kv")
+        .and_then(as_u64)
+        .map(|v| v as usize)
+        .unwrap_or(heads);
+    let hidden = int("llama.embedding_length")?;
+    let layers = int("llama.block_count")?;
+    if content.tensor_infos.contains_key("rope_freqs.weight") {
+        return Err(bad(
+            "has rope_freqs.weight (Llama 3 rope scaling baked into the GGUF), which import does not support; use the Hugging Face safetensors checkpoint instead".into(),
+        ));
+    }
+    let embed_info = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .ok_or_else(|| bad("has no token_embd.weight tensor".into()))?;
+    let vocab_size = embed_info.shape.dims().first().copied().unwrap_or(0);
+    let tie = !content.tensor_infos.contains_key("output.weight");
+    let rope_scaling = match md
+        .get("llama.rope.scaling.type")
+        .and_then(|v| v.to_string().ok())
+        .map(String::as_str)
+    {
+        None | Some("none") => None,
+        Some("linear") => Some(crate::config::RopeScaling::Linear {
+            factor: float("llama.rope.scaling.factor").unwrap_or(1.0),
+        }),
+        Some(other) => {
+            return Err(bad(format!(
+                "rope scaling type {other:?} is not supported by import"
+            )));
+        }
+    };
+    let cfg = LlamaConfig {
+        vocab_size,
+        hidden_size: hidden,
+        intermediate_size: int("llama.feed_forward_length")?,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        num_key_value_heads: Some(kv_heads),
+        max_position_embeddings: int("llama.context_length")?,
+        rms_norm_eps: float("llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+        rope_theta: float("llama.rope.freq_base").unwrap_or(10000.0),
+        tie_word_embeddings: tie,
+        bos_token_id: md
+            .get("tokenizer.ggml.bos_token_id")
+            .and_then(as_u64)
+            .map(|v| v as u32),
+        eos_token_id: md
+            .get("tokenizer.ggml.eos_token_id")
+            .and_then(as_u64)
+            .map(|v| v as u32),
+        model_type: Some("llama".into()),
+        architectures: Some(vec!["LlamaForCausalLM".into()]),
+        rope_scaling,
+        head_dim: md
+            .get("llama.attention.key_length")
+            .and_then(as_u64)
+            .map(|v| v as usize)
+            .filter(|&k| k != hidden / heads.max(1)),
+        sliding_window: None,
+    };
+    cfg.validate()
+        .map_err(|p| bad(format!("metadata describe an unusable model: {p}")))?;
+    Ok(cfg)
 }
 
 fn as_u64(v: &Value) -> Option<u64> {
@@ -410,7 +462,7 @@ fn unpermute(w: &Tensor, heads: usize, hd: usize) -> candle_core::Result<Tensor>
 }
 
 /// Rebuilds a GPT-2-style byte-level BPE tokenizer from GGUF metadata.
-fn gguf_tokenizer(md: &HashMap<String, Value>) -> Result<Tokenizer, String> {
+pub(crate) fn gguf_tokenizer(md: &HashMap<String, Value>) -> Result<Tokenizer, String> {
     let model = md
         .get("tokenizer.ggml.model")
         .and_then(|v| v.to_string().ok())

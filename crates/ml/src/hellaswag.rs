@@ -1,6 +1,8 @@
 //! HellaSwag scoring as lm-evaluation-harness does it: the same preprocessing, each ending
 //! scored as the summed log-likelihood of `" " + ending` given the context, `acc` by the
-//! raw sum and `acc_norm` by the sum over the ending's character count.
+//! raw sum and `acc_norm` by the sum over the ending's length. [`score_items`] is the
+//! inference-job API (per-item scores, subsets for recomputation); the model side is any
+//! [`HellaSwagScorer`].
 
 use std::path::Path;
 use std::time::Instant;
@@ -11,6 +13,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::MlError;
 use crate::lm::CausalLm;
+use crate::scoring::{Branch, HellaSwagScorer, PackedGroup};
 
 /// One HellaSwag item in the dataset's own JSONL layout (other fields are ignored).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -138,15 +141,328 @@ pub fn load_hellaswag(path: &Path) -> Result<Vec<HellaSwagItem>, MlError> {
     Ok(out)
 }
 
-/// Context-to-ending length ratio from which an item's context runs once and its endings
-/// continue from copies of its KV cache, instead of all endings running as one batch.
-const KV_REUSE_RATIO: usize = 4;
+/// Tokens per forward pass [`ScoreOptions::default`] packs items up to (padding included).
+pub const DEFAULT_BATCH_TOKENS: usize = 1024;
 
-/// Scores `items` with `lm`. The endings of an item run as one padded batch (a single
-/// forward pass); when the context is at least four times as long as the longest ending,
-/// the context runs once and each ending continues from a copy of its KV cache. Context and continuation are split as the harness does: the continuation's
-/// tokens are those of `context + " " + ending` past the context's own tokens; a context
-/// too long for the model loses its first tokens. No BOS token is added.
+/// The scores of one item's endings, as a miner reports them and a validator recomputes
+/// them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ItemScore {
+    /// Index of the item in the dataset.
+    pub index: usize,
+    /// Summed log-probability of each ending's tokens given the context.
+    pub logliks: Vec<f64>,
+    /// Tokens of each ending (those of `context + " " + ending` past the context's own).
+    pub ending_tokens: Vec<u32>,
+    /// UTF-8 bytes of each preprocessed ending (the `acc_norm` divisor; lm-eval-harness
+    /// divides by characters, the same for the ASCII text HellaSwag is nearly all made of).
+    pub ending_bytes: Vec<u32>,
+    /// Tokens of the item's context (for throughput figures).
+    pub context_tokens: u32,
+    /// Ending with the highest log-likelihood (`acc`).
+    pub pred: usize,
+    /// Ending with the highest log-likelihood per byte (`acc_norm`).
+    pub pred_norm: usize,
+}
+
+/// How [`score_items`] runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScoreOptions {
+    /// Items are packed into forward passes of at most this many tokens, padding included
+    /// (an item longer than that runs alone). Larger batches use the matmuls better.
+    pub batch_tokens: usize,
+    /// Score only these item indices, in this order (a validator recomputing a sample);
+    /// `None` scores every item.
+    pub indices: Option<Vec<usize>>,
+}
+
+impl Default for ScoreOptions {
+    fn default() -> Self {
+        ScoreOptions {
+            batch_tokens: DEFAULT_BATCH_TOKENS,
+            indices: None,
+        }
+    }
+}
+
+/// Progress of [`score_items`], reported after every forward pass.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScoreProgress {
+    /// Items scored so far.
+    pub done: usize,
+    /// Items to score.
+    pub total: usize,
+    /// Seconds since scoring started.
+    pub seconds: f64,
+}
+
+/// An item turned into token groups, and which (group, branch) scores each ending.
+struct Prepared {
+    index: usize,
+    groups: Vec<PackedGroup>,
+    endings: Vec<(usize, usize)>,
+    ending_tokens: Vec<u32>,
+    ending_bytes: Vec<u32>,
+    context_tokens: u32,
+}
+
+/// Tokenises an item the way lm-evaluation-harness does: the continuation's tokens are
+/// those of `context + " " + ending` past the context's own tokens, and a context too
+/// long for the model loses its first tokens. No BOS token is added. Endings share the
+/// context in one group; an item that needs truncation gets one group per ending.
+fn prepare(
+    scorer: &dyn HellaSwagScorer,
+    index: usize,
+    item: &HellaSwagItem,
+) -> Result<Prepared, MlError> {
+    if item.endings.is_empty() {
+        return Err(MlError::Invalid(format!(
+            "HellaSwag item {index} has no endings"
+        )));
+    }
+    let context = hellaswag_context(item);
+    let ctx_ids = scorer.encode(&context)?;
+    if ctx_ids.is_empty() {
+        return Err(MlError::Invalid(format!(
+            "HellaSwag item {index} has an empty context"
+        )));
+    }
+    let max_len = scorer.max_positions() + 1;
+    let mut wholes = Vec::with_capacity(item.endings.len());
+    let mut ending_bytes = Vec::with_capacity(item.endings.len());
+    let mut overflowing = false;
+    for ending in &item.endings {
+        let ending = hellaswag_preprocess(ending);
+        let whole = scorer.encode(&format!("{context} {ending}"))?;
+        let shared = ctx_ids
+            .iter()
+            .zip(&whole)
+            .take_while(|(a, b)| a == b)
+            .count();
+        if shared == whole.len() {
+            return Err(MlError::Invalid(format!(
+                "ending {ending:?} adds no tokens to its context"
+            )));
+        }
+        if shared == 0 {
+            return Err(MlError::Invalid(format!(
+                "HellaSwag item {index}: context and ending share no tokens"
+            )));
+        }
+        let overflow = whole.len().saturating_sub(max_len);
+        if overflow >= shared {
+            return Err(MlError::Invalid(format!(
+                "ending {ending:?} alone exceeds the model's context"
+            )));
+        }
+        overflowing |= overflow > 0;
+        ending_bytes.push(ending.len().max(1) as u32);
+        wholes.push((whole, shared, overflow));
+    }
+    let ending_tokens = wholes
+        .iter()
+        .map(|(w, s, _)| (w.len() - s) as u32)
+        .collect();
+    let (groups, endings) = if overflowing {
+        let groups = wholes
+            .iter()
+            .map(|(whole, shared, overflow)| {
+                let seq = &whole[*overflow..];
+                let start = shared - overflow;
+                PackedGroup {
+                    prefix: seq[..start].to_vec(),
+                    branches: vec![Branch {
+                        tokens: seq[start..].to_vec(),
+                        score_from: start,
+                    }],
+                }
+            })
+            .collect();
+        (groups, (0..wholes.len()).map(|i| (i, 0)).collect())
+    } else {
+        let p = wholes.iter().map(|(_, s, _)| *s).min().unwrap_or(1);
+        let group = PackedGroup {
+            prefix: ctx_ids[..p].to_vec(),
+            branches: wholes
+                .iter()
+                .map(|(whole, shared, _)| Branch {
+                    tokens: whole[p..].to_vec(),
+                    score_from: *shared,
+                })
+                .collect(),
+        };
+        (vec![group], (0..wholes.len()).map(|i| (0, i)).collect())
+    };
+    Ok(Prepared {
+        index,
+        groups,
+        endings,
+        ending_tokens,
+        ending_bytes,
+        context_tokens: ctx_ids.len() as u32,
+    })
+}
+
+fn argmax(xs: impl Iterator<Item = f64>) -> usize {
+    xs.enumerate()
+        .fold((0, f64::NEG_INFINITY), |best, (i, x)| {
+            if x > best.1 { (i, x) } else { best }
+        })
+        .0
+}
+
+/// Scores HellaSwag `items` (or the subset `opts.indices`) with `scorer`, as
+/// lm-evaluation-harness does (see [`prepare`]'s rules): per item, the summed
+/// log-likelihood of each ending and the predictions by it (`acc`) and by it per byte
+/// (`acc_norm`). Each item's context runs once and its endings attend to it; items are
+/// packed into forward passes of about `opts.batch_tokens` tokens. Results come in the
+/// order of `opts.indices` (or of `items`) and do not depend on which other items are
+/// scored, beyond float rounding. `progress` hears after every forward pass.
+pub fn score_items(
+    scorer: &dyn HellaSwagScorer,
+    items: &[HellaSwagItem],
+    opts: &ScoreOptions,
+    progress: &mut dyn FnMut(&ScoreProgress),
+) -> Result<Vec<ItemScore>, MlError> {
+    let start = Instant::now();
+    let indices: Vec<usize> = match &opts.indices {
+        Some(ix) => ix.clone(),
+        None => (0..items.len()).collect(),
+    };
+    if let Some(&bad) = indices.iter().find(|&&i| i >= items.len()) {
+        return Err(MlError::Invalid(format!(
+            "item index {bad} is out of range ({} items)",
+            items.len()
+        )));
+    }
+    let mut prepared = indices
+        .iter()
+        .map(|&i| prepare(scorer, i, &items[i]))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Items of similar length share a batch, so little of it is padding.
+    let mut order: Vec<usize> = (0..prepared.len()).collect();
+    order.sort_by_key(|&k| {
+        prepared[k]
+            .groups
+            .iter()
+            .map(PackedGroup::run_len)
+            .max()
+            .unwrap_or(0)
+    });
+    let budget = opts.batch_tokens.max(1);
+    let mut logliks: Vec<Vec<f64>> = prepared
+        .iter()
+        .map(|p| vec![0.0; p.endings.len()])
+        .collect();
+    let total = prepared.len();
+    let mut done = 0;
+    let mut next = 0;
+    while next < order.len() {
+        // Greedy: add items while (groups x longest group) stays within the budget.
+        let mut batch: Vec<usize> = Vec::new();
+        let (mut n_groups, mut longest) = (0usize, 0usize);
+        while next < order.len() {
+            let p = &prepared[order[next]];
+            let len = p.groups.iter().map(PackedGroup::run_len).max().unwrap_or(0);
+            let cost = (n_groups + p.groups.len()) * longest.max(len);
+            if !batch.is_empty() && cost > budget {
+                break;
+            }
+            n_groups += p.groups.len();
+            longest = longest.max(len);
+            batch.push(order[next]);
+            next += 1;
+        }
+        let groups: Vec<PackedGroup> = batch
+            .iter()
+            .flat_map(|&k| prepared[k].groups.iter().cloned())
+            .collect();
+        let scores = scorer.score_groups(&groups)?;
+        if scores.len() != groups.len() {
+            return Err(MlError::Invalid(format!(
+                "scorer returned {} groups for {}",
+                scores.len(),
+                groups.len()
+            )));
+        }
+        let mut offset = 0;
+        for &k in &batch {
+            for (e, &(g, b)) in prepared[k].endings.iter().enumerate() {
+                logliks[k][e] = scores
+                    .get(offset + g)
+                    .and_then(|s| s.get(b))
+                    .copied()
+                    .ok_or_else(|| MlError::Invalid("scorer returned too few branches".into()))?;
+            }
+            offset += prepared[k].groups.len();
+        }
+        done += batch.len();
+        progress(&ScoreProgress {
+            done,
+            total,
+            seconds: start.elapsed().as_secs_f64(),
+        });
+    }
+    Ok(prepared
+        .iter_mut()
+        .zip(logliks)
+        .map(|(p, ll)| {
+            let pred = argmax(ll.iter().copied());
+            let pred_norm = argmax(
+                ll.iter()
+                    .zip(&p.ending_bytes)
+                    .map(|(l, &b)| l / f64::from(b)),
+            );
+            ItemScore {
+                index: p.index,
+                logliks: ll,
+                ending_tokens: std::mem::take(&mut p.ending_tokens),
+                ending_bytes: std::mem::take(&mut p.ending_bytes),
+                context_tokens: p.context_tokens,
+                pred,
+                pred_norm,
+            }
+        })
+        .collect())
+}
+
+/// `acc`, `acc_norm` and throughput of `scores` against the labels of `items` (each score
+/// names its item by index), for a run that took `seconds`. Tokens count what
+/// lm-evaluation-harness would run: context plus ending, less one, per ending.
+pub fn hellaswag_summary(
+    items: &[HellaSwagItem],
+    scores: &[ItemScore],
+    seconds: f64,
+) -> Result<HellaSwagReport, MlError> {
+    if scores.is_empty() {
+        return Err(MlError::Invalid("no HellaSwag items to score".into()));
+    }
+    let (mut right, mut right_norm, mut tokens) = (0usize, 0usize, 0usize);
+    for s in scores {
+        let item = items.get(s.index).ok_or_else(|| {
+            MlError::Invalid(format!("score for item {} of {}", s.index, items.len()))
+        })?;
+        right += usize::from(s.pred == item.label);
+        right_norm += usize::from(s.pred_norm == item.label);
+        tokens += s
+            .ending_tokens
+            .iter()
+            .map(|&t| (s.context_tokens + t) as usize - 1)
+            .sum::<usize>();
+    }
+    let secs = seconds.max(1e-9);
+    let n = scores.len();
+    Ok(HellaSwagReport {
+        items: n,
+        acc: right as f64 / n as f64,
+        acc_norm: right_norm as f64 / n as f64,
+        items_per_sec: n as f64 / secs,
+        tokens_per_sec: tokens as f64 / secs,
+        seconds: secs,
+    })
+}
+
+/// Scores every item with `lm` ([`score_items`] with default options) and summarises.
 pub fn evaluate_hellaswag(
     lm: &CausalLm,
     items: &[HellaSwagItem],
@@ -155,86 +471,8 @@ pub fn evaluate_hellaswag(
         return Err(MlError::Invalid("no HellaSwag items to score".into()));
     }
     let start = Instant::now();
-    let tok = lm.tokenizer();
-    let max_len = lm.config().max_position_embeddings + 1;
-    let (mut right, mut right_norm, mut tokens) = (0usize, 0usize, 0usize);
-    for item in items {
-        let context = hellaswag_context(item);
-        let ctx_ids = tok.encode(&context)?;
-        let mut pairs = Vec::with_capacity(item.endings.len());
-        let mut lens = Vec::with_capacity(item.endings.len());
-        for ending in &item.endings {
-            let ending = hellaswag_preprocess(ending);
-            let whole = tok.encode(&format!("{context} {ending}"))?;
-            let shared = ctx_ids
-                .iter()
-                .zip(&whole)
-                .take_while(|(a, b)| a == b)
-                .count()
-                .min(ctx_ids.len());
-            let mut ctx: Vec<u32> = whole[..shared].to_vec();
-            let cont: Vec<u32> = whole[shared..].to_vec();
-            if cont.is_empty() {
-                return Err(MlError::Invalid(format!(
-                    "ending {ending:?} adds no tokens to its context"
-                )));
-            }
-            if ctx.is_empty() {
-                return Err(MlError::Invalid(
-                    "HellaSwag item with an empty context".into(),
-                ));
-            }
-            let overflow = (ctx.len() + cont.len()).saturating_sub(max_len);
-            if overflow >= ctx.len() {
-                return Err(MlError::Invalid(format!(
-                    "ending {ending:?} alone exceeds the model's context"
-                )));
-            }
-            ctx.drain(..overflow);
-            tokens += ctx.len() + cont.len() - 1;
-            lens.push(ending.chars().count().max(1) as f64);
-            pairs.push((ctx, cont));
-        }
-        let truncated = pairs.iter().any(|(c, k)| c.len() + k.len() > max_len - 1);
-        let longest_ending = pairs.iter().map(|(_, k)| k.len()).max().unwrap_or(0);
-        // One padded batch reads the weights once, which wins on CPU unless the context
-        // dwarfs the endings; then running the context once and reusing its KV cache does.
-        let share_context = ctx_ids.len() >= KV_REUSE_RATIO * longest_ending;
-        let scores: Vec<(f64, bool)> = if truncated || !share_context {
-            lm.continuation_logprobs(&pairs)?
-        } else {
-            // The context runs once; each ending continues from a copy of its KV cache.
-            let seqs: Vec<Vec<u32>> = pairs
-                .iter()
-                .map(|(c, k)| c.iter().chain(k).copied().collect())
-                .collect();
-            let starts: Vec<usize> = pairs.iter().map(|(c, _)| c.len()).collect();
-            lm.shared_prefix_logprobs(&seqs, &starts)?
-                .into_iter()
-                .map(|s| (s, false))
-                .collect()
-        };
-        let argmax = |f: &dyn Fn(usize) -> f64| {
-            (0..scores.len())
-                .max_by(|&a, &b| f(a).total_cmp(&f(b)))
-                .unwrap_or(0)
-        };
-        if argmax(&|i| scores[i].0) == item.label {
-            right += 1;
-        }
-        if argmax(&|i| scores[i].0 / lens[i]) == item.label {
-            right_norm += 1;
-        }
-    }
-    let secs = start.elapsed().as_secs_f64().max(1e-9);
-    Ok(HellaSwagReport {
-        items: items.len(),
-        acc: right as f64 / items.len() as f64,
-        acc_norm: right_norm as f64 / items.len() as f64,
-        items_per_sec: items.len() as f64 / secs,
-        tokens_per_sec: tokens as f64 / secs,
-        seconds: secs,
-    })
+    let scores = score_items(lm, items, &ScoreOptions::default(), &mut |_| {})?;
+    hellaswag_summary(items, &scores, start.elapsed().as_secs_f64())
 }
 
 /// `n` synthetic items in HellaSwag's layout (for tests and benchmarks), deterministic

@@ -22,6 +22,7 @@ mod merge;
 mod model;
 mod model_dir;
 mod peft;
+mod scoring;
 mod synthetic;
 mod tiny;
 mod tokenizer;
@@ -39,11 +40,12 @@ pub use config::{LlamaConfig, RopeScaling, SUPPORTED_ARCHITECTURES, SUPPORTED_MO
 pub use data::{Record, demo_dataset, load_jsonl, parse_jsonl, to_jsonl};
 pub use device::parse_device;
 pub use error::MlError;
-pub use eval::{EvalReport, evaluate};
-pub use gguf::{export_gguf, import_gguf};
+pub use eval::{EvalReport, RecordLosses, evaluate, record_losses};
+pub use gguf::{export_gguf, export_gguf_quantized, import_gguf};
 pub use hellaswag::{
-    HellaSwagItem, HellaSwagReport, evaluate_hellaswag, hellaswag_context, hellaswag_demo_items,
-    hellaswag_preprocess, load_hellaswag,
+    DEFAULT_BATCH_TOKENS, HellaSwagItem, HellaSwagReport, ItemScore, ScoreOptions, ScoreProgress,
+    evaluate_hellaswag, hellaswag_context, hellaswag_demo_items, hellaswag_preprocess,
+    hellaswag_summary, load_hellaswag, score_items,
 };
 pub use lm::CausalLm;
 pub use loader::WeightDtype;
@@ -52,6 +54,7 @@ pub use memory::{MemoryEstimate, estimate_memory, estimate_memory_with_targets};
 pub use merge::merge_adapter;
 pub use model_dir::{CONFIG_FILE, ModelDir, TOKENIZER_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE};
 pub use peft::{PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE};
+pub use scoring::{Branch, GgufWeights, HellaSwagScorer, PackedGroup, ScoringModel};
 pub use synthetic::{Generation, SamplingConfig, synthetic_set};
 pub use tiny::{init_tiny, tiny_config};
 pub use tokenizer::{BOS_TOKEN, BYTE_VOCAB_SIZE, EOS_TOKEN, PAD_TOKEN, TextTokenizer};

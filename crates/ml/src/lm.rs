@@ -2,6 +2,7 @@
 //! artifact applied), its tokenizer, and the device.
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use candle_core::{D, DType, Device, Tensor};
 
@@ -12,6 +13,7 @@ use crate::eval::load_model;
 use crate::loader::{WeightDtype, load_tokenizer};
 use crate::model::{Llama, Mode, masked_nll_sum};
 use crate::model_dir::ModelDir;
+use crate::scoring::{HellaSwagScorer, PackedGroup, ScoringModel};
 use crate::tokenizer::TextTokenizer;
 
 /// A model ready for inference.
@@ -20,6 +22,8 @@ pub struct CausalLm {
     cfg: LlamaConfig,
     tok: TextTokenizer,
     device: Device,
+    /// The weights arranged for batched scoring, built on first use.
+    scoring: OnceLock<ScoringModel>,
 }
 
 impl std::fmt::Debug for CausalLm {
@@ -48,6 +52,7 @@ impl CausalLm {
             cfg,
             tok,
             device: device.clone(),
+            scoring: OnceLock::new(),
         })
     }
 
@@ -141,71 +146,6 @@ impl CausalLm {
         Ok(out)
     }
 
-    /// Summed log-probabilities of `seqs[i][starts[i]..]` given what precedes them, with the
-    /// longest prefix the sequences share run once through the model (KV cache) and each
-    /// remainder run from a copy of that cache. Every `starts[i]` must be at least 1.
-    pub(crate) fn shared_prefix_logprobs(
-        &self,
-        seqs: &[Vec<u32>],
-        starts: &[usize],
-    ) -> Result<Vec<f64>, MlError> {
-        let Some(first) = seqs.first() else {
-            return Ok(Vec::new());
-        };
-        for (s, &st) in seqs.iter().zip(starts) {
-            if st == 0 || st >= s.len() {
-                return Err(MlError::Invalid(
-                    "each sequence needs a non-empty prefix and continuation".into(),
-                ));
-            }
-            self.check_ids(s)?;
-        }
-        let mut prefix = starts.iter().copied().min().unwrap_or(1);
-        for s in seqs {
-            prefix = prefix.min(first.iter().zip(s).take_while(|(a, b)| a == b).count());
-        }
-        let prefix = prefix.max(1);
-        let log_softmax = |logits: Tensor| -> candle_core::Result<Vec<Vec<f32>>> {
-            candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec2::<f32>()
-        };
-        let mut cache = crate::model::KvCache::default();
-        let head = self
-            .llama
-            .forward_cached(&first[..prefix], &mut cache)
-            .and_then(|l| l.get(prefix - 1))
-            .and_then(|l| candle_nn::ops::log_softmax(&l, D::Minus1)?.to_vec1::<f32>())
-            .ctx("running the shared prefix")?;
-        let mut out = Vec::with_capacity(seqs.len());
-        for (s, &st) in seqs.iter().zip(starts) {
-            let mut c = cache.clone();
-            let rows = if s.len() - 1 > prefix {
-                self.llama
-                    .forward_cached(&s[prefix..s.len() - 1], &mut c)
-                    .and_then(log_softmax)
-                    .ctx("running a continuation")?
-            } else {
-                Vec::new()
-            };
-            // Row for the prediction of token i: position i - 1.
-            let mut sum = 0f64;
-            for (i, &tok) in s.iter().enumerate().skip(st) {
-                let row = if i - 1 < prefix {
-                    if i != prefix {
-                        return Err(MlError::Invalid(
-                            "continuation starts inside the shared prefix".into(),
-                        ));
-                    }
-                    &head
-                } else {
-                    &rows[i - 1 - prefix]
-                };
-                sum += row[tok as usize] as f64;
-            }
-            out.push(sum);
-        }
-        Ok(out)
-    }
-
     /// Mean next-token negative log-likelihood (nats) over a batch of token sequences
     /// (right-padded to the longest), computed on the device; one forward pass.
     pub fn mean_nll(&self, seqs: &[Vec<u32>]) -> Result<f64, MlError> {
@@ -237,6 +177,15 @@ impl CausalLm {
         run().ctx("scoring a batch")
     }
 
+    /// The model arranged for batched scoring (built once, then reused).
+    pub fn scoring_model(&self) -> Result<&ScoringModel, MlError> {
+        if let Some(m) = self.scoring.get() {
+            return Ok(m);
+        }
+        let m = ScoringModel::from_causal_lm(self)?;
+        Ok(self.scoring.get_or_init(|| m))
+    }
+
     fn check_ids(&self, ids: &[u32]) -> Result<(), MlError> {
         if ids.is_empty() {
             return Err(MlError::Invalid("no tokens to run".into()));
@@ -255,5 +204,25 @@ impl CausalLm {
             )));
         }
         Ok(())
+    }
+}
+
+impl HellaSwagScorer for CausalLm {
+    fn encode(&self, text: &str) -> Result<Vec<u32>, MlError> {
+        self.tok.encode(text)
+    }
+
+    fn max_positions(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+
+    fn score_groups(&self, groups: &[PackedGroup]) -> Result<Vec<Vec<f64>>, MlError> {
+        self.scoring_model()?.score_groups(groups)
+    }
+
+    fn describe(&self) -> String {
+        self.scoring_model()
+            .map(|m| m.describe())
+            .unwrap_or_else(|_| "dense".into())
     }
 }

@@ -9,7 +9,7 @@ use crate::config::{LlamaConfig, RopeScaling};
 use crate::lora::{Dropout, LoraWeights};
 
 /// A large negative number used to mask attention scores (finite, so no NaNs appear).
-const MASK_VALUE: f64 = -1e9;
+pub(crate) const MASK_VALUE: f64 = -1e9;
 
 /// A LoRA adapter on a linear layer: `y += scale * (dropout(x) A^T) B^T`.
 #[derive(Clone, Debug)]
@@ -46,6 +46,17 @@ impl Linear {
             })
         });
         Ok(Linear { weight, adapter })
+    }
+
+    /// The weight with the adapter (if any) merged in: `W + scale * B A`.
+    fn merged(&self) -> Result<Tensor> {
+        match &self.adapter {
+            None => Ok(self.weight.clone()),
+            Some(ad) => {
+                let d = (ad.b.matmul(&ad.a)? * ad.scale)?.to_dtype(self.weight.dtype())?;
+                &self.weight + d
+            }
+        }
     }
 
     /// `x: [n, in]` -> `[n, out]`; adapter dropout applies in training mode only.
@@ -233,6 +244,61 @@ impl Llama {
         let y = probs.matmul(&v)?; // [b, nh, t, hd]
         let y = y.transpose(1, 2)?.reshape((b * t, nh * hd))?;
         layer.o.forward(&y, mode)
+    }
+}
+
+/// The weights of one block for inference-only code (adapters merged).
+pub(crate) struct DenseBlock {
+    pub(crate) attn_norm: Tensor,
+    pub(crate) q: Tensor,
+    pub(crate) k: Tensor,
+    pub(crate) v: Tensor,
+    pub(crate) o: Tensor,
+    pub(crate) mlp_norm: Tensor,
+    pub(crate) gate: Tensor,
+    pub(crate) up: Tensor,
+    pub(crate) down: Tensor,
+}
+
+/// All weights of the model for inference-only code (adapters merged), with the rotary
+/// tables in the weights' dtype. Unadapted weights are shared, not copied.
+pub(crate) struct DenseParts {
+    pub(crate) embed: Tensor,
+    pub(crate) layers: Vec<DenseBlock>,
+    pub(crate) norm: Tensor,
+    pub(crate) lm_head: Tensor,
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
+}
+
+impl Llama {
+    /// The model's weights with LoRA adapters merged in (see [`DenseParts`]).
+    pub(crate) fn dense_parts(&self) -> Result<DenseParts> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|b| {
+                Ok(DenseBlock {
+                    attn_norm: b.attn_norm.clone(),
+                    q: b.q.merged()?,
+                    k: b.k.merged()?,
+                    v: b.v.merged()?,
+                    o: b.o.merged()?,
+                    mlp_norm: b.mlp_norm.clone(),
+                    gate: b.gate.merged()?,
+                    up: b.up.merged()?,
+                    down: b.down.merged()?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(DenseParts {
+            embed: self.embed.clone(),
+            layers,
+            norm: self.norm.clone(),
+            lm_head: self.lm_head.clone(),
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+        })
     }
 }
 
@@ -452,7 +518,7 @@ pub(crate) fn rope_inv_freq(cfg: &LlamaConfig) -> Vec<f64> {
 }
 
 /// Cosine and sine tables `[max_pos, head_dim / 2]` of the rotary embedding (f32).
-fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+pub(crate) fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
     let inv_freq: Vec<f32> = rope_inv_freq(cfg).into_iter().map(|f| f as f32).collect();
     let n = inv_freq.len();
     let inv_freq = Tensor::from_vec(inv_freq, (1, n), device)?;

@@ -1681,3 +1681,197 @@ fn smollm2_lora_lowers_held_out_loss() {
     eprintln!("SmolLM2-135M LoRA, 8 steps: held-out loss {before:.4} -> {after:.4}");
     assert!(after < before - 0.1, "held-out loss {before} -> {after}");
 }
+
+// ---------------------------------------------------------------------------------------
+// HellaSwag inference jobs: packed scoring, quantised GGUF weights, subset recompute.
+
+/// Tiny model and items of varied shape: long contexts, one-token and long endings, and
+/// one item whose context overflows the model (256 positions) and must be truncated.
+fn scoring_fixture(dir: &Path) -> (std::path::PathBuf, CausalLm, Vec<HellaSwagItem>) {
+    let m = dir.join("m");
+    init_tiny(&m, 21).unwrap();
+    let lm = CausalLm::load(
+        &ModelDir::open(&m).unwrap(),
+        None,
+        WeightDtype::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut items = hellaswag_demo_items(10, 5);
+    items[1].ctx_a = items[1].ctx_a.repeat(3);
+    items[2].endings = vec!["a".into(), "no".into(), "the towel".into(), "yes".into()];
+    items[3].ctx_a = "x ".repeat(140);
+    (m, lm, items)
+}
+
+/// Per-ending scoring with one unbatched, uncached forward pass each (left-truncated to
+/// the model's context as the harness does).
+fn naive_logliks(lm: &CausalLm, item: &HellaSwagItem) -> Vec<f64> {
+    let ctx = hellaswag_context(item);
+    let ctx_ids = lm.tokenizer().encode(&ctx).unwrap();
+    let max = lm.config().max_position_embeddings + 1;
+    item.endings
+        .iter()
+        .map(|e| {
+            let e = hellaswag_preprocess(e);
+            let ids = lm.tokenizer().encode(&format!("{ctx} {e}")).unwrap();
+            let start = ctx_ids.iter().zip(&ids).take_while(|(a, b)| a == b).count();
+            let cut = ids.len().saturating_sub(max);
+            let ids = &ids[cut..];
+            let logits = lm.logits(&ids[..ids.len() - 1]).unwrap();
+            (start - cut..ids.len())
+                .map(|pos| {
+                    let row = &logits[pos - 1];
+                    let m = row.iter().copied().fold(f32::MIN, f32::max) as f64;
+                    let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+                    row[ids[pos] as usize] as f64 - lse
+                })
+                .sum()
+        })
+        .collect()
+}
+
+#[test]
+fn packed_scoring_equals_naive_per_ending_scoring() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, lm, items) = scoring_fixture(dir.path());
+    let mut calls = Vec::new();
+    // A small budget gives many batches; a large one packs everything together.
+    for batch_tokens in [64, 100_000] {
+        let opts = ScoreOptions {
+            batch_tokens,
+            indices: None,
+        };
+        let scores = score_items(&lm, &items, &opts, &mut |p| calls.push(p.done)).unwrap();
+        assert_eq!(scores.len(), items.len());
+        for (i, (s, item)) in scores.iter().zip(&items).enumerate() {
+            assert_eq!(s.index, i);
+            let naive = naive_logliks(&lm, item);
+            for (a, b) in s.logliks.iter().zip(&naive) {
+                assert!((a - b).abs() < 1e-4, "item {i}: packed {a} vs naive {b}");
+            }
+            let best =
+                |f: &dyn Fn(usize) -> f64| (0..4).max_by(|&a, &b| f(a).total_cmp(&f(b))).unwrap();
+            assert_eq!(s.pred, best(&|e| s.logliks[e]));
+            assert_eq!(
+                s.pred_norm,
+                best(&|e| s.logliks[e] / s.ending_bytes[e] as f64)
+            );
+            let bytes: Vec<u32> = item
+                .endings
+                .iter()
+                .map(|e| hellaswag_preprocess(e).len() as u32)
+                .collect();
+            assert_eq!(s.ending_bytes, bytes);
+            assert!(s.ending_tokens.iter().all(|&t| t >= 1));
+        }
+    }
+    // Progress counts up to every item in each run.
+    assert_eq!(calls.iter().filter(|&&d| d == items.len()).count(), 2);
+    assert!(calls.len() > 2, "{calls:?}");
+    // The summary agrees with the per-item predictions.
+    let scores = score_items(&lm, &items, &ScoreOptions::default(), &mut |_| {}).unwrap();
+    let r = hellaswag_summary(&items, &scores, 2.0).unwrap();
+    let right = scores
+        .iter()
+        .filter(|s| s.pred == items[s.index].label)
+        .count();
+    assert!((r.acc - right as f64 / items.len() as f64).abs() < 1e-12);
+    assert!((r.items_per_sec - items.len() as f64 / 2.0).abs() < 1e-9);
+    assert!(r.tokens_per_sec > r.items_per_sec);
+}
+
+#[test]
+fn subset_recompute_equals_full_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, lm, items) = scoring_fixture(dir.path());
+    let full = score_items(&lm, &items, &ScoreOptions::default(), &mut |_| {}).unwrap();
+    let pick = vec![7, 3, 0, 7];
+    let opts = ScoreOptions {
+        indices: Some(pick.clone()),
+        ..ScoreOptions::default()
+    };
+    let sub = score_items(&lm, &items, &opts, &mut |_| {}).unwrap();
+    assert_eq!(sub.iter().map(|s| s.index).collect::<Vec<_>>(), pick);
+    for s in &sub {
+        let f = &full[s.index];
+        assert_eq!((s.pred, s.pred_norm), (f.pred, f.pred_norm));
+        assert_eq!(s.ending_tokens, f.ending_tokens);
+        for (a, b) in s.logliks.iter().zip(&f.logliks) {
+            assert!((a - b).abs() < 1e-5, "item {}: {a} vs {b}", s.index);
+        }
+    }
+    let bad = ScoreOptions {
+        indices: Some(vec![items.len()]),
+        ..ScoreOptions::default()
+    };
+    let err = score_items(&lm, &items, &bad, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("out of range"), "{err}");
+}
+
+#[test]
+fn gguf_scoring_matches_dense_and_q8_0_stays_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, lm, items) = scoring_fixture(dir.path());
+    let dense = score_items(&lm, &items, &ScoreOptions::default(), &mut |_| {}).unwrap();
+    let model = ModelDir::open(&m).unwrap();
+
+    // f32 GGUF: same weights, llama.cpp's row order and tokenizer rebuilt from metadata.
+    let f32_path = dir.path().join("m.f32.gguf");
+    export_gguf(&model, &f32_path, "llama").unwrap();
+    let g = ScoringModel::load_gguf(&f32_path, &Device::Cpu, GgufWeights::Quantized).unwrap();
+    assert!(g.describe().starts_with("gguf"), "{}", g.describe());
+    let from_gguf = score_items(&g, &items, &ScoreOptions::default(), &mut |_| {}).unwrap();
+    for (a, b) in from_gguf.iter().zip(&dense) {
+        assert_eq!(a.ending_tokens, b.ending_tokens);
+        for (x, y) in a.logliks.iter().zip(&b.logliks) {
+            assert!(
+                (x - y).abs() < 1e-4,
+                "item {}: gguf {x} vs dense {y}",
+                a.index
+            );
+        }
+    }
+
+    // Q8_0 (down_proj, whose rows of 172 are not whole blocks, stays f32).
+    let q8_path = dir.path().join("m.q8_0.gguf");
+    export_gguf_quantized(&model, &q8_path, "llama", "q8_0").unwrap();
+    let q8 = ScoringModel::load_gguf(&q8_path, &Device::Cpu, GgufWeights::Quantized).unwrap();
+    assert!(q8.describe().contains("q8_0"), "{}", q8.describe());
+    let quant = score_items(&q8, &items, &ScoreOptions::default(), &mut |_| {}).unwrap();
+    // The same weights expanded to f32 give the same predictions, logliks a hair apart
+    // (the quantised kernels also quantise the activations to 8 bits).
+    let deq = ScoringModel::load_gguf(&q8_path, &Device::Cpu, GgufWeights::Dequantized).unwrap();
+    assert!(deq.describe().contains("dequantised"), "{}", deq.describe());
+    let expanded = score_items(&deq, &items, &ScoreOptions::default(), &mut |_| {}).unwrap();
+    for (a, b) in expanded.iter().zip(&quant) {
+        for (x, y) in a.logliks.iter().zip(&b.logliks) {
+            assert!(
+                (x - y).abs() <= 0.01 * y.abs() + 0.02,
+                "item {}: {x} vs {y}",
+                a.index
+            );
+        }
+    }
+    let mut same = 0;
+    for (a, b) in quant.iter().zip(&dense) {
+        same += usize::from(a.pred == b.pred && a.pred_norm == b.pred_norm);
+        for (x, y) in a.logliks.iter().zip(&b.logliks) {
+            // Q8_0 keeps ~8 bits per weight: the logliks of the tiny random model move by
+            // well under 1% (plus a little absolute slack for short endings).
+            assert!(
+                (x - y).abs() <= 0.01 * y.abs() + 0.02,
+                "item {}: q8_0 {x} vs dense {y}",
+                a.index
+            );
+        }
+    }
+    assert!(
+        same >= items.len() - 1,
+        "{same} of {} predictions agree",
+        items.len()
+    );
+    assert!(export_gguf_quantized(&model, &q8_path, "llama", "q3_x").is_err());
+}

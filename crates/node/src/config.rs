@@ -78,8 +78,11 @@ pub struct MinerConfig {
     pub device: String,
     /// Serve Prometheus metrics here (host:port); off when absent.
     pub metrics_listen: Option<String>,
-    /// Join the libp2p network and gossip this miner's advert (off when absent).
+    /// Join the libp2p network: gossip this miner's advert and take jobs over libp2p as
+    /// well as gRPC (off when absent).
     pub p2p: Option<tunenet_p2p::P2pConfig>,
+    /// How inference jobs run (when `policy.kinds` includes `inference`).
+    pub inference: crate::inference::InferenceConfig,
     /// Accept/reject policy.
     pub policy: MinerPolicy,
     /// Training settings.
@@ -95,6 +98,7 @@ impl Default for MinerConfig {
             device: "cpu".into(),
             metrics_listen: None,
             p2p: None,
+            inference: Default::default(),
             policy: MinerPolicy::default(),
             training: TrainingConfig::default(),
         }
@@ -107,16 +111,28 @@ impl Default for MinerConfig {
 pub struct CompetitionConfig {
     /// The competition's id.
     pub id: String,
+    /// `fine_tune` (the default) or `inference` (a HellaSwag speed competition: `dataset`
+    /// is HellaSwag-layout JSONL, split into one shard per job).
+    #[serde(default)]
+    pub kind: tunenet_types::JobKind,
     /// The base model directory (Hugging Face layout).
     pub base_model: PathBuf,
     /// The dataset (JSONL).
     pub dataset: PathBuf,
+    /// Inference competitions: the accuracy tolerance, allowed optimisations and the
+    /// checks' thresholds.
+    #[serde(default)]
+    pub inference: tunenet_integrity::inference::InferenceTolerance,
     /// Jobs in the competition; each gets its own shard of the training split.
     #[serde(default = "d_jobs")]
     pub jobs: u32,
     /// Miners assigned per job.
     #[serde(default = "d_miners")]
     pub miners_per_job: u32,
+    /// Jobs are not offered until this many miners are known (configured, registered or
+    /// found by their p2p adverts).
+    #[serde(default = "d_one")]
+    pub min_miners: u32,
     /// Jobs in flight at once.
     #[serde(default = "d_one")]
     pub concurrent_jobs: u32,
@@ -159,6 +175,25 @@ pub struct CompetitionConfig {
     /// Integrity check thresholds (changeable while the competition runs).
     #[serde(default)]
     pub integrity: IntegritySettings,
+    /// The process that generated the dataset, from which the validator samples a fresh
+    /// synthetic evaluation set after each job's deadline: `"demo"` (the demo dataset's
+    /// generator). Unset: no synthetic set; submissions are scored and checked for
+    /// leakage on the test split alone.
+    #[serde(default)]
+    pub synthetic_generator: Option<String>,
+    /// Records in each job's synthetic set (0: as many as the test split has).
+    #[serde(default)]
+    pub synthetic_records: usize,
+    /// Secret canary records planted in each job's shard.
+    #[serde(default = "d_canaries")]
+    pub canaries_per_job: usize,
+    /// Never-released sibling canaries kept for each job.
+    #[serde(default = "d_canaries")]
+    pub sibling_canaries: usize,
+}
+
+fn d_canaries() -> usize {
+    8
 }
 
 fn d_growth() -> f64 {
@@ -253,8 +288,13 @@ pub struct ValidatorConfig {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for `tls_cert`.
     pub tls_key: Option<PathBuf>,
-    /// Miner gRPC endpoints to offer jobs to.
+    /// Miners to offer jobs to: gRPC endpoints, or `p2p:<peer id>`.
     pub miners: Vec<String>,
+    /// Join the libp2p network: find miners by their adverts, announce competitions, and
+    /// carry jobs and blobs over libp2p (off when absent).
+    pub p2p: Option<tunenet_p2p::P2pConfig>,
+    /// With `[p2p]`: offer jobs to every miner whose advert arrives, besides `miners`.
+    pub discover_miners: bool,
     /// Competitions to run.
     pub competitions: Vec<CompetitionConfig>,
 }
@@ -271,6 +311,8 @@ impl Default for ValidatorConfig {
             tls_cert: None,
             tls_key: None,
             miners: vec![],
+            p2p: None,
+            discover_miners: true,
             competitions: vec![],
         }
     }

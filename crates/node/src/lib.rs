@@ -8,6 +8,7 @@ pub mod config;
 pub mod console;
 pub mod error;
 pub mod fetch;
+pub mod inference;
 pub mod keys;
 pub mod metrics;
 pub mod miner;

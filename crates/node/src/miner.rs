@@ -95,6 +95,7 @@ struct Ctx {
     store: Arc<dyn Store>,
     blobs: BlobStore,
     transport: Transport,
+    inference: crate::inference::InferenceConfig,
     tx: mpsc::Sender<Cmd>,
     training: TrainingConfig,
     device: tunenet_ml::Device,
@@ -109,7 +110,13 @@ impl Ctx {
                 MinerEffect::Train {
                     assignment,
                     reply_to,
+                    inference: None,
                 } => self.spawn_training(assignment, reply_to),
+                MinerEffect::Train {
+                    assignment,
+                    reply_to,
+                    inference: Some(terms),
+                } => self.spawn_inference(assignment, reply_to, terms),
                 MinerEffect::SendCommit {
                     reply_to,
                     commitment,
@@ -159,6 +166,79 @@ impl Ctx {
         }
     }
 
+    /// Fetches the assignment's model (by manifest) into the blob store and a model dir.
+    async fn fetch_model(
+        transport: &Transport,
+        blobs: &BlobStore,
+        reply_to: &str,
+        model: BlobId,
+        models_root: &std::path::Path,
+    ) -> Result<(PathBuf, u64), NodeError> {
+        let manifest_size = transport
+            .fetch_blob(blobs, reply_to, model, MAX_MANIFEST)
+            .await?;
+        let manifest = tunenet_types::ModelManifest::parse(&blobs.get(&model)?)
+            .map_err(|e| NodeError::Other(e.to_string()))?;
+        for f in &manifest.files {
+            transport
+                .fetch_blob(blobs, reply_to, f.blob, f.size.min(MAX_MODEL_FILE))
+                .await?;
+        }
+        let dir = models::materialise(blobs, &model, &manifest, models_root)?;
+        Ok((dir, manifest.total_size() + manifest_size))
+    }
+
+    /// Runs an inference job: scores the assigned shard with the job's model (quantised
+    /// where the terms allow and the config asks) and stores the results as the artifact.
+    fn spawn_inference(
+        &self,
+        a: Assignment,
+        reply_to: String,
+        terms: tunenet_types::InferenceTerms,
+    ) {
+        let started = Instant::now();
+        let (tx, blobs, transport) = (self.tx.clone(), self.blobs.clone(), self.transport.clone());
+        let (cfg, device) = (self.inference.clone(), self.device.clone());
+        let (work, models_root) = (self.work.join(a.job_id.as_str()), self.models.clone());
+        tokio::spawn(async move {
+            let job_id = a.job_id.clone();
+            let result = async {
+                let (model_dir, bytes) =
+                    Self::fetch_model(&transport, &blobs, &reply_to, a.base_model, &models_root).await?;
+                transport.fetch_blob(&blobs, &reply_to, a.train_shard, MAX_SHARD).await?;
+                let items = crate::inference::parse_items(&blobs.get(&a.train_shard)?)?;
+                tracing::info!(job_id = %a.job_id, model_bytes = bytes, items = items.len(), "fetched model and inference shard");
+                let (progress_tx, job) = (tx.clone(), a.job_id.clone());
+                let submission = tokio::task::spawn_blocking(move || {
+                    let scorer = crate::inference::scoring_model(&model_dir, terms.allow_quantized, &cfg, &work, &device)?;
+                    let mut last = Instant::now();
+                    crate::inference::run(&scorer, &items, cfg.batch_tokens, started, &mut |done, total| {
+                        if last.elapsed() >= Duration::from_millis(500) || done == total {
+                            last = Instant::now();
+                            let _ = progress_tx.try_send(Cmd::Input(MinerInput::Progress {
+                                job_id: job.clone(),
+                                step: done as u64,
+                                loss: 0.0,
+                            }));
+                        }
+                    })
+                })
+                .await
+                .map_err(|e| NodeError::Other(format!("inference thread: {e}")))??;
+                let bytes = serde_json::to_vec(&submission)
+                    .map_err(|e| NodeError::Other(format!("cannot encode results: {e}")))?;
+                let id = blobs.put(&bytes)?;
+                tracing::info!(job_id = %a.job_id, items = submission.scores.len(), acc_norm = submission.acc_norm, secs = submission.reported_secs, weights = %submission.weights, artifact = %id, "inference done");
+                Ok::<(BlobId, u64), NodeError>((id, bytes.len() as u64))
+            }
+            .await
+            .map_err(|e| e.to_string());
+            let _ = tx
+                .send(Cmd::Input(MinerInput::Trained { job_id, result }))
+                .await;
+        });
+    }
+
     fn spawn_training(&self, a: Assignment, reply_to: String) {
         let tx = self.tx.clone();
         let blobs = self.blobs.clone();
@@ -171,15 +251,10 @@ impl Ctx {
         tokio::spawn(async move {
             let job_id = a.job_id.clone();
             let result = async {
-                let manifest_size = transport.fetch_blob(&blobs, &reply_to, a.base_model, MAX_MANIFEST).await?;
-                let manifest = tunenet_types::ModelManifest::parse(&blobs.get(&a.base_model)?)
-                    .map_err(|e| NodeError::Other(e.to_string()))?;
-                for f in &manifest.files {
-                    transport.fetch_blob(&blobs, &reply_to, f.blob, f.size.min(MAX_MODEL_FILE)).await?;
-                }
+                let (model_dir, model_bytes) =
+                    Self::fetch_model(&transport, &blobs, &reply_to, a.base_model, &models_root).await?;
                 transport.fetch_blob(&blobs, &reply_to, a.train_shard, MAX_SHARD).await?;
-                tracing::info!(job_id = %a.job_id, model_bytes = manifest.total_size() + manifest_size, "fetched model and shard");
-                let model_dir = models::materialise(&blobs, &a.base_model, &manifest, &models_root)?;
+                tracing::info!(job_id = %a.job_id, model_bytes, "fetched model and shard");
                 let shard = tunenet_ml::parse_jsonl(&blobs.get(&a.train_shard)?)?;
                 // Train on this miner's own subset of the shard, in its own order, as the
                 // assignment's nonce dictates (the validator can recompute it).
@@ -319,6 +394,7 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
         store: store.clone(),
         blobs,
         transport: Transport::new(p2p),
+        inference: cfg.inference.clone(),
         tx: tx.clone(),
         training: cfg.training.clone(),
         device,
@@ -415,6 +491,7 @@ mod tests {
             hardware: "cpu".into(),
             reply_to: "http://v".into(),
             model_config: String::new(),
+            inference: None,
         };
         let training = TrainingConfig::default();
         assert_eq!(

@@ -4,7 +4,7 @@
 //! who is caught by which check, and every honest miner wrongly flagged.
 
 use crate::error::NodeError;
-use crate::validator::evaluate_submission;
+use crate::validator::{Binding, JobSets, evaluate_submission, synthetic_set};
 use rand::SeedableRng;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -122,6 +122,9 @@ pub struct Report {
     pub check_secs: f64,
     /// Seconds of whole evaluations (checks included).
     pub eval_secs: f64,
+    /// Per statistic (leakage z, canary and subset p-values): the values seen on honest
+    /// submissions and on the test-split cheater's, to show how far apart they sit.
+    pub evidence: BTreeMap<String, (Vec<f64>, Vec<f64>)>,
 }
 
 fn ml(e: tunenet_ml::MlError) -> NodeError {
@@ -245,7 +248,26 @@ fn run_one(
     std::fs::create_dir_all(dir).map_err(|e| NodeError::Other(e.to_string()))?;
     let data = tunenet_ml::demo_dataset(300, 1000 + c as u64);
     let (test, train_split) = data.split_at(60);
-    let shards = [train_split[..120].to_vec(), train_split[120..].to_vec()];
+    // As `prepare` does: 8 secret canaries planted in each shard, 6 siblings kept back.
+    let secret = 0x6361_6e61_7279 ^ ((c as u64) << 20);
+    let candidates = tunenet_integrity::pick_candidates(
+        &tunenet_ml::demo_dataset(200, secret),
+        &data,
+        28,
+        secret,
+    );
+    let mut canaries = Vec::new();
+    let shards: Vec<Vec<Record>> = [&train_split[..120], &train_split[120..]]
+        .into_iter()
+        .zip(candidates.chunks(14))
+        .enumerate()
+        .map(|(j, (shard, cands))| {
+            let (planted, c) =
+                tunenet_integrity::plant(shard.to_vec(), cands.to_vec(), 8, secret + j as u64);
+            canaries.push(c);
+            planted
+        })
+        .collect();
     let bounds = HparamBounds {
         max_lora_rank: 16,
         ..HparamBounds::default()
@@ -558,7 +580,18 @@ fn run_one(
         // Reveal after the deadline, evaluate, score.
         now = deadline + 1;
         engine.handle(ValidatorInput::Tick, now, &mut rng);
-        let test_records = test.to_vec();
+        // The synthetic set exists only now, from the seed drawn at the deadline.
+        let synthetic_seed = engine
+            .job(&job_id)
+            .and_then(|j| j.synthetic_seed)
+            .ok_or_else(|| NodeError::Other("no synthetic seed after the deadline".into()))?;
+        let mut sets = JobSets {
+            test: test.to_vec(),
+            synthetic: synthetic_set("demo", synthetic_seed, 0, test.len()),
+            shard: shard.clone(),
+            canaries: canaries[j].clone(),
+            base_losses: Default::default(),
+        };
         for (i, header, _) in &reveals {
             let m = &miners[*i];
             match engine.uploaded(header, now) {
@@ -571,11 +604,21 @@ fn run_one(
                         } = e
                         {
                             let path = artifacts.get(&artifact).cloned().unwrap_or_default();
+                            let nonce = engine
+                                .job(&job_id)
+                                .and_then(|jb| jb.slots.get(&miner))
+                                .map(|s| s.assignment.nonce);
+                            let binding = nonce.as_ref().map(|nonce| Binding {
+                                nonce,
+                                job: &job_id,
+                                miner: &miner,
+                            });
                             let t0 = Instant::now();
                             let result = evaluate_submission(
                                 base,
                                 &path,
-                                &test_records,
+                                &mut sets,
+                                binding,
                                 &bounds,
                                 &integrity,
                                 64,
@@ -629,6 +672,23 @@ fn run_one(
                 Some((&j.plan.job_id, &slot.submission, verdicts))
             })
             .collect();
+        for (_, _, verdicts) in &subs {
+            for v in verdicts {
+                let key = match v.check.as_str() {
+                    tunenet_engine::LEAKAGE_CHECK => "leakage z (spreads above the cohort median)",
+                    tunenet_integrity::CANARY_CHECK => "canary test p-value",
+                    tunenet_integrity::SUBSET_CHECK => "assigned-subset test p-value",
+                    _ => continue,
+                };
+                let Some(x) = v.value else { continue };
+                let e = report.evidence.entry(key.to_string()).or_default();
+                match m.role {
+                    Role::Honest(_) => e.0.push(x),
+                    Role::Cheat(Strategy::TrainedOnTestSplit) => e.1.push(x),
+                    Role::Cheat(_) => {}
+                }
+            }
+        }
         match m.role {
             Role::Honest(_) => {
                 for (job, sub, verdicts) in subs {
@@ -702,8 +762,10 @@ pub fn markdown(r: &Report) -> String {
         "Written by `tunenet redteam --competitions {}`. Each competition runs two jobs on the tiny model through the \
          real validator engine, real LoRA/full training, the integrity checks and the evaluation, with three honest \
          miners (LoRA ranks 4/8/16 and full fine-tuning, learning rates 1e-3 to 3e-3, 12 to 20 steps, different \
-         seeds) and one cheater per strategy. A cheater counts as caught when a check fails its submission or the \
-         validator refuses its message.\n\n",
+         seeds) and one cheater per strategy. Each shard carries 8 secret canaries (6 siblings kept back); each job's \
+         synthetic set (60 fresh demo records) is generated after its deadline from a seed the engine draws then, and \
+         the scored loss weighs test and synthetic losses equally. A cheater counts as caught when a check fails its \
+         submission or the validator refuses its message.\n\n",
         r.competitions
     ));
     s.push_str(
@@ -757,16 +819,63 @@ pub fn markdown(r: &Report) -> String {
             s.push_str(&format!("\n- {f}"));
         }
     }
+    if !r.evidence.is_empty() {
+        s.push_str(
+            "\n\n## How far apart honest miners and the test-split cheater sit\n\n\
+             Leakage z: the synthetic/test loss ratio's distance above the job cohort's median in robust spreads \
+             (1.4826 × MAD, floored at `leak_spread_floor` × the median); fails at `leak_fail_z`, or at `leak_flag_z` \
+             when neither the canary nor the subset test is significant. The p-values are one-sided Mann–Whitney U \
+             tests on per-record loss improvements over the base (assigned canaries against never-released \
+             siblings; assigned records against unassigned ones); they never fail a submission alone.\n\n\
+             | statistic | honest: min / median / max (n) | test-split cheater: min / median / max (n) |\n| --- | --- | --- |\n",
+        );
+        let summary = |v: &[f64]| -> String {
+            let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+            if v.is_empty() {
+                return "-".into();
+            }
+            v.sort_by(f64::total_cmp);
+            format!(
+                "{:.3} / {:.3} / {:.3} ({})",
+                v[0],
+                v[v.len() / 2],
+                v[v.len() - 1],
+                v.len()
+            )
+        };
+        for (k, (h, c)) in &r.evidence {
+            s.push_str(&format!("| {k} | {} | {} |\n", summary(h), summary(c)));
+        }
+    }
     s.push_str(&format!(
         "\n\n## Cost\n\nIntegrity checks took {:.2} s of {:.2} s spent evaluating submissions ({:.1} % of the \
-         evaluation time).\n",
+         evaluation time). The checks' time is the per-artifact checks, the base model's per-record losses on the \
+         probe records (once per record and job) and the probe records' share, by tokens, of the one batched \
+         scoring pass; the rest is scoring the hidden test split and the synthetic set.\n",
         r.check_secs,
         r.eval_secs,
         if r.eval_secs > 0.0 { 100.0 * r.check_secs / r.eval_secs } else { 0.0 }
     ));
-    s.push_str(
-        "\n## Not caught yet\n\nTraining on the hidden test split needs the synthetic-set and canary checks \
-         (DESIGN.md §4.5–4.6), which are not built yet: the row above says how such a cheater fares today.\n",
-    );
+    let missed: Vec<Strategy> = by
+        .iter()
+        .filter(|(_, cs)| cs.iter().any(|c| !c.caught))
+        .map(|(s, _)| *s)
+        .collect();
+    if !missed.is_empty() {
+        s.push_str("\n## Not caught every time\n\n");
+        for m in missed {
+            s.push_str(&format!("- {}", m.describe()));
+            if m == Strategy::TrainedOnTestSplit {
+                s.push_str(
+                    ": on the tiny model a 20-step run on the 60 test records gains only 1–2 % on the test loss \
+                     relative to the synthetic loss, inside the spread of honest runs (see the statistics table), and \
+                     12–20 steps memorise too little of single records for the canary and subset tests to tell \
+                     miners apart. A per-record test (each record's loss against the cohort's median for that \
+                     record, test records against synthetic ones) is the next step.",
+                );
+            }
+            s.push('\n');
+        }
+    }
     s
 }

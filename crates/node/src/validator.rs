@@ -4,6 +4,7 @@
 
 use crate::config::{CompetitionConfig, ValidatorConfig};
 use crate::error::NodeError;
+use crate::transport::{Transport, ValidatorP2p, p2p_addr};
 use crate::{models, registry};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -18,7 +19,7 @@ use tunenet_engine::{
     ValidatorError, ValidatorInput,
 };
 use tunenet_proto::v1;
-use tunenet_rpc::{MinerClient, Status, UploadSink, ValidatorBackend};
+use tunenet_rpc::{Status, UploadSink, ValidatorBackend};
 use tunenet_store::{BlobStore, BlobWriter, SledStore, Store, StoreExt, trees};
 use tunenet_types::{
     BlobId, Commitment, CompetitionId, Identity, JobId, JobScore, Leaderboard, PeerIdStr, Receipt,
@@ -41,6 +42,10 @@ pub struct CompetitionRecord {
     /// Where the competition stands.
     #[serde(default)]
     pub state: CompState,
+    /// Each job's secret canaries by job id: where they sit in its released shard, and
+    /// the never-released siblings. Empty for competitions prepared before canaries.
+    #[serde(default)]
+    pub canaries: BTreeMap<String, tunenet_integrity::JobCanaries>,
 }
 
 /// A competition's state as the admin steers it.
@@ -177,6 +182,9 @@ pub fn prepare(
         }
         return Ok(rec);
     }
+    if cfg.kind == tunenet_types::JobKind::Inference {
+        return crate::inference::prepare(store, blobs, cfg, reply_to);
+    }
     let fail = |reason: String| NodeError::Competition {
         competition: cfg.id.clone(),
         reason,
@@ -187,9 +195,48 @@ pub fn prepare(
         .config()
         .map_err(|e| fail(format!("`base_model`: {e}")))?
         .param_count();
-    let records =
+    let mut records =
         tunenet_ml::load_jsonl(&cfg.dataset).map_err(|e| fail(format!("`dataset`: {e}")))?;
-    let (test, shards) = split(cfg, records)?;
+    // Canary candidates, from a secret seed (not the config's, which others may read):
+    // fresh records from the dataset's generator when one is named, otherwise real records
+    // held out of the dataset (at most 5 % of it) — either way in the dataset's own style.
+    let secret: u64 = rand::random();
+    let per_job = cfg.canaries_per_job + cfg.sibling_canaries;
+    let wanted = per_job * cfg.jobs as usize;
+    let candidates = match cfg.synthetic_generator.as_deref() {
+        None => {
+            let cap = records.len() / 20;
+            tunenet_integrity::hold_out(&mut records, wanted.min(cap), secret)
+        }
+        Some("demo") => tunenet_integrity::pick_candidates(
+            &tunenet_ml::demo_dataset(wanted * 4 + 64, secret),
+            &records,
+            wanted,
+            secret,
+        ),
+        Some(other) => {
+            return Err(fail(format!(
+                "`synthetic_generator` {other:?} is unknown: use \"demo\" or leave it unset"
+            )));
+        }
+    };
+    let (test, mut shards) = split(cfg, records)?;
+    let mut canaries = BTreeMap::new();
+    let share = candidates.len() / shards.len().max(1);
+    let planted = (cfg.canaries_per_job * share)
+        .checked_div(per_job)
+        .unwrap_or(0);
+    for (i, (shard, cands)) in shards
+        .iter_mut()
+        .zip(candidates.chunks(share.max(1)))
+        .enumerate()
+    {
+        let seed = secret.wrapping_add(1 + i as u64);
+        let (planted_shard, c) =
+            tunenet_integrity::plant(std::mem::take(shard), cands.to_vec(), planted, seed);
+        *shard = planted_shard;
+        canaries.insert(format!("{}-{i}", cfg.id), c);
+    }
     let (base_model, manifest) = models::import_model_dir(blobs, &cfg.base_model)?;
     let model_config =
         std::fs::read_to_string(cfg.base_model.join("config.json")).unwrap_or_default();
@@ -233,6 +280,7 @@ pub fn prepare(
         test_blob,
         public_blobs,
         state: CompState::Running,
+        canaries,
     };
     store.put_json(trees::COMPETITIONS, &cfg.id, &rec)?;
     store.flush()?;
@@ -362,6 +410,22 @@ impl ValidatorBackend for Shared {
     }
 }
 
+#[tonic::async_trait]
+impl crate::transport::RevealSink for Shared {
+    async fn commit(&self, c: Commitment) -> Result<Receipt, Status> {
+        self.ask(|tx| Cmd::Commit(c, tx)).await
+    }
+
+    async fn check_reveal(&self, h: &UploadHeader) -> Result<u64, Status> {
+        let h = h.clone();
+        self.ask(|tx| Cmd::CheckUpload(h, tx)).await
+    }
+
+    async fn revealed(&self, h: UploadHeader) -> Result<(), Status> {
+        self.ask(|tx| Cmd::Uploaded(h, tx)).await
+    }
+}
+
 struct EvalRequest {
     bounds: tunenet_types::HparamBounds,
     integrity: tunenet_types::IntegritySettings,
@@ -372,6 +436,14 @@ struct EvalRequest {
     model: BlobId,
     test: BlobId,
     max_seq_len: usize,
+    /// The job's released shard (canaries planted).
+    shard: Option<BlobId>,
+    /// The job's canaries.
+    canaries: tunenet_integrity::JobCanaries,
+    /// The miner's assignment nonce (None if the engine has no slot for it).
+    nonce: Option<[u8; 32]>,
+    /// The synthetic set to generate: generator, seed (drawn at the deadline), records.
+    synthetic: Option<(String, u64, usize)>,
 }
 
 /// One competition in the running validator.
@@ -435,8 +507,12 @@ pub(crate) struct Validator {
     pub(crate) shared: Arc<Shared>,
     identity: Identity,
     config_miners: Vec<String>,
+    /// Miners found by their p2p adverts (`p2p:<peer id>`).
+    discovered: std::collections::BTreeSet<String>,
+    transport: Transport,
     tx: mpsc::Sender<Cmd>,
     evals: std::sync::mpsc::Sender<EvalRequest>,
+    inference_evals: std::sync::mpsc::Sender<crate::inference::EvalRequest>,
     rng: rand::rngs::StdRng,
 }
 
@@ -466,13 +542,22 @@ impl Validator {
         let mut engine = ValidatorEngine::new(self.identity.clone(), plan, self.miners(), stored);
         engine.set_banned(registry::banned(self.store.as_ref()));
         engine.set_paused(!matches!(record.state, CompState::Running));
+        engine.set_min_miners(record.config.min_miners as usize);
+        if record.config.kind == tunenet_types::JobKind::Inference {
+            engine.set_inference(Some(tunenet_types::InferenceTerms {
+                accuracy_tolerance: record.config.inference.acc_norm_drop,
+                allow_quantized: record.config.inference.allow_quantized,
+            }));
+        }
         let fx = engine.resume();
+        self.publish(&record);
         self.comps.push(Comp { engine, record });
         let i = self.comps.len() - 1;
         self.execute(i, fx);
     }
 
-    /// Config miners plus registered, unbanned miners with an endpoint.
+    /// Config miners, registered unbanned miners with an endpoint, and miners found by
+    /// their p2p adverts (bans by miner id are the engine's to apply).
     fn miners(&self) -> Vec<String> {
         let mut m = self.config_miners.clone();
         for r in registry::list(self.store.as_ref()).unwrap_or_default() {
@@ -480,7 +565,77 @@ impl Validator {
                 m.push(r.endpoint);
             }
         }
+        for d in &self.discovered {
+            if !m.contains(d) {
+                m.push(d.clone());
+            }
+        }
         m
+    }
+
+    /// A miner's advert arrived over p2p: new jobs are offered to it too.
+    fn discover(&mut self, addr: String) {
+        if self.discovered.insert(addr.clone()) {
+            tracing::info!(miner = %addr, "found a miner by its advert");
+            self.refresh_miners();
+        }
+    }
+
+    /// Serves the competition's public blobs over p2p and announces it.
+    fn publish(&self, record: &CompetitionRecord) {
+        let Some(client) = self.transport.p2p().cloned() else {
+            return;
+        };
+        let blobs = record.public_blobs.clone();
+        tokio::spawn(async move {
+            for id in blobs {
+                if let Err(e) = client.provide(id).await {
+                    tracing::warn!(blob = %id, error = %e, "could not provide a competition blob over p2p");
+                }
+            }
+        });
+        self.announce(record);
+    }
+
+    /// Gossips a signed announcement of the competition (peers that join later hear the
+    /// next one: `announce_all` runs on the advert heartbeat).
+    fn announce(&self, record: &CompetitionRecord) {
+        let Some(client) = self.transport.p2p().cloned() else {
+            return;
+        };
+        let announcement = tunenet_p2p::CompetitionAnnouncement {
+            competition_id: record.config.id.clone(),
+            kind: tunenet_proto::v1::JobKind::FineTune as i32,
+            base_model: record.base_model.0.to_vec(),
+            base_params: record.plan.jobs.first().map(|j| j.base_params).unwrap_or(0),
+            jobs: record.plan.jobs.len() as u64,
+            time_budget_ms: record
+                .plan
+                .jobs
+                .first()
+                .map(|j| j.time_budget_ms)
+                .unwrap_or(0),
+            reward_hint: record.config.reward_hint,
+            description: format!(
+                "fine-tuning competition `{}` ({})",
+                record.config.id, record.state
+            ),
+            ..Default::default()
+        };
+        tokio::spawn(async move {
+            if let Err(e) = client.announce_competition(announcement).await {
+                tracing::debug!(error = %e, "competition announcement not delivered (no peers yet)");
+            }
+        });
+    }
+
+    /// Re-announces every competition still taking part.
+    fn announce_all(&self) {
+        for c in &self.comps {
+            if !c.engine.is_finished() && c.record.state != CompState::Archived {
+                self.announce(&c.record);
+            }
+        }
     }
 
     /// Pushes the miner list and bans to every engine (after a registry change).
@@ -563,10 +718,11 @@ impl Validator {
             match e {
                 ValidatorEffect::SendOffer { addr, offer } => {
                     metrics::counter!("tunenet_jobs_offered_total").increment(1);
-                    let tx = self.tx.clone();
+                    let (tx, transport) = (self.tx.clone(), self.transport.clone());
                     tokio::spawn(async move {
                         let job_id = offer.job_id.clone();
-                        let reply = async { MinerClient::connect(&addr).await?.offer(offer).await }
+                        let reply = transport
+                            .offer(&addr, offer)
                             .await
                             .map_err(|e| e.to_string());
                         match &reply {
@@ -595,14 +751,14 @@ impl Validator {
                     });
                 }
                 ValidatorEffect::SendAssignment { addr, assignment } => {
-                    let tx = self.tx.clone();
+                    let (tx, transport) = (self.tx.clone(), self.transport.clone());
                     tokio::spawn(async move {
                         let job_id = assignment.job_id.clone();
                         let miner = assignment.miner.clone();
-                        let result =
-                            async { MinerClient::connect(&addr).await?.assign(assignment).await }
-                                .await
-                                .map_err(|e| e.to_string());
+                        let result = transport
+                            .assign(&addr, assignment)
+                            .await
+                            .map_err(|e| e.to_string());
                         let _ = tx
                             .send(Cmd::Input(
                                 cid_key(&job_id),
@@ -619,18 +775,46 @@ impl Validator {
                     job_id,
                     miner,
                     artifact,
+                } if c.engine.inference().is_some() => {
+                    metrics::counter!("tunenet_submissions_total").increment(1);
+                    self.check_inference(c, job_id, miner, artifact);
+                }
+                ValidatorEffect::Evaluate {
+                    job_id,
+                    miner,
+                    artifact,
                 } => {
                     metrics::counter!("tunenet_submissions_total").increment(1);
+                    let job = c.engine.job(&job_id);
+                    let nonce = job
+                        .and_then(|j| j.slots.get(&miner))
+                        .map(|s| s.assignment.nonce);
+                    let synthetic = c
+                        .record
+                        .config
+                        .synthetic_generator
+                        .clone()
+                        .zip(job.and_then(|j| j.synthetic_seed))
+                        .map(|(g, seed)| (g, seed, c.record.config.synthetic_records));
                     let _ = self.evals.send(EvalRequest {
                         bounds: c.engine.plan().hparams.clone(),
                         integrity: c.engine.plan().integrity.clone(),
                         comp: cid.to_string(),
+                        canaries: c
+                            .record
+                            .canaries
+                            .get(job_id.as_str())
+                            .cloned()
+                            .unwrap_or_default(),
+                        shard: job.map(|j| j.plan.train_shard),
                         job_id,
                         miner,
                         artifact,
                         model: c.record.base_model,
                         test: c.record.test_blob,
                         max_seq_len: c.record.config.eval_max_seq_len,
+                        nonce,
+                        synthetic,
                     });
                 }
                 ValidatorEffect::Persist(job) => {
@@ -692,6 +876,38 @@ impl Validator {
                 }
             }
         }
+    }
+
+    /// Queues an inference submission's checks, timed by this validator's own clock: from
+    /// the assignment's dispatch to the receipt of the commitment to the results.
+    fn check_inference(&self, c: &Comp, job_id: JobId, miner: PeerIdStr, artifact: BlobId) {
+        let Some(job) = c.engine.job(&job_id) else {
+            return;
+        };
+        let Some(slot) = job.slots.get(&miner) else {
+            return;
+        };
+        let dispatched = slot
+            .assignment
+            .deadline_ms
+            .saturating_sub(job.plan.time_budget_ms);
+        let committed = slot
+            .receipt
+            .as_ref()
+            .map(|r| r.received_at_ms)
+            .unwrap_or(slot.assignment.deadline_ms);
+        let _ = self.inference_evals.send(crate::inference::EvalRequest {
+            comp: c.id().to_string(),
+            measured_secs: committed.saturating_sub(dispatched) as f64 / 1000.0,
+            shard: job.plan.train_shard,
+            reference: c.record.test_blob,
+            // Drawn now, after the results arrived: no miner can know which items are checked.
+            sample_seed: rand::random(),
+            tolerance: c.record.config.inference.clone(),
+            job_id,
+            miner,
+            artifact,
+        });
     }
 
     fn emit(&self, cid: &CompetitionId, job: &str, message: String) {
@@ -824,9 +1040,12 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
             records.push(rec);
         }
     }
-    if cfg.miners.is_empty() && registry::list(store.as_ref())?.is_empty() {
+    if cfg.miners.is_empty()
+        && registry::list(store.as_ref())?.is_empty()
+        && !(cfg.p2p.is_some() && cfg.discover_miners)
+    {
         tracing::warn!(
-            "no miners configured: add their gRPC endpoints to `miners` or register them from the console"
+            "no miners configured: add their endpoints to `miners`, register them from the console, or add a [p2p] section to find them by their adverts"
         );
     }
 
@@ -872,21 +1091,78 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
     );
     tracing::info!(peer = %identity.peer_id(), listen = %cfg.listen, competitions = records.len(), "validator started");
 
+    let p2p = match &cfg.p2p {
+        Some(p) => {
+            let (adverts, discover) = (tx.clone(), cfg.discover_miners);
+            let on_advert = Box::new(
+                move |peer: tunenet_p2p::PeerId, ad: &tunenet_p2p::MinerAdvert| {
+                    let fine_tunes = ad
+                        .job_kinds
+                        .contains(&(tunenet_proto::v1::JobKind::FineTune as i32));
+                    if !discover || !fine_tunes {
+                        return;
+                    }
+                    let addr = p2p_addr(&peer);
+                    let _ = adverts.try_send(Cmd::Run(Box::new(move |v: &mut Validator| {
+                        v.discover(addr)
+                    })));
+                },
+            );
+            let sink = shared.clone();
+            let client = crate::presence::join(
+                &identity,
+                p.clone(),
+                blobs.clone(),
+                &cfg.device,
+                None,
+                move |client| {
+                    Arc::new(ValidatorP2p {
+                        sink,
+                        client,
+                        on_advert,
+                    })
+                },
+            )
+            .await?;
+            Some(client)
+        }
+        None => None,
+    };
     let evals = spawn_evaluator(&cfg, &blobs, device, tx.clone())?;
+    let done = tx.clone();
+    let inference_evals =
+        crate::inference::spawn_evaluator(blobs.clone(), move |job_id, miner, result| {
+            let job = job_id.to_string();
+            let input = ValidatorInput::Evaluated {
+                job_id,
+                miner,
+                result,
+            };
+            done.blocking_send(Cmd::Input(job, input)).is_ok()
+        })?;
     let mut v = Validator {
         comps: Vec::new(),
         store: store.clone(),
         shared: shared.clone(),
         identity,
         config_miners: cfg.miners.clone(),
+        discovered: Default::default(),
+        transport: Transport::new(p2p),
         tx: tx.clone(),
         evals,
+        inference_evals,
         rng: rand::rngs::StdRng::from_os_rng(),
     };
     for r in records {
         v.add(r);
     }
     let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let heartbeat_secs = cfg
+        .p2p
+        .as_ref()
+        .map(|p| p.advert_interval_secs.max(1))
+        .unwrap_or(3600);
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(heartbeat_secs));
     let mut announced = false;
     let shutdown = crate::base::shutdown_signal();
     tokio::pin!(shutdown);
@@ -897,6 +1173,7 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
                 break;
             }
             _ = tick.tick() => v.tick(),
+            _ = heartbeat.tick() => v.announce_all(),
             Some(cmd) = rx.recv() => v.handle(cmd),
         }
         let all_done = !v.comps.is_empty() && v.comps.iter().all(|c| c.engine.is_finished());
@@ -918,19 +1195,77 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
     Ok(())
 }
 
-/// Checks an artifact's integrity and, if it passes, its mean loss on the hidden test
-/// split. Returns the evaluation and the seconds the checks took.
+/// What one job's submissions are evaluated on, kept across its cohort.
+#[derive(Clone, Debug, Default)]
+pub struct JobSets {
+    /// The hidden test split.
+    pub test: Vec<tunenet_ml::Record>,
+    /// The synthetic set generated after the deadline, when the competition has a generator.
+    pub synthetic: Option<Vec<tunenet_ml::Record>>,
+    /// The released shard, canaries planted (empty: no "trained on this job's data" tests).
+    pub shard: Vec<tunenet_ml::Record>,
+    /// Where the canaries sit in the shard, and their never-released siblings.
+    pub canaries: tunenet_integrity::JobCanaries,
+    /// The base model's per-record losses, computed once per record and job: key `k` is
+    /// shard record `k`, or sibling `k − shard.len()`.
+    pub base_losses: std::collections::HashMap<usize, Option<f64>>,
+}
+
+impl JobSets {
+    fn probe_record(&self, key: usize) -> Option<&tunenet_ml::Record> {
+        match key.checked_sub(self.shard.len()) {
+            None => self.shard.get(key),
+            Some(k) => self.canaries.siblings.get(k),
+        }
+    }
+}
+
+/// The synthetic set of a job: `records` (0: as many as the test split) drawn from the
+/// named generator with the seed drawn at the deadline. None for unknown generators.
+pub fn synthetic_set(
+    generator: &str,
+    seed: u64,
+    records: usize,
+    test_len: usize,
+) -> Option<Vec<tunenet_ml::Record>> {
+    let n = if records == 0 { test_len } else { records }.max(1);
+    match generator {
+        "demo" => Some(tunenet_ml::demo_dataset(n, seed)),
+        _ => None,
+    }
+}
+
+/// Whose submission it is: what ties it to its assignment.
+#[derive(Clone, Copy, Debug)]
+pub struct Binding<'a> {
+    /// The assignment's secret nonce.
+    pub nonce: &'a [u8; 32],
+    /// The job.
+    pub job: &'a JobId,
+    /// The miner.
+    pub miner: &'a PeerIdStr,
+}
+
+/// Checks an artifact's integrity and, if it passes, scores it: per-record losses (one
+/// load of base + artifact) on the hidden test split, the job's synthetic set, and the
+/// records the "trained on this job's data" tests need (this miner's assigned canaries,
+/// the siblings, samples of its assigned and unassigned records; base-model losses for
+/// those are computed once per job and kept in `sets`). Returns the evaluation and the
+/// seconds the checks took: the artifact checks, base losses computed now, and the share of
+/// the scoring pass spent on check records (by their share of the tokens).
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate_submission(
     model: &tunenet_ml::ModelDir,
     artifact: &std::path::Path,
-    test: &[tunenet_ml::Record],
+    sets: &mut JobSets,
+    binding: Option<Binding<'_>>,
     bounds: &tunenet_types::HparamBounds,
     integrity: &tunenet_types::IntegritySettings,
     max_seq_len: usize,
     device: &tunenet_ml::Device,
 ) -> Result<(Evaluation, f64), String> {
     let t0 = std::time::Instant::now();
-    let (verdicts, sketch) = if integrity.enabled {
+    let (mut verdicts, sketch) = if integrity.enabled {
         let report = tunenet_integrity::check_artifact(model, artifact, bounds, integrity)
             .map_err(|e| e.to_string())?;
         if report.failed() {
@@ -938,6 +1273,7 @@ pub fn evaluate_submission(
             return Ok((
                 Evaluation {
                     test_loss: None,
+                    synthetic_loss: None,
                     verdicts: report.verdicts,
                     sketch: vec![],
                 },
@@ -948,12 +1284,88 @@ pub fn evaluate_submission(
     } else {
         (vec![], vec![])
     };
-    let checks = t0.elapsed().as_secs_f64();
-    let r = tunenet_ml::evaluate(model, Some(artifact), test, max_seq_len, 8, device)
+    let mut checks = t0.elapsed().as_secs_f64();
+    // The probe: shard/sibling keys in four groups.
+    let probe = match binding {
+        Some(b) if integrity.enabled && !sets.shard.is_empty() => {
+            let p = tunenet_integrity::miner_probe(
+                b.nonce,
+                b.job,
+                b.miner,
+                sets.shard.len(),
+                &sets.canaries,
+                integrity.subset_sample,
+            );
+            let n = sets.shard.len();
+            Some([
+                p.assigned_canaries,
+                (n..n + sets.canaries.siblings.len()).collect(),
+                p.assigned,
+                p.unassigned,
+            ])
+        }
+        _ => None,
+    };
+    let keys: Vec<usize> = probe.iter().flatten().flatten().copied().collect();
+    let missing: Vec<usize> = keys
+        .iter()
+        .copied()
+        .filter(|k| !sets.base_losses.contains_key(k))
+        .collect();
+    if !missing.is_empty() {
+        let tb = std::time::Instant::now();
+        let recs: Vec<tunenet_ml::Record> = missing
+            .iter()
+            .filter_map(|k| sets.probe_record(*k).cloned())
+            .collect();
+        let base = tunenet_ml::record_losses(model, None, &recs, max_seq_len, 8, device)
+            .map_err(|e| e.to_string())?;
+        for (k, l) in missing.iter().zip(base.losses) {
+            sets.base_losses.insert(*k, l);
+        }
+        checks += tb.elapsed().as_secs_f64();
+    }
+    let mut records: Vec<tunenet_ml::Record> = sets.test.clone();
+    let n_test = records.len();
+    if let Some(syn) = &sets.synthetic {
+        records.extend(syn.iter().cloned());
+    }
+    let n_scored = records.len();
+    records.extend(keys.iter().filter_map(|k| sets.probe_record(*k).cloned()));
+    let r = tunenet_ml::record_losses(model, Some(artifact), &records, max_seq_len, 8, device)
         .map_err(|e| e.to_string())?;
+    let test_loss = r.mean_over(0..n_test).ok_or_else(|| {
+        format!("no scorable tokens among the {n_test} test records: every record is empty or its response was truncated away")
+    })?;
+    let synthetic_loss = r.mean_over(n_test..n_scored);
+    if let Some(groups) = probe {
+        let all: u64 = r.tokens.iter().sum();
+        let probe_tokens: u64 = r.tokens[n_scored..].iter().sum();
+        checks += r.seconds * probe_tokens as f64 / all.max(1) as f64;
+        let mut at = n_scored;
+        let mut improvements: Vec<Vec<f64>> = Vec::with_capacity(4);
+        for g in &groups {
+            let mut v = Vec::with_capacity(g.len());
+            for (k, i) in g.iter().zip(at..) {
+                if let (Some(Some(b)), Some(Some(m))) = (sets.base_losses.get(k), r.losses.get(i)) {
+                    v.push(b - m);
+                }
+            }
+            at += g.len();
+            improvements.push(v);
+        }
+        verdicts.extend(tunenet_integrity::trained_verdicts(
+            &improvements[0],
+            &improvements[1],
+            &improvements[2],
+            &improvements[3],
+            integrity,
+        ));
+    }
     Ok((
         Evaluation {
-            test_loss: Some(r.mean_loss),
+            test_loss: Some(test_loss),
+            synthetic_loss,
             verdicts,
             sketch,
         },
@@ -977,6 +1389,8 @@ fn spawn_evaluator(
         .spawn(move || {
             let mut models: BTreeMap<BlobId, tunenet_ml::ModelDir> = BTreeMap::new();
             let mut tests: BTreeMap<BlobId, Vec<tunenet_ml::Record>> = BTreeMap::new();
+            // Per job: its sets and the base losses found so far (at most 8 jobs kept).
+            let mut jobs: BTreeMap<JobId, JobSets> = BTreeMap::new();
             while let Ok(req) = erx.recv() {
                 let result = (|| -> Result<Evaluation, String> {
                     let model = match models.get(&req.model) {
@@ -997,13 +1411,34 @@ fn spawn_evaluator(
                         slot.insert(tunenet_ml::parse_jsonl(&bytes).map_err(|e| e.to_string())?);
                     }
                     let test = tests.get(&req.test).ok_or("test split missing")?;
+                    if !jobs.contains_key(&req.job_id) {
+                        // The synthetic set is generated now, after the deadline, from the
+                        // seed the engine drew when the deadline passed.
+                        let synthetic = req.synthetic.as_ref().and_then(|(g, seed, n)| synthetic_set(g, *seed, *n, test.len()));
+                        let shard = match req.shard {
+                            Some(b) => tunenet_ml::parse_jsonl(&blobs.get(&b).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?,
+                            None => vec![],
+                        };
+                        while jobs.len() >= 8 {
+                            jobs.pop_first();
+                        }
+                        jobs.insert(req.job_id.clone(), JobSets {
+                            test: test.clone(),
+                            synthetic,
+                            shard,
+                            canaries: req.canaries.clone(),
+                            base_losses: Default::default(),
+                        });
+                    }
+                    let sets = jobs.get_mut(&req.job_id).ok_or("job sets missing")?;
                     blobs.verify(&req.artifact).map_err(|e| e.to_string())?;
                     let path = blobs.path(&req.artifact);
                     let t0 = std::time::Instant::now();
-                    let (ev, checks) = evaluate_submission(&model, &path, test, &req.bounds, &req.integrity, req.max_seq_len, &device)?;
+                    let binding = req.nonce.as_ref().map(|nonce| Binding { nonce, job: &req.job_id, miner: &req.miner });
+                    let (ev, checks) = evaluate_submission(&model, &path, sets, binding, &req.bounds, &req.integrity, req.max_seq_len, &device)?;
                     metrics::histogram!("tunenet_evaluation_seconds").record(t0.elapsed().as_secs_f64());
                     metrics::histogram!("tunenet_integrity_seconds").record(checks);
-                    tracing::info!(competition = %req.comp, job_id = %req.job_id, miner = %req.miner, loss = ?ev.test_loss, secs = t0.elapsed().as_secs_f64(), check_secs = checks, "evaluated");
+                    tracing::info!(competition = %req.comp, job_id = %req.job_id, miner = %req.miner, loss = ?ev.test_loss, synthetic_loss = ?ev.synthetic_loss, secs = t0.elapsed().as_secs_f64(), check_secs = checks, "evaluated");
                     Ok(ev)
                 })();
                 let job = req.job_id.to_string();

@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 pub struct ScoringWeights {
     /// Weight of the hidden test loss.
     pub test: f64,
-    /// Weight of the synthetic-set loss (synthetic sets come with the model engine).
+    /// Weight of the synthetic-set loss: a set the validator generates after the deadline
+    /// from a fresh seed, so no miner can have trained on it. Submissions without one (no
+    /// generator for the dataset) are scored on the test loss alone.
     pub synthetic: f64,
     /// Quality given to a submission that is missing or fails a check.
     pub penalty_quality: f64,
@@ -18,9 +20,27 @@ pub struct ScoringWeights {
 impl Default for ScoringWeights {
     fn default() -> Self {
         ScoringWeights {
-            test: 1.0,
-            synthetic: 0.0,
+            test: 0.5,
+            synthetic: 0.5,
             penalty_quality: 0.0,
+        }
+    }
+}
+
+impl ScoringWeights {
+    /// The scored loss: the weighted mean of the test and synthetic losses, or the test
+    /// loss alone when there is no synthetic loss (or the weights make no mean).
+    pub fn scored_loss(&self, test: f64, synthetic: Option<f64>) -> f64 {
+        match synthetic {
+            Some(s) if s.is_finite() && self.test >= 0.0 && self.synthetic >= 0.0 => {
+                let w = self.test + self.synthetic;
+                if w > 0.0 {
+                    (self.test * test + self.synthetic * s) / w
+                } else {
+                    test
+                }
+            }
+            _ => test,
         }
     }
 }
@@ -165,6 +185,25 @@ mod tests {
     }
 
     #[test]
+    fn scored_loss_weighs_test_and_synthetic() {
+        let w = ScoringWeights::default();
+        assert!((w.scored_loss(2.0, Some(3.0)) - 2.5).abs() < 1e-12);
+        assert_eq!(w.scored_loss(2.0, None), 2.0);
+        assert_eq!(w.scored_loss(2.0, Some(f64::NAN)), 2.0);
+        let test_only = ScoringWeights {
+            test: 1.0,
+            synthetic: 0.0,
+            ..w
+        };
+        assert_eq!(test_only.scored_loss(2.0, Some(3.0)), 2.0);
+        // Stored settings from before the new fields still load.
+        let old: IntegritySettings =
+            serde_json::from_str(r#"{"enabled":true,"sketch_dim":16}"#).unwrap();
+        assert_eq!(old.leak_fail_z, IntegritySettings::default().leak_fail_z);
+        assert!(serde_json::from_str::<IntegritySettings>(r#"{"bogus":1}"#).is_err());
+    }
+
+    #[test]
     fn standing_is_geometric_mean() {
         assert!((standing(&[2.0, 0.5]) - 1.0).abs() < 1e-12);
         assert_eq!(standing(&[1.0, 0.0]), 0.0);
@@ -222,6 +261,22 @@ pub struct IntegritySettings {
     pub near_duplicate_norm_ratio: f64,
     /// Length of the delta sketch.
     pub sketch_dim: usize,
+    /// Significance level of the "trained on this job's data" tests (one-sided
+    /// Mann–Whitney U on per-record loss improvements: assigned canaries against
+    /// never-released siblings, assigned records against unassigned ones).
+    pub trained_alpha: f64,
+    /// Records sampled from each side (assigned, unassigned) for the subset test.
+    pub subset_sample: usize,
+    /// Leakage (at job end): a synthetic/test loss ratio this many robust spreads above
+    /// the cohort's median is flagged, or failed when the submission also shows no
+    /// significant sign of training on its assigned data (canaries or subset).
+    pub leak_flag_z: f64,
+    /// ...and failed outright at this many spreads, whatever else it shows.
+    pub leak_fail_z: f64,
+    /// Smallest spread the leakage check uses, relative to the cohort's median ratio: a
+    /// cohort of near-identical honest runs (or of copies) has a MAD near zero, and honest
+    /// ratios still differ by this much.
+    pub leak_spread_floor: f64,
 }
 
 impl Default for IntegritySettings {
@@ -235,6 +290,11 @@ impl Default for IntegritySettings {
             near_duplicate_cosine: 0.95,
             near_duplicate_norm_ratio: 0.9,
             sketch_dim: 4096,
+            trained_alpha: 0.05,
+            subset_sample: 4,
+            leak_flag_z: 6.0,
+            leak_fail_z: 10.0,
+            leak_spread_floor: 0.01,
         }
     }
 }

@@ -39,6 +39,7 @@ fn plan(jobs: usize, miners_per_job: u32) -> CompetitionPlan {
 fn eval(loss: f64, sketch: Vec<f32>) -> Result<Evaluation, String> {
     Ok(Evaluation {
         test_loss: Some(loss),
+        synthetic_loss: None,
         verdicts: vec![],
         sketch,
     })
@@ -435,6 +436,7 @@ fn miner_policy_rejects_with_reasons() {
         hardware: "cpu".into(),
         reply_to: "x".into(),
         model_config: String::new(),
+        inference: None,
     };
     let code = |d: Decision| match d {
         Decision::Reject(r) => r.code,
@@ -629,6 +631,7 @@ fn failed_integrity_checks_give_the_penalty_with_the_reason() {
             miner: hs[0].miner.clone(),
             result: Ok(Evaluation {
                 test_loss: None,
+                synthetic_loss: None,
                 verdicts: vec![bad],
                 sketch: vec![],
             }),
@@ -707,4 +710,171 @@ fn a_restarted_miner_resumes_training_before_the_deadline_only() {
             .detail
             .contains("deadline has passed")
     );
+}
+
+fn eval_both(test: f64, synthetic: f64, verdicts: Vec<Verdict>) -> Result<Evaluation, String> {
+    Ok(Evaluation {
+        test_loss: Some(test),
+        synthetic_loss: Some(synthetic),
+        verdicts,
+        sketch: vec![],
+    })
+}
+
+fn canary_verdict(p: f64) -> Verdict {
+    Verdict {
+        check: "canaries".into(),
+        outcome: Outcome::Pass,
+        value: Some(p),
+        threshold: Some(0.05),
+        reason: String::new(),
+    }
+}
+
+fn leakage_of(w: &World, miner: &PeerIdStr) -> Verdict {
+    score_of(w, miner)
+        .verdicts
+        .iter()
+        .find(|v| v.check == LEAKAGE_CHECK)
+        .cloned()
+        .unwrap()
+}
+
+#[test]
+fn synthetic_seed_is_drawn_only_after_the_deadline() {
+    let mut w = World::new(2, 1);
+    w.tick();
+    assert_eq!(w.v.job(&job0()).unwrap().synthetic_seed, None);
+    w.now += BUDGET / 2;
+    w.tick();
+    assert_eq!(w.v.job(&job0()).unwrap().synthetic_seed, None);
+    w.now += BUDGET;
+    w.tick();
+    let seed = w.v.job(&job0()).unwrap().synthetic_seed;
+    assert!(seed.is_some());
+    w.now += 1;
+    w.tick();
+    assert_eq!(w.v.job(&job0()).unwrap().synthetic_seed, seed, "drawn once");
+}
+
+#[test]
+fn a_test_loss_far_below_the_cohorts_for_its_synthetic_loss_fails_as_leakage() {
+    let mut w = World::new(5, 1);
+    let hs = reveal_all(&mut w, &[b"a", b"b", b"c", b"d", b"cheat"]);
+    // Honest runs of different quality keep test and synthetic losses in step; the
+    // cheater's test loss is 10 % below what its synthetic loss implies.
+    let losses = [
+        (2.0, 2.02),
+        (2.2, 2.23),
+        (2.5, 2.52),
+        (1.9, 1.93),
+        (1.8, 2.00),
+    ];
+    for (h, (t, s)) in hs.iter().zip(losses) {
+        w.v.handle(
+            ValidatorInput::Evaluated {
+                job_id: job0(),
+                miner: h.miner.clone(),
+                result: eval_both(t, s, vec![]),
+            },
+            w.now,
+            &mut w.rng,
+        );
+    }
+    let cheat = score_of(&w, &hs[4].miner);
+    let reason = cheat.penalty_reason.as_deref().unwrap();
+    assert!(
+        reason.contains("test_leakage") && reason.contains("leaked"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("1.8000") && reason.contains("2.0000"),
+        "{reason}"
+    );
+    assert_eq!(cheat.quality, 0.0);
+    for h in &hs[..4] {
+        let s = score_of(&w, &h.miner);
+        assert!(s.penalty_reason.is_none(), "{s:?}");
+        assert_eq!(leakage_of(&w, &h.miner).outcome, Outcome::Pass);
+    }
+    // The scored loss weighs test and synthetic equally by default.
+    let first = score_of(&w, &hs[0].miner);
+    assert!((first.loss.unwrap() - 2.01).abs() < 1e-9, "{first:?}");
+}
+
+#[test]
+fn a_moderate_outlier_that_trained_on_its_canaries_is_only_flagged() {
+    let mut w = World::new(4, 1);
+    let hs = reveal_all(&mut w, &[b"a", b"b", b"c", b"d"]);
+    // Spread floor: 1 % of a median ratio of 1.0; the outlier sits 7 spreads above.
+    let losses = [(2.0, 2.0), (2.1, 2.1), (2.2, 2.2), (2.0, 2.14)];
+    for (i, (h, (t, s))) in hs.iter().zip(losses).enumerate() {
+        let verdicts = if i == 3 {
+            vec![canary_verdict(0.01)]
+        } else {
+            vec![]
+        };
+        w.v.handle(
+            ValidatorInput::Evaluated {
+                job_id: job0(),
+                miner: h.miner.clone(),
+                result: eval_both(t, s, verdicts),
+            },
+            w.now,
+            &mut w.rng,
+        );
+    }
+    let v = leakage_of(&w, &hs[3].miner);
+    assert_eq!(v.outcome, Outcome::Flag, "{v:?}");
+    assert!(v.value.unwrap() > 6.0 && v.value.unwrap() < 10.0, "{v:?}");
+    assert!(score_of(&w, &hs[3].miner).penalty_reason.is_none());
+}
+
+#[test]
+fn a_moderate_outlier_without_sign_of_training_on_its_data_fails() {
+    let mut w = World::new(4, 1);
+    let hs = reveal_all(&mut w, &[b"a", b"b", b"c", b"d"]);
+    let losses = [(2.0, 2.0), (2.1, 2.1), (2.2, 2.2), (2.0, 2.14)];
+    for (h, (t, s)) in hs.iter().zip(losses) {
+        w.v.handle(
+            ValidatorInput::Evaluated {
+                job_id: job0(),
+                miner: h.miner.clone(),
+                result: eval_both(t, s, vec![canary_verdict(0.4)]),
+            },
+            w.now,
+            &mut w.rng,
+        );
+    }
+    let s = score_of(&w, &hs[3].miner);
+    assert!(
+        s.penalty_reason
+            .as_deref()
+            .unwrap()
+            .contains("no sign of training"),
+        "{s:?}"
+    );
+}
+
+#[test]
+fn with_fewer_than_three_submissions_leakage_is_recorded_not_judged() {
+    let mut w = World::new(2, 1);
+    let hs = reveal_all(&mut w, &[b"a", b"b"]);
+    for (h, (t, s)) in hs.iter().zip([(2.0, 2.0), (1.0, 3.0)]) {
+        w.v.handle(
+            ValidatorInput::Evaluated {
+                job_id: job0(),
+                miner: h.miner.clone(),
+                result: eval_both(t, s, vec![]),
+            },
+            w.now,
+            &mut w.rng,
+        );
+    }
+    for h in &hs {
+        let v = leakage_of(&w, &h.miner);
+        assert_eq!(v.outcome, Outcome::Pass);
+        assert!(v.reason.contains("not judged"), "{v:?}");
+        assert!(score_of(&w, &h.miner).penalty_reason.is_none());
+    }
 }

@@ -1,0 +1,243 @@
+//! Canaries (DESIGN.md §4.1, §4.5): secret records in the dataset's own style, planted in a
+//! job's released shard at positions only the validator knows, each with never-released
+//! siblings drawn alike. A miner whose nonce-chosen subset holds a canary and who trained
+//! on that subset has seen it; nobody has seen its siblings. Comparing the model's loss
+//! improvement on the two tells training on this job's data from training on anything else.
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use tunenet_ml::Record;
+use tunenet_types::{JobId, PeerIdStr};
+
+use crate::binding::{binding_seed, training_subset};
+
+/// One job's canaries, as the validator keeps them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobCanaries {
+    /// Where the planted canaries sit in the released shard (sorted).
+    pub positions: Vec<usize>,
+    /// Siblings generated alike and never released.
+    pub siblings: Vec<Record>,
+}
+
+/// The text a record is compared by when canaries must be unlike every other record.
+fn key(r: &Record) -> String {
+    match r {
+        Record::Text { text } => text.clone(),
+        Record::Instruction { prompt, response } => format!("{prompt}\u{0}{response}"),
+    }
+}
+
+/// Canary candidates: `n` distinct records from `pool` (shuffled by `seed`) that equal no
+/// record of `existing`, so a sibling is never something a miner could have trained on
+/// under another name. Fewer than `n` when the pool runs short.
+pub fn pick_candidates(pool: &[Record], existing: &[Record], n: usize, seed: u64) -> Vec<Record> {
+    let mut seen: HashSet<String> = existing.iter().map(key).collect();
+    let mut order: Vec<usize> = (0..pool.len()).collect();
+    order.shuffle(&mut StdRng::seed_from_u64(seed));
+    let mut out = Vec::with_capacity(n);
+    for i in order {
+        if out.len() == n {
+            break;
+        }
+        if seen.insert(key(&pool[i])) {
+            out.push(pool[i].clone());
+        }
+    }
+    out
+}
+
+/// Takes `n` records out of `records` to serve as canary candidates: records whose text
+/// occurs once in the dataset, chosen by `seed`. For datasets with no generator the
+/// validator can sample from, held-out real records are the best "same style" there is.
+pub fn hold_out(records: &mut Vec<Record>, n: usize, seed: u64) -> Vec<Record> {
+    let mut counts: std::collections::HashMap<String, usize> = Default::default();
+    for r in records.iter() {
+        *counts.entry(key(r)).or_default() += 1;
+    }
+    let mut unique: Vec<usize> = (0..records.len())
+        .filter(|&i| counts.get(&key(&records[i])) == Some(&1))
+        .collect();
+    unique.shuffle(&mut StdRng::seed_from_u64(seed));
+    let mut take: Vec<usize> = unique.into_iter().take(n).collect();
+    take.sort_unstable();
+    let mut out = Vec::with_capacity(take.len());
+    for &i in take.iter().rev() {
+        out.push(records.remove(i));
+    }
+    out.reverse();
+    out
+}
+
+/// Plants the first `planted` of `candidates` into `shard` at seeded random positions and
+/// keeps the rest as never-released siblings. Returns the shard to release and what the
+/// validator must remember.
+pub fn plant(
+    mut shard: Vec<Record>,
+    mut candidates: Vec<Record>,
+    planted: usize,
+    seed: u64,
+) -> (Vec<Record>, JobCanaries) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    candidates.shuffle(&mut rng);
+    let planted = planted.min(candidates.len());
+    let siblings = candidates.split_off(planted);
+    let total = shard.len() + planted;
+    let mut slots: Vec<usize> = (0..total).collect();
+    slots.shuffle(&mut rng);
+    let mut positions: Vec<usize> = slots.into_iter().take(planted).collect();
+    positions.sort_unstable();
+    // Inserting in increasing order puts each canary at its final index.
+    for (&pos, canary) in positions.iter().zip(candidates) {
+        shard.insert(pos, canary);
+    }
+    (
+        shard,
+        JobCanaries {
+            positions,
+            siblings,
+        },
+    )
+}
+
+/// What one miner is to be tested on: shard indices only the validator can pick.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MinerProbe {
+    /// Canaries inside this miner's training subset.
+    pub assigned_canaries: Vec<usize>,
+    /// A sample of its assigned (non-canary) records.
+    pub assigned: Vec<usize>,
+    /// A sample, as large, of the shard's records outside its subset (non-canary).
+    pub unassigned: Vec<usize>,
+}
+
+/// The shard indices to test a miner on: its assigned canaries, and `sample` assigned and
+/// `sample` unassigned ordinary records (fewer when the shard has fewer), chosen from the
+/// binding seed so they differ per miner.
+pub fn miner_probe(
+    nonce: &[u8; 32],
+    job: &JobId,
+    miner: &PeerIdStr,
+    shard_len: usize,
+    canaries: &JobCanaries,
+    sample: usize,
+) -> MinerProbe {
+    let subset = training_subset(nonce, job, miner, shard_len);
+    let in_subset: HashSet<usize> = subset.iter().copied().collect();
+    let canary: HashSet<usize> = canaries.positions.iter().copied().collect();
+    let assigned_canaries: Vec<usize> = canaries
+        .positions
+        .iter()
+        .copied()
+        .filter(|p| in_subset.contains(p))
+        .collect();
+    let seed = binding_seed(nonce, job, miner);
+    let mut rng = StdRng::from_seed(*blake3::keyed_hash(&seed, b"probe").as_bytes());
+    let mut assigned: Vec<usize> = subset
+        .iter()
+        .copied()
+        .filter(|i| !canary.contains(i))
+        .collect();
+    let mut unassigned: Vec<usize> = (0..shard_len)
+        .filter(|i| !in_subset.contains(i) && !canary.contains(i))
+        .collect();
+    assigned.shuffle(&mut rng);
+    unassigned.shuffle(&mut rng);
+    let k = sample.min(assigned.len()).min(unassigned.len());
+    assigned.truncate(k);
+    unassigned.truncate(k);
+    MinerProbe {
+        assigned_canaries,
+        assigned,
+        unassigned,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recs(prefix: &str, n: usize) -> Vec<Record> {
+        (0..n)
+            .map(|i| Record::Text {
+                text: format!("{prefix}{i}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn planted_canaries_sit_where_recorded_and_siblings_stay_out() {
+        let shard = recs("r", 100);
+        let cands = recs("c", 16);
+        let (out, c) = plant(shard.clone(), cands.clone(), 8, 7);
+        assert_eq!(out.len(), 108);
+        assert_eq!(c.positions.len(), 8);
+        assert_eq!(c.siblings.len(), 8);
+        for &p in &c.positions {
+            assert!(cands.contains(&out[p]), "position {p} holds {:?}", out[p]);
+        }
+        // Every canary is planted once, siblings never, and the shard keeps its order.
+        let planted: Vec<&Record> = out.iter().filter(|r| cands.contains(r)).collect();
+        assert_eq!(planted.len(), 8);
+        assert!(c.siblings.iter().all(|s| !out.contains(s)));
+        let rest: Vec<Record> = out.into_iter().filter(|r| !cands.contains(r)).collect();
+        assert_eq!(rest, shard);
+        // Not all at the ends: positions spread over the shard.
+        assert!(
+            c.positions.iter().any(|&p| p > 10 && p < 98),
+            "{:?}",
+            c.positions
+        );
+        // Another seed, other positions.
+        let (_, c2) = plant(shard, cands, 8, 8);
+        assert_ne!(c.positions, c2.positions);
+    }
+
+    #[test]
+    fn candidates_are_distinct_and_unlike_the_dataset() {
+        let mut pool = recs("x", 10);
+        pool.extend(recs("x", 10));
+        pool.extend(recs("d", 3));
+        let existing = recs("d", 3);
+        let got = pick_candidates(&pool, &existing, 20, 1);
+        assert_eq!(got.len(), 10);
+        assert!(got.iter().all(|r| !existing.contains(r)));
+        let mut dataset = recs("a", 10);
+        dataset.push(dataset[0].clone());
+        let held = hold_out(&mut dataset, 4, 3);
+        assert_eq!(held.len(), 4);
+        assert_eq!(dataset.len(), 7);
+        assert!(!held.contains(&Record::Text { text: "a0".into() }));
+        assert!(held.iter().all(|h| !dataset.contains(h)));
+    }
+
+    #[test]
+    fn each_miner_is_probed_on_its_own_canaries_and_records() {
+        let job = JobId::new("c-0").unwrap();
+        let (a, b) = (PeerIdStr("12D3KooWA".into()), PeerIdStr("12D3KooWB".into()));
+        let canaries = JobCanaries {
+            positions: vec![3, 17, 40, 41, 60, 77, 90, 99],
+            siblings: vec![],
+        };
+        let nonce = [9u8; 32];
+        let pa = miner_probe(&nonce, &job, &a, 108, &canaries, 6);
+        let pb = miner_probe(&[1u8; 32], &job, &b, 108, &canaries, 6);
+        let subset: HashSet<usize> = training_subset(&nonce, &job, &a, 108).into_iter().collect();
+        assert!(!pa.assigned_canaries.is_empty());
+        assert!(pa.assigned_canaries.iter().all(|p| subset.contains(p)));
+        assert!(pa.assigned.iter().all(|p| subset.contains(p)));
+        assert!(pa.unassigned.iter().all(|p| !subset.contains(p)));
+        assert_eq!((pa.assigned.len(), pa.unassigned.len()), (6, 6));
+        assert!(
+            pa.assigned
+                .iter()
+                .chain(&pa.unassigned)
+                .all(|p| !canaries.positions.contains(p))
+        );
+        assert_ne!(pa, pb);
+        assert_eq!(pa, miner_probe(&nonce, &job, &a, 108, &canaries, 6));
+    }
+}

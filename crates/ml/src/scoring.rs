@@ -1,0 +1,643 @@
+//! Fast batched log-likelihood scoring for inference jobs (HellaSwag and the like): a
+//! [`ScoringModel`] runs many [`PackedGroup`]s (a shared prefix with several continuations)
+//! in one forward pass, the prefix computed once and each continuation attending to it.
+//! Weights are either dense (from a [`CausalLm`], f32/bf16) or GGUF quantised (Q8_0, Q4_x,
+//! K-quants) run with candle's quantised matmuls. Nothing here trains or samples.
+
+use std::path::Path;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
+use candle_core::{D, DType, Device, Module, Tensor};
+
+use crate::config::LlamaConfig;
+use crate::error::{CandleContext, MlError};
+use crate::lm::CausalLm;
+use crate::model::{MASK_VALUE, rope_tables};
+use crate::tokenizer::TextTokenizer;
+
+/// A shared prefix and the continuations that follow it. Continuation `i` is the token
+/// sequence `prefix ++ branches[i].tokens`; its score is the summed log-probability of the
+/// tokens of that sequence from index `branches[i].score_from` on, each given all tokens
+/// before it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackedGroup {
+    /// Tokens every branch starts with (at least one).
+    pub prefix: Vec<u32>,
+    /// The continuations.
+    pub branches: Vec<Branch>,
+}
+
+/// One continuation of a [`PackedGroup`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Branch {
+    /// Tokens after the prefix.
+    pub tokens: Vec<u32>,
+    /// Index (in `prefix ++ tokens`) of the first scored token; at least 1.
+    pub score_from: usize,
+}
+
+impl PackedGroup {
+    /// Tokens the model runs for this group: the prefix once, then each branch without its
+    /// last token (which is only ever a target).
+    pub fn run_len(&self) -> usize {
+        self.prefix.len()
+            + self
+                .branches
+                .iter()
+                .map(|b| b.tokens.len().saturating_sub(1))
+                .sum::<usize>()
+    }
+
+    /// Longest `prefix ++ tokens` of any branch.
+    pub fn max_seq_len(&self) -> usize {
+        self.prefix.len()
+            + self
+                .branches
+                .iter()
+                .map(|b| b.tokens.len())
+                .max()
+                .unwrap_or(0)
+    }
+}
+
+/// Text in, token ids out; and groups of continuations in, summed log-probabilities out.
+/// Implemented by [`ScoringModel`] (dense or GGUF-quantised weights) and by [`CausalLm`].
+pub trait HellaSwagScorer {
+    /// Token ids of `text`, no special tokens added.
+    fn encode(&self, text: &str) -> Result<Vec<u32>, MlError>;
+    /// Longest token sequence the model accepts.
+    fn max_positions(&self) -> usize;
+    /// For each group, the score of each branch (see [`PackedGroup`]).
+    fn score_groups(&self, groups: &[PackedGroup]) -> Result<Vec<Vec<f64>>, MlError>;
+    /// A short description of the weights ("dense f32", "gguf q4_1", ...), for reports.
+    fn describe(&self) -> String;
+}
+
+/// How [`ScoringModel::load_gguf`] holds a GGUF's matmul weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GgufWeights {
+    /// Quantised blocks, multiplied by candle's quantised matmul kernels (least memory).
+    Quantized,
+    /// Expanded to f32 at load: the quantised model's exact weights, run by the dense
+    /// matmul (faster for batched scoring on CPU, four to eight times the memory).
+    Dequantized,
+}
+
+/// A linear layer for inference: dense or quantised, possibly several layers fused along
+/// the output dimension (their outputs are the column ranges given by `widths`).
+#[derive(Debug)]
+struct Proj {
+    mm: QMatMul,
+    widths: Vec<usize>,
+}
+
+impl Proj {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.mm.forward(x)
+    }
+
+    /// The output split into the fused layers' parts.
+    fn forward_split(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        self.split(self.mm.forward(x)?)
+    }
+
+    /// `y` (this projection's output, possibly rearranged along other axes) split into the
+    /// fused layers' parts.
+    fn split(&self, y: Tensor) -> candle_core::Result<Vec<Tensor>> {
+        if self.widths.len() == 1 {
+            return Ok(vec![y]);
+        }
+        let mut start = 0;
+        let mut out = Vec::with_capacity(self.widths.len());
+        for &w in &self.widths {
+            out.push(y.narrow(D::Minus1, start, w)?);
+            start += w;
+        }
+        Ok(out)
+    }
+}
+
+/// Projections of one block; q/k/v and gate/up are fused where their weights allow.
+#[derive(Debug)]
+struct ScoreBlock {
+    attn_norm: Tensor,
+    qkv: Vec<Proj>,
+    o: Proj,
+    mlp_norm: Tensor,
+    gate_up: Vec<Proj>,
+    down: Proj,
+}
+
+/// Tokenizer of a scoring model: a model directory's file, or one rebuilt from GGUF metadata.
+enum ScoreTokenizer {
+    File(TextTokenizer),
+    Gguf(tokenizers::Tokenizer),
+}
+
+/// A Llama-family model prepared for batched scoring: see [`HellaSwagScorer`].
+pub struct ScoringModel {
+    cfg: LlamaConfig,
+    tok: ScoreTokenizer,
+    embed: Tensor,
+    layers: Vec<ScoreBlock>,
+    norm: Tensor,
+    lm_head: Proj,
+    cos: Tensor,
+    sin: Tensor,
+    /// Activation dtype (f32 for quantised weights).
+    dtype: DType,
+    device: Device,
+    what: String,
+}
+
+impl std::fmt::Debug for ScoringModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScoringModel")
+            .field("what", &self.what)
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+fn dense(w: Tensor) -> Proj {
+    let n = w.dims().first().copied().unwrap_or(0);
+    Proj {
+        mm: QMatMul::Tensor(w),
+        widths: vec![n],
+    }
+}
+
+impl ScoringModel {
+    /// The weights of `lm` (LoRA adapters merged in) arranged for scoring. Dense weights are
+    /// shared with `lm`, not copied, except where an adapter had to be merged.
+    pub fn from_causal_lm(lm: &CausalLm) -> Result<ScoringModel, MlError> {
+        let parts = lm
+            .llama()
+            .dense_parts()
+            .ctx("merging adapters for scoring")?;
+        let tok = ScoreTokenizer::File(lm.tokenizer().clone());
+        let dtype = parts.embed.dtype();
+        let device = parts.embed.device().clone();
+        let layers = parts
+            .layers
+            .into_iter()
+            .map(|b| ScoreBlock {
+                attn_norm: b.attn_norm,
+                qkv: vec![dense(b.q), dense(b.k), dense(b.v)],
+                o: dense(b.o),
+                mlp_norm: b.mlp_norm,
+                gate_up: vec![dense(b.gate), dense(b.up)],
+                down: dense(b.down),
+            })
+            .collect();
+        Ok(ScoringModel {
+            cfg: lm.config().clone(),
+            tok,
+            embed: parts.embed,
+            layers,
+            norm: parts.norm,
+            lm_head: dense(parts.lm_head),
+            cos: parts.cos,
+            sin: parts.sin,
+            dtype,
+            device,
+            what: format!("dense {dtype:?}").to_lowercase(),
+        })
+    }
+
+    /// Loads a llama-architecture GGUF for scoring. With [`GgufWeights::Quantized`] the
+    /// matmuls run on the quantised blocks; with [`GgufWeights::Dequantized`] the weights
+    /// are expanded to f32 at load (the same numbers, so the same model; four to eight times
+    /// the memory, and faster on CPUs where candle has no tiled kernel for the type). Norms
+    /// and the token embedding table are always dequantised. q/k rows are put back into
+    /// rotate-half order, so the forward pass is the same as for dense weights.
+    pub fn load_gguf(
+        path: &Path,
+        device: &Device,
+        weights: GgufWeights,
+    ) -> Result<ScoringModel, MlError> {
+        let bad = |problem: String| MlError::Config {
+            path: path.to_path_buf(),
+            problem,
+        };
+        let file =
+            std::fs::File::open(path).map_err(|e| MlError::io("cannot open GGUF", path, e))?;
+        let mut reader = std::io::BufReader::new(file);
+        let content = gguf_file::Content::read(&mut reader)
+            .map_err(|e| bad(format!("not a readable GGUF file: {e}")))?;
+        let cfg = crate::gguf::gguf_config(&content, path)?;
+        let tok = crate::gguf::gguf_tokenizer(&content.metadata)
+            .map_err(|p| bad(format!("tokenizer: {p}")))?;
+        let hd = cfg.head_dim();
+        let mut read = |name: &str| -> Result<QTensor, MlError> {
+            content
+                .tensor(&mut reader, name, &Device::Cpu)
+                .map_err(|e| bad(format!("tensor {name} is missing or unreadable: {e}")))
+        };
+        let to_dev = |q: QTensor| -> Result<QTensor, MlError> {
+            if device.is_cpu() {
+                return Ok(q);
+            }
+            let bytes = q.data().ctx("reading quantised data")?;
+            candle_core::quantized::ggml_file::qtensor_from_ggml(
+                q.dtype(),
+                &bytes,
+                q.shape().dims().to_vec(),
+                device,
+            )
+            .ctx("moving quantised weights")
+        };
+        let to_dev = |q: QTensor| -> Result<QTensor, MlError> {
+            let q = to_dev(q)?;
+            if weights == GgufWeights::Quantized || q.dtype() == GgmlDType::F32 {
+                return Ok(q);
+            }
+            let t = q.dequantize(device).ctx("dequantising a weight")?;
+            QTensor::quantize(&t, GgmlDType::F32).ctx("keeping a dequantised weight")
+        };
+        let deq = |q: QTensor| -> Result<Tensor, MlError> {
+            q.dequantize(device).ctx("dequantising a norm or embedding")
+        };
+        let mut dtypes = std::collections::BTreeSet::new();
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let name = |s: &str| format!("blk.{i}.{s}");
+            let q = unpermute_rows(read(&name("attn_q.weight"))?, cfg.num_attention_heads, hd)?;
+            let k = unpermute_rows(read(&name("attn_k.weight"))?, cfg.kv_heads(), hd)?;
+            let v = read(&name("attn_v.weight"))?;
+            let o = read(&name("attn_output.weight"))?;
+            let gate = read(&name("ffn_gate.weight"))?;
+            let up = read(&name("ffn_up.weight"))?;
+            let down = read(&name("ffn_down.weight"))?;
+            for t in [&q, &k, &v, &o, &gate, &up, &down] {
+                dtypes.insert(format!("{:?}", t.dtype()).to_lowercase());
+            }
+            layers.push(ScoreBlock {
+                attn_norm: deq(read(&name("attn_norm.weight"))?)?,
+                qkv: fuse(vec![q, k, v], &to_dev)?,
+                o: quant(o, &to_dev)?,
+                mlp_norm: deq(read(&name("ffn_norm.weight"))?)?,
+                gate_up: fuse(vec![gate, up], &to_dev)?,
+                down: quant(down, &to_dev)?,
+            });
+        }
+        let embed = deq(read("token_embd.weight")?)?;
+        let head_q = if cfg.tie_word_embeddings {
+            read("token_embd.weight")?
+        } else {
+            read("output.weight")?
+        };
+        dtypes.insert(format!("{:?}", head_q.dtype()).to_lowercase());
+        let lm_head = quant(head_q, &to_dev)?;
+        let norm = deq(read("output_norm.weight")?)?;
+        let (cos, sin) = rope_tables(&cfg, device).ctx("building rotary tables")?;
+        let what = format!(
+            "gguf {}{}",
+            dtypes.into_iter().collect::<Vec<_>>().join("+"),
+            match weights {
+                GgufWeights::Quantized => " quantised matmuls",
+                GgufWeights::Dequantized => " dequantised to f32",
+            }
+        );
+        Ok(ScoringModel {
+            cfg,
+            tok: ScoreTokenizer::Gguf(tok),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            dtype: DType::F32,
+            device: device.clone(),
+            what,
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// Runs a batch of groups through the model; see [`HellaSwagScorer::score_groups`].
+    fn forward_groups(&self, groups: &[PackedGroup]) -> Result<Vec<Vec<f64>>, MlError> {
+        let plan = Plan::new(groups, &self.cfg)?;
+        let scores = self.run(&plan).ctx("scoring a packed batch")?;
+        let mut out: Vec<Vec<f64>> = groups.iter().map(|g| vec![0.0; g.branches.len()]).collect();
+        for ((g, b), s) in plan.row_owner.iter().zip(scores) {
+            out[*g][*b] += s as f64;
+        }
+        Ok(out)
+    }
+
+    fn run(&self, plan: &Plan) -> candle_core::Result<Vec<f32>> {
+        let dev = &self.device;
+        let (g, l) = (plan.groups, plan.max_len);
+        let n = plan.ids.len();
+        let (nh, nkv, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.kv_heads(),
+            self.cfg.head_dim(),
+        );
+        let rep = nh / nkv;
+        let eps = self.cfg.rms_norm_eps as f32;
+        let ids = Tensor::from_slice(&plan.ids, n, dev)?;
+        let pad = Tensor::from_slice(&plan.pad_index, g * l, dev)?;
+        let unpad = Tensor::from_slice(&plan.unpad_index, n, dev)?;
+        let pos = Tensor::from_slice(&plan.padded_pos, g * l, dev)?;
+        let cos = self.cos.index_select(&pos, 0)?.reshape((g, l, hd / 2))?;
+        let sin = self.sin.index_select(&pos, 0)?.reshape((g, l, hd / 2))?;
+        let mask = Tensor::from_slice(&plan.mask, (g, 1, 1, l, l), dev)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut x = self.embed.index_select(&ids, 0)?.to_dtype(self.dtype)?;
+        for layer in &self.layers {
+            let hn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            // Into the padded layout first (one gather per matmul output), then split.
+            let mut qkv = Vec::with_capacity(3);
+            for p in &layer.qkv {
+                let y = p.forward(&hn)?.index_select(&pad, 0)?;
+                qkv.extend(p.split(y)?);
+            }
+            let [q, k, v] = <[Tensor; 3]>::try_from(qkv)
+                .map_err(|_| candle_core::Error::Msg("q/k/v projections are not three".into()))?;
+            let padded = |t: Tensor, heads: usize| -> candle_core::Result<Tensor> {
+                t.reshape((g, l, heads, hd))?.transpose(1, 2)?.contiguous()
+            };
+            let q = candle_nn::rotary_emb::rope(&padded(q, nh)?, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope(&padded(k, nkv)?, &cos, &sin)?;
+            let v = padded(v, nkv)?;
+            // Grouped-query attention without copying k/v: the `rep` query heads of a
+            // key/value head are stacked along the sequence axis.
+            let q = q.reshape((g, nkv, rep * l, hd))?;
+            let scores = (q.matmul(&k.t()?)? * scale)?
+                .to_dtype(DType::F32)?
+                .reshape((g, nkv, rep, l, l))?
+                .broadcast_add(&mask)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?
+                .reshape((g, nkv, rep * l, l))?
+                .to_dtype(v.dtype())?;
+            let y = probs
+                .matmul(&v)?
+                .reshape((g, nh, l, hd))?
+                .transpose(1, 2)?
+                .reshape((g * l, nh * hd))?
+                .index_select(&unpad, 0)?;
+            x = (x + layer.o.forward(&y)?)?;
+            let hn = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, eps)?;
+            let mut gu = Vec::with_capacity(2);
+            for p in &layer.gate_up {
+                gu.extend(p.forward_split(&hn)?);
+            }
+            let [gate, up] = <[Tensor; 2]>::try_from(gu)
+                .map_err(|_| candle_core::Error::Msg("gate/up projections are not two".into()))?;
+            let h = (candle_nn::ops::silu(&gate)? * up)?;
+            x = (x + layer.down.forward(&h)?)?;
+        }
+        // Logits only where a target is predicted: the vocabulary projection is the
+        // largest matmul of a small model.
+        let rows = Tensor::from_slice(&plan.rows, plan.rows.len(), dev)?;
+        let x = x.index_select(&rows, 0)?;
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let targets = Tensor::from_slice(&plan.targets, (plan.targets.len(), 1), dev)?;
+        logp.gather(&targets, 1)?.flatten_all()?.to_vec1::<f32>()
+    }
+}
+
+impl HellaSwagScorer for ScoringModel {
+    fn encode(&self, text: &str) -> Result<Vec<u32>, MlError> {
+        match &self.tok {
+            ScoreTokenizer::File(t) => t.encode(text),
+            ScoreTokenizer::Gguf(t) => t
+                .encode(text, false)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| MlError::Invalid(format!("cannot encode text: {e}"))),
+        }
+    }
+
+    fn max_positions(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+
+    fn score_groups(&self, groups: &[PackedGroup]) -> Result<Vec<Vec<f64>>, MlError> {
+        self.forward_groups(groups)
+    }
+
+    fn describe(&self) -> String {
+        self.what.clone()
+    }
+}
+
+/// Where every token of a batch of groups goes: the flat (unpadded) token order, the
+/// padded `[groups, max_len]` layout attention runs in, the attention mask, and the rows
+/// whose logits are needed with their targets.
+struct Plan {
+    groups: usize,
+    max_len: usize,
+    /// Token ids, flat.
+    ids: Vec<u32>,
+    /// For each padded slot, the flat row it copies (padding copies row 0).
+    pad_index: Vec<u32>,
+    /// For each flat row, its padded slot.
+    unpad_index: Vec<u32>,
+    /// Position (for the rotary embedding) of each padded slot.
+    padded_pos: Vec<u32>,
+    /// Additive mask `[groups, max_len, max_len]`.
+    mask: Vec<f32>,
+    /// Flat rows whose next-token distribution is scored, and the target token of each.
+    rows: Vec<u32>,
+    targets: Vec<u32>,
+    /// (group, branch) each scored row belongs to.
+    row_owner: Vec<(usize, usize)>,
+}
+
+impl Plan {
+    fn new(groups: &[PackedGroup], cfg: &LlamaConfig) -> Result<Plan, MlError> {
+        let vocab = cfg.vocab_size;
+        for grp in groups {
+            if grp.prefix.is_empty() {
+                return Err(MlError::Invalid(
+                    "a packed group has an empty prefix".into(),
+                ));
+            }
+            if grp.max_seq_len() > cfg.max_position_embeddings + 1 {
+                return Err(MlError::Invalid(format!(
+                    "{} tokens exceed the model's context of {}",
+                    grp.max_seq_len() - 1,
+                    cfg.max_position_embeddings
+                )));
+            }
+            for b in &grp.branches {
+                let len = grp.prefix.len() + b.tokens.len();
+                if b.score_from == 0 || b.score_from >= len {
+                    return Err(MlError::Invalid(format!(
+                        "branch scores from token {} of a {len}-token sequence",
+                        b.score_from
+                    )));
+                }
+            }
+            if let Some(bad) = grp
+                .prefix
+                .iter()
+                .chain(grp.branches.iter().flat_map(|b| &b.tokens))
+                .find(|&&t| t as usize >= vocab)
+            {
+                return Err(MlError::Invalid(format!(
+                    "token id {bad} is outside the vocabulary of {vocab}"
+                )));
+            }
+        }
+        let max_len = groups.iter().map(PackedGroup::run_len).max().unwrap_or(1);
+        let window = cfg.sliding_window.unwrap_or(usize::MAX).max(1);
+        let n_groups = groups.len();
+        let mut plan = Plan {
+            groups: n_groups,
+            max_len,
+            ids: Vec::new(),
+            pad_index: vec![0; n_groups * max_len],
+            unpad_index: Vec::new(),
+            padded_pos: vec![0; n_groups * max_len],
+            mask: vec![MASK_VALUE as f32; n_groups * max_len * max_len],
+            rows: Vec::new(),
+            targets: Vec::new(),
+            row_owner: Vec::new(),
+        };
+        for (gi, grp) in groups.iter().enumerate() {
+            let p = grp.prefix.len();
+            let base = plan.ids.len();
+            // Segment 0 is the prefix, segment i + 1 branch i; (segment, position) per slot.
+            let mut slots: Vec<(usize, usize)> = (0..p).map(|i| (0, i)).collect();
+            plan.ids.extend(&grp.prefix);
+            let mut branch_start = Vec::with_capacity(grp.branches.len());
+            for (bi, b) in grp.branches.iter().enumerate() {
+                branch_start.push(slots.len());
+                let run = b.tokens.len().saturating_sub(1);
+                plan.ids.extend(&b.tokens[..run]);
+                slots.extend((0..run).map(|j| (bi + 1, p + j)));
+            }
+            for (local, &(seg, pos)) in slots.iter().enumerate() {
+                let slot = gi * max_len + local;
+                plan.pad_index[slot] = (base + local) as u32;
+                plan.unpad_index.push(slot as u32);
+                plan.padded_pos[slot] = pos as u32;
+                let mrow = &mut plan.mask[slot * max_len..(slot + 1) * max_len];
+                for (key, &(kseg, kpos)) in slots.iter().enumerate() {
+                    if (kseg == 0 || kseg == seg) && kpos <= pos && pos - kpos < window {
+                        mrow[key] = 0.0;
+                    }
+                }
+            }
+            // Padding queries attend their own group's first token, so no row is all masked.
+            for local in slots.len()..max_len {
+                plan.mask[(gi * max_len + local) * max_len] = 0.0;
+            }
+            for (bi, b) in grp.branches.iter().enumerate() {
+                let seq_len = p + b.tokens.len();
+                for j in b.score_from..seq_len {
+                    // Target j is predicted at position j - 1.
+                    let at = j - 1;
+                    let local = if at < p {
+                        at
+                    } else {
+                        branch_start[bi] + (at - p)
+                    };
+                    let target = if j < p {
+                        grp.prefix[j]
+                    } else {
+                        b.tokens[j - p]
+                    };
+                    plan.rows.push((base + local) as u32);
+                    plan.targets.push(target);
+                    plan.row_owner.push((gi, bi));
+                }
+            }
+        }
+        if plan.ids.is_empty() {
+            return Err(MlError::Invalid("no tokens to score".into()));
+        }
+        Ok(plan)
+    }
+}
+
+fn quant(
+    q: QTensor,
+    to_dev: &dyn Fn(QTensor) -> Result<QTensor, MlError>,
+) -> Result<Proj, MlError> {
+    let n = q.shape().dims().first().copied().unwrap_or(0);
+    let q = to_dev(q)?;
+    Ok(Proj {
+        mm: QMatMul::from_arc(std::sync::Arc::new(q)).ctx("preparing a quantised matmul")?,
+        widths: vec![n],
+    })
+}
+
+/// One matmul for projections of the same input when their quantisation types agree (rows
+/// of quantised blocks concatenate byte for byte); separate ones otherwise.
+fn fuse(
+    parts: Vec<QTensor>,
+    to_dev: &dyn Fn(QTensor) -> Result<QTensor, MlError>,
+) -> Result<Vec<Proj>, MlError> {
+    let same = parts.windows(2).all(|w| {
+        w[0].dtype() == w[1].dtype() && w[0].shape().dims().get(1) == w[1].shape().dims().get(1)
+    });
+    if !same || parts.is_empty() {
+        return parts.into_iter().map(|q| quant(q, to_dev)).collect();
+    }
+    let dtype = parts[0].dtype();
+    let k = parts[0].shape().dims().get(1).copied().unwrap_or(0);
+    let mut bytes = Vec::new();
+    let mut widths = Vec::with_capacity(parts.len());
+    for q in &parts {
+        bytes.extend_from_slice(&q.data().ctx("reading quantised data")?);
+        widths.push(q.shape().dims().first().copied().unwrap_or(0));
+    }
+    let rows = widths.iter().sum();
+    let fused = candle_core::quantized::ggml_file::qtensor_from_ggml(
+        dtype,
+        &bytes,
+        vec![rows, k],
+        &Device::Cpu,
+    )
+    .ctx("fusing projections")?;
+    let mut p = quant(fused, to_dev)?;
+    p.widths = widths;
+    Ok(vec![p])
+}
+
+/// Puts the rows of a GGUF q/k weight (llama.cpp's interleaved rotary order) back into
+/// Hugging Face's rotate-half order, moving whole quantised rows.
+fn unpermute_rows(q: QTensor, heads: usize, hd: usize) -> Result<QTensor, MlError> {
+    let dims = q.shape().dims().to_vec();
+    let (rows, k) = match dims[..] {
+        [r, k] => (r, k),
+        _ => return Err(MlError::Invalid(format!("q/k weight of shape {dims:?}"))),
+    };
+    if rows != heads * hd || !hd.is_multiple_of(2) {
+        return Err(MlError::Invalid(format!(
+            "q/k weight has {rows} rows, not {heads} heads of {hd}"
+        )));
+    }
+    let dtype: GgmlDType = q.dtype();
+    let row_bytes = k / dtype.block_size() * dtype.type_size();
+    let data = q.data().ctx("reading quantised data")?;
+    if data.len() != rows * row_bytes {
+        return Err(MlError::Invalid(
+            "q/k weight rows are not whole blocks".into(),
+        ));
+    }
+    let mut out = vec![0u8; data.len()];
+    let half = hd / 2;
+    for h in 0..heads {
+        for s in 0..2 {
+            for i in 0..half {
+                let hf = h * hd + s * half + i;
+                let gg = h * hd + i * 2 + s;
+                out[hf * row_bytes..(hf + 1) * row_bytes]
+                    .copy_from_slice(&data[gg * row_bytes..(gg + 1) * row_bytes]);
+            }
+        }
+    }
+    candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &out, dims, &Device::Cpu)
+        .ctx("reordering q/k rows")
+}
