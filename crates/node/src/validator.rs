@@ -467,34 +467,59 @@ pub fn leaderboard_of(engine: &ValidatorEngine) -> Leaderboard {
         .filter(|j| matches!(j.phase, tunenet_engine::JobPhase::Done { .. }))
         .count();
     let scores: Vec<JobScore> = jobs.iter().flat_map(|j| j.scores.clone()).collect();
-    leaderboard(&engine.plan().id, &scores, done as u32, jobs.len() as u32)
+    let mut lb = leaderboard(&engine.plan().id, &scores, done as u32, jobs.len() as u32);
+    if engine.inference().is_some() {
+        lb.kind = tunenet_types::JobKind::Inference;
+    }
+    lb
 }
 
 /// Prints a leaderboard as a table.
 pub fn format_leaderboard(lb: &Leaderboard) -> String {
+    let inference = lb.kind == tunenet_types::JobKind::Inference;
     let mut s = format!(
-        "leaderboard `{}` ({} of {} jobs scored)\n{:>4}  {:<54} {:>4} {:>10} {:>9} {:>9}\n",
+        "leaderboard `{}` ({} of {} jobs scored)\n{:>4}  {:<54} {:>4} {:>10} {:>9} {:>9}{}  verdicts\n",
         lb.competition_id,
         lb.jobs_done,
         lb.jobs_total,
         "rank",
         "miner",
         "jobs",
-        "test loss",
+        if inference { "items/s" } else { "test loss" },
         "quality",
-        "standing"
+        "standing",
+        if inference {
+            format!(" {:>9} {:>9}", "seconds", "acc_norm")
+        } else {
+            String::new()
+        }
     );
+    let num = |x: Option<f64>| x.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into());
     for r in &lb.rows {
+        // An inference job's scored loss is ln(seconds per item): its exp(-loss) is speed.
+        let figure = if inference {
+            r.mean_loss.map(|l| (-l).exp())
+        } else {
+            r.mean_loss
+        };
         s.push_str(&format!(
-            "{:>4}  {:<54} {:>4} {:>10} {:>9.4} {:>9.4}\n",
+            "{:>4}  {:<54} {:>4} {:>10} {:>9.4} {:>9.4}{}  {}\n",
             r.rank,
             r.miner,
             r.jobs,
-            r.mean_loss
-                .map(|l| format!("{l:.4}"))
-                .unwrap_or_else(|| "-".into()),
+            num(figure),
             r.mean_quality,
-            r.standing
+            r.standing,
+            if inference {
+                format!(" {:>9} {:>9}", num(r.seconds), num(r.acc_norm))
+            } else {
+                String::new()
+            },
+            if r.verdicts.is_empty() {
+                "all passed".to_string()
+            } else {
+                r.verdicts.join(", ")
+            }
         ));
     }
     s

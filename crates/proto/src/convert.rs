@@ -364,10 +364,14 @@ impl From<t::Leaderboard> for v1::Leaderboard {
                     mean_loss: r.mean_loss,
                     mean_quality: r.mean_quality,
                     standing: r.standing,
+                    verdicts: r.verdicts,
+                    acc_norm: r.acc_norm,
+                    seconds: r.seconds,
                 })
                 .collect(),
             jobs_done: l.jobs_done,
             jobs_total: l.jobs_total,
+            kind: v1::JobKind::from(l.kind) as i32,
         }
     }
 }
@@ -388,11 +392,19 @@ impl TryFrom<v1::Leaderboard> for t::Leaderboard {
                         mean_loss: r.mean_loss,
                         mean_quality: r.mean_quality,
                         standing: r.standing,
+                        verdicts: r.verdicts.into_iter().take(64).collect(),
+                        acc_norm: r.acc_norm,
+                        seconds: r.seconds,
                     })
                 })
                 .collect::<Result<_, ConvertError>>()?,
             jobs_done: l.jobs_done,
             jobs_total: l.jobs_total,
+            kind: if l.kind == 0 {
+                t::JobKind::FineTune
+            } else {
+                kind_from(l.kind)?
+            },
         })
     }
 }

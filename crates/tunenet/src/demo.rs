@@ -426,10 +426,28 @@ pub fn run(a: DemoArgs) -> Result<()> {
             r.standing
         );
     }
-    if a.inference {
+    for r in lb.rows.iter().filter(|r| !r.verdicts.is_empty()) {
         println!(
-            "(each submission's checks, acc_norm included, are in the validator's log and the console's job view)"
+            "  {}: {}",
+            names.get(&r.miner.0).copied().unwrap_or("?"),
+            r.verdicts.join(", ")
         );
+    }
+    if a.inference {
+        let acc: Vec<String> = lb
+            .rows
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {}",
+                    names.get(&r.miner.0).copied().unwrap_or("?"),
+                    r.acc_norm
+                        .map(|x| format!("{x:.3}"))
+                        .unwrap_or_else(|| "-".into())
+                )
+            })
+            .collect();
+        println!("acc_norm: {}", acc.join(", "));
     }
     drop(daemons);
     if lb.rows.is_empty() {

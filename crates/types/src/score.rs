@@ -112,6 +112,16 @@ pub struct LeaderboardRow {
     pub mean_quality: f64,
     /// Geometric mean of qualities.
     pub standing: f64,
+    /// Checks that did not pass on any of its jobs, as `check: outcome (job)`.
+    #[serde(default)]
+    pub verdicts: Vec<String>,
+    /// Inference jobs: mean `acc_norm` of its results.
+    #[serde(default)]
+    pub acc_norm: Option<f64>,
+    /// Inference jobs: mean seconds from dispatch to its committed results, by the
+    /// validator's clock.
+    #[serde(default)]
+    pub seconds: Option<f64>,
 }
 
 /// A competition's leaderboard.
@@ -125,6 +135,10 @@ pub struct Leaderboard {
     pub jobs_done: u32,
     /// Jobs in the competition.
     pub jobs_total: u32,
+    /// Fine-tuning (the loss is a test loss) or inference (the loss is ln(seconds per
+    /// item), so quality is speed).
+    #[serde(default)]
+    pub kind: crate::JobKind,
 }
 
 /// Builds a leaderboard from job scores.
@@ -143,6 +157,31 @@ pub fn leaderboard(
         .map(|(miner, ss)| {
             let qs: Vec<f64> = ss.iter().map(|s| s.quality).collect();
             let losses: Vec<f64> = ss.iter().filter_map(|s| s.loss).collect();
+            let mean_of = |check: &str, pick: fn(&Verdict) -> Option<f64>| {
+                let xs: Vec<f64> = ss
+                    .iter()
+                    .flat_map(|s| s.verdicts.iter())
+                    .filter(|v| v.check == check)
+                    .filter_map(pick)
+                    .collect();
+                (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
+            };
+            let verdicts = ss
+                .iter()
+                .flat_map(|s| {
+                    s.verdicts
+                        .iter()
+                        .filter(|v| v.outcome != Outcome::Pass)
+                        .map(move |v| {
+                            let o = if v.outcome == Outcome::Fail {
+                                "fail"
+                            } else {
+                                "flag"
+                            };
+                            format!("{}: {o} ({})", v.check, s.job_id)
+                        })
+                })
+                .collect();
             LeaderboardRow {
                 rank: 0,
                 miner: miner.clone(),
@@ -151,6 +190,9 @@ pub fn leaderboard(
                     .then(|| losses.iter().sum::<f64>() / losses.len() as f64),
                 mean_quality: qs.iter().sum::<f64>() / qs.len() as f64,
                 standing: standing(&qs),
+                verdicts,
+                acc_norm: mean_of("accuracy", |v| v.value),
+                seconds: mean_of("timing", |v| v.threshold),
             }
         })
         .collect();
@@ -167,6 +209,7 @@ pub fn leaderboard(
         rows,
         jobs_done,
         jobs_total,
+        kind: crate::JobKind::FineTune,
     }
 }
 
@@ -277,6 +320,13 @@ pub struct IntegritySettings {
     /// cohort of near-identical honest runs (or of copies) has a MAD near zero, and honest
     /// ratios still differ by this much.
     pub leak_spread_floor: f64,
+    /// Leakage (at job end), per record: significance level of the one-sided Mann–Whitney
+    /// U test of "this submission's loss sits further below the cohort's per-record median
+    /// on the hidden test records than on the synthetic ones". The test and synthetic
+    /// records are drawn alike, so for a model that saw neither the test is exact and this
+    /// is its false-positive rate per submission. The loss-ratio settings above judge only
+    /// submissions evaluated without per-record losses.
+    pub leak_alpha: f64,
 }
 
 impl Default for IntegritySettings {
@@ -295,6 +345,7 @@ impl Default for IntegritySettings {
             leak_flag_z: 6.0,
             leak_fail_z: 10.0,
             leak_spread_floor: 0.01,
+            leak_alpha: 1e-6,
         }
     }
 }
