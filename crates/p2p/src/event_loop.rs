@@ -276,6 +276,32 @@ impl EventLoop {
         if let Err(e) = self.publish_advert() {
             tracing::debug!(error = %e, "advert heartbeat not published");
         }
+        self.redial_bootstrap();
+    }
+
+    /// Dials again every bootstrap peer this node is not connected to: one that was not
+    /// up yet when this node started (or restarted since) is joined on the next heartbeat.
+    fn redial_bootstrap(&mut self) {
+        let mut dialed = false;
+        for addr in self.config.bootstrap.clone() {
+            let Some(Protocol::P2p(peer)) = addr.iter().last() else {
+                continue;
+            };
+            if self.swarm.is_connected(&peer) {
+                continue;
+            }
+            self.swarm
+                .behaviour_mut()
+                .kad
+                .add_address(&peer, addr.clone());
+            match self.swarm.dial(addr.clone()) {
+                Ok(()) => dialed = true,
+                Err(e) => tracing::debug!(%addr, error = %e, "bootstrap peer not dialed"),
+            }
+        }
+        if dialed && let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
+            tracing::debug!(error = %e, "kademlia bootstrap could not start");
+        }
     }
 
     fn on_command(&mut self, command: Command) {
