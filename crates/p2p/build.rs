@@ -1,7 +1,7 @@
 // Generates the p2p-only messages with protox (no system protoc); the shared job messages
 // are not regenerated but referenced from tunenet-proto, so both transports share types.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let here = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
     let local = here.join("proto");
     let shared = here.join("../../proto");
     let file = local.join("tunenet/p2p/v1/p2p.proto");

@@ -1,6 +1,6 @@
 // Generates the gRPC services with protox; the messages come from tunenet-proto.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let services = root.join("tunenet/v1/services.proto");
     let console = root.join("tunenet/v1/console.proto");
     println!("cargo:rerun-if-changed={}", root.display());
