@@ -143,6 +143,13 @@ pub enum SubmissionState {
         /// The delta sketch, for near-duplicate checks across submissions.
         #[serde(default)]
         sketch: Vec<f32>,
+        /// Each hidden test record's mean token loss, in the split's order (None: nothing
+        /// to score in it), for the per-record leakage test at job end.
+        #[serde(default)]
+        test_records: Vec<Option<f64>>,
+        /// Each synthetic record's mean token loss, likewise.
+        #[serde(default)]
+        synthetic_records: Vec<Option<f64>>,
     },
     /// Gets the penalty; the reason says why.
     Failed {
@@ -271,6 +278,11 @@ pub struct Evaluation {
     pub verdicts: Vec<Verdict>,
     /// The delta sketch for cross-submission checks.
     pub sketch: Vec<f32>,
+    /// Each hidden test record's mean token loss, in the split's order (empty when not
+    /// measured), for the per-record leakage test at job end.
+    pub test_records: Vec<Option<f64>>,
+    /// Each synthetic record's mean token loss, in the set's order (empty when not measured).
+    pub synthetic_records: Vec<Option<f64>>,
 }
 
 pub enum ValidatorInput {
@@ -556,6 +568,8 @@ impl ValidatorEngine {
                             synthetic_loss,
                             verdicts,
                             sketch,
+                            test_records,
+                            synthetic_records,
                         }) if test_loss.is_finite() => {
                             let synthetic_loss = synthetic_loss.filter(|l| l.is_finite());
                             fx.push(ValidatorEffect::Event(format!(
@@ -570,6 +584,8 @@ impl ValidatorEngine {
                                 synthetic_loss,
                                 verdicts,
                                 sketch,
+                                test_records,
+                                synthetic_records,
                             }
                         }
                         Ok(ev) => SubmissionState::Failed {
@@ -1117,7 +1133,9 @@ fn failed_reasons(verdicts: &[Verdict]) -> String {
 /// Name of the leakage verdict.
 pub const LEAKAGE_CHECK: &str = "test_leakage";
 
-/// Test-set leakage (DESIGN.md §4.6), judged over the job's cohort: each evaluated
+/// Test-set leakage (DESIGN.md §4.6), judged over the job's cohort. When every evaluated
+/// submission carries per-record losses, the per-record test judges it (see
+/// [`leakage::per_record_findings`]). Otherwise (evaluations recorded without them), each
 /// submission's synthetic/test loss ratio against the cohort's median, in robust spreads
 /// (1.4826 × MAD, at least `leak_spread_floor` × the median). Training on the hidden test
 /// split lowers the test loss and not the synthetic one, so the ratio rises; honest runs of
@@ -1129,6 +1147,9 @@ pub const LEAKAGE_CHECK: &str = "test_leakage";
 fn leakage_findings(job: &JobState, settings: &IntegritySettings) -> Vec<(PeerIdStr, Verdict)> {
     if !settings.enabled {
         return vec![];
+    }
+    if let Some(found) = leakage::per_record_findings(job, settings) {
+        return found;
     }
     let cohort: Vec<(&PeerIdStr, f64, f64, &Vec<Verdict>)> = job
         .slots
@@ -1361,5 +1382,6 @@ fn duplicate_findings(
     out
 }
 
+mod leakage;
 #[cfg(test)]
 mod tests;

@@ -122,9 +122,12 @@ pub struct Report {
     pub check_secs: f64,
     /// Seconds of whole evaluations (checks included).
     pub eval_secs: f64,
-    /// Per statistic (leakage z, canary and subset p-values): the values seen on honest
+    /// Per statistic (leakage, canary and subset p-values): the values seen on honest
     /// submissions and on the test-split cheater's, to show how far apart they sit.
     pub evidence: BTreeMap<String, (Vec<f64>, Vec<f64>)>,
+    /// Per job, what the test-split cheater would have gained before its verdict: its
+    /// scored loss and the best honest miner's, then its test loss and the best honest one.
+    pub leak_gain: Vec<[f64; 4]>,
 }
 
 fn ml(e: tunenet_ml::MlError) -> NodeError {
@@ -457,18 +460,29 @@ fn run_one(
                             transplant(&full, &base.path.join("model.safetensors"), &dst)?;
                             dst
                         }
-                        Strategy::TrainedOnTestSplit => train(
-                            base,
-                            test,
-                            &TrainConfig {
-                                max_steps: 20,
-                                learning_rate: 3e-3,
-                                max_seq_len: 64,
-                                seed: (c * 100 + j) as u64,
-                                ..Default::default()
-                            },
-                            &out,
-                        )?,
+                        Strategy::TrainedOnTestSplit => {
+                            // Full fine-tuning on its own assigned records (so its canary
+                            // and subset tests look like honest work) with the hidden test
+                            // split mixed in twice, for twice the honest runs' longest step
+                            // count: about 3.5 epochs over the test records, to top the
+                            // leaderboard.
+                            let mut mix = subset.clone();
+                            mix.extend(test.iter().cloned());
+                            mix.extend(test.iter().cloned());
+                            train(
+                                base,
+                                &mix,
+                                &TrainConfig {
+                                    method: Method::Full,
+                                    max_steps: 40,
+                                    learning_rate: 2e-3,
+                                    max_seq_len: 64,
+                                    seed: (c * 100 + j) as u64,
+                                    ..Default::default()
+                                },
+                                &out,
+                            )?
+                        }
                         Strategy::RankAboveBound => train(
                             base,
                             &subset,
@@ -592,6 +606,8 @@ fn run_one(
             canaries: canaries[j].clone(),
             base_losses: Default::default(),
         };
+        // (honest?, test loss, synthetic loss) of the honest miners and the test-split cheater.
+        let mut losses: Vec<(bool, f64, f64)> = Vec::new();
         for (i, header, _) in &reveals {
             let m = &miners[*i];
             match engine.uploaded(header, now) {
@@ -629,6 +645,20 @@ fn run_one(
                                 ev
                             });
                             report.eval_secs += t0.elapsed().as_secs_f64();
+                            if let Ok(tunenet_engine::Evaluation {
+                                test_loss: Some(t),
+                                synthetic_loss: Some(s),
+                                ..
+                            }) = &result
+                            {
+                                match m.role {
+                                    Role::Honest(_) => losses.push((true, *t, *s)),
+                                    Role::Cheat(Strategy::TrainedOnTestSplit) => {
+                                        losses.push((false, *t, *s))
+                                    }
+                                    Role::Cheat(_) => {}
+                                }
+                            }
                             engine.handle(
                                 ValidatorInput::Evaluated {
                                     job_id,
@@ -652,6 +682,22 @@ fn run_one(
                 }
             }
         }
+        let scoring = ScoringWeights::default();
+        let best = |honest: bool, f: &dyn Fn(f64, f64) -> f64| {
+            losses
+                .iter()
+                .filter(|l| l.0 == honest)
+                .map(|l| f(l.1, l.2))
+                .fold(f64::INFINITY, f64::min)
+        };
+        let scored = |t: f64, s: f64| scoring.scored_loss(t, Some(s));
+        let test_only = |t: f64, _: f64| t;
+        report.leak_gain.push([
+            best(false, &scored),
+            best(true, &scored),
+            best(false, &test_only),
+            best(true, &test_only),
+        ]);
         now += 70_000;
         engine.handle(ValidatorInput::Tick, now, &mut rng);
         now += 1_000;
@@ -675,7 +721,7 @@ fn run_one(
         for (_, _, verdicts) in &subs {
             for v in verdicts {
                 let key = match v.check.as_str() {
-                    tunenet_engine::LEAKAGE_CHECK => "leakage z (spreads above the cohort median)",
+                    tunenet_engine::LEAKAGE_CHECK => "per-record leakage test p-value",
                     tunenet_integrity::CANARY_CHECK => "canary test p-value",
                     tunenet_integrity::SUBSET_CHECK => "assigned-subset test p-value",
                     _ => continue,
@@ -765,7 +811,11 @@ pub fn markdown(r: &Report) -> String {
          seeds) and one cheater per strategy. Each shard carries 8 secret canaries (6 siblings kept back); each job's \
          synthetic set (60 fresh demo records) is generated after its deadline from a seed the engine draws then, and \
          the scored loss weighs test and synthetic losses equally. A cheater counts as caught when a check fails its \
-         submission or the validator refuses its message.\n\n",
+         submission or the validator refuses its message.\n\n\
+         The test-split cheater is handed the job's hidden test split (60 records). It fine-tunes all weights \
+         (learning rate 2e-3) for 40 steps of 8 sequences, twice the honest miners' longest run, on its own \
+         assigned records with the test split mixed in twice: about 3.5 epochs over the test records, while its \
+         canaries and assigned records are trained on as an honest miner's are.\n\n",
         r.competitions
     ));
     s.push_str(
@@ -822,11 +872,14 @@ pub fn markdown(r: &Report) -> String {
     if !r.evidence.is_empty() {
         s.push_str(
             "\n\n## How far apart honest miners and the test-split cheater sit\n\n\
-             Leakage z: the synthetic/test loss ratio's distance above the job cohort's median in robust spreads \
-             (1.4826 × MAD, floored at `leak_spread_floor` × the median); fails at `leak_fail_z`, or at `leak_flag_z` \
-             when neither the canary nor the subset test is significant. The p-values are one-sided Mann–Whitney U \
-             tests on per-record loss improvements over the base (assigned canaries against never-released \
-             siblings; assigned records against unassigned ones); they never fail a submission alone.\n\n\
+             Per-record leakage test: for every hidden test record and every synthetic record, the submission's loss \
+             minus the job cohort's median loss on that record; a one-sided Mann–Whitney U test (normal \
+             approximation, tie-corrected) of \"lower on the test records than on the synthetic ones\". Both sets \
+             are drawn from the same generator and the synthetic one only after the deadline, so for a model that saw \
+             neither the test is exact; it fails at p ≤ `leak_alpha`. The canary and subset p-values are one-sided \
+             Mann–Whitney U tests on per-record loss improvements over the base (assigned canaries against \
+             never-released siblings; assigned records against unassigned ones); they never fail a submission \
+             alone.\n\n\
              | statistic | honest: min / median / max (n) | test-split cheater: min / median / max (n) |\n| --- | --- | --- |\n",
         );
         let summary = |v: &[f64]| -> String {
@@ -835,17 +888,46 @@ pub fn markdown(r: &Report) -> String {
                 return "-".into();
             }
             v.sort_by(f64::total_cmp);
+            // Small p-values in scientific notation, so they do not all read 0.000.
+            let f = |x: f64| {
+                if x != 0.0 && x.abs() < 1e-3 {
+                    format!("{x:.1e}")
+                } else {
+                    format!("{x:.3}")
+                }
+            };
             format!(
-                "{:.3} / {:.3} / {:.3} ({})",
-                v[0],
-                v[v.len() / 2],
-                v[v.len() - 1],
+                "{} / {} / {} ({})",
+                f(v[0]),
+                f(v[v.len() / 2]),
+                f(v[v.len() - 1]),
                 v.len()
             )
         };
         for (k, (h, c)) in &r.evidence {
             s.push_str(&format!("| {k} | {} | {} |\n", summary(h), summary(c)));
         }
+    }
+    let judged: Vec<&[f64; 4]> = r
+        .leak_gain
+        .iter()
+        .filter(|g| g.iter().all(|x| x.is_finite()))
+        .collect();
+    if !judged.is_empty() {
+        let beat = |a: usize, b: usize| judged.iter().filter(|g| g[a] < g[b]).count();
+        let mean = |a: usize| judged.iter().map(|g| g[a]).sum::<f64>() / judged.len() as f64;
+        s.push_str(&format!(
+            "\n\n## What the test-split cheater gains\n\nBefore its verdict, in {} jobs: its scored loss (test and \
+             synthetic, equally weighted) beat the best honest miner's in {} (mean {:.4} against {:.4}); its test loss \
+             beat the best honest one in {} (mean {:.4} against {:.4}). Uncaught, it would rank first that often.\n",
+            judged.len(),
+            beat(0, 1),
+            mean(0),
+            mean(1),
+            beat(2, 3),
+            mean(2),
+            mean(3),
+        ));
     }
     s.push_str(&format!(
         "\n\n## Cost\n\nIntegrity checks took {:.2} s of {:.2} s spent evaluating submissions ({:.1} % of the \
@@ -865,15 +947,6 @@ pub fn markdown(r: &Report) -> String {
         s.push_str("\n## Not caught every time\n\n");
         for m in missed {
             s.push_str(&format!("- {}", m.describe()));
-            if m == Strategy::TrainedOnTestSplit {
-                s.push_str(
-                    ": on the tiny model a 20-step run on the 60 test records gains only 1–2 % on the test loss \
-                     relative to the synthetic loss, inside the spread of honest runs (see the statistics table), and \
-                     12–20 steps memorise too little of single records for the canary and subset tests to tell \
-                     miners apart. A per-record test (each record's loss against the cohort's median for that \
-                     record, test records against synthetic ones) is the next step.",
-                );
-            }
             s.push('\n');
         }
     }

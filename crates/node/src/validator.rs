@@ -1297,10 +1297,8 @@ pub fn evaluate_submission(
             let secs = t0.elapsed().as_secs_f64();
             return Ok((
                 Evaluation {
-                    test_loss: None,
-                    synthetic_loss: None,
                     verdicts: report.verdicts,
-                    sketch: vec![],
+                    ..Default::default()
                 },
                 secs,
             ));
@@ -1393,6 +1391,12 @@ pub fn evaluate_submission(
             synthetic_loss,
             verdicts,
             sketch,
+            test_records: r.losses.get(..n_test).map(<[_]>::to_vec).unwrap_or_default(),
+            synthetic_records: r
+                .losses
+                .get(n_test..n_scored)
+                .map(<[_]>::to_vec)
+                .unwrap_or_default(),
         },
         checks,
     ))

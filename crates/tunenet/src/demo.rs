@@ -294,7 +294,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     std::fs::write(
         &vconf,
         format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n\n[[competitions]]\nid = \"demo\"\nkind = \"{kind}\"\nbase_model = {:?}\ndataset = {:?}\njobs = {}\nminers_per_job = 3\nmin_miners = 3\ntime_budget_secs = {}\ntest_fraction = {test_fraction}\nseed = 1\nreveal_window_secs = {reveal}\noffer_timeout_secs = 10\neval_max_seq_len = {seq}\nmax_artifact_mb = 4096\n{validator_p2p}",
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n\n[[competitions]]\nid = \"demo\"\nkind = \"{kind}\"\nbase_model = {:?}\ndataset = {:?}\njobs = {}\nminers_per_job = 3\nmin_miners = 3\ntime_budget_secs = {}\ntest_fraction = {test_fraction}\nseed = 1\nreveal_window_secs = {reveal}\noffer_timeout_secs = 10\neval_max_seq_len = {seq}\nmax_artifact_mb = 4096\n{synthetic}{validator_p2p}",
             vdir.join("data"),
             miners.join(", "),
             model,
@@ -309,6 +309,11 @@ pub fn run(a: DemoArgs) -> Result<()> {
             },
             reveal = if real { 300 } else { 30 },
             seq = seq,
+            synthetic = if a.inference {
+                ""
+            } else {
+                "synthetic_generator = \"demo\"\n"
+            },
         ),
     )?;
     let vlog = vdir.join("validator.log");

@@ -308,7 +308,8 @@ pub struct IntegritySettings {
     /// Mann–Whitney U on per-record loss improvements: assigned canaries against
     /// never-released siblings, assigned records against unassigned ones).
     pub trained_alpha: f64,
-    /// Records sampled from each side (assigned, unassigned) for the subset test.
+    /// Records sampled from each side (assigned, unassigned) for the subset test: 3 a side
+    /// is the fewest at which it can reach `trained_alpha` 0.05 (its smallest p-value is 1/20).
     pub subset_sample: usize,
     /// Leakage (at job end): a synthetic/test loss ratio this many robust spreads above
     /// the cohort's median is flagged, or failed when the submission also shows no
@@ -341,11 +342,11 @@ impl Default for IntegritySettings {
             near_duplicate_norm_ratio: 0.9,
             sketch_dim: 4096,
             trained_alpha: 0.05,
-            subset_sample: 4,
+            subset_sample: 3,
             leak_flag_z: 6.0,
             leak_fail_z: 10.0,
             leak_spread_floor: 0.01,
-            leak_alpha: 1e-6,
+            leak_alpha: 1e-3,
         }
     }
 }

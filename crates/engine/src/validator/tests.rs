@@ -42,6 +42,7 @@ fn eval(loss: f64, sketch: Vec<f32>) -> Result<Evaluation, String> {
         synthetic_loss: None,
         verdicts: vec![],
         sketch,
+        ..Default::default()
     })
 }
 
@@ -634,6 +635,7 @@ fn failed_integrity_checks_give_the_penalty_with_the_reason() {
                 synthetic_loss: None,
                 verdicts: vec![bad],
                 sketch: vec![],
+                ..Default::default()
             }),
         },
         w.now,
@@ -718,6 +720,7 @@ fn eval_both(test: f64, synthetic: f64, verdicts: Vec<Verdict>) -> Result<Evalua
         synthetic_loss: Some(synthetic),
         verdicts,
         sketch: vec![],
+        ..Default::default()
     })
 }
 
@@ -876,5 +879,59 @@ fn with_fewer_than_three_submissions_leakage_is_recorded_not_judged() {
         assert_eq!(v.outcome, Outcome::Pass);
         assert!(v.reason.contains("not judged"), "{v:?}");
         assert!(score_of(&w, &h.miner).penalty_reason.is_none());
+    }
+}
+
+#[test]
+fn a_submission_far_better_on_the_test_records_than_on_synthetic_ones_fails_per_record() {
+    let mut w = World::new(4, 1);
+    let hs = reveal_all(&mut w, &[b"a", b"b", b"c", b"cheat"]);
+    // 40 records a set whose difficulty varies; honest models of different strength scale
+    // it alike on both sets, the cheater is 0.3 nats better on every test record.
+    let difficulty = |i: usize| 2.0 + ((i * 37) % 17) as f64 / 10.0;
+    let records = |scale: f64, jitter: f64, test_bonus: f64| {
+        let t: Vec<Option<f64>> = (0..40)
+            .map(|i| Some(scale * difficulty(i) + jitter * ((i * 7) % 5) as f64 - test_bonus))
+            .collect();
+        let s: Vec<Option<f64>> = (0..40)
+            .map(|i| Some(scale * difficulty(i + 3) + jitter * ((i * 11) % 5) as f64))
+            .collect();
+        (t, s)
+    };
+    let models = [
+        (1.0, 0.01, 0.0),
+        (0.8, 0.02, 0.0),
+        (0.6, 0.015, 0.0),
+        (0.5, 0.01, 0.3),
+    ];
+    for (h, (scale, jitter, bonus)) in hs.iter().zip(models) {
+        let (t, s) = records(scale, jitter, bonus);
+        let mean = |v: &[Option<f64>]| v.iter().flatten().sum::<f64>() / v.len() as f64;
+        w.v.handle(
+            ValidatorInput::Evaluated {
+                job_id: job0(),
+                miner: h.miner.clone(),
+                result: Ok(Evaluation {
+                    test_loss: Some(mean(&t)),
+                    synthetic_loss: Some(mean(&s)),
+                    test_records: t,
+                    synthetic_records: s,
+                    ..Default::default()
+                }),
+            },
+            w.now,
+            &mut w.rng,
+        );
+    }
+    let cheat = score_of(&w, &hs[3].miner);
+    let reason = cheat.penalty_reason.as_deref().unwrap_or_default();
+    assert!(
+        reason.contains("test_leakage") && reason.contains("Mann–Whitney"),
+        "{reason}"
+    );
+    for h in &hs[..3] {
+        let v = leakage_of(&w, &h.miner);
+        assert_eq!(v.outcome, Outcome::Pass, "{v:?}");
+        assert!(v.value.unwrap() > 1e-3, "{v:?}");
     }
 }
