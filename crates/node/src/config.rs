@@ -188,12 +188,16 @@ pub struct CompetitionConfig {
     #[serde(default = "d_canaries")]
     pub canaries_per_job: usize,
     /// Never-released sibling canaries kept for each job.
-    #[serde(default = "d_canaries")]
+    #[serde(default = "d_siblings")]
     pub sibling_canaries: usize,
 }
 
 fn d_canaries() -> usize {
     8
+}
+
+fn d_siblings() -> usize {
+    4
 }
 
 fn d_growth() -> f64 {
@@ -363,4 +367,24 @@ mod tests {
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("time_budget_secs"), "{err}");
     }
+
+    #[test]
+    fn the_shipped_deploy_configs_parse() {
+        let m = parse::<MinerConfig>(
+            Path::new("deploy/miner.toml"),
+            include_str!("../../../deploy/miner.toml"),
+        )
+        .unwrap();
+        assert_eq!(m.inference.quantize, "q8_0");
+        let v = parse::<ValidatorConfig>(
+            Path::new("deploy/validator.toml"),
+            include_str!("../../../deploy/validator.toml"),
+        )
+        .unwrap();
+        let c = &v.competitions[0];
+        c.validate().unwrap();
+        assert_eq!(c.sibling_canaries, 4);
+        assert_eq!(c.integrity.leak_alpha, 0.001);
+    }
+
 }

@@ -251,18 +251,18 @@ fn run_one(
     std::fs::create_dir_all(dir).map_err(|e| NodeError::Other(e.to_string()))?;
     let data = tunenet_ml::demo_dataset(300, 1000 + c as u64);
     let (test, train_split) = data.split_at(60);
-    // As `prepare` does: 8 secret canaries planted in each shard, 6 siblings kept back.
+    // As `prepare` does: 8 secret canaries planted in each shard, 4 siblings kept back.
     let secret = 0x6361_6e61_7279 ^ ((c as u64) << 20);
     let candidates = tunenet_integrity::pick_candidates(
         &tunenet_ml::demo_dataset(200, secret),
         &data,
-        28,
+        24,
         secret,
     );
     let mut canaries = Vec::new();
     let shards: Vec<Vec<Record>> = [&train_split[..120], &train_split[120..]]
         .into_iter()
-        .zip(candidates.chunks(14))
+        .zip(candidates.chunks(12))
         .enumerate()
         .map(|(j, (shard, cands))| {
             let (planted, c) =
@@ -808,7 +808,7 @@ pub fn markdown(r: &Report) -> String {
         "Written by `tunenet redteam --competitions {}`. Each competition runs two jobs on the tiny model through the \
          real validator engine, real LoRA/full training, the integrity checks and the evaluation, with three honest \
          miners (LoRA ranks 4/8/16 and full fine-tuning, learning rates 1e-3 to 3e-3, 12 to 20 steps, different \
-         seeds) and one cheater per strategy. Each shard carries 8 secret canaries (6 siblings kept back); each job's \
+         seeds) and one cheater per strategy. Each shard carries 8 secret canaries (4 siblings kept back); each job's \
          synthetic set (60 fresh demo records) is generated after its deadline from a seed the engine draws then, and \
          the scored loss weighs test and synthetic losses equally. A cheater counts as caught when a check fails its \
          submission or the validator refuses its message.\n\n\
