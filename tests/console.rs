@@ -536,16 +536,7 @@ fn console_over_tls_needs_the_ca() {
         ),
     )
     .unwrap();
-    let init = Command::new(BIN)
-        .args(["validator", "--config", vconf.to_str().unwrap(), "init"])
-        .output()
-        .unwrap();
-    let admin = String::from_utf8_lossy(&init.stdout)
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .to_string();
+    let admin = common::admin_token(&vconf);
     let v = Daemon::start(
         &["validator", "--config", vconf.to_str().unwrap()],
         &root.join("v.log"),

@@ -97,14 +97,7 @@ async fn leaderboard(url: &str) -> Option<Leaderboard> {
 async fn competition_over_grpc_ranks_by_loss_refuses_bad_input_and_survives_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let model = root.join("model");
-    tunenet_ml::init_tiny(&model, 3).unwrap();
-    let data = root.join("data.jsonl");
-    std::fs::write(
-        &data,
-        tunenet_ml::to_jsonl(&tunenet_ml::demo_dataset(500, 5)),
-    )
-    .unwrap();
+    let (model, data) = common::tiny_model_and_data(root, 3, 500, 5);
 
     // Three honest miners with clearly different training.
     let trainings = [
@@ -577,14 +570,7 @@ fn a_miner_on_p2p_is_listed_with_its_signed_advert() {
 fn a_miner_killed_while_training_resumes_and_is_scored() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let model = root.join("model");
-    tunenet_ml::init_tiny(&model, 5).unwrap();
-    let data = root.join("data.jsonl");
-    std::fs::write(
-        &data,
-        tunenet_ml::to_jsonl(&tunenet_ml::demo_dataset(300, 9)),
-    )
-    .unwrap();
+    let (model, data) = common::tiny_model_and_data(root, 5, 300, 9);
     let mport = port();
     let mconf = root.join("m.toml");
     std::fs::write(
@@ -685,14 +671,7 @@ async fn two_validators_and_four_miners_work_over_p2p_despite_a_rogue_peer() {
     use tunenet_p2p::{ADVERT_TOPIC, Event, JobRequest, JobResponse, P2pConfig, P2pError};
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let model = root.join("model");
-    tunenet_ml::init_tiny(&model, 5).unwrap();
-    let data = root.join("data.jsonl");
-    std::fs::write(
-        &data,
-        tunenet_ml::to_jsonl(&tunenet_ml::demo_dataset(300, 9)),
-    )
-    .unwrap();
+    let (model, data) = common::tiny_model_and_data(root, 5, 300, 9);
 
     // Validator A is the bootstrap peer: its key (hence peer id) and p2p port are fixed.
     let a_key = tunenet_node::keys::load_or_create(&root.join("va/identity.key")).unwrap();
@@ -1162,16 +1141,7 @@ async fn inference_cheats_are_caught_with_the_reason() {
         ),
     )
     .unwrap();
-    let init = Command::new(BIN)
-        .args(["validator", "--config", vconf.to_str().unwrap(), "init"])
-        .output()
-        .unwrap();
-    let admin = String::from_utf8_lossy(&init.stdout)
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .to_string();
+    let admin = common::admin_token(&vconf);
     let validator = Daemon::start(
         &["validator", "--config", vconf.to_str().unwrap()],
         &root.join("v.log"),

@@ -52,3 +52,42 @@ pub fn port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A tiny model (seeded) and a demo dataset of `records` records under `root`.
+pub fn tiny_model_and_data(
+    root: &Path,
+    model_seed: u64,
+    records: usize,
+    data_seed: u64,
+) -> (PathBuf, PathBuf) {
+    let model = root.join("model");
+    tunenet_ml::init_tiny(&model, model_seed).unwrap();
+    let data = root.join("data.jsonl");
+    std::fs::write(
+        &data,
+        tunenet_ml::to_jsonl(&tunenet_ml::demo_dataset(records, data_seed)),
+    )
+    .unwrap();
+    (model, data)
+}
+
+/// Runs `tunenet validator --config CONF init` and returns the first admin token it prints.
+pub fn admin_token(conf: &Path) -> String {
+    let init = Command::new(BIN)
+        .args(["validator", "--config", conf.to_str().unwrap(), "init"])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let token = String::from_utf8_lossy(&init.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    assert!(token.starts_with("tn_"), "{token}");
+    token
+}

@@ -31,6 +31,21 @@ pub struct EvalReport {
     pub seconds: f64,
 }
 
+/// Refuses batch sizes and sequence lengths no evaluation can run with.
+fn check_eval_args(batch_size: usize, max_seq_len: usize) -> Result<(), MlError> {
+    if batch_size == 0 {
+        return Err(MlError::Invalid(
+            "evaluation batch_size must be at least 1".into(),
+        ));
+    }
+    if max_seq_len < 2 {
+        return Err(MlError::Invalid(format!(
+            "evaluation max_seq_len must be at least 2, got {max_seq_len}"
+        )));
+    }
+    Ok(())
+}
+
 /// Mean token loss of the base model (`artifact` None) or of base + artifact (a LoRA
 /// adapter applied to the base, or full weights that must have exactly the base's tensor
 /// names and shapes). Batched, padding masked, prompt tokens of instruction records
@@ -44,16 +59,7 @@ pub fn evaluate(
     device: &Device,
 ) -> Result<EvalReport, MlError> {
     let start = Instant::now();
-    if batch_size == 0 {
-        return Err(MlError::Invalid(
-            "evaluation batch_size must be at least 1".into(),
-        ));
-    }
-    if max_seq_len < 2 {
-        return Err(MlError::Invalid(format!(
-            "evaluation max_seq_len must be at least 2, got {max_seq_len}"
-        )));
-    }
+    check_eval_args(batch_size, max_seq_len)?;
     let cfg = model.config()?;
     let tok = load_tokenizer(model, &cfg)?;
     let mut examples = tokenize(&tok, &cfg, records, max_seq_len)?;
@@ -124,16 +130,7 @@ pub fn record_losses(
     device: &Device,
 ) -> Result<RecordLosses, MlError> {
     let start = Instant::now();
-    if batch_size == 0 {
-        return Err(MlError::Invalid(
-            "evaluation batch_size must be at least 1".into(),
-        ));
-    }
-    if max_seq_len < 2 {
-        return Err(MlError::Invalid(format!(
-            "evaluation max_seq_len must be at least 2, got {max_seq_len}"
-        )));
-    }
+    check_eval_args(batch_size, max_seq_len)?;
     let cfg = model.config()?;
     let tok = load_tokenizer(model, &cfg)?;
     // Tokenized one by one so each example keeps its record's index (tokenize drops

@@ -10,7 +10,7 @@ use crate::validator::{CompState, CompetitionRecord};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::Instant;
-use tunenet_engine::{CompetitionPlan, Evaluation, JobPlan};
+use tunenet_engine::Evaluation;
 use tunenet_integrity::inference::{
     INFERENCE_FORMAT, InferenceSubmission, InferenceTolerance, check_inference, sample_items,
 };
@@ -270,37 +270,28 @@ pub fn prepare(
         let scores = self::reference(&cfg.base_model, chunk, &tunenet_ml::Device::Cpu)
             .map_err(|e| fail(format!("reference scoring: {e}")))?;
         reference.shards.push((shard_blob, scores));
-        jobs.push(JobPlan {
-            job_id: JobId::new(format!("{}-{i}", cfg.id)).map_err(|e| fail(e.to_string()))?,
-            base_model,
-            base_params: params,
-            train_shard: shard_blob,
-            shard_records: chunk.len() as u64,
-            time_budget_ms: (cfg.time_budget_secs + cfg.budget_step_secs * i as u64) * 1000,
-            reward_hint: cfg.reward_hint,
-            model_config: model_config.clone(),
-        });
+        jobs.push(crate::validator::job_plan(
+            cfg,
+            i,
+            (base_model, params, &model_config),
+            shard_blob,
+            chunk.len(),
+        )?);
     }
     tracing::info!(competition = %cfg.id, items = items.len(), secs = t0.elapsed().as_secs_f64(), "reference scores computed");
     let ref_bytes = serde_json::to_vec(&reference).map_err(|e| fail(e.to_string()))?;
     let test_blob = blobs.put(&ref_bytes)?;
-    let plan = CompetitionPlan {
-        id: comp,
+    let plan = crate::validator::competition_plan(
+        cfg,
+        comp,
         jobs,
-        miners_per_job: cfg.miners_per_job,
-        concurrent_jobs: cfg.concurrent_jobs,
-        hparams: cfg.hparams.clone(),
-        scoring: cfg.scoring.clone(),
-        reveal_window_ms: cfg.reveal_window_secs * 1000,
-        offer_timeout_ms: cfg.offer_timeout_secs * 1000,
-        max_artifact_bytes: tunenet_integrity::inference::MAX_SUBMISSION_BYTES,
-        reply_to: reply_to.to_string(),
-        hardware: "cpu".into(),
-        integrity: tunenet_types::IntegritySettings {
+        reply_to,
+        tunenet_integrity::inference::MAX_SUBMISSION_BYTES,
+        tunenet_types::IntegritySettings {
             enabled: false,
             ..Default::default()
         },
-    };
+    );
     let rec = CompetitionRecord {
         config: cfg.clone(),
         plan,

@@ -168,6 +168,54 @@ fn split(
     Ok((test, shards))
 }
 
+/// Job `i` of a competition: its shard, and its budget by the competition's schedule.
+pub(crate) fn job_plan(
+    cfg: &CompetitionConfig,
+    i: usize,
+    (base_model, base_params, model_config): (BlobId, u64, &str),
+    shard: BlobId,
+    records: usize,
+) -> Result<JobPlan, NodeError> {
+    Ok(JobPlan {
+        job_id: JobId::new(format!("{}-{i}", cfg.id)).map_err(|e| NodeError::Competition {
+            competition: cfg.id.clone(),
+            reason: e.to_string(),
+        })?,
+        base_model,
+        base_params,
+        train_shard: shard,
+        shard_records: records as u64,
+        time_budget_ms: (cfg.time_budget_secs + cfg.budget_step_secs * i as u64) * 1000,
+        reward_hint: cfg.reward_hint,
+        model_config: model_config.to_string(),
+    })
+}
+
+/// A competition's rules from its spec.
+pub(crate) fn competition_plan(
+    cfg: &CompetitionConfig,
+    id: CompetitionId,
+    jobs: Vec<JobPlan>,
+    reply_to: &str,
+    max_artifact_bytes: u64,
+    integrity: tunenet_types::IntegritySettings,
+) -> CompetitionPlan {
+    CompetitionPlan {
+        id,
+        jobs,
+        miners_per_job: cfg.miners_per_job,
+        concurrent_jobs: cfg.concurrent_jobs,
+        hparams: cfg.hparams.clone(),
+        scoring: cfg.scoring.clone(),
+        reveal_window_ms: cfg.reveal_window_secs * 1000,
+        offer_timeout_ms: cfg.offer_timeout_secs * 1000,
+        max_artifact_bytes,
+        reply_to: reply_to.to_string(),
+        hardware: "cpu".into(),
+        integrity,
+    }
+}
+
 /// Prepares a competition, or loads the one prepared before under the same id.
 pub fn prepare(
     store: &dyn Store,
@@ -248,31 +296,22 @@ pub fn prepare(
     for (i, shard) in shards.iter().enumerate() {
         let shard_blob = blobs.put(&tunenet_ml::to_jsonl(shard))?;
         public_blobs.push(shard_blob);
-        jobs.push(JobPlan {
-            job_id: JobId::new(format!("{}-{i}", cfg.id)).map_err(|e| fail(e.to_string()))?,
-            base_model,
-            base_params: params,
-            train_shard: shard_blob,
-            shard_records: shard.len() as u64,
-            time_budget_ms: (cfg.time_budget_secs + cfg.budget_step_secs * i as u64) * 1000,
-            reward_hint: cfg.reward_hint,
-            model_config: model_config.clone(),
-        });
+        jobs.push(job_plan(
+            cfg,
+            i,
+            (base_model, params, &model_config),
+            shard_blob,
+            shard.len(),
+        )?);
     }
-    let plan = CompetitionPlan {
-        id: comp,
+    let plan = competition_plan(
+        cfg,
+        comp,
         jobs,
-        miners_per_job: cfg.miners_per_job,
-        concurrent_jobs: cfg.concurrent_jobs,
-        hparams: cfg.hparams.clone(),
-        scoring: cfg.scoring.clone(),
-        reveal_window_ms: cfg.reveal_window_secs * 1000,
-        offer_timeout_ms: cfg.offer_timeout_secs * 1000,
-        max_artifact_bytes: cfg.max_artifact_mb * 1024 * 1024,
-        reply_to: reply_to.to_string(),
-        hardware: "cpu".into(),
-        integrity: cfg.integrity.clone(),
-    };
+        reply_to,
+        cfg.max_artifact_mb * 1024 * 1024,
+        cfg.integrity.clone(),
+    );
     let rec = CompetitionRecord {
         config: cfg.clone(),
         plan,
@@ -1391,7 +1430,11 @@ pub fn evaluate_submission(
             synthetic_loss,
             verdicts,
             sketch,
-            test_records: r.losses.get(..n_test).map(<[_]>::to_vec).unwrap_or_default(),
+            test_records: r
+                .losses
+                .get(..n_test)
+                .map(<[_]>::to_vec)
+                .unwrap_or_default(),
             synthetic_records: r
                 .losses
                 .get(n_test..n_scored)
