@@ -386,5 +386,4 @@ mod tests {
         assert_eq!(c.sibling_canaries, 4);
         assert_eq!(c.integrity.leak_alpha, 0.001);
     }
-
 }
