@@ -524,7 +524,7 @@ pub fn format_leaderboard(lb: &Leaderboard) -> String {
         "rank",
         "miner",
         "jobs",
-        if inference { "items/s" } else { "test loss" },
+        if inference { "items/s" } else { "loss" },
         "quality",
         "standing",
         if inference {

@@ -410,7 +410,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         "rank",
         "miner",
         "peer id",
-        if a.inference { "items/s" } else { "test loss" },
+        if a.inference { "items/s" } else { "loss" },
         "quality",
         "standing"
     );
