@@ -1250,3 +1250,87 @@ async fn inference_cheats_are_caught_with_the_reason() {
             .is_some()
     );
 }
+
+/// The offline inference tools a miner tries before it races: write HellaSwag-layout items,
+/// quantise a model to GGUF, and score the items with the dense model and the quantised
+/// one; both report items/s and tokens/s and agree on accuracy within a point or two.
+#[test]
+fn eval_hellaswag_scores_dense_and_quantised_models() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (model, _) = common::tiny_model_and_data(root, 2, 10, 1);
+    let items = root.join("items.jsonl");
+    let gguf = root.join("model-q8_0.gguf");
+    let ok = |args: &[&str]| {
+        let out = run(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ok(&[
+        "eval",
+        "hellaswag-demo",
+        "--out",
+        items.to_str().unwrap(),
+        "--items",
+        "40",
+    ]);
+    ok(&[
+        "model",
+        "export-gguf",
+        model.to_str().unwrap(),
+        "--out",
+        gguf.to_str().unwrap(),
+        "--quant",
+        "q8_0",
+    ]);
+    let acc_norm = |line: &str| -> f64 {
+        let i = line.find("acc_norm ").unwrap_or_else(|| panic!("{line}")) + 9;
+        line[i..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let dense = ok(&[
+        "eval",
+        "hellaswag",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        items.to_str().unwrap(),
+    ]);
+    let quant = ok(&[
+        "eval",
+        "hellaswag",
+        "--gguf",
+        gguf.to_str().unwrap(),
+        "--data",
+        items.to_str().unwrap(),
+    ]);
+    for out in [&dense, &quant] {
+        assert!(out.contains("items/s") && out.contains("tokens/s"), "{out}");
+    }
+    assert!(quant.contains("q8_0"), "{quant}");
+    let (d, q) = (acc_norm(&dense), acc_norm(&quant));
+    assert!((d - q).abs() <= 0.05 + 1e-9, "dense {d} vs q8_0 {q}");
+    // A file that is not a GGUF is refused with the reason.
+    let bad = run(&[
+        "eval",
+        "hellaswag",
+        "--gguf",
+        items.to_str().unwrap(),
+        "--data",
+        items.to_str().unwrap(),
+    ]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("GGUF"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}

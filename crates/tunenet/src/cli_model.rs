@@ -35,6 +35,19 @@ pub enum ModelCmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Write a model directory as a llama.cpp-layout GGUF, its 2-D weights quantised to
+    /// `--quant` (f32, f16, q8_0, q4_0, q4_1, q5_0, q5_1), for `eval hellaswag --gguf`
+    /// or llama.cpp.
+    ExportGguf {
+        /// Model directory (Hugging Face layout).
+        model: PathBuf,
+        /// Output .gguf file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Weight type of the 2-D weights.
+        #[arg(long, default_value = "q8_0")]
+        quant: String,
+    },
     /// Measure training (LoRA or full) or evaluation throughput on fixed-length sequences;
     /// prints one JSON line (used by scripts/bench-ml.sh).
     Bench {
@@ -270,6 +283,16 @@ pub fn model(cmd: ModelCmd) -> Result<()> {
                 cfg.num_hidden_layers,
                 cfg.vocab_size,
                 out.display()
+            );
+        }
+        ModelCmd::ExportGguf { model, out, quant } => {
+            let dir = tunenet_ml::ModelDir::open(&model)?;
+            tunenet_ml::export_gguf_quantized(&dir, &out, "llama", &quant)?;
+            let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+            println!(
+                "wrote {} ({quant}, {:.1} MB)",
+                out.display(),
+                size as f64 / 1e6
             );
         }
         ModelCmd::Bench {
