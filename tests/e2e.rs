@@ -924,7 +924,7 @@ enum InferenceCheat {
     OtherModel,
     /// Only half the items answered.
     Partial,
-    /// Honest results with a reported time far below the real one.
+    /// Honest results, committed 7 s late, with a reported time far below the real one.
     PaddedTiming,
 }
 
@@ -1002,7 +1002,11 @@ impl InferenceCheater {
             InferenceCheat::Partial => {
                 sub.scores.truncate(items.len() / 2);
             }
-            InferenceCheat::PaddedTiming => sub.reported_secs = 0.01,
+            InferenceCheat::PaddedTiming => {
+                // Slow hardware that claims to be fast: it reports a hundredth of a second.
+                tokio::time::sleep(Duration::from_secs(7)).await;
+                sub.reported_secs = 0.01;
+            }
             InferenceCheat::OtherModel => {}
         }
         let bytes = serde_json::to_vec(&sub).unwrap();
