@@ -122,22 +122,7 @@ fn console_roles_specs_and_a_competition_that_survives_sigkill() {
         ),
     )
     .unwrap();
-    let init = Command::new(BIN)
-        .args(["validator", "--config", vconf.to_str().unwrap(), "init"])
-        .output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
-    let admin = String::from_utf8_lossy(&init.stdout)
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .to_string();
-    assert!(admin.starts_with("tn_"), "{admin}");
+    let admin = common::admin_token(&vconf);
     let again = Command::new(BIN)
         .args(["validator", "--config", vconf.to_str().unwrap(), "init"])
         .output()

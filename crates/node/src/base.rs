@@ -22,14 +22,18 @@ pub struct NodeBase {
     pub listener: tokio::net::TcpListener,
 }
 
-/// Opens everything a daemon needs, failing early with the cause (port in use, locked
-/// database, unreadable key).
+/// Opens everything a daemon needs (and serves its Prometheus metrics when asked),
+/// failing early with the cause (port in use, locked database, unreadable key).
 pub async fn open(
     data_dir: &Path,
     key_file: Option<&PathBuf>,
     device: &str,
     listen: &str,
+    metrics_listen: Option<&String>,
 ) -> Result<NodeBase, NodeError> {
+    if let Some(addr) = metrics_listen {
+        crate::metrics::install(addr)?;
+    }
     std::fs::create_dir_all(data_dir).map_err(|e| {
         NodeError::Other(format!(
             "cannot create data dir {}: {e}",

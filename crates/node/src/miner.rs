@@ -362,11 +362,9 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
         cfg.key_file.as_ref(),
         &cfg.device,
         &cfg.listen,
+        cfg.metrics_listen.as_ref(),
     )
     .await?;
-    if let Some(addr) = &cfg.metrics_listen {
-        crate::metrics::install(addr)?;
-    }
     let stored: Vec<MinerJob> = store
         .scan_json::<MinerJob>(trees::MINER_JOBS, "")?
         .into_iter()

@@ -1087,11 +1087,9 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
         cfg.key_file.as_ref(),
         &cfg.device,
         &cfg.listen,
+        cfg.metrics_listen.as_ref(),
     )
     .await?;
-    if let Some(addr) = &cfg.metrics_listen {
-        crate::metrics::install(addr)?;
-    }
     let reply_to = cfg.reply_to();
     // Config competitions are prepared first so a bad spec stops the daemon before it serves.
     let mut records = Vec::new();
