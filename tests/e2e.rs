@@ -1139,7 +1139,7 @@ async fn inference_cheats_are_caught_with_the_reason() {
     std::fs::write(
         &vconf,
         format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n[[competitions]]\nid = \"inf\"\nkind = \"inference\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 1\nminers_per_job = 5\nmin_miners = 5\ntime_budget_secs = 12\nreveal_window_secs = 30\n",
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n[[competitions]]\nid = \"inf\"\nkind = \"inference\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 1\nminers_per_job = 5\nmin_miners = 5\ntime_budget_secs = 20\nreveal_window_secs = 30\n",
             root.join("v"),
             miners.join(", ")
         ),
