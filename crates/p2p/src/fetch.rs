@@ -14,7 +14,7 @@ use crate::chunks::{CHUNK_SIZE, MAX_BLOB_SIZE, Manifest};
 use crate::client::Client;
 use crate::error::P2pError;
 use crate::messages::pb::{self, blob_request::Want, blob_response::Body};
-use crate::stream::{MAX_RANGE, RangeEnd, fetch_range};
+use crate::stream::{MAX_RANGE, RangeEnd, RangeResult, fetch_range};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use libp2p::PeerId;
@@ -56,7 +56,23 @@ struct Download {
     writer: Option<Arc<ChunkedBlobWriter>>,
     /// Providers that sent bad data: never asked again.
     dropped: HashSet<PeerId>,
+    /// The same set, watched by the ranges in flight: a range from a provider that was
+    /// just dropped ends at once instead of waiting out its timeout.
+    dropped_tx: tokio::sync::watch::Sender<HashSet<PeerId>>,
     last_problem: String,
+}
+
+/// Resolves once `peer` is in the watched set of dropped providers (never, if the sender
+/// goes away first).
+async fn until_dropped(mut gone: tokio::sync::watch::Receiver<HashSet<PeerId>>, peer: PeerId) {
+    loop {
+        if gone.borrow_and_update().contains(&peer) {
+            return;
+        }
+        if gone.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
 }
 
 pub(crate) async fn fetch_blob(
@@ -85,6 +101,7 @@ pub(crate) async fn fetch_blob(
         store: store.clone(),
         writer: None,
         dropped: HashSet::new(),
+        dropped_tx: tokio::sync::watch::channel(HashSet::new()).0,
         last_problem: "no provider found".into(),
     };
     let rounds = client.config.blob_fetch_rounds.max(1);
@@ -138,6 +155,7 @@ pub(crate) async fn fetch_blob(
 impl Download {
     async fn drop_provider(&mut self, client: &Client, peer: PeerId, reason: String) {
         self.dropped.insert(peer);
+        self.dropped_tx.send_replace(self.dropped.clone());
         self.last_problem = format!("{peer}: {reason}");
         client.drop_peer(peer, self.id, reason).await;
     }
@@ -230,14 +248,26 @@ impl Download {
                 claimed.extend(range.0..range.0 + range.1);
                 let peer = active[turn % active.len()];
                 turn = turn.wrapping_add(1);
-                inflight.push(fetch_range(
+                let fetch = fetch_range(
                     client.streams.clone(),
                     peer,
                     shared.clone(),
                     writer.clone(),
                     range,
                     timeout,
-                ));
+                );
+                let gone = self.dropped_tx.subscribe();
+                inflight.push(async move {
+                    tokio::select! {
+                        r = fetch => r,
+                        () = until_dropped(gone, peer) => RangeResult {
+                            peer,
+                            first: range.0,
+                            count: range.1,
+                            end: RangeEnd::Failed(format!("{peer}: dropped for sending bad data")),
+                        },
+                    }
+                });
             }
             let Some(r) = inflight.next().await else {
                 return Ok(None); // no provider left this round
