@@ -33,7 +33,8 @@ impl ArtifactReport {
     }
 }
 
-fn verdict(
+/// A verdict with its numbers and reason (shared by every check in this crate).
+pub(crate) fn verdict(
     check: &str,
     outcome: Outcome,
     value: Option<f64>,

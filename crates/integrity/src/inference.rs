@@ -5,6 +5,7 @@
 //! against the validator's. Pure functions over scores: the validator computes its
 //! reference with `tunenet_ml::score_items` before any result arrives.
 
+use crate::artifact::verdict;
 use rand::SeedableRng;
 use rand::seq::index::sample;
 use serde::{Deserialize, Serialize};
@@ -124,22 +125,6 @@ pub fn sample_items(seed: u64, n: usize, tol: &InferenceTolerance) -> Vec<usize>
     let mut ix = sample(&mut rng, n, k).into_vec();
     ix.sort_unstable();
     ix
-}
-
-fn verdict(
-    check: &str,
-    outcome: Outcome,
-    value: Option<f64>,
-    threshold: Option<f64>,
-    reason: String,
-) -> Verdict {
-    Verdict {
-        check: check.into(),
-        outcome,
-        value,
-        threshold,
-        reason,
-    }
 }
 
 fn argmax(xs: impl Iterator<Item = f64>) -> usize {

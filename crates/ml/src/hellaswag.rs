@@ -113,6 +113,12 @@ pub fn hellaswag_context(item: &HellaSwagItem) -> String {
 /// Reads HellaSwag JSONL; errors name the line.
 pub fn load_hellaswag(path: &Path) -> Result<Vec<HellaSwagItem>, MlError> {
     let bytes = std::fs::read(path).map_err(|e| MlError::io("cannot read dataset", path, e))?;
+    parse_hellaswag(&bytes, &path.display().to_string())
+}
+
+/// [`load_hellaswag`] on bytes already read (`source_name` names them in errors): one item
+/// per non-blank line, each label checked against its endings.
+pub fn parse_hellaswag(bytes: &[u8], source_name: &str) -> Result<Vec<HellaSwagItem>, MlError> {
     let mut out = Vec::new();
     for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
         let line = line.trim_ascii();
@@ -120,7 +126,7 @@ pub fn load_hellaswag(path: &Path) -> Result<Vec<HellaSwagItem>, MlError> {
             continue;
         }
         let err = |problem: String| MlError::Dataset {
-            source_name: path.display().to_string(),
+            source_name: source_name.to_string(),
             line: i + 1,
             problem,
         };

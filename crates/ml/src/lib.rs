@@ -45,7 +45,7 @@ pub use gguf::{export_gguf, export_gguf_quantized, import_gguf};
 pub use hellaswag::{
     DEFAULT_BATCH_TOKENS, HellaSwagItem, HellaSwagReport, ItemScore, ScoreOptions, ScoreProgress,
     evaluate_hellaswag, hellaswag_context, hellaswag_demo_items, hellaswag_preprocess,
-    hellaswag_summary, load_hellaswag, score_items,
+    hellaswag_summary, load_hellaswag, parse_hellaswag, score_items,
 };
 pub use lm::CausalLm;
 pub use loader::WeightDtype;

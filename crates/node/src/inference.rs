@@ -48,32 +48,17 @@ impl Default for InferenceConfig {
 
 /// Reads an inference shard (HellaSwag-layout JSONL), bounded.
 pub fn parse_items(bytes: &[u8]) -> Result<Vec<HellaSwagItem>, NodeError> {
-    let mut items = Vec::new();
-    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        if items.len() >= MAX_ITEMS {
-            return Err(NodeError::Other(format!(
-                "the inference shard has more than {MAX_ITEMS} items"
-            )));
-        }
-        let item: HellaSwagItem = serde_json::from_slice(line).map_err(|e| {
-            NodeError::Other(format!(
-                "inference shard line {}: not a HellaSwag item: {e}",
-                i + 1
-            ))
-        })?;
-        if item.endings.is_empty() || item.label >= item.endings.len() {
-            return Err(NodeError::Other(format!(
-                "inference shard line {}: label {} does not name one of {} endings",
-                i + 1,
-                item.label,
-                item.endings.len()
-            )));
-        }
-        items.push(item);
+    // Counted before anything is parsed: the shard comes from another node.
+    let lines = bytes
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.trim_ascii().is_empty())
+        .count();
+    if lines > MAX_ITEMS {
+        return Err(NodeError::Other(format!(
+            "the inference shard has {lines} items, more than {MAX_ITEMS}"
+        )));
     }
+    let items = tunenet_ml::parse_hellaswag(bytes, "inference shard")?;
     if items.is_empty() {
         return Err(NodeError::Other("the inference shard has no items".into()));
     }
@@ -376,4 +361,30 @@ pub fn spawn_evaluator(
         })
         .map_err(|e| NodeError::Other(format!("cannot start the inference checker: {e}")))?;
     Ok(tx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_shards_are_refused_with_the_line_and_the_reason() {
+        let good = serde_json::to_vec(&tunenet_ml::hellaswag_demo_items(1, 0)[0]).unwrap();
+        let mut two = good.clone();
+        two.extend(b"\n\n");
+        two.extend(&good);
+        assert_eq!(parse_items(&two).unwrap().len(), 2);
+        let e = parse_items(b"").unwrap_err().to_string();
+        assert!(e.contains("no items"), "{e}");
+        let mut bad = good.clone();
+        bad.extend(b"\n{\"activity_label\": 3}\n");
+        let e = parse_items(&bad).unwrap_err().to_string();
+        assert!(e.contains("line 2"), "{e}");
+        let mut item = tunenet_ml::hellaswag_demo_items(1, 0).remove(0);
+        item.label = 9;
+        let e = parse_items(&serde_json::to_vec(&item).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("label 9"), "{e}");
+    }
 }
