@@ -455,12 +455,18 @@ fn bad_configs_models_and_datasets_are_refused_with_the_cause() {
     assert!(err.contains("time_budget_secs"), "{err}");
 }
 
+/// The red team over the wire, one competition: a validator daemon, honest miner daemons
+/// and adversary miners that speak only gRPC. Every strategy the report lists is caught for
+/// its expected reason, no honest submission fails, and every honest evaluation has its
+/// synthetic loss and leakage verdict.
 #[test]
-fn redteam_catches_every_cheat_it_can_and_flags_no_honest_miner() {
+fn redteam_over_the_wire_catches_every_cheat_and_fails_no_honest_miner() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("INTEGRITY.md");
     let run = Command::new(BIN)
-        .args(["redteam", "--competitions", "1", "--out"])
+        .args(["redteam", "--competitions", "1", "--work-dir"])
+        .arg(tmp.path().join("work"))
+        .arg("--out")
         .arg(&out)
         .output()
         .unwrap();
@@ -470,36 +476,56 @@ fn redteam_catches_every_cheat_it_can_and_flags_no_honest_miner() {
         String::from_utf8_lossy(&run.stderr)
     );
     let report = std::fs::read_to_string(&out).unwrap();
-    for (row, caught) in [
-        ("one artifact submitted to several jobs", "1/1"),
-        ("two miners submitting identical artifacts", "1/1"),
+    for (row, by) in [
+        ("one artifact submitted to both jobs", "duplicate"),
+        ("another miner's artifact, byte for byte", "exact_duplicate"),
         (
-            "a copy of another miner's artifact with small noise",
-            "1/1 | near_duplicate",
+            "another miner's artifact with small noise",
+            "near_duplicate",
         ),
         (
-            "a model from another random initialisation",
-            "1/1 | base_similarity_median",
+            "a copy, then the original's signed commitment",
+            "exact_duplicate",
         ),
-        ("the base returned unchanged", "1/1 | fine_tuned"),
-        ("a LoRA rank above the bound", "1/1 | lora_rank"),
-        ("NaN weights", "1/1 | finite"),
-        ("exploding norms", "1/1"),
-        ("a commit after the deadline", "1/1 | deadline"),
+        ("a model soup", "derived"),
+        ("a model from another initialisation", "base_similarity"),
+        ("the base returned unchanged", "fine_tuned"),
         (
-            "an upload whose hash differs from the commitment",
-            "1/1 | commitment",
+            "its assigned records plus the hidden test split",
+            "test_leakage",
         ),
-        ("another miner's commitment replayed", "1/1 | commitment"),
-        ("a forged signature", "1/1 | signature"),
+        ("trained only on the hidden test split", "test_leakage"),
+        ("the whole public dataset once", "test_leakage"),
+        ("a LoRA rank above the bound", "lora_rank"),
+        ("NaN weights", "finite"),
+        ("exploding norms", "base_similarity"),
+        ("a commit after the deadline", "deadline"),
+        ("an upload that is not the committed artifact", "commitment"),
+        (
+            "another miner's commitment replayed as its own",
+            "commitment",
+        ),
+        ("a commitment signed with another key", "signature"),
     ] {
         let line = report
             .lines()
             .find(|l| l.contains(row))
             .unwrap_or_else(|| panic!("no row for {row}:\n{report}"));
-        assert!(line.contains(caught), "{row}: {line}");
+        assert!(
+            line.contains("| 1/1 |") && line.contains(by),
+            "{row}: {line}"
+        );
     }
-    assert!(report.contains("0 false positives"), "{report}");
+    let honest = report
+        .lines()
+        .find(|l| l.contains("honest submissions;"))
+        .unwrap_or_else(|| panic!("no honest line:\n{report}"));
+    assert!(honest.contains("; 0 failed or penalised"), "{honest}");
+    // "N honest submissions; 0 failed or penalised; N of them evaluated with a synthetic
+    // loss and N with a leakage verdict."
+    let n: Vec<&str> = honest.split_whitespace().collect();
+    assert_eq!(n[0], n[7], "{honest}");
+    assert_eq!(n[0], n[16], "{honest}");
 }
 
 #[test]

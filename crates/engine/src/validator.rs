@@ -11,6 +11,10 @@ use tunenet_types::{
     ScoringWeights, UnixMillis, UploadHeader, Verdict, commit_hash, qualities,
 };
 
+/// The most different commitments one miner may make to one job (each replaces the last;
+/// their receipts are all kept so a re-sent one changes nothing).
+pub const MAX_COMMITMENTS_PER_JOB: usize = 16;
+
 /// One job of a competition, as planned before it starts.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobPlan {
@@ -61,6 +65,11 @@ pub struct CompetitionPlan {
     /// Integrity thresholds (changeable while the competition runs).
     #[serde(default)]
     pub integrity: IntegritySettings,
+    /// Every submission must be scored on a synthetic set drawn after the deadline too: a
+    /// job whose evaluations lack one (or its per-record losses, which the leakage check
+    /// needs) is not scored at all, with the reason, rather than scored without the check.
+    #[serde(default)]
+    pub requires_synthetic: bool,
 }
 
 /// Where a job is in its life.
@@ -110,6 +119,16 @@ pub enum OfferState {
         miner: PeerIdStr,
         /// The reason it gave.
         reason: String,
+    },
+    /// Not delivered yet (the miner was unreachable); sent again at `retry_at` while the
+    /// offer window lasts, so a miner that starts listening late still gets the job.
+    Retrying {
+        /// What went wrong last time.
+        error: String,
+        /// Deliveries tried so far.
+        attempts: u32,
+        /// When to send it again.
+        retry_at: UnixMillis,
     },
     /// The offer could not be delivered or answered.
     Failed {
@@ -172,6 +191,10 @@ pub struct MinerSlot {
     pub commitment: Option<Commitment>,
     /// The receipt given for that commitment.
     pub receipt: Option<Receipt>,
+    /// Receipts of this miner's earlier commitments to the job, superseded by a later one:
+    /// a re-sent earlier commitment gets its first receipt back and changes nothing.
+    #[serde(default)]
+    pub superseded: Vec<Receipt>,
     /// The submission's state.
     pub submission: SubmissionState,
 }
@@ -195,6 +218,13 @@ pub struct JobState {
     /// miner could have trained on the set); None before, and for jobs stored earlier.
     #[serde(default)]
     pub synthetic_seed: Option<u64>,
+    /// Offers not delivered so far, by miner address: how many tries each has had.
+    #[serde(default)]
+    pub retries: BTreeMap<String, u32>,
+    /// When every submission was first found settled (evaluated or failed): scoring waits
+    /// a grace period after it for other validators' artifact records.
+    #[serde(default)]
+    pub settled_at: Option<UnixMillis>,
 }
 
 /// Why the validator refused a commitment or an upload. Each says what to do.
@@ -256,6 +286,14 @@ pub enum ValidatorError {
     /// The reveal window is over or the job is done.
     #[error("job {0} no longer takes uploads (reveal window over)")]
     Closed(JobId),
+    /// A miner changed its commitment too often.
+    #[error("job {job}: already {limit} different commitments from this miner; its latest stands")]
+    TooManyCommitments {
+        /// The job.
+        job: JobId,
+        /// The most commitments one miner may make to one job.
+        limit: usize,
+    },
     /// Already revealed.
     #[error("job {job}: {miner} already uploaded its artifact")]
     AlreadyUploaded {
@@ -370,6 +408,10 @@ pub struct ValidatorEngine {
     min_miners: usize,
     inference: Option<tunenet_types::InferenceTerms>,
     banned: BTreeMap<PeerIdStr, String>,
+    /// Artifacts other validators received, by their signed records (verified by the
+    /// runtime): a copy of one of them fails here too when its receipt is later.
+    foreign: Vec<tunenet_types::ArtifactRecord>,
+    settle_grace_ms: u64,
 }
 
 impl ValidatorEngine {
@@ -395,6 +437,8 @@ impl ValidatorEngine {
                 slots: BTreeMap::new(),
                 scores: Vec::new(),
                 synthetic_seed: None,
+                retries: BTreeMap::new(),
+                settled_at: None,
             });
             order.push(p.job_id.clone());
             jobs.insert(p.job_id.clone(), st);
@@ -410,7 +454,53 @@ impl ValidatorEngine {
             min_miners: 1,
             inference: None,
             banned: BTreeMap::new(),
+            foreign: Vec::new(),
+            settle_grace_ms: 0,
         }
+    }
+
+    /// How long a job whose submissions are all evaluated waits before it is scored, so
+    /// that other validators' records of the same artifacts can arrive (0: none).
+    pub fn set_settle_grace(&mut self, ms: u64) {
+        self.settle_grace_ms = ms;
+    }
+
+    /// Adds another validator's record of an artifact it received. The runtime verifies
+    /// the signatures first; records signed by this validator are ignored.
+    pub fn add_foreign(&mut self, record: tunenet_types::ArtifactRecord) {
+        if record.receipt.validator == self.identity.peer_id()
+            || self.foreign.iter().any(|r| {
+                r.receipt.validator == record.receipt.validator
+                    && r.receipt.job_id == record.receipt.job_id
+                    && r.receipt.miner == record.receipt.miner
+            })
+        {
+            return;
+        }
+        self.foreign.push(record);
+    }
+
+    /// The signed record of a submission this validator evaluated, to tell the others.
+    pub fn artifact_record(
+        &self,
+        job_id: &JobId,
+        miner: &PeerIdStr,
+    ) -> Option<tunenet_types::ArtifactRecord> {
+        let slot = self.jobs.get(job_id)?.slots.get(miner)?;
+        let SubmissionState::Evaluated {
+            artifact, sketch, ..
+        } = &slot.submission
+        else {
+            return None;
+        };
+        let mut r = tunenet_types::ArtifactRecord {
+            receipt: slot.receipt.clone()?,
+            artifact: *artifact,
+            sketch: sketch.clone(),
+            signature: vec![],
+        };
+        r.signature = self.identity.sign(&r.signing_bytes());
+        Some(r)
     }
 
     /// Holds new jobs back (jobs in flight go on) or lets them start again.
@@ -524,7 +614,7 @@ impl ValidatorEngine {
                 job_id,
                 addr,
                 reply,
-            } => self.on_decision(&job_id, addr, reply, &mut fx),
+            } => self.on_decision(&job_id, addr, reply, now, &mut fx),
             ValidatorInput::Assigned {
                 job_id,
                 miner,
@@ -610,14 +700,17 @@ impl ValidatorEngine {
         job_id: &JobId,
         addr: String,
         reply: Result<DecisionReply, String>,
+        now: UnixMillis,
         fx: &mut Vec<ValidatorEffect>,
     ) {
+        let offer_timeout = self.plan.offer_timeout_ms;
         let Some(job) = self.jobs.get_mut(job_id) else {
             return;
         };
         if !matches!(job.offers.get(&addr), Some(OfferState::Sent)) {
             return; // unknown address or already answered
         }
+        let attempts = job.retries.get(&addr).copied().unwrap_or(0) + 1;
         let accepted = job
             .offers
             .values()
@@ -663,10 +756,29 @@ impl ValidatorEngine {
                 }
             },
             Err(error) => {
-                fx.push(ValidatorEffect::Event(format!(
-                    "job {job_id}: offer to {addr} failed: {error}"
-                )));
-                OfferState::Failed { error }
+                // A miner that is not listening yet (still starting, restarting) gets the
+                // offer again while the offer window lasts.
+                let retry_at = now + retry_delay_ms(attempts);
+                let open = match job.phase {
+                    JobPhase::Offering { since } => retry_at < since + offer_timeout,
+                    _ => false,
+                };
+                if open {
+                    job.retries.insert(addr.clone(), attempts);
+                    fx.push(ValidatorEffect::Event(format!(
+                        "job {job_id}: offer to {addr} not delivered ({error}); retrying (attempt {attempts})"
+                    )));
+                    OfferState::Retrying {
+                        error,
+                        attempts,
+                        retry_at,
+                    }
+                } else {
+                    fx.push(ValidatorEffect::Event(format!(
+                        "job {job_id}: offer to {addr} failed after {attempts} attempts: {error}"
+                    )));
+                    OfferState::Failed { error }
+                }
             }
         };
         job.offers.insert(addr, state);
@@ -706,6 +818,17 @@ impl ValidatorEngine {
             })?;
         c.verify()
             .map_err(|e| ValidatorError::BadSignature(e.to_string()))?;
+        // Idempotent: the first receipt of a (job, miner, commitment) stands. A commitment
+        // is signed by its miner, so anyone who saw it can re-send it; moving its receipt
+        // later would hand the earlier time to whoever committed the same artifact between.
+        if let Some(r) = slot
+            .receipt
+            .iter()
+            .chain(slot.superseded.iter())
+            .find(|r| r.commit == c.commit)
+        {
+            return Ok((r.clone(), vec![]));
+        }
         if now > deadline {
             return Err(ValidatorError::TooLate {
                 job: c.job_id.clone(),
@@ -717,6 +840,12 @@ impl ValidatorEngine {
             return Err(ValidatorError::TooLarge {
                 size: c.artifact_size,
                 limit: max,
+            });
+        }
+        if slot.superseded.len() + 1 >= MAX_COMMITMENTS_PER_JOB {
+            return Err(ValidatorError::TooManyCommitments {
+                job: c.job_id.clone(),
+                limit: MAX_COMMITMENTS_PER_JOB,
             });
         }
         let mut receipt = Receipt {
@@ -734,7 +863,9 @@ impl ValidatorEngine {
             c.job_id, c.miner, c.artifact_size
         );
         slot.commitment = Some(c);
-        slot.receipt = Some(receipt.clone());
+        if let Some(previous) = slot.receipt.replace(receipt.clone()) {
+            slot.superseded.push(previous);
+        }
         Ok((
             receipt,
             vec![
@@ -804,14 +935,19 @@ impl ValidatorEngine {
     }
 
     /// Records a revealed artifact whose bytes the runtime has stored and verified
-    /// against `h.artifact`; asks for its evaluation.
+    /// against `h.artifact`; asks for its evaluation. A reveal can arrive after the
+    /// deadline but before the runtime's next tick: the job is moved past its deadline
+    /// first, so its synthetic seed is drawn before any of its submissions is evaluated.
     pub fn uploaded(
         &mut self,
         h: &UploadHeader,
         now: UnixMillis,
+        rng: &mut dyn RngCore,
     ) -> Result<Vec<ValidatorEffect>, ValidatorError> {
         self.check_upload(h, now)?;
         let mut fx = Vec::new();
+        self.advance_job(&h.job_id, now, rng, &mut fx);
+        self.check_upload(h, now)?;
         if let Some(job) = self.jobs.get_mut(&h.job_id)
             && let Some(slot) = job.slots.get_mut(&h.miner)
         {
@@ -856,25 +992,7 @@ impl ValidatorEngine {
             }
             free -= 1;
             job.phase = JobPhase::Offering { since: now };
-            let offer = Offer {
-                job_id: id.clone(),
-                competition_id: self.plan.id.clone(),
-                kind: if self.inference.is_some() {
-                    JobKind::Inference
-                } else {
-                    JobKind::FineTune
-                },
-                validator: self.identity.peer_id(),
-                base_model: job.plan.base_model,
-                base_params: job.plan.base_params,
-                dataset_records: job.plan.shard_records,
-                time_budget_ms: job.plan.time_budget_ms,
-                reward_hint: job.plan.reward_hint,
-                hardware: self.plan.hardware.clone(),
-                reply_to: self.plan.reply_to.clone(),
-                model_config: job.plan.model_config.clone(),
-                inference: self.inference.clone(),
-            };
+            let offer = make_offer(&self.plan, &self.identity, &self.inference, &job.plan);
             for addr in &self.miners {
                 job.offers.insert(addr.clone(), OfferState::Sent);
                 fx.push(ValidatorEffect::SendOffer {
@@ -924,11 +1042,37 @@ impl ValidatorEngine {
                     })
                     .collect();
                 accepted.sort();
-                let answered = job.offers.values().all(|o| !matches!(o, OfferState::Sent));
+                let due: Vec<String> = job
+                    .offers
+                    .iter()
+                    .filter(|(_, o)| matches!(o, OfferState::Retrying { retry_at, .. } if *retry_at <= now))
+                    .map(|(a, _)| a.clone())
+                    .collect();
+                if !due.is_empty() {
+                    let offer = make_offer(plan, &self.identity, &self.inference, &job.plan);
+                    for addr in due {
+                        job.offers.insert(addr.clone(), OfferState::Sent);
+                        fx.push(ValidatorEffect::SendOffer {
+                            addr,
+                            offer: offer.clone(),
+                        });
+                    }
+                }
+                let answered = job
+                    .offers
+                    .values()
+                    .all(|o| !matches!(o, OfferState::Sent | OfferState::Retrying { .. }));
                 let enough = accepted.len() as u32 >= plan.miners_per_job;
                 let timed_out = now >= since + plan.offer_timeout_ms;
                 if !(enough || answered || timed_out) {
                     return;
+                }
+                for o in job.offers.values_mut() {
+                    if let OfferState::Retrying { error, .. } = o {
+                        *o = OfferState::Failed {
+                            error: std::mem::take(error),
+                        };
+                    }
                 }
                 if accepted.is_empty() {
                     job.phase = JobPhase::Done {
@@ -974,6 +1118,7 @@ impl ValidatorEngine {
                             assignment: a.clone(),
                             commitment: None,
                             receipt: None,
+                            superseded: Vec::new(),
                             submission: SubmissionState::Waiting,
                         },
                     );
@@ -1039,7 +1184,30 @@ impl ValidatorEngine {
                 if !settled {
                     return;
                 }
-                let mut findings = duplicate_findings(&self.jobs, id, &plan.integrity);
+                // Other validators' records of the same artifacts arrive by gossip after
+                // their own evaluations: wait for them a little before judging copies.
+                let since = *job.settled_at.get_or_insert(now);
+                if now < since + self.settle_grace_ms {
+                    return;
+                }
+                if plan.requires_synthetic
+                    && let Some(note) = missing_synthetic(job)
+                {
+                    job.phase = JobPhase::Done {
+                        note: Some(note.clone()),
+                    };
+                    job.scores = vec![];
+                    fx.push(ValidatorEffect::Event(format!("job {id}: {note}")));
+                    fx.push(ValidatorEffect::Persist(Box::new(job.clone())));
+                    fx.push(ValidatorEffect::JobFinished {
+                        job_id: id.clone(),
+                        scores: vec![],
+                    });
+                    return;
+                }
+                let mut findings =
+                    duplicate_findings(&self.jobs, &self.foreign, id, &plan.integrity);
+                findings.extend(derived::derived_findings(&self.jobs, id, &plan.integrity));
                 if let Some(job) = self.jobs.get(id) {
                     findings.extend(leakage_findings(job, &plan.integrity));
                 }
@@ -1118,6 +1286,68 @@ impl ValidatorEngine {
             JobPhase::Pending | JobPhase::Done { .. } => {}
         }
     }
+}
+
+/// Why a job that must be scored on a synthetic set cannot be (None: every evaluated
+/// submission has its synthetic loss and per-record losses). Failing closed: scoring
+/// without the set would silently drop the leakage check and a third of the criteria.
+fn missing_synthetic(job: &JobState) -> Option<String> {
+    let lacking: Vec<&PeerIdStr> = job
+        .slots
+        .iter()
+        .filter(|(_, s)| match &s.submission {
+            SubmissionState::Evaluated {
+                synthetic_loss,
+                synthetic_records,
+                ..
+            } => synthetic_loss.is_none() || synthetic_records.is_empty(),
+            _ => false,
+        })
+        .map(|(m, _)| m)
+        .collect();
+    if job.synthetic_seed.is_none() {
+        return Some("not scored: the job has no synthetic set (its seed was never drawn)".into());
+    }
+    (!lacking.is_empty()).then(|| {
+        format!(
+            "not scored: {} of its evaluations have no synthetic loss, so the test-leakage check cannot run ({})",
+            lacking.len(),
+            lacking.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(", ")
+        )
+    })
+}
+
+/// The offer of one job, as every miner gets it.
+fn make_offer(
+    plan: &CompetitionPlan,
+    identity: &Identity,
+    inference: &Option<tunenet_types::InferenceTerms>,
+    job: &JobPlan,
+) -> Offer {
+    Offer {
+        job_id: job.job_id.clone(),
+        competition_id: plan.id.clone(),
+        kind: if inference.is_some() {
+            JobKind::Inference
+        } else {
+            JobKind::FineTune
+        },
+        validator: identity.peer_id(),
+        base_model: job.base_model,
+        base_params: job.base_params,
+        dataset_records: job.shard_records,
+        time_budget_ms: job.time_budget_ms,
+        reward_hint: job.reward_hint,
+        hardware: plan.hardware.clone(),
+        reply_to: plan.reply_to.clone(),
+        model_config: job.model_config.clone(),
+        inference: inference.clone(),
+    }
+}
+
+/// How long to wait before sending an undelivered offer again: 0.5 s, doubling, at most 4 s.
+fn retry_delay_ms(attempts: u32) -> u64 {
+    (500u64 << attempts.saturating_sub(1).min(3)).min(4_000)
 }
 
 /// The failed verdicts' reasons, joined.
@@ -1254,6 +1484,7 @@ fn median(values: &[f64]) -> f64 {
 /// later fails; the earlier one is flagged, so both parties are named.
 fn duplicate_findings(
     jobs: &BTreeMap<JobId, JobState>,
+    foreign: &[tunenet_types::ArtifactRecord],
     id: &JobId,
     settings: &IntegritySettings,
 ) -> Vec<(PeerIdStr, Verdict)> {
@@ -1325,6 +1556,32 @@ fn duplicate_findings(
     if !settings.enabled {
         return out;
     }
+    // Another validator's earlier receipt of the same artifact: the copy fails here, the
+    // earliest signed receipt winning wherever it was given.
+    for me in all.iter().filter(|s| s.job == id) {
+        if let Some(r) = foreign
+            .iter()
+            .filter(|r| r.artifact == me.artifact && r.receipt.received_at_ms < me.received)
+            .min_by_key(|r| r.receipt.received_at_ms)
+        {
+            out.push((
+                me.miner.clone(),
+                Verdict {
+                    check: "exact_duplicate".into(),
+                    outcome: Outcome::Fail,
+                    value: Some(1.0),
+                    threshold: None,
+                    reason: format!(
+                        "the same artifact as {}'s in job {} on validator {}, whose signed receipt is earlier ({} ms before this one's)",
+                        r.receipt.miner,
+                        r.receipt.job_id,
+                        r.receipt.validator,
+                        me.received - r.receipt.received_at_ms
+                    ),
+                },
+            ));
+        }
+    }
     for me in all.iter().filter(|s| s.job == id) {
         let my_key = (me.received, me.job, me.miner);
         for other in all
@@ -1382,6 +1639,7 @@ fn duplicate_findings(
     out
 }
 
+mod derived;
 mod leakage;
 #[cfg(test)]
 mod tests;

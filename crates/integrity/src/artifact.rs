@@ -80,6 +80,15 @@ fn norm2(v: &[f32]) -> f64 {
     v.iter().map(|x| (*x as f64) * (*x as f64)).sum()
 }
 
+/// Where a tensor's elements start in the sketch's index space: a 64-bit hash of its name
+/// (tensors have far fewer than 2^40 elements, so two names' ranges never meet in practice).
+fn name_offset(name: &str) -> u64 {
+    let h = blake3::hash(name.as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h.as_bytes()[..8]);
+    u64::from_le_bytes(b)
+}
+
 /// The PEFT name of a LoRA tensor back to the base weight it adapts, and which half it is.
 fn lora_target(name: &str) -> Option<(String, bool)> {
     let rest = name.strip_prefix("base_model.model.")?;
@@ -286,7 +295,6 @@ pub fn check_artifact(
     let (mut max_rel, mut max_rel_at) = (0.0f64, String::new());
     let (mut total_d, mut total_w) = (0.0f64, 0.0f64);
     let mut sketch = vec![0f32; settings.sketch_dim.max(1)];
-    let mut offset = 0u64;
     for (name, d) in &deltas {
         if nonfinite.is_none() && d.iter().any(|x| !x.is_finite()) {
             nonfinite = Some(name.clone());
@@ -317,8 +325,11 @@ pub fn check_artifact(
         }
         total_d += dd;
         total_w += ww;
-        accumulate(&mut sketch, offset, d);
-        offset += d.len() as u64;
+        // Each tensor's elements are placed by the tensor's name, not by its position
+        // in the artifact: a LoRA artifact's delta on `q_proj` and a full artifact's on
+        // the same tensor land in the same buckets, so the two kinds can be compared
+        // (a blend of a LoRA submission into a full one is still found).
+        accumulate(&mut sketch, name_offset(name), d);
     }
     if let Some(name) = nonfinite {
         return bail(

@@ -17,10 +17,29 @@ use crate::binding::{binding_seed, training_subset};
 /// One job's canaries, as the validator keeps them.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct JobCanaries {
-    /// Where the planted canaries sit in the released shard (sorted).
+    /// Where the planted canaries sit in the released shard (sorted; every copy).
     pub positions: Vec<usize>,
     /// Siblings generated alike and never released.
     pub siblings: Vec<Record>,
+    /// Per canary, the positions of its copies (empty for jobs planted one copy each,
+    /// before copies existed: then each position is its own canary).
+    #[serde(default)]
+    pub groups: Vec<Vec<usize>>,
+    /// Positions of ordinary records repeated as often as the canaries (decoys, so that
+    /// repetition alone does not point at the canaries); kept out of the subset samples.
+    #[serde(default)]
+    pub repeated: Vec<usize>,
+}
+
+impl JobCanaries {
+    /// Per canary, the positions of its copies.
+    pub fn canary_groups(&self) -> Vec<Vec<usize>> {
+        if self.groups.is_empty() {
+            self.positions.iter().map(|p| vec![*p]).collect()
+        } else {
+            self.groups.clone()
+        }
+    }
 }
 
 /// The text a record is compared by when canaries must be unlike every other record.
@@ -99,6 +118,89 @@ pub fn plant(
         JobCanaries {
             positions,
             siblings,
+            groups: Vec::new(),
+            repeated: Vec::new(),
+        },
+    )
+}
+
+/// Plants `planted` of `candidates` into `shard`, each `copies` times at seeded random
+/// positions, and repeats `decoys` ordinary records of the shard as often, so that
+/// repetition does not single the canaries out. The rest of the candidates become
+/// never-released siblings. Repetition is what gives "trained on this job's data" its
+/// power: a miner that trains on its subset at all sees each of its canaries several
+/// times, enough to lower its loss on them measurably against the siblings, while a model
+/// trained on anything else has never seen either.
+pub fn plant_repeated(
+    shard: Vec<Record>,
+    mut candidates: Vec<Record>,
+    planted: usize,
+    copies: usize,
+    decoys: usize,
+    seed: u64,
+) -> (Vec<Record>, JobCanaries) {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Tag {
+        Ordinary,
+        Canary(usize),
+        Decoy,
+    }
+    let mut rng = StdRng::seed_from_u64(seed);
+    candidates.shuffle(&mut rng);
+    let planted = planted.min(candidates.len());
+    let siblings = candidates.split_off(planted);
+    let copies = copies.max(1);
+    let mut decoy_idx: Vec<usize> = (0..shard.len()).collect();
+    decoy_idx.shuffle(&mut rng);
+    decoy_idx.truncate(decoys.min(shard.len()));
+    let decoy_set: HashSet<usize> = decoy_idx.iter().copied().collect();
+    let mut out: Vec<(Record, Tag)> = shard
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let tag = if decoy_set.contains(&i) {
+                Tag::Decoy
+            } else {
+                Tag::Ordinary
+            };
+            (r.clone(), tag)
+        })
+        .collect();
+    let mut extra: Vec<(Record, Tag)> = Vec::new();
+    for (k, c) in candidates.into_iter().enumerate() {
+        extra.extend(std::iter::repeat_n((c, Tag::Canary(k)), copies));
+    }
+    for &i in &decoy_idx {
+        extra.extend(std::iter::repeat_n(
+            (shard[i].clone(), Tag::Decoy),
+            copies - 1,
+        ));
+    }
+    extra.shuffle(&mut rng);
+    for item in extra {
+        let at = rand::Rng::random_range(&mut rng, 0..=out.len());
+        out.insert(at, item);
+    }
+    let mut groups = vec![Vec::new(); planted];
+    let mut positions = Vec::new();
+    let mut repeated = Vec::new();
+    for (i, (_, tag)) in out.iter().enumerate() {
+        match tag {
+            Tag::Canary(k) => {
+                groups[*k].push(i);
+                positions.push(i);
+            }
+            Tag::Decoy => repeated.push(i),
+            Tag::Ordinary => {}
+        }
+    }
+    (
+        out.into_iter().map(|(r, _)| r).collect(),
+        JobCanaries {
+            positions,
+            siblings,
+            groups,
+            repeated,
         },
     )
 }
@@ -127,12 +229,18 @@ pub fn miner_probe(
 ) -> MinerProbe {
     let subset = training_subset(nonce, job, miner, shard_len);
     let in_subset: HashSet<usize> = subset.iter().copied().collect();
-    let canary: HashSet<usize> = canaries.positions.iter().copied().collect();
-    let assigned_canaries: Vec<usize> = canaries
+    let canary: HashSet<usize> = canaries
         .positions
         .iter()
+        .chain(&canaries.repeated)
         .copied()
-        .filter(|p| in_subset.contains(p))
+        .collect();
+    // A canary counts once, when any of its copies is in the subset (the copy that is
+    // scored is the same record whichever it is).
+    let assigned_canaries: Vec<usize> = canaries
+        .canary_groups()
+        .iter()
+        .filter_map(|g| g.iter().copied().find(|p| in_subset.contains(p)))
         .collect();
     let seed = binding_seed(nonce, job, miner);
     let mut rng = StdRng::from_seed(*blake3::keyed_hash(&seed, b"probe").as_bytes());
@@ -197,6 +305,44 @@ mod tests {
     }
 
     #[test]
+    fn repeated_canaries_and_decoys_are_planted_as_recorded() {
+        let shard = recs("r", 100);
+        let cands = recs("c", 12);
+        let (out, c) = plant_repeated(shard.clone(), cands.clone(), 8, 4, 16, 5);
+        assert_eq!(out.len(), 100 + 8 * 4 + 16 * 3);
+        assert_eq!(c.groups.len(), 8);
+        assert_eq!(c.siblings.len(), 4);
+        for g in &c.groups {
+            assert_eq!(g.len(), 4);
+            assert!(
+                g.iter()
+                    .all(|&p| out[p] == out[g[0]] && cands.contains(&out[p]))
+            );
+        }
+        assert_eq!(c.positions.len(), 32);
+        assert_eq!(c.repeated.len(), 16 * 4);
+        // Each decoy record occurs 4 times, and no sibling is released.
+        for &p in &c.repeated {
+            assert_eq!(out.iter().filter(|r| **r == out[p]).count(), 4);
+        }
+        assert!(c.siblings.iter().all(|s| !out.contains(s)));
+        // A probe counts each canary once, by one copy inside the subset.
+        let job = JobId::new("c-0").unwrap();
+        let m = PeerIdStr("12D3KooWA".into());
+        let p = miner_probe(&[2u8; 32], &job, &m, out.len(), &c, 6);
+        let mut seen: Vec<&Record> = p.assigned_canaries.iter().map(|&i| &out[i]).collect();
+        seen.sort_by_key(|r| format!("{r:?}"));
+        seen.dedup();
+        assert_eq!(seen.len(), p.assigned_canaries.len());
+        assert!(
+            p.assigned
+                .iter()
+                .chain(&p.unassigned)
+                .all(|i| !c.repeated.contains(i))
+        );
+    }
+
+    #[test]
     fn candidates_are_distinct_and_unlike_the_dataset() {
         let mut pool = recs("x", 10);
         pool.extend(recs("x", 10));
@@ -221,6 +367,7 @@ mod tests {
         let canaries = JobCanaries {
             positions: vec![3, 17, 40, 41, 60, 77, 90, 99],
             siblings: vec![],
+            ..Default::default()
         };
         let nonce = [9u8; 32];
         let pa = miner_probe(&nonce, &job, &a, 108, &canaries, 6);

@@ -13,7 +13,9 @@ mod trained;
 
 pub use artifact::{ArtifactReport, IntegrityError, check_artifact};
 pub use binding::training_subset;
-pub use canary::{JobCanaries, MinerProbe, hold_out, miner_probe, pick_candidates, plant};
+pub use canary::{
+    JobCanaries, MinerProbe, hold_out, miner_probe, pick_candidates, plant, plant_repeated,
+};
 pub use sketch::{Sketch, cosine};
 pub use stats::{MannWhitney, mann_whitney_greater, median};
 pub use trained::{CANARY_CHECK, SUBSET_CHECK, trained_verdicts};

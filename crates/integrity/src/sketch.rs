@@ -21,7 +21,7 @@ pub(crate) fn accumulate(sketch: &mut [f32], offset: u64, values: &[f32]) {
         return;
     }
     for (i, v) in values.iter().enumerate() {
-        let h = mix(offset + i as u64);
+        let h = mix(offset.wrapping_add(i as u64));
         let bucket = (h % dim) as usize;
         if h & (1 << 63) == 0 {
             sketch[bucket] += v;

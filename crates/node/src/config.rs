@@ -190,6 +190,23 @@ pub struct CompetitionConfig {
     /// Never-released sibling canaries kept for each job.
     #[serde(default = "d_siblings")]
     pub sibling_canaries: usize,
+    /// Copies of each canary planted in a shard: a miner that trains on its subset sees
+    /// each of its canaries this many times an epoch (less the subset's share), enough to
+    /// tell training on this job's data from training on anything else.
+    #[serde(default = "d_copies")]
+    pub canary_copies: usize,
+    /// Ordinary records of each shard repeated as often as the canaries, so repetition
+    /// does not single the canaries out.
+    #[serde(default = "d_decoys")]
+    pub repeated_decoys: usize,
+}
+
+fn d_copies() -> usize {
+    4
+}
+
+fn d_decoys() -> usize {
+    16
 }
 
 fn d_canaries() -> usize {
@@ -197,7 +214,7 @@ fn d_canaries() -> usize {
 }
 
 fn d_siblings() -> usize {
-    4
+    8
 }
 
 fn d_growth() -> f64 {
@@ -383,7 +400,7 @@ mod tests {
         .unwrap();
         let c = &v.competitions[0];
         c.validate().unwrap();
-        assert_eq!(c.sibling_canaries, 4);
+        assert_eq!(c.sibling_canaries, 8);
         assert_eq!(c.integrity.leak_alpha, 0.001);
     }
 }

@@ -19,5 +19,6 @@ pub mod registry;
 pub mod snapshot;
 pub mod transport;
 pub mod validator;
+pub mod wire_redteam;
 
 pub use error::NodeError;

@@ -134,7 +134,7 @@ fn ml(e: tunenet_ml::MlError) -> NodeError {
     NodeError::Ml(e)
 }
 
-fn train(
+pub(crate) fn train(
     model: &ModelDir,
     records: &[Record],
     cfg: &TrainConfig,
@@ -157,7 +157,11 @@ fn train(
 }
 
 /// Rewrites an artifact's tensors through `f(name, values)`, keeping its manifest.
-fn tamper(src: &Path, dst: &Path, mut f: impl FnMut(&str, &mut Vec<f32>)) -> Result<(), NodeError> {
+pub(crate) fn tamper(
+    src: &Path,
+    dst: &Path,
+    mut f: impl FnMut(&str, &mut Vec<f32>),
+) -> Result<(), NodeError> {
     let err = |e: String| NodeError::Other(format!("tampering with {}: {e}", src.display()));
     let bytes = std::fs::read(src).map_err(|e| err(e.to_string()))?;
     let (_, meta) =
@@ -190,7 +194,7 @@ fn tamper(src: &Path, dst: &Path, mut f: impl FnMut(&str, &mut Vec<f32>)) -> Res
 }
 
 /// Replaces an artifact's tensors with those of another model directory's weights.
-fn transplant(src: &Path, weights: &Path, dst: &Path) -> Result<(), NodeError> {
+pub(crate) fn transplant(src: &Path, weights: &Path, dst: &Path) -> Result<(), NodeError> {
     let w = candle_core::safetensors::load(weights, &candle_core::Device::Cpu)
         .map_err(|e| NodeError::Other(e.to_string()))?;
     tamper(src, dst, |name, v| {
@@ -314,6 +318,7 @@ fn run_one(
         reply_to: "in-process".into(),
         hardware: "cpu".into(),
         integrity: integrity.clone(),
+        requires_synthetic: true,
     };
     let validator = Identity::generate();
     let mut engine = ValidatorEngine::new(
@@ -610,7 +615,7 @@ fn run_one(
         let mut losses: Vec<(bool, f64, f64)> = Vec::new();
         for (i, header, _) in &reveals {
             let m = &miners[*i];
-            match engine.uploaded(header, now) {
+            match engine.uploaded(header, now, &mut rng) {
                 Ok(fx) => {
                     for e in fx {
                         if let ValidatorEffect::Evaluate {

@@ -102,7 +102,9 @@ fn status_of(e: ValidatorError) -> Status {
         ValidatorError::UnknownJob(_) => Status::not_found(msg),
         ValidatorError::NotAssigned { .. } => Status::permission_denied(msg),
         ValidatorError::BadSignature(_) => Status::unauthenticated(msg),
-        ValidatorError::TooLarge { .. } => Status::resource_exhausted(msg),
+        ValidatorError::TooLarge { .. } | ValidatorError::TooManyCommitments { .. } => {
+            Status::resource_exhausted(msg)
+        }
         ValidatorError::CommitMismatch(_) => Status::invalid_argument(msg),
         ValidatorError::TooLate { .. }
         | ValidatorError::TooEarly { .. }
@@ -113,7 +115,7 @@ fn status_of(e: ValidatorError) -> Status {
 }
 
 /// Splits a dataset into the hidden test split and one training shard per job.
-fn split(
+pub(crate) fn split(
     cfg: &CompetitionConfig,
     records: Vec<tunenet_ml::Record>,
 ) -> Result<(Vec<tunenet_ml::Record>, Vec<Vec<tunenet_ml::Record>>), NodeError> {
@@ -213,6 +215,8 @@ pub(crate) fn competition_plan(
         reply_to: reply_to.to_string(),
         hardware: "cpu".into(),
         integrity,
+        requires_synthetic: cfg.synthetic_generator.is_some()
+            && cfg.kind == tunenet_types::JobKind::FineTune,
     }
 }
 
@@ -280,8 +284,14 @@ pub fn prepare(
         .enumerate()
     {
         let seed = secret.wrapping_add(1 + i as u64);
-        let (planted_shard, c) =
-            tunenet_integrity::plant(std::mem::take(shard), cands.to_vec(), planted, seed);
+        let (planted_shard, c) = tunenet_integrity::plant_repeated(
+            std::mem::take(shard),
+            cands.to_vec(),
+            planted,
+            cfg.canary_copies,
+            cfg.repeated_decoys,
+            seed,
+        );
         *shard = planted_shard;
         canaries.insert(format!("{}-{i}", cfg.id), c);
     }
@@ -850,6 +860,22 @@ impl Validator {
                 } => {
                     metrics::counter!("tunenet_submissions_total").increment(1);
                     let job = c.engine.job(&job_id);
+                    if c.engine.plan().requires_synthetic
+                        && job.is_none_or(|j| j.synthetic_seed.is_none())
+                    {
+                        // Fail closed: never evaluate a job's submissions without the
+                        // synthetic set (the engine draws its seed before any reveal).
+                        let input = ValidatorInput::Evaluated {
+                            job_id: job_id.clone(),
+                            miner,
+                            result: Err("the job's synthetic set was not drawn before evaluation; not scored without it".into()),
+                        };
+                        let tx = self.tx.clone();
+                        tokio::spawn(async move {
+                            let _ = tx.send(Cmd::Input(cid_key(&job_id), input)).await;
+                        });
+                        continue;
+                    }
                     let nonce = job
                         .and_then(|j| j.slots.get(&miner))
                         .map(|s| s.assignment.nonce);
@@ -1019,7 +1045,7 @@ impl Validator {
             }
             Cmd::Uploaded(h, reply) => {
                 let r = match self.index_of_job(&h.job_id) {
-                    Some(i) => match self.comps[i].engine.uploaded(&h, now) {
+                    Some(i) => match self.comps[i].engine.uploaded(&h, now, &mut self.rng) {
                         Ok(fx) => {
                             self.execute(i, fx);
                             Ok(())
@@ -1460,7 +1486,7 @@ fn spawn_evaluator(
             let mut models: BTreeMap<BlobId, tunenet_ml::ModelDir> = BTreeMap::new();
             let mut tests: BTreeMap<BlobId, Vec<tunenet_ml::Record>> = BTreeMap::new();
             // Per job: its sets and the base losses found so far (at most 8 jobs kept).
-            let mut jobs: BTreeMap<JobId, JobSets> = BTreeMap::new();
+            let mut jobs: BTreeMap<JobId, (Option<u64>, JobSets)> = BTreeMap::new();
             while let Ok(req) = erx.recv() {
                 let result = (|| -> Result<Evaluation, String> {
                     let model = match models.get(&req.model) {
@@ -1481,10 +1507,18 @@ fn spawn_evaluator(
                         slot.insert(tunenet_ml::parse_jsonl(&bytes).map_err(|e| e.to_string())?);
                     }
                     let test = tests.get(&req.test).ok_or("test split missing")?;
+                    // The synthetic set is generated after the deadline, from the seed the
+                    // engine drew when the deadline passed; a job's sets are kept for its
+                    // cohort only while they were made from that same seed.
+                    let seed = req.synthetic.as_ref().map(|(_, seed, _)| *seed);
+                    if jobs.get(&req.job_id).is_some_and(|(s, _)| *s != seed) {
+                        jobs.remove(&req.job_id);
+                    }
                     if !jobs.contains_key(&req.job_id) {
-                        // The synthetic set is generated now, after the deadline, from the
-                        // seed the engine drew when the deadline passed.
-                        let synthetic = req.synthetic.as_ref().and_then(|(g, seed, n)| synthetic_set(g, *seed, *n, test.len()));
+                        let synthetic = match &req.synthetic {
+                            Some((g, seed, n)) => Some(synthetic_set(g, *seed, *n, test.len()).ok_or_else(|| format!("the synthetic generator `{g}` is unknown: the job cannot be scored without its synthetic set"))?),
+                            None => None,
+                        };
                         let shard = match req.shard {
                             Some(b) => tunenet_ml::parse_jsonl(&blobs.get(&b).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?,
                             None => vec![],
@@ -1492,15 +1526,15 @@ fn spawn_evaluator(
                         while jobs.len() >= 8 {
                             jobs.pop_first();
                         }
-                        jobs.insert(req.job_id.clone(), JobSets {
+                        jobs.insert(req.job_id.clone(), (seed, JobSets {
                             test: test.clone(),
                             synthetic,
                             shard,
                             canaries: req.canaries.clone(),
                             base_losses: Default::default(),
-                        });
+                        }));
                     }
-                    let sets = jobs.get_mut(&req.job_id).ok_or("job sets missing")?;
+                    let sets = &mut jobs.get_mut(&req.job_id).ok_or("job sets missing")?.1;
                     blobs.verify(&req.artifact).map_err(|e| e.to_string())?;
                     let path = blobs.path(&req.artifact);
                     let t0 = std::time::Instant::now();

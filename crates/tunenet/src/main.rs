@@ -136,7 +136,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Run cheating and honest miners through real competitions; write the report.
+    /// Run cheating and honest miners through real competitions; write the report. By
+    /// default over the wire: a validator daemon and honest miner daemons as separate
+    /// processes, and adversary miners that speak only the gRPC protocol.
     Redteam {
         /// Competitions to run.
         #[arg(long, default_value_t = 20)]
@@ -144,6 +146,20 @@ enum Cmd {
         /// Where to write the Markdown report.
         #[arg(long, default_value = "docs/INTEGRITY.md")]
         out: PathBuf,
+        /// Training time per job, seconds (over the wire).
+        #[arg(long, default_value_t = 45)]
+        budget: u64,
+        /// Field only these strategies (comma-separated names as in the report's Debug
+        /// form, e.g. `ModelSoup,OtherData`); all by default.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Keep the daemons' data and logs here instead of a temporary directory.
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+        /// The old in-process run through the engine (fast; not evidence of what holds
+        /// against a miner on the wire).
+        #[arg(long)]
+        in_process: bool,
     },
     /// Run a whole competition on this machine: one validator and three miners.
     Demo(demo::DemoArgs),
@@ -290,7 +306,70 @@ fn run(cmd: Cmd) -> Result<()> {
             wait_secs,
             json,
         } => peers(bootstrap, mdns, wait_secs, json)?,
-        Cmd::Redteam { competitions, out } => {
+        Cmd::Redteam {
+            competitions,
+            out,
+            budget,
+            only,
+            work_dir,
+            in_process: false,
+        } => {
+            let tmp = tempfile::Builder::new()
+                .prefix("tunenet-redteam-")
+                .tempdir()?;
+            let work = work_dir.unwrap_or_else(|| tmp.path().to_path_buf());
+            let cheats: Vec<tunenet_node::wire_redteam::Cheat> = if only.is_empty() {
+                tunenet_node::wire_redteam::Cheat::ALL.to_vec()
+            } else {
+                let mut v = Vec::new();
+                for name in &only {
+                    match tunenet_node::wire_redteam::Cheat::ALL
+                        .iter()
+                        .find(|c| format!("{c:?}").eq_ignore_ascii_case(name.trim()))
+                    {
+                        Some(c) => v.push(*c),
+                        None => anyhow::bail!(
+                            "--only: no strategy `{name}`; the strategies are {:?}",
+                            tunenet_node::wire_redteam::Cheat::ALL
+                        ),
+                    }
+                }
+                v
+            };
+            let opts = tunenet_node::wire_redteam::WireOptions {
+                exe: std::env::current_exe().context("cannot find the tunenet binary")?,
+                competitions,
+                work,
+                budget_secs: budget,
+                cheats,
+                first: 0,
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let report = rt.block_on(tunenet_node::wire_redteam::run(&opts, &mut |line| {
+                eprintln!("{line}")
+            }))?;
+            let command =
+                format!("tunenet redteam --competitions {competitions} --budget {budget}");
+            let md = tunenet_node::wire_redteam::markdown(&report, &command);
+            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(&out, &md).with_context(|| format!("cannot write {}", out.display()))?;
+            print!("{md}");
+            let missed = report.catches.iter().filter(|c| !c.caught).count();
+            eprintln!(
+                "{} cheaters caught for the expected reason of {}, {} honest submissions failed; report in {}",
+                report.catches.len() - missed,
+                report.catches.len(),
+                report.false_positives.len(),
+                out.display()
+            );
+        }
+        Cmd::Redteam {
+            competitions, out, ..
+        } => {
             let work = tempfile::Builder::new()
                 .prefix("tunenet-redteam-")
                 .tempdir()?;

@@ -24,6 +24,9 @@ pub enum SignatureError {
     /// A key file could not be used.
     #[error("key file: {0}")]
     KeyFile(String),
+    /// The signed message is malformed (too large, inconsistent).
+    #[error("malformed signed message: {0}")]
+    Malformed(String),
 }
 
 /// A node's keypair and derived PeerId.

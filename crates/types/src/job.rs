@@ -320,6 +320,57 @@ impl Receipt {
     }
 }
 
+/// What one validator tells the others about an artifact it received (DESIGN.md §4.3):
+/// the artifact's blake3, its delta sketch and the signed receipt of the commitment to it,
+/// so that a copy submitted to another validator is caught there too, the earliest signed
+/// receipt winning. Signed by the validator that received it (the receipt's signer).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactRecord {
+    /// The receipt the receiving validator gave for the commitment.
+    pub receipt: Receipt,
+    /// The revealed artifact (its commitment is `receipt.commit`).
+    pub artifact: BlobId,
+    /// Its delta sketch (may be empty).
+    pub sketch: Vec<f32>,
+    /// The validator's signature over [`ArtifactRecord::signing_bytes`].
+    pub signature: Vec<u8>,
+}
+
+/// Most sketch values an [`ArtifactRecord`] may carry.
+pub const MAX_RECORD_SKETCH: usize = 16_384;
+
+impl ArtifactRecord {
+    /// The bytes the validator signs: the receipt's own bytes, the artifact and the sketch.
+    pub fn signing_bytes(&self) -> Vec<u8> {
+        let mut c = Canonical::new("tunenet/v1/artifact-record");
+        c.bytes(&self.receipt.signing_bytes())
+            .bytes(&self.artifact.0)
+            .u64(self.sketch.len() as u64);
+        for x in &self.sketch {
+            c.u64(x.to_bits() as u64);
+        }
+        c.finish()
+    }
+
+    /// Checks both signatures (the receipt's and the record's, by the same validator) and
+    /// the sketch's size.
+    pub fn verify(&self) -> Result<(), SignatureError> {
+        if self.sketch.len() > MAX_RECORD_SKETCH {
+            return Err(SignatureError::Malformed(format!(
+                "a sketch of {} values is over the limit of {MAX_RECORD_SKETCH}",
+                self.sketch.len()
+            )));
+        }
+        self.receipt.verify()?;
+        verify_signature(
+            &self.receipt.validator,
+            &self.receipt.validator_key,
+            &self.signing_bytes(),
+            &self.signature,
+        )
+    }
+}
+
 /// The first message of an artifact upload: what is being revealed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct UploadHeader {

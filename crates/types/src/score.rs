@@ -180,6 +180,14 @@ pub fn leaderboard(
                             };
                             format!("{}: {o} ({})", v.check, s.job_id)
                         })
+                        // A penalty no check gave (never revealed, never committed, not
+                        // evaluable) is shown with its reason, never as "all passed".
+                        .chain(
+                            s.penalty_reason
+                                .as_ref()
+                                .filter(|_| s.verdicts.iter().all(|v| v.outcome != Outcome::Fail))
+                                .map(|r| format!("penalty: {r} ({})", s.job_id)),
+                        )
                 })
                 .collect();
             LeaderboardRow {
@@ -328,6 +336,14 @@ pub struct IntegritySettings {
     /// is its false-positive rate per submission. The loss-ratio settings above judge only
     /// submissions evaluated without per-record losses.
     pub leak_alpha: f64,
+    /// Derived submissions (model soups, blends of others' work): a submission whose delta
+    /// sketch, less its job's mean, is fitted by at most `derived_max_sources` earlier
+    /// submissions of other miners (less the same mean) to within this residual (‖r‖ / ‖x‖)
+    /// fails as derived, naming its sources. Any affine blend of earlier work fits exactly;
+    /// independent runs leave most of their residual unexplained.
+    pub derived_residual: f64,
+    /// Most earlier submissions a derived one is fitted from.
+    pub derived_max_sources: usize,
 }
 
 impl Default for IntegritySettings {
@@ -347,6 +363,8 @@ impl Default for IntegritySettings {
             leak_fail_z: 10.0,
             leak_spread_floor: 0.01,
             leak_alpha: 1e-3,
+            derived_residual: 0.25,
+            derived_max_sources: 3,
         }
     }
 }

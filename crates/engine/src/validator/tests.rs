@@ -33,6 +33,7 @@ fn plan(jobs: usize, miners_per_job: u32) -> CompetitionPlan {
         reply_to: "http://v".into(),
         hardware: "cpu".into(),
         integrity: IntegritySettings::default(),
+        requires_synthetic: false,
     }
 }
 
@@ -49,17 +50,21 @@ fn eval(loss: f64, sketch: Vec<f32>) -> Result<Evaluation, String> {
 struct World {
     v: ValidatorEngine,
     miners: Vec<(String, MinerEngine)>,
+    ids: Vec<Identity>,
     rng: StdRng,
     now: UnixMillis,
 }
 
 impl World {
     fn new(n_miners: usize, jobs: usize) -> World {
-        let miners: Vec<(String, MinerEngine)> = (0..n_miners)
-            .map(|i| {
+        let ids: Vec<Identity> = (0..n_miners).map(|_| Identity::generate()).collect();
+        let miners: Vec<(String, MinerEngine)> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
                 (
                     format!("m{i}"),
-                    MinerEngine::new(Identity::generate(), MinerPolicy::default(), vec![]),
+                    MinerEngine::new(id.clone(), MinerPolicy::default(), vec![]),
                 )
             })
             .collect();
@@ -72,6 +77,7 @@ impl World {
                 vec![],
             ),
             miners,
+            ids,
             rng: StdRng::seed_from_u64(1),
             now: 1_000_000,
         }
@@ -193,7 +199,7 @@ fn full_job_scores_follow_loss_with_mean_one() {
     w.now += BUDGET + 1;
     w.tick();
     for (i, h) in headers.iter().enumerate() {
-        let fx = w.v.uploaded(h, w.now).unwrap();
+        let fx = w.v.uploaded(h, w.now, &mut w.rng).unwrap();
         assert!(
             fx.iter()
                 .any(|e| matches!(e, ValidatorEffect::Evaluate { .. }))
@@ -331,7 +337,7 @@ fn upload_checks_bind_to_the_commitment() {
         w.v.check_upload(&salted, w.now),
         Err(ValidatorError::CommitMismatch(_))
     ));
-    w.v.uploaded(&h, w.now).unwrap();
+    w.v.uploaded(&h, w.now, &mut w.rng).unwrap();
     assert!(matches!(
         w.v.check_upload(&h, w.now),
         Err(ValidatorError::AlreadyUploaded { .. })
@@ -547,7 +553,7 @@ fn reveal_all(w: &mut World, artifacts: &[&[u8]]) -> Vec<UploadHeader> {
     w.now += BUDGET + 1;
     w.tick();
     for h in &headers {
-        w.v.uploaded(h, w.now).unwrap();
+        w.v.uploaded(h, w.now, &mut w.rng).unwrap();
     }
     headers
 }
@@ -934,4 +940,146 @@ fn a_submission_far_better_on_the_test_records_than_on_synthetic_ones_fails_per_
         assert_eq!(v.outcome, Outcome::Pass, "{v:?}");
         assert!(v.value.unwrap() > 1e-3, "{v:?}");
     }
+}
+
+/// Commits `artifact` for miner `i` at `at` and returns its upload header (taken once the
+/// miner sees the deadline pass).
+fn commit_and_header(w: &mut World, i: usize, artifact: &[u8], at: UnixMillis) -> UploadHeader {
+    let c = train(&mut w.miners[i].1, &job0(), artifact, at, &mut w.rng);
+    let (receipt, _) = w.v.commit(c, at).unwrap();
+    w.miners[i].1.handle(
+        MinerInput::CommitAnswered {
+            job_id: job0(),
+            result: Ok(receipt),
+        },
+        at,
+        &mut w.rng,
+    );
+    let fx = w.miners[i]
+        .1
+        .handle(MinerInput::Tick, w.now + BUDGET + 1, &mut w.rng);
+    fx.into_iter()
+        .find_map(|e| match e {
+            MinerEffect::Upload { header, .. } => Some(header),
+            _ => None,
+        })
+        .unwrap()
+}
+
+#[test]
+fn a_resent_commitment_keeps_its_first_receipt() {
+    let mut w = World::new(2, 1);
+    w.tick();
+    let first = w.now + 10;
+    let c = train(&mut w.miners[0].1, &job0(), b"honest", first, &mut w.rng);
+    let (r1, _) = w.v.commit(c.clone(), first).unwrap();
+    // Anyone who saw the signed commitment re-sends it later: the first receipt stands.
+    let (r2, fx) = w.v.commit(c.clone(), first + 500).unwrap();
+    assert_eq!(r1, r2);
+    assert!(
+        fx.is_empty(),
+        "a re-sent commitment changes nothing: {fx:?}"
+    );
+    let slot = &w.v.job(&job0()).unwrap().slots[&c.miner];
+    assert_eq!(slot.receipt.as_ref().unwrap().received_at_ms, first);
+    // A new commitment by the miner itself replaces it; re-sending the old one then gets
+    // the old receipt back and leaves the new one current.
+    let mut c2 = c.clone();
+    c2.commit = BlobId::of(b"another commitment");
+    c2.signature = w.ids[0].sign(&c2.signing_bytes());
+    let (r3, _) = w.v.commit(c2.clone(), first + 600).unwrap();
+    let (again, _) = w.v.commit(c, first + 700).unwrap();
+    assert_eq!(again, r1);
+    let slot = &w.v.job(&job0()).unwrap().slots[&c2.miner];
+    assert_eq!(slot.commitment.as_ref().unwrap().commit, c2.commit);
+    assert_eq!(slot.receipt.as_ref(), Some(&r3));
+}
+
+#[test]
+fn an_offer_that_cannot_be_delivered_is_retried_within_the_window() {
+    let mut w = World::new(1, 1);
+    let fx = w.v.handle(ValidatorInput::Tick, w.now, &mut w.rng);
+    let addr = fx
+        .iter()
+        .find_map(|e| match e {
+            ValidatorEffect::SendOffer { addr, .. } => Some(addr.clone()),
+            _ => None,
+        })
+        .unwrap();
+    // The miner is not listening yet.
+    w.v.handle(
+        ValidatorInput::Decision {
+            job_id: job0(),
+            addr: addr.clone(),
+            reply: Err("connection refused".into()),
+        },
+        w.now,
+        &mut w.rng,
+    );
+    assert!(matches!(
+        w.v.job(&job0()).unwrap().offers[&addr],
+        OfferState::Retrying { attempts: 1, .. }
+    ));
+    assert!(matches!(
+        w.v.job(&job0()).unwrap().phase,
+        JobPhase::Offering { .. }
+    ));
+    // Later it listens: the offer goes out again and the job is assigned.
+    w.now += 600;
+    w.tick();
+    let job = w.v.job(&job0()).unwrap();
+    assert!(
+        matches!(job.phase, JobPhase::Running { .. }),
+        "{:?}",
+        job.phase
+    );
+    assert_eq!(job.slots.len(), 1);
+}
+
+#[test]
+fn a_reveal_before_the_next_tick_is_evaluated_with_the_synthetic_seed_drawn() {
+    let mut w = World::new(1, 1);
+    w.v.plan.requires_synthetic = true;
+    w.tick();
+    let at = w.now + 10;
+    let h = commit_and_header(&mut w, 0, b"x", at);
+    // No tick between the deadline and the reveal.
+    w.now += BUDGET + 1;
+    let fx = w.v.uploaded(&h, w.now, &mut w.rng).unwrap();
+    assert!(
+        fx.iter()
+            .any(|e| matches!(e, ValidatorEffect::Evaluate { .. }))
+    );
+    let job = w.v.job(&job0()).unwrap();
+    assert!(
+        job.synthetic_seed.is_some(),
+        "seed drawn before the evaluation"
+    );
+    assert!(matches!(job.phase, JobPhase::Revealing { .. }));
+}
+
+#[test]
+fn a_job_whose_evaluations_lack_the_synthetic_set_is_not_scored() {
+    let mut w = World::new(1, 1);
+    w.v.plan.requires_synthetic = true;
+    w.tick();
+    let at = w.now + 10;
+    let h = commit_and_header(&mut w, 0, b"x", at);
+    w.now += BUDGET + 1;
+    w.v.uploaded(&h, w.now, &mut w.rng).unwrap();
+    w.v.handle(
+        ValidatorInput::Evaluated {
+            job_id: job0(),
+            miner: h.miner.clone(),
+            result: eval(2.0, vec![1.0]),
+        },
+        w.now,
+        &mut w.rng,
+    );
+    let job = w.v.job(&job0()).unwrap();
+    match &job.phase {
+        JobPhase::Done { note: Some(n) } => assert!(n.contains("synthetic"), "{n}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(job.scores.is_empty());
 }
