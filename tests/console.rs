@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::{BIN, Daemon, port};
+use tunenet_node::console;
 
 struct Console {
     url: String,
@@ -251,16 +252,35 @@ fn console_roles_specs_and_a_competition_that_survives_sigkill() {
         let peer = format!("12D3KooW{}{}", "Q".repeat(40), i);
         c.ok(&op_tok, &["miner", "register", &peer, "--owner", "alice"]);
     }
+    // Owner names differing only in case, spaces or width are one owner.
+    let sixth = format!("12D3KooW{}", "Z".repeat(41));
+    for owner in ["alice", " Alice ", "ａｌｉｃｅ"] {
+        c.refused(
+            Some(&op_tok),
+            &["miner", "register", &sixth, "--owner", owner],
+            &["owner", "`alice` already has 5 miners"],
+        );
+    }
+    // Nobody takes another owner's miner, and a banned one stays banned under any owner.
+    let q = |i: u32| format!("12D3KooW{}{}", "Q".repeat(40), i);
     c.refused(
         Some(&op_tok),
-        &[
-            "miner",
-            "register",
-            &format!("12D3KooW{}", "Z".repeat(41)),
-            "--owner",
-            "alice",
-        ],
-        &["owner"],
+        &["miner", "register", &q(1), "--owner", "bob"],
+        &["registered to owner `alice`"],
+    );
+    c.ok(
+        &admin,
+        &["miner", "ban", &q(0), "--reason", "copied artifacts"],
+    );
+    c.refused(
+        Some(&op_tok),
+        &["miner", "register", &q(0), "--owner", "mallory"],
+        &["banned", "copied artifacts"],
+    );
+    let listed = c.ok(&admin, &["--json", "miner", "list"]);
+    assert!(
+        !listed.contains("mallory") && !listed.contains("bob"),
+        "{listed}"
     );
     assert!(!c.ok(&admin, &["competition", "list"]).contains("live"));
 
@@ -305,6 +325,11 @@ fn console_roles_specs_and_a_competition_that_survives_sigkill() {
         || validator.log(),
     );
     std::thread::sleep(Duration::from_secs(2));
+    // No role sees a nonce, or a commitment before its job is scored.
+    let mut unscored_commitments = 0;
+    for tok in [&viewer_tok, &admin] {
+        unscored_commitments += assert_redacted(&show(tok));
+    }
     validator.child.kill().unwrap();
     validator.child.wait().unwrap();
     std::thread::sleep(Duration::from_millis(500));
@@ -320,6 +345,7 @@ fn console_roles_specs_and_a_competition_that_survives_sigkill() {
         "the competition to finish",
         150,
         || {
+            unscored_commitments += assert_redacted(&show(&viewer_tok));
             let out = c.run(Some(&viewer_tok), &["--json", "competition", "list"]);
             String::from_utf8_lossy(&out.stdout).contains("\"finished\"")
         },
@@ -336,6 +362,19 @@ fn console_roles_specs_and_a_competition_that_survives_sigkill() {
 
     // Every submission was scored exactly once, across both runs.
     let detail = show(&admin);
+    assert!(
+        unscored_commitments > 0,
+        "no poll saw a received commitment of a running job, so its hiding went untested"
+    );
+    assert_redacted(&detail);
+    let shown = detail["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|j| j["slots"].as_object().unwrap().values())
+        .filter(|s| s["commitment"]["commit"].is_string())
+        .count();
+    assert!(shown > 0, "scored jobs show their commitments: {detail}");
     let logs = validator.log() + &validator2.log();
     let mut scored: BTreeMap<(String, String), usize> = BTreeMap::new();
     for line in logs
@@ -477,6 +516,52 @@ fn console_roles_specs_and_a_competition_that_survives_sigkill() {
         "the restored validator serves the same leaderboard"
     );
     drop(miners);
+}
+
+/// Asserts that `competition show` output holds no assignment nonce anywhere, and no
+/// commitment hash in a job that is not yet done; returns how many slots of such jobs had a
+/// commitment received (shown only as received).
+fn assert_redacted(detail: &serde_json::Value) -> usize {
+    fn values_of<'a>(v: &'a serde_json::Value, key: &str, out: &mut Vec<&'a serde_json::Value>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m {
+                    if k == key {
+                        out.push(x);
+                    }
+                    values_of(x, key, out);
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| values_of(x, key, out)),
+            _ => {}
+        }
+    }
+    let mut nonces = vec![];
+    values_of(detail, "nonce", &mut nonces);
+    assert!(
+        nonces.iter().all(|n| *n == console::REDACTED),
+        "a nonce is shown: {detail}"
+    );
+    let mut received = 0;
+    for job in detail["jobs"].as_array().unwrap() {
+        if job["phase"].get("Done").is_some() {
+            continue;
+        }
+        let mut commits = vec![];
+        values_of(job, "commit", &mut commits);
+        assert!(
+            commits.iter().all(|c| *c == console::HIDDEN),
+            "a running job shows a commitment hash: {job}"
+        );
+        for s in job["slots"].as_object().unwrap().values() {
+            assert!(!s["commitment"].is_object(), "{job}");
+            if s["committed"] == true {
+                assert_eq!(s["commitment"], console::RECEIVED, "{job}");
+                received += 1;
+            }
+        }
+    }
+    received
 }
 
 /// The value of a `key=value` field in a tracing log line.

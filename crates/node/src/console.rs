@@ -1,15 +1,18 @@
 //! The admin console (`ConsoleService`) on the validator. Every call checks the caller's
 //! token and role first; changes are written to the audit log; anything that touches a
-//! competition runs inside the validator loop.
+//! competition runs inside the validator loop. Job state leaves only through
+//! [`redacted_job`]: no nonce, and no unscored commitment, is ever shown.
 
 use crate::auth::{self, Action, Role, TokenRecord};
 use crate::config::CompetitionConfig;
 use crate::registry;
 use crate::validator::{Comp, CompState, Shared, Validator, leaderboard_of, prepare};
+use serde_json::Value;
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
+use tunenet_engine::{JobPhase, JobState};
 use tunenet_proto::v1::Leaderboard;
 use tunenet_rpc::services as pb;
 use tunenet_rpc::services::console_service_server::{ConsoleService, ConsoleServiceServer};
@@ -74,6 +77,76 @@ fn miner_pb(r: registry::MinerRecord) -> pb::MinerRecord {
 
 fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
+}
+
+/// Shown in place of an assignment nonce.
+pub const REDACTED: &str = "redacted";
+/// Shown in place of another miner's commitment before its job is scored.
+pub const RECEIVED: &str = "received (shown once the job is scored)";
+/// Shown in place of a commitment hash (in receipts) before its job is scored.
+pub const HIDDEN: &str = "hidden until the job is scored";
+
+/// A job as the console shows it. Assignment nonces are secrets between the validator and
+/// each miner, so no role ever sees one: every `nonce` field, wherever the engine keeps it,
+/// becomes [`REDACTED`]. Commitments are shown once the job is done; before that only
+/// whether one was received (`committed`; the commitment becomes [`RECEIVED`] and every
+/// `commit` hash in the slot, as in its receipts, [`HIDDEN`]), except `own`'s: a miner may
+/// see its own.
+pub fn redacted_job(job: &JobState, own: Option<&str>) -> serde_json::Result<Value> {
+    let done = matches!(job.phase, JobPhase::Done { .. });
+    let mut v = serde_json::to_value(job)?;
+    redact(&mut v, done, own);
+    Ok(v)
+}
+
+/// [`redacted_job`] on the serialised job, so that fields the engine adds later are covered
+/// by name.
+fn redact(job: &mut Value, done: bool, own: Option<&str>) {
+    if let Some(slots) = job.get_mut("slots").and_then(Value::as_object_mut) {
+        for (miner, slot) in slots.iter_mut() {
+            let Some(fields) = slot.as_object_mut() else {
+                continue;
+            };
+            let committed = fields.get("commitment").is_some_and(|c| !c.is_null());
+            fields.insert("committed".into(), Value::Bool(committed));
+            if done || own == Some(miner.as_str()) {
+                continue;
+            }
+            if committed {
+                fields.insert("commitment".into(), Value::from(RECEIVED));
+            }
+            replace_all(slot, "commit", HIDDEN);
+        }
+    }
+    replace_all(job, "nonce", REDACTED);
+}
+
+/// Replaces the value of every `key` field, at any depth, by `with`.
+fn replace_all(v: &mut Value, key: &str, with: &str) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m.iter_mut() {
+                if k == key {
+                    *x = Value::from(with);
+                } else {
+                    replace_all(x, key, with);
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| replace_all(x, key, with)),
+        _ => {}
+    }
+}
+
+/// The status a refused registration is answered with.
+fn registry_status(e: registry::RegistryError) -> Status {
+    use registry::RegistryError as E;
+    match e {
+        E::Banned { .. } => Status::failed_precondition(e.to_string()),
+        E::OtherOwner { .. } => Status::permission_denied(e.to_string()),
+        E::Unknown(_) => Status::not_found(e.to_string()),
+        E::Field { .. } | E::OwnerFull { .. } => Status::invalid_argument(e.to_string()),
+    }
 }
 
 /// Parses a competition spec (TOML or JSON), naming the field that is wrong.
@@ -200,7 +273,12 @@ impl ConsoleService for Console {
             .shared
             .with(move |v: &mut Validator| {
                 let c = v.comp(&id)?;
-                let jobs: Vec<_> = c.engine.jobs().cloned().collect();
+                let jobs = c
+                    .engine
+                    .jobs()
+                    .map(|j| redacted_job(j, None))
+                    .collect::<serde_json::Result<Vec<_>>>()
+                    .map_err(internal)?;
                 Ok(pb::CompetitionDetail {
                     info: Some(info(c)),
                     jobs_json: serde_json::to_string_pretty(&jobs).map_err(internal)?,
@@ -334,7 +412,7 @@ impl ConsoleService for Console {
             now_ms(),
         )
         .map_err(internal)?
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        .map_err(registry_status)?;
         self.audit(
             &who,
             "miner.register",
@@ -401,7 +479,12 @@ impl ConsoleService for Console {
                 let mut out = Vec::new();
                 for c in &v.comps {
                     for j in c.engine.jobs() {
-                        let slot = j.slots.iter().find(|(p, _)| p.0 == me).map(|(_, s)| s);
+                        let slot = if j.slots.keys().any(|p| p.0 == me) {
+                            let mut v = redacted_job(j, Some(&me)).map_err(internal)?;
+                            v["slots"].get_mut(&me).map(Value::take)
+                        } else {
+                            None
+                        };
                         let offer = j.offers.values().find(|o| match o {
                             tunenet_engine::OfferState::Accepted { miner, .. }
                             | tunenet_engine::OfferState::Rejected { miner, .. } => miner.0 == me,
@@ -415,8 +498,10 @@ impl ConsoleService for Console {
                             "job": j.plan.job_id,
                             "phase": j.phase,
                             "offer": offer,
-                            "submission": slot.map(|s| &s.submission),
-                            "committed": slot.map(|s| s.commitment.is_some()),
+                            "submission": slot.as_ref().map(|s| &s["submission"]),
+                            "committed": slot.as_ref().map(|s| &s["committed"]),
+                            "commitment": slot.as_ref().map(|s| &s["commitment"]),
+                            "receipt": slot.as_ref().map(|s| &s["receipt"]),
                             "score": j.scores.iter().find(|s| s.miner.0 == me),
                         }));
                     }
@@ -590,5 +675,161 @@ impl ConsoleService for Console {
             }
         };
         Ok(Response::new(data))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tunenet_types::{Assignment, BlobId, Commitment, HparamBounds, JobId, PeerIdStr, Receipt};
+
+    const A: &str = "12D3KooWAaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const B: &str = "12D3KooWBbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+    const NONCE: [u8; 32] = [0xAB; 32];
+
+    fn blob(b: u8) -> BlobId {
+        BlobId([b; 32])
+    }
+
+    /// The hex of a miner's commitment hash, so leaks can be searched for as text.
+    fn commit_of(miner: &str) -> BlobId {
+        blob(miner.as_bytes()[8])
+    }
+
+    fn slot(miner: &str, committed: bool) -> Value {
+        let job_id = JobId::new("live-0").unwrap();
+        let assignment = Assignment {
+            job_id: job_id.clone(),
+            competition_id: CompetitionId::new("live").unwrap(),
+            miner: PeerIdStr(miner.into()),
+            validator: PeerIdStr(B.into()),
+            validator_key: vec![1, 2],
+            nonce: NONCE,
+            base_model: blob(1),
+            train_shard: blob(2),
+            hparams: HparamBounds::default(),
+            deadline_ms: 10_000,
+            max_artifact_bytes: 1 << 20,
+            signature: vec![3; 64],
+        };
+        let commitment = Commitment {
+            job_id: job_id.clone(),
+            miner: PeerIdStr(miner.into()),
+            miner_key: vec![4],
+            commit: commit_of(miner),
+            artifact_size: 99,
+            signature: vec![5; 64],
+        };
+        let receipt = Receipt {
+            job_id,
+            miner: PeerIdStr(miner.into()),
+            commit: commit_of(miner),
+            received_at_ms: 4_321,
+            validator: PeerIdStr(B.into()),
+            validator_key: vec![1, 2],
+            signature: vec![6; 64],
+        };
+        serde_json::json!({
+            "addr": "http://127.0.0.1:1",
+            "assignment": assignment,
+            "commitment": committed.then_some(commitment),
+            "receipt": committed.then_some(receipt),
+            "submission": "Waiting",
+        })
+    }
+
+    fn job(phase: Value) -> JobState {
+        serde_json::from_value(serde_json::json!({
+            "competition_id": "live",
+            "plan": {
+                "job_id": "live-0",
+                "base_model": blob(1),
+                "base_params": 10,
+                "train_shard": blob(2),
+                "shard_records": 10,
+                "time_budget_ms": 10_000,
+                "reward_hint": 1.0,
+            },
+            "phase": phase,
+            "offers": {},
+            "slots": { A: slot(A, true), B: slot(B, false) },
+            "scores": [],
+        }))
+        .unwrap()
+    }
+
+    fn running() -> JobState {
+        job(serde_json::json!({ "Running": { "deadline": 10_000 } }))
+    }
+
+    /// Whether the assignment nonce appears anywhere, in the engine's encoding or in hex.
+    fn has_nonce(v: &Value) -> bool {
+        let text = v.to_string();
+        let as_array = serde_json::to_string(&NONCE.to_vec()).unwrap();
+        text.contains(&as_array) || text.contains(&hex::encode(NONCE))
+    }
+
+    #[test]
+    fn no_role_sees_a_nonce_in_any_phase() {
+        let raw = serde_json::to_value(running()).unwrap();
+        assert!(has_nonce(&raw), "the test's nonce is in the raw state");
+        for phase in [
+            serde_json::json!({ "Running": { "deadline": 10_000 } }),
+            serde_json::json!({ "Revealing": { "deadline": 10_000, "until": 20_000 } }),
+            serde_json::json!({ "Done": { "note": null } }),
+        ] {
+            let j = job(phase);
+            for own in [None, Some(A), Some(B)] {
+                let v = redacted_job(&j, own).unwrap();
+                assert!(!has_nonce(&v), "{own:?}: {v}");
+                assert_eq!(v["slots"][A]["assignment"]["nonce"], REDACTED);
+                // The rest of the assignment is still shown.
+                assert_eq!(v["slots"][A]["assignment"]["deadline_ms"], 10_000);
+            }
+        }
+    }
+
+    #[test]
+    fn commitments_stay_hidden_until_the_job_is_scored() {
+        let hash = commit_of(A).to_string();
+        assert!(serde_json::to_string(&running()).unwrap().contains(&hash));
+        for j in [
+            running(),
+            job(serde_json::json!({ "Revealing": { "deadline": 10_000, "until": 20_000 } })),
+        ] {
+            let v = redacted_job(&j, None).unwrap();
+            assert!(!v.to_string().contains(&hash), "{v}");
+            let (a, b) = (&v["slots"][A], &v["slots"][B]);
+            assert_eq!(a["committed"], true);
+            assert_eq!(a["commitment"], RECEIVED);
+            assert_eq!(a["receipt"]["commit"], HIDDEN);
+            assert_eq!(a["receipt"]["received_at_ms"], 4_321);
+            assert_eq!(b["committed"], false);
+            assert!(b["commitment"].is_null() && b["receipt"].is_null());
+            // Another miner's view hides it too; the miner itself sees its own.
+            let other = redacted_job(&j, Some(B)).unwrap();
+            assert!(!other.to_string().contains(&hash), "{other}");
+            let mine = redacted_job(&j, Some(A)).unwrap();
+            assert_eq!(mine["slots"][A]["commitment"]["commit"], hash.as_str());
+            assert!(!has_nonce(&mine));
+        }
+        let done =
+            redacted_job(&job(serde_json::json!({ "Done": { "note": null } })), None).unwrap();
+        assert_eq!(done["slots"][A]["commitment"]["commit"], hash.as_str());
+        assert_eq!(done["slots"][A]["receipt"]["commit"], hash.as_str());
+        assert_eq!(done["slots"][A]["committed"], true);
+    }
+
+    #[test]
+    fn commit_hashes_in_fields_added_later_are_hidden_too() {
+        let hash = commit_of(A).to_string();
+        let mut v = serde_json::to_value(running()).unwrap();
+        let receipt = v["slots"][A]["receipt"].clone();
+        v["slots"][A]["superseded"] = serde_json::json!([receipt]);
+        v["slots"][A]["assignment"]["extra"] = serde_json::json!({ "nonce": NONCE });
+        redact(&mut v, false, None);
+        assert!(!v.to_string().contains(&hash), "{v}");
+        assert!(!has_nonce(&v), "{v}");
+        assert_eq!(v["slots"][A]["superseded"][0]["commit"], HIDDEN);
     }
 }
