@@ -170,6 +170,9 @@ pub struct WireCatch {
     pub rank: Option<usize>,
 }
 
+/// One statistic's values: on honest submissions, and on each strategy's.
+pub type Evidence = (Vec<f64>, BTreeMap<Cheat, Vec<f64>>);
+
 /// The findings of a red-team run over the wire.
 #[derive(Clone, Debug, Default)]
 pub struct WireReport {
@@ -194,11 +197,15 @@ pub struct WireReport {
     /// Per check: (pass, flag, fail) over honest submissions.
     pub honest_checks: BTreeMap<String, (usize, usize, usize)>,
     /// Per statistic: values on honest submissions and on cheaters (by strategy).
-    pub evidence: BTreeMap<String, (Vec<f64>, BTreeMap<Cheat, Vec<f64>>)>,
+    pub evidence: BTreeMap<String, Evidence>,
     /// Seconds of integrity checks and of whole evaluations, from the validator's log.
     pub check_secs: f64,
     /// Seconds of whole evaluations (checks included).
     pub eval_secs: f64,
+    /// The same two over the evaluations that ended with a loss (scored submissions).
+    pub scored_check_secs: f64,
+    /// Seconds of whole evaluations that ended with a loss.
+    pub scored_eval_secs: f64,
     /// Wall seconds per competition.
     pub wall_secs: Vec<f64>,
 }
@@ -442,7 +449,7 @@ async fn run_one(
     std::fs::create_dir_all(&vdir).map_err(other)?;
     let n = urls.len();
     let vtoml = format!(
-        "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n\n[[competitions]]\nid = \"{comp}\"\nbase_model = {:?}\ndataset = {:?}\njobs = 2\nminers_per_job = {n}\nmin_miners = {n}\ntime_budget_secs = {}\ntest_fraction = 0.2\nseed = {c}\nreveal_window_secs = 90\noffer_timeout_secs = 20\neval_max_seq_len = 64\nsynthetic_generator = \"demo\"\n\n[competitions.hparams]\nmax_lora_rank = 16\n",
+        "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n\n[[competitions]]\nid = \"{comp}\"\nbase_model = {:?}\ndataset = {:?}\njobs = 2\nminers_per_job = {n}\nmin_miners = {n}\ntime_budget_secs = {}\ntest_fraction = 0.2\nseed = {c}\nreveal_window_secs = 90\noffer_timeout_secs = 20\neval_max_seq_len = 64\nsynthetic_generator = \"demo\"\nsynthetic_records = 180\n\n[competitions.hparams]\nmax_lora_rank = 16\n",
         vdir.join("data"),
         urls.iter()
             .map(|u| format!("{u:?}"))
@@ -1052,6 +1059,13 @@ fn tally(
         if let (Some(s), Some(cs)) = (field(line, "secs"), field(line, "check_secs")) {
             report.eval_secs += s;
             report.check_secs += cs;
+            // A submission that fails a per-artifact check is never scored: its
+            // evaluation is all checks. The share that matters for a scored one is
+            // measured over those that got a loss.
+            if line.contains(" loss=Some(") {
+                report.scored_eval_secs += s;
+                report.scored_check_secs += cs;
+            }
         }
     }
     let jobs = detail["jobs"].as_array().cloned().unwrap_or_default();
@@ -1248,7 +1262,7 @@ pub fn markdown(r: &WireReport, command: &str) -> String {
     let mut s = String::new();
     s.push_str("# Integrity: the red-team report, over the wire\n\n");
     s.push_str(&format!(
-        "Written by `{command}`. Each competition is a real `tunenet validator` daemon and {} honest `tunenet miner` daemons (LoRA rank 4, LoRA rank 16, full fine-tuning; learning rates varied by competition), all separate processes on loopback, plus adversary miners that speak only the gRPC protocol from another process: each serves its own `MinerService`, accepts offers, fetches its shard by blake3, signs its own commitments and reveals by upload. Two of them are honest accomplices (LoRA rank 8 on their assigned subsets) whose artifacts the copiers and the soup take; their submissions count as honest. Each competition has two jobs on the tiny model, 300 demo records (60 held out as the hidden test split), 8 secret canaries per shard with 4 never-released siblings, and a synthetic set of 60 records drawn after each deadline. Outcomes are read back as an operator reads them, through `tunenet console competition show`; the checks' cost comes from the validator's own log. A cheater counts as caught when one of its strategy's expected checks fails its submission or the validator refuses its message for the expected reason.\n\n",
+        "Written by `{command}`. Each competition is a real `tunenet validator` daemon and {} honest `tunenet miner` daemons (LoRA rank 4, LoRA rank 16, full fine-tuning; learning rates varied by competition), all separate processes on loopback, plus adversary miners that speak only the gRPC protocol from another process: each serves its own `MinerService`, accepts offers, fetches its shard by blake3, signs its own commitments and reveals by upload. Two of them are honest accomplices (LoRA rank 8 on their assigned subsets) whose artifacts the copiers and the soup take; their submissions count as honest. Each competition has two jobs on the tiny model, 300 demo records (60 held out as the hidden test split), 8 secret canaries per shard with 4 never-released siblings, and a synthetic set of 180 records drawn after each deadline. Outcomes are read back as an operator reads them, through `tunenet console competition show`; the checks' cost comes from the validator's own log. A cheater counts as caught when one of its strategy's expected checks fails its submission or the validator refuses its message for the expected reason.\n\n",
         HONEST.len()
     ));
     s.push_str(&format!(
@@ -1334,14 +1348,15 @@ pub fn markdown(r: &WireReport, command: &str) -> String {
             parts.join("; ")
         ));
     }
-    let share = if r.eval_secs > 0.0 {
-        100.0 * r.check_secs / r.eval_secs
-    } else {
-        0.0
-    };
+    let pct = |a: f64, b: f64| if b > 0.0 { 100.0 * a / b } else { 0.0 };
     s.push_str(&format!(
-        "\n## Cost\n\nMeasured in the validator daemon: integrity checks took {:.1} s of {:.1} s spent evaluating submissions ({share:.1} % of the evaluation time). The checks' time is the per-artifact checks, the base model's per-record losses on the probe records and the probe records' share, by tokens, of the one batched scoring pass; the rest is scoring the hidden test split and the synthetic set.\n",
-        r.check_secs, r.eval_secs
+        "\n## Cost\n\nMeasured in the validator daemon, from its own `evaluated` log lines. Over the submissions that were scored (every check run, then the test and synthetic sets scored): integrity checks took {:.2} s of {:.2} s ({:.1} % of the evaluation time). Over every evaluation, including artifacts that failed a per-artifact check and were never scored (their evaluation is all checks): {:.2} s of {:.2} s ({:.1} %). The checks' time is the per-artifact checks, the base model's per-record losses on the probe records and the probe records' share, by tokens, of the one batched scoring pass; the rest is scoring the hidden test split and the synthetic set.\n",
+        r.scored_check_secs,
+        r.scored_eval_secs,
+        pct(r.scored_check_secs, r.scored_eval_secs),
+        r.check_secs,
+        r.eval_secs,
+        pct(r.check_secs, r.eval_secs)
     ));
     s
 }

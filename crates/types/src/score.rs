@@ -363,7 +363,7 @@ impl Default for IntegritySettings {
             leak_fail_z: 10.0,
             leak_spread_floor: 0.01,
             leak_alpha: 1e-3,
-            derived_residual: 0.25,
+            derived_residual: 0.05,
             derived_max_sources: 3,
         }
     }

@@ -7,7 +7,8 @@
 //! submissions: honest runs on one task share their first direction, which the mean
 //! removes, and an affine blend (weights summing to one, as a soup's do) stays an exact
 //! blend of its sources after any common vector is removed. A residual ‖r‖ / ‖x‖ at or
-//! below `derived_residual` fails, naming the sources and their weights.
+//! below `derived_residual` with at least two sources weighing a tenth or more fails,
+//! naming the sources and their weights.
 
 use super::{JobState, SubmissionState};
 use std::collections::BTreeMap;
@@ -111,8 +112,10 @@ pub(super) fn derived_findings(
             })
             .collect();
         // One source is a copy, judged by the duplicate checks (which also allow honest
-        // runs that point one way at different sizes); a blend needs two at least.
-        let derived = fit.picked.len() >= 2 && fit.residual <= settings.derived_residual;
+        // runs that point one way at different sizes); a blend takes a real share (at
+        // least a tenth) from two sources at least.
+        let shares = fit.weights.iter().filter(|w| **w >= 0.1).count();
+        let derived = shares >= 2 && fit.residual <= settings.derived_residual;
         out.push((
             me.miner.clone(),
             Verdict {
