@@ -1364,3 +1364,302 @@ fn eval_hellaswag_scores_dense_and_quantised_models() {
         String::from_utf8_lossy(&bad.stderr)
     );
 }
+
+/// A miner in this process that takes every offer and hands each assignment to the test.
+struct Copier {
+    id: Identity,
+    assignments: mpsc::Sender<Assignment>,
+}
+
+#[tonic::async_trait]
+impl MinerBackend for Copier {
+    async fn offer(&self, offer: Offer) -> Result<DecisionReply, Status> {
+        Ok(DecisionReply {
+            job_id: offer.job_id,
+            miner: self.id.peer_id(),
+            decision: Decision::Accept,
+        })
+    }
+    async fn assign(&self, a: Assignment) -> Result<(), Status> {
+        a.verify()
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        self.assignments
+            .send(a)
+            .await
+            .map_err(|_| Status::internal("test gone"))
+    }
+    async fn status(&self) -> Result<tunenet_proto::v1::MinerStatus, Status> {
+        Err(Status::unimplemented("copier"))
+    }
+}
+
+/// Two validators on p2p, each with its own competition, an honest miner daemon each, and
+/// one copier listed by both: it trains one artifact for validator A's job, commits it to
+/// A, then the same bytes to B (a later receipt), and reveals both. The validators swap
+/// signed artifact records over gossip: B fails the copy as an exact duplicate naming A,
+/// and A, whose receipt is the earliest, does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artifact_submitted_to_two_validators_fails_as_a_copy_on_the_later_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (model, data) = common::tiny_model_and_data(root, 5, 300, 9);
+
+    let copier = Identity::generate();
+    let (assignments, mut assigned) = mpsc::channel(4);
+    let cport = port();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", cport))
+        .await
+        .unwrap();
+    let svc = tunenet_rpc::miner_server(Arc::new(Copier {
+        id: copier.clone(),
+        assignments,
+    }));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+
+    let mut honest = Vec::new();
+    for (i, name) in ["ha", "hb"].into_iter().enumerate() {
+        let p = port();
+        let conf = root.join(format!("{name}.toml"));
+        std::fs::write(
+            &conf,
+            format!(
+                "data_dir = {:?}\nlisten = \"127.0.0.1:{p}\"\n[training]\nmax_steps = 30\nmax_seq_len = 48\nseed = {i}\ncommit_margin_secs = 1.0\n",
+                root.join(name)
+            ),
+        )
+        .unwrap();
+        let d = Daemon::start(
+            &["miner", "--config", conf.to_str().unwrap()],
+            &root.join(format!("{name}.log")),
+        );
+        honest.push((d, format!("http://127.0.0.1:{p}")));
+    }
+
+    // Validator A is B's bootstrap peer. Scoring waits 10 s for the other's records.
+    let a_key = tunenet_node::keys::load_or_create(&root.join("va/identity.key")).unwrap();
+    let a_p2p = port();
+    let bootstrap = format!("/ip4/127.0.0.1/tcp/{a_p2p}/p2p/{}", a_key.peer_id());
+    let mut validators = Vec::new();
+    for (name, id, listen, boot, miner) in [
+        (
+            "va",
+            "copy-a",
+            format!("/ip4/127.0.0.1/tcp/{a_p2p}"),
+            None,
+            &honest[0].1,
+        ),
+        (
+            "vb",
+            "copy-b",
+            "/ip4/127.0.0.1/tcp/0".to_string(),
+            Some(bootstrap.as_str()),
+            &honest[1].1,
+        ),
+    ] {
+        let grpc = port();
+        let conf = root.join(format!("{name}.toml"));
+        std::fs::write(
+            &conf,
+            format!(
+                "data_dir = {:?}\nlisten = \"127.0.0.1:{grpc}\"\nminers = [{miner:?}, \"http://127.0.0.1:{cport}\"]\nartifact_record_grace_secs = 10\n[[competitions]]\nid = \"{id}\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 1\nminers_per_job = 2\nmin_miners = 2\ntime_budget_secs = 20\nreveal_window_secs = 30\noffer_timeout_secs = 10\neval_max_seq_len = 48\n{}",
+                root.join(name),
+                p2p_section(&listen, boot)
+            ),
+        )
+        .unwrap();
+        let admin = common::admin_token(&conf);
+        let d = Daemon::start(
+            &["validator", "--config", conf.to_str().unwrap()],
+            &root.join(format!("{name}.log")),
+        );
+        validators.push((d, id, format!("http://127.0.0.1:{grpc}"), admin));
+        if name == "va" {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+    let logs = |validators: &[(Daemon, &str, String, String)]| {
+        validators
+            .iter()
+            .map(|(d, id, _, _)| format!("--- {id}:\n{}", d.log()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+
+    // Both validators assign the copier a job.
+    let mut by_validator = std::collections::HashMap::new();
+    let limit = Instant::now() + Duration::from_secs(90);
+    while by_validator.len() < 2 {
+        let left = limit.saturating_duration_since(Instant::now());
+        let a = tokio::time::timeout(left, assigned.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the copier was not assigned both jobs\n{}",
+                    logs(&validators)
+                )
+            })
+            .unwrap();
+        by_validator.insert(a.validator.0.clone(), a);
+    }
+    let on_a = by_validator.remove(&a_key.peer_id().0).unwrap();
+    let on_b = by_validator.into_values().next().unwrap();
+    let (a_url, b_url) = (validators[0].2.clone(), validators[1].2.clone());
+
+    // One artifact, trained on A's shard (the base is the same model on both).
+    let blobs = tunenet_store::BlobStore::open(&root.join("copier/blobs")).unwrap();
+    tunenet_node::fetch::fetch_blob(&blobs, &a_url, on_a.train_shard, 1 << 30)
+        .await
+        .unwrap();
+    let shard = tunenet_ml::parse_jsonl(&blobs.get(&on_a.train_shard).unwrap()).unwrap();
+    let cfg = tunenet_node::miner::train_config(
+        &tunenet_node::config::TrainingConfig {
+            max_steps: 20,
+            max_seq_len: 48,
+            ..Default::default()
+        },
+        &on_a.hparams,
+    );
+    let left = on_a
+        .deadline_ms
+        .min(on_b.deadline_ms)
+        .saturating_sub(tunenet_types::time::now_ms());
+    let (base, work) = (model.clone(), root.join("copier/work"));
+    let report = tokio::task::spawn_blocking(move || {
+        let m = tunenet_ml::ModelDir::open(&base)?;
+        tunenet_ml::train(
+            &m,
+            &shard,
+            &cfg,
+            Some(std::time::Instant::now() + Duration::from_millis(left)),
+            Duration::from_secs(4),
+            &tunenet_ml::Device::Cpu,
+            &std::sync::atomic::AtomicBool::new(false),
+            &mut |_| {},
+            &work,
+        )
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let artifact = blobs.put_file(&report.artifact).unwrap();
+    let size = blobs.size(&artifact).unwrap();
+
+    // Committed to A first, then the same bytes to B; revealed to each after its deadline.
+    let plan = [(&on_a, &a_url, [1u8; 32]), (&on_b, &b_url, [2u8; 32])];
+    let mut receipts = Vec::new();
+    for (a, url, salt) in &plan {
+        let commit = commit_hash(&artifact, &copier.peer_id(), &a.job_id, salt);
+        let c = signed(&copier, &a.job_id, commit, size);
+        let r = ValidatorClient::connect(url)
+            .await
+            .unwrap()
+            .commit(c)
+            .await
+            .unwrap_or_else(|e| panic!("commit to {url}: {e}\n{}", logs(&validators)));
+        receipts.push(r);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(receipts[0].received_at_ms < receipts[1].received_at_ms);
+    for (a, url, salt) in &plan {
+        let wait = a.deadline_ms.saturating_sub(tunenet_types::time::now_ms()) + 300;
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        let header = UploadHeader {
+            job_id: a.job_id.clone(),
+            miner: copier.peer_id(),
+            artifact,
+            size,
+            salt: *salt,
+        };
+        ValidatorClient::connect(url)
+            .await
+            .unwrap()
+            .upload(header, &blobs.path(&artifact))
+            .await
+            .unwrap_or_else(|e| panic!("reveal to {url}: {e}\n{}", logs(&validators)));
+    }
+
+    // Both competitions finish; each job's scores are read from the console as admin.
+    let limit = Instant::now() + Duration::from_secs(240);
+    let mut details = Vec::new();
+    for (_, id, url, admin) in &validators {
+        loop {
+            assert!(
+                Instant::now() < limit,
+                "{id} did not finish\n{}",
+                logs(&validators)
+            );
+            let lb = async {
+                ValidatorClient::connect(url)
+                    .await
+                    .ok()?
+                    .leaderboard(id)
+                    .await
+                    .ok()
+            }
+            .await;
+            if lb.is_some_and(|lb| lb.jobs_total > 0 && lb.jobs_done == lb.jobs_total) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let out = run(&[
+            "console",
+            "--validator",
+            url.as_str(),
+            "--token",
+            admin.as_str(),
+            "--json",
+            "competition",
+            "show",
+            id,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        details.push(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap());
+    }
+    let score = |detail: &serde_json::Value, miner: &str| {
+        detail["jobs"][0]["scores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["miner"] == miner)
+            .cloned()
+            .unwrap_or_else(|| panic!("{miner} not scored: {detail}\n{}", logs(&validators)))
+    };
+    let copy_failure = |s: &serde_json::Value| {
+        s["verdicts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["check"] == "exact_duplicate" && v["outcome"] == "fail")
+            .cloned()
+    };
+    let me = copier.peer_id().0;
+    // B gave the later receipt: the copy fails there, naming A.
+    let on_b = score(&details[1], &me);
+    let v = copy_failure(&on_b)
+        .unwrap_or_else(|| panic!("B did not catch the copy: {on_b}\n{}", logs(&validators)));
+    let reason = v["reason"].as_str().unwrap();
+    assert!(reason.contains(&a_key.peer_id().0), "{reason}");
+    assert!(reason.contains(on_a.job_id.as_str()), "{reason}");
+    assert!(on_b["penalty_reason"].is_string(), "{on_b}");
+    // A gave the earliest receipt: its submission is not a copy; nor is either honest one.
+    let first = score(&details[0], &me);
+    assert!(copy_failure(&first).is_none(), "{first}");
+    assert!(first["loss"].is_number(), "{first}");
+    for detail in &details {
+        for s in detail["jobs"][0]["scores"].as_array().unwrap() {
+            if s["miner"] != me.as_str() {
+                assert!(copy_failure(s).is_none(), "{s}");
+            }
+        }
+    }
+    assert!(validators[0].0.log().contains("artifact record published"));
+}

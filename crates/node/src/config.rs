@@ -316,6 +316,11 @@ pub struct ValidatorConfig {
     pub p2p: Option<tunenet_p2p::P2pConfig>,
     /// With `[p2p]`: offer jobs to every miner whose advert arrives, besides `miners`.
     pub discover_miners: bool,
+    /// How long a job whose submissions are all evaluated waits before it is scored, in
+    /// seconds, so that other validators' records of the same artifacts arrive first (a
+    /// copy submitted here later than there then fails as a duplicate). Default: 5 with
+    /// `[p2p]`, 0 without.
+    pub artifact_record_grace_secs: Option<u64>,
     /// Competitions to run.
     pub competitions: Vec<CompetitionConfig>,
 }
@@ -334,6 +339,7 @@ impl Default for ValidatorConfig {
             miners: vec![],
             p2p: None,
             discover_miners: true,
+            artifact_record_grace_secs: None,
             competitions: vec![],
         }
     }
@@ -345,6 +351,14 @@ impl ValidatorConfig {
         self.advertise
             .clone()
             .unwrap_or_else(|| format!("http://{}", self.listen))
+    }
+
+    /// `artifact_record_grace_secs` in milliseconds, its default applied.
+    pub fn artifact_record_grace_ms(&self) -> u64 {
+        let default = if self.p2p.is_some() { 5 } else { 0 };
+        self.artifact_record_grace_secs
+            .unwrap_or(default)
+            .saturating_mul(1000)
     }
 }
 
@@ -374,6 +388,15 @@ mod tests {
         assert_eq!(m, MinerConfig::default());
         let v: ValidatorConfig = parse(Path::new("v.toml"), "").unwrap();
         assert_eq!(v.reply_to(), "http://127.0.0.1:7100");
+        assert_eq!(v.artifact_record_grace_ms(), 0);
+        let v: ValidatorConfig = parse(Path::new("v.toml"), "[p2p]\nmdns = false\n").unwrap();
+        assert_eq!(v.artifact_record_grace_ms(), 5000);
+        let v: ValidatorConfig = parse(
+            Path::new("v.toml"),
+            "artifact_record_grace_secs = 12\n[p2p]\n",
+        )
+        .unwrap();
+        assert_eq!(v.artifact_record_grace_ms(), 12_000);
     }
 
     #[test]

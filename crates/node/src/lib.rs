@@ -2,6 +2,7 @@
 //! the stores, the ML worker threads and the gRPC servers and clients. The engines decide;
 //! this crate carries out their effects and feeds results back.
 
+mod artifact_gossip;
 pub mod auth;
 pub mod base;
 pub mod config;

@@ -11,7 +11,9 @@ use tunenet_p2p::{Event, JobRequest, JobResponse, MinerAdvert, P2pError, PeerId}
 use tunenet_proto::v1;
 use tunenet_rpc::{Code, MinerBackend, MinerClient, RpcError, Status, ValidatorClient};
 use tunenet_store::BlobStore;
-use tunenet_types::{Assignment, BlobId, Commitment, DecisionReply, Offer, Receipt, UploadHeader};
+use tunenet_types::{
+    ArtifactRecord, Assignment, BlobId, Commitment, DecisionReply, Offer, Receipt, UploadHeader,
+};
 
 /// Prefix of a miner or validator reached over libp2p: `p2p:<base58 peer id>`.
 pub const P2P_PREFIX: &str = "p2p:";
@@ -251,6 +253,8 @@ pub trait P2pHandler: Send + Sync + 'static {
     async fn job(&self, peer: PeerId, request: JobRequest) -> JobResponse;
     /// A miner's signed advert arrived (already validated by the p2p layer).
     fn advert(&self, _peer: PeerId, _advert: &MinerAdvert) {}
+    /// Another validator's artifact record arrived (signatures checked by the p2p layer).
+    fn artifact_record(&self, _peer: PeerId, _record: ArtifactRecord) {}
 }
 
 /// Pumps the p2p event stream until it ends: job requests are answered by `handler`, each
@@ -286,6 +290,7 @@ pub fn serve(
                     });
                 }
                 Event::MinerAdvert { peer, advert } => handler.advert(peer, &advert),
+                Event::ArtifactRecord { peer, record } => handler.artifact_record(peer, record),
                 Event::GossipRejected {
                     peer,
                     topic,
@@ -369,6 +374,9 @@ pub trait RevealSink: Send + Sync + 'static {
 /// What a validator does with a valid miner advert.
 pub type OnAdvert = Box<dyn Fn(PeerId, &MinerAdvert) + Send + Sync>;
 
+/// What a validator does with another validator's valid artifact record.
+pub type OnRecord = Box<dyn Fn(PeerId, ArtifactRecord) + Send + Sync>;
+
 /// A validator's answers to job requests over libp2p.
 pub struct ValidatorP2p<S: RevealSink> {
     /// The validator loop's entry points.
@@ -377,6 +385,8 @@ pub struct ValidatorP2p<S: RevealSink> {
     pub client: tunenet_p2p::Client,
     /// Called with each valid miner advert.
     pub on_advert: OnAdvert,
+    /// Called with each valid artifact record from another validator.
+    pub on_record: OnRecord,
 }
 
 #[tonic::async_trait]
@@ -447,6 +457,10 @@ impl<S: RevealSink> P2pHandler for ValidatorP2p<S> {
 
     fn advert(&self, peer: PeerId, advert: &MinerAdvert) {
         (self.on_advert)(peer, advert)
+    }
+
+    fn artifact_record(&self, peer: PeerId, record: ArtifactRecord) {
+        (self.on_record)(peer, record)
     }
 }
 

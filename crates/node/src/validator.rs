@@ -588,6 +588,8 @@ pub(crate) struct Validator {
     evals: std::sync::mpsc::Sender<EvalRequest>,
     inference_evals: std::sync::mpsc::Sender<crate::inference::EvalRequest>,
     rng: rand::rngs::StdRng,
+    /// Other validators' artifact records, and how long scoring waits for them.
+    pub(crate) artifact_gossip: crate::artifact_gossip::ArtifactGossip,
 }
 
 impl Validator {
@@ -617,6 +619,8 @@ impl Validator {
         engine.set_banned(registry::banned(self.store.as_ref()));
         engine.set_paused(!matches!(record.state, CompState::Running));
         engine.set_min_miners(record.config.min_miners as usize);
+        engine.set_settle_grace(self.artifact_gossip.grace_ms());
+        crate::artifact_gossip::attach_all(self.store.as_ref(), &mut engine);
         if record.config.kind == tunenet_types::JobKind::Inference {
             engine.set_inference(Some(tunenet_types::InferenceTerms {
                 accuracy_tolerance: record.config.inference.acc_norm_drop,
@@ -1015,7 +1019,22 @@ impl Validator {
             Cmd::Run(f) => f(self),
             Cmd::Input(job_key, input) => {
                 if let Some(i) = JobId::new(job_key).ok().and_then(|j| self.index_of_job(&j)) {
+                    let evaluated = match &input {
+                        ValidatorInput::Evaluated { job_id, miner, .. } => {
+                            Some((job_id.clone(), miner.clone()))
+                        }
+                        _ => None,
+                    };
                     let fx = self.comps[i].engine.handle(input, now, &mut self.rng);
+                    if let Some((job_id, miner)) = evaluated {
+                        // Other validators learn of the artifact before this job is scored.
+                        crate::artifact_gossip::publish(
+                            self.transport.p2p(),
+                            &self.comps[i].engine,
+                            &job_id,
+                            &miner,
+                        );
+                    }
                     self.execute(i, fx);
                 }
             }
@@ -1047,6 +1066,11 @@ impl Validator {
                 let r = match self.index_of_job(&h.job_id) {
                     Some(i) => match self.comps[i].engine.uploaded(&h, now, &mut self.rng) {
                         Ok(fx) => {
+                            crate::artifact_gossip::attach(
+                                self.store.as_ref(),
+                                &mut self.comps[i].engine,
+                                &h.artifact,
+                            );
                             self.execute(i, fx);
                             Ok(())
                         }
@@ -1196,6 +1220,7 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
                     })));
                 },
             );
+            let on_record = crate::artifact_gossip::on_record(tx.clone());
             let sink = shared.clone();
             let client = crate::presence::join(
                 &identity,
@@ -1208,6 +1233,7 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
                         sink,
                         client,
                         on_advert,
+                        on_record,
                     })
                 },
             )
@@ -1240,6 +1266,10 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
         evals,
         inference_evals,
         rng: rand::rngs::StdRng::from_os_rng(),
+        artifact_gossip: crate::artifact_gossip::ArtifactGossip::load(
+            store.as_ref(),
+            cfg.artifact_record_grace_ms(),
+        ),
     };
     for r in records {
         v.add(r);

@@ -5,7 +5,7 @@ use crate::chunks::{CHUNK_SIZE, MAX_BLOB_SIZE};
 use crate::codec::ProstCodec;
 use crate::config::P2pConfig;
 use crate::error::P2pError;
-use crate::gossip::{ADVERT_TOPIC, COMPETITION_TOPIC, MAX_ANNOUNCEMENT_BYTES};
+use crate::gossip::{ADVERT_TOPIC, ARTIFACT_RECORD_TOPIC, COMPETITION_TOPIC, MAX_RECORD_BYTES};
 use crate::messages::{JobRequest, JobResponse, pb};
 use libp2p::gossipsub::{self, IdentTopic};
 use libp2p::kad::{self, store::MemoryStore, store::MemoryStoreConfig};
@@ -27,7 +27,7 @@ pub const IDENTIFY_PROTOCOL: &str = "/tunenet/id/1.0.0";
 /// The largest job message (offers, assignments, commitments and their answers are small).
 pub const MAX_JOB_MESSAGE: usize = 256 * 1024;
 /// The largest gossip message gossipsub will carry at all.
-const MAX_GOSSIP_TRANSMIT: usize = 4 * MAX_ANNOUNCEMENT_BYTES;
+const MAX_GOSSIP_TRANSMIT: usize = 2 * MAX_RECORD_BYTES;
 
 pub(crate) type JobCodec = ProstCodec<JobRequest, JobResponse>;
 pub(crate) type BlobCodec = ProstCodec<pb::BlobRequest, pb::BlobResponse>;
@@ -93,7 +93,7 @@ impl Behaviour {
         )
         .map_err(|e| setup("gossipsub")(e.to_string()))?;
         let mut score = gossipsub::PeerScoreParams::default();
-        for topic in [ADVERT_TOPIC, COMPETITION_TOPIC] {
+        for topic in [ADVERT_TOPIC, COMPETITION_TOPIC, ARTIFACT_RECORD_TOPIC] {
             let topic = IdentTopic::new(topic);
             // Rejected messages count against the sender (invalid_message_deliveries_weight).
             score

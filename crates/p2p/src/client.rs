@@ -12,7 +12,7 @@ use libp2p::{Multiaddr, PeerId};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tunenet_store::BlobStore;
-use tunenet_types::BlobId;
+use tunenet_types::{ArtifactRecord, BlobId};
 
 /// A handle on the p2p layer; cheap to clone. Dropping every clone stops the event loop.
 #[derive(Clone)]
@@ -77,6 +77,19 @@ impl Client {
         announcement: CompetitionAnnouncement,
     ) -> Result<(), P2pError> {
         self.ask(|r| Command::Announce(announcement, r)).await?
+    }
+
+    /// Publishes an artifact record this node signed (as the validator that gave its
+    /// receipt) on the artifact-record topic. Peers take a record only from its signer, so
+    /// one signed by another validator is refused here. Fails when no peer is subscribed.
+    pub async fn publish_artifact_record(&self, record: ArtifactRecord) -> Result<(), P2pError> {
+        if record.receipt.validator.0 != self.local.to_base58() {
+            return Err(P2pError::Invalid(format!(
+                "an artifact record signed by {} cannot be published by {}: peers take one only from its signer",
+                record.receipt.validator, self.local
+            )));
+        }
+        self.ask(|r| Command::PublishRecord(record, r)).await?
     }
 
     /// Publishes `data` on `topic` as it is, without signing or checking it: for tools and

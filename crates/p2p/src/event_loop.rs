@@ -6,7 +6,7 @@
 use crate::behaviour::{Behaviour, BehaviourEvent};
 use crate::config::P2pConfig;
 use crate::error::P2pError;
-use crate::gossip::{self, ADVERT_TOPIC, COMPETITION_TOPIC, Gossip};
+use crate::gossip::{self, ADVERT_TOPIC, ARTIFACT_RECORD_TOPIC, COMPETITION_TOPIC, Gossip};
 use crate::messages::pb::{CompetitionAnnouncement, MinerAdvert};
 use crate::messages::{JobRequest, JobResponse, pb};
 use crate::serve::{Answer, BlobServer, Served};
@@ -23,8 +23,8 @@ use prost::Message;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
-use tunenet_types::BlobId;
 use tunenet_types::time::now_ms;
+use tunenet_types::{ArtifactRecord, BlobId};
 
 /// Peers remembered (connected or recently seen) for [`crate::Client::peers`].
 const MAX_PEERS: usize = 4096;
@@ -57,6 +57,14 @@ pub enum Event {
         peer: PeerId,
         /// The announcement.
         announcement: CompetitionAnnouncement,
+    },
+    /// A valid artifact record arrived, published and signed by the validator that
+    /// received the artifact (`peer`); its signatures are checked.
+    ArtifactRecord {
+        /// The validator that signed it.
+        peer: PeerId,
+        /// The record.
+        record: ArtifactRecord,
     },
     /// A gossip message failed validation and was rejected (its sender loses score).
     GossipRejected {
@@ -122,6 +130,7 @@ pub(crate) enum Command {
     Peers(oneshot::Sender<Vec<PeerInfo>>),
     PublishAdvert(MinerAdvert, Reply<()>),
     Announce(CompetitionAnnouncement, Reply<()>),
+    PublishRecord(ArtifactRecord, Reply<()>),
     PublishRaw(String, Vec<u8>, Reply<()>),
     Job(PeerId, JobRequest, Reply<JobResponse>),
     Respond(JobChannel, JobResponse, Reply<()>),
@@ -350,6 +359,10 @@ impl EventLoop {
             Command::Announce(mut ann, reply) => {
                 ann.sign(&self.keypair, now_ms());
                 let _ = reply.send(self.publish(COMPETITION_TOPIC, ann.encode_to_vec()));
+            }
+            Command::PublishRecord(record, reply) => {
+                let data = gossip::encode_record(&record);
+                let _ = reply.send(self.publish(ARTIFACT_RECORD_TOPIC, data));
             }
             Command::PublishRaw(topic, data, reply) => {
                 let _ = reply.send(self.publish(&topic, data));
@@ -597,6 +610,10 @@ impl EventLoop {
                     Gossip::Competition(announcement) => self.emit(Event::Competition {
                         peer: signer,
                         announcement,
+                    }),
+                    Gossip::ArtifactRecord(record) => self.emit(Event::ArtifactRecord {
+                        peer: signer,
+                        record,
                     }),
                 }
             }

@@ -1,22 +1,30 @@
-//! Gossip payloads: signing miner adverts and competition announcements, and the checks
-//! every received gossip message passes before it is accepted (topic, size, decoding,
-//! freshness, signature, signer = publisher). Pure functions: time is passed in.
+//! Gossip payloads: signing miner adverts and competition announcements, the wire form of
+//! validators' artifact records, and the checks every received gossip message passes
+//! before it is accepted (topic, size, decoding, freshness, signature, signer = publisher).
+//! Pure functions: time is passed in.
 
-use crate::messages::pb::{CompetitionAnnouncement, MinerAdvert};
+use crate::messages::pb::{self, CompetitionAnnouncement, MinerAdvert};
 use libp2p::PeerId;
 use libp2p_identity::Keypair;
 use prost::Message;
 use tunenet_types::identity::Canonical;
-use tunenet_types::{PeerIdStr, UnixMillis, verify_signature};
+use tunenet_types::{
+    ArtifactRecord, BlobId, MAX_RECORD_SKETCH, PeerIdStr, UnixMillis, verify_signature,
+};
 
 /// The gossipsub topic of miner adverts.
 pub const ADVERT_TOPIC: &str = "tunenet/v1/miner-adverts";
 /// The gossipsub topic of competition announcements.
 pub const COMPETITION_TOPIC: &str = "tunenet/v1/competitions";
+/// The gossipsub topic of validators' signed artifact records.
+pub const ARTIFACT_RECORD_TOPIC: &str = "tunenet/v1/artifact-records";
 /// The largest miner advert accepted, in bytes.
 pub const MAX_ADVERT_BYTES: usize = 4 * 1024;
 /// The largest competition announcement accepted, in bytes.
 pub const MAX_ANNOUNCEMENT_BYTES: usize = 8 * 1024;
+/// The largest artifact record accepted, in bytes: the longest sketch allowed (4 bytes a
+/// value) and room for the receipt, the ids and the signatures.
+pub const MAX_RECORD_BYTES: usize = 4 * MAX_RECORD_SKETCH + 4 * 1024;
 /// How far in the future a timestamp may be (clock skew), in milliseconds.
 pub const MAX_CLOCK_SKEW_MS: u64 = 30_000;
 
@@ -27,6 +35,8 @@ pub enum Gossip {
     Advert(MinerAdvert),
     /// A competition announcement.
     Competition(CompetitionAnnouncement),
+    /// A validator's record of an artifact it received.
+    ArtifactRecord(ArtifactRecord),
 }
 
 fn sign_bytes(keypair: &Keypair, bytes: &[u8]) -> Vec<u8> {
@@ -112,6 +122,39 @@ impl CompetitionAnnouncement {
     }
 }
 
+/// The wire form of an artifact record.
+pub fn encode_record(record: &ArtifactRecord) -> Vec<u8> {
+    pb::ArtifactRecord {
+        receipt: Some(record.receipt.clone().into()),
+        artifact: record.artifact.0.to_vec(),
+        sketch: record.sketch.clone(),
+        signature: record.signature.clone(),
+    }
+    .encode_to_vec()
+}
+
+/// Reads an artifact record off the wire (its fields checked, its signatures not).
+pub fn decode_record(data: &[u8]) -> Result<ArtifactRecord, String> {
+    let r = pb::ArtifactRecord::decode(data).map_err(|e| format!("artifact record: {e}"))?;
+    let receipt = r
+        .receipt
+        .ok_or("artifact record: no receipt")?
+        .try_into()
+        .map_err(|e| format!("artifact record: receipt: {e}"))?;
+    let artifact = BlobId::from_slice(&r.artifact).map_err(|_| {
+        format!(
+            "artifact record: the artifact id has {} bytes, not 32",
+            r.artifact.len()
+        )
+    })?;
+    Ok(ArtifactRecord {
+        receipt,
+        artifact,
+        sketch: r.sketch,
+        signature: r.signature,
+    })
+}
+
 fn check_fresh(timestamp: UnixMillis, now: UnixMillis, max_age_ms: u64) -> Result<(), String> {
     if timestamp > now.saturating_add(MAX_CLOCK_SKEW_MS) {
         return Err(format!(
@@ -174,6 +217,25 @@ pub fn validate(
             let signer = check_signer(&ann.validator, publisher)?;
             ann.verify()?;
             Ok((signer, Gossip::Competition(ann)))
+        }
+        ARTIFACT_RECORD_TOPIC => {
+            if data.len() > MAX_RECORD_BYTES {
+                return Err(format!(
+                    "artifact record of {} bytes is over the limit of {MAX_RECORD_BYTES}",
+                    data.len()
+                ));
+            }
+            let record = decode_record(data)?;
+            // A record stays true however old it is (a copy may be submitted long after the
+            // original), so only receipts from the future are refused.
+            check_fresh(record.receipt.received_at_ms, now, u64::MAX)?;
+            // Only the validator that gave the receipt may tell of it.
+            let publisher = publisher.ok_or("an artifact record must come from its signer")?;
+            let signer = check_signer(&record.receipt.validator.0, Some(publisher))?;
+            record
+                .verify()
+                .map_err(|e| format!("artifact record: {e}"))?;
+            Ok((signer, Gossip::ArtifactRecord(record)))
         }
         other => Err(format!("unknown topic {other:?}")),
     }
@@ -285,5 +347,96 @@ mod tests {
         assert_eq!(g, Gossip::Competition(c.clone()));
         c.jobs = 5;
         assert!(validate(COMPETITION_TOPIC, &c.encode_to_vec(), None, NOW, AGE).is_err());
+    }
+
+    fn record(id: &tunenet_types::Identity, artifact: &[u8], dim: usize) -> ArtifactRecord {
+        let mut receipt = tunenet_types::Receipt {
+            job_id: tunenet_types::JobId::new("alpha-0").unwrap(),
+            miner: tunenet_types::Identity::generate().peer_id(),
+            commit: BlobId::of(b"commit"),
+            received_at_ms: NOW - 60_000,
+            validator: id.peer_id(),
+            validator_key: id.public_key_bytes(),
+            signature: vec![],
+        };
+        receipt.signature = id.sign(&receipt.signing_bytes());
+        let mut r = ArtifactRecord {
+            receipt,
+            artifact: BlobId::of(artifact),
+            sketch: (0..dim).map(|i| (i as f32 * 0.37).sin()).collect(),
+            signature: vec![],
+        };
+        r.signature = id.sign(&r.signing_bytes());
+        r
+    }
+
+    fn check_record(data: &[u8], from: Option<&PeerId>) -> Result<(PeerId, Gossip), String> {
+        validate(ARTIFACT_RECORD_TOPIC, data, from, NOW, AGE)
+    }
+
+    #[test]
+    fn a_signed_artifact_record_passes_however_old() {
+        let v = tunenet_types::Identity::generate();
+        let me = pid(v.keypair());
+        let r = record(&v, b"weights", 4096);
+        let wire = encode_record(&r);
+        assert!(wire.len() < 20 * 1024, "{} bytes", wire.len());
+        let (signer, g) = check_record(&wire, Some(&me)).unwrap();
+        assert_eq!(signer, me);
+        assert_eq!(g, Gossip::ArtifactRecord(r.clone()));
+        let (_, g) =
+            validate(ARTIFACT_RECORD_TOPIC, &wire, Some(&me), NOW + 10 * AGE, AGE).unwrap();
+        assert_eq!(g, Gossip::ArtifactRecord(r));
+    }
+
+    #[test]
+    fn bad_artifact_records_are_rejected_with_the_reason() {
+        let v = tunenet_types::Identity::generate();
+        let me = pid(v.keypair());
+        let good = record(&v, b"weights", 64);
+        let fails = |r: &ArtifactRecord, from: Option<&PeerId>| {
+            check_record(&encode_record(r), from).unwrap_err()
+        };
+        // Another artifact under the same signature: a copy claimed as the original.
+        let mut tampered = good.clone();
+        tampered.artifact = BlobId::of(b"someone else's weights");
+        assert!(fails(&tampered, Some(&me)).contains("signature"));
+        // An earlier receipt time, not re-signed.
+        let mut backdated = good.clone();
+        backdated.receipt.received_at_ms -= 1;
+        assert!(fails(&backdated, Some(&me)).contains("signature"));
+        // A record signed by a key that is not the named validator's.
+        let forger = tunenet_types::Identity::generate();
+        let mut forged = good.clone();
+        forged.signature = forger.sign(&forged.signing_bytes());
+        assert!(fails(&forged, Some(&me)).contains("signature"));
+        // A validator's genuine record, published by another peer.
+        let relay = pid(forger.keypair());
+        assert!(fails(&good, Some(&relay)).contains("signed by"));
+        assert!(fails(&good, None).contains("signer"));
+        // A receipt from the future.
+        let mut future = good.clone();
+        future.receipt.received_at_ms = NOW + 2 * MAX_CLOCK_SKEW_MS;
+        future.receipt.signature = v.sign(&future.receipt.signing_bytes());
+        future.signature = v.sign(&future.signing_bytes());
+        assert!(fails(&future, Some(&me)).contains("future"));
+        // Too big to read, though signed; a sketch over its own limit in fewer bytes.
+        let big = record(&v, b"weights", MAX_RECORD_SKETCH + 1024);
+        assert!(encode_record(&big).len() > MAX_RECORD_BYTES);
+        assert!(fails(&big, Some(&me)).contains("bytes is over the limit"));
+        let long = record(&v, b"weights", MAX_RECORD_SKETCH + 1);
+        assert!(encode_record(&long).len() <= MAX_RECORD_BYTES);
+        assert!(fails(&long, Some(&me)).contains("values is over the limit"));
+        // Garbage, and a record without its receipt.
+        assert!(check_record(&[0xff, 0xff, 0xff], Some(&me)).is_err());
+        let bare = pb::ArtifactRecord {
+            artifact: vec![1; 32],
+            ..Default::default()
+        };
+        assert!(
+            check_record(&bare.encode_to_vec(), Some(&me))
+                .unwrap_err()
+                .contains("receipt")
+        );
     }
 }

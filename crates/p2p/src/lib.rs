@@ -1,5 +1,6 @@
 //! tunenet's libp2p layer: identity and transports (TCP+noise+yamux, QUIC), discovery
-//! (mDNS, Kademlia, identify), signed gossip (miner adverts, competitions), the job
+//! (mDNS, Kademlia, identify), signed gossip (miner adverts, competitions, validators'
+//! artifact records), the job
 //! protocol carrying `tunenet_proto::v1` messages, and verified, resumable blob transfer.
 //! One [`EventLoop`] owns the swarm; [`Client`] handles talk to it. No tonic or candle here.
 
@@ -21,7 +22,7 @@ pub use client::Client;
 pub use config::P2pConfig;
 pub use error::P2pError;
 pub use event_loop::{Event, EventLoop, JobChannel, PeerInfo};
-pub use gossip::{ADVERT_TOPIC, COMPETITION_TOPIC};
+pub use gossip::{ADVERT_TOPIC, ARTIFACT_RECORD_TOPIC, COMPETITION_TOPIC};
 pub use libp2p::{Multiaddr, PeerId};
 pub use messages::{CompetitionAnnouncement, JobRequest, JobResponse, MinerAdvert};
 pub use stream::BLOB_STREAM_PROTOCOL;

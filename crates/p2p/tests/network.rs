@@ -466,6 +466,84 @@ async fn adverts_are_refreshed_and_competitions_announced() {
     validator.stop();
 }
 
+/// A receipt and artifact record signed by `v`, with a sketch of `dim` values.
+fn artifact_record(v: &Identity, artifact: &[u8], dim: usize) -> tunenet_types::ArtifactRecord {
+    let mut receipt = tunenet_types::Receipt {
+        job_id: tunenet_types::JobId::new("comp7-0").unwrap(),
+        miner: Identity::generate().peer_id(),
+        commit: BlobId::of(b"commit"),
+        received_at_ms: now(),
+        validator: v.peer_id(),
+        validator_key: v.public_key_bytes(),
+        signature: vec![],
+    };
+    receipt.signature = v.sign(&receipt.signing_bytes());
+    let mut r = tunenet_types::ArtifactRecord {
+        receipt,
+        artifact: BlobId::of(artifact),
+        sketch: (0..dim).map(|i| (i as f32).cos()).collect(),
+        signature: vec![],
+    };
+    r.signature = v.sign(&r.signing_bytes());
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn artifact_records_reach_other_validators_only_from_their_signer() {
+    let mut a = Node::start(None, |_| {}).await;
+    let mut b = Node::start(Some(&a), |_| {}).await;
+    // A full-size sketch (the default sketch_dim) crosses whole.
+    let record = artifact_record(&a.identity, b"weights", 4096);
+    tokio::time::timeout(WAIT, async {
+        while a
+            .client
+            .publish_artifact_record(record.clone())
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("no peer ever subscribed to the artifact-record topic");
+    let (peer, got) = b
+        .wait_for(|e| match e {
+            Event::ArtifactRecord { peer, record } => Some((peer, record)),
+            _ => None,
+        })
+        .await;
+    assert_eq!(peer, a.peer);
+    assert_eq!(got, record);
+    // B cannot pass on A's record as its own: refused at B, and rejected by A if sent raw.
+    let e = b
+        .client
+        .publish_artifact_record(record.clone())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("signer"), "{e}");
+    b.client
+        .publish_raw(
+            tunenet_p2p::ARTIFACT_RECORD_TOPIC,
+            tunenet_p2p::gossip::encode_record(&artifact_record(&a.identity, b"x", 8)),
+        )
+        .await
+        .unwrap();
+    let (from, reason) = a
+        .wait_for(|e| match e {
+            Event::GossipRejected {
+                peer,
+                topic,
+                reason,
+            } if topic == tunenet_p2p::ARTIFACT_RECORD_TOPIC => Some((peer, reason)),
+            _ => None,
+        })
+        .await;
+    assert_eq!(from, b.peer);
+    assert!(reason.contains("signed by"), "{reason}");
+    a.stop();
+    b.stop();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_transport_carries_the_job_protocol() {
     let quic = |c: &mut P2pConfig| c.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()];
