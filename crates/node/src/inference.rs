@@ -2,7 +2,9 @@
 //! model (dense, or quantised to GGUF where the job allows it) and returns per-item
 //! log-likelihoods; a validator scores the same shard with its reference model once,
 //! before any result arrives, and checks each submission against it
-//! (`tunenet_integrity::inference`).
+//! (`tunenet_integrity::inference`). A dense-only job (`allow_quantized = false`) runs the
+//! dense weights whatever the miner's `quantize` says: its results must match the dense
+//! reference to within f32 noise.
 
 use crate::config::CompetitionConfig;
 use crate::error::NodeError;
@@ -218,6 +220,28 @@ pub fn prepare(
             "`inference.sample_fraction` must be above 0 and at most 1".into(),
         ));
     }
+    if !(tol.fabricated_fraction > 0.0 && tol.fabricated_fraction <= 1.0) {
+        return Err(fail(
+            "`inference.fabricated_fraction` must be above 0 and at most 1".into(),
+        ));
+    }
+    if !(0.0..1.0).contains(&tol.detection_confidence) {
+        return Err(fail(
+            "`inference.detection_confidence` must be at least 0 and below 1".into(),
+        ));
+    }
+    for (key, v) in [
+        ("loglik_per_token", tol.loglik_per_token),
+        ("loglik_per_token_max", tol.loglik_per_token_max),
+        ("dense_loglik_per_token", tol.dense_loglik_per_token),
+        ("dense_loglik_per_token_max", tol.dense_loglik_per_token_max),
+    ] {
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(fail(format!(
+                "`inference.{key}` must be a finite number of nats, at least 0"
+            )));
+        }
+    }
     let model = tunenet_ml::ModelDir::open(&cfg.base_model)
         .map_err(|e| fail(format!("`base_model`: {e}")))?;
     let params = model
@@ -366,6 +390,36 @@ pub fn spawn_evaluator(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bad_detection_settings_are_refused_with_the_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(&tmp.path().join("blobs")).unwrap();
+        let store = tunenet_store::MemStore::default();
+        let mut cfg: CompetitionConfig = toml::from_str(
+            "id = \"inf\"\nkind = \"inference\"\nbase_model = \"m\"\ndataset = \"d\"\n",
+        )
+        .unwrap();
+        for (set, key) in [
+            (
+                (|t: &mut InferenceTolerance| t.fabricated_fraction = 0.0)
+                    as fn(&mut InferenceTolerance),
+                "fabricated_fraction",
+            ),
+            (|t| t.detection_confidence = 1.0, "detection_confidence"),
+            (
+                |t| t.dense_loglik_per_token = f64::NAN,
+                "dense_loglik_per_token",
+            ),
+        ] {
+            cfg.inference = InferenceTolerance::default();
+            set(&mut cfg.inference);
+            let e = prepare(&store, &blobs, &cfg, "http://v")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
+    }
 
     #[test]
     fn bad_shards_are_refused_with_the_line_and_the_reason() {
