@@ -952,6 +952,11 @@ enum InferenceCheat {
     Partial,
     /// Honest results, committed 7 s late, with a reported time far below the real one.
     PaddedTiming,
+    /// Q4_0 weights on a dense-only job, reported as dense f32.
+    QuantisedAsDense,
+    /// Log-likelihoods made up on every tenth item, their predictions kept (so the
+    /// accuracy is the honest one).
+    FabricatedTenth,
 }
 
 /// A miner in this process that runs inference jobs and cheats as told.
@@ -992,13 +997,15 @@ impl InferenceCheater {
         }
         let items = tunenet_node::inference::parse_items(&blobs.get(&a.train_shard).unwrap())
             .map_err(|e| e.to_string())?;
+        let quantised = self.cheat == InferenceCheat::QuantisedAsDense;
         let cfg = tunenet_node::inference::InferenceConfig {
-            quantize: "none".into(),
+            quantize: if quantised { "q4_0" } else { "none" }.into(),
+            dequantize: true,
             ..Default::default()
         };
         let scorer = tunenet_node::inference::scoring_model(
             &model,
-            false,
+            quantised,
             &cfg,
             &self.dir,
             &tunenet_ml::Device::Cpu,
@@ -1032,6 +1039,13 @@ impl InferenceCheater {
                 // Slow hardware that claims to be fast: it reports a hundredth of a second.
                 tokio::time::sleep(Duration::from_secs(7)).await;
                 sub.reported_secs = 0.01;
+            }
+            InferenceCheat::QuantisedAsDense => sub.weights = "dense f32".into(),
+            InferenceCheat::FabricatedTenth => {
+                // Scaled alike, an item's endings keep both rankings (acc and acc_norm).
+                for s in sub.scores.iter_mut().step_by(10) {
+                    s.logliks.iter_mut().for_each(|l| *l *= 1.5);
+                }
             }
             InferenceCheat::OtherModel => {}
         }
@@ -1098,9 +1112,11 @@ impl MinerBackend for CheaterService {
     }
 }
 
-/// An inference competition with one honest miner daemon and four cheaters: made-up
-/// log-likelihoods, another model, half the items, and a padded timing report. Each is
-/// caught with the reason; the honest miner is scored by the validator's own clock.
+/// A dense-only inference competition with one honest miner daemon and six cheaters:
+/// made-up log-likelihoods, another model, half the items, a padded timing report, Q4_0
+/// weights reported as dense, and a tenth of the items made up. Each is caught with the
+/// reason; the honest miner (configured for q8_0, so it must obey the job's terms and run
+/// dense) is scored by the validator's own clock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inference_cheats_are_caught_with_the_reason() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1123,6 +1139,8 @@ async fn inference_cheats_are_caught_with_the_reason() {
         InferenceCheat::OtherModel,
         InferenceCheat::Partial,
         InferenceCheat::PaddedTiming,
+        InferenceCheat::QuantisedAsDense,
+        InferenceCheat::FabricatedTenth,
     ]
     .into_iter()
     .enumerate()
@@ -1165,7 +1183,7 @@ async fn inference_cheats_are_caught_with_the_reason() {
     std::fs::write(
         &vconf,
         format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n[[competitions]]\nid = \"inf\"\nkind = \"inference\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 1\nminers_per_job = 5\nmin_miners = 5\ntime_budget_secs = 20\nreveal_window_secs = 30\n",
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n[[competitions]]\nid = \"inf\"\nkind = \"inference\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 1\nminers_per_job = 7\nmin_miners = 7\ntime_budget_secs = 20\nreveal_window_secs = 30\n[competitions.inference]\nallow_quantized = false\n",
             root.join("v"),
             miners.join(", ")
         ),
@@ -1240,12 +1258,31 @@ async fn inference_cheats_are_caught_with_the_reason() {
     for c in &cheaters {
         let s = score_of(&c.id.peer_id().0);
         let (check, outcome) = match c.cheat {
-            InferenceCheat::MadeUp | InferenceCheat::OtherModel => ("loglik_sample", "fail"),
+            InferenceCheat::MadeUp
+            | InferenceCheat::OtherModel
+            | InferenceCheat::QuantisedAsDense
+            | InferenceCheat::FabricatedTenth => ("loglik_sample", "fail"),
             InferenceCheat::Partial => ("completeness", "fail"),
             InferenceCheat::PaddedTiming => ("timing", "flag"),
         };
         let v = verdict(&s, check);
         assert_eq!(v["outcome"], outcome, "{:?}: {s}", c.cheat);
+        let reason = v["reason"].as_str().unwrap();
+        match c.cheat {
+            InferenceCheat::QuantisedAsDense => assert!(
+                reason.contains("dense-only tolerance") && reason.contains("quantised weights"),
+                "{reason}"
+            ),
+            // Its accuracy is the honest one: only the sample catches it.
+            InferenceCheat::FabricatedTenth => {
+                assert!(
+                    reason.contains("items past the single-ending limit"),
+                    "{reason}"
+                );
+                assert_eq!(verdict(&s, "accuracy")["outcome"], "pass", "{s}");
+            }
+            _ => {}
+        }
         if outcome == "fail" {
             assert!(s["penalty_reason"].is_string(), "{:?}: {s}", c.cheat);
         } else {
@@ -1259,7 +1296,8 @@ async fn inference_cheats_are_caught_with_the_reason() {
             );
         }
     }
-    // The honest miner (q8_0 weights) passes every check and leads the board.
+    // The honest miner (dense weights, as the job requires) passes every check, the
+    // dense-only log-likelihood tolerance included, and leads the board.
     let honest_id = lb
         .rows
         .iter()

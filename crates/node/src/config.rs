@@ -426,4 +426,22 @@ mod tests {
         assert_eq!(c.sibling_canaries, 8);
         assert_eq!(c.integrity.leak_alpha, 0.001);
     }
+
+    #[test]
+    fn the_documented_inference_section_is_the_default() {
+        // deploy/validator.toml documents every key of [competitions.inference], commented
+        // out at its default: uncommented, it must parse to exactly the defaults.
+        let doc = include_str!("../../../deploy/validator.toml");
+        let section: String = doc
+            .lines()
+            .skip_while(|l| !l.starts_with("# [competitions.inference]"))
+            .skip(1)
+            .take_while(|l| l.starts_with("# "))
+            .map(|l| format!("{}\n", &l[2..]))
+            .collect();
+        assert!(section.contains("dense_loglik_per_token"), "{section}");
+        let tol: tunenet_integrity::inference::InferenceTolerance =
+            toml::from_str(&section).unwrap_or_else(|e| panic!("{e}\n{section}"));
+        assert_eq!(tol, Default::default());
+    }
 }
