@@ -28,6 +28,10 @@ type Entry = (u64, String);
 /// and an index of the stored ones (the records themselves stay in the store).
 pub(crate) struct ArtifactGossip {
     grace_ms: u64,
+    /// Validators whose records are believed (peer ids). Anyone can sign a receipt as
+    /// "a validator"; an untrusted one could backdate a record of an honest miner's
+    /// artifact and get it failed as a copy, so records from others are ignored.
+    trusted: BTreeSet<String>,
     max_records: usize,
     max_per_validator: usize,
     all: BTreeSet<Entry>,
@@ -60,6 +64,7 @@ impl ArtifactGossip {
     ) -> Self {
         let mut g = ArtifactGossip {
             grace_ms,
+            trusted: BTreeSet::new(),
             max_records,
             max_per_validator,
             all: BTreeSet::new(),
@@ -83,6 +88,12 @@ impl ArtifactGossip {
             }
         }
         g
+    }
+
+    /// Believes records only from these validators (peer ids).
+    pub(crate) fn trust(mut self, validators: &[String]) -> Self {
+        self.trusted = validators.iter().map(|v| v.trim().to_string()).collect();
+        self
     }
 
     /// How long a job waits after its last evaluation before it is scored, in ms.
@@ -186,6 +197,14 @@ pub(crate) fn attach_all(store: &dyn Store, engine: &mut ValidatorEngine) {
 /// Another validator's record arrived: it is stored, and handed to every competition
 /// with a submission of the same artifact (later ones get it when theirs is revealed).
 pub(crate) fn receive(v: &mut Validator, record: ArtifactRecord) {
+    if !v
+        .artifact_gossip
+        .trusted
+        .contains(&record.receipt.validator.0)
+    {
+        tracing::info!(validator = %record.receipt.validator, "artifact record ignored: its validator is not in trusted_validators");
+        return;
+    }
     match v.artifact_gossip.insert(v.store.as_ref(), &record) {
         Ok(true) => {}
         Ok(false) => return,

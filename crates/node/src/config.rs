@@ -321,6 +321,11 @@ pub struct ValidatorConfig {
     /// copy submitted here later than there then fails as a duplicate). Default: 5 with
     /// `[p2p]`, 0 without.
     pub artifact_record_grace_secs: Option<u64>,
+    /// Peer ids of the other validators whose signed artifact records are believed (a copy
+    /// of an artifact one of them received earlier fails here). Records from anyone else
+    /// are ignored: any peer can sign a receipt, and a forged, backdated one would get an
+    /// honest miner failed as a copier.
+    pub trusted_validators: Vec<String>,
     /// Competitions to run.
     pub competitions: Vec<CompetitionConfig>,
 }
@@ -340,6 +345,7 @@ impl Default for ValidatorConfig {
             p2p: None,
             discover_miners: true,
             artifact_record_grace_secs: None,
+            trusted_validators: vec![],
             competitions: vec![],
         }
     }

@@ -1269,7 +1269,8 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
         artifact_gossip: crate::artifact_gossip::ArtifactGossip::load(
             store.as_ref(),
             cfg.artifact_record_grace_ms(),
-        ),
+        )
+        .trust(&cfg.trusted_validators),
     };
     for r in records {
         v.add(r);

@@ -410,6 +410,9 @@ async fn run_one(
     // Honest miner daemons.
     let mut daemons = Vec::new();
     let mut urls: Vec<String> = Vec::new();
+    // The last honest miner starts listening only after the validator has sent its first
+    // offers: they fail, and must be retried for it to get the job.
+    let mut late_start: Option<(String, String, PathBuf)> = None;
     for (h, (method, rank, lr, steps)) in HONEST.iter().enumerate() {
         let port = free_port()?;
         let mdir = dir.join(format!("honest{h}"));
@@ -432,12 +435,21 @@ async fn run_one(
             ),
         )
         .map_err(other)?;
-        daemons.push(Daemon::start(
-            &opts.exe,
-            &format!("honest miner {h}"),
-            &["miner", "--config", &conf.to_string_lossy()],
-            &mdir.join("miner.log"),
-        )?);
+        let start = (
+            format!("honest miner {h}"),
+            conf.to_string_lossy().to_string(),
+            mdir.join("miner.log"),
+        );
+        if h + 1 == HONEST.len() {
+            late_start = Some(start);
+        } else {
+            daemons.push(Daemon::start(
+                &opts.exe,
+                &start.0,
+                &["miner", "--config", &start.1],
+                &start.2,
+            )?);
+        }
         urls.push(format!("http://127.0.0.1:{port}"));
     }
     urls.extend(adversaries.iter().map(|a| a.url.clone()));
@@ -449,7 +461,7 @@ async fn run_one(
     std::fs::create_dir_all(&vdir).map_err(other)?;
     let n = urls.len();
     let vtoml = format!(
-        "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n\n[[competitions]]\nid = \"{comp}\"\nbase_model = {:?}\ndataset = {:?}\njobs = 2\nminers_per_job = {n}\nmin_miners = {n}\ntime_budget_secs = {}\ntest_fraction = 0.2\nseed = {c}\nreveal_window_secs = 90\noffer_timeout_secs = 20\neval_max_seq_len = 64\nsynthetic_generator = \"demo\"\nsynthetic_records = 180\n\n[competitions.hparams]\nmax_lora_rank = 16\n",
+        "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n\n[[competitions]]\nid = \"{comp}\"\nbase_model = {:?}\ndataset = {:?}\njobs = 2\nminers_per_job = {n}\nmin_miners = {n}\ntime_budget_secs = {}\ntest_fraction = 0.2\nseed = {c}\nreveal_window_secs = 25\noffer_timeout_secs = 20\neval_max_seq_len = 64\nsynthetic_generator = \"demo\"\nsynthetic_records = 180\n\n[competitions.hparams]\nmax_lora_rank = 16\n",
         vdir.join("data"),
         urls.iter()
             .map(|u| format!("{u:?}"))
@@ -491,6 +503,15 @@ async fn run_one(
         &["validator", "--config", &vconf.to_string_lossy()],
         &vdir.join("validator.log"),
     )?);
+    if let Some((name, conf, log)) = late_start {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        daemons.push(Daemon::start(
+            &opts.exe,
+            &name,
+            &["miner", "--config", &conf],
+            &log,
+        )?);
+    }
     progress(&format!(
         "{comp}: validator, {} honest miner daemons and {} adversaries started",
         HONEST.len(),
@@ -734,6 +755,18 @@ async fn run_one(
         )));
     }
     let detail: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(other)?;
+    // Kept beside the daemons' logs, with who was who, for anyone checking the report.
+    let _ = std::fs::write(dir.join("competition.json"), &out.stdout);
+    let who: Vec<String> = adversaries
+        .iter()
+        .map(|a| format!("{} {:?}", a.id.peer_id(), a.role))
+        .chain(
+            daemon_peers(&dir)?
+                .into_iter()
+                .map(|p| format!("{p} honest daemon")),
+        )
+        .collect();
+    let _ = std::fs::write(dir.join("roles.txt"), who.join("\n"));
     let vlog = std::fs::read_to_string(vdir.join("validator.log")).unwrap_or_default();
     tally(
         &detail,
@@ -1173,47 +1206,44 @@ fn tally(
         let Role::Cheat(cheat) = a.role else { continue };
         let peer = a.id.peer_id().0;
         let list = subs.get(&peer).map(Vec::as_slice).unwrap_or_default();
-        let mut by: Vec<String> = Vec::new();
-        let mut reasons: Vec<String> = Vec::new();
-        for (kind, msg) in outcomes
+        // (what caught it, the reason), refusals first, then failed checks.
+        let mut found: Vec<(String, String)> = outcomes
             .get(&i)
-            .map(|d| d.refused.as_slice())
-            .unwrap_or_default()
-        {
-            by.push(kind.clone());
-            reasons.push(msg.clone());
-        }
+            .map(|d| d.refused.clone())
+            .unwrap_or_default();
         for s in list {
             for v in &s.verdicts {
                 if let (Some(k), Some(x)) = (stat_key(&v.check), v.value) {
                     evidence(k, Some(cheat), x);
                 }
                 if v.outcome == tunenet_types::Outcome::Fail {
-                    by.push(v.check.clone());
-                    reasons.push(v.reason.clone());
+                    found.push((v.check.clone(), v.reason.clone()));
                 }
             }
-            if by.is_empty()
-                && let Some(p) = &s.penalty
+            if let Some(p) = &s.penalty
+                && !s
+                    .verdicts
+                    .iter()
+                    .any(|v| v.outcome == tunenet_types::Outcome::Fail)
             {
-                by.push("penalty".into());
-                reasons.push(p.clone());
+                found.push(("penalty".into(), p.clone()));
             }
         }
+        let mut by: Vec<String> = found.iter().map(|(b, _)| b.clone()).collect();
+        by.sort();
         by.dedup();
-        let caught = by.iter().any(|b| cheat.expected().contains(&b.as_str()));
+        let right = found
+            .iter()
+            .find(|(b, _)| cheat.expected().contains(&b.as_str()));
         let rank = list.iter().filter_map(|s| s.rank).min();
         report.catches.push(WireCatch {
             cheat,
-            caught,
-            caught_any: !by.is_empty(),
+            caught: right.is_some(),
+            caught_any: !found.is_empty(),
             by: by.join(", "),
-            reason: reasons
-                .iter()
-                .zip(&by)
-                .find(|(_, b)| cheat.expected().contains(&b.as_str()))
-                .map(|(r, _)| r.clone())
-                .or_else(|| reasons.first().cloned())
+            reason: right
+                .or(found.first())
+                .map(|(_, r)| r.clone())
                 .unwrap_or_else(|| {
                     format!(
                         "passed every check{}",
@@ -1262,7 +1292,7 @@ pub fn markdown(r: &WireReport, command: &str) -> String {
     let mut s = String::new();
     s.push_str("# Integrity: the red-team report, over the wire\n\n");
     s.push_str(&format!(
-        "Written by `{command}`. Each competition is a real `tunenet validator` daemon and {} honest `tunenet miner` daemons (LoRA rank 4, LoRA rank 16, full fine-tuning; learning rates varied by competition), all separate processes on loopback, plus adversary miners that speak only the gRPC protocol from another process: each serves its own `MinerService`, accepts offers, fetches its shard by blake3, signs its own commitments and reveals by upload. Two of them are honest accomplices (LoRA rank 8 on their assigned subsets) whose artifacts the copiers and the soup take; their submissions count as honest. Each competition has two jobs on the tiny model, 300 demo records (60 held out as the hidden test split), 8 secret canaries per shard with 4 never-released siblings, and a synthetic set of 180 records drawn after each deadline. Outcomes are read back as an operator reads them, through `tunenet console competition show`; the checks' cost comes from the validator's own log. A cheater counts as caught when one of its strategy's expected checks fails its submission or the validator refuses its message for the expected reason.\n\n",
+        "Written by `{command}`. Each competition is a real `tunenet validator` daemon and {} honest `tunenet miner` daemons (LoRA rank 4, LoRA rank 16, full fine-tuning; learning rates varied by competition), all separate processes on loopback (the last honest daemon starts listening only after the validator's first offers went out, so it gets its jobs only through the offer retries), plus adversary miners that speak only the gRPC protocol from another process: each serves its own `MinerService`, accepts offers, fetches its shard by blake3, signs its own commitments and reveals by upload. Two of them are honest accomplices (LoRA rank 8 on their assigned subsets) whose artifacts the copiers and the soup take; their submissions count as honest. Each competition has two jobs on the tiny model, 300 demo records (60 held out as the hidden test split), 8 secret canaries per shard with 4 never-released siblings, and a synthetic set of 180 records drawn after each deadline. Outcomes are read back as an operator reads them, through `tunenet console competition show`; the checks' cost comes from the validator's own log. A cheater counts as caught when one of its strategy's expected checks fails its submission or the validator refuses its message for the expected reason.\n\n",
         HONEST.len()
     ));
     s.push_str(&format!(
@@ -1358,5 +1388,6 @@ pub fn markdown(r: &WireReport, command: &str) -> String {
         r.eval_secs,
         pct(r.check_secs, r.eval_secs)
     ));
+    s.push_str("\nInference competitions' checks (the dense-only tolerance, the log-likelihood sample's size, accuracy on both sides) are measured and described in `docs/INFERENCE-INTEGRITY.md`; their cheaters run over real gRPC in `tests/e2e.rs` (`inference_cheats_are_caught_with_the_reason`).\n");
     s
 }

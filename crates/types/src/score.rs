@@ -255,6 +255,49 @@ mod tests {
     }
 
     #[test]
+    fn a_penalty_no_check_gave_is_shown_with_its_reason() {
+        let c = CompetitionId::new("c").unwrap();
+        let job = crate::JobId::new("c-0").unwrap();
+        let score = |miner: &str, penalty: Option<&str>, verdicts: Vec<Verdict>| JobScore {
+            job_id: job.clone(),
+            miner: PeerIdStr(miner.into()),
+            loss: penalty.is_none().then_some(2.0),
+            quality: if penalty.is_none() { 2.0 } else { 0.0 },
+            penalty_reason: penalty.map(str::to_string),
+            verdicts,
+        };
+        let failed = Verdict {
+            check: "finite".into(),
+            outcome: Outcome::Fail,
+            value: None,
+            threshold: None,
+            reason: "NaN".into(),
+        };
+        let lb = leaderboard(
+            &c,
+            &[
+                score("honest", None, vec![]),
+                score(
+                    "silent",
+                    Some("artifact not revealed within the reveal window"),
+                    vec![],
+                ),
+                score("nan", Some("integrity: finite: NaN"), vec![failed]),
+            ],
+            1,
+            1,
+        );
+        let row = |m: &str| lb.rows.iter().find(|r| r.miner.0 == m).unwrap().clone();
+        assert!(row("honest").verdicts.is_empty());
+        assert_eq!(
+            row("silent").verdicts,
+            vec!["penalty: artifact not revealed within the reveal window (c-0)".to_string()]
+        );
+        // A failed check names itself; its penalty is not repeated.
+        assert_eq!(row("nan").verdicts, vec!["finite: fail (c-0)".to_string()]);
+    }
+
+    #[test]
     fn standing_is_geometric_mean() {
         assert!((standing(&[2.0, 0.5]) - 1.0).abs() < 1e-12);
         assert_eq!(standing(&[1.0, 0.0]), 0.0);

@@ -2,8 +2,8 @@
 //! submissions. An exact or near copy is one source; a blend of several is not near any one
 //! of them, so the duplicate checks miss it. Instead each submission's delta sketch is
 //! fitted, by least squares, from the sketches of earlier submissions by other miners
-//! (greedily, the source that explains most of what is left first, at most
-//! `derived_max_sources`). Every sketch is taken less the mean of the judged job's
+//! (forward selection: each time the source whose addition leaves the least residual, at
+//! most `derived_max_sources`). Every sketch is taken less the mean of the judged job's
 //! submissions: honest runs on one task share their first direction, which the mean
 //! removes, and an affine blend (weights summing to one, as a soup's do) stays an exact
 //! blend of its sources after any common vector is removed. A residual ‖r‖ / ‖x‖ at or
@@ -153,49 +153,56 @@ struct Fit {
     residual: f64,
 }
 
-/// Orthogonal matching pursuit: up to `k` sources, each time the one that explains most
-/// of the residual, refitting all weights by least squares. None when `x` is zero or there
-/// are no sources.
+/// Forward selection: up to `k` sources, each time the one whose addition leaves the
+/// smallest least-squares residual (not merely the one most correlated with what is left,
+/// which a near copy of one source can mislead). None when `x` is zero or there are no
+/// sources.
 fn fit(x: &[f64], sources: &[(&Sub<'_>, Vec<f64>)], k: usize) -> Option<Fit> {
     let xx = dot(x, x);
     if xx <= 0.0 || sources.is_empty() {
         return None;
     }
+    let mut best: Option<Fit> = None;
     let mut picked: Vec<usize> = Vec::new();
-    let mut weights: Vec<f64> = Vec::new();
-    let mut r = x.to_vec();
     for _ in 0..k.min(sources.len()) {
-        let best = sources
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !picked.contains(i))
-            .map(|(i, (_, v))| (i, dot(&r, v).abs() / dot(v, v).sqrt()))
-            .max_by(|a, b| a.1.total_cmp(&b.1))?;
-        picked.push(best.0);
-        let vs: Vec<&[f64]> = picked.iter().map(|i| sources[*i].1.as_slice()).collect();
-        let Some(w) = least_squares(x, &vs) else {
-            picked.pop();
-            break;
-        };
-        weights = w;
-        r = x.to_vec();
-        for (v, w) in vs.iter().zip(&weights) {
-            for (ri, vi) in r.iter_mut().zip(v.iter()) {
-                *ri -= w * vi;
+        let mut step: Option<(usize, Vec<f64>, f64)> = None;
+        for c in 0..sources.len() {
+            if picked.contains(&c) {
+                continue;
+            }
+            let vs: Vec<&[f64]> = picked
+                .iter()
+                .chain(std::iter::once(&c))
+                .map(|i| sources[*i].1.as_slice())
+                .collect();
+            let Some(w) = least_squares(x, &vs) else {
+                continue;
+            };
+            let mut r = x.to_vec();
+            for (v, w) in vs.iter().zip(&w) {
+                for (ri, vi) in r.iter_mut().zip(v.iter()) {
+                    *ri -= w * vi;
+                }
+            }
+            let res = (dot(&r, &r) / xx).sqrt();
+            if step.as_ref().is_none_or(|(_, _, b)| res < *b) {
+                step = Some((c, w, res));
             }
         }
-        if dot(&r, &r) <= 1e-12 * xx {
+        let Some((c, weights, residual)) = step else {
+            break;
+        };
+        picked.push(c);
+        best = Some(Fit {
+            picked: picked.clone(),
+            weights,
+            residual,
+        });
+        if residual <= 1e-6 {
             break;
         }
     }
-    if picked.is_empty() {
-        return None;
-    }
-    Some(Fit {
-        picked,
-        weights,
-        residual: (dot(&r, &r) / xx).sqrt(),
-    })
+    best
 }
 
 /// Solves the normal equations (VᵀV) w = Vᵀx by Gaussian elimination with partial
@@ -281,6 +288,19 @@ mod tests {
         let mut names = f.picked.clone();
         names.sort();
         assert_eq!(names, vec![0, 1]);
+        // A noisy copy of one source among the candidates does not hide the blend.
+        let noisy: Vec<f32> = a.iter().zip(v(9)).map(|(x, e)| x + 0.3 * e).collect();
+        let with_noisy = [
+            sub(&job, &m3, &noisy),
+            sub(&job, &m1, &a),
+            sub(&job, &m2, &b),
+        ];
+        let sources2: Vec<(&Sub<'_>, Vec<f64>)> = with_noisy
+            .iter()
+            .map(|s| (s, s.sketch.iter().map(|x| *x as f64).collect()))
+            .collect();
+        let f = fit(&soup, &sources2, 3).unwrap();
+        assert!(f.residual < 1e-6, "{}", f.residual);
         let other: Vec<f64> = v(4).iter().map(|x| *x as f64).collect();
         let g = fit(&other, &sources, 3).unwrap();
         assert!(g.residual > 0.8, "{}", g.residual);
