@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Measures what the integrity checks add to evaluating a submission: runs the red team
-# (real training, checks and evaluation on the tiny model) and prints the cost line.
+# Measures what the integrity checks add to evaluating a submission: runs the red team over the wire
+# (validator and miner daemons, gRPC-only adversaries, the tiny model) and prints the cost line.
 # Usage: scripts/bench-integrity.sh [competitions]   (default 5)
 set -euo pipefail
 cd "$(dirname "$0")/.."

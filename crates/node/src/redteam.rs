@@ -808,9 +808,11 @@ fn run_one(
 
 /// The report as Markdown (docs/INTEGRITY.md).
 pub fn markdown(r: &Report) -> String {
-    let mut s = String::from("# Integrity: the red-team report\n\n");
+    let mut s = String::from(
+        "# Integrity: the in-process red-team report\n\nIn process, through the engine: quick for trying thresholds, but not evidence of what holds against a miner on the wire (`tunenet redteam` without `--in-process` is).\n\n",
+    );
     s.push_str(&format!(
-        "Written by `tunenet redteam --competitions {}`. Each competition runs two jobs on the tiny model through the \
+        "Written by `tunenet redteam --in-process --competitions {}`. Each competition runs two jobs on the tiny model through the \
          real validator engine, real LoRA/full training, the integrity checks and the evaluation, with three honest \
          miners (LoRA ranks 4/8/16 and full fine-tuning, learning rates 1e-3 to 3e-3, 12 to 20 steps, different \
          seeds) and one cheater per strategy. Each shard carries 8 secret canaries (4 siblings kept back); each job's \
@@ -887,28 +889,7 @@ pub fn markdown(r: &Report) -> String {
              alone.\n\n\
              | statistic | honest: min / median / max (n) | test-split cheater: min / median / max (n) |\n| --- | --- | --- |\n",
         );
-        let summary = |v: &[f64]| -> String {
-            let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
-            if v.is_empty() {
-                return "-".into();
-            }
-            v.sort_by(f64::total_cmp);
-            // Small p-values in scientific notation, so they do not all read 0.000.
-            let f = |x: f64| {
-                if x != 0.0 && x.abs() < 1e-3 {
-                    format!("{x:.1e}")
-                } else {
-                    format!("{x:.3}")
-                }
-            };
-            format!(
-                "{} / {} / {} ({})",
-                f(v[0]),
-                f(v[v.len() / 2]),
-                f(v[v.len() - 1]),
-                v.len()
-            )
-        };
+        let summary = crate::wire_redteam::summary;
         for (k, (h, c)) in &r.evidence {
             s.push_str(&format!("| {k} | {} | {} |\n", summary(h), summary(c)));
         }

@@ -1265,11 +1265,13 @@ fn field(line: &str, key: &str) -> Option<f64> {
     rest[..end].trim_end_matches(',').parse().ok()
 }
 
-fn summary(xs: &[f64]) -> String {
-    if xs.is_empty() {
+/// min / median / max (count) of the finite values, small ones in scientific notation so
+/// p-values do not all read 0.000.
+pub(crate) fn summary(xs: &[f64]) -> String {
+    let mut v: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
         return "-".into();
     }
-    let mut v = xs.to_vec();
     v.sort_by(f64::total_cmp);
     let fmt = |x: f64| {
         if x != 0.0 && x.abs() < 1e-3 {

@@ -165,6 +165,16 @@ enum Cmd {
     Demo(demo::DemoArgs),
 }
 
+/// Writes a Markdown report (making its folder) and prints it.
+fn write_report(out: &std::path::Path, md: &str) -> anyhow::Result<()> {
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(out, md).with_context(|| format!("cannot write {}", out.display()))?;
+    print!("{md}");
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
@@ -352,12 +362,10 @@ fn run(cmd: Cmd) -> Result<()> {
             }))?;
             let command =
                 format!("tunenet redteam --competitions {competitions} --budget {budget}");
-            let md = tunenet_node::wire_redteam::markdown(&report, &command);
-            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir)?;
-            }
-            std::fs::write(&out, &md).with_context(|| format!("cannot write {}", out.display()))?;
-            print!("{md}");
+            write_report(
+                &out,
+                &tunenet_node::wire_redteam::markdown(&report, &command),
+            )?;
             let missed = report.catches.iter().filter(|c| !c.caught).count();
             eprintln!(
                 "{} cheaters caught for the expected reason of {}, {} honest submissions failed; report in {}",
@@ -376,12 +384,7 @@ fn run(cmd: Cmd) -> Result<()> {
             let report = tunenet_node::redteam::run(competitions, work.path(), &mut |line| {
                 eprintln!("{line}")
             })?;
-            let md = tunenet_node::redteam::markdown(&report);
-            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir)?;
-            }
-            std::fs::write(&out, &md).with_context(|| format!("cannot write {}", out.display()))?;
-            print!("{md}");
+            write_report(&out, &tunenet_node::redteam::markdown(&report))?;
             let missed = report.catches.iter().filter(|c| !c.caught).count();
             eprintln!(
                 "{} cheaters caught of {}, {} false positives; report in {}",
