@@ -464,7 +464,15 @@ fn redteam_over_the_wire_catches_every_cheat_and_fails_no_honest_miner() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("INTEGRITY.md");
     let run = Command::new(BIN)
-        .args(["redteam", "--competitions", "1", "--work-dir"])
+        // A long budget: the adversaries train beside the other tests' daemons.
+        .args([
+            "redteam",
+            "--competitions",
+            "1",
+            "--budget",
+            "90",
+            "--work-dir",
+        ])
         .arg(tmp.path().join("work"))
         .arg("--out")
         .arg(&out)
@@ -509,10 +517,10 @@ fn redteam_over_the_wire_catches_every_cheat_and_fails_no_honest_miner() {
             .lines()
             .find(|l| l.contains(row))
             .unwrap_or_else(|| panic!("no row for {row}:\n{report}"));
-        assert!(
-            line.contains("| 1/1 |") && line.contains(by),
-            "{row}: {line}"
-        );
+        // | strategy | caught for the expected reason | caught at all | by | ...
+        let cols: Vec<&str> = line.split(" | ").collect();
+        assert_eq!(cols.get(1), Some(&"1/1"), "{row}: {line}");
+        assert!(cols.get(3).is_some_and(|b| b.contains(by)), "{row}: {line}");
     }
     // Measured, not yet caught reliably (docs/INTEGRITY.md gives their figures): a LoRA
     // trained only on the test split, the whole public dataset once, and other

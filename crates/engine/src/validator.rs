@@ -1235,6 +1235,15 @@ impl ValidatorEngine {
                             };
                         }
                         (SubmissionState::Evaluated { verdicts, .. }, _) => verdicts.push(v),
+                        // Already failed by an earlier finding of this job: every further
+                        // finding is kept too (a copy of two earlier submissions names
+                        // both), and the reason lists them all.
+                        (SubmissionState::Failed { verdicts, reason }, _) => {
+                            verdicts.push(v);
+                            if verdicts.iter().any(|x| x.outcome == Outcome::Fail) {
+                                *reason = failed_reasons(verdicts);
+                            }
+                        }
                         _ => {}
                     }
                 }

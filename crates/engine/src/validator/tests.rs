@@ -622,6 +622,46 @@ fn exact_and_near_duplicates_fail_the_later_submission() {
 }
 
 #[test]
+fn a_copy_of_two_earlier_submissions_is_failed_naming_both() {
+    let mut w = World::new(4, 1);
+    // Miner 2 resubmits miner 0's bytes; miner 1 committed a near copy of them in between.
+    let hs = reveal_all(&mut w, &[b"orig", b"noisy", b"orig", b"honest"]);
+    let sketches = [
+        vec![1.0, 0.0, 0.0, 0.0],
+        vec![1.0, 0.0, 0.0, 0.001],
+        vec![1.0, 0.0, 0.0, 0.0],
+        vec![0.0, 1.0, 0.5, 0.0],
+    ];
+    for (i, h) in hs.iter().enumerate() {
+        w.v.handle(
+            ValidatorInput::Evaluated {
+                job_id: job0(),
+                miner: h.miner.clone(),
+                result: eval(2.0, sketches[i].clone()),
+            },
+            w.now,
+            &mut w.rng,
+        );
+    }
+    // Every finding is kept, not only the first that failed it.
+    let copy = score_of(&w, &hs[2].miner);
+    let fails: Vec<&str> = copy
+        .verdicts
+        .iter()
+        .filter(|v| v.outcome == Outcome::Fail)
+        .map(|v| v.check.as_str())
+        .collect();
+    assert!(fails.contains(&"exact_duplicate"), "{copy:?}");
+    assert!(fails.contains(&"near_duplicate"), "{copy:?}");
+    let reason = copy.penalty_reason.as_deref().unwrap();
+    assert!(
+        reason.contains("exact_duplicate") && reason.contains("near_duplicate"),
+        "{reason}"
+    );
+    assert!(score_of(&w, &hs[0].miner).penalty_reason.is_none());
+}
+
+#[test]
 fn failed_integrity_checks_give_the_penalty_with_the_reason() {
     let mut w = World::new(2, 1);
     let hs = reveal_all(&mut w, &[b"nan", b"fine"]);
