@@ -263,13 +263,24 @@ async fn competition_over_grpc_ranks_by_loss_refuses_bad_input_and_survives_rest
         "still running",
     );
 
-    // After the deadline: commits are refused, reveals must match the commitment.
+    // After the deadline: new commitments are refused; the one made in time, re-sent (a
+    // retry, or anyone replaying it), gets its first receipt back unchanged; reveals must
+    // match the commitment.
     let wait = a.deadline_ms.saturating_sub(tunenet_types::time::now_ms()) + 300;
     tokio::time::sleep(Duration::from_millis(wait)).await;
     refused(
-        v.commit(signed(&rogue_id, &job, commit, size)).await,
+        v.commit(signed(&rogue_id, &job, BlobId::of(b"late"), size))
+            .await,
         Code::FailedPrecondition,
         "after the deadline",
+    );
+    let again = v
+        .commit(signed(&rogue_id, &job, commit, size))
+        .await
+        .unwrap();
+    assert_eq!(
+        again, receipt,
+        "a re-sent commitment keeps its first receipt"
     );
     let mut wrong_salt = header.clone();
     wrong_salt.salt = [1u8; 32];
