@@ -1,0 +1,100 @@
+//! The red team over the wire, in a test binary of its own: its twenty adversaries train
+//! while the competition runs, and beside the other end-to-end tests' daemons (which have
+//! budgets of a few seconds) that load would make them miss their deadlines.
+
+use std::process::Command;
+
+mod common;
+use common::BIN;
+
+/// The red team over the wire, one competition: a validator daemon, honest miner daemons
+/// and adversary miners that speak only gRPC. Every strategy the report lists is caught for
+/// its expected reason, no honest submission fails, and every honest evaluation has its
+/// synthetic loss and leakage verdict.
+#[test]
+fn redteam_over_the_wire_catches_every_cheat_and_fails_no_honest_miner() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("INTEGRITY.md");
+    let run = Command::new(BIN)
+        // A budget with room for a slow machine: the adversaries train while it runs.
+        .args([
+            "redteam",
+            "--competitions",
+            "1",
+            "--budget",
+            "60",
+            "--work-dir",
+        ])
+        .arg(tmp.path().join("work"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report = std::fs::read_to_string(&out).unwrap();
+    for (row, by) in [
+        ("one artifact submitted to both jobs", "duplicate"),
+        ("another miner's artifact, byte for byte", "exact_duplicate"),
+        (
+            "another miner's artifact with small noise",
+            "near_duplicate",
+        ),
+        (
+            "a copy, then the original's signed commitment",
+            "exact_duplicate",
+        ),
+        ("a model soup", "derived"),
+        ("a model from another initialisation", "base_similarity"),
+        ("the base returned unchanged", "fine_tuned"),
+        (
+            "its assigned records plus the hidden test split",
+            "test_leakage",
+        ),
+        ("a LoRA rank above the bound", "lora_rank"),
+        ("NaN weights", "finite"),
+        ("exploding norms", "base_similarity"),
+        ("a commit after the deadline", "deadline"),
+        ("an upload that is not the committed artifact", "commitment"),
+        (
+            "another miner's commitment replayed as its own",
+            "commitment",
+        ),
+        ("a commitment signed with another key", "signature"),
+    ] {
+        let line = report
+            .lines()
+            .find(|l| l.contains(row))
+            .unwrap_or_else(|| panic!("no row for {row}:\n{report}"));
+        // | strategy | caught for the expected reason | caught at all | by | ...
+        let cols: Vec<&str> = line.split(" | ").collect();
+        assert_eq!(cols.get(1), Some(&"1/1"), "{row}: {line}");
+        assert!(cols.get(3).is_some_and(|b| b.contains(by)), "{row}: {line}");
+    }
+    // Measured, not yet caught reliably (docs/INTEGRITY.md gives their figures): a LoRA
+    // trained only on the test split, the whole public dataset once, and other
+    // in-distribution data. They must still be in the report.
+    for row in [
+        "trained only on the hidden test split",
+        "the whole public dataset once",
+        "in-distribution records that are not its assigned data",
+    ] {
+        assert!(report.contains(row), "no row for {row}:\n{report}");
+    }
+    let honest = report
+        .lines()
+        .find(|l| l.contains("honest submissions;"))
+        .unwrap_or_else(|| panic!("no honest line:\n{report}"));
+    assert!(honest.contains("; 0 failed or penalised"), "{honest}");
+    // "N honest submissions; 0 failed or penalised; N of them evaluated with a synthetic
+    // loss and N with a leakage verdict."
+    let n: Vec<&str> = honest.split_whitespace().collect();
+    // Three honest daemons (one of which starts listening only after the first offers,
+    // so it is in only through the retries) and two honest accomplices, in two jobs.
+    assert_eq!(n[0], "10", "{honest}");
+    assert_eq!(n[0], n[7], "{honest}");
+    assert_eq!(n[0], n[16], "{honest}");
+}
