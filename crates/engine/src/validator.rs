@@ -1488,6 +1488,17 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// A failed `exact_duplicate` verdict with its reason.
+fn exact_duplicate(reason: String) -> Verdict {
+    Verdict {
+        check: "exact_duplicate".into(),
+        outcome: Outcome::Fail,
+        value: Some(1.0),
+        threshold: None,
+        reason,
+    }
+}
+
 /// Exact and near duplicates between job `id`'s evaluated submissions and every other
 /// evaluated submission of the competition. The submission whose commitment was received
 /// later fails; the earlier one is flagged, so both parties are named.
@@ -1575,19 +1586,13 @@ fn duplicate_findings(
         {
             out.push((
                 me.miner.clone(),
-                Verdict {
-                    check: "exact_duplicate".into(),
-                    outcome: Outcome::Fail,
-                    value: Some(1.0),
-                    threshold: None,
-                    reason: format!(
-                        "the same artifact as {}'s in job {} on validator {}, whose signed receipt is earlier ({} ms before this one's)",
-                        r.receipt.miner,
-                        r.receipt.job_id,
-                        r.receipt.validator,
-                        me.received - r.receipt.received_at_ms
-                    ),
-                },
+                exact_duplicate(format!(
+                    "the same artifact as {}'s in job {} on validator {}, whose signed receipt is earlier ({} ms before this one's)",
+                    r.receipt.miner,
+                    r.receipt.job_id,
+                    r.receipt.validator,
+                    me.received - r.receipt.received_at_ms
+                )),
             ));
         }
     }
@@ -1602,16 +1607,10 @@ fn duplicate_findings(
                 if earlier {
                     out.push((
                         me.miner.clone(),
-                        Verdict {
-                            check: "exact_duplicate".into(),
-                            outcome: Outcome::Fail,
-                            value: Some(1.0),
-                            threshold: None,
-                            reason: format!(
-                                "the same artifact as {}'s in job {}, which was committed earlier",
-                                other.miner, other.job
-                            ),
-                        },
+                        exact_duplicate(format!(
+                            "the same artifact as {}'s in job {}, which was committed earlier",
+                            other.miner, other.job
+                        )),
                     ));
                 }
                 continue;

@@ -558,6 +558,21 @@ fn reveal_all(w: &mut World, artifacts: &[&[u8]]) -> Vec<UploadHeader> {
     headers
 }
 
+/// Hands the validator each revealed submission's evaluation: loss `loss(i)`, sketch `i`.
+fn evaluate_all(w: &mut World, hs: &[UploadHeader], sketches: &[Vec<f32>], loss: fn(usize) -> f64) {
+    for (i, h) in hs.iter().enumerate() {
+        w.v.handle(
+            ValidatorInput::Evaluated {
+                job_id: job0(),
+                miner: h.miner.clone(),
+                result: eval(loss(i), sketches[i].clone()),
+            },
+            w.now,
+            &mut w.rng,
+        );
+    }
+}
+
 fn score_of<'a>(w: &'a World, miner: &PeerIdStr) -> &'a JobScore {
     w.v.job(&job0())
         .unwrap()
@@ -578,17 +593,7 @@ fn exact_and_near_duplicates_fail_the_later_submission() {
         vec![0.0, 1.0, 0.5, 0.001],
         vec![0.0, 1.0, 0.5, 0.0],
     ];
-    for (i, h) in hs.iter().enumerate() {
-        w.v.handle(
-            ValidatorInput::Evaluated {
-                job_id: job0(),
-                miner: h.miner.clone(),
-                result: eval(2.0 + i as f64 * 0.1, sketches[i].clone()),
-            },
-            w.now,
-            &mut w.rng,
-        );
-    }
+    evaluate_all(&mut w, &hs, &sketches, |i| 2.0 + i as f64 * 0.1);
     let first = score_of(&w, &hs[0].miner);
     assert!(first.penalty_reason.is_none(), "{first:?}");
     let copy = score_of(&w, &hs[1].miner);
@@ -632,17 +637,7 @@ fn a_copy_of_two_earlier_submissions_is_failed_naming_both() {
         vec![1.0, 0.0, 0.0, 0.0],
         vec![0.0, 1.0, 0.5, 0.0],
     ];
-    for (i, h) in hs.iter().enumerate() {
-        w.v.handle(
-            ValidatorInput::Evaluated {
-                job_id: job0(),
-                miner: h.miner.clone(),
-                result: eval(2.0, sketches[i].clone()),
-            },
-            w.now,
-            &mut w.rng,
-        );
-    }
+    evaluate_all(&mut w, &hs, &sketches, |_| 2.0);
     // Every finding is kept, not only the first that failed it.
     let copy = score_of(&w, &hs[2].miner);
     let fails: Vec<&str> = copy
