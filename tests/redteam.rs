@@ -64,6 +64,20 @@ fn redteam_over_the_wire_catches_every_cheat_and_fails_no_honest_miner() {
             "commitment",
         ),
         ("a commitment signed with another key", "signature"),
+        // Caught by the canary exposure test (no sign of training on its assigned data
+        // while peers that learned no more show theirs) or by the per-record leakage test.
+        (
+            "trained only on the hidden test split",
+            "trained_on_job_data|test_leakage",
+        ),
+        (
+            "the whole public dataset once",
+            "trained_on_job_data|test_leakage",
+        ),
+        (
+            "in-distribution records that are not its assigned data",
+            "trained_on_job_data",
+        ),
     ] {
         let line = report
             .lines()
@@ -71,24 +85,21 @@ fn redteam_over_the_wire_catches_every_cheat_and_fails_no_honest_miner() {
             .unwrap_or_else(|| panic!("no row for {row}:\n{report}"));
         // | strategy | caught for the expected reason | caught at all | by | ...
         let cols: Vec<&str> = line.split(" | ").collect();
-        assert_eq!(cols.get(1), Some(&"1/1"), "{row}: {line}");
-        assert!(cols.get(3).is_some_and(|b| b.contains(by)), "{row}: {line}");
-    }
-    // Measured, not yet caught reliably (docs/INTEGRITY.md gives their figures): a LoRA
-    // trained only on the test split, the whole public dataset once, and other
-    // in-distribution data. They must still be in the report.
-    for row in [
-        "trained only on the hidden test split",
-        "the whole public dataset once",
-        "in-distribution records that are not its assigned data",
-    ] {
-        assert!(report.contains(row), "no row for {row}:\n{report}");
+        assert_eq!(cols.get(1), Some(&"1/1"), "{row}: {line}\n{report}");
+        assert!(
+            cols.get(3)
+                .is_some_and(|b| by.split('|').any(|x| b.contains(x))),
+            "{row}: {line}\n{report}"
+        );
     }
     let honest = report
         .lines()
         .find(|l| l.contains("honest submissions;"))
         .unwrap_or_else(|| panic!("no honest line:\n{report}"));
-    assert!(honest.contains("; 0 failed or penalised"), "{honest}");
+    assert!(
+        honest.contains("; 0 failed or penalised"),
+        "{honest}\n{report}"
+    );
     // "N honest submissions; 0 failed or penalised; N of them evaluated with a synthetic
     // loss and N with a leakage verdict."
     let n: Vec<&str> = honest.split_whitespace().collect();

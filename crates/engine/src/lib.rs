@@ -10,5 +10,6 @@ pub use miner::{
 };
 pub use validator::{
     CompetitionPlan, Evaluation, JobPhase, JobPlan, JobState, LEAKAGE_CHECK, MinerSlot, OfferState,
-    SubmissionState, ValidatorEffect, ValidatorEngine, ValidatorError, ValidatorInput,
+    SubmissionState, UNTRAINED_CHECK, ValidatorEffect, ValidatorEngine, ValidatorError,
+    ValidatorInput,
 };

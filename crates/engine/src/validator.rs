@@ -1210,6 +1210,7 @@ impl ValidatorEngine {
                 findings.extend(derived::derived_findings(&self.jobs, id, &plan.integrity));
                 if let Some(job) = self.jobs.get(id) {
                     findings.extend(leakage_findings(job, &plan.integrity));
+                    findings.extend(untrained::untrained_findings(job, &plan.integrity));
                 }
                 let Some(job) = self.jobs.get_mut(id) else {
                     return;
@@ -1371,6 +1372,7 @@ fn failed_reasons(verdicts: &[Verdict]) -> String {
 
 /// Name of the leakage verdict.
 pub const LEAKAGE_CHECK: &str = "test_leakage";
+pub use untrained::UNTRAINED_CHECK;
 
 /// Test-set leakage (DESIGN.md §4.6), judged over the job's cohort. When every evaluated
 /// submission carries per-record losses, the per-record test judges it (see
@@ -1434,7 +1436,9 @@ fn leakage_findings(job: &JobState, settings: &IntegritySettings) -> Vec<(PeerId
             let z = (r - mid) / spread;
             // Evidence of honest work: a significant canary or subset test.
             let trained = verdicts.iter().any(|v| {
-                (v.check == "canaries" || v.check == "assigned_subset")
+                (v.check == "canaries"
+                    || v.check == "canary_exposure"
+                    || v.check == "assigned_subset")
                     && matches!((v.value, v.threshold), (Some(p), Some(a)) if p <= a)
             });
             let numbers = format!(
@@ -1651,3 +1655,4 @@ mod derived;
 mod leakage;
 #[cfg(test)]
 mod tests;
+mod untrained;

@@ -29,6 +29,11 @@ pub struct JobCanaries {
     /// repetition alone does not point at the canaries); kept out of the subset samples.
     #[serde(default)]
     pub repeated: Vec<usize>,
+    /// Per canary (index as in `groups`), its never-released alternatives: records drawn
+    /// exactly as the planted one was, so that a model which never saw the canary cannot
+    /// tell it from them (empty: the job has siblings instead, and no exposure test).
+    #[serde(default)]
+    pub alternatives: Vec<Vec<Record>>,
 }
 
 impl JobCanaries {
@@ -120,8 +125,46 @@ pub fn plant(
             siblings,
             groups: Vec::new(),
             repeated: Vec::new(),
+            alternatives: Vec::new(),
         },
     )
+}
+
+/// Plants canaries that come with alternatives (each of `variants` is the canary first,
+/// then its alternatives, as [`tunenet_ml::demo_canaries`] makes them): each canary
+/// `copies` times at seeded random positions, with `decoys` ordinary records repeated as
+/// often, as [`plant_repeated`] does. The alternatives are never released; the exposure
+/// test ranks a model's gain on each canary among its gains on them.
+pub fn plant_with_alternatives(
+    shard: Vec<Record>,
+    variants: Vec<Vec<Record>>,
+    copies: usize,
+    decoys: usize,
+    seed: u64,
+) -> (Vec<Record>, JobCanaries) {
+    let mut canaries = Vec::with_capacity(variants.len());
+    let mut alternatives = Vec::with_capacity(variants.len());
+    for mut v in variants.into_iter().filter(|v| !v.is_empty()) {
+        let rest = v.split_off(1);
+        canaries.push(v.remove(0));
+        alternatives.push(rest);
+    }
+    let n = canaries.len();
+    // plant_repeated shuffles its candidates before planting: plant them in a known order
+    // by recovering each group's canary from the planted shard.
+    let (out, mut c) = plant_repeated(shard, canaries.clone(), n, copies, decoys, seed);
+    let mut ordered = vec![Vec::new(); n];
+    for g in std::mem::take(&mut c.groups) {
+        if let Some(k) = g
+            .first()
+            .and_then(|&p| canaries.iter().position(|x| *x == out[p]))
+        {
+            ordered[k] = g;
+        }
+    }
+    c.groups = ordered;
+    c.alternatives = alternatives;
+    (out, c)
 }
 
 /// Plants `planted` of `candidates` into `shard`, each `copies` times at seeded random
@@ -201,6 +244,7 @@ pub fn plant_repeated(
             siblings,
             groups,
             repeated,
+            alternatives: Vec::new(),
         },
     )
 }
@@ -340,6 +384,22 @@ mod tests {
                 .chain(&p.unassigned)
                 .all(|i| !c.repeated.contains(i))
         );
+    }
+
+    #[test]
+    fn canaries_with_alternatives_keep_their_alternatives_by_group() {
+        let shard = recs("r", 60);
+        let variants: Vec<Vec<Record>> = (0..5).map(|k| recs(&format!("c{k}-"), 4)).collect();
+        let (out, c) = plant_with_alternatives(shard, variants.clone(), 3, 4, 9);
+        assert_eq!(out.len(), 60 + 5 * 3 + 4 * 2);
+        assert_eq!(c.groups.len(), 5);
+        assert!(c.siblings.is_empty());
+        for (k, g) in c.groups.iter().enumerate() {
+            assert_eq!(g.len(), 3);
+            assert!(g.iter().all(|&p| out[p] == variants[k][0]));
+            assert_eq!(c.alternatives[k], variants[k][1..]);
+            assert!(c.alternatives[k].iter().all(|a| !out.contains(a)));
+        }
     }
 
     #[test]

@@ -15,7 +15,10 @@ pub use artifact::{ArtifactReport, IntegrityError, check_artifact};
 pub use binding::training_subset;
 pub use canary::{
     JobCanaries, MinerProbe, hold_out, miner_probe, pick_candidates, plant, plant_repeated,
+    plant_with_alternatives,
 };
 pub use sketch::{Sketch, cosine};
 pub use stats::{MannWhitney, mann_whitney_greater, median};
-pub use trained::{CANARY_CHECK, SUBSET_CHECK, trained_verdicts};
+pub use trained::{
+    CANARY_CHECK, EXPOSURE_CHECK, SUBSET_CHECK, exposure_verdict, subset_verdict, trained_verdicts,
+};

@@ -205,6 +205,43 @@ pub fn demo_dataset(n: usize, seed: u64) -> Vec<Record> {
         .collect()
 }
 
+/// Canaries for the demo generator, each with its never-released alternatives: `n`
+/// groups of `1 + alternatives` capital questions about one invented country that is not
+/// in the demo world, each naming a different invented capital. Within a group the records
+/// are independent draws alike, so for a model that never saw any of them, which one was
+/// planted (the first) is exchangeable with the others: the exposure test's null is exact.
+/// The capital is the secret a model can only predict by having trained on the record.
+/// Deterministic from `seed`.
+pub fn demo_canaries(n: usize, alternatives: usize, seed: u64) -> Vec<Vec<Record>> {
+    let world = world();
+    let known: std::collections::HashSet<&str> = world
+        .iter()
+        .flat_map(|(c, y)| [c.as_str(), y.as_str()])
+        .collect();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut used: std::collections::HashSet<String> = Default::default();
+    let mut fresh = |rng: &mut StdRng| loop {
+        let name = make_name(rng);
+        if !known.contains(name.as_str()) && used.insert(name.clone()) {
+            return name;
+        }
+    };
+    (0..n)
+        .map(|_| {
+            let country = fresh(&mut rng);
+            (0..=alternatives)
+                .map(|_| {
+                    let city = fresh(&mut rng);
+                    Record::Instruction {
+                        prompt: format!("What is the capital of {country}?\n"),
+                        response: format!("The capital of {country} is {city}."),
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// A tokenized record: `ids` (bos, tokens, eos; truncated) and the index of the first token
 /// that is a training target.
 #[derive(Clone, Debug)]

@@ -37,7 +37,7 @@ pub use artifact::{
 pub use bench::{BENCH_TEXT, BenchResult, bench_throughput};
 pub use checkpoint::CHECKPOINT_FILE;
 pub use config::{LlamaConfig, RopeScaling, SUPPORTED_ARCHITECTURES, SUPPORTED_MODEL_TYPES};
-pub use data::{Record, demo_dataset, load_jsonl, parse_jsonl, to_jsonl};
+pub use data::{Record, demo_canaries, demo_dataset, load_jsonl, parse_jsonl, to_jsonl};
 pub use device::parse_device;
 pub use error::MlError;
 pub use eval::{EvalReport, RecordLosses, evaluate, record_losses};

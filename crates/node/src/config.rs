@@ -199,18 +199,28 @@ pub struct CompetitionConfig {
     /// does not single the canaries out.
     #[serde(default = "d_decoys")]
     pub repeated_decoys: usize,
+    /// Never-released alternatives drawn with each canary, when the competition's
+    /// `synthetic_generator` can draw them (then `sibling_canaries` is unused): the
+    /// exposure test ranks a model's gain on each canary among its alternatives, exact for
+    /// a model that never saw the canary. 0: siblings and the weaker comparison instead.
+    #[serde(default = "d_alternatives")]
+    pub canary_alternatives: usize,
+}
+
+fn d_alternatives() -> usize {
+    1
 }
 
 fn d_copies() -> usize {
-    4
+    8
 }
 
 fn d_decoys() -> usize {
-    16
+    8
 }
 
 fn d_canaries() -> usize {
-    8
+    16
 }
 
 fn d_siblings() -> usize {

@@ -255,7 +255,17 @@ pub fn prepare(
     let secret: u64 = rand::random();
     let per_job = cfg.canaries_per_job + cfg.sibling_canaries;
     let wanted = per_job * cfg.jobs as usize;
+    // A generator that can draw canaries with alternatives gets the exposure test.
+    let variants = match cfg.synthetic_generator.as_deref() {
+        Some("demo") if cfg.canary_alternatives > 0 => Some(tunenet_ml::demo_canaries(
+            cfg.canaries_per_job * cfg.jobs as usize,
+            cfg.canary_alternatives,
+            secret,
+        )),
+        _ => None,
+    };
     let candidates = match cfg.synthetic_generator.as_deref() {
+        _ if variants.is_some() => Vec::new(),
         None => {
             let cap = records.len() / 20;
             tunenet_integrity::hold_out(&mut records, wanted.min(cap), secret)
@@ -278,6 +288,24 @@ pub fn prepare(
     let planted = (cfg.canaries_per_job * share)
         .checked_div(per_job)
         .unwrap_or(0);
+    if let Some(variants) = &variants {
+        for (i, (shard, vs)) in shards
+            .iter_mut()
+            .zip(variants.chunks(cfg.canaries_per_job.max(1)))
+            .enumerate()
+        {
+            let seed = secret.wrapping_add(1 + i as u64);
+            let (planted_shard, c) = tunenet_integrity::plant_with_alternatives(
+                std::mem::take(shard),
+                vs.to_vec(),
+                cfg.canary_copies,
+                cfg.repeated_decoys,
+                seed,
+            );
+            *shard = planted_shard;
+            canaries.insert(format!("{}-{i}", cfg.id), c);
+        }
+    }
     for (i, (shard, cands)) in shards
         .iter_mut()
         .zip(candidates.chunks(share.max(1)))
@@ -1331,11 +1359,33 @@ pub struct JobSets {
 }
 
 impl JobSets {
+    /// A probe record by key: shard record `k`, then the siblings, then every canary's
+    /// alternatives in group order.
     fn probe_record(&self, key: usize) -> Option<&tunenet_ml::Record> {
-        match key.checked_sub(self.shard.len()) {
-            None => self.shard.get(key),
-            Some(k) => self.canaries.siblings.get(k),
+        let Some(k) = key.checked_sub(self.shard.len()) else {
+            return self.shard.get(key);
+        };
+        let Some(mut k) = k.checked_sub(self.canaries.siblings.len()) else {
+            return self.canaries.siblings.get(k);
+        };
+        for alts in &self.canaries.alternatives {
+            if k < alts.len() {
+                return alts.get(k);
+            }
+            k -= alts.len();
         }
+        None
+    }
+
+    /// Keys of canary group `g`'s alternatives.
+    fn alternative_keys(&self, g: usize) -> std::ops::Range<usize> {
+        let start = self.shard.len()
+            + self.canaries.siblings.len()
+            + self.canaries.alternatives[..g]
+                .iter()
+                .map(Vec::len)
+                .sum::<usize>();
+        start..start + self.canaries.alternatives[g].len()
     }
 }
 
@@ -1402,7 +1452,9 @@ pub fn evaluate_submission(
         (vec![], vec![])
     };
     let mut checks = t0.elapsed().as_secs_f64();
-    // The probe: shard/sibling keys in four groups.
+    // The probe: shard/sibling/alternative keys in four groups. With alternatives, the
+    // first group is each assigned canary followed by its alternatives (see `exposure`).
+    let exposure = !sets.canaries.alternatives.is_empty();
     let probe = match binding {
         Some(b) if integrity.enabled && !sets.shard.is_empty() => {
             let p = tunenet_integrity::miner_probe(
@@ -1414,12 +1466,25 @@ pub fn evaluate_submission(
                 integrity.subset_sample,
             );
             let n = sets.shard.len();
-            Some([
-                p.assigned_canaries,
-                (n..n + sets.canaries.siblings.len()).collect(),
-                p.assigned,
-                p.unassigned,
-            ])
+            let (canaries, siblings) = if exposure {
+                let groups = sets.canaries.canary_groups();
+                let mut keys = Vec::new();
+                for pos in p.assigned_canaries {
+                    if let Some(g) = groups.iter().position(|g| g.contains(&pos))
+                        && g < sets.canaries.alternatives.len()
+                    {
+                        keys.push(pos);
+                        keys.extend(sets.alternative_keys(g));
+                    }
+                }
+                (keys, Vec::new())
+            } else {
+                (
+                    p.assigned_canaries,
+                    (n..n + sets.canaries.siblings.len()).collect(),
+                )
+            };
+            Some([canaries, siblings, p.assigned, p.unassigned])
         }
         _ => None,
     };
@@ -1459,25 +1524,63 @@ pub fn evaluate_submission(
         let all: u64 = r.tokens.iter().sum();
         let probe_tokens: u64 = r.tokens[n_scored..].iter().sum();
         checks += r.seconds * probe_tokens as f64 / all.max(1) as f64;
+        // Gain (base − tuned) per record: mean per token, or summed over the record's
+        // tokens (the exposure test compares records that differ only in their secret).
+        let gain = |k: &usize, i: usize, summed: bool| -> Option<f64> {
+            match (sets.base_losses.get(k), r.losses.get(i)) {
+                (Some(Some(b)), Some(Some(m))) => {
+                    let t = if summed { r.tokens[i] as f64 } else { 1.0 };
+                    Some((b - m) * t)
+                }
+                _ => None,
+            }
+        };
         let mut at = n_scored;
         let mut improvements: Vec<Vec<f64>> = Vec::with_capacity(4);
-        for g in &groups {
-            let mut v = Vec::with_capacity(g.len());
-            for (k, i) in g.iter().zip(at..) {
-                if let (Some(Some(b)), Some(Some(m))) = (sets.base_losses.get(k), r.losses.get(i)) {
-                    v.push(b - m);
+        let mut exposure_groups: Vec<Vec<f64>> = Vec::new();
+        for (gi, g) in groups.iter().enumerate() {
+            if gi == 0 && exposure {
+                // A shard key starts a canary's group; alternatives' keys follow it.
+                let mut cur: Vec<f64> = Vec::new();
+                for (k, i) in g.iter().zip(at..) {
+                    if *k < sets.shard.len() && !cur.is_empty() {
+                        exposure_groups.push(std::mem::take(&mut cur));
+                    }
+                    cur.push(gain(k, i, true).unwrap_or(f64::NAN));
                 }
+                if !cur.is_empty() {
+                    exposure_groups.push(cur);
+                }
+                improvements.push(Vec::new());
+            } else {
+                let v = g
+                    .iter()
+                    .zip(at..)
+                    .filter_map(|(k, i)| gain(k, i, false))
+                    .collect();
+                improvements.push(v);
             }
             at += g.len();
-            improvements.push(v);
         }
-        verdicts.extend(tunenet_integrity::trained_verdicts(
-            &improvements[0],
-            &improvements[1],
-            &improvements[2],
-            &improvements[3],
-            integrity,
-        ));
+        if exposure {
+            verdicts.push(tunenet_integrity::exposure_verdict(
+                &exposure_groups,
+                integrity,
+            ));
+            verdicts.push(tunenet_integrity::subset_verdict(
+                &improvements[2],
+                &improvements[3],
+                integrity,
+            ));
+        } else {
+            verdicts.extend(tunenet_integrity::trained_verdicts(
+                &improvements[0],
+                &improvements[1],
+                &improvements[2],
+                &improvements[3],
+                integrity,
+            ));
+        }
     }
     Ok((
         Evaluation {

@@ -128,10 +128,9 @@ impl Cheat {
             Cheat::ModelSoup => &["derived"],
             Cheat::OtherInitialisation => &["base_similarity", "base_similarity_median"],
             Cheat::BaseUnchanged => &["fine_tuned"],
-            Cheat::TrainedOnTestSplit | Cheat::TestSplitOnly | Cheat::WholeDataset => {
-                &["test_leakage"]
-            }
-            Cheat::OtherData => &["canaries", "assigned_subset"],
+            Cheat::TrainedOnTestSplit => &["test_leakage"],
+            Cheat::TestSplitOnly | Cheat::WholeDataset => &["test_leakage", "trained_on_job_data"],
+            Cheat::OtherData => &["trained_on_job_data"],
             Cheat::RankAboveBound => &["lora_rank"],
             Cheat::NanWeights => &["finite"],
             Cheat::ExplodingNorms => &["base_similarity", "base_similarity_median", "delta_norm"],
@@ -326,11 +325,55 @@ impl tunenet_rpc::MinerBackend for AdversaryService {
 }
 
 /// Honest miner daemons: method, rank, learning rate, steps (varied by competition).
+/// Each trains about two passes over its subset, as a miner with the job's time budget
+/// would (the default `max_steps` is 100).
 const HONEST: [(&str, u32, f64, u32); 3] = [
-    ("lora", 4, 1e-3, 14),
-    ("lora", 16, 3e-3, 20),
-    ("full", 0, 2e-3, 16),
+    ("lora", 4, 1e-3, 40),
+    ("lora", 16, 3e-3, 50),
+    ("full", 0, 2e-3, 40),
 ];
+
+/// Records and optimiser steps of the base model's pretraining.
+const PRETRAIN: (usize, usize) = (4000, 300);
+
+/// The competitions' base model: the tiny model pretrained on demo-style records drawn
+/// from a seed no competition uses, so that, as with any real base model, fine-tuning
+/// starts from a model that already knows the data's style and what is left to learn is
+/// each record's own content. (A randomly initialised base spends a short run learning the
+/// style, and nothing tells training on one record from training on another.)
+fn pretrained_base(
+    work: &Path,
+    out: &Path,
+    progress: &mut (dyn FnMut(&str) + Send),
+) -> Result<(), NodeError> {
+    let init = work.join("base-init");
+    tunenet_ml::init_tiny(&init, 11).map_err(NodeError::Ml)?;
+    let model = ModelDir::open(&init).map_err(NodeError::Ml)?;
+    let t0 = Instant::now();
+    let cfg = TrainConfig {
+        method: Method::Full,
+        learning_rate: 3e-3,
+        max_steps: PRETRAIN.1,
+        batch_size: 16,
+        max_seq_len: 64,
+        seed: 1,
+        ..Default::default()
+    };
+    let artifact = train(
+        &model,
+        &tunenet_ml::demo_dataset(PRETRAIN.0, 0x7072_6574_7261_696e),
+        &cfg,
+        &work.join("pretrain"),
+    )?;
+    model_from_full(&model, &artifact, out)?;
+    progress(&format!(
+        "base model pretrained ({} steps on {} records) in {:.0} s",
+        PRETRAIN.1,
+        PRETRAIN.0,
+        t0.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
 
 /// Runs the competitions and returns the findings; `progress` gets a line per step.
 pub async fn run(
@@ -344,8 +387,8 @@ pub async fn run(
     std::fs::create_dir_all(&opts.work).map_err(other)?;
     let base_dir = opts.work.join("base");
     let other_dir = opts.work.join("other-init");
-    if !base_dir.join("config.json").exists() {
-        tunenet_ml::init_tiny(&base_dir, 11).map_err(NodeError::Ml)?;
+    if !base_dir.join(tunenet_ml::WEIGHTS_FILE).exists() {
+        pretrained_base(&opts.work, &base_dir, progress)?;
         tunenet_ml::init_tiny(&other_dir, 12).map_err(NodeError::Ml)?;
     }
     for c in opts.first..opts.first + opts.competitions {
@@ -886,7 +929,7 @@ fn make_artifacts(
     let mut sources: Vec<PathBuf> = Vec::new();
     for (i, (role, a)) in plan.iter().enumerate() {
         if let Role::Accomplice(k) = role {
-            let cfg = [lora(8, 2e-3, 16, seed + 1), lora(8, 1.5e-3, 18, seed + 2)][*k % 2].clone();
+            let cfg = [lora(8, 2e-3, 40, seed + 1), lora(8, 1.5e-3, 45, seed + 2)][*k % 2].clone();
             let p = train(
                 &ctx.base,
                 &subset_of(a),
@@ -911,7 +954,7 @@ fn make_artifacts(
             Cheat::SameArtifactManyJobs => match &carry.reused {
                 Some(p) => p.clone(),
                 None => {
-                    let p = train(&ctx.base, &subset, &lora(8, 2e-3, 16, seed + 7), &odir)?;
+                    let p = train(&ctx.base, &subset, &lora(8, 2e-3, 40, seed + 7), &odir)?;
                     let keep = ctx.dir.join("..").join("reused.safetensors");
                     std::fs::copy(&p, &keep).map_err(other)?;
                     carry.reused = Some(keep.clone());
@@ -974,7 +1017,7 @@ fn make_artifacts(
             }
             Cheat::OtherData => {
                 let fresh = tunenet_ml::demo_dataset(subset.len(), 7_000 + seed);
-                train(&ctx.base, &fresh, &lora(8, 2e-3, 16, seed + 6), &odir)?
+                train(&ctx.base, &fresh, &lora(8, 2e-3, 40, seed + 6), &odir)?
             }
             Cheat::RankAboveBound => train(&ctx.base, &subset, &lora(32, 2e-3, 5, seed), &odir)?,
             Cheat::NanWeights => {
@@ -1156,6 +1199,7 @@ fn tally(
     let stat_key = |check: &str| match check {
         "test_leakage" => Some("per-record leakage test p-value"),
         "canaries" => Some("canary test p-value"),
+        "canary_exposure" => Some("canary exposure test p-value"),
         "assigned_subset" => Some("assigned-subset test p-value"),
         "derived" => Some("derived-submission residual"),
         _ => None,
@@ -1294,8 +1338,10 @@ pub fn markdown(r: &WireReport, command: &str) -> String {
     let mut s = String::new();
     s.push_str("# Integrity: the red-team report, over the wire\n\n");
     s.push_str(&format!(
-        "Written by `{command}`. Each competition is a real `tunenet validator` daemon and {} honest `tunenet miner` daemons (LoRA rank 4, LoRA rank 16, full fine-tuning; learning rates varied by competition), all separate processes on loopback (the last honest daemon starts listening only after the validator's first offers went out, so it gets its jobs only through the offer retries), plus adversary miners that speak only the gRPC protocol from another process: each serves its own `MinerService`, accepts offers, fetches its shard by blake3, signs its own commitments and reveals by upload. Two of them are honest accomplices (LoRA rank 8 on their assigned subsets) whose artifacts the copiers and the soup take; their submissions count as honest. Each competition has two jobs on the tiny model, 300 demo records (60 held out as the hidden test split), 8 secret canaries per shard with 4 never-released siblings, and a synthetic set of 180 records drawn after each deadline. Outcomes are read back as an operator reads them, through `tunenet console competition show`; the checks' cost comes from the validator's own log. A cheater counts as caught when one of its strategy's expected checks fails its submission or the validator refuses its message for the expected reason.\n\n",
-        HONEST.len()
+        "Written by `{command}`. Each competition is a real `tunenet validator` daemon and {} honest `tunenet miner` daemons (LoRA rank 4, LoRA rank 16, full fine-tuning, about two passes over their subsets; learning rates varied by competition), all separate processes on loopback (the last honest daemon starts listening only after the validator's first offers went out, so it gets its jobs only through the offer retries), plus adversary miners that speak only the gRPC protocol from another process: each serves its own `MinerService`, accepts offers, fetches its shard by blake3, signs its own commitments and reveals by upload. Two of them are honest accomplices (LoRA rank 8, about two passes over their assigned subsets) whose artifacts the copiers and the soup take; their submissions count as honest. Each competition has two jobs on the tiny model pretrained on {} demo-style records from a seed no competition uses ({} steps; fine-tuning then starts, as on any real base, from a model that knows the data's style), 300 demo records (60 held out as the hidden test split), 16 secret canaries per shard (each an invented country's capital, planted 8 times, with a never-released alternative capital drawn alike for the exposure test), and a synthetic set of 180 records drawn after each deadline. Outcomes are read back as an operator reads them, through `tunenet console competition show`; the checks' cost comes from the validator's own log. A cheater counts as caught when one of its strategy's expected checks fails its submission or the validator refuses its message for the expected reason.\n\n",
+        HONEST.len(),
+        PRETRAIN.0,
+        PRETRAIN.1
     ));
     s.push_str(&format!(
         "Competitions: {}; wall time per competition: {}.\n\n",

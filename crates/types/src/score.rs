@@ -359,6 +359,12 @@ pub struct IntegritySettings {
     /// Mann–Whitney U on per-record loss improvements: assigned canaries against
     /// never-released siblings, assigned records against unassigned ones).
     pub trained_alpha: f64,
+    /// The canary exposure test is decisive in a job when some submission of another
+    /// miner reaches this p-value: the job's canaries are then shown learnable under its
+    /// training, and a submission whose own exposure test stays above `trained_alpha`
+    /// fails as not trained on its assigned data. For a model that never saw its canaries
+    /// the test is exact, so it escapes with probability `trained_alpha`.
+    pub trained_decisive_alpha: f64,
     /// Records sampled from each side (assigned, unassigned) for the subset test: 3 a side
     /// is the fewest at which it can reach `trained_alpha` 0.05 (its smallest p-value is 1/20).
     pub subset_sample: usize,
@@ -401,6 +407,7 @@ impl Default for IntegritySettings {
             near_duplicate_norm_ratio: 0.9,
             sketch_dim: 4096,
             trained_alpha: 0.05,
+            trained_decisive_alpha: 1e-3,
             subset_sample: 3,
             leak_flag_z: 6.0,
             leak_fail_z: 10.0,

@@ -1118,3 +1118,105 @@ fn a_job_whose_evaluations_lack_the_synthetic_set_is_not_scored() {
     }
     assert!(job.scores.is_empty());
 }
+
+fn exposure_verdict(p: f64) -> Verdict {
+    Verdict {
+        check: "canary_exposure".into(),
+        outcome: Outcome::Pass,
+        value: Some(p),
+        threshold: Some(0.05),
+        reason: String::new(),
+    }
+}
+
+/// Evaluates each of `ps` (one exposure p-value per miner, same losses) and returns the
+/// world and the uploads.
+fn with_exposure(ps: &[f64]) -> (World, Vec<UploadHeader>) {
+    let cases: Vec<(f64, f64)> = ps.iter().map(|p| (*p, 2.0)).collect();
+    with_exposure_and_loss(&cases)
+}
+
+/// As [`with_exposure`], with each miner's synthetic loss.
+fn with_exposure_and_loss(cases: &[(f64, f64)]) -> (World, Vec<UploadHeader>) {
+    let ps: Vec<f64> = cases.iter().map(|c| c.0).collect();
+    let mut w = World::new(ps.len(), 1);
+    let artifacts: Vec<Vec<u8>> = (0..ps.len()).map(|i| vec![b'a' + i as u8]).collect();
+    let refs: Vec<&[u8]> = artifacts.iter().map(Vec::as_slice).collect();
+    let hs = reveal_all(&mut w, &refs);
+    for (h, (p, loss)) in hs.iter().zip(cases) {
+        let loss = *loss;
+        w.v.handle(
+            ValidatorInput::Evaluated {
+                job_id: job0(),
+                miner: h.miner.clone(),
+                result: eval_both(2.0, loss, vec![exposure_verdict(*p)]),
+            },
+            w.now,
+            &mut w.rng,
+        );
+    }
+    (w, hs)
+}
+
+#[test]
+fn no_sign_of_training_on_its_canaries_fails_once_the_job_shows_them_learnable() {
+    let (w, hs) = with_exposure(&[1e-4, 2e-3, 0.3]);
+    for (i, h) in hs.iter().enumerate() {
+        let s = score_of(&w, &h.miner);
+        let untrained = s.verdicts.iter().find(|v| v.check == UNTRAINED_CHECK);
+        if i == 2 {
+            let v = untrained.unwrap();
+            assert_eq!(v.outcome, Outcome::Fail);
+            assert!(v.reason.contains("p = 0.30"), "{}", v.reason);
+            assert!(v.reason.contains("1 other submission"), "{}", v.reason);
+            assert!(s.penalty_reason.is_some(), "{s:?}");
+        } else {
+            // p = 2e-3 is weaker than the decisive level but still shows training.
+            assert!(untrained.is_none(), "{s:?}");
+            assert!(s.penalty_reason.is_none(), "{s:?}");
+        }
+    }
+}
+
+#[test]
+fn without_a_decisive_submission_in_the_job_nobody_fails_for_canaries() {
+    // Short runs on a model that memorises little: nobody's canaries show, so the test
+    // says nothing about anyone.
+    let (w, hs) = with_exposure(&[0.02, 0.3, 0.7]);
+    for h in &hs {
+        let s = score_of(&w, &h.miner);
+        assert!(
+            s.verdicts.iter().all(|v| v.check != UNTRAINED_CHECK),
+            "{s:?}"
+        );
+        assert!(s.penalty_reason.is_none(), "{s:?}");
+    }
+    // The only decisive one does not make itself a reference.
+    let (w, hs) = with_exposure(&[1e-4, 0.5]);
+    assert!(score_of(&w, &hs[0].miner).penalty_reason.is_none());
+    assert!(score_of(&w, &hs[1].miner).penalty_reason.is_some());
+}
+
+#[test]
+fn only_peers_that_learned_no_more_on_fresh_records_make_the_test_decisive() {
+    // A strong run memorises its canaries and learns the task well (synthetic loss 1.5);
+    // a weak honest run learns less (2.2) and shows nothing: not judged by the strong one.
+    // A run on other data learns the task better than the weak one (1.9) and never saw its
+    // canaries: the run at 2.0, which learned no more and memorised its canaries, judges it.
+    let (w, hs) = with_exposure_and_loss(&[(1e-4, 1.5), (0.3, 2.2), (0.6, 1.9), (5e-4, 2.0)]);
+    assert!(score_of(&w, &hs[0].miner).penalty_reason.is_none());
+    assert!(score_of(&w, &hs[1].miner).penalty_reason.is_none());
+    assert!(score_of(&w, &hs[3].miner).penalty_reason.is_none());
+    let s = score_of(&w, &hs[2].miner);
+    let v = s
+        .verdicts
+        .iter()
+        .find(|v| v.check == UNTRAINED_CHECK)
+        .unwrap();
+    assert!(v.reason.contains("1 other submission"), "{}", v.reason);
+    assert!(
+        v.reason.contains("2.0000 against its 1.9000"),
+        "{}",
+        v.reason
+    );
+}
