@@ -4,6 +4,7 @@
 mod cli_model;
 mod console;
 mod demo;
+mod hardware;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -163,6 +164,9 @@ enum Cmd {
     },
     /// Run a whole competition on this machine: one validator and three miners.
     Demo(demo::DemoArgs),
+    /// What this box has: CPU, memory and NVIDIA GPUs (through the driver's NVML); with
+    /// `--benchmark N`, also a verified matrix-multiply benchmark run locally.
+    Hardware(hardware::HardwareArgs),
 }
 
 /// Writes a Markdown report (making its folder) and prints it.
@@ -399,6 +403,7 @@ fn run(cmd: Cmd) -> Result<()> {
         Cmd::Train(a) => cli_model::train(a)?,
         Cmd::Eval(a) => cli_model::eval(a)?,
         Cmd::Demo(a) => demo::run(a)?,
+        Cmd::Hardware(a) => hardware::run(a)?,
     }
     Ok(())
 }
