@@ -1643,3 +1643,328 @@ async fn an_artifact_submitted_to_two_validators_fails_as_a_copy_on_the_later_on
     }
     assert!(validators[0].0.log().contains("artifact record published"));
 }
+
+/// A benchmark cheat, served over gRPC by this process.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum HwCheat {
+    /// Declares an A100 and computes on the CPU.
+    ClaimsA100,
+    /// Commits to random products.
+    RandomProduct,
+    /// Computes the top half of each product and leaves the rest at zero.
+    HalfTheRows,
+    /// Answers every challenge with the products of an old seed.
+    Replay,
+    /// Computes honestly but reports 1 ms of compute.
+    PaddedTime,
+    /// Commits to one set of products and opens another (the honest one).
+    CommitsOtherProducts,
+}
+
+struct HwCheater {
+    id: Identity,
+    cheat: HwCheat,
+    pending: std::sync::Mutex<Option<tunenet_hw::bench::Computed>>,
+}
+
+#[tonic::async_trait]
+impl MinerBackend for HwCheater {
+    async fn offer(&self, o: Offer) -> Result<DecisionReply, Status> {
+        Ok(DecisionReply {
+            job_id: o.job_id,
+            miner: self.id.peer_id(),
+            decision: Decision::Reject(RejectReason {
+                code: RejectCode::Busy,
+                detail: "benchmarks only".into(),
+            }),
+        })
+    }
+    async fn assign(&self, _a: Assignment) -> Result<(), Status> {
+        Err(Status::failed_precondition("benchmarks only"))
+    }
+    async fn status(&self) -> Result<tunenet_proto::v1::MinerStatus, Status> {
+        Err(Status::unimplemented("cheater"))
+    }
+    async fn benchmark(
+        &self,
+        c: tunenet_proto::v1::BenchmarkChallenge,
+    ) -> Result<tunenet_proto::v1::BenchmarkCommitment, Status> {
+        use tunenet_hw::bench::{self, Challenge, Dtype, Spec};
+        let spec = Spec {
+            n: c.n,
+            k: c.k,
+            tile: c.tile,
+            dtype: Dtype::F32,
+        };
+        let mut seed: [u8; 32] = c.seed.clone().try_into().unwrap();
+        if self.cheat == HwCheat::Replay {
+            seed = [7; 32];
+        }
+        let ch = Challenge {
+            seed,
+            spec,
+            device: 0,
+        };
+        let started = Instant::now();
+        let honest = bench::compute(&ch, &tunenet_ml::Device::Cpu).map_err(Status::internal)?;
+        let n = spec.n as usize;
+        let (kept, committed) = match self.cheat {
+            HwCheat::RandomProduct => {
+                let mut x = 1u64;
+                let random: Vec<f32> = (0..n * n)
+                    .map(|_| {
+                        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                        ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0
+                    })
+                    .collect();
+                let c = honest.with_product(0, random);
+                let roots = c.roots();
+                (c, roots)
+            }
+            HwCheat::HalfTheRows => {
+                let mut p = honest.product(0).to_vec();
+                p[n * n / 2..].fill(0.0);
+                let c = honest.with_product(0, p);
+                let roots = c.roots();
+                (c, roots)
+            }
+            HwCheat::CommitsOtherProducts => {
+                let mut p = honest.product(0).to_vec();
+                p.iter_mut().for_each(|v| *v += 1.0);
+                let other = bench::compute(&ch, &tunenet_ml::Device::Cpu)
+                    .map_err(Status::internal)?
+                    .with_product(0, p);
+                (honest, other.roots())
+            }
+            _ => {
+                let roots = honest.roots();
+                (honest, roots)
+            }
+        };
+        let reported = if self.cheat == HwCheat::PaddedTime {
+            1
+        } else {
+            started.elapsed().as_millis() as u64
+        };
+        let mut inv = tunenet_hw::Inventory::collect_with_nvml(Some(Path::new("/nonexistent")));
+        if self.cheat == HwCheat::ClaimsA100 {
+            inv.nvml_error = None;
+            inv.driver_version = Some("550.54".into());
+            inv.gpus = vec![tunenet_hw::GpuInfo {
+                name: "NVIDIA A100-SXM4-80GB".into(),
+                uuid: "GPU-00000000-0000-0000-0000-000000000000".into(),
+                memory_total_bytes: 80 << 30,
+                memory_free_bytes: 80 << 30,
+                compute_capability: "8.0".into(),
+                ..Default::default()
+            }];
+        }
+        let mut out = tunenet_proto::v1::BenchmarkCommitment {
+            challenge_id: c.challenge_id,
+            miner: self.id.peer_id().0,
+            miner_key: self.id.public_key_bytes(),
+            devices: vec![tunenet_proto::v1::DeviceRoots {
+                device: 0,
+                roots: committed.iter().map(|r| r.to_vec()).collect(),
+            }],
+            reported_compute_ms: reported,
+            inventory: Some(tunenet_node::hardware::inventory_pb(&inv)),
+            signature: vec![],
+        };
+        out.signature = self
+            .id
+            .sign(&tunenet_node::hardware::commitment_signing_bytes(&out));
+        *self.pending.lock().unwrap() = Some(kept);
+        Ok(out)
+    }
+    async fn benchmark_open(
+        &self,
+        r: tunenet_proto::v1::BenchmarkReveal,
+    ) -> Result<tunenet_proto::v1::BenchmarkOpening, Status> {
+        use tunenet_hw::bench::{self, Reveal, TileRef};
+        let c = self.pending.lock().unwrap().take().unwrap();
+        let reveal = Reveal {
+            r_seed: r.r_seed.clone().try_into().unwrap(),
+            tiles: r
+                .tiles
+                .iter()
+                .map(|t| TileRef {
+                    matrix: t.matrix,
+                    index: t.index,
+                })
+                .collect(),
+        };
+        let o = bench::open(&c, &reveal).map_err(Status::internal)?;
+        Ok(tunenet_proto::v1::BenchmarkOpening {
+            challenge_id: r.challenge_id,
+            miner: self.id.peer_id().0,
+            devices: vec![tunenet_node::hardware::opening_pb(0, o)],
+        })
+    }
+}
+
+/// A validator daemon benchmarks a real miner daemon and six cheaters that speak only the
+/// protocol: the honest CPU miner is verified without a flag; each cheat is failed or
+/// flagged with its reason, as the console shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hardware_benchmarks_verify_an_honest_miner_and_catch_each_cheat() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut miners = Vec::new();
+    let mut cheaters = Vec::new();
+    for cheat in [
+        HwCheat::ClaimsA100,
+        HwCheat::RandomProduct,
+        HwCheat::HalfTheRows,
+        HwCheat::Replay,
+        HwCheat::PaddedTime,
+        HwCheat::CommitsOtherProducts,
+    ] {
+        let id = Identity::generate();
+        let p = port();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", p))
+            .await
+            .unwrap();
+        let svc = tunenet_rpc::miner_server(Arc::new(HwCheater {
+            id: id.clone(),
+            cheat,
+            pending: Default::default(),
+        }));
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        miners.push(format!("http://127.0.0.1:{p}"));
+        cheaters.push((cheat, id.peer_id().0));
+    }
+    let mp = port();
+    let mconf = root.join("miner.toml");
+    std::fs::write(
+        &mconf,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{mp}\"\n",
+            root.join("m")
+        ),
+    )
+    .unwrap();
+    let honest = Daemon::start(
+        &["miner", "--config", mconf.to_str().unwrap()],
+        &root.join("miner.log"),
+    );
+    miners.push(format!("http://127.0.0.1:{mp}"));
+    let vp = port();
+    let vconf = root.join("validator.toml");
+    std::fs::write(
+        &vconf,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{vp}\"\nminers = {miners:?}\n[hardware]\ncpu_n = 2048\ngpu_n = 2048\ntile = 32\nopen_tiles = 8\ngpu_dtypes = [\"f32\"]\n",
+            root.join("v")
+        ),
+    )
+    .unwrap();
+    let admin = common::admin_token(&vconf);
+    let validator = Daemon::start(
+        &["validator", "--config", vconf.to_str().unwrap()],
+        &root.join("validator.log"),
+    );
+    let vurl = format!("http://127.0.0.1:{vp}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let records: Vec<serde_json::Value> = loop {
+        let out = Command::new(BIN)
+            .args([
+                "console",
+                "--validator",
+                &vurl,
+                "--token",
+                &admin,
+                "--json",
+                "miner",
+                "list",
+            ])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let h = v["hardware"].as_array().cloned().unwrap_or_default();
+            if h.len() == 7 && h.iter().all(|r| !r["runs"].as_array().unwrap().is_empty()) {
+                break h;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every miner was benchmarked in time\n{}\n{}",
+            validator.log(),
+            honest.log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let of = |peer: &str| {
+        records
+            .iter()
+            .find(|r| r["miner"] == peer)
+            .unwrap_or_else(|| panic!("{peer} has no record: {records:#?}"))
+    };
+    let honest_peer = records
+        .iter()
+        .find(|r| !cheaters.iter().any(|(_, p)| r["miner"] == p.as_str()))
+        .unwrap();
+    let first = &honest_peer["runs"][0];
+    assert_eq!(first["verified"], true, "{honest_peer:#}");
+    assert!(first["devices"][0]["tflops"].as_f64().unwrap() > 0.0);
+    assert_eq!(
+        honest_peer["flags"].as_array().unwrap().len(),
+        0,
+        "{honest_peer:#}"
+    );
+    assert!(
+        honest_peer["inventory"]["gpus"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    for (cheat, peer) in &cheaters {
+        let r = of(peer);
+        let first = &r["runs"][0];
+        let failure = first["failure"].as_str().unwrap_or("");
+        let flags: Vec<&str> = r["flags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_str().unwrap())
+            .collect();
+        let caught = match cheat {
+            HwCheat::ClaimsA100 => flags
+                .iter()
+                .any(|f| f.starts_with("claims_more_than_verified") && f.contains("A100")),
+            HwCheat::RandomProduct | HwCheat::HalfTheRows | HwCheat::Replay => {
+                failure.starts_with("tile on device 0")
+            }
+            HwCheat::PaddedTime => {
+                first["verified"] == true && flags.iter().any(|f| f.starts_with("time_report"))
+            }
+            HwCheat::CommitsOtherProducts => failure.starts_with("commitment on device 0"),
+        };
+        assert!(caught, "{cheat:?} was not caught for its reason: {r:#}");
+    }
+    // The operator's table shows the same.
+    let out = run(&[
+        "console",
+        "--validator",
+        &vurl,
+        "--token",
+        &admin,
+        "miner",
+        "list",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("f32") && text.contains("TFLOPS verified"),
+        "{text}"
+    );
+    assert!(
+        text.contains("FLAG      claims_more_than_verified"),
+        "{text}"
+    );
+    drop(validator);
+}

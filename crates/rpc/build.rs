@@ -9,6 +9,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile([&services, &console], [&root])?;
     tonic_prost_build::configure()
         .extern_path(".tunenet.v1.Offer", "::tunenet_proto::v1::Offer")
+        .extern_path(
+            ".tunenet.v1.BenchmarkChallenge",
+            "::tunenet_proto::v1::BenchmarkChallenge",
+        )
+        .extern_path(
+            ".tunenet.v1.BenchmarkCommitment",
+            "::tunenet_proto::v1::BenchmarkCommitment",
+        )
+        .extern_path(
+            ".tunenet.v1.BenchmarkReveal",
+            "::tunenet_proto::v1::BenchmarkReveal",
+        )
+        .extern_path(
+            ".tunenet.v1.BenchmarkOpening",
+            "::tunenet_proto::v1::BenchmarkOpening",
+        )
+        .extern_path(
+            ".tunenet.v1.HardwareInventory",
+            "::tunenet_proto::v1::HardwareInventory",
+        )
         .extern_path(".tunenet.v1.Decision", "::tunenet_proto::v1::Decision")
         .extern_path(".tunenet.v1.Assignment", "::tunenet_proto::v1::Assignment")
         .extern_path(

@@ -87,6 +87,9 @@ pub struct MinerConfig {
     pub policy: MinerPolicy,
     /// Training settings.
     pub training: TrainingConfig,
+    /// Largest matrix side this miner computes for a validator's benchmark (bounds what a
+    /// challenge can make it spend: n = 8192 is 1.1 TFLOP per matrix).
+    pub benchmark_max_n: u32,
 }
 
 impl Default for MinerConfig {
@@ -101,6 +104,7 @@ impl Default for MinerConfig {
             inference: Default::default(),
             policy: MinerPolicy::default(),
             training: TrainingConfig::default(),
+            benchmark_max_n: 8192,
         }
     }
 }
@@ -336,6 +340,8 @@ pub struct ValidatorConfig {
     /// are ignored: any peer can sign a receipt, and a forged, backdated one would get an
     /// honest miner failed as a copier.
     pub trusted_validators: Vec<String>,
+    /// How miners' hardware is benchmarked and verified (`[hardware]`).
+    pub hardware: crate::hardware::HardwareConfig,
     /// Competitions to run.
     pub competitions: Vec<CompetitionConfig>,
 }
@@ -356,6 +362,7 @@ impl Default for ValidatorConfig {
             discover_miners: true,
             artifact_record_grace_secs: None,
             trusted_validators: vec![],
+            hardware: Default::default(),
             competitions: vec![],
         }
     }

@@ -463,7 +463,19 @@ impl ConsoleService for Console {
             .into_iter()
             .map(miner_pb)
             .collect();
-        Ok(Response::new(pb::MinerList { miners }))
+        let hardware = crate::hardware::records(self.shared.store.as_ref())
+            .into_iter()
+            .map(|r| pb::MinerHardware {
+                miner: r.miner.clone(),
+                addr: r.addr.clone(),
+                inventory: r.inventory.summary(),
+                verified: r.summary(),
+                flags: r.flags.clone(),
+                updated_at_ms: r.updated_at_ms,
+                record_json: serde_json::to_string(&r).unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(pb::MinerList { miners, hardware }))
     }
 
     async fn my_jobs(&self, req: Request<pb::Empty>) -> Result<Response<pb::MyJobs>, Status> {

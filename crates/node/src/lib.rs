@@ -9,6 +9,7 @@ pub mod config;
 pub mod console;
 pub mod error;
 pub mod fetch;
+pub mod hardware;
 pub mod inference;
 pub mod keys;
 pub mod metrics;

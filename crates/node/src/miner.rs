@@ -36,6 +36,7 @@ enum Cmd {
 
 struct Shared {
     tx: mpsc::Sender<Cmd>,
+    bench: Arc<crate::hardware::MinerBench>,
 }
 
 impl Shared {
@@ -62,7 +63,18 @@ impl MinerBackend for Shared {
         self.ask(|tx| Cmd::Assign(a, tx)).await
     }
     async fn status(&self) -> Result<v1::MinerStatus, Status> {
-        self.ask(Cmd::Status).await
+        let mut s = self.ask(Cmd::Status).await?;
+        s.hardware = Some(crate::hardware::inventory_pb(self.bench.inventory()));
+        Ok(s)
+    }
+    async fn benchmark(
+        &self,
+        c: v1::BenchmarkChallenge,
+    ) -> Result<v1::BenchmarkCommitment, Status> {
+        self.bench.challenge(c).await
+    }
+    async fn benchmark_open(&self, r: v1::BenchmarkReveal) -> Result<v1::BenchmarkOpening, Status> {
+        self.bench.open(r).await
     }
 }
 
@@ -372,7 +384,16 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
         .collect();
     let me: PeerIdStr = identity.peer_id();
     let (tx, mut rx) = mpsc::channel::<Cmd>(1024);
-    let shared = Arc::new(Shared { tx: tx.clone() });
+    let inventory = tunenet_hw::Inventory::collect();
+    tracing::info!(hardware = %inventory.summary(), "inventory");
+    let shared = Arc::new(Shared {
+        tx: tx.clone(),
+        bench: crate::hardware::MinerBench::new(
+            identity.clone(),
+            inventory.clone(),
+            cfg.benchmark_max_n,
+        ),
+    });
     let p2p = match &cfg.p2p {
         Some(p) => Some(
             crate::presence::join(
@@ -380,7 +401,7 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
                 p.clone(),
                 blobs.clone(),
                 &cfg.device,
-                Some(&cfg.policy),
+                Some((&cfg.policy, &inventory)),
                 |_| Arc::new(MinerP2p(shared.clone())),
             )
             .await?,
@@ -454,6 +475,7 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
                             running: engine.running(),
                             max_concurrent: engine.policy().max_concurrent_jobs,
                             jobs,
+                            hardware: None,
                         }));
                     }
                     Cmd::Input(input) => {

@@ -18,7 +18,7 @@ pub async fn join(
     config: P2pConfig,
     blobs: BlobStore,
     hardware: &str,
-    policy: Option<&MinerPolicy>,
+    miner: Option<(&MinerPolicy, &tunenet_hw::Inventory)>,
     make_handler: impl FnOnce(tunenet_p2p::Client) -> Arc<dyn P2pHandler>,
 ) -> Result<tunenet_p2p::Client, NodeError> {
     let (client, events, event_loop) = tunenet_p2p::new(identity.keypair(), config, blobs)
@@ -33,11 +33,12 @@ pub async fn join(
         tracing::info!(addr = %format!("{a}/p2p/{me}"), "p2p listening");
     }
     serve(client.clone(), events, make_handler(client.clone()));
-    if let Some(p) = policy {
+    if let Some((p, inventory)) = miner {
         let advert = MinerAdvert {
             peer_id: me.to_base58(),
             public_key: identity.public_key_bytes(),
-            hardware: hardware.to_string(),
+            hardware: format!("{hardware}: {}", inventory.summary()),
+            inventory: Some(crate::hardware::inventory_pb(inventory)),
             job_kinds: p
                 .kinds
                 .iter()

@@ -103,6 +103,8 @@ fn unexpected(what: &str, got: &JobResponse) -> SendError {
             JobResponse::AssignmentAck(_) => "an assignment ack",
             JobResponse::Receipt(_) => "a receipt",
             JobResponse::UploadResult(_) => "an upload result",
+            JobResponse::BenchmarkCommitment(_) => "a benchmark commitment",
+            JobResponse::BenchmarkOpening(_) => "a benchmark opening",
             JobResponse::Refused(_) => "a refusal",
         }
     ))
@@ -166,6 +168,62 @@ impl Transport {
                 match c.request(peer, JobRequest::Assignment(a.into())).await? {
                     JobResponse::AssignmentAck(_) => Ok(()),
                     other => Err(unexpected("job assignment", &other)),
+                }
+            }
+            (Route::P2p(_), None) => Err(SendError::Refused("no p2p client".into())),
+        }
+    }
+
+    /// Times one round trip to the miner at `addr` (a status call over gRPC, answered or
+    /// refused: either way the network's time), or `None` where there is no such call.
+    pub async fn ping(&self, addr: &str) -> Option<std::time::Duration> {
+        match self.route(addr).ok()? {
+            (Route::Grpc(url), _) => {
+                let t = std::time::Instant::now();
+                let mut c = MinerClient::connect(&url).await.ok()?;
+                let _ = c.status().await;
+                Some(t.elapsed())
+            }
+            _ => None,
+        }
+    }
+
+    /// Sends a benchmark challenge to the miner at `addr`; returns its commitment.
+    pub async fn benchmark(
+        &self,
+        addr: &str,
+        c: v1::BenchmarkChallenge,
+    ) -> Result<v1::BenchmarkCommitment, SendError> {
+        match self.route(addr)? {
+            (Route::Grpc(url), _) => Ok(MinerClient::connect(&url).await?.benchmark(c).await?),
+            (Route::P2p(peer), Some(client)) => {
+                match client.request(peer, JobRequest::Benchmark(c)).await? {
+                    JobResponse::BenchmarkCommitment(m) if m.miner == peer.to_base58() => Ok(m),
+                    JobResponse::BenchmarkCommitment(m) => Err(SendError::Refused(format!(
+                        "{peer} answered for another miner ({})",
+                        m.miner
+                    ))),
+                    other => Err(unexpected("benchmark challenge", &other)),
+                }
+            }
+            (Route::P2p(_), None) => Err(SendError::Refused("no p2p client".into())),
+        }
+    }
+
+    /// Sends a benchmark reveal to the miner at `addr`; returns its opening.
+    pub async fn benchmark_open(
+        &self,
+        addr: &str,
+        r: v1::BenchmarkReveal,
+    ) -> Result<v1::BenchmarkOpening, SendError> {
+        match self.route(addr)? {
+            (Route::Grpc(url), _) => {
+                Ok(MinerClient::connect(&url).await?.benchmark_open(r).await?)
+            }
+            (Route::P2p(peer), Some(client)) => {
+                match client.request(peer, JobRequest::BenchmarkReveal(r)).await? {
+                    JobResponse::BenchmarkOpening(m) => Ok(m),
+                    other => Err(unexpected("benchmark reveal", &other)),
                 }
             }
             (Route::P2p(_), None) => Err(SendError::Refused("no p2p client".into())),
@@ -352,6 +410,30 @@ impl P2pHandler for MinerP2p {
                     Err(s) => refusal(s),
                 }
             }
+            JobRequest::Benchmark(c) => {
+                if c.validator != peer.to_base58() {
+                    return JobResponse::Refused(format!(
+                        "the challenge names validator {} but came from {peer}",
+                        c.validator
+                    ));
+                }
+                match self.0.benchmark(c).await {
+                    Ok(m) => JobResponse::BenchmarkCommitment(m),
+                    Err(s) => refusal(s),
+                }
+            }
+            JobRequest::BenchmarkReveal(r) => {
+                if r.validator != peer.to_base58() {
+                    return JobResponse::Refused(format!(
+                        "the reveal names validator {} but came from {peer}",
+                        r.validator
+                    ));
+                }
+                match self.0.benchmark_open(r).await {
+                    Ok(m) => JobResponse::BenchmarkOpening(m),
+                    Err(s) => refusal(s),
+                }
+            }
             JobRequest::Commitment(_) | JobRequest::Reveal(_) => JobResponse::Refused(
                 "this node is a miner: it takes offers and assignments, not commitments or reveals"
                     .into(),
@@ -449,8 +531,12 @@ impl<S: RevealSink> P2pHandler for ValidatorP2p<S> {
                     Err(s) => refusal(s),
                 }
             }
-            JobRequest::Offer(_) | JobRequest::Assignment(_) => JobResponse::Refused(
-                "this node is a validator: it takes commitments and reveals, not offers".into(),
+            JobRequest::Offer(_)
+            | JobRequest::Assignment(_)
+            | JobRequest::Benchmark(_)
+            | JobRequest::BenchmarkReveal(_) => JobResponse::Refused(
+                "this node is a validator: it takes commitments and reveals, not offers or benchmarks"
+                    .into(),
             ),
         }
     }

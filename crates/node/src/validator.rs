@@ -618,6 +618,8 @@ pub(crate) struct Validator {
     rng: rand::rngs::StdRng,
     /// Other validators' artifact records, and how long scoring waits for them.
     pub(crate) artifact_gossip: crate::artifact_gossip::ArtifactGossip,
+    /// The miner list the hardware checker benchmarks.
+    hardware_miners: Option<tokio::sync::watch::Sender<Vec<String>>>,
 }
 
 impl Validator {
@@ -747,6 +749,9 @@ impl Validator {
     /// Pushes the miner list and bans to every engine (after a registry change).
     pub(crate) fn refresh_miners(&mut self) {
         let miners = self.miners();
+        if let Some(tx) = &self.hardware_miners {
+            tx.send_replace(miners.clone());
+        }
         let banned = registry::banned(self.store.as_ref());
         for c in &mut self.comps {
             c.engine.set_miners(miners.clone());
@@ -1270,6 +1275,9 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
         }
         None => None,
     };
+    cfg.hardware
+        .validate()
+        .map_err(|e| NodeError::Other(e.to_string()))?;
     let evals = spawn_evaluator(&cfg, &blobs, device, tx.clone())?;
     let done = tx.clone();
     let inference_evals =
@@ -1299,10 +1307,20 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
             cfg.artifact_record_grace_ms(),
         )
         .trust(&cfg.trusted_validators),
+        hardware_miners: None,
     };
     for r in records {
         v.add(r);
     }
+    let (hw_tx, hw_rx) = tokio::sync::watch::channel(v.miners());
+    crate::hardware::spawn_checker(
+        v.transport.clone(),
+        v.identity.clone(),
+        store.clone(),
+        cfg.hardware.clone(),
+        hw_rx,
+    );
+    v.hardware_miners = Some(hw_tx);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let heartbeat_secs = cfg
         .p2p

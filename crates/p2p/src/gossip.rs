@@ -59,6 +59,10 @@ impl MinerAdvert {
             .bytes(self.policy.as_bytes())
             .u64(self.price_hint.to_bits())
             .u64(self.timestamp_ms);
+        // prost encodes a message's fields in order: the same inventory, the same bytes.
+        if let Some(inv) = &self.inventory {
+            c.bytes(&prost::Message::encode_to_vec(inv));
+        }
         c.finish()
     }
 

@@ -25,6 +25,11 @@ pub enum JobRequest {
     /// the artifact blob from it ([`crate::Client::fetch_blob_from`]) and answers with
     /// [`JobResponse::UploadResult`].
     Reveal(v1::UploadHeader),
+    /// A validator's benchmark challenge; answered with [`JobResponse::BenchmarkCommitment`].
+    Benchmark(v1::BenchmarkChallenge),
+    /// The validator's reveal after the commitment; answered with
+    /// [`JobResponse::BenchmarkOpening`].
+    BenchmarkReveal(v1::BenchmarkReveal),
 }
 
 /// A response on `/tunenet/job/1`.
@@ -38,6 +43,10 @@ pub enum JobResponse {
     Receipt(v1::Receipt),
     /// The validator has the revealed artifact.
     UploadResult(v1::UploadResult),
+    /// The miner's signed commitment to a benchmark's products.
+    BenchmarkCommitment(v1::BenchmarkCommitment),
+    /// The miner's opening of a benchmark.
+    BenchmarkOpening(v1::BenchmarkOpening),
     /// The request was not handled, with the reason in words.
     Refused(String),
 }
@@ -52,6 +61,8 @@ impl WireMessage for JobRequest {
             JobRequest::Assignment(m) => Body::Assignment(m),
             JobRequest::Commitment(m) => Body::Commitment(m),
             JobRequest::Reveal(m) => Body::Reveal(m),
+            JobRequest::Benchmark(m) => Body::Benchmark(m),
+            JobRequest::BenchmarkReveal(m) => Body::BenchmarkReveal(m),
         };
         pb::JobRequest { body: Some(body) }
     }
@@ -63,6 +74,8 @@ impl WireMessage for JobRequest {
             Some(Body::Assignment(m)) => Ok(JobRequest::Assignment(m)),
             Some(Body::Commitment(m)) => Ok(JobRequest::Commitment(m)),
             Some(Body::Reveal(m)) => Ok(JobRequest::Reveal(m)),
+            Some(Body::Benchmark(m)) => Ok(JobRequest::Benchmark(m)),
+            Some(Body::BenchmarkReveal(m)) => Ok(JobRequest::BenchmarkReveal(m)),
             None => Err("job request carries no message".into()),
         }
     }
@@ -78,6 +91,8 @@ impl WireMessage for JobResponse {
             JobResponse::AssignmentAck(m) => Body::AssignmentAck(m),
             JobResponse::Receipt(m) => Body::Receipt(m),
             JobResponse::UploadResult(m) => Body::UploadResult(m),
+            JobResponse::BenchmarkCommitment(m) => Body::BenchmarkCommitment(m),
+            JobResponse::BenchmarkOpening(m) => Body::BenchmarkOpening(m),
             JobResponse::Refused(r) => Body::Refused(r),
         };
         pb::JobResponse { body: Some(body) }
@@ -90,6 +105,8 @@ impl WireMessage for JobResponse {
             Some(Body::AssignmentAck(m)) => Ok(JobResponse::AssignmentAck(m)),
             Some(Body::Receipt(m)) => Ok(JobResponse::Receipt(m)),
             Some(Body::UploadResult(m)) => Ok(JobResponse::UploadResult(m)),
+            Some(Body::BenchmarkCommitment(m)) => Ok(JobResponse::BenchmarkCommitment(m)),
+            Some(Body::BenchmarkOpening(m)) => Ok(JobResponse::BenchmarkOpening(m)),
             Some(Body::Refused(r)) => Ok(JobResponse::Refused(r)),
             None => Err("job response carries no message".into()),
         }

@@ -154,6 +154,32 @@ impl MinerClient {
             .map_err(refused(&self.addr))?
             .into_inner())
     }
+
+    /// Sends a benchmark challenge; returns the miner's commitment.
+    pub async fn benchmark(
+        &mut self,
+        c: v1::BenchmarkChallenge,
+    ) -> Result<v1::BenchmarkCommitment, RpcError> {
+        Ok(self
+            .inner
+            .benchmark(c)
+            .await
+            .map_err(refused(&self.addr))?
+            .into_inner())
+    }
+
+    /// Sends a benchmark reveal; returns the miner's opening.
+    pub async fn benchmark_open(
+        &mut self,
+        r: v1::BenchmarkReveal,
+    ) -> Result<v1::BenchmarkOpening, RpcError> {
+        Ok(self
+            .inner
+            .benchmark_open(r)
+            .await
+            .map_err(refused(&self.addr))?
+            .into_inner())
+    }
 }
 
 /// Calls a validator.

@@ -25,6 +25,20 @@ pub trait MinerBackend: Send + Sync + 'static {
     async fn assign(&self, a: t::Assignment) -> Result<(), Status>;
     /// Report status.
     async fn status(&self) -> Result<v1::MinerStatus, Status>;
+    /// Compute a benchmark challenge and commit to the products.
+    async fn benchmark(
+        &self,
+        _c: v1::BenchmarkChallenge,
+    ) -> Result<v1::BenchmarkCommitment, Status> {
+        Err(Status::unimplemented("this miner runs no benchmarks"))
+    }
+    /// Open a computed benchmark after the validator's reveal.
+    async fn benchmark_open(
+        &self,
+        _r: v1::BenchmarkReveal,
+    ) -> Result<v1::BenchmarkOpening, Status> {
+        Err(Status::unimplemented("this miner runs no benchmarks"))
+    }
 }
 
 /// Receives an upload's bytes; `finish` verifies and stores them.
@@ -74,6 +88,22 @@ impl<B: MinerBackend> MinerService for MinerSvc<B> {
         _req: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::MinerStatus>, Status> {
         Ok(Response::new(self.0.status().await?))
+    }
+
+    async fn benchmark(
+        &self,
+        req: Request<v1::BenchmarkChallenge>,
+    ) -> Result<Response<v1::BenchmarkCommitment>, Status> {
+        Ok(Response::new(self.0.benchmark(req.into_inner()).await?))
+    }
+
+    async fn benchmark_open(
+        &self,
+        req: Request<v1::BenchmarkReveal>,
+    ) -> Result<Response<v1::BenchmarkOpening>, Status> {
+        Ok(Response::new(
+            self.0.benchmark_open(req.into_inner()).await?,
+        ))
     }
 }
 

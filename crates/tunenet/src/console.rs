@@ -125,8 +125,14 @@ enum MinerCmd {
     },
     /// Lift a ban.
     Unban { peer_id: String },
-    /// List registered miners.
+    /// List registered miners, and every miner's hardware: its own inventory and the
+    /// benchmark this validator verified.
     List,
+    /// One miner's hardware in full: inventory, every verified run, flags.
+    Show {
+        /// The miner's peer id.
+        peer_id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -246,6 +252,63 @@ fn print_miners(list: &[pb::MinerRecord]) {
             m.peer_id, m.owner, m.endpoint, status
         );
     }
+}
+
+fn print_hardware(list: &[pb::MinerHardware]) {
+    if list.is_empty() {
+        println!("\nno miner benchmarked yet");
+        return;
+    }
+    println!("\nhardware (inventory as declared; TFLOPS as verified by this validator)");
+    for h in list {
+        println!("{}  {}", h.miner, h.addr);
+        println!("    declares  {}", h.inventory);
+        println!("    verified  {}", h.verified);
+        for f in &h.flags {
+            println!("    FLAG      {f}");
+        }
+    }
+}
+
+fn print_hardware_record(h: &pb::MinerHardware) -> Result<()> {
+    let r: tunenet_node::hardware::HardwareRecord = serde_json::from_str(&h.record_json)?;
+    println!("miner {}  at {}", r.miner, r.addr);
+    print!("{}", r.inventory.render());
+    for run in &r.runs {
+        println!(
+            "benchmark {} n {} x{} (tile {}): {}; the validator measured {} ms, the miner reported {} ms; verification {} ms",
+            run.spec.dtype,
+            run.spec.n,
+            run.spec.k,
+            run.spec.tile,
+            match &run.failure {
+                None => "verified".to_string(),
+                Some(f) => format!("FAILED: {f}"),
+            },
+            run.measured_ms,
+            run.reported_ms,
+            run.verify_ms
+        );
+        for d in &run.devices {
+            println!(
+                "    device {} {}: {:.3} TFLOPS {}{}",
+                d.device,
+                d.name,
+                d.tflops,
+                d.dtype,
+                d.datasheet_tflops
+                    .map(|p| format!(" (datasheet {p} TFLOPS, {:.1} %)", 100.0 * d.tflops / p))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    for f in &r.flags {
+        println!("FLAG {f}");
+    }
+    if let Some(u) = &r.unreachable {
+        println!("last attempt: {u}");
+    }
+    Ok(())
 }
 
 async fn change(c: &mut Client, id: String, action: &str) -> Result<()> {
@@ -407,9 +470,27 @@ async fn run_async(a: ConsoleArgs) -> Result<()> {
                 let l = call!(c.list_miners(pb::Empty {}));
                 if json {
                     let v: Vec<_> = l.miners.iter().map(|m| serde_json::json!({"peer_id": m.peer_id, "owner": m.owner, "endpoint": m.endpoint, "banned": m.banned, "ban_reason": m.ban_reason})).collect();
-                    println!("{}", serde_json::to_string_pretty(&v)?);
+                    let h: Vec<serde_json::Value> = l
+                        .hardware
+                        .iter()
+                        .filter_map(|h| serde_json::from_str(&h.record_json).ok())
+                        .collect();
+                    let out = serde_json::json!({"miners": v, "hardware": h});
+                    println!("{}", serde_json::to_string_pretty(&out)?);
                 } else {
                     print_miners(&l.miners);
+                    print_hardware(&l.hardware);
+                }
+            }
+            MinerCmd::Show { peer_id } => {
+                let l = call!(c.list_miners(pb::Empty {}));
+                let Some(h) = l.hardware.iter().find(|h| h.miner == peer_id) else {
+                    anyhow::bail!("this validator has benchmarked no miner `{peer_id}` (yet)");
+                };
+                if json {
+                    println!("{}", h.record_json);
+                } else {
+                    print_hardware_record(h)?;
                 }
             }
         },

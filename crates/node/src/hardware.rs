@@ -1,0 +1,927 @@
+//! Hardware over the wire: the miner's inventory in its status and advert, the verified
+//! benchmark's messages (signed, checked, converted), the miner's side of a challenge and
+//! the validator's: it challenges every known miner, times the answer on its own clock,
+//! verifies it in `O(n²)` ([`tunenet_hw::bench`]) and stores the result per miner.
+
+use crate::transport::Transport;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tunenet_hw::bench::{self, Challenge, Dtype, Opening, Reveal, Spec, TileRef};
+use tunenet_hw::inventory::{CpuInfo, GpuInfo, Inventory};
+use tunenet_proto::v1;
+use tunenet_rpc::Status;
+use tunenet_store::{Store, StoreExt};
+use tunenet_types::identity::{Canonical, verify_signature};
+use tunenet_types::{Identity, PeerIdStr, time::now_ms};
+
+/// Tree of verified hardware records, keyed by miner peer id.
+pub const HARDWARE: &str = "hardware";
+/// How far a challenge's timestamp may be from the miner's clock.
+const MAX_SKEW_MS: u64 = 5 * 60 * 1000;
+/// How long a miner keeps a computed answer waiting for its reveal.
+const PENDING_FOR: Duration = Duration::from_secs(120);
+
+// ---------------------------------------------------------------- conversions
+
+/// The wire form of an inventory.
+pub fn inventory_pb(inv: &Inventory) -> v1::HardwareInventory {
+    v1::HardwareInventory {
+        cpu_model: inv.cpu.model.clone(),
+        cpu_cores: inv.cpu.logical_cores,
+        cpu_features: inv.cpu.features.clone(),
+        memory_total_bytes: inv.memory_total_bytes,
+        memory_available_bytes: inv.memory_available_bytes,
+        gpus: inv
+            .gpus
+            .iter()
+            .map(|g| v1::GpuDevice {
+                index: g.index,
+                name: g.name.clone(),
+                uuid: g.uuid.clone(),
+                memory_total_bytes: g.memory_total_bytes,
+                memory_free_bytes: g.memory_free_bytes,
+                compute_capability: g.compute_capability.clone(),
+                power_limit_w: g.power_limit_w.unwrap_or(0.0),
+                nvlink_links: g.nvlink_links,
+            })
+            .collect(),
+        driver_version: inv.driver_version.clone().unwrap_or_default(),
+        cuda_version: inv.cuda_version.clone().unwrap_or_default(),
+        nvml_error: inv.nvml_error.clone().unwrap_or_default(),
+    }
+}
+
+/// An inventory from the wire, bounded and checked.
+pub fn inventory_from_pb(p: &v1::HardwareInventory) -> Result<Inventory, String> {
+    let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    let inv = Inventory {
+        cpu: CpuInfo {
+            model: p.cpu_model.clone(),
+            logical_cores: p.cpu_cores,
+            features: p.cpu_features.clone(),
+        },
+        memory_total_bytes: p.memory_total_bytes,
+        memory_available_bytes: p.memory_available_bytes,
+        gpus: p
+            .gpus
+            .iter()
+            .map(|g| GpuInfo {
+                index: g.index,
+                name: g.name.clone(),
+                uuid: g.uuid.clone(),
+                memory_total_bytes: g.memory_total_bytes,
+                memory_free_bytes: g.memory_free_bytes,
+                compute_capability: g.compute_capability.clone(),
+                power_limit_w: (g.power_limit_w > 0.0).then_some(g.power_limit_w),
+                nvlink_links: g.nvlink_links,
+            })
+            .collect(),
+        driver_version: opt(&p.driver_version),
+        cuda_version: opt(&p.cuda_version),
+        nvml_error: opt(&p.nvml_error),
+    };
+    inv.validate().map_err(|e| format!("the inventory {e}"))?;
+    Ok(inv)
+}
+
+fn dtype_pb(d: Dtype) -> i32 {
+    (match d {
+        Dtype::F32 => v1::BenchDtype::F32,
+        Dtype::Bf16 => v1::BenchDtype::Bf16,
+        Dtype::F16 => v1::BenchDtype::F16,
+    }) as i32
+}
+
+fn dtype_from_pb(d: i32) -> Result<Dtype, String> {
+    match v1::BenchDtype::try_from(d) {
+        Ok(v1::BenchDtype::F32) => Ok(Dtype::F32),
+        Ok(v1::BenchDtype::Bf16) => Ok(Dtype::Bf16),
+        Ok(v1::BenchDtype::F16) => Ok(Dtype::F16),
+        _ => Err(format!("unknown benchmark dtype {d}")),
+    }
+}
+
+fn array32(b: &[u8], what: &str) -> Result<[u8; 32], String> {
+    b.try_into()
+        .map_err(|_| format!("{what} must be 32 bytes, not {}", b.len()))
+}
+
+fn spec_of(c: &v1::BenchmarkChallenge) -> Result<Spec, String> {
+    let spec = Spec {
+        n: c.n,
+        k: c.k,
+        tile: c.tile,
+        dtype: dtype_from_pb(c.dtype)?,
+    };
+    spec.validate()?;
+    Ok(spec)
+}
+
+/// The bytes a validator signs for a challenge.
+pub fn challenge_signing_bytes(c: &v1::BenchmarkChallenge) -> Vec<u8> {
+    let mut b = Canonical::new("tunenet/v1/benchmark-challenge");
+    b.bytes(c.challenge_id.as_bytes())
+        .bytes(c.validator.as_bytes())
+        .bytes(&c.seed)
+        .u64(c.n as u64)
+        .u64(c.k as u64)
+        .u64(c.tile as u64)
+        .u64(c.dtype as u32 as u64)
+        .u64(c.devices.len() as u64);
+    for d in &c.devices {
+        b.u64(*d as u64);
+    }
+    b.u64(c.issued_at_ms).finish()
+}
+
+/// The bytes a miner signs for its commitment (roots, its time report, its inventory).
+pub fn commitment_signing_bytes(c: &v1::BenchmarkCommitment) -> Vec<u8> {
+    let mut b = Canonical::new("tunenet/v1/benchmark-commitment");
+    b.bytes(c.challenge_id.as_bytes())
+        .bytes(c.miner.as_bytes())
+        .u64(c.devices.len() as u64);
+    for d in &c.devices {
+        b.u64(d.device as u64).u64(d.roots.len() as u64);
+        for r in &d.roots {
+            b.bytes(r);
+        }
+    }
+    b.u64(c.reported_compute_ms);
+    if let Some(inv) = &c.inventory {
+        b.bytes(&prost::Message::encode_to_vec(inv));
+    }
+    b.finish()
+}
+
+/// The bytes a validator signs for a reveal.
+pub fn reveal_signing_bytes(r: &v1::BenchmarkReveal) -> Vec<u8> {
+    let mut b = Canonical::new("tunenet/v1/benchmark-reveal");
+    b.bytes(r.challenge_id.as_bytes())
+        .bytes(&r.r_seed)
+        .bytes(r.validator.as_bytes())
+        .u64(r.tiles.len() as u64);
+    for t in &r.tiles {
+        b.u64(t.matrix as u64).u64(t.index as u64);
+    }
+    b.finish()
+}
+
+/// The wire form of one device's opening.
+pub fn opening_pb(device: u32, o: Opening) -> v1::DeviceOpening {
+    v1::DeviceOpening {
+        device,
+        products: o
+            .products
+            .into_iter()
+            .map(|values| v1::ProductVector { values })
+            .collect(),
+        tiles: o
+            .tiles
+            .into_iter()
+            .map(|t| v1::OpenedTile {
+                tile: Some(v1::TileRef {
+                    matrix: t.tile.matrix,
+                    index: t.tile.index,
+                }),
+                values: t.values,
+                path: t.path.into_iter().map(|p| p.to_vec()).collect(),
+            })
+            .collect(),
+    }
+}
+
+fn opening_from_pb(d: &v1::DeviceOpening) -> Result<Opening, String> {
+    let mut tiles = Vec::new();
+    for t in &d.tiles {
+        let r = t.tile.as_ref().ok_or("an opened tile names no tile")?;
+        let mut path = Vec::new();
+        for p in &t.path {
+            path.push(array32(p, "a Merkle path entry")?);
+        }
+        tiles.push(bench::OpenedTile {
+            tile: TileRef {
+                matrix: r.matrix,
+                index: r.index,
+            },
+            values: t.values.clone(),
+            path,
+        });
+    }
+    Ok(Opening {
+        products: d.products.iter().map(|p| p.values.clone()).collect(),
+        tiles,
+    })
+}
+
+// ---------------------------------------------------------------- the miner's side
+
+struct Pending {
+    validator: String,
+    computed: Vec<(u32, bench::Computed)>,
+    at: Instant,
+}
+
+/// A miner's benchmark service: computes challenges on its devices, keeps the products
+/// until the reveal, and opens them.
+pub struct MinerBench {
+    identity: Identity,
+    inventory: Inventory,
+    /// Largest matrix side it computes (bounds what a validator can make it spend).
+    max_n: u32,
+    pending: Mutex<HashMap<String, Pending>>,
+    busy: tokio::sync::Mutex<()>,
+}
+
+impl MinerBench {
+    pub fn new(identity: Identity, inventory: Inventory, max_n: u32) -> Arc<MinerBench> {
+        Arc::new(MinerBench {
+            identity,
+            inventory,
+            max_n,
+            pending: Mutex::new(HashMap::new()),
+            busy: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn inventory(&self) -> &Inventory {
+        &self.inventory
+    }
+
+    /// The devices a challenge may name: every GPU of the inventory, else the CPU (0).
+    fn device_count(&self) -> u32 {
+        (self.inventory.gpus.len() as u32).max(1)
+    }
+
+    fn open_device(&self, index: u32) -> Result<tunenet_ml::Device, String> {
+        if self.inventory.gpus.is_empty() {
+            return Ok(tunenet_ml::Device::Cpu);
+        }
+        tunenet_ml::parse_device(&format!("cuda:{index}")).map_err(|e| e.to_string())
+    }
+
+    /// Computes a challenge and answers with the signed commitment.
+    pub async fn challenge(
+        self: &Arc<Self>,
+        c: v1::BenchmarkChallenge,
+    ) -> Result<v1::BenchmarkCommitment, Status> {
+        let bad = |m: String| Status::invalid_argument(format!("benchmark challenge: {m}"));
+        verify_signature(
+            &PeerIdStr(c.validator.clone()),
+            &c.validator_key,
+            &challenge_signing_bytes(&c),
+            &c.signature,
+        )
+        .map_err(|e| Status::unauthenticated(format!("benchmark challenge: {e}")))?;
+        if now_ms().abs_diff(c.issued_at_ms) > MAX_SKEW_MS {
+            return Err(Status::failed_precondition(
+                "benchmark challenge: issued more than 5 minutes from this miner's clock",
+            ));
+        }
+        let spec = spec_of(&c).map_err(bad)?;
+        if spec.n > self.max_n {
+            return Err(Status::resource_exhausted(format!(
+                "benchmark challenge: n = {} is over this miner's limit of {}",
+                spec.n, self.max_n
+            )));
+        }
+        let seed = array32(&c.seed, "the seed").map_err(bad)?;
+        let devices: Vec<u32> = if c.devices.is_empty() {
+            (0..self.device_count()).collect()
+        } else {
+            c.devices.clone()
+        };
+        let mut seen = std::collections::HashSet::new();
+        if devices
+            .iter()
+            .any(|d| *d >= self.device_count() || !seen.insert(*d))
+        {
+            return Err(bad(format!(
+                "devices {devices:?}: this miner has {} (no repeats)",
+                self.device_count()
+            )));
+        }
+        let _busy = self.busy.try_lock().map_err(|_| {
+            Status::resource_exhausted("benchmark challenge: another one is running")
+        })?;
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for d in devices {
+            let device = self.open_device(d).map_err(|e| {
+                Status::failed_precondition(format!("benchmark challenge: device {d}: {e}"))
+            })?;
+            let ch = Challenge {
+                seed,
+                spec,
+                device: d,
+            };
+            tasks.push(tokio::task::spawn_blocking(move || {
+                bench::compute(&ch, &device).map(|c| (d, c))
+            }));
+        }
+        let mut computed = Vec::new();
+        for t in tasks {
+            let r = t
+                .await
+                .map_err(|e| Status::internal(format!("benchmark worker: {e}")))?;
+            computed.push(r.map_err(Status::internal)?);
+        }
+        let reported_compute_ms = start.elapsed().as_millis() as u64;
+        let mut out = v1::BenchmarkCommitment {
+            challenge_id: c.challenge_id.clone(),
+            miner: self.identity.peer_id().0,
+            miner_key: self.identity.public_key_bytes(),
+            devices: computed
+                .iter()
+                .map(|(d, c)| v1::DeviceRoots {
+                    device: *d,
+                    roots: c.roots().iter().map(|r| r.to_vec()).collect(),
+                })
+                .collect(),
+            reported_compute_ms,
+            inventory: Some(inventory_pb(&self.inventory)),
+            signature: vec![],
+        };
+        out.signature = self.identity.sign(&commitment_signing_bytes(&out));
+        let mut pending = self.pending.lock().expect("pending lock");
+        pending.retain(|_, p| p.at.elapsed() < PENDING_FOR);
+        pending.insert(
+            c.challenge_id,
+            Pending {
+                validator: c.validator,
+                computed,
+                at: Instant::now(),
+            },
+        );
+        Ok(out)
+    }
+
+    /// Opens a computed challenge after the validator's reveal.
+    pub async fn open(
+        self: &Arc<Self>,
+        r: v1::BenchmarkReveal,
+    ) -> Result<v1::BenchmarkOpening, Status> {
+        verify_signature(
+            &PeerIdStr(r.validator.clone()),
+            &r.validator_key,
+            &reveal_signing_bytes(&r),
+            &r.signature,
+        )
+        .map_err(|e| Status::unauthenticated(format!("benchmark reveal: {e}")))?;
+        let p = {
+            let mut pending = self.pending.lock().expect("pending lock");
+            match pending.get(&r.challenge_id) {
+                Some(p) if p.validator != r.validator => {
+                    return Err(Status::permission_denied(
+                        "benchmark reveal: the challenge came from another validator",
+                    ));
+                }
+                Some(_) => pending.remove(&r.challenge_id).expect("present"),
+                None => {
+                    return Err(Status::not_found(format!(
+                        "benchmark reveal: no computed challenge `{}` (answered, expired or never sent)",
+                        r.challenge_id
+                    )));
+                }
+            }
+        };
+        let reveal = Reveal {
+            r_seed: array32(&r.r_seed, "r_seed").map_err(Status::invalid_argument)?,
+            tiles: r
+                .tiles
+                .iter()
+                .map(|t| TileRef {
+                    matrix: t.matrix,
+                    index: t.index,
+                })
+                .collect(),
+        };
+        let miner = self.identity.peer_id().0;
+        let challenge_id = r.challenge_id;
+        tokio::task::spawn_blocking(move || {
+            let mut devices = Vec::new();
+            for (d, c) in &p.computed {
+                let o = bench::open(c, &reveal).map_err(Status::invalid_argument)?;
+                devices.push(opening_pb(*d, o));
+            }
+            Ok(v1::BenchmarkOpening {
+                challenge_id,
+                miner,
+                devices,
+            })
+        })
+        .await
+        .map_err(|e| Status::internal(format!("benchmark worker: {e}")))?
+    }
+}
+
+// ---------------------------------------------------------------- the validator's side
+
+/// How a validator benchmarks its miners (`[hardware]` in its config).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HardwareConfig {
+    /// Benchmark miners at all.
+    pub enabled: bool,
+    /// Re-benchmark a miner this often (and at once when its inventory changes).
+    pub check_interval_secs: u64,
+    /// Matrix side for a miner without GPUs.
+    pub cpu_n: u32,
+    /// Matrix side for GPUs.
+    pub gpu_n: u32,
+    /// Matrices per device per challenge.
+    pub k: u32,
+    /// Side of a committed tile.
+    pub tile: u32,
+    /// Tiles opened per matrix: a miner that computed a fraction f of the tiles passes
+    /// with probability at most f^open_tiles per matrix.
+    pub open_tiles: u32,
+    /// The dtypes benchmarked on GPUs, each in turn (CPUs: f32 only).
+    pub gpu_dtypes: Vec<String>,
+}
+
+impl Default for HardwareConfig {
+    fn default() -> Self {
+        HardwareConfig {
+            enabled: true,
+            check_interval_secs: 3600,
+            cpu_n: 512,
+            gpu_n: 8192,
+            k: 1,
+            tile: 32,
+            open_tiles: 8,
+            gpu_dtypes: vec!["f32".into(), "bf16".into()],
+        }
+    }
+}
+
+impl HardwareConfig {
+    /// Checks sizes and dtypes before the daemon starts.
+    pub fn validate(&self) -> Result<(), String> {
+        for (what, n) in [("cpu_n", self.cpu_n), ("gpu_n", self.gpu_n)] {
+            Spec {
+                n,
+                k: self.k,
+                tile: self.tile,
+                dtype: Dtype::F32,
+            }
+            .validate()
+            .map_err(|e| format!("`hardware.{what}`: {e}"))?;
+        }
+        for d in &self.gpu_dtypes {
+            Dtype::parse(d).map_err(|e| format!("`hardware.gpu_dtypes`: {e}"))?;
+        }
+        if self.open_tiles == 0 {
+            return Err("`hardware.open_tiles` must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// One device's verified result.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceResult {
+    pub device: u32,
+    /// The inventory's name for it (self-declared), or `cpu`.
+    pub name: String,
+    pub dtype: Dtype,
+    /// Verified: the challenge's work over the validator's time, all devices at once.
+    pub tflops: f64,
+    /// The datasheet figure of the GPU the inventory names, for this dtype.
+    pub datasheet_tflops: Option<f64>,
+}
+
+/// The outcome of one challenge.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BenchRun {
+    pub spec: Spec,
+    pub checked_at_ms: u64,
+    /// From sending the challenge to receiving the commitment, on the validator's clock.
+    pub measured_ms: u64,
+    /// The miner's own report of its compute time.
+    pub reported_ms: u64,
+    pub verified: bool,
+    /// The failed check and why, when not verified.
+    pub failure: Option<String>,
+    pub devices: Vec<DeviceResult>,
+    /// The validator's own verification time.
+    pub verify_ms: u64,
+    /// From sending the reveal to receiving the opening.
+    #[serde(default)]
+    pub open_ms: u64,
+    /// One round trip to the miner just before the challenge (connection included): what
+    /// the network adds to `measured_ms`. Over libp2p, where there is no such call, the
+    /// reveal's round trip stands in (an upper bound).
+    #[serde(default)]
+    pub ping_ms: u64,
+}
+
+/// What a validator knows of a miner's hardware.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HardwareRecord {
+    pub miner: String,
+    pub addr: String,
+    /// The miner's own inventory (self-declared), as signed in its last commitment.
+    pub inventory: Inventory,
+    /// The latest run per dtype.
+    pub runs: Vec<BenchRun>,
+    /// Disagreements between what the miner says and what was measured, with the numbers.
+    pub flags: Vec<String>,
+    /// Why the last attempt got no answer, when it did not.
+    pub unreachable: Option<String>,
+    pub updated_at_ms: u64,
+}
+
+impl HardwareRecord {
+    /// The best verified figure for `dtype`, summed over devices.
+    pub fn verified_tflops(&self, dtype: Dtype) -> Option<f64> {
+        self.runs
+            .iter()
+            .filter(|r| r.verified && r.spec.dtype == dtype)
+            .map(|r| r.devices.iter().map(|d| d.tflops).sum())
+            .fold(None, |a: Option<f64>, b| Some(a.map_or(b, |a| a.max(b))))
+    }
+
+    /// One line for the console.
+    pub fn summary(&self) -> String {
+        let mut parts = Vec::new();
+        for r in &self.runs {
+            if r.verified {
+                let t: f64 = r.devices.iter().map(|d| d.tflops).sum();
+                parts.push(format!(
+                    "{} {:.3} TFLOPS verified ({} device{})",
+                    r.spec.dtype,
+                    t,
+                    r.devices.len(),
+                    if r.devices.len() == 1 { "" } else { "s" }
+                ));
+            } else {
+                parts.push(format!(
+                    "{} FAILED: {}",
+                    r.spec.dtype,
+                    r.failure.as_deref().unwrap_or("?")
+                ));
+            }
+        }
+        if let Some(u) = &self.unreachable {
+            parts.push(format!("last attempt: {u}"));
+        }
+        if parts.is_empty() {
+            "not benchmarked yet".into()
+        } else {
+            parts.join("; ")
+        }
+    }
+}
+
+/// The flags a run raises against the miner's own claims.
+pub fn flags_of(inv: &Inventory, run: &BenchRun) -> Vec<String> {
+    let mut flags = Vec::new();
+    if run.verified && run.spec.dtype == Dtype::F32 {
+        for d in &run.devices {
+            if let Some(peak) = d.datasheet_tflops
+                && d.tflops < bench::CLAIM_FLOOR * peak
+            {
+                flags.push(format!(
+                    "claims_more_than_verified: device {} is declared as {} (datasheet {peak} TFLOPS f32) but delivered {:.3} verified TFLOPS ({:.1} % of it; under {:.0} % is flagged)",
+                    d.device,
+                    d.name,
+                    d.tflops,
+                    100.0 * d.tflops / peak,
+                    100.0 * bench::CLAIM_FLOOR
+                ));
+            }
+        }
+    }
+    // The miner's report is part of the validator's interval: it cannot be longer, and
+    // far shorter (beyond what the network adds, bounded by the reveal's round trip)
+    // means the report is not the truth.
+    let slack_ms = (3 * run.ping_ms).max(100);
+    if run.reported_ms > run.measured_ms + slack_ms {
+        flags.push(format!(
+            "time_report: the miner reported {} ms of compute, longer than the {} ms the validator measured from challenge to commitment",
+            run.reported_ms, run.measured_ms
+        ));
+    } else if run.reported_ms * 2 < run.measured_ms && run.measured_ms > run.reported_ms + slack_ms
+    {
+        flags.push(format!(
+            "time_report: the miner reported {} ms of compute; the validator measured {} ms from challenge to commitment (the verified figure uses the validator's)",
+            run.reported_ms, run.measured_ms
+        ));
+    }
+    let _ = inv;
+    flags
+}
+
+/// Sends one challenge to the miner at `addr`, times it, reveals, verifies; returns the
+/// miner's peer id, its inventory and the run.
+pub async fn challenge_miner(
+    transport: &Transport,
+    identity: &Identity,
+    addr: &str,
+    spec: Spec,
+    open_tiles: u32,
+) -> Result<(String, Inventory, BenchRun), String> {
+    let mut rng = rand::rngs::StdRng::from_os_rng();
+    let seed: [u8; 32] = rng.random();
+    let mut c = v1::BenchmarkChallenge {
+        challenge_id: format!("bench-{:016x}", rng.random::<u64>()),
+        validator: identity.peer_id().0,
+        validator_key: identity.public_key_bytes(),
+        seed: seed.to_vec(),
+        n: spec.n,
+        k: spec.k,
+        tile: spec.tile,
+        dtype: dtype_pb(spec.dtype),
+        devices: vec![],
+        issued_at_ms: now_ms(),
+        signature: vec![],
+    };
+    c.signature = identity.sign(&challenge_signing_bytes(&c));
+    let ping = transport.ping(addr).await;
+    let sent = Instant::now();
+    let commitment = transport
+        .benchmark(addr, c.clone())
+        .await
+        .map_err(|e| format!("no commitment: {e}"))?;
+    let measured_ms = sent.elapsed().as_millis() as u64;
+    let checked_at_ms = now_ms();
+    // Who answered, and what it says it has: signed together with the roots.
+    verify_signature(
+        &PeerIdStr(commitment.miner.clone()),
+        &commitment.miner_key,
+        &commitment_signing_bytes(&commitment),
+        &commitment.signature,
+    )
+    .map_err(|e| format!("bad commitment signature: {e}"))?;
+    if commitment.challenge_id != c.challenge_id {
+        return Err("the commitment answers another challenge".into());
+    }
+    let miner = commitment.miner.clone();
+    let inventory = match &commitment.inventory {
+        Some(i) => inventory_from_pb(i)?,
+        None => return Err("the commitment carries no inventory".into()),
+    };
+    let failed = |why: String, devices: Vec<DeviceResult>| BenchRun {
+        spec,
+        checked_at_ms,
+        measured_ms,
+        reported_ms: commitment.reported_compute_ms,
+        verified: false,
+        failure: Some(why),
+        devices,
+        verify_ms: 0,
+        open_ms: 0,
+        ping_ms: ping.map_or(0, |p| p.as_millis() as u64),
+    };
+    let expected = (inventory.gpus.len() as u32).max(1);
+    let ids: Vec<u32> = commitment.devices.iter().map(|d| d.device).collect();
+    if ids != (0..expected).collect::<Vec<_>>() {
+        let why = format!(
+            "devices: committed for devices {ids:?}, but the inventory lists {expected} (every device, in order, at once)"
+        );
+        return Ok((miner, inventory, failed(why, vec![])));
+    }
+    let mut roots = Vec::new();
+    for d in &commitment.devices {
+        let mut r = Vec::new();
+        for b in &d.roots {
+            match array32(b, "a root") {
+                Ok(a) => r.push(a),
+                Err(e) => return Ok((miner, inventory, failed(format!("malformed: {e}"), vec![]))),
+            }
+        }
+        roots.push(r);
+    }
+    let reveal = bench::draw_reveal(&spec, open_tiles, &mut rng);
+    let mut rv = v1::BenchmarkReveal {
+        challenge_id: c.challenge_id.clone(),
+        r_seed: reveal.r_seed.to_vec(),
+        tiles: reveal
+            .tiles
+            .iter()
+            .map(|t| v1::TileRef {
+                matrix: t.matrix,
+                index: t.index,
+            })
+            .collect(),
+        validator: identity.peer_id().0,
+        validator_key: identity.public_key_bytes(),
+        signature: vec![],
+    };
+    rv.signature = identity.sign(&reveal_signing_bytes(&rv));
+    let revealed = Instant::now();
+    let opening = match transport.benchmark_open(addr, rv).await {
+        Ok(o) => o,
+        Err(e) => {
+            return Ok((
+                miner,
+                inventory,
+                failed(format!("opening: no answer to the reveal: {e}"), vec![]),
+            ));
+        }
+    };
+    let open_ms = revealed.elapsed().as_millis() as u64;
+    let ping_ms = ping.map_or(open_ms, |p| p.as_millis() as u64);
+    let secs = measured_ms.max(1) as f64 / 1000.0;
+    let devices: Vec<DeviceResult> = (0..expected)
+        .map(|d| {
+            let gpu = inventory.gpus.get(d as usize);
+            DeviceResult {
+                device: d,
+                name: gpu.map(|g| g.name.clone()).unwrap_or_else(|| "cpu".into()),
+                dtype: spec.dtype,
+                tflops: bench::tflops(&spec, secs),
+                datasheet_tflops: gpu
+                    .and_then(|g| bench::datasheet(&g.name))
+                    .and_then(|s| s.peak(spec.dtype)),
+            }
+        })
+        .collect();
+    if opening.challenge_id != c.challenge_id || opening.devices.len() != roots.len() {
+        let why = format!(
+            "malformed: the opening answers {} device(s) of challenge `{}`",
+            opening.devices.len(),
+            opening.challenge_id
+        );
+        return Ok((miner, inventory, failed(why, devices)));
+    }
+    let t = Instant::now();
+    let result = tokio::task::spawn_blocking(move || {
+        for (i, d) in opening.devices.iter().enumerate() {
+            if d.device != i as u32 {
+                return Err(format!("malformed: opening {i} is for device {}", d.device));
+            }
+            let o = opening_from_pb(d).map_err(|e| format!("malformed: {e}"))?;
+            let ch = Challenge {
+                seed,
+                spec,
+                device: i as u32,
+            };
+            bench::verify(&ch, &roots[i], &reveal, &o)
+                .map_err(|f| format!("{} on device {i}: {f}", f.check()))?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| format!("verification worker: {e}"))?;
+    let verify_ms = t.elapsed().as_millis() as u64;
+    let run = match result {
+        Ok(()) => BenchRun {
+            spec,
+            checked_at_ms,
+            measured_ms,
+            reported_ms: commitment.reported_compute_ms,
+            verified: true,
+            failure: None,
+            devices,
+            verify_ms,
+            open_ms,
+            ping_ms,
+        },
+        Err(why) => BenchRun {
+            verify_ms,
+            open_ms,
+            ..failed(why, devices)
+        },
+    };
+    Ok((miner, inventory, run))
+}
+
+/// Benchmarks the miner at `addr` in every configured dtype and stores the record.
+pub async fn check_miner(
+    transport: &Transport,
+    identity: &Identity,
+    store: &dyn Store,
+    cfg: &HardwareConfig,
+    addr: &str,
+    previous: Option<HardwareRecord>,
+) -> HardwareRecord {
+    // The size follows what the miner said last time; a first look uses the CPU size
+    // and, when the answer lists GPUs, goes again at the GPU size.
+    let mut known_gpus = previous
+        .as_ref()
+        .map(|p| !p.inventory.gpus.is_empty())
+        .unwrap_or(false);
+    let mut rec = previous.unwrap_or_else(|| HardwareRecord {
+        addr: addr.to_string(),
+        ..Default::default()
+    });
+    rec.addr = addr.to_string();
+    for _attempt in 0..2 {
+        let (n, dtypes) = if known_gpus {
+            let d: Vec<Dtype> = cfg
+                .gpu_dtypes
+                .iter()
+                .filter_map(|d| Dtype::parse(d).ok())
+                .collect();
+            (cfg.gpu_n, d)
+        } else {
+            (cfg.cpu_n, vec![Dtype::F32])
+        };
+        let mut runs = Vec::new();
+        let mut flags = Vec::new();
+        let mut gpus_now = known_gpus;
+        rec.unreachable = None;
+        for dtype in dtypes {
+            let spec = Spec {
+                n,
+                k: cfg.k,
+                tile: cfg.tile,
+                dtype,
+            };
+            match challenge_miner(transport, identity, addr, spec, cfg.open_tiles).await {
+                Ok((miner, inv, run)) => {
+                    if !rec.miner.is_empty() && rec.miner != miner {
+                        tracing::info!(%addr, old = %rec.miner, new = %miner, "another miner answers at this address");
+                    }
+                    rec.miner = miner;
+                    gpus_now = !inv.gpus.is_empty();
+                    flags.extend(flags_of(&inv, &run));
+                    match &run.failure {
+                        None => {
+                            tracing::info!(%addr, miner = %rec.miner, dtype = %dtype, n, tflops = run.devices.iter().map(|d| d.tflops).sum::<f64>(), ms = run.measured_ms, verify_ms = run.verify_ms, "benchmark verified")
+                        }
+                        Some(f) => {
+                            tracing::warn!(%addr, miner = %rec.miner, dtype = %dtype, n, failure = %f, "benchmark failed")
+                        }
+                    }
+                    rec.inventory = inv;
+                    runs.push(run);
+                }
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "benchmark: no usable answer");
+                    rec.unreachable = Some(e);
+                    break;
+                }
+            }
+            if gpus_now != known_gpus {
+                break;
+            }
+        }
+        if !runs.is_empty() {
+            rec.runs = runs;
+            rec.flags = flags;
+        }
+        rec.updated_at_ms = now_ms();
+        if gpus_now == known_gpus || rec.unreachable.is_some() {
+            break;
+        }
+        known_gpus = gpus_now;
+    }
+    if !rec.miner.is_empty()
+        && let Err(e) = store.put_json(HARDWARE, &rec.miner, &rec)
+    {
+        tracing::warn!(error = %e, "could not store a hardware record");
+    }
+    rec
+}
+
+/// Every stored hardware record.
+pub fn records(store: &dyn Store) -> Vec<HardwareRecord> {
+    store
+        .scan_json::<HardwareRecord>(HARDWARE, "")
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect()
+}
+
+/// Benchmarks every miner the validator knows, each when its record is missing or older
+/// than the interval, one at a time (a benchmark shares nothing with another).
+pub fn spawn_checker(
+    transport: Transport,
+    identity: Identity,
+    store: Arc<dyn Store>,
+    cfg: HardwareConfig,
+    miners: tokio::sync::watch::Receiver<Vec<String>>,
+) {
+    if !cfg.enabled {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut last: HashMap<String, u64> = HashMap::new();
+        loop {
+            let addrs = miners.borrow().clone();
+            let now = now_ms();
+            for addr in addrs {
+                let due = last
+                    .get(&addr)
+                    .is_none_or(|t| now.saturating_sub(*t) >= cfg.check_interval_secs * 1000);
+                if !due {
+                    continue;
+                }
+                let previous = records(store.as_ref()).into_iter().find(|r| r.addr == addr);
+                let rec =
+                    check_miner(&transport, &identity, store.as_ref(), &cfg, &addr, previous).await;
+                // Unreachable miners are tried again on the next pass, not an hour later.
+                if rec.unreachable.is_none() {
+                    last.insert(addr, now_ms());
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    });
+}
