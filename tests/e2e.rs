@@ -1810,6 +1810,7 @@ impl MinerBackend for HwCheater {
 async fn hardware_benchmarks_verify_an_honest_miner_and_catch_each_cheat() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
+    let (model, data) = common::tiny_model_and_data(root, 3, 60, 4);
     let mut miners = Vec::new();
     let mut cheaters = Vec::new();
     for cheat in [
@@ -1858,8 +1859,11 @@ async fn hardware_benchmarks_verify_an_honest_miner_and_catch_each_cheat() {
     std::fs::write(
         &vconf,
         format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:{vp}\"\nminers = {miners:?}\n[hardware]\ncpu_n = 2048\ngpu_n = 2048\ntile = 32\nopen_tiles = 8\ngpu_dtypes = [\"f32\"]\n",
-            root.join("v")
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{vp}\"\nminers = {miners:?}\n[hardware]\ncpu_n = 2048\ngpu_n = 2048\ntile = 32\nopen_tiles = 8\ngpu_dtypes = [\"f32\"]\n{}{}",
+            root.join("v"),
+            // Two competitions: who is offered their jobs is what counts here.
+            hw_competition("a100s", &model, &data, "gpu_models = [\"A100\"]\nmin_gpus = 1"),
+            hw_competition("fast", &model, &data, "min_verified_tflops = { f32 = 0.000001 }"),
         ),
     )
     .unwrap();

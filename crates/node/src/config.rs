@@ -173,6 +173,10 @@ pub struct CompetitionConfig {
     /// Limits on miners' training settings.
     #[serde(default)]
     pub hparams: HparamBounds,
+    /// What a miner's verified hardware must meet to be offered this competition's jobs
+    /// (`[competitions.hardware]`; empty: every miner).
+    #[serde(default)]
+    pub hardware: crate::hardware::HardwareRequirement,
     /// How losses become qualities.
     #[serde(default)]
     pub scoring: ScoringWeights,
@@ -298,6 +302,9 @@ impl CompetitionConfig {
         }
         if self.max_artifact_mb == 0 {
             return fail("`max_artifact_mb` must be above 0".into());
+        }
+        if let Err(e) = self.hardware.validate() {
+            return fail(e);
         }
         Ok(())
     }

@@ -272,7 +272,12 @@ impl ConsoleService for Console {
         let detail = self
             .shared
             .with(move |v: &mut Validator| {
-                let c = v.comp(&id)?;
+                let i = v.comps.iter().position(|c| c.id() == id).ok_or_else(|| {
+                    Status::not_found(format!("no competition `{id}` on this validator"))
+                })?;
+                let eligibility =
+                    serde_json::to_string_pretty(&v.eligibility(i)).map_err(internal)?;
+                let c = &v.comps[i];
                 let jobs = c
                     .engine
                     .jobs()
@@ -284,6 +289,7 @@ impl ConsoleService for Console {
                     jobs_json: serde_json::to_string_pretty(&jobs).map_err(internal)?,
                     config_json: serde_json::to_string_pretty(&c.record.config)
                         .map_err(internal)?,
+                    eligibility_json: eligibility,
                 })
             })
             .await?;

@@ -250,6 +250,10 @@ impl MinerBench {
         &self.inventory
     }
 
+    pub fn peer_id(&self) -> PeerIdStr {
+        self.identity.peer_id()
+    }
+
     /// The devices a challenge may name: every GPU of the inventory, else the CPU (0).
     fn device_count(&self) -> u32 {
         (self.inventory.gpus.len() as u32).max(1)
@@ -897,6 +901,7 @@ pub fn spawn_checker(
     store: Arc<dyn Store>,
     cfg: HardwareConfig,
     miners: tokio::sync::watch::Receiver<Vec<String>>,
+    on_record: impl Fn() + Send + 'static,
 ) {
     if !cfg.enabled {
         return;
@@ -919,9 +924,358 @@ pub fn spawn_checker(
                 // Unreachable miners are tried again on the next pass, not an hour later.
                 if rec.unreachable.is_none() {
                     last.insert(addr, now_ms());
+                    on_record();
                 }
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
     });
+}
+
+// ---------------------------------------------------------------- jobs matched to hardware
+
+/// What a competition requires of a miner's hardware (`[competitions.hardware]`). Every
+/// part is judged on what the validator verified: a GPU counts only when its benchmark
+/// delivered at least [`bench::CLAIM_FLOOR`] of its model's datasheet f32 figure.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HardwareRequirement {
+    /// GPU models accepted, matched in the GPU's name (e.g. `["A100", "H100"]`); empty:
+    /// any model.
+    pub gpu_models: Vec<String>,
+    /// Least memory per counted GPU, GB.
+    pub min_gpu_memory_gb: f64,
+    /// Least number of counted GPUs.
+    pub min_gpus: u32,
+    /// Least verified TFLOPS per dtype (`f32`, `bf16`, `f16`), summed over devices.
+    pub min_verified_tflops: std::collections::BTreeMap<String, f64>,
+}
+
+impl HardwareRequirement {
+    /// No requirement at all.
+    pub fn is_empty(&self) -> bool {
+        self.gpu_models.is_empty()
+            && self.min_gpu_memory_gb <= 0.0
+            && self.min_gpus == 0
+            && self.min_verified_tflops.is_empty()
+    }
+
+    /// Whether any GPU is required.
+    fn wants_gpus(&self) -> bool {
+        !self.gpu_models.is_empty() || self.min_gpu_memory_gb > 0.0 || self.min_gpus > 0
+    }
+
+    /// Checks the values serde cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.min_gpu_memory_gb.is_finite() && self.min_gpu_memory_gb >= 0.0) {
+            return Err("`hardware.min_gpu_memory_gb` must be 0 or more".into());
+        }
+        for (d, t) in &self.min_verified_tflops {
+            Dtype::parse(d).map_err(|e| format!("`hardware.min_verified_tflops`: {e}"))?;
+            if !(t.is_finite() && *t >= 0.0) {
+                return Err(format!(
+                    "`hardware.min_verified_tflops.{d}` must be 0 or more"
+                ));
+            }
+        }
+        if self.gpu_models.iter().any(|m| m.trim().is_empty()) {
+            return Err("`hardware.gpu_models` has an empty name".into());
+        }
+        Ok(())
+    }
+
+    /// The requirement as offers carry it: JSON, or empty for none.
+    pub fn to_offer(&self) -> String {
+        if self.is_empty() {
+            String::new()
+        } else {
+            serde_json::to_string(self).unwrap_or_default()
+        }
+    }
+
+    /// The requirement an offer carries (empty: none).
+    pub fn from_offer(s: &str) -> Result<HardwareRequirement, String> {
+        if s.trim().is_empty() || s.trim() == "cpu" {
+            return Ok(HardwareRequirement::default());
+        }
+        serde_json::from_str(s).map_err(|e| format!("the offer's hardware requirement: {e}"))
+    }
+
+    fn gpu_fits(&self, g: &GpuInfo) -> bool {
+        let name = g.name.to_ascii_lowercase();
+        (self.gpu_models.is_empty()
+            || self
+                .gpu_models
+                .iter()
+                .any(|m| name.contains(&m.trim().to_ascii_lowercase())))
+            && g.memory_total_bytes as f64 >= self.min_gpu_memory_gb * 1e9
+    }
+
+    /// Whether a miner's own inventory meets the GPU part (the miner's policy check: it
+    /// knows what it has).
+    pub fn check_inventory(&self, inv: &Inventory) -> Result<(), String> {
+        if !self.wants_gpus() {
+            return Ok(());
+        }
+        let fit = inv.gpus.iter().filter(|g| self.gpu_fits(g)).count() as u32;
+        if fit < self.min_gpus.max(1) {
+            return Err(format!(
+                "the job needs {}; this box has {fit} such GPU(s) ({})",
+                self.describe(),
+                inv.summary()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the validator's verified record of a miner meets the requirement; the
+    /// reason in words when it does not.
+    pub fn check(&self, rec: Option<&HardwareRecord>) -> Result<(), String> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        let Some(rec) = rec else {
+            return Err("not benchmarked yet".into());
+        };
+        let f32_run = rec
+            .runs
+            .iter()
+            .find(|r| r.spec.dtype == Dtype::F32 && r.verified);
+        if self.wants_gpus() {
+            let Some(run) = f32_run else {
+                return Err(match rec.runs.iter().find(|r| !r.verified) {
+                    Some(r) => format!(
+                        "its benchmark failed: {}",
+                        r.failure.as_deref().unwrap_or("?")
+                    ),
+                    None => "no verified f32 benchmark yet".into(),
+                });
+            };
+            let counted = rec
+                .inventory
+                .gpus
+                .iter()
+                .enumerate()
+                .filter(|(i, g)| {
+                    self.gpu_fits(g)
+                        && run.devices.iter().any(|d| {
+                            d.device == *i as u32
+                                && d.datasheet_tflops
+                                    .is_some_and(|p| d.tflops >= bench::CLAIM_FLOOR * p)
+                        })
+                })
+                .count() as u32;
+            if counted < self.min_gpus.max(1) {
+                return Err(format!(
+                    "needs {}; {counted} of its GPUs qualify with a verified speed that matches their model (declared: {})",
+                    self.describe(),
+                    rec.inventory.summary()
+                ));
+            }
+        }
+        for (d, want) in &self.min_verified_tflops {
+            let dtype = Dtype::parse(d).map_err(|e| e.to_string())?;
+            match rec.verified_tflops(dtype) {
+                Some(got) if got >= *want => {}
+                Some(got) => {
+                    return Err(format!(
+                        "needs {want} verified TFLOPS {dtype}; it delivered {got:.3}"
+                    ));
+                }
+                None => {
+                    return Err(format!(
+                        "no verified {dtype} benchmark; needs {want} TFLOPS"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The requirement in words.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if self.wants_gpus() {
+            parts.push(format!(
+                "{} GPU(s){}{}",
+                self.min_gpus.max(1),
+                if self.gpu_models.is_empty() {
+                    String::new()
+                } else {
+                    format!(" of {}", self.gpu_models.join("/"))
+                },
+                if self.min_gpu_memory_gb > 0.0 {
+                    format!(" with {} GB or more", self.min_gpu_memory_gb)
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        for (d, t) in &self.min_verified_tflops {
+            parts.push(format!("{t} verified TFLOPS {d}"));
+        }
+        if parts.is_empty() {
+            "nothing".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
+/// Why each known miner is or is not offered a competition's jobs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Eligibility {
+    pub addr: String,
+    pub miner: Option<String>,
+    pub offered: bool,
+    pub reason: String,
+}
+
+/// Splits `addrs` by the requirement, using the stored records.
+pub fn eligibility(
+    req: &HardwareRequirement,
+    addrs: &[String],
+    records: &[HardwareRecord],
+) -> Vec<Eligibility> {
+    addrs
+        .iter()
+        .map(|a| {
+            let rec = records.iter().find(|r| &r.addr == a);
+            let verdict = req.check(rec);
+            Eligibility {
+                addr: a.clone(),
+                miner: rec.map(|r| r.miner.clone()),
+                offered: verdict.is_ok(),
+                reason: match verdict {
+                    Ok(()) if req.is_empty() => "no hardware requirement".into(),
+                    Ok(()) => format!("meets {}", req.describe()),
+                    Err(e) => e,
+                },
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(name: &str, tflops: f64, verified: bool) -> HardwareRecord {
+        let inventory = Inventory {
+            gpus: vec![GpuInfo {
+                name: name.into(),
+                memory_total_bytes: 80_000_000_000,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let spec = Spec {
+            n: 512,
+            k: 1,
+            tile: 32,
+            dtype: Dtype::F32,
+        };
+        HardwareRecord {
+            miner: "m".into(),
+            addr: "http://m".into(),
+            runs: vec![BenchRun {
+                spec,
+                checked_at_ms: 0,
+                measured_ms: 10,
+                reported_ms: 10,
+                verified,
+                failure: (!verified).then(|| "tile on device 0: wrong".into()),
+                devices: vec![DeviceResult {
+                    device: 0,
+                    name: name.into(),
+                    dtype: Dtype::F32,
+                    tflops,
+                    datasheet_tflops: bench::datasheet(name).map(|d| d.f32),
+                }],
+                verify_ms: 1,
+                open_ms: 1,
+                ping_ms: 1,
+            }],
+            inventory,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn requirements_count_only_gpus_whose_verified_speed_matches_their_model() {
+        let req = HardwareRequirement {
+            gpu_models: vec!["A100".into()],
+            min_gpus: 1,
+            min_gpu_memory_gb: 40.0,
+            ..Default::default()
+        };
+        assert!(
+            req.check(Some(&record("NVIDIA A100-SXM4-80GB", 15.0, true)))
+                .is_ok()
+        );
+        let slow = req
+            .check(Some(&record("NVIDIA A100-SXM4-80GB", 0.05, true)))
+            .unwrap_err();
+        assert!(slow.contains("0 of its GPUs qualify"), "{slow}");
+        let failed = req
+            .check(Some(&record("NVIDIA A100-SXM4-80GB", 15.0, false)))
+            .unwrap_err();
+        assert!(failed.contains("benchmark failed"), "{failed}");
+        let other = req.check(Some(&record("Tesla V100-SXM2-16GB", 14.0, true)));
+        assert!(other.is_err());
+        assert_eq!(req.check(None).unwrap_err(), "not benchmarked yet");
+        let speed = HardwareRequirement {
+            min_verified_tflops: [("f32".to_string(), 1.0)].into(),
+            ..Default::default()
+        };
+        assert!(speed.check(Some(&record("cpu", 2.0, true))).is_ok());
+        assert!(
+            speed
+                .check(Some(&record("cpu", 0.5, true)))
+                .unwrap_err()
+                .contains("delivered 0.500")
+        );
+        assert!(HardwareRequirement::default().check(None).is_ok());
+    }
+
+    #[test]
+    fn requirements_travel_in_offers_and_bad_ones_are_refused() {
+        let req = HardwareRequirement {
+            min_gpus: 4,
+            ..Default::default()
+        };
+        assert_eq!(
+            HardwareRequirement::from_offer(&req.to_offer()).unwrap(),
+            req
+        );
+        assert!(HardwareRequirement::from_offer("").unwrap().is_empty());
+        assert!(HardwareRequirement::from_offer("cpu").unwrap().is_empty());
+        assert!(HardwareRequirement::from_offer("{bad").is_err());
+        let inv = Inventory::default();
+        assert!(req.check_inventory(&inv).unwrap_err().contains("4 GPU(s)"));
+        let bad = HardwareRequirement {
+            min_verified_tflops: [("f64".to_string(), 1.0)].into(),
+            ..Default::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("f64"));
+    }
+
+    #[test]
+    fn a_cpu_posing_as_an_a100_and_a_false_time_report_are_flagged() {
+        let rec = record("NVIDIA A100-SXM4-80GB", 0.04, true);
+        let mut run = rec.runs[0].clone();
+        let flags = flags_of(&rec.inventory, &run);
+        assert!(
+            flags[0].starts_with("claims_more_than_verified"),
+            "{flags:?}"
+        );
+        run.devices[0].tflops = 15.0;
+        run.measured_ms = 2000;
+        run.reported_ms = 1;
+        let flags = flags_of(&rec.inventory, &run);
+        assert_eq!(flags.len(), 1);
+        assert!(flags[0].starts_with("time_report"), "{flags:?}");
+        run.reported_ms = 1900;
+        assert!(flags_of(&rec.inventory, &run).is_empty());
+    }
 }

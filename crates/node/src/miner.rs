@@ -57,6 +57,19 @@ impl Shared {
 #[tonic::async_trait]
 impl MinerBackend for Shared {
     async fn offer(&self, offer: Offer) -> Result<DecisionReply, Status> {
+        // The offer's hardware requirement, against what this box has.
+        let fits = crate::hardware::HardwareRequirement::from_offer(&offer.hardware)
+            .and_then(|req| req.check_inventory(self.bench.inventory()));
+        if let Err(detail) = fits {
+            return Ok(DecisionReply {
+                job_id: offer.job_id,
+                miner: self.bench.peer_id(),
+                decision: tunenet_types::Decision::Reject(tunenet_types::RejectReason {
+                    code: tunenet_types::RejectCode::Hardware,
+                    detail,
+                }),
+            });
+        }
         self.ask(|tx| Cmd::Offer(offer, tx)).await
     }
     async fn assign(&self, a: Assignment) -> Result<(), Status> {

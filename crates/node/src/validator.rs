@@ -213,7 +213,7 @@ pub(crate) fn competition_plan(
         offer_timeout_ms: cfg.offer_timeout_secs * 1000,
         max_artifact_bytes,
         reply_to: reply_to.to_string(),
-        hardware: "cpu".into(),
+        hardware: cfg.hardware.to_offer(),
         integrity,
         requires_synthetic: cfg.synthetic_generator.is_some()
             && cfg.kind == tunenet_types::JobKind::FineTune,
@@ -645,7 +645,8 @@ impl Validator {
             .collect();
         let mut plan = record.plan.clone();
         plan.reply_to = self.shared.reply_to.clone();
-        let mut engine = ValidatorEngine::new(self.identity.clone(), plan, self.miners(), stored);
+        let miners = self.miners_meeting(&record.config.hardware);
+        let mut engine = ValidatorEngine::new(self.identity.clone(), plan, miners, stored);
         engine.set_banned(registry::banned(self.store.as_ref()));
         engine.set_paused(!matches!(record.state, CompState::Running));
         engine.set_min_miners(record.config.min_miners as usize);
@@ -679,6 +680,30 @@ impl Validator {
             }
         }
         m
+    }
+
+    /// The known miners whose verified hardware meets `req` (all of them when it is empty).
+    fn miners_meeting(&self, req: &crate::hardware::HardwareRequirement) -> Vec<String> {
+        let all = self.miners();
+        if req.is_empty() {
+            return all;
+        }
+        let records = crate::hardware::records(self.store.as_ref());
+        crate::hardware::eligibility(req, &all, &records)
+            .into_iter()
+            .filter(|e| e.offered)
+            .map(|e| e.addr)
+            .collect()
+    }
+
+    /// Why each known miner is or is not offered competition `i`'s jobs.
+    pub(crate) fn eligibility(&self, i: usize) -> Vec<crate::hardware::Eligibility> {
+        let records = crate::hardware::records(self.store.as_ref());
+        crate::hardware::eligibility(
+            &self.comps[i].record.config.hardware,
+            &self.miners(),
+            &records,
+        )
     }
 
     /// A miner's advert arrived over p2p: new jobs are offered to it too.
@@ -753,8 +778,13 @@ impl Validator {
             tx.send_replace(miners.clone());
         }
         let banned = registry::banned(self.store.as_ref());
-        for c in &mut self.comps {
-            c.engine.set_miners(miners.clone());
+        let lists: Vec<Vec<String>> = self
+            .comps
+            .iter()
+            .map(|c| self.miners_meeting(&c.record.config.hardware))
+            .collect();
+        for (c, m) in self.comps.iter_mut().zip(lists) {
+            c.engine.set_miners(m);
             c.engine.set_banned(banned.clone());
         }
     }
@@ -1313,12 +1343,18 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
         v.add(r);
     }
     let (hw_tx, hw_rx) = tokio::sync::watch::channel(v.miners());
+    let refresh = tx.clone();
     crate::hardware::spawn_checker(
         v.transport.clone(),
         v.identity.clone(),
         store.clone(),
         cfg.hardware.clone(),
         hw_rx,
+        move || {
+            // A new verified record can make a miner eligible for (or drop it from) a
+            // competition with a hardware requirement.
+            let _ = refresh.try_send(Cmd::Run(Box::new(|v: &mut Validator| v.refresh_miners())));
+        },
     );
     v.hardware_miners = Some(hw_tx);
     let mut tick = tokio::time::interval(Duration::from_millis(200));

@@ -177,6 +177,7 @@ fn code_to(c: t::RejectCode) -> v1::RejectCode {
         t::RejectCode::BudgetTooLong => v1::RejectCode::BudgetTooLong,
         t::RejectCode::Other => v1::RejectCode::Other,
         t::RejectCode::InsufficientMemory => v1::RejectCode::InsufficientMemory,
+        t::RejectCode::Hardware => v1::RejectCode::Hardware,
     }
 }
 
@@ -189,6 +190,7 @@ fn code_from(c: i32) -> t::RejectCode {
         Ok(v1::RejectCode::BudgetTooShort) => t::RejectCode::BudgetTooShort,
         Ok(v1::RejectCode::BudgetTooLong) => t::RejectCode::BudgetTooLong,
         Ok(v1::RejectCode::InsufficientMemory) => t::RejectCode::InsufficientMemory,
+        Ok(v1::RejectCode::Hardware) => t::RejectCode::Hardware,
         _ => t::RejectCode::Other,
     }
 }

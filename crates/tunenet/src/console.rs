@@ -382,12 +382,32 @@ async fn run_async(a: ConsoleArgs) -> Result<()> {
                 let d = call!(c.show_competition(pb::CompetitionRef { id }));
                 if json {
                     println!(
-                        "{{\"config\": {}, \"jobs\": {}}}",
-                        d.config_json, d.jobs_json
+                        "{{\"config\": {}, \"jobs\": {}, \"eligibility\": {}}}",
+                        d.config_json,
+                        d.jobs_json,
+                        if d.eligibility_json.is_empty() {
+                            "[]"
+                        } else {
+                            &d.eligibility_json
+                        }
                     );
                 } else {
                     if let Some(i) = &d.info {
                         print_comps(std::slice::from_ref(i));
+                    }
+                    let el: serde_json::Value =
+                        serde_json::from_str(&d.eligibility_json).unwrap_or_default();
+                    for e in el.as_array().into_iter().flatten() {
+                        println!(
+                            "  miner {} {}: {}",
+                            e["addr"].as_str().unwrap_or("?"),
+                            if e["offered"] == true {
+                                "offered"
+                            } else {
+                                "NOT offered"
+                            },
+                            e["reason"].as_str().unwrap_or("")
+                        );
                     }
                     let jobs: serde_json::Value = serde_json::from_str(&d.jobs_json)?;
                     for j in jobs.as_array().into_iter().flatten() {

@@ -124,6 +124,8 @@ pub enum RejectCode {
     ModelTooLarge,
     /// Training the job would need more memory than the miner has.
     InsufficientMemory,
+    /// The miner's hardware does not meet the job's requirement.
+    Hardware,
     /// The time budget is below the policy's minimum.
     BudgetTooShort,
     /// The time budget is above the policy's maximum.
