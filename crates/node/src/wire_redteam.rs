@@ -324,13 +324,12 @@ impl tunenet_rpc::MinerBackend for AdversaryService {
     }
 }
 
-/// Honest miner daemons: method, rank, learning rate, steps (varied by competition).
-/// Each trains about two passes over its subset, as a miner with the job's time budget
-/// would (the default `max_steps` is 100).
+/// Honest miner daemons: method, rank, learning rate (varied by competition), steps: the
+/// miner's default `max_steps`, about three passes over a subset, well inside the budget.
 const HONEST: [(&str, u32, f64, u32); 3] = [
-    ("lora", 4, 1e-3, 40),
-    ("lora", 16, 3e-3, 50),
-    ("full", 0, 2e-3, 40),
+    ("lora", 4, 1e-3, 100),
+    ("lora", 16, 3e-3, 100),
+    ("full", 0, 2e-3, 100),
 ];
 
 /// Records and optimiser steps of the base model's pretraining.
@@ -929,7 +928,8 @@ fn make_artifacts(
     let mut sources: Vec<PathBuf> = Vec::new();
     for (i, (role, a)) in plan.iter().enumerate() {
         if let Role::Accomplice(k) = role {
-            let cfg = [lora(8, 2e-3, 40, seed + 1), lora(8, 1.5e-3, 45, seed + 2)][*k % 2].clone();
+            let cfg =
+                [lora(8, 2e-3, 100, seed + 1), lora(8, 1.5e-3, 100, seed + 2)][*k % 2].clone();
             let p = train(
                 &ctx.base,
                 &subset_of(a),
@@ -1017,7 +1017,7 @@ fn make_artifacts(
             }
             Cheat::OtherData => {
                 let fresh = tunenet_ml::demo_dataset(subset.len(), 7_000 + seed);
-                train(&ctx.base, &fresh, &lora(8, 2e-3, 40, seed + 6), &odir)?
+                train(&ctx.base, &fresh, &lora(8, 2e-3, 100, seed + 6), &odir)?
             }
             Cheat::RankAboveBound => train(&ctx.base, &subset, &lora(32, 2e-3, 5, seed), &odir)?,
             Cheat::NanWeights => {
@@ -1338,7 +1338,7 @@ pub fn markdown(r: &WireReport, command: &str) -> String {
     let mut s = String::new();
     s.push_str("# Integrity: the red-team report, over the wire\n\n");
     s.push_str(&format!(
-        "Written by `{command}`. Each competition is a real `tunenet validator` daemon and {} honest `tunenet miner` daemons (LoRA rank 4, LoRA rank 16, full fine-tuning, about two passes over their subsets; learning rates varied by competition), all separate processes on loopback (the last honest daemon starts listening only after the validator's first offers went out, so it gets its jobs only through the offer retries), plus adversary miners that speak only the gRPC protocol from another process: each serves its own `MinerService`, accepts offers, fetches its shard by blake3, signs its own commitments and reveals by upload. Two of them are honest accomplices (LoRA rank 8, about two passes over their assigned subsets) whose artifacts the copiers and the soup take; their submissions count as honest. Each competition has two jobs on the tiny model pretrained on {} demo-style records from a seed no competition uses ({} steps; fine-tuning then starts, as on any real base, from a model that knows the data's style), 300 demo records (60 held out as the hidden test split), 16 secret canaries per shard (each an invented country's capital, planted 8 times, with a never-released alternative capital drawn alike for the exposure test), and a synthetic set of 180 records drawn after each deadline. Outcomes are read back as an operator reads them, through `tunenet console competition show`; the checks' cost comes from the validator's own log. A cheater counts as caught when one of its strategy's expected checks fails its submission or the validator refuses its message for the expected reason.\n\n",
+        "Written by `{command}`. Each competition is a real `tunenet validator` daemon and {} honest `tunenet miner` daemons (LoRA rank 4, LoRA rank 16, full fine-tuning, 100 steps each, the miner's default; learning rates varied by competition), all separate processes on loopback (the last honest daemon starts listening only after the validator's first offers went out, so it gets its jobs only through the offer retries), plus adversary miners that speak only the gRPC protocol from another process: each serves its own `MinerService`, accepts offers, fetches its shard by blake3, signs its own commitments and reveals by upload. Two of them are honest accomplices (LoRA rank 8, 100 steps on their assigned subsets) whose artifacts the copiers and the soup take; their submissions count as honest. Each competition has two jobs on the tiny model pretrained on {} demo-style records from a seed no competition uses ({} steps; fine-tuning then starts, as on any real base, from a model that knows the data's style), 300 demo records (60 held out as the hidden test split), 16 secret canaries per shard (each an invented country's capital, planted 8 times, with a never-released alternative capital drawn alike for the exposure test), and a synthetic set of 180 records drawn after each deadline. Outcomes are read back as an operator reads them, through `tunenet console competition show`; the checks' cost comes from the validator's own log. A cheater counts as caught when one of its strategy's expected checks fails its submission or the validator refuses its message for the expected reason.\n\n",
         HONEST.len(),
         PRETRAIN.0,
         PRETRAIN.1
