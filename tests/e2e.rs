@@ -1970,5 +1970,56 @@ async fn hardware_benchmarks_verify_an_honest_miner_and_catch_each_cheat() {
         text.contains("FLAG      claims_more_than_verified"),
         "{text}"
     );
+
+    // Jobs matched to hardware: nobody has a verified A100 (the one who claims it is a
+    // CPU); every miner with a verified f32 figure is offered the other competition's.
+    let eligibility = |id: &str| {
+        let out = run(&[
+            "console",
+            "--validator",
+            &vurl,
+            "--token",
+            &admin,
+            "--json",
+            "competition",
+            "show",
+            id,
+        ]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["eligibility"].as_array().unwrap().clone()
+    };
+    let a100s = eligibility("a100s");
+    assert_eq!(a100s.len(), 7, "{a100s:#?}");
+    assert!(a100s.iter().all(|e| e["offered"] == false), "{a100s:#?}");
+    let claimed = &cheaters[0].1;
+    let e = a100s
+        .iter()
+        .find(|e| e["miner"] == claimed.as_str())
+        .unwrap();
+    assert!(
+        e["reason"]
+            .as_str()
+            .unwrap()
+            .contains("0 of its GPUs qualify"),
+        "{e:#}"
+    );
+    let fast = eligibility("fast");
+    for e in &fast {
+        let peer = e["miner"].as_str().unwrap();
+        let verified = records
+            .iter()
+            .find(|r| r["miner"] == peer)
+            .map(|r| r["runs"][0]["verified"] == true)
+            .unwrap();
+        assert_eq!(e["offered"] == true, verified, "{e:#}");
+    }
+    assert!(fast.iter().any(|e| e["offered"] == true));
     drop(validator);
+}
+
+/// A one-job competition on the tiny model with a `[competitions.hardware]` requirement.
+fn hw_competition(id: &str, model: &Path, data: &Path, requirement: &str) -> String {
+    format!(
+        "[[competitions]]\nid = \"{id}\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 1\nminers_per_job = 1\ntime_budget_secs = 30\n[competitions.hardware]\n{requirement}\n"
+    )
 }
