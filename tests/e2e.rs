@@ -518,7 +518,19 @@ fn a_miner_on_p2p_is_listed_with_its_signed_advert() {
         .iter()
         .find(|p| p["peer_id"] == peer.as_str())
         .unwrap_or_else(|| panic!("{list}"));
-    assert_eq!(me["advert"]["hardware"], "cpu", "{list}");
+    // The advert's one-line summary and its signed inventory (this machine's CPU and GPUs).
+    let summary = me["advert"]["hardware"].as_str().unwrap_or_default();
+    assert!(summary.starts_with("cpu: "), "{list}");
+    let inv = &me["advert"]["inventory"];
+    assert!(inv["cpu_cores"].as_u64().unwrap_or(0) >= 1, "{list}");
+    assert!(
+        inv["memory_total_bytes"].as_u64().unwrap_or(0) > 0,
+        "{list}"
+    );
+    let gpus = inv["gpus"].as_array().unwrap_or_else(|| panic!("{list}"));
+    if gpus.is_empty() {
+        assert!(summary.contains("no NVIDIA GPU"), "{list}");
+    }
     assert!(
         me["advert"]["policy"]
             .as_str()

@@ -446,6 +446,17 @@ fn peers(bootstrap: Vec<String>, mdns: bool, wait_secs: u64, json: bool) -> Resu
                         "policy": a.policy,
                         "price_hint": a.price_hint,
                         "timestamp_ms": a.timestamp_ms,
+                        "inventory": a.inventory.as_ref().map(|i| serde_json::json!({
+                            "cpu_model": i.cpu_model,
+                            "cpu_cores": i.cpu_cores,
+                            "memory_total_bytes": i.memory_total_bytes,
+                            "gpus": i.gpus.iter().map(|g| serde_json::json!({
+                                "name": g.name,
+                                "uuid": g.uuid,
+                                "memory_total_bytes": g.memory_total_bytes,
+                            })).collect::<Vec<_>>(),
+                            "nvml_error": i.nvml_error,
+                        })),
                     })),
                 })
             })
