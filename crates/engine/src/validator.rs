@@ -4,7 +4,7 @@
 
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use tunenet_types::{
     Assignment, BlobId, Commitment, CompetitionId, Decision, DecisionReply, HparamBounds, Identity,
     IntegritySettings, JobId, JobKind, JobScore, Offer, Outcome, PeerIdStr, Receipt,
@@ -1209,8 +1209,14 @@ impl ValidatorEngine {
                     duplicate_findings(&self.jobs, &self.foreign, id, &plan.integrity);
                 findings.extend(derived::derived_findings(&self.jobs, id, &plan.integrity));
                 if let Some(job) = self.jobs.get(id) {
-                    findings.extend(leakage_findings(job, &plan.integrity));
                     findings.extend(untrained::untrained_findings(job, &plan.integrity));
+                    // Submissions already failing are never the leakage test's references.
+                    let suspect: BTreeSet<PeerIdStr> = findings
+                        .iter()
+                        .filter(|(_, v)| v.outcome == Outcome::Fail)
+                        .map(|(m, _)| m.clone())
+                        .collect();
+                    findings.extend(leakage_findings(job, &plan.integrity, &suspect));
                 }
                 let Some(job) = self.jobs.get_mut(id) else {
                     return;
@@ -1385,11 +1391,15 @@ pub use untrained::UNTRAINED_CHECK;
 /// no significant sign of training on its assigned data, and is flagged otherwise.
 /// With fewer than three ratios there is no cohort to judge against: each gets a passing
 /// verdict saying so, with its ratio.
-fn leakage_findings(job: &JobState, settings: &IntegritySettings) -> Vec<(PeerIdStr, Verdict)> {
+fn leakage_findings(
+    job: &JobState,
+    settings: &IntegritySettings,
+    suspect: &BTreeSet<PeerIdStr>,
+) -> Vec<(PeerIdStr, Verdict)> {
     if !settings.enabled {
         return vec![];
     }
-    if let Some(found) = leakage::per_record_findings(job, settings) {
+    if let Some(found) = leakage::per_record_findings(job, settings, suspect) {
         return found;
     }
     let cohort: Vec<(&PeerIdStr, f64, f64, &Vec<Verdict>)> = job

@@ -3,9 +3,9 @@
 //! work happens here.
 //!
 //! For every hidden test record and every synthetic record, each submission's loss is
-//! compared with a reference model's loss on that same record (see [`judge`]): the
-//! record's own difficulty cancels, leaving how much better or worse this model does on it
-//! than a comparable peer. A model trained on the test split does unusually well on test
+//! compared with that predicted from the other models' losses on that same record (see
+//! [`judge`]): the record's own difficulty cancels, leaving how much better or worse this
+//! model does on it than its peers. A model trained on the test split does unusually well on test
 //! records and not on synthetic ones. The test and synthetic records are independent draws
 //! from one data-generating process, and the synthetic set exists only after the deadline,
 //! so for a model that saw neither, its residuals on the two sets are exchangeable and a
@@ -15,6 +15,7 @@
 //! drawn; a generator of another style would make every strong fine-tune look leaky.
 
 use super::{JobState, LEAKAGE_CHECK, SubmissionState, median};
+use std::collections::BTreeSet;
 use tunenet_types::{IntegritySettings, Outcome, PeerIdStr, Verdict};
 
 /// One submission's per-record losses: (miner, test records, synthetic records).
@@ -24,9 +25,16 @@ type Row<'a> = (&'a PeerIdStr, &'a [Option<f64>], &'a [Option<f64>]);
 /// some evaluated submission has no per-record losses on both sets (evaluated without them,
 /// or the job has no synthetic set), or their lengths disagree: then the loss-ratio test
 /// judges the cohort instead.
+///
+/// `suspect` names miners that other job-end checks already fail (copies, derived
+/// submissions, models that never saw their data): they are judged like the rest but never
+/// serve as references. The test runs in two rounds: a submission that fails the first
+/// round is removed from the references too, and every other one is judged again without
+/// it, since a reference that itself trained on the test split can only hide leakage.
 pub(super) fn per_record_findings(
     job: &JobState,
     settings: &IntegritySettings,
+    suspect: &BTreeSet<PeerIdStr>,
 ) -> Option<Vec<(PeerIdStr, Verdict)>> {
     let mut cohort: Vec<Row<'_>> = Vec::new();
     for (m, slot) in &job.slots {
@@ -51,59 +59,79 @@ pub(super) fn per_record_findings(
         return None;
     }
     let n = cohort.len();
+    let not_judged = |m: &PeerIdStr, why: &str| {
+        (
+            m.clone(),
+            Verdict {
+                check: LEAKAGE_CHECK.into(),
+                outcome: Outcome::Pass,
+                value: None,
+                threshold: Some(settings.leak_alpha),
+                reason: format!("not judged: {why}"),
+            },
+        )
+    };
     if n < 2 {
         return Some(
             cohort
                 .iter()
                 .map(|(m, _, _)| {
-                    ((*m).clone(), Verdict {
-                        check: LEAKAGE_CHECK.into(),
-                        outcome: Outcome::Pass,
-                        value: None,
-                        threshold: Some(settings.leak_alpha),
-                        reason: "not judged: the only evaluated submission of its job has no peers to compare its per-record losses with".into(),
-                    })
+                    not_judged(m, "the only evaluated submission of its job has no peers to compare its per-record losses with")
                 })
                 .collect(),
         );
     }
+    let mut excluded: BTreeSet<&PeerIdStr> = suspect.iter().collect();
+    let first: Vec<Option<Found<'_>>> = cohort
+        .iter()
+        .map(|row| judge(row, &cohort, &excluded))
+        .collect();
+    let leaked = |f: &Option<Found<'_>>| f.as_ref().is_some_and(|f| f.p <= settings.leak_alpha);
+    excluded.extend(
+        cohort
+            .iter()
+            .zip(&first)
+            .filter(|(_, f)| leaked(f))
+            .map(|(row, _)| row.0),
+    );
     Some(
         cohort
             .iter()
-            .map(|row| {
+            .zip(first)
+            .map(|(row, first)| {
                 let (m, ..) = row;
-                let verdict = match judge(row, &cohort) {
-                    None => Verdict {
-                        check: LEAKAGE_CHECK.into(),
-                        outcome: Outcome::Pass,
-                        value: None,
-                        threshold: Some(settings.leak_alpha),
-                        reason: "not judged: no other submission of its job is a different model to compare its per-record losses with".into(),
-                    },
-                    Some(found) => {
-                        let p = found.p;
-                        let numbers = found.describe(n);
-                        let (outcome, reason) = if p <= settings.leak_alpha {
-                            (
-                                Outcome::Fail,
-                                format!(
-                                    "the hidden test split leaked into training: it beats a comparable model by more on the hidden test records than on records drawn alike after the deadline ({numbers}; at most {:.0e} allowed)",
-                                    settings.leak_alpha
-                                ),
-                            )
-                        } else {
-                            (Outcome::Pass, numbers)
-                        };
-                        Verdict {
-                            check: LEAKAGE_CHECK.into(),
-                            outcome,
-                            value: Some(p),
-                            threshold: Some(settings.leak_alpha),
-                            reason,
-                        }
-                    }
+                // Judged again without the first round's leakers, unless it is one.
+                let found = if leaked(&first) {
+                    first
+                } else {
+                    judge(row, &cohort, &excluded).or(first)
                 };
-                ((*m).clone(), verdict)
+                let Some(found) = found else {
+                    return not_judged(
+                        m,
+                        "no other submission of its job is a different model that passed the other checks, to compare its per-record losses with",
+                    );
+                };
+                let p = found.p;
+                let numbers = found.describe(n);
+                let (outcome, reason) = if p <= settings.leak_alpha {
+                    (
+                        Outcome::Fail,
+                        format!(
+                            "the hidden test split leaked into training: it beats comparable models by more on the hidden test records than on records drawn alike after the deadline ({numbers}; at most {:.0e} allowed)",
+                            settings.leak_alpha
+                        ),
+                    )
+                } else {
+                    (Outcome::Pass, numbers)
+                };
+                ((*m).clone(), Verdict {
+                    check: LEAKAGE_CHECK.into(),
+                    outcome,
+                    value: Some(p),
+                    threshold: Some(settings.leak_alpha),
+                    reason,
+                })
             })
             .collect(),
     )
@@ -115,8 +143,9 @@ const SAME_MODEL: f64 = 1e-3;
 
 /// What the per-record test found for one submission.
 struct Found<'a> {
-    reference: &'a PeerIdStr,
-    slope: f64,
+    /// The references with a weight above zero, heaviest first.
+    weights: Vec<(&'a PeerIdStr, f64)>,
+    references: usize,
     test_median: f64,
     test_n: usize,
     synthetic_median: f64,
@@ -127,10 +156,23 @@ struct Found<'a> {
 
 impl Found<'_> {
     fn describe(&self, cohort: usize) -> String {
+        let named: Vec<String> = self
+            .weights
+            .iter()
+            .take(3)
+            .map(|(m, w)| format!("{m} {w:.2}"))
+            .collect();
+        let more = self.weights.len().saturating_sub(3);
         format!(
-            "its per-record loss less that predicted from the closest other model's ({}, by synthetic loss, slope {:.3}; {cohort} submissions): median {:+.4} nats on {} hidden test records against {:+.4} on {} synthetic records, lower on the test record in {:.0} % of test/synthetic pairs; one-sided Mann–Whitney p = {:.1e}",
-            self.reference,
-            self.slope,
+            "its per-record loss less that predicted from {} other model{}' (non-negative least squares over both sets; weights {}{}; {cohort} submissions): median {:+.4} nats on {} hidden test records against {:+.4} on {} synthetic records, lower on the test record in {:.0} % of test/synthetic pairs; one-sided Mann–Whitney p = {:.1e}",
+            self.references,
+            if self.references == 1 { "" } else { "s" },
+            named.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            },
             self.test_median,
             self.test_n,
             self.synthetic_median,
@@ -141,67 +183,101 @@ impl Found<'_> {
     }
 }
 
-/// The per-record test for `row` against the cohort. The reference is the other submission
-/// closest in mean synthetic loss that is a different model: a model of like strength ranks
-/// records' difficulty as this one does, which the cohort's median (often weaker runs)
-/// does not. This submission's per-record losses are regressed on the reference's over
-/// both sets together (one least-squares line, slope at least 0, treating every record
-/// alike so the null's exchangeability survives), and the residuals on the test records
-/// are tested against those on the synthetic records. A reference that itself trained on
-/// the test split is lower on test records, which with a slope of at least 0 only raises
-/// this submission's test residuals: it can hide leakage, never invent it. None when no
-/// other submission is a different model.
-fn judge<'a>(row: &Row<'a>, cohort: &[Row<'a>]) -> Option<Found<'a>> {
-    let (me, own_t, own_s) = *row;
-    let mean = |xs: &[Option<f64>]| {
-        let v: Vec<f64> = xs.iter().flatten().copied().collect();
-        v.iter().sum::<f64>() / v.len().max(1) as f64
-    };
-    let mine = mean(own_s);
-    let (reference, ref_t, ref_s) = cohort
+fn mean_loss(xs: &[Option<f64>]) -> f64 {
+    let v: Vec<f64> = xs.iter().flatten().copied().collect();
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+/// Whether two submissions' synthetic-record losses differ enough to be different models.
+fn different(a: &[Option<f64>], b: &[Option<f64>]) -> bool {
+    let d: Vec<f64> = a
         .iter()
-        .filter(|(m, _, s)| {
-            if *m == me {
-                return false;
-            }
-            let d: Vec<f64> = s
+        .zip(b)
+        .filter_map(|(x, y)| Some((x.as_ref()? - y.as_ref()?).abs()))
+        .collect();
+    !d.is_empty() && d.iter().sum::<f64>() / d.len() as f64 > SAME_MODEL
+}
+
+/// The per-record test for `row` against the cohort's other models, `excluded` aside. This
+/// submission's per-record losses are predicted from every reference's losses on the same
+/// records by one non-negative least-squares fit (with an intercept) over both sets
+/// together, treating every record alike so the null's exchangeability survives; the
+/// residuals on the test records are then tested against those on the synthetic records.
+/// Each record's own difficulty cancels, and with several references each one's quirks
+/// average out, so the residuals are tighter than against any single peer. References
+/// are the other submissions that are different models from this one and from each other
+/// (a copy adds nothing), nearest first in mean synthetic loss. A reference that itself
+/// trained on the test split is lower on test records, which with weights of at least 0
+/// only raises this submission's test residuals: it can hide leakage, never invent it.
+/// None when no reference is left.
+fn judge<'a>(
+    row: &Row<'a>,
+    cohort: &[Row<'a>],
+    excluded: &BTreeSet<&PeerIdStr>,
+) -> Option<Found<'a>> {
+    let (me, own_t, own_s) = *row;
+    let mine = mean_loss(own_s);
+    let mut candidates: Vec<&Row<'a>> = cohort
+        .iter()
+        .filter(|(m, _, s)| *m != me && !excluded.contains(m) && different(s, own_s))
+        .collect();
+    candidates.sort_by(|a, b| {
+        (mean_loss(a.2) - mine)
+            .abs()
+            .total_cmp(&(mean_loss(b.2) - mine).abs())
+    });
+    let mut refs: Vec<&Row<'a>> = Vec::new();
+    for c in candidates {
+        if refs.iter().all(|r| different(r.2, c.2)) {
+            refs.push(c);
+        }
+    }
+    if refs.is_empty() {
+        return None;
+    }
+    // One row per record every model scored: the references' losses, then this one's.
+    let mut xs: Vec<Vec<f64>> = Vec::new();
+    let mut ys: Vec<f64> = Vec::new();
+    let mut is_test: Vec<bool> = Vec::new();
+    for (own, pick, test) in [
+        (
+            own_t,
+            (|r: &Row<'a>| r.1) as fn(&Row<'a>) -> &'a [Option<f64>],
+            true,
+        ),
+        (own_s, |r: &Row<'a>| r.2, false),
+    ] {
+        for (i, o) in own.iter().enumerate() {
+            let Some(o) = o.filter(|o| o.is_finite()) else {
+                continue;
+            };
+            let x: Option<Vec<f64>> = refs
                 .iter()
-                .zip(own_s)
-                .filter_map(|(a, b)| Some((a.as_ref()? - b.as_ref()?).abs()))
+                .map(|r| pick(r).get(i).copied().flatten().filter(|v| v.is_finite()))
                 .collect();
-            !d.is_empty() && d.iter().sum::<f64>() / d.len() as f64 > SAME_MODEL
-        })
-        .min_by(|a, b| {
-            (mean(a.2) - mine)
-                .abs()
-                .total_cmp(&(mean(b.2) - mine).abs())
-        })?;
-    let pairs = |own: &[Option<f64>], refs: &[Option<f64>]| -> Vec<(f64, f64)> {
-        own.iter()
-            .zip(refs)
-            .filter_map(|(o, r)| Some((r.as_ref().copied()?, o.as_ref().copied()?)))
-            .filter(|(r, o)| r.is_finite() && o.is_finite())
-            .collect()
-    };
-    let test = pairs(own_t, ref_t);
-    let syn = pairs(own_s, ref_s);
-    let all: Vec<&(f64, f64)> = test.iter().chain(&syn).collect();
-    let k = all.len().max(1) as f64;
-    let (mx, my) = (
-        all.iter().map(|p| p.0).sum::<f64>() / k,
-        all.iter().map(|p| p.1).sum::<f64>() / k,
-    );
-    let sxx: f64 = all.iter().map(|p| (p.0 - mx).powi(2)).sum();
-    let sxy: f64 = all.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
-    let slope = if sxx > 0.0 { (sxy / sxx).max(0.0) } else { 0.0 };
-    let residuals = |ps: &[(f64, f64)]| -> Vec<f64> {
-        ps.iter().map(|(r, o)| o - my - slope * (r - mx)).collect()
-    };
-    let (rt, rs) = (residuals(&test), residuals(&syn));
+            if let Some(x) = x {
+                xs.push(x);
+                ys.push(o);
+                is_test.push(test);
+            }
+        }
+    }
+    let (weights, residuals) = nnls(&xs, &ys);
+    let (mut rt, mut rs) = (Vec::new(), Vec::new());
+    for (r, t) in residuals.iter().zip(&is_test) {
+        if *t { rt.push(*r) } else { rs.push(*r) }
+    }
     let (p, effect) = rank_sum_greater(&rs, &rt);
+    let mut named: Vec<(&'a PeerIdStr, f64)> = refs
+        .iter()
+        .zip(&weights)
+        .filter(|(_, w)| **w > 0.0)
+        .map(|(r, w)| (r.0, *w))
+        .collect();
+    named.sort_by(|a, b| b.1.total_cmp(&a.1));
     Some(Found {
-        reference,
-        slope,
+        weights: named,
+        references: refs.len(),
         test_median: median(&rt),
         test_n: rt.len(),
         synthetic_median: median(&rs),
@@ -209,6 +285,50 @@ fn judge<'a>(row: &Row<'a>, cohort: &[Row<'a>]) -> Option<Found<'a>> {
         effect,
         p,
     })
+}
+
+/// Least squares of `y` on the columns of `x` plus an intercept, every column's weight at
+/// least 0 (cyclic coordinate descent on the centred problem, which converges for this
+/// convex problem). Returns the weights and the residuals.
+pub(super) fn nnls(x: &[Vec<f64>], y: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    let n = y.len();
+    let k = x.first().map_or(0, |r| r.len());
+    if n == 0 {
+        return (vec![0.0; k], vec![]);
+    }
+    let nf = n as f64;
+    let col_mean: Vec<f64> = (0..k)
+        .map(|j| x.iter().map(|r| r[j]).sum::<f64>() / nf)
+        .collect();
+    let cols: Vec<Vec<f64>> = (0..k)
+        .map(|j| x.iter().map(|r| r[j] - col_mean[j]).collect())
+        .collect();
+    let y_mean = y.iter().sum::<f64>() / nf;
+    let mut res: Vec<f64> = y.iter().map(|v| v - y_mean).collect();
+    let norms: Vec<f64> = cols.iter().map(|c| c.iter().map(|v| v * v).sum()).collect();
+    let mut w = vec![0.0; k];
+    for _ in 0..10_000 {
+        let mut moved = 0f64;
+        for j in 0..k {
+            if norms[j] <= 0.0 {
+                continue;
+            }
+            let g: f64 = cols[j].iter().zip(&res).map(|(c, r)| c * r).sum();
+            let next = (w[j] + g / norms[j]).max(0.0);
+            let d = next - w[j];
+            if d != 0.0 {
+                for (r, c) in res.iter_mut().zip(&cols[j]) {
+                    *r -= d * c;
+                }
+                w[j] = next;
+                moved = moved.max(d.abs());
+            }
+        }
+        if moved < 1e-12 {
+            break;
+        }
+    }
+    (w, res)
 }
 
 /// One-sided Mann–Whitney U test that values in `x` tend to exceed those in `y`, by the
@@ -270,4 +390,32 @@ fn erfc(x: f64) -> f64 {
                                         + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
             .exp();
     if x >= 0.0 { r } else { 2.0 - r }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nnls;
+
+    #[test]
+    fn nnls_recovers_non_negative_weights_and_clamps_negative_ones() {
+        // y = 2 + 0.7 a + 0.3 b - 0.5 c: the fit keeps a and b, and sets c's weight to 0.
+        let x: Vec<Vec<f64>> = (0..50)
+            .map(|i| {
+                let i = i as f64;
+                vec![(i * 0.37).sin(), (i * 0.91).cos(), (i * 1.3).sin() * 0.1]
+            })
+            .collect();
+        let y: Vec<f64> = x.iter().map(|r| 2.0 + 0.7 * r[0] + 0.3 * r[1]).collect();
+        let (w, res) = nnls(&x, &y);
+        assert!(
+            (w[0] - 0.7).abs() < 1e-6 && (w[1] - 0.3).abs() < 1e-6,
+            "{w:?}"
+        );
+        assert!(w[2].abs() < 1e-6, "{w:?}");
+        assert!(res.iter().all(|r| r.abs() < 1e-6));
+        let y: Vec<f64> = x.iter().map(|r| 1.0 + 0.5 * r[0] - 0.5 * r[2]).collect();
+        let (w, _) = nnls(&x, &y);
+        assert_eq!(w[2], 0.0, "{w:?}");
+        assert!(w.iter().all(|v| *v >= 0.0));
+    }
 }

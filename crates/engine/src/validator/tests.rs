@@ -923,6 +923,31 @@ fn with_fewer_than_three_submissions_leakage_is_recorded_not_judged() {
     }
 }
 
+/// Hands the validator `miner`'s evaluation with these per-record losses (and their means).
+fn evaluated_per_record(
+    w: &mut World,
+    miner: &PeerIdStr,
+    t: Vec<Option<f64>>,
+    s: Vec<Option<f64>>,
+) {
+    let mean = |v: &[Option<f64>]| v.iter().flatten().sum::<f64>() / v.len() as f64;
+    w.v.handle(
+        ValidatorInput::Evaluated {
+            job_id: job0(),
+            miner: miner.clone(),
+            result: Ok(Evaluation {
+                test_loss: Some(mean(&t)),
+                synthetic_loss: Some(mean(&s)),
+                test_records: t,
+                synthetic_records: s,
+                ..Default::default()
+            }),
+        },
+        w.now,
+        &mut w.rng,
+    );
+}
+
 #[test]
 fn a_submission_far_better_on_the_test_records_than_on_synthetic_ones_fails_per_record() {
     let mut w = World::new(4, 1);
@@ -947,22 +972,7 @@ fn a_submission_far_better_on_the_test_records_than_on_synthetic_ones_fails_per_
     ];
     for (h, (scale, jitter, bonus)) in hs.iter().zip(models) {
         let (t, s) = records(scale, jitter, bonus);
-        let mean = |v: &[Option<f64>]| v.iter().flatten().sum::<f64>() / v.len() as f64;
-        w.v.handle(
-            ValidatorInput::Evaluated {
-                job_id: job0(),
-                miner: h.miner.clone(),
-                result: Ok(Evaluation {
-                    test_loss: Some(mean(&t)),
-                    synthetic_loss: Some(mean(&s)),
-                    test_records: t,
-                    synthetic_records: s,
-                    ..Default::default()
-                }),
-            },
-            w.now,
-            &mut w.rng,
-        );
+        evaluated_per_record(&mut w, &h.miner, t, s);
     }
     let cheat = score_of(&w, &hs[3].miner);
     let reason = cheat.penalty_reason.as_deref().unwrap_or_default();
@@ -974,6 +984,48 @@ fn a_submission_far_better_on_the_test_records_than_on_synthetic_ones_fails_per_
         let v = leakage_of(&w, &h.miner);
         assert_eq!(v.outcome, Outcome::Pass, "{v:?}");
         assert!(v.value.unwrap() > 1e-3, "{v:?}");
+    }
+}
+
+#[test]
+fn a_leaky_peer_cannot_hide_a_weaker_leaker() {
+    use rand::Rng;
+    let mut w = World::new(6, 1);
+    let hs = reveal_all(&mut w, &[b"a", b"b", b"c", b"d", b"strong", b"weak"]);
+    // 40 records a set; each model scales the records' difficulty and has its own noise.
+    // The strong leaker is 0.5 nats better on every test record, the weak one 0.08: a fit
+    // that may lean on the strong leaker explains the weak one's test gain away.
+    let difficulty = |i: usize| 2.0 + ((i * 37) % 17) as f64 / 10.0;
+    let mut noise = StdRng::seed_from_u64(7);
+    let models = [
+        (1.0, 0.0),
+        (0.8, 0.0),
+        (0.6, 0.0),
+        (0.7, 0.0),
+        (0.55, 0.5),
+        (0.65, 0.08),
+    ];
+    for (h, (scale, bonus)) in hs.iter().zip(models) {
+        let mut record = |i: usize, bonus: f64| {
+            Some(scale * difficulty(i) + noise.random_range(-0.05..0.05) - bonus)
+        };
+        let t: Vec<Option<f64>> = (0..40).map(|i| record(i, bonus)).collect();
+        let s: Vec<Option<f64>> = (0..40).map(|i| record(i + 3, 0.0)).collect();
+        evaluated_per_record(&mut w, &h.miner, t, s);
+    }
+    for cheat in &hs[4..] {
+        let v = leakage_of(&w, &cheat.miner);
+        assert_eq!(v.outcome, Outcome::Fail, "{v:?}");
+    }
+    let weak = leakage_of(&w, &hs[5].miner);
+    assert!(
+        !weak.reason.contains(&hs[4].miner.to_string()),
+        "the strong leaker served as a reference: {}",
+        weak.reason
+    );
+    for h in &hs[..4] {
+        let v = leakage_of(&w, &h.miner);
+        assert_eq!(v.outcome, Outcome::Pass, "{v:?}");
     }
 }
 
