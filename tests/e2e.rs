@@ -1695,7 +1695,27 @@ impl MinerBackend for HwCheater {
         Err(Status::failed_precondition("benchmarks only"))
     }
     async fn status(&self) -> Result<tunenet_proto::v1::MinerStatus, Status> {
-        Err(Status::unimplemented("cheater"))
+        if self.cheat != HwCheat::ClaimsA100 {
+            return Err(Status::unimplemented("cheater"));
+        }
+        // Its status says a second A100 appeared: the validator benchmarks it again.
+        let gpu = |i: u32| tunenet_hw::GpuInfo {
+            index: i,
+            name: "NVIDIA A100-SXM4-80GB".into(),
+            uuid: format!("GPU-00000000-0000-0000-0000-00000000000{i}"),
+            memory_total_bytes: 80 << 30,
+            compute_capability: "8.0".into(),
+            ..Default::default()
+        };
+        let mut inv = tunenet_hw::Inventory::collect_with_nvml(Some(Path::new("/nonexistent")));
+        inv.nvml_error = None;
+        inv.driver_version = Some("550.54".into());
+        inv.gpus = vec![gpu(0), gpu(1)];
+        Ok(tunenet_proto::v1::MinerStatus {
+            miner: self.id.peer_id().0,
+            hardware: Some(tunenet_node::hardware::inventory_pb(&inv)),
+            ..Default::default()
+        })
     }
     async fn benchmark(
         &self,
@@ -1782,6 +1802,12 @@ impl MinerBackend for HwCheater {
             reported_compute_ms: reported,
             inventory: Some(tunenet_node::hardware::inventory_pb(&inv)),
             signature: vec![],
+            // The A100 claimant asks an A100's price.
+            price_per_gpu_hour: if self.cheat == HwCheat::ClaimsA100 {
+                2.5
+            } else {
+                0.0
+            },
         };
         out.signature = self
             .id
@@ -1856,7 +1882,7 @@ async fn hardware_benchmarks_verify_an_honest_miner_and_catch_each_cheat() {
     std::fs::write(
         &mconf,
         format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:{mp}\"\n",
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{mp}\"\nprice_per_gpu_hour = 0.25\n",
             root.join("m")
         ),
     )
@@ -1871,7 +1897,7 @@ async fn hardware_benchmarks_verify_an_honest_miner_and_catch_each_cheat() {
     std::fs::write(
         &vconf,
         format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:{vp}\"\nminers = {miners:?}\n[hardware]\ncpu_n = 2048\ngpu_n = 2048\ntile = 32\nopen_tiles = 8\ngpu_dtypes = [\"f32\"]\n{}{}",
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{vp}\"\nminers = {miners:?}\n[hardware]\ninventory_poll_secs = 1\ncpu_n = 2048\ngpu_n = 2048\ntile = 32\nopen_tiles = 8\ngpu_dtypes = [\"f32\"]\n{}{}",
             root.join("v"),
             // Two competitions: who is offered their jobs is what counts here.
             hw_competition("a100s", &model, &data, "gpu_models = [\"A100\"]\nmin_gpus = 1"),
@@ -1885,21 +1911,14 @@ async fn hardware_benchmarks_verify_an_honest_miner_and_catch_each_cheat() {
         &root.join("validator.log"),
     );
     let vurl = format!("http://127.0.0.1:{vp}");
+    let console = |args: &[&str]| {
+        let mut all = vec!["console", "--validator", &vurl, "--token", &admin];
+        all.extend_from_slice(args);
+        run(&all)
+    };
     let deadline = Instant::now() + Duration::from_secs(120);
     let records: Vec<serde_json::Value> = loop {
-        let out = Command::new(BIN)
-            .args([
-                "console",
-                "--validator",
-                &vurl,
-                "--token",
-                &admin,
-                "--json",
-                "miner",
-                "list",
-            ])
-            .output()
-            .unwrap();
+        let out = console(&["--json", "miner", "list"]);
         if out.status.success() {
             let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
             let h = v["hardware"].as_array().cloned().unwrap_or_default();
@@ -1964,15 +1983,7 @@ async fn hardware_benchmarks_verify_an_honest_miner_and_catch_each_cheat() {
         assert!(caught, "{cheat:?} was not caught for its reason: {r:#}");
     }
     // The operator's table shows the same.
-    let out = run(&[
-        "console",
-        "--validator",
-        &vurl,
-        "--token",
-        &admin,
-        "miner",
-        "list",
-    ]);
+    let out = console(&["miner", "list"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("f32") && text.contains("TFLOPS verified"),
@@ -1982,21 +1993,59 @@ async fn hardware_benchmarks_verify_an_honest_miner_and_catch_each_cheat() {
         text.contains("FLAG      claims_more_than_verified"),
         "{text}"
     );
+    // A miner whose declared hardware changed is benchmarked again at once; one whose
+    // hardware did not is left until its next scheduled check.
+    let stamp = |rs: &[serde_json::Value], peer: &str| {
+        rs.iter()
+            .find(|r| r["miner"] == peer)
+            .map(|r| r["updated_at_ms"].as_u64().unwrap())
+            .unwrap()
+    };
+    let honest_id = honest_peer["miner"].as_str().unwrap().to_string();
+    let (claimant, first_claim, first_honest) = (
+        cheaters[0].1.clone(),
+        stamp(&records, &cheaters[0].1),
+        stamp(&records, &honest_id),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = console(&["--json", "miner", "list"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let now = v["hardware"].as_array().cloned().unwrap_or_default();
+        if stamp(&now, &claimant) > first_claim {
+            assert_eq!(stamp(&now, &honest_id), first_honest);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the miner whose hardware changed was not benchmarked again\n{}",
+            validator.log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(validator.log().contains("hardware changed"));
+    // Prices, as each miner signed them into its answer, in the value table.
+    assert_eq!(honest_peer["price_per_gpu_hour"], 0.25, "{honest_peer:#}");
+    assert_eq!(of(&cheaters[0].1)["price_per_gpu_hour"], 2.5);
+    let out = console(&["--json", "miners", "--sort", "value"]);
+    let table: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = table.as_array().unwrap();
+    assert_eq!(rows.len(), 7, "{table:#}");
+    let row = rows
+        .iter()
+        .find(|r| r["miner"] == honest_peer["miner"])
+        .unwrap();
+    assert_eq!(row["price_per_gpu_hour"], 0.25, "{row:#}");
+    assert_eq!(row["devices"], 1, "{row:#}");
+    assert!(row["verified_tflops"].as_f64().unwrap() > 0.0, "{row:#}");
+    let out = console(&["miners", "--sort", "value"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("price/h") && text.contains("0.25"), "{text}");
 
     // Jobs matched to hardware: nobody has a verified A100 (the one who claims it is a
     // CPU); every miner with a verified f32 figure is offered the other competition's.
     let eligibility = |id: &str| {
-        let out = run(&[
-            "console",
-            "--validator",
-            &vurl,
-            "--token",
-            &admin,
-            "--json",
-            "competition",
-            "show",
-            id,
-        ]);
+        let out = console(&["--json", "competition", "show", id]);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         v["eligibility"].as_array().unwrap().clone()
     };

@@ -88,6 +88,30 @@ impl Inventory {
         inv
     }
 
+    /// Whether `other` describes the same hardware: the same CPU, memory size, driver, and
+    /// GPUs (by UUID, name, memory size and compute capability, in order). What changes
+    /// from moment to moment (free memory) does not count: a GPU that left the bus, a new
+    /// card or a driver upgrade does.
+    pub fn same_hardware(&self, other: &Inventory) -> bool {
+        let gpu_key = |g: &GpuInfo| {
+            (
+                g.uuid.clone(),
+                g.name.clone(),
+                g.memory_total_bytes,
+                g.compute_capability.clone(),
+            )
+        };
+        self.cpu == other.cpu
+            && self.memory_total_bytes == other.memory_total_bytes
+            && self.driver_version == other.driver_version
+            && self.gpus.len() == other.gpus.len()
+            && self
+                .gpus
+                .iter()
+                .zip(&other.gpus)
+                .all(|(a, b)| gpu_key(a) == gpu_key(b))
+    }
+
     /// A one-line summary, e.g. `4x NVIDIA A100-SXM4-80GB (80 GiB), 64 cores, 503 GiB`.
     pub fn summary(&self) -> String {
         let gpus = if self.gpus.is_empty() {

@@ -4,7 +4,7 @@
 use candle_core::Device;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tunenet_hw::bench::{self, Challenge, Dtype, Failure, Spec};
-use tunenet_hw::inventory::Inventory;
+use tunenet_hw::inventory::{GpuInfo, Inventory};
 
 fn challenge(seed: u64, n: u32, k: u32, tile: u32, dtype: Dtype) -> Challenge {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -235,4 +235,36 @@ fn inventories_from_others_are_bounded() {
         ..Default::default()
     };
     assert!(inv.validate().unwrap_err().contains("65 GPUs"));
+}
+
+#[test]
+fn free_memory_is_not_a_hardware_change_but_a_lost_gpu_is() {
+    let gpu = |i: u32| GpuInfo {
+        index: i,
+        name: "NVIDIA A100-SXM4-80GB".into(),
+        uuid: format!("GPU-{i}"),
+        memory_total_bytes: 80 << 30,
+        memory_free_bytes: 70 << 30,
+        compute_capability: "8.0".into(),
+        ..Default::default()
+    };
+    let before = Inventory {
+        gpus: (0..4).map(gpu).collect(),
+        memory_total_bytes: 512 << 30,
+        memory_available_bytes: 400 << 30,
+        ..Default::default()
+    };
+    let mut busy = before.clone();
+    busy.memory_available_bytes = 100 << 30;
+    busy.gpus[2].memory_free_bytes = 1 << 30;
+    assert!(before.same_hardware(&busy));
+    let mut lost = before.clone();
+    lost.gpus.pop();
+    assert!(!before.same_hardware(&lost));
+    let mut swapped = before.clone();
+    swapped.gpus[1].uuid = "GPU-other".into();
+    assert!(!before.same_hardware(&swapped));
+    let mut upgraded = before.clone();
+    upgraded.driver_version = Some("560.35".into());
+    assert!(!before.same_hardware(&upgraded));
 }

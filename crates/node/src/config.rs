@@ -90,6 +90,10 @@ pub struct MinerConfig {
     /// Largest matrix side this miner computes for a validator's benchmark (bounds what a
     /// challenge can make it spend: n = 8192 is 1.1 TFLOP per matrix).
     pub benchmark_max_n: u32,
+    /// What this miner asks per device-hour (a GPU, or the CPU when it has none), in
+    /// whatever unit the network prices in; 0: not priced. Signed into its adverts and
+    /// benchmark answers; validators show cost per job and quality per unit of cost.
+    pub price_per_gpu_hour: f64,
 }
 
 impl Default for MinerConfig {
@@ -105,6 +109,7 @@ impl Default for MinerConfig {
             policy: MinerPolicy::default(),
             training: TrainingConfig::default(),
             benchmark_max_n: 8192,
+            price_per_gpu_hour: 0.0,
         }
     }
 }

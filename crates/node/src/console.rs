@@ -469,16 +469,46 @@ impl ConsoleService for Console {
             .into_iter()
             .map(miner_pb)
             .collect();
+        // Every job each miner was scored in: (quality, time budget).
+        let scored = self
+            .shared
+            .with(|v: &mut Validator| {
+                let mut by: std::collections::HashMap<String, Vec<(f64, u64)>> = Default::default();
+                for c in &v.comps {
+                    for j in c.engine.jobs() {
+                        for s in &j.scores {
+                            by.entry(s.miner.0.clone())
+                                .or_default()
+                                .push((s.quality, j.plan.time_budget_ms));
+                        }
+                    }
+                }
+                Ok(by)
+            })
+            .await?;
         let hardware = crate::hardware::records(self.shared.store.as_ref())
             .into_iter()
-            .map(|r| pb::MinerHardware {
-                miner: r.miner.clone(),
-                addr: r.addr.clone(),
-                inventory: r.inventory.summary(),
-                verified: r.summary(),
-                flags: r.flags.clone(),
-                updated_at_ms: r.updated_at_ms,
-                record_json: serde_json::to_string(&r).unwrap_or_default(),
+            .map(|r| {
+                let value = crate::hardware::value_of(
+                    &r,
+                    scored.get(&r.miner).map(Vec::as_slice).unwrap_or_default(),
+                );
+                pb::MinerHardware {
+                    miner: r.miner.clone(),
+                    addr: r.addr.clone(),
+                    inventory: r.inventory.summary(),
+                    verified: r.summary(),
+                    flags: r.flags.clone(),
+                    updated_at_ms: r.updated_at_ms,
+                    record_json: serde_json::to_string(&r).unwrap_or_default(),
+                    price_per_gpu_hour: value.price_per_gpu_hour,
+                    devices: value.devices,
+                    cost_per_job: value.cost_per_job,
+                    jobs_scored: value.jobs_scored,
+                    mean_quality: value.mean_quality,
+                    quality_per_cost: value.quality_per_cost,
+                    verified_tflops: r.best_verified_tflops(),
+                }
             })
             .collect();
         Ok(Response::new(pb::MinerList { miners, hardware }))

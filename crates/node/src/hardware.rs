@@ -137,7 +137,8 @@ pub fn challenge_signing_bytes(c: &v1::BenchmarkChallenge) -> Vec<u8> {
     b.u64(c.issued_at_ms).finish()
 }
 
-/// The bytes a miner signs for its commitment (roots, its time report, its inventory).
+/// The bytes a miner signs for its commitment (roots, its time report, its inventory, its
+/// price).
 pub fn commitment_signing_bytes(c: &v1::BenchmarkCommitment) -> Vec<u8> {
     let mut b = Canonical::new("tunenet/v1/benchmark-commitment");
     b.bytes(c.challenge_id.as_bytes())
@@ -153,6 +154,7 @@ pub fn commitment_signing_bytes(c: &v1::BenchmarkCommitment) -> Vec<u8> {
     if let Some(inv) = &c.inventory {
         b.bytes(&prost::Message::encode_to_vec(inv));
     }
+    b.u64(c.price_per_gpu_hour.to_bits());
     b.finish()
 }
 
@@ -228,7 +230,9 @@ struct Pending {
 /// until the reveal, and opens them.
 pub struct MinerBench {
     identity: Identity,
-    inventory: Inventory,
+    /// Re-read while the miner runs: a GPU can leave the bus, a driver can change.
+    inventory: Mutex<Inventory>,
+    price_per_gpu_hour: f64,
     /// Largest matrix side it computes (bounds what a validator can make it spend).
     max_n: u32,
     pending: Mutex<HashMap<String, Pending>>,
@@ -236,18 +240,38 @@ pub struct MinerBench {
 }
 
 impl MinerBench {
-    pub fn new(identity: Identity, inventory: Inventory, max_n: u32) -> Arc<MinerBench> {
+    pub fn new(
+        identity: Identity,
+        inventory: Inventory,
+        max_n: u32,
+        price_per_gpu_hour: f64,
+    ) -> Arc<MinerBench> {
         Arc::new(MinerBench {
             identity,
-            inventory,
+            inventory: Mutex::new(inventory),
+            price_per_gpu_hour,
             max_n,
             pending: Mutex::new(HashMap::new()),
             busy: tokio::sync::Mutex::new(()),
         })
     }
 
-    pub fn inventory(&self) -> &Inventory {
-        &self.inventory
+    /// The inventory as last read.
+    pub fn inventory(&self) -> Inventory {
+        self.inventory.lock().expect("inventory lock").clone()
+    }
+
+    /// Replaces the inventory with a fresh reading; true when the hardware changed (free
+    /// memory aside).
+    pub fn refresh(&self, now: Inventory) -> bool {
+        let mut inv = self.inventory.lock().expect("inventory lock");
+        let changed = !inv.same_hardware(&now);
+        *inv = now;
+        changed
+    }
+
+    pub fn price_per_gpu_hour(&self) -> f64 {
+        self.price_per_gpu_hour
     }
 
     pub fn peer_id(&self) -> PeerIdStr {
@@ -256,11 +280,11 @@ impl MinerBench {
 
     /// The devices a challenge may name: every GPU of the inventory, else the CPU (0).
     fn device_count(&self) -> u32 {
-        (self.inventory.gpus.len() as u32).max(1)
+        (self.inventory().gpus.len() as u32).max(1)
     }
 
     fn open_device(&self, index: u32) -> Result<tunenet_ml::Device, String> {
-        if self.inventory.gpus.is_empty() {
+        if self.inventory().gpus.is_empty() {
             return Ok(tunenet_ml::Device::Cpu);
         }
         tunenet_ml::parse_device(&format!("cuda:{index}")).map_err(|e| e.to_string())
@@ -345,8 +369,9 @@ impl MinerBench {
                 })
                 .collect(),
             reported_compute_ms,
-            inventory: Some(inventory_pb(&self.inventory)),
+            inventory: Some(inventory_pb(&self.inventory())),
             signature: vec![],
+            price_per_gpu_hour: self.price_per_gpu_hour,
         };
         out.signature = self.identity.sign(&commitment_signing_bytes(&out));
         let mut pending = self.pending.lock().expect("pending lock");
@@ -431,6 +456,9 @@ pub struct HardwareConfig {
     pub enabled: bool,
     /// Re-benchmark a miner this often (and at once when its inventory changes).
     pub check_interval_secs: u64,
+    /// Compare each miner's declared inventory (its status or advert) with its record
+    /// this often, to benchmark it again when its hardware changed.
+    pub inventory_poll_secs: u64,
     /// Matrix side for a miner without GPUs.
     pub cpu_n: u32,
     /// Matrix side for GPUs.
@@ -451,6 +479,7 @@ impl Default for HardwareConfig {
         HardwareConfig {
             enabled: true,
             check_interval_secs: 3600,
+            inventory_poll_secs: 60,
             cpu_n: 512,
             gpu_n: 8192,
             k: 1,
@@ -479,6 +508,9 @@ impl HardwareConfig {
         }
         if self.open_tiles == 0 {
             return Err("`hardware.open_tiles` must be at least 1".into());
+        }
+        if self.inventory_poll_secs == 0 {
+            return Err("`hardware.inventory_poll_secs` must be at least 1".into());
         }
         Ok(())
     }
@@ -536,9 +568,26 @@ pub struct HardwareRecord {
     /// Why the last attempt got no answer, when it did not.
     pub unreachable: Option<String>,
     pub updated_at_ms: u64,
+    /// What the miner asks per device-hour, as signed in its last answer (0: not priced).
+    #[serde(default)]
+    pub price_per_gpu_hour: f64,
 }
 
 impl HardwareRecord {
+    /// The devices a miner is paid for: its GPUs, or its CPU when it has none.
+    pub fn devices(&self) -> u32 {
+        (self.inventory.gpus.len() as u32).max(1)
+    }
+
+    /// The best verified figure in any dtype, summed over devices (0 when none verified).
+    pub fn best_verified_tflops(&self) -> f64 {
+        self.runs
+            .iter()
+            .filter(|r| r.verified)
+            .map(|r| r.devices.iter().map(|d| d.tflops).sum::<f64>())
+            .fold(0.0, f64::max)
+    }
+
     /// The best verified figure for `dtype`, summed over devices.
     pub fn verified_tflops(&self, dtype: Dtype) -> Option<f64> {
         self.runs
@@ -620,14 +669,14 @@ pub fn flags_of(inv: &Inventory, run: &BenchRun) -> Vec<String> {
 }
 
 /// Sends one challenge to the miner at `addr`, times it, reveals, verifies; returns the
-/// miner's peer id, its inventory and the run.
+/// miner's peer id, its inventory, its price per device-hour and the run.
 pub async fn challenge_miner(
     transport: &Transport,
     identity: &Identity,
     addr: &str,
     spec: Spec,
     open_tiles: u32,
-) -> Result<(String, Inventory, BenchRun), String> {
+) -> Result<(String, Inventory, f64, BenchRun), String> {
     let mut rng = rand::rngs::StdRng::from_os_rng();
     let seed: [u8; 32] = rng.random();
     let mut c = v1::BenchmarkChallenge {
@@ -668,6 +717,12 @@ pub async fn challenge_miner(
         Some(i) => inventory_from_pb(i)?,
         None => return Err("the commitment carries no inventory".into()),
     };
+    let price = commitment.price_per_gpu_hour;
+    if !price.is_finite() || price < 0.0 {
+        return Err(format!(
+            "the commitment's price per device-hour ({price}) is not a finite number of at least 0"
+        ));
+    }
     let failed = |why: String, devices: Vec<DeviceResult>| BenchRun {
         spec,
         checked_at_ms,
@@ -686,7 +741,7 @@ pub async fn challenge_miner(
         let why = format!(
             "devices: committed for devices {ids:?}, but the inventory lists {expected} (every device, in order, at once)"
         );
-        return Ok((miner, inventory, failed(why, vec![])));
+        return Ok((miner, inventory, price, failed(why, vec![])));
     }
     let mut roots = Vec::new();
     for d in &commitment.devices {
@@ -694,7 +749,14 @@ pub async fn challenge_miner(
         for b in &d.roots {
             match array32(b, "a root") {
                 Ok(a) => r.push(a),
-                Err(e) => return Ok((miner, inventory, failed(format!("malformed: {e}"), vec![]))),
+                Err(e) => {
+                    return Ok((
+                        miner,
+                        inventory,
+                        price,
+                        failed(format!("malformed: {e}"), vec![]),
+                    ));
+                }
             }
         }
         roots.push(r);
@@ -723,6 +785,7 @@ pub async fn challenge_miner(
             return Ok((
                 miner,
                 inventory,
+                price,
                 failed(format!("opening: no answer to the reveal: {e}"), vec![]),
             ));
         }
@@ -750,7 +813,7 @@ pub async fn challenge_miner(
             opening.devices.len(),
             opening.challenge_id
         );
-        return Ok((miner, inventory, failed(why, devices)));
+        return Ok((miner, inventory, price, failed(why, devices)));
     }
     let t = Instant::now();
     let result = tokio::task::spawn_blocking(move || {
@@ -791,7 +854,7 @@ pub async fn challenge_miner(
             ..failed(why, devices)
         },
     };
-    Ok((miner, inventory, run))
+    Ok((miner, inventory, price, run))
 }
 
 /// Benchmarks the miner at `addr` in every configured dtype and stores the record.
@@ -837,7 +900,8 @@ pub async fn check_miner(
                 dtype,
             };
             match challenge_miner(transport, identity, addr, spec, cfg.open_tiles).await {
-                Ok((miner, inv, run)) => {
+                Ok((miner, inv, price, run)) => {
+                    rec.price_per_gpu_hour = price;
                     if !rec.miner.is_empty() && rec.miner != miner {
                         tracing::info!(%addr, old = %rec.miner, new = %miner, "another miner answers at this address");
                     }
@@ -908,17 +972,39 @@ pub fn spawn_checker(
     }
     tokio::spawn(async move {
         let mut last: HashMap<String, u64> = HashMap::new();
+        // When each miner's declared inventory was last compared with its record.
+        let mut looked: HashMap<String, u64> = HashMap::new();
         loop {
             let addrs = miners.borrow().clone();
             let now = now_ms();
             for addr in addrs {
-                let due = last
+                let previous = records(store.as_ref()).into_iter().find(|r| r.addr == addr);
+                let mut due = last
                     .get(&addr)
                     .is_none_or(|t| now.saturating_sub(*t) >= cfg.check_interval_secs * 1000);
+                // Between scheduled checks, a miner whose hardware changed (a GPU gone, a
+                // card added, a new driver) is benchmarked again at once.
+                let look = looked
+                    .get(&addr)
+                    .is_none_or(|t| now.saturating_sub(*t) >= cfg.inventory_poll_secs * 1000);
+                if !due
+                    && look
+                    && let Some(prev) = &previous
+                {
+                    looked.insert(addr.clone(), now);
+                    if let Some(inv) = transport
+                        .declared_inventory(&addr)
+                        .await
+                        .and_then(|p| inventory_from_pb(&p).ok())
+                        && !inv.same_hardware(&prev.inventory)
+                    {
+                        tracing::info!(%addr, was = %prev.inventory.summary(), now = %inv.summary(), "the miner's hardware changed: benchmarking it again");
+                        due = true;
+                    }
+                }
                 if !due {
                     continue;
                 }
-                let previous = records(store.as_ref()).into_iter().find(|r| r.addr == addr);
                 let rec =
                     check_miner(&transport, &identity, store.as_ref(), &cfg, &addr, previous).await;
                 // Unreachable miners are tried again on the next pass, not an hour later.
@@ -930,6 +1016,55 @@ pub fn spawn_checker(
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
     });
+}
+
+// ---------------------------------------------------------------- price and value
+
+/// What a miner costs and delivers, for the console.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MinerValue {
+    /// Devices it is paid for: its GPUs, or 1 (the CPU).
+    pub devices: u32,
+    /// Its signed price per device-hour (0: not priced).
+    pub price_per_gpu_hour: f64,
+    /// Jobs it was scored in.
+    pub jobs_scored: u32,
+    /// Mean quality over them (a job's qualities have mean 1).
+    pub mean_quality: f64,
+    /// Price x devices x the mean time budget of its scored jobs, in hours: what a job of
+    /// this validator's costs at its price.
+    pub cost_per_job: f64,
+    /// `mean_quality / cost_per_job`; 0 when the miner is not priced or was never scored.
+    pub quality_per_cost: f64,
+}
+
+/// A miner's value from its record and the (quality, time budget in ms) of every job it
+/// was scored in.
+pub fn value_of(rec: &HardwareRecord, scored: &[(f64, u64)]) -> MinerValue {
+    let devices = rec.devices();
+    let price = rec.price_per_gpu_hour;
+    let n = scored.len();
+    let (mean_quality, mean_hours) = if n == 0 {
+        (0.0, 0.0)
+    } else {
+        (
+            scored.iter().map(|(q, _)| q).sum::<f64>() / n as f64,
+            scored.iter().map(|(_, ms)| *ms as f64).sum::<f64>() / n as f64 / 3.6e6,
+        )
+    };
+    let cost_per_job = price * devices as f64 * mean_hours;
+    MinerValue {
+        devices,
+        price_per_gpu_hour: price,
+        jobs_scored: n as u32,
+        mean_quality,
+        cost_per_job,
+        quality_per_cost: if cost_per_job > 0.0 && n > 0 {
+            mean_quality / cost_per_job
+        } else {
+            0.0
+        },
+    }
 }
 
 // ---------------------------------------------------------------- jobs matched to hardware
@@ -1277,5 +1412,31 @@ mod tests {
         assert!(flags[0].starts_with("time_report"), "{flags:?}");
         run.reported_ms = 1900;
         assert!(flags_of(&rec.inventory, &run).is_empty());
+    }
+
+    #[test]
+    fn value_is_quality_per_unit_of_cost_over_the_jobs_a_miner_was_scored_in() {
+        let mut rec = HardwareRecord {
+            inventory: Inventory {
+                gpus: vec![Default::default(); 4],
+                ..Default::default()
+            },
+            price_per_gpu_hour: 2.0,
+            ..Default::default()
+        };
+        // Two half-hour jobs at qualities 1.2 and 0.8: 4 GPUs x 2 x 0.5 h = 4 per job.
+        let v = value_of(&rec, &[(1.2, 1_800_000), (0.8, 1_800_000)]);
+        assert_eq!(v.devices, 4);
+        assert_eq!(v.jobs_scored, 2);
+        assert!((v.mean_quality - 1.0).abs() < 1e-12, "{v:?}");
+        assert!((v.cost_per_job - 4.0).abs() < 1e-12, "{v:?}");
+        assert!((v.quality_per_cost - 0.25).abs() < 1e-12, "{v:?}");
+        // Unpriced or never scored: no value to rank by.
+        assert_eq!(value_of(&rec, &[]).quality_per_cost, 0.0);
+        rec.price_per_gpu_hour = 0.0;
+        assert_eq!(value_of(&rec, &[(1.0, 60_000)]).quality_per_cost, 0.0);
+        // A CPU miner is paid for one device.
+        rec.inventory.gpus.clear();
+        assert_eq!(value_of(&rec, &[]).devices, 1);
     }
 }

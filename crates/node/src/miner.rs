@@ -59,7 +59,7 @@ impl MinerBackend for Shared {
     async fn offer(&self, offer: Offer) -> Result<DecisionReply, Status> {
         // The offer's hardware requirement, against what this box has.
         let fits = crate::hardware::HardwareRequirement::from_offer(&offer.hardware)
-            .and_then(|req| req.check_inventory(self.bench.inventory()));
+            .and_then(|req| req.check_inventory(&self.bench.inventory()));
         if let Err(detail) = fits {
             return Ok(DecisionReply {
                 job_id: offer.job_id,
@@ -77,7 +77,8 @@ impl MinerBackend for Shared {
     }
     async fn status(&self) -> Result<v1::MinerStatus, Status> {
         let mut s = self.ask(Cmd::Status).await?;
-        s.hardware = Some(crate::hardware::inventory_pb(self.bench.inventory()));
+        s.hardware = Some(crate::hardware::inventory_pb(&self.bench.inventory()));
+        s.price_per_gpu_hour = self.bench.price_per_gpu_hour();
         Ok(s)
     }
     async fn benchmark(
@@ -375,6 +376,9 @@ where
 }
 
 /// Runs a miner until it is stopped.
+/// How often a running miner reads its inventory again.
+const INVENTORY_REFRESH: Duration = Duration::from_secs(60);
+
 pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
     let crate::base::NodeBase {
         identity,
@@ -397,6 +401,12 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
         .collect();
     let me: PeerIdStr = identity.peer_id();
     let (tx, mut rx) = mpsc::channel::<Cmd>(1024);
+    let price = cfg.price_per_gpu_hour;
+    if !price.is_finite() || price < 0.0 {
+        return Err(NodeError::Other(format!(
+            "`price_per_gpu_hour` = {price}: a price per device-hour must be a finite number of at least 0 (0: not priced)"
+        )));
+    }
     let inventory = tunenet_hw::Inventory::collect();
     tracing::info!(hardware = %inventory.summary(), "inventory");
     let shared = Arc::new(Shared {
@@ -405,22 +415,52 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
             identity.clone(),
             inventory.clone(),
             cfg.benchmark_max_n,
+            price,
         ),
     });
+    let advert = |inv: &tunenet_hw::Inventory| {
+        crate::presence::miner_advert(&identity, &cfg.device, &cfg.policy, inv, price)
+    };
     let p2p = match &cfg.p2p {
         Some(p) => Some(
             crate::presence::join(
                 &identity,
                 p.clone(),
                 blobs.clone(),
-                &cfg.device,
-                Some((&cfg.policy, &inventory)),
+                Some(advert(&inventory)),
                 |_| Arc::new(MinerP2p(shared.clone())),
             )
             .await?,
         ),
         None => None,
     };
+    // The inventory is read again every minute: a GPU that leaves the bus, a new card or
+    // a driver upgrade goes into the status and a fresh advert at once, and validators
+    // that see the change benchmark this miner again.
+    {
+        let shared = shared.clone();
+        let client = p2p.clone();
+        let (identity, device, policy) = (identity.clone(), cfg.device.clone(), cfg.policy.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(INVENTORY_REFRESH).await;
+                let Ok(now) = tokio::task::spawn_blocking(tunenet_hw::Inventory::collect).await
+                else {
+                    continue;
+                };
+                if !shared.bench.refresh(now.clone()) {
+                    continue;
+                }
+                tracing::warn!(hardware = %now.summary(), "the hardware changed");
+                if let Some(c) = &client {
+                    let a = crate::presence::miner_advert(&identity, &device, &policy, &now, price);
+                    if let Err(e) = c.publish_advert(a).await {
+                        tracing::debug!(error = %e, "changed advert not delivered yet; the heartbeat retries");
+                    }
+                }
+            }
+        });
+    }
     let mut engine = MinerEngine::new(identity, cfg.policy.clone(), stored);
     let ctx = Ctx {
         store: store.clone(),
@@ -489,6 +529,7 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
                             max_concurrent: engine.policy().max_concurrent_jobs,
                             jobs,
                             hardware: None,
+                            price_per_gpu_hour: 0.0,
                         }));
                     }
                     Cmd::Input(input) => {

@@ -188,6 +188,33 @@ impl Transport {
         }
     }
 
+    /// The inventory the miner at `addr` declares now (self-declared, unverified): its
+    /// status over gRPC, its latest signed advert over libp2p; `None` when there is none.
+    pub async fn declared_inventory(&self, addr: &str) -> Option<v1::HardwareInventory> {
+        match self.route(addr).ok()? {
+            (Route::Grpc(url), _) => {
+                MinerClient::connect(&url)
+                    .await
+                    .ok()?
+                    .status()
+                    .await
+                    .ok()?
+                    .hardware
+            }
+            (Route::P2p(peer), Some(client)) => {
+                client
+                    .peers()
+                    .await
+                    .ok()?
+                    .into_iter()
+                    .find(|p| p.peer_id == peer)?
+                    .advert?
+                    .inventory
+            }
+            (Route::P2p(_), None) => None,
+        }
+    }
+
     /// Sends a benchmark challenge to the miner at `addr`; returns its commitment.
     pub async fn benchmark(
         &self,

@@ -1285,22 +1285,16 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
             );
             let on_record = crate::artifact_gossip::on_record(tx.clone());
             let sink = shared.clone();
-            let client = crate::presence::join(
-                &identity,
-                p.clone(),
-                blobs.clone(),
-                &cfg.device,
-                None,
-                move |client| {
+            let client =
+                crate::presence::join(&identity, p.clone(), blobs.clone(), None, move |client| {
                     Arc::new(ValidatorP2p {
                         sink,
                         client,
                         on_advert,
                         on_record,
                     })
-                },
-            )
-            .await?;
+                })
+                .await?;
             Some(client)
         }
         None => None,

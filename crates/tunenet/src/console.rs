@@ -47,6 +47,13 @@ enum ConsoleCmd {
     /// Miners: register, ban, unban, list.
     #[command(subcommand)]
     Miner(MinerCmd),
+    /// Every benchmarked miner in one table: devices, verified TFLOPS, price per
+    /// device-hour, cost per job, mean quality and quality per unit of cost.
+    Miners {
+        /// Order of the rows, best first.
+        #[arg(long, value_enum, default_value = "value")]
+        sort: MinerSort,
+    },
     /// The caller's own jobs and verdicts (miner tokens).
     MyJobs,
     /// Tokens (admin).
@@ -264,9 +271,112 @@ fn print_hardware(list: &[pb::MinerHardware]) {
         println!("{}  {}", h.miner, h.addr);
         println!("    declares  {}", h.inventory);
         println!("    verified  {}", h.verified);
+        println!("    price     {}", price_line(h));
         for f in &h.flags {
             println!("    FLAG      {f}");
         }
+    }
+}
+
+/// Price, cost per job and quality per unit of cost, in words.
+fn price_line(h: &pb::MinerHardware) -> String {
+    if h.price_per_gpu_hour <= 0.0 {
+        return "not priced".into();
+    }
+    let mut s = format!(
+        "{} per device-hour x {} device{}",
+        h.price_per_gpu_hour,
+        h.devices,
+        if h.devices == 1 { "" } else { "s" }
+    );
+    if h.jobs_scored > 0 {
+        s += &format!(
+            ": {:.4} per job, mean quality {:.3} over {} job{}, {:.3} quality per unit of cost",
+            h.cost_per_job,
+            h.mean_quality,
+            h.jobs_scored,
+            if h.jobs_scored == 1 { "" } else { "s" },
+            h.quality_per_cost
+        );
+    } else {
+        s += ", not scored in a job yet";
+    }
+    s
+}
+
+/// How `tunenet console miners` orders its rows (best first).
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum MinerSort {
+    /// Quality per unit of cost (unpriced or unscored miners last).
+    Value,
+    /// Mean quality.
+    Quality,
+    /// Cost per job, cheapest first (unpriced last).
+    Cost,
+    /// Verified TFLOPS.
+    Tflops,
+    /// Peer id.
+    Miner,
+}
+
+fn sort_miners(rows: &mut [pb::MinerHardware], by: MinerSort) {
+    let key = |h: &pb::MinerHardware| -> f64 {
+        match by {
+            MinerSort::Value => h.quality_per_cost,
+            MinerSort::Quality => h.mean_quality,
+            MinerSort::Cost if h.cost_per_job > 0.0 => -h.cost_per_job,
+            MinerSort::Cost => f64::NEG_INFINITY,
+            MinerSort::Tflops => h.verified_tflops,
+            MinerSort::Miner => 0.0,
+        }
+    };
+    rows.sort_by(|a, b| {
+        key(b)
+            .total_cmp(&key(a))
+            .then_with(|| a.miner.cmp(&b.miner))
+    });
+}
+
+/// One row per benchmarked miner: devices, verified speed, price, cost, quality, value.
+fn print_miner_table(rows: &[pb::MinerHardware]) {
+    if rows.is_empty() {
+        println!("no miner benchmarked yet");
+        return;
+    }
+    println!(
+        "{:<54} {:>7} {:>9} {:>9} {:>10} {:>5} {:>8} {:>10}",
+        "miner", "devices", "TFLOPS", "price/h", "cost/job", "jobs", "quality", "value"
+    );
+    for h in rows {
+        let priced = h.price_per_gpu_hour > 0.0;
+        let scored = h.jobs_scored > 0;
+        println!(
+            "{:<54} {:>7} {:>9.3} {:>9} {:>10} {:>5} {:>8} {:>10}",
+            h.miner,
+            h.devices,
+            h.verified_tflops,
+            if priced {
+                format!("{}", h.price_per_gpu_hour)
+            } else {
+                "-".into()
+            },
+            if priced && scored {
+                format!("{:.4}", h.cost_per_job)
+            } else {
+                "-".into()
+            },
+            h.jobs_scored,
+            if scored {
+                format!("{:.3}", h.mean_quality)
+            } else {
+                "-".into()
+            },
+            if priced && scored {
+                format!("{:.3}", h.quality_per_cost)
+            } else {
+                "-".into()
+            },
+        );
     }
 }
 
@@ -514,6 +624,32 @@ async fn run_async(a: ConsoleArgs) -> Result<()> {
                 }
             }
         },
+        ConsoleCmd::Miners { sort } => {
+            let mut l = call!(c.list_miners(pb::Empty {})).hardware;
+            sort_miners(&mut l, sort);
+            if json {
+                let rows: Vec<serde_json::Value> = l
+                    .iter()
+                    .map(|h| {
+                        serde_json::json!({
+                            "miner": h.miner,
+                            "addr": h.addr,
+                            "devices": h.devices,
+                            "verified_tflops": h.verified_tflops,
+                            "price_per_gpu_hour": h.price_per_gpu_hour,
+                            "cost_per_job": h.cost_per_job,
+                            "jobs_scored": h.jobs_scored,
+                            "mean_quality": h.mean_quality,
+                            "quality_per_cost": h.quality_per_cost,
+                            "flags": h.flags,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print_miner_table(&l);
+            }
+        }
         ConsoleCmd::MyJobs => {
             let j = call!(c.my_jobs(pb::Empty {}));
             println!("{}", j.jobs_json);
