@@ -23,5 +23,7 @@ export CUDA_PATH="$CUDA_HOME" CUDA_ROOT="$CUDA_HOME" PATH="$CUDA_HOME/bin:$PATH"
 export CUDARC_CUDA_VERSION="${CUDARC_CUDA_VERSION:-13000}"
 # A100 by default (70 for V100, 90 for H100); there is no GPU here to ask.
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-80}"
-cargo check --features cuda --bin tunenet
-echo "cuda-check: the cuda feature compiles (compute capability $CUDA_COMPUTE_CAP)"
+# The binary and the GPU tests (tests/gpu.rs), which scripts/gpu-check.sh runs on a GPU.
+features="${CUDA_CHECK_FEATURES:-cuda}"
+cargo check --features "$features" --bin tunenet --test gpu
+echo "cuda-check: features $features compile (compute capability $CUDA_COMPUTE_CAP)"

@@ -24,11 +24,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let dir = tunenet_ml::ModelDir::open(Path::new(arg(1)?))?;
             let r = tunenet_ml::bench_throughput(
                 &dir,
-                arg(2)?,
-                arg(3)?.parse()?,
-                arg(4)?.parse()?,
-                arg(5)?.parse()?,
-                8,
+                &tunenet_ml::BenchSpec {
+                    mode: arg(2)?,
+                    batch_size: arg(3)?.parse()?,
+                    seq: arg(4)?.parse()?,
+                    steps: arg(5)?.parse()?,
+                    rank: 8,
+                    dtype: tunenet_ml::WeightDtype::F32,
+                },
                 &tunenet_ml::Device::Cpu,
             )?;
             println!("{}", serde_json::to_string(&r)?);

@@ -33,6 +33,38 @@ pub struct BenchResult {
     pub tokens_per_sec: f64,
     /// Seconds of the timed steps.
     pub seconds: f64,
+    /// Precision of the base weights (`f32`, `bf16`, `f16`).
+    #[serde(default)]
+    pub dtype: String,
+    /// The model's parameters.
+    #[serde(default)]
+    pub params: u64,
+    /// Matrix-multiply work per token by the usual estimate (attention's own products
+    /// left out): 2 x params for evaluation, 4 x params for LoRA training (forward, and
+    /// backward through activations only), 6 x params for full fine-tuning.
+    #[serde(default)]
+    pub flops_per_token: f64,
+    /// `tokens_per_sec x flops_per_token`, in TFLOPS: divide by the device's peak for the
+    /// model FLOPs utilisation (MFU).
+    #[serde(default)]
+    pub model_tflops: f64,
+}
+
+/// What [`bench_throughput`] measures.
+#[derive(Clone, Copy, Debug)]
+pub struct BenchSpec<'a> {
+    /// `lora`, `full` or `eval`.
+    pub mode: &'a str,
+    /// Sequences per batch.
+    pub batch_size: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Timed steps.
+    pub steps: usize,
+    /// LoRA rank.
+    pub rank: usize,
+    /// Precision of the base weights.
+    pub dtype: WeightDtype,
 }
 
 /// Times `steps` training steps (`mode` "lora" with rank `rank` on q/v, or "full"; AdamW)
@@ -40,13 +72,17 @@ pub struct BenchResult {
 /// tokens of [`BENCH_TEXT`], after one untimed warm-up step.
 pub fn bench_throughput(
     model: &ModelDir,
-    mode: &str,
-    batch_size: usize,
-    seq: usize,
-    steps: usize,
-    rank: usize,
+    spec: &BenchSpec<'_>,
     device: &Device,
 ) -> Result<BenchResult, MlError> {
+    let BenchSpec {
+        mode,
+        batch_size,
+        seq,
+        steps,
+        rank,
+        dtype,
+    } = *spec;
     if steps == 0 || batch_size == 0 || seq < 2 {
         return Err(MlError::Invalid(
             "benchmark needs steps >= 1, batch_size >= 1 and seq >= 2".into(),
@@ -54,7 +90,7 @@ pub fn bench_throughput(
     }
     let text = BENCH_TEXT.repeat(seq / 8 + 4);
     let (tokens_per_sec, seconds) = if mode == "eval" {
-        let lm = CausalLm::load(model, None, WeightDtype::Auto, device)?;
+        let lm = CausalLm::load(model, None, dtype, device)?;
         let mut ids: Vec<u32> = lm.config().bos_token_id.into_iter().collect();
         ids.extend(lm.tokenizer().encode(&text)?);
         ids.truncate(seq);
@@ -94,6 +130,7 @@ pub fn bench_throughput(
             batch_size,
             max_seq_len: seq,
             checkpoint_every_secs: 0.0,
+            dtype,
             ..Default::default()
         };
         let out = std::env::temp_dir().join(format!("tunenet-bench-{}", std::process::id()));
@@ -125,6 +162,13 @@ pub fn bench_throughput(
         let secs = (t1 - t0).as_secs_f64();
         ((n1 - n0) as f64 / secs, secs)
     };
+    let params = model.config()?.param_count();
+    let flops_per_token = params as f64
+        * match mode {
+            "eval" => 2.0,
+            "lora" => 4.0,
+            _ => 6.0,
+        };
     Ok(BenchResult {
         mode: mode.to_string(),
         batch_size,
@@ -132,5 +176,9 @@ pub fn bench_throughput(
         steps,
         tokens_per_sec,
         seconds,
+        dtype: format!("{:?}", dtype.resolve(device)).to_lowercase(),
+        params,
+        flops_per_token,
+        model_tflops: tokens_per_sec * flops_per_token / 1e12,
     })
 }

@@ -34,7 +34,7 @@ pub use artifact::{
     ARTIFACT_FILE, ARTIFACT_FORMAT, ArtifactManifest, MANIFEST_FILE, MANIFEST_METADATA_KEY,
     MAX_HEADER_BYTES, read_artifact_manifest,
 };
-pub use bench::{BENCH_TEXT, BenchResult, bench_throughput};
+pub use bench::{BENCH_TEXT, BenchResult, BenchSpec, bench_throughput};
 pub use checkpoint::CHECKPOINT_FILE;
 pub use config::{LlamaConfig, RopeScaling, SUPPORTED_ARCHITECTURES, SUPPORTED_MODEL_TYPES};
 pub use data::{Record, demo_canaries, demo_dataset, load_jsonl, parse_jsonl, to_jsonl};

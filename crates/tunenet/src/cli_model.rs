@@ -72,6 +72,9 @@ pub enum ModelCmd {
         /// `cpu` or `cuda:N`.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Base weight precision: auto (f32 on a CPU, bf16 on a GPU), f32, bf16, f16.
+        #[arg(long, default_value = "auto")]
+        dtype: String,
     },
     /// Merge a LoRA artifact into its base model's weights, writing a new model directory.
     Merge {
@@ -303,29 +306,27 @@ pub fn model(cmd: ModelCmd) -> Result<()> {
             steps,
             rank,
             device,
-        } => bench(&model, &mode, batch_size, seq, steps, rank, &device)?,
+            dtype,
+        } => {
+            let device = tunenet_ml::parse_device(&device)?;
+            let spec = tunenet_ml::BenchSpec {
+                mode: &mode,
+                batch_size,
+                seq,
+                steps,
+                rank,
+                dtype: dtype.parse()?,
+            };
+            let r =
+                tunenet_ml::bench_throughput(&tunenet_ml::ModelDir::open(&model)?, &spec, &device)?;
+            println!("{}", serde_json::to_string(&r)?);
+        }
         ModelCmd::Merge { base, adapter, out } => {
             let base = tunenet_ml::ModelDir::open(&base)?;
             tunenet_ml::merge_adapter(&base, &adapter, &out)?;
             println!("wrote merged weights to {}", out.display());
         }
     }
-    Ok(())
-}
-
-fn bench(
-    model: &std::path::Path,
-    mode: &str,
-    batch_size: usize,
-    seq: usize,
-    steps: usize,
-    rank: usize,
-    device: &str,
-) -> Result<()> {
-    let device = tunenet_ml::parse_device(device)?;
-    let dir = tunenet_ml::ModelDir::open(model)?;
-    let r = tunenet_ml::bench_throughput(&dir, mode, batch_size, seq, steps, rank, &device)?;
-    println!("{}", serde_json::to_string(&r)?);
     Ok(())
 }
 

@@ -45,12 +45,14 @@ struct LocalBenchmark {
     verify_share_of_compute: f64,
     verified: bool,
     failure: Option<String>,
+    /// The device's datasheet peak for this dtype (dense), where its model is known.
+    datasheet_tflops: Option<f64>,
 }
 
 pub fn run(a: HardwareArgs) -> Result<()> {
     let inv = Inventory::collect();
     let bench = match a.benchmark {
-        Some(n) => Some(local_benchmark(&a, n)?),
+        Some(n) => Some(local_benchmark(&a, n, &inv)?),
         None => None,
     };
     if a.json {
@@ -61,13 +63,20 @@ pub fn run(a: HardwareArgs) -> Result<()> {
     print!("{}", inv.render());
     if let Some(b) = bench {
         println!(
-            "Benchmark  n {} x{} {} on {}: {:.3} s, {:.3} TFLOPS; the validator's check {:.3} s ({:.2} % of the compute); {}",
+            "Benchmark  n {} x{} {} on {}: {:.3} s, {:.3} TFLOPS{}; the validator's check {:.3} s ({:.2} % of the compute); {}",
             b.spec.n,
             b.spec.k,
             b.spec.dtype,
             b.device,
             b.compute_s,
             b.tflops,
+            match b.datasheet_tflops {
+                Some(d) => format!(
+                    " ({:.0} % of the datasheet's {d} TFLOPS)",
+                    100.0 * b.tflops / d
+                ),
+                None => String::new(),
+            },
             b.verify_s,
             100.0 * b.verify_share_of_compute,
             match &b.failure {
@@ -79,7 +88,7 @@ pub fn run(a: HardwareArgs) -> Result<()> {
     Ok(())
 }
 
-fn local_benchmark(a: &HardwareArgs, n: u32) -> Result<LocalBenchmark> {
+fn local_benchmark(a: &HardwareArgs, n: u32, inv: &Inventory) -> Result<LocalBenchmark> {
     let dtype = Dtype::parse(&a.dtype).map_err(anyhow::Error::msg)?;
     let spec = Spec {
         n,
@@ -117,5 +126,16 @@ fn local_benchmark(a: &HardwareArgs, n: u32) -> Result<LocalBenchmark> {
         verify_share_of_compute: verify_s / compute_s,
         verified: result.is_ok(),
         failure: result.err().map(|f| f.to_string()),
+        datasheet_tflops: a
+            .device
+            .strip_prefix("cuda:")
+            .and_then(|i| i.parse::<usize>().ok())
+            .and_then(|i| inv.gpus.get(i))
+            .and_then(|g| bench::datasheet(&g.name))
+            .and_then(|d| match dtype {
+                Dtype::F32 => Some(d.f32),
+                Dtype::Bf16 => d.bf16,
+                Dtype::F16 => Some(d.f16),
+            }),
     })
 }
