@@ -74,8 +74,13 @@ pub struct MinerConfig {
     pub listen: String,
     /// The ed25519 key file (`tunenet keygen`); created in the data dir if absent.
     pub key_file: Option<PathBuf>,
-    /// `cpu` or `cuda:N`.
+    /// `cpu` or `cuda:N`: the one device every job shares, when `devices` is empty.
     pub device: String,
+    /// Job slots, one job each: `["cuda:0", "cuda:1"]`, `["auto"]` (every GPU of the
+    /// inventory; the CPU where there is none) or logical CPU slots `["cpu:0", "cpu:1"]`.
+    /// Jobs go to the free slot with the most free memory that their estimate fits, and
+    /// `policy.max_concurrent_jobs` is capped at the number of slots. Empty: `device`.
+    pub devices: Vec<String>,
     /// Serve Prometheus metrics here (host:port); off when absent.
     pub metrics_listen: Option<String>,
     /// Join the libp2p network: gossip this miner's advert and take jobs over libp2p as
@@ -103,6 +108,7 @@ impl Default for MinerConfig {
             listen: "127.0.0.1:7101".into(),
             key_file: None,
             device: "cpu".into(),
+            devices: Vec::new(),
             metrics_listen: None,
             p2p: None,
             inference: Default::default(),

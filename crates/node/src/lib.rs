@@ -7,6 +7,7 @@ pub mod auth;
 pub mod base;
 pub mod config;
 pub mod console;
+pub mod devices;
 pub mod error;
 pub mod fetch;
 pub mod hardware;

@@ -124,7 +124,7 @@ struct Ctx {
     inference: crate::inference::InferenceConfig,
     tx: mpsc::Sender<Cmd>,
     training: TrainingConfig,
-    device: tunenet_ml::Device,
+    devices: Arc<crate::devices::DevicePool>,
     work: PathBuf,
     models: PathBuf,
 }
@@ -224,11 +224,13 @@ impl Ctx {
     ) {
         let started = Instant::now();
         let (tx, blobs, transport) = (self.tx.clone(), self.blobs.clone(), self.transport.clone());
-        let (cfg, device) = (self.inference.clone(), self.device.clone());
+        let (cfg, pool) = (self.inference.clone(), self.devices.clone());
         let (work, models_root) = (self.work.join(a.job_id.as_str()), self.models.clone());
         tokio::spawn(async move {
             let job_id = a.job_id.clone();
             let result = async {
+                let (slot, device) = pool.place(&job_id, None).map_err(NodeError::Other)?;
+                tracing::info!(job_id = %job_id, device = %slot, "inference job placed");
                 let (model_dir, bytes) =
                     Self::fetch_model(&transport, &blobs, &reply_to, a.base_model, &models_root).await?;
                 transport.fetch_blob(&blobs, &reply_to, a.train_shard, MAX_SHARD).await?;
@@ -259,6 +261,7 @@ impl Ctx {
             }
             .await
             .map_err(|e| e.to_string());
+            pool.release(&job_id);
             let _ = tx
                 .send(Cmd::Input(MinerInput::Trained { job_id, result }))
                 .await;
@@ -271,7 +274,7 @@ impl Ctx {
         let transport = self.transport.clone();
         let cfg = train_config(&self.training, &a.hparams);
         let margin = Duration::from_secs_f64(self.training.commit_margin_secs.max(0.0));
-        let device = self.device.clone();
+        let pool = self.devices.clone();
         let out = self.work.join(a.job_id.as_str());
         let models_root = self.models.clone();
         tokio::spawn(async move {
@@ -289,6 +292,10 @@ impl Ctx {
                         .into_iter()
                         .filter_map(|i| shard.get(i).cloned())
                         .collect();
+                // The free device with the most memory the job's estimate fits.
+                let need = model_dir_need(&model_dir, &cfg, &pool);
+                let (slot, device) = pool.place(&job_id, need).map_err(NodeError::Other)?;
+                tracing::info!(job_id = %job_id, device = %slot, "training placed");
                 // The deadline is wall-clock; the trainer plans on a monotonic clock.
                 let left = a.deadline_ms.saturating_sub(now_ms());
                 let deadline = Instant::now() + Duration::from_millis(left);
@@ -323,11 +330,28 @@ impl Ctx {
             }
             .await
             .map_err(|e| e.to_string());
+            pool.release(&job_id);
             let _ = tx
                 .send(Cmd::Input(MinerInput::Trained { job_id, result }))
                 .await;
         });
     }
+}
+
+/// The memory training the model in `dir` takes with `cfg`, when the pool has memory
+/// figures to place it by (GPUs); None otherwise.
+fn model_dir_need(
+    dir: &std::path::Path,
+    cfg: &tunenet_ml::TrainConfig,
+    pool: &crate::devices::DevicePool,
+) -> Option<u64> {
+    if !pool.exclusive() {
+        return None;
+    }
+    let model = tunenet_ml::ModelDir::open(dir).ok()?;
+    let config = model.config().ok()?;
+    let dtype = cfg.dtype.resolve(&pool.first_device());
+    Some(tunenet_ml::estimate_memory(&config, cfg, dtype).total)
 }
 
 /// The memory training `offer`'s model would take with this miner's settings, when the
@@ -375,16 +399,16 @@ where
     }
 }
 
-/// Runs a miner until it is stopped.
 /// How often a running miner reads its inventory again.
 const INVENTORY_REFRESH: Duration = Duration::from_secs(60);
 
+/// Runs a miner until it is stopped.
 pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
     let crate::base::NodeBase {
         identity,
         store,
         blobs,
-        device,
+        device: _,
         listener,
     } = crate::base::open(
         &cfg.data_dir,
@@ -409,6 +433,19 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
     }
     let inventory = tunenet_hw::Inventory::collect();
     tracing::info!(hardware = %inventory.summary(), "inventory");
+    let pool = Arc::new(
+        crate::devices::DevicePool::new(&cfg.devices, &cfg.device, &inventory)
+            .map_err(NodeError::Other)?,
+    );
+    let mut policy = cfg.policy.clone();
+    if pool.exclusive() && policy.max_concurrent_jobs as usize > pool.len() {
+        tracing::info!(
+            slots = pool.len(),
+            "max_concurrent_jobs capped at the number of device slots"
+        );
+        policy.max_concurrent_jobs = pool.len() as u32;
+    }
+    tracing::info!(slots = ?pool.slots().iter().map(|s| s.0.clone()).collect::<Vec<_>>(), "device slots");
     let shared = Arc::new(Shared {
         tx: tx.clone(),
         bench: crate::hardware::MinerBench::new(
@@ -461,7 +498,7 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
             }
         });
     }
-    let mut engine = MinerEngine::new(identity, cfg.policy.clone(), stored);
+    let mut engine = MinerEngine::new(identity, policy, stored);
     let ctx = Ctx {
         store: store.clone(),
         blobs,
@@ -469,7 +506,7 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
         inference: cfg.inference.clone(),
         tx: tx.clone(),
         training: cfg.training.clone(),
-        device,
+        devices: pool.clone(),
         work: cfg.data_dir.join("work"),
         models: cfg.data_dir.join("models"),
     };
@@ -501,7 +538,7 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
                 match cmd {
                     Cmd::Offer(offer, reply) => {
                         let job_id = offer.job_id.clone();
-                        let need = memory_needed(&offer, &cfg.training, &ctx.device);
+                        let need = memory_needed(&offer, &cfg.training, &pool.first_device());
                         let (decision, fx) = engine.offer(offer, now, need);
                         match &decision {
                             tunenet_types::Decision::Accept => metrics::counter!("tunenet_offers_accepted_total").increment(1),
@@ -521,7 +558,14 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
                         let _ = reply.send(r);
                     }
                     Cmd::Status(reply) => {
-                        let jobs = engine.status().into_iter().map(Into::into).collect();
+                        let jobs = engine
+                            .status()
+                            .into_iter()
+                            .map(|j| {
+                                let device = pool.slot_of(&j.job_id).unwrap_or_default();
+                                v1::JobStatus { device, ..j.into() }
+                            })
+                            .collect();
                         let _ = reply.send(Ok(v1::MinerStatus {
                             miner: me.0.clone(),
                             paused: engine.policy().paused,

@@ -419,6 +419,7 @@ impl From<t::MinerJobStatus> for v1::JobStatus {
             step: s.step,
             loss: s.loss,
             detail: s.detail,
+            device: String::new(),
         }
     }
 }

@@ -303,8 +303,13 @@ fn run(cmd: Cmd) -> Result<()> {
                 if s.paused { "  (paused)" } else { "" }
             );
             for j in s.jobs {
+                let on = if j.device.is_empty() {
+                    String::new()
+                } else {
+                    format!("on {}  ", j.device)
+                };
                 println!(
-                    "  {:<20} {:<11} step {:>5}  loss {:>8.4}  {}",
+                    "  {:<20} {:<11} {on}step {:>5}  loss {:>8.4}  {}",
                     j.job_id, j.phase, j.step, j.loss, j.detail
                 );
             }
