@@ -629,6 +629,93 @@ fn a_miner_killed_while_training_resumes_and_is_scored() {
     );
 }
 
+#[test]
+fn two_jobs_train_at_once_on_two_logical_cpu_devices() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (model, data) = common::tiny_model_and_data(root, 6, 300, 10);
+    let mport = port();
+    let mconf = root.join("m.toml");
+    std::fs::write(
+        &mconf,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{mport}\"\ndevices = [\"cpu:0\", \"cpu:1\"]\n[policy]\nmax_concurrent_jobs = 4\n[training]\nmax_steps = 100000\nmax_seq_len = 48\ncommit_margin_secs = 1.0\n",
+            root.join("m")
+        ),
+    )
+    .unwrap();
+    let vport = port();
+    let vconf = root.join("v.toml");
+    std::fs::write(
+        &vconf,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [\"http://127.0.0.1:{mport}\"]\n[[competitions]]\nid = \"d\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 2\nconcurrent_jobs = 2\nminers_per_job = 1\ntime_budget_secs = 12\nreveal_window_secs = 20\neval_max_seq_len = 48\n",
+            root.join("v")
+        ),
+    )
+    .unwrap();
+    let miner = Daemon::start(
+        &["miner", "--config", mconf.to_str().unwrap()],
+        &root.join("m.log"),
+    );
+    let validator = Daemon::start(
+        &["validator", "--config", vconf.to_str().unwrap()],
+        &root.join("v.log"),
+    );
+    let murl = format!("http://127.0.0.1:{mport}");
+    let t0 = Instant::now();
+    // Both jobs training at the same moment, one on each device.
+    loop {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the two jobs never trained at once on the two devices:\n{}\n{}",
+            miner.log(),
+            validator.log()
+        );
+        let out = run(&["status", "--miner", &murl]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let on = |d: &str| {
+            text.lines()
+                .any(|l| l.contains("training") && l.contains(d))
+        };
+        if on("on cpu:0") && on("on cpu:1") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        miner.log().contains("max_concurrent_jobs capped"),
+        "{}",
+        miner.log()
+    );
+    // Both are scored.
+    let vurl = format!("http://127.0.0.1:{vport}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    loop {
+        assert!(
+            t0.elapsed() < Duration::from_secs(150),
+            "not both scored:\n{}\n{}",
+            miner.log(),
+            validator.log()
+        );
+        let lb = rt.block_on(async {
+            ValidatorClient::connect(&vurl)
+                .await
+                .ok()?
+                .leaderboard("d")
+                .await
+                .ok()
+        });
+        if let Some(lb) = lb
+            && lb.jobs_done == 2
+        {
+            assert!(lb.rows[0].mean_loss.is_some(), "{lb:?}");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// A validator's p2p settings for the network test: loopback, no mDNS, quick adverts.
 fn p2p_section(listen: &str, bootstrap: Option<&str>) -> String {
     format!(
