@@ -53,7 +53,7 @@ pub use lora::{ALL_LORA_TARGETS, DEFAULT_LORA_TARGETS};
 pub use memory::{MemoryEstimate, estimate_memory, estimate_memory_with_targets};
 pub use merge::merge_adapter;
 pub use model_dir::{CONFIG_FILE, ModelDir, TOKENIZER_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE};
-pub use peft::{PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE};
+pub use peft::{PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, import_peft_adapter};
 pub use scoring::{Branch, GgufWeights, HellaSwagScorer, PackedGroup, ScoringModel};
 pub use synthetic::{Generation, SamplingConfig, synthetic_set};
 pub use tiny::{init_tiny, tiny_config};

@@ -54,3 +54,129 @@ pub(crate) fn write_peft_adapter(
         }
     })
 }
+
+/// Turns a LoRA adapter in PEFT's layout (`dir` holding `adapter_config.json` and
+/// `adapter_model.safetensors`, as `PeftModel.save_pretrained` writes it) for the base
+/// model `base` into a tunenet artifact in `out_dir`; returns its path. The adapter must be
+/// plain LoRA (no DoRA, rsLoRA, biases, `fan_in_fan_out` or `modules_to_save`) on
+/// tunenet's target modules, with an A and a B matrix of the right shapes for every layer
+/// of every target it names and no other tensor. Errors say what does not fit.
+pub fn import_peft_adapter(
+    base: &crate::ModelDir,
+    dir: &Path,
+    out_dir: &Path,
+) -> Result<std::path::PathBuf, MlError> {
+    use crate::artifact::{ARTIFACT_FORMAT, ArtifactManifest, hash_files, write_artifact};
+    use crate::lora::{adapter_names, module_dims, module_path, normalize_targets};
+    let bad = |problem: String| MlError::Artifact {
+        path: dir.to_path_buf(),
+        problem,
+    };
+    let cpath = dir.join(PEFT_CONFIG_FILE);
+    let text =
+        std::fs::read_to_string(&cpath).map_err(|e| MlError::io("cannot read", &cpath, e))?;
+    let config: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| bad(format!("{PEFT_CONFIG_FILE} is not JSON: {e}")))?;
+    let get = |k: &str| config.get(k).filter(|v| !v.is_null());
+    if let Some(t) = get("peft_type").and_then(|v| v.as_str())
+        && t != "LORA"
+    {
+        return Err(bad(format!(
+            "peft_type {t:?}: only LORA adapters are accepted"
+        )));
+    }
+    for flag in ["use_dora", "use_rslora", "fan_in_fan_out"] {
+        if get(flag).and_then(|v| v.as_bool()).unwrap_or(false) {
+            return Err(bad(format!("{flag} is set: only plain LoRA is accepted")));
+        }
+    }
+    if let Some(b) = get("bias").and_then(|v| v.as_str())
+        && b != "none"
+    {
+        return Err(bad(format!("bias {b:?}: only bias \"none\" is accepted")));
+    }
+    if get("modules_to_save").is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
+        return Err(bad(
+            "modules_to_save is set: an adapter may change only its LoRA matrices".into(),
+        ));
+    }
+    let rank = get("r")
+        .and_then(|v| v.as_u64())
+        .filter(|r| *r >= 1)
+        .ok_or_else(|| bad(format!("{PEFT_CONFIG_FILE} has no rank `r` of at least 1")))?
+        as usize;
+    let alpha = get("lora_alpha")
+        .and_then(|v| v.as_f64())
+        .filter(|a| a.is_finite() && *a > 0.0)
+        .ok_or_else(|| bad(format!("{PEFT_CONFIG_FILE} has no positive `lora_alpha`")))?;
+    let targets: Vec<String> = match get("target_modules") {
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .map(|t| {
+                t.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| bad("target_modules must be names".into()))
+            })
+            .collect::<Result<_, _>>()?,
+        Some(serde_json::Value::String(s)) => {
+            return Err(bad(format!(
+                "target_modules is a pattern ({s:?}); list the modules by name"
+            )));
+        }
+        _ => return Err(bad(format!("{PEFT_CONFIG_FILE} lists no target_modules"))),
+    };
+    let targets = normalize_targets(&targets).map_err(|e| bad(e.to_string()))?;
+    let cfg = base.config()?;
+    let wpath = dir.join(PEFT_WEIGHTS_FILE);
+    let mut tensors = candle_core::safetensors::load(&wpath, &candle_core::Device::Cpu)
+        .map_err(|e| bad(format!("cannot read {PEFT_WEIGHTS_FILE}: {e}")))?;
+    let mut out: Vec<(String, Tensor)> = Vec::new();
+    for layer in 0..cfg.num_hidden_layers {
+        for t in &targets {
+            let module = module_path(layer, t)?;
+            let (a_name, b_name) = adapter_names(&module);
+            let (fan_in, fan_out) = module_dims(&cfg, t);
+            for (name, shape) in [(a_name, [rank, fan_in]), (b_name, [fan_out, rank])] {
+                let x = tensors
+                    .remove(&name)
+                    .ok_or_else(|| bad(format!("{PEFT_WEIGHTS_FILE} has no {name}")))?;
+                if x.dims() != shape {
+                    return Err(bad(format!(
+                        "{name} has shape {:?}; rank {rank} on this base needs {shape:?}",
+                        x.dims()
+                    )));
+                }
+                let x = x
+                    .to_dtype(candle_core::DType::F32)
+                    .map_err(|e| bad(format!("{name}: {e}")))?;
+                out.push((name, x));
+            }
+        }
+    }
+    if let Some(extra) = tensors.keys().min() {
+        return Err(bad(format!(
+            "{PEFT_WEIGHTS_FILE} holds {extra}, which is not a LoRA matrix of the listed targets ({} more unexpected)",
+            tensors.len() - 1
+        )));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    let weight_files = base.weight_files()?;
+    let mut hashed = vec![base.path.join(crate::CONFIG_FILE)];
+    hashed.extend(weight_files.iter().cloned());
+    let method = crate::Method::Lora { rank, alpha };
+    let manifest = ArtifactManifest {
+        format: ARTIFACT_FORMAT.to_string(),
+        method: method.clone(),
+        target_modules: targets,
+        base_config: cfg,
+        base_model_hash: hash_files(&hashed)?,
+        steps: 0,
+        tokens: 0,
+        final_train_loss: 0.0,
+        train_config: crate::TrainConfig {
+            method,
+            ..Default::default()
+        },
+    };
+    write_artifact(out_dir, out, &manifest)
+}

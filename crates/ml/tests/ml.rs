@@ -1875,3 +1875,50 @@ fn gguf_scoring_matches_dense_and_q8_0_stays_close() {
     );
     assert!(export_gguf_quantized(&model, &q8_path, "llama", "q3_x").is_err());
 }
+
+#[test]
+fn a_peft_adapter_imports_as_the_same_artifact_and_bad_ones_say_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny(&tmp.path().join("base"));
+    let records = demo_dataset(40, 2);
+    let run = tmp.path().join("run");
+    let report = run_train(&model, &records, &lora_cfg(3), &run);
+    // The run dir holds the adapter in PEFT's layout too: importing it gives the same
+    // tensors and the same manifest's method, targets and base.
+    let imported = import_peft_adapter(&model, &run, &tmp.path().join("imported")).unwrap();
+    assert_eq!(max_abs_diff(&report.artifact, &imported), 0.0);
+    let (a, b) = (
+        read_artifact_manifest(&report.artifact).unwrap(),
+        read_artifact_manifest(&imported).unwrap(),
+    );
+    assert_eq!(a.method, b.method);
+    assert_eq!(a.target_modules, b.target_modules);
+    assert_eq!(a.base_model_hash, b.base_model_hash);
+    // What does not fit is named.
+    let broken = tmp.path().join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::copy(run.join(PEFT_WEIGHTS_FILE), broken.join(PEFT_WEIGHTS_FILE)).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join(PEFT_CONFIG_FILE)).unwrap())
+            .unwrap();
+    cfg["r"] = serde_json::json!(4);
+    std::fs::write(broken.join(PEFT_CONFIG_FILE), cfg.to_string()).unwrap();
+    let e = import_peft_adapter(&model, &broken, &tmp.path().join("x"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("rank 4"), "{e}");
+    cfg["r"] = serde_json::json!(8);
+    cfg["use_dora"] = serde_json::json!(true);
+    std::fs::write(broken.join(PEFT_CONFIG_FILE), cfg.to_string()).unwrap();
+    let e = import_peft_adapter(&model, &broken, &tmp.path().join("x"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("use_dora"), "{e}");
+    std::fs::write(broken.join(PEFT_WEIGHTS_FILE), b"garbage").unwrap();
+    cfg["use_dora"] = serde_json::json!(false);
+    std::fs::write(broken.join(PEFT_CONFIG_FILE), cfg.to_string()).unwrap();
+    let e = import_peft_adapter(&model, &broken, &tmp.path().join("x"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(PEFT_WEIGHTS_FILE), "{e}");
+}
