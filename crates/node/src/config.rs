@@ -46,6 +46,10 @@ pub struct TrainingConfig {
     pub seed: u64,
     /// Seconds kept free before the deadline for saving and committing.
     pub commit_margin_secs: f64,
+    /// Train with an external program instead (e.g. `["python3", "train.py"]`): it gets
+    /// the job file's path as its last argument and writes a PEFT adapter or a tunenet
+    /// artifact (docs/TRAINERS.md). Empty: tunenet's own trainer.
+    pub command: Vec<String>,
 }
 
 impl Default for TrainingConfig {
@@ -60,6 +64,7 @@ impl Default for TrainingConfig {
             max_seq_len: 128,
             seed: 0,
             commit_margin_secs: 3.0,
+            command: Vec::new(),
         }
     }
 }

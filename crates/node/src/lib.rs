@@ -9,6 +9,7 @@ pub mod config;
 pub mod console;
 pub mod devices;
 pub mod error;
+pub mod external;
 pub mod fetch;
 pub mod hardware;
 pub mod inference;

@@ -277,6 +277,7 @@ impl Ctx {
         let pool = self.devices.clone();
         let out = self.work.join(a.job_id.as_str());
         let models_root = self.models.clone();
+        let training = self.training.clone();
         tokio::spawn(async move {
             let job_id = a.job_id.clone();
             let result = async {
@@ -296,6 +297,9 @@ impl Ctx {
                 let need = model_dir_need(&model_dir, &cfg, &pool);
                 let (slot, device) = pool.place(&job_id, need).map_err(NodeError::Other)?;
                 tracing::info!(job_id = %job_id, device = %slot, "training placed");
+                if !training.command.is_empty() {
+                    return external_training(&training, &a, &records, &model_dir, &out, &slot, &blobs).await;
+                }
                 // The deadline is wall-clock; the trainer plans on a monotonic clock.
                 let left = a.deadline_ms.saturating_sub(now_ms());
                 let deadline = Instant::now() + Duration::from_millis(left);
@@ -336,6 +340,49 @@ impl Ctx {
                 .await;
         });
     }
+}
+
+/// Trains `a` with the configured external program (see [`crate::external`]) and stores
+/// the artifact it produced.
+async fn external_training(
+    training: &TrainingConfig,
+    a: &Assignment,
+    records: &[tunenet_ml::Record],
+    model_dir: &std::path::Path,
+    work: &std::path::Path,
+    slot: &str,
+    blobs: &BlobStore,
+) -> Result<(BlobId, u64), NodeError> {
+    let output = work.join("output");
+    if output.exists() {
+        std::fs::remove_dir_all(&output)
+            .map_err(|e| NodeError::Other(format!("cannot clear {}: {e}", output.display())))?;
+    }
+    std::fs::create_dir_all(&output)
+        .map_err(|e| NodeError::Other(format!("cannot create {}: {e}", output.display())))?;
+    let data = work.join("train.jsonl");
+    std::fs::write(&data, tunenet_ml::to_jsonl(records))
+        .map_err(|e| NodeError::Other(format!("cannot write {}: {e}", data.display())))?;
+    let margin_ms = (training.commit_margin_secs.max(0.0) * 1000.0) as u64;
+    let job = crate::external::JobFile {
+        version: 1,
+        job_id: a.job_id.to_string(),
+        base_model: std::fs::canonicalize(model_dir).unwrap_or_else(|_| model_dir.to_path_buf()),
+        train_data: std::fs::canonicalize(&data).unwrap_or(data),
+        train_records: records.len(),
+        output_dir: std::fs::canonicalize(&output).unwrap_or(output),
+        deadline_unix_ms: a.deadline_ms,
+        stop_by_unix_ms: a.deadline_ms.saturating_sub(margin_ms),
+        devices: vec![slot.to_string()],
+        hparams: a.hparams.clone(),
+        suggested: training.clone(),
+    };
+    let model = tunenet_ml::ModelDir::open(model_dir)?;
+    let done = crate::external::run(&training.command, &job, &a.job_id, work, &model).await?;
+    let id = blobs.put_file(&done.artifact)?;
+    let size = blobs.size(&id)?;
+    tracing::info!(job_id = %a.job_id, from = %done.how, artifact = %id, size, "trained by the external trainer");
+    Ok((id, size))
 }
 
 /// The memory training the model in `dir` takes with `cfg`, when the pool has memory
