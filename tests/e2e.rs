@@ -716,6 +716,144 @@ fn two_jobs_train_at_once_on_two_logical_cpu_devices() {
     }
 }
 
+#[test]
+fn external_trainers_are_scored_or_failed_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (model, data) = common::tiny_model_and_data(root, 8, 300, 12);
+    // A field of the job file (pretty-printed JSON, one field per line), in plain sh.
+    let field =
+        |name: &str| format!("$(sed -n 's/^  \"{name}\": \"\\(.*\\)\",\\{{0,1\\}}$/\\1/p' \"$1\")");
+    let trainers = [
+        (
+            "peft",
+            // Trains with tunenet's own CLI and hands over only the PEFT adapter.
+            format!(
+                "set -e\nbase={}\ndata={}\nout={}\n{BIN:?} train --model \"$base\" --data \"$data\" --out run --method lora --rank 8 --steps 40 --lr 0.003\ncp run/adapter_config.json run/adapter_model.safetensors \"$out\"/\necho done\n",
+                field("base_model"),
+                field("train_data"),
+                field("output_dir")
+            ),
+        ),
+        (
+            "crash",
+            "echo 'CUDA error: out of memory' >&2\nexit 3\n".to_string(),
+        ),
+        (
+            "garbage",
+            format!(
+                "out={}\necho not-json > \"$out\"/adapter_config.json\n",
+                field("output_dir")
+            ),
+        ),
+        ("overrun", "echo starting\nexec sleep 600\n".to_string()),
+    ];
+    let mut miners = Vec::new();
+    let mut daemons = Vec::new();
+    for (name, script) in &trainers {
+        let sh = root.join(format!("{name}.sh"));
+        std::fs::write(&sh, script).unwrap();
+        let p = port();
+        let conf = root.join(format!("{name}.toml"));
+        std::fs::write(
+            &conf,
+            format!(
+                "data_dir = {:?}\nlisten = \"127.0.0.1:{p}\"\n[training]\ncommand = [\"sh\", {:?}]\ncommit_margin_secs = 2.0\n",
+                root.join(name),
+                sh.to_str().unwrap()
+            ),
+        )
+        .unwrap();
+        daemons.push((
+            *name,
+            format!("http://127.0.0.1:{p}"),
+            Daemon::start(
+                &["miner", "--config", conf.to_str().unwrap()],
+                &root.join(format!("{name}.log")),
+            ),
+        ));
+        miners.push(format!("http://127.0.0.1:{p}"));
+    }
+    let vport = port();
+    let vconf = root.join("v.toml");
+    std::fs::write(
+        &vconf,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = {miners:?}\n[[competitions]]\nid = \"x\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 1\nminers_per_job = 4\nmin_miners = 4\ntime_budget_secs = 30\nreveal_window_secs = 20\neval_max_seq_len = 48\n",
+            root.join("v")
+        ),
+    )
+    .unwrap();
+    let validator = Daemon::start(
+        &["validator", "--config", vconf.to_str().unwrap()],
+        &root.join("v.log"),
+    );
+    let vurl = format!("http://127.0.0.1:{vport}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let t0 = Instant::now();
+    let lb = loop {
+        assert!(
+            t0.elapsed() < Duration::from_secs(150),
+            "the job never finished:\n{}\n{}",
+            validator.log(),
+            daemons[0].2.log()
+        );
+        let lb = rt.block_on(async {
+            ValidatorClient::connect(&vurl)
+                .await
+                .ok()?
+                .leaderboard("x")
+                .await
+                .ok()
+        });
+        if let Some(lb) = lb
+            && lb.jobs_done == 1
+        {
+            break lb;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let status = |url: &str| {
+        let out = run(&["status", "--miner", url]);
+        assert!(out.status.success(), "the miner stopped serving: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for (name, url, daemon) in &daemons {
+        let text = status(url);
+        match *name {
+            "peft" => {
+                assert!(daemon.log().contains("a PEFT adapter"), "{}", daemon.log());
+                assert!(daemon.log().contains("trainer: done"), "{}", daemon.log());
+            }
+            "crash" => assert!(
+                text.contains("failed")
+                    && text.contains("exited with")
+                    && text.contains("out of memory"),
+                "{text}"
+            ),
+            "garbage" => assert!(
+                text.contains("failed") && text.contains("PEFT adapter cannot be used"),
+                "{text}"
+            ),
+            _ => assert!(
+                text.contains("failed") && text.contains("still running at the deadline"),
+                "{text}"
+            ),
+        }
+    }
+    // The external trainer's submission is scored like any other; the three that failed
+    // submitted nothing.
+    let scored: Vec<_> = lb.rows.iter().filter(|r| r.mean_loss.is_some()).collect();
+    assert_eq!(scored.len(), 1, "{lb:?}\n{}", validator.log());
+    let peft_peer = status(&daemons[0].1)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    assert_eq!(scored[0].miner, peft_peer, "{lb:?}");
+    assert!(scored[0].mean_quality > 0.0, "{lb:?}");
+}
+
 /// A validator's p2p settings for the network test: loopback, no mDNS, quick adverts.
 fn p2p_section(listen: &str, bootstrap: Option<&str>) -> String {
     format!(
