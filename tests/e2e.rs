@@ -850,7 +850,7 @@ fn external_trainers_are_scored_or_failed_with_the_reason() {
         .nth(1)
         .unwrap()
         .to_string();
-    assert_eq!(scored[0].miner, peft_peer, "{lb:?}");
+    assert_eq!(scored[0].miner.0, peft_peer, "{lb:?}");
     assert!(scored[0].mean_quality > 0.0, "{lb:?}");
 }
 
