@@ -75,9 +75,7 @@ pub(super) fn per_record_findings(
         return Some(
             cohort
                 .iter()
-                .map(|(m, _, _)| {
-                    not_judged(m, "the only evaluated submission of its job has no peers to compare its per-record losses with")
-                })
+                .map(|(m, _, _)| not_judged(m, ALONE))
                 .collect(),
         );
     }
@@ -107,10 +105,7 @@ pub(super) fn per_record_findings(
                     judge(row, &cohort, &excluded).or(first)
                 };
                 let Some(found) = found else {
-                    return not_judged(
-                        m,
-                        "no other submission of its job is a different model that passed the other checks, to compare its per-record losses with",
-                    );
+                    return not_judged(m, NO_REFERENCE);
                 };
                 let p = found.p;
                 let numbers = found.describe(n);
@@ -136,6 +131,12 @@ pub(super) fn per_record_findings(
             .collect(),
     )
 }
+
+/// Why a lone submission is not judged.
+const ALONE: &str =
+    "the only evaluated submission of its job has no peers to compare its per-record losses with";
+/// Why a submission without a usable reference is not judged.
+const NO_REFERENCE: &str = "no other submission of its job is a different model that passed the other checks, to compare its per-record losses with";
 
 /// Mean absolute difference (nats) of synthetic-record losses below which two submissions
 /// count as the same model (a copy, or a copy with noise), useless as each other's reference.
@@ -239,21 +240,19 @@ fn judge<'a>(
     let mut xs: Vec<Vec<f64>> = Vec::new();
     let mut ys: Vec<f64> = Vec::new();
     let mut is_test: Vec<bool> = Vec::new();
-    for (own, pick, test) in [
-        (
-            own_t,
-            (|r: &Row<'a>| r.1) as fn(&Row<'a>) -> &'a [Option<f64>],
-            true,
-        ),
-        (own_s, |r: &Row<'a>| r.2, false),
-    ] {
+    // Test records (each reference's `.1`) and synthetic ones (`.2`), alike.
+    for test in [true, false] {
+        let own = if test { own_t } else { own_s };
         for (i, o) in own.iter().enumerate() {
             let Some(o) = o.filter(|o| o.is_finite()) else {
                 continue;
             };
             let x: Option<Vec<f64>> = refs
                 .iter()
-                .map(|r| pick(r).get(i).copied().flatten().filter(|v| v.is_finite()))
+                .map(|r| {
+                    let losses = if test { r.1 } else { r.2 };
+                    losses.get(i).copied().flatten().filter(|v| v.is_finite())
+                })
                 .collect();
             if let Some(x) = x {
                 xs.push(x);
@@ -376,19 +375,23 @@ pub(super) fn rank_sum_greater(x: &[f64], y: &[f64]) -> (f64, f64) {
 /// Complementary error function (Numerical Recipes' Chebyshev fit; relative error below
 /// 1.2e-7 everywhere), enough for p-values.
 fn erfc(x: f64) -> f64 {
+    const C: [f64; 10] = [
+        -1.265_512_23,
+        1.000_023_68,
+        0.374_091_96,
+        0.096_784_18,
+        -0.186_288_06,
+        0.278_868_07,
+        -1.135_203_98,
+        1.488_515_87,
+        -0.822_152_23,
+        0.170_872_77,
+    ];
     let z = x.abs();
     let t = 1.0 / (1.0 + 0.5 * z);
-    let r = t
-        * (-z * z - 1.265_512_23
-            + t * (1.000_023_68
-                + t * (0.374_091_96
-                    + t * (0.096_784_18
-                        + t * (-0.186_288_06
-                            + t * (0.278_868_07
-                                + t * (-1.135_203_98
-                                    + t * (1.488_515_87
-                                        + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
-            .exp();
+    // C[0] + t (C[1] + t (C[2] + ...)), by Horner's rule.
+    let poly = C.iter().rev().fold(0.0, |acc, c| acc * t + c);
+    let r = t * (-z * z + poly).exp();
     if x >= 0.0 { r } else { 2.0 - r }
 }
 
