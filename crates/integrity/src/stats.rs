@@ -8,6 +8,7 @@
 //! the per-record values are exchangeable between the groups and the rank test's null
 //! holds exactly, whatever the (skewed, multi-modal) distribution of per-record losses.
 //! A t-test would lean on normality at n ≈ 6–10, which per-record losses do not have.
+use tunenet_types::stats::erfc;
 
 /// A one-sided Mann–Whitney U test of "x tends to be larger than y".
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -117,29 +118,6 @@ fn exact_upper_tail(m: usize, n: usize, u: usize) -> f64 {
     let total: f64 = dist.iter().sum();
     let tail: f64 = dist.iter().skip(u.min(max_u + 1)).sum();
     if total > 0.0 { tail / total } else { 1.0 }
-}
-
-/// Complementary error function (Numerical Recipes' Chebyshev fit; relative error below
-/// 1.2e-7 everywhere), enough for p-values.
-fn erfc(x: f64) -> f64 {
-    const C: [f64; 10] = [
-        -1.265_512_23,
-        1.000_023_68,
-        0.374_091_96,
-        0.096_784_18,
-        -0.186_288_06,
-        0.278_868_07,
-        -1.135_203_98,
-        1.488_515_87,
-        -0.822_152_23,
-        0.170_872_77,
-    ];
-    let z = x.abs();
-    let t = 1.0 / (1.0 + 0.5 * z);
-    // C[0] + t (C[1] + t (C[2] + ...)), by Horner's rule.
-    let poly = C.iter().rev().fold(0.0, |acc, c| acc * t + c);
-    let r = t * (-z * z + poly).exp();
-    if x >= 0.0 { r } else { 2.0 - r }
 }
 
 /// Median of the finite values (None if there are none).

@@ -7,6 +7,7 @@ pub mod ids;
 pub mod job;
 pub mod model;
 pub mod score;
+pub mod stats;
 pub mod time;
 
 pub use identity::{Identity, SignatureError, verify_signature};

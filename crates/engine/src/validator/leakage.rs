@@ -16,6 +16,7 @@
 
 use super::{JobState, LEAKAGE_CHECK, SubmissionState, median};
 use std::collections::BTreeSet;
+use tunenet_types::stats::erfc;
 use tunenet_types::{IntegritySettings, Outcome, PeerIdStr, Verdict};
 
 /// One submission's per-record losses: (miner, test records, synthetic records).
@@ -370,29 +371,6 @@ pub(super) fn rank_sum_greater(x: &[f64], y: &[f64]) -> (f64, f64) {
     }
     let z = (u - mean - 0.5) / var.sqrt();
     (0.5 * erfc(z / std::f64::consts::SQRT_2), effect)
-}
-
-/// Complementary error function (Numerical Recipes' Chebyshev fit; relative error below
-/// 1.2e-7 everywhere), enough for p-values.
-fn erfc(x: f64) -> f64 {
-    const C: [f64; 10] = [
-        -1.265_512_23,
-        1.000_023_68,
-        0.374_091_96,
-        0.096_784_18,
-        -0.186_288_06,
-        0.278_868_07,
-        -1.135_203_98,
-        1.488_515_87,
-        -0.822_152_23,
-        0.170_872_77,
-    ];
-    let z = x.abs();
-    let t = 1.0 / (1.0 + 0.5 * z);
-    // C[0] + t (C[1] + t (C[2] + ...)), by Horner's rule.
-    let poly = C.iter().rev().fold(0.0, |acc, c| acc * t + c);
-    let r = t * (-z * z + poly).exp();
-    if x >= 0.0 { r } else { 2.0 - r }
 }
 
 #[cfg(test)]
