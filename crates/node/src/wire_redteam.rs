@@ -536,7 +536,25 @@ async fn run_one(
         .competitions
         .first()
         .ok_or_else(|| other("no competition in the generated config"))?;
-    let (test, _) = crate::validator::split(ccfg, records.clone())?;
+    let (test, shards) = crate::validator::split(ccfg, records.clone())?;
+    // The cheats that need no assignment are made before the competition opens.
+    let carry_ready = {
+        let (base, public, test) = (
+            ModelDir::open(base_dir).map_err(NodeError::Ml)?,
+            records.clone(),
+            test.clone(),
+        );
+        let (cheats, pdir) = (opts.cheats.clone(), dir.join("prepared"));
+        let shard_len = shards.first().map(Vec::len).unwrap_or(0);
+        tokio::task::spawn_blocking(move || {
+            prepare(&base, &public, &test, shard_len, &cheats, &pdir, c)
+        })
+        .await
+        .map_err(other)??
+    };
+    progress(&format!(
+        "{comp}: cheats that need no assignment prepared in advance"
+    ));
     let init = Command::new(&opts.exe)
         .args(["validator", "--config", &vconf.to_string_lossy(), "init"])
         .output()
@@ -576,7 +594,7 @@ async fn run_one(
 
     let base = ModelDir::open(base_dir).map_err(NodeError::Ml)?;
     let mut outcomes: BTreeMap<usize, Done> = BTreeMap::new();
-    let mut carry: Carry = Carry::default();
+    let mut carry: Carry = carry_ready;
     for j in 0..2 {
         let job = JobId::new(format!("{comp}-{j}")).map_err(other)?;
         // Wait for every adversary's assignment.
@@ -651,7 +669,57 @@ async fn run_one(
         let mut headers: BTreeMap<usize, UploadHeader> = BTreeMap::new();
         let mut source_commit: Option<Commitment> = None;
         let mut late: Vec<(usize, Commitment)> = Vec::new();
-        while let Some((i, path)) = rx.recv().await {
+        // Every committed artifact is revealed 1.5 s after the deadline, as an honest miner
+        // would, whether or not a late training cheat is still being made; the late commit
+        // goes first.
+        let reveal_at = tokio::time::Instant::now()
+            + Duration::from_millis(deadline.saturating_sub(now_ms()) + 1_500);
+        let (mut making, mut revealed) = (true, false);
+        while making || !revealed {
+            let (i, path) = tokio::select! {
+                got = rx.recv(), if making => match got {
+                    Some(got) => got,
+                    None => {
+                        making = false;
+                        continue;
+                    }
+                },
+                _ = tokio::time::sleep_until(reveal_at), if !revealed => {
+                    revealed = true;
+                    for (i, cm) in std::mem::take(&mut late) {
+                        if let Err(e) = client.commit(cm).await {
+                            headers.remove(&i);
+                            outcomes
+                                .entry(i)
+                                .or_default()
+                                .refused
+                                .push((refusal_kind(&e.to_string()), e.to_string()));
+                        }
+                    }
+                    for (i, h) in &headers {
+                        let Some(path) = made.get(i).cloned() else { continue };
+                        let path = if matches!(
+                            adversaries[*i].role,
+                            Role::Cheat(Cheat::ReplayedCommitment)
+                        ) {
+                            made.get(&0).cloned().unwrap_or(path)
+                        } else {
+                            path
+                        };
+                        if let Err(e) = client.upload(h.clone(), &path).await {
+                            outcomes
+                                .entry(*i)
+                                .or_default()
+                                .refused
+                                .push((refusal_kind(&e.to_string()), e.to_string()));
+                        }
+                    }
+                    progress(&format!(
+                        "{job}: committed and revealed; the validator evaluates"
+                    ));
+                    continue;
+                }
+            };
             made.insert(i, path.clone());
             let a = &adversaries[i];
             if now_ms() > deadline {
@@ -734,43 +802,6 @@ async fn run_one(
         let (r, c) = maker.await.map_err(other)?;
         carry = c;
         r?;
-        // After the deadline: the late commit, then every reveal.
-        let wait = deadline.saturating_sub(now_ms()) + 1_500;
-        tokio::time::sleep(Duration::from_millis(wait)).await;
-        for (i, cm) in late {
-            match client.commit(cm).await {
-                Ok(_) => {}
-                Err(e) => {
-                    headers.remove(&i);
-                    outcomes
-                        .entry(i)
-                        .or_default()
-                        .refused
-                        .push((refusal_kind(&e.to_string()), e.to_string()));
-                }
-            }
-        }
-        for (i, h) in &headers {
-            let path = match made.get(i) {
-                Some(p) => p.clone(),
-                None => continue,
-            };
-            let path = if matches!(adversaries[*i].role, Role::Cheat(Cheat::ReplayedCommitment)) {
-                made.get(&0).cloned().unwrap_or(path)
-            } else {
-                path
-            };
-            if let Err(e) = client.upload(h.clone(), &path).await {
-                outcomes
-                    .entry(*i)
-                    .or_default()
-                    .refused
-                    .push((refusal_kind(&e.to_string()), e.to_string()));
-            }
-        }
-        progress(&format!(
-            "{job}: committed and revealed; the validator evaluates"
-        ));
     }
     // Wait for the scores.
     let limit = Instant::now() + Duration::from_secs(900);
@@ -897,6 +928,54 @@ struct Carry {
     whole: Option<PathBuf>,
     /// A full artifact of the base to take the layout from.
     template: Option<PathBuf>,
+    /// Per job: the adapter trained on fresh in-distribution records (made in advance).
+    other_data: BTreeMap<usize, PathBuf>,
+    /// Per job: the adapter trained on the hidden test split alone (made in advance).
+    test_only: BTreeMap<usize, PathBuf>,
+}
+
+/// What the cheaters can make before the competition opens: everything whose training
+/// does not depend on the assignment (the whole public dataset, fresh in-distribution
+/// records, the leaked test split), as a prepared cheater would. Only training on the
+/// assigned subset is left inside the job's time budget.
+fn prepare(
+    base: &ModelDir,
+    public: &[Record],
+    test: &[Record],
+    shard_len: usize,
+    cheats: &[Cheat],
+    dir: &Path,
+    c: usize,
+) -> Result<Carry, NodeError> {
+    let mut carry = Carry::default();
+    if cheats.contains(&Cheat::WholeDataset) {
+        let p = train(base, public, &full(2e-3, 40, 99), &dir.join("whole"))?;
+        carry.whole = Some(p);
+    }
+    for j in 0..2 {
+        let seed = (c * 100 + j) as u64;
+        if cheats.contains(&Cheat::OtherData) {
+            // As many fresh records as the shard holds, from a seed no one else uses.
+            let fresh = tunenet_ml::demo_dataset(shard_len, 7_000 + seed);
+            let p = train(
+                base,
+                &fresh,
+                &lora(8, 2e-3, 100, seed + 6),
+                &dir.join(format!("other-data{j}")),
+            )?;
+            carry.other_data.insert(j, p);
+        }
+        if cheats.contains(&Cheat::TestSplitOnly) {
+            let p = train(
+                base,
+                test,
+                &lora(16, 3e-3, 20, seed + 4),
+                &dir.join(format!("test-only{j}")),
+            )?;
+            carry.test_only.insert(j, p);
+        }
+    }
+    Ok(carry)
 }
 
 fn lora(rank: usize, lr: f64, steps: usize, seed: u64) -> TrainConfig {
@@ -958,12 +1037,18 @@ fn make_artifacts(
         .first()
         .cloned()
         .ok_or_else(|| other("no accomplice artifact"))?;
-    // Copied and tampered artifacts take milliseconds, trained ones seconds: the quick ones
-    // first, so a busy machine can push only the training cheats towards the deadline.
+    // Copied, tampered and prepared artifacts take milliseconds, the rest train on the
+    // assigned subset now: the quick ones first, the longest training last, so a busy
+    // machine can push only the longest training cheats towards the deadline.
     let mut order: Vec<usize> = (0..plan.len()).collect();
     order.sort_by_key(|&i| match plan[i].0 {
-        Role::Cheat(c) => c.trains(),
-        _ => false,
+        Role::Cheat(Cheat::RankAboveBound) => 1,
+        Role::Cheat(Cheat::WholeDataset) => 2,
+        Role::Cheat(Cheat::SameArtifactManyJobs) => 3,
+        Role::Cheat(Cheat::TrainedOnTestSplit) => 4,
+        Role::Cheat(Cheat::OtherData) if !carry.other_data.contains_key(&ctx.j) => 5,
+        Role::Cheat(Cheat::TestSplitOnly) if !carry.test_only.contains_key(&ctx.j) => 5,
+        _ => 0,
     });
     for i in order {
         let (role, a) = &plan[i];
@@ -1013,9 +1098,10 @@ fn make_artifacts(
                 mix.extend(ctx.test.iter().cloned());
                 train(&ctx.base, &mix, &full(2e-3, 40, seed + 3), &odir)?
             }
-            Cheat::TestSplitOnly => {
-                train(&ctx.base, &ctx.test, &lora(16, 3e-3, 20, seed + 4), &odir)?
-            }
+            Cheat::TestSplitOnly => match carry.test_only.get(&ctx.j) {
+                Some(p) => p.clone(),
+                None => train(&ctx.base, &ctx.test, &lora(16, 3e-3, 20, seed + 4), &odir)?,
+            },
             Cheat::WholeDataset => {
                 // Trained once, on everything public (the test split is part of the
                 // public dataset the validator split), then a few steps on this job.
@@ -1037,10 +1123,13 @@ fn make_artifacts(
                 transplant(&full_template(ctx, carry)?, &step, &dst)?;
                 dst
             }
-            Cheat::OtherData => {
-                let fresh = tunenet_ml::demo_dataset(subset.len(), 7_000 + seed);
-                train(&ctx.base, &fresh, &lora(8, 2e-3, 100, seed + 6), &odir)?
-            }
+            Cheat::OtherData => match carry.other_data.get(&ctx.j) {
+                Some(p) => p.clone(),
+                None => {
+                    let fresh = tunenet_ml::demo_dataset(subset.len(), 7_000 + seed);
+                    train(&ctx.base, &fresh, &lora(8, 2e-3, 100, seed + 6), &odir)?
+                }
+            },
             Cheat::RankAboveBound => train(&ctx.base, &subset, &lora(32, 2e-3, 5, seed), &odir)?,
             Cheat::NanWeights => {
                 let mut first = true;
