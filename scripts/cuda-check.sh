@@ -24,6 +24,7 @@ export CUDARC_CUDA_VERSION="${CUDARC_CUDA_VERSION:-13000}"
 # A100 by default (70 for V100, 90 for H100); there is no GPU here to ask.
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-80}"
 # The binary and the GPU tests (tests/gpu.rs), which scripts/gpu-check.sh runs on a GPU.
-features="${CUDA_CHECK_FEATURES:-cuda}"
+# NCCL is loaded at run time (cudarc's dynamic loading): compiling it needs no NCCL here.
+features="${CUDA_CHECK_FEATURES:-cuda,nccl}"
 cargo check --features "$features" --bin tunenet --test gpu
 echo "cuda-check: features $features compile (compute capability $CUDA_COMPUTE_CAP)"

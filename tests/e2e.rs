@@ -630,7 +630,7 @@ fn a_miner_killed_while_training_resumes_and_is_scored() {
 }
 
 #[test]
-fn two_jobs_train_at_once_on_two_logical_cpu_devices() {
+fn data_parallel_jobs_on_four_devices_and_tensor_parallel_scoring() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let (model, data) = common::tiny_model_and_data(root, 6, 300, 10);
@@ -639,7 +639,7 @@ fn two_jobs_train_at_once_on_two_logical_cpu_devices() {
     std::fs::write(
         &mconf,
         format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:{mport}\"\ndevices = [\"cpu:0\", \"cpu:1\"]\n[policy]\nmax_concurrent_jobs = 4\n[training]\nmax_steps = 100000\nmax_seq_len = 48\ncommit_margin_secs = 1.0\n",
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{mport}\"\ndevices = [\"cpu:0\", \"cpu:1\", \"cpu:2\", \"cpu:3\"]\ndevices_per_job = 2\n[policy]\nmax_concurrent_jobs = 4\n[training]\nmax_steps = 100000\nmax_seq_len = 48\ncommit_margin_secs = 1.0\n",
             root.join("m")
         ),
     )
@@ -649,7 +649,7 @@ fn two_jobs_train_at_once_on_two_logical_cpu_devices() {
     std::fs::write(
         &vconf,
         format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [\"http://127.0.0.1:{mport}\"]\n[[competitions]]\nid = \"d\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 2\nconcurrent_jobs = 2\nminers_per_job = 1\ntime_budget_secs = 12\nreveal_window_secs = 20\neval_max_seq_len = 48\n",
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\neval_devices = [\"cpu:0\", \"cpu:1\"]\nminers = [\"http://127.0.0.1:{mport}\"]\n[[competitions]]\nid = \"d\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 2\nconcurrent_jobs = 2\nminers_per_job = 1\ntime_budget_secs = 12\nreveal_window_secs = 20\neval_max_seq_len = 48\n",
             root.join("v")
         ),
     )
@@ -664,21 +664,22 @@ fn two_jobs_train_at_once_on_two_logical_cpu_devices() {
     );
     let murl = format!("http://127.0.0.1:{mport}");
     let t0 = Instant::now();
-    // Both jobs training at the same moment, one on each device.
+    // Both jobs training at the same moment, each data-parallel on two of the devices.
     loop {
         assert!(
             t0.elapsed() < Duration::from_secs(60),
-            "the two jobs never trained at once on the two devices:\n{}\n{}",
+            "the two jobs never trained at once, two devices each:\n{}\n{}",
             miner.log(),
             validator.log()
         );
         let out = run(&["status", "--miner", &murl]);
         let text = String::from_utf8_lossy(&out.stdout);
-        let on = |d: &str| {
-            text.lines()
-                .any(|l| l.contains("training") && l.contains(d))
-        };
-        if on("on cpu:0") && on("on cpu:1") {
+        let groups: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("training") && l.contains("+cpu:"))
+            .collect();
+        let covered = (0..4).all(|d| groups.iter().any(|l| l.contains(&format!("cpu:{d}"))));
+        if groups.len() == 2 && covered {
             break;
         }
         std::thread::sleep(Duration::from_millis(300));
@@ -688,7 +689,12 @@ fn two_jobs_train_at_once_on_two_logical_cpu_devices() {
         "{}",
         miner.log()
     );
-    // Both are scored.
+    // Both are scored, by a validator that splits each evaluation over two devices.
+    assert!(
+        validator.log().contains("split over several devices"),
+        "{}",
+        validator.log()
+    );
     let vurl = format!("http://127.0.0.1:{vport}");
     let rt = tokio::runtime::Runtime::new().unwrap();
     loop {
@@ -730,6 +736,16 @@ fn external_trainers_are_scored_or_failed_with_the_reason() {
             // Trains with tunenet's own CLI and hands over only the PEFT adapter.
             format!(
                 "set -e\nbase={}\ndata={}\nout={}\n{BIN:?} train --model \"$base\" --data \"$data\" --out run --method lora --rank 8 --steps 40 --lr 0.003\ncp run/adapter_config.json run/adapter_model.safetensors \"$out\"/\necho done\n",
+                field("base_model"),
+                field("train_data"),
+                field("output_dir")
+            ),
+        ),
+        (
+            "full",
+            // Fine-tunes every weight and hands over the weights in Hugging Face layout.
+            format!(
+                "set -e\nbase={}\ndata={}\nout={}\n{BIN:?} train --model \"$base\" --data \"$data\" --out run --method full --steps 20 --lr 0.001\ncp run/artifact.safetensors \"$out\"/model.safetensors\ncp \"$base\"/config.json \"$out\"/\necho done\n",
                 field("base_model"),
                 field("train_data"),
                 field("output_dir")
@@ -779,7 +795,7 @@ fn external_trainers_are_scored_or_failed_with_the_reason() {
     std::fs::write(
         &vconf,
         format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = {miners:?}\n[[competitions]]\nid = \"x\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 1\nminers_per_job = 4\nmin_miners = 4\ntime_budget_secs = 30\nreveal_window_secs = 20\neval_max_seq_len = 48\n",
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = {miners:?}\n[[competitions]]\nid = \"x\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 1\nminers_per_job = 5\nmin_miners = 5\ntime_budget_secs = 30\nreveal_window_secs = 20\neval_max_seq_len = 48\n",
             root.join("v")
         ),
     )
@@ -825,6 +841,11 @@ fn external_trainers_are_scored_or_failed_with_the_reason() {
                 assert!(daemon.log().contains("a PEFT adapter"), "{}", daemon.log());
                 assert!(daemon.log().contains("trainer: done"), "{}", daemon.log());
             }
+            "full" => assert!(
+                daemon.log().contains("full weights in Hugging Face layout"),
+                "{}",
+                daemon.log()
+            ),
             "crash" => assert!(
                 text.contains("failed")
                     && text.contains("exited with")
@@ -841,17 +862,15 @@ fn external_trainers_are_scored_or_failed_with_the_reason() {
             ),
         }
     }
-    // The external trainer's submission is scored like any other; the three that failed
+    // The external trainers' submissions are scored like any other; the three that failed
     // submitted nothing.
     let scored: Vec<_> = lb.rows.iter().filter(|r| r.mean_loss.is_some()).collect();
-    assert_eq!(scored.len(), 1, "{lb:?}\n{}", validator.log());
-    let peft_peer = status(&daemons[0].1)
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .to_string();
-    assert_eq!(scored[0].miner.0, peft_peer, "{lb:?}");
-    assert!(scored[0].mean_quality > 0.0, "{lb:?}");
+    assert_eq!(scored.len(), 2, "{lb:?}\n{}", validator.log());
+    for d in &daemons[..2] {
+        let peer = status(&d.1).split_whitespace().nth(1).unwrap().to_string();
+        let row = scored.iter().find(|r| r.miner.0 == peer);
+        assert!(row.is_some_and(|r| r.mean_quality > 0.0), "{}: {lb:?}", d.0);
+    }
 }
 
 /// A validator's p2p settings for the network test: loopback, no mDNS, quick adverts.
@@ -1183,11 +1202,12 @@ impl InferenceCheater {
             quantised,
             &cfg,
             &self.dir,
-            &tunenet_ml::Device::Cpu,
+            &[tunenet_ml::Device::Cpu],
         )
         .map_err(|e| e.to_string())?;
-        let mut sub = tunenet_node::inference::run(&scorer, &items, 1024, started, &mut |_, _| {})
-            .map_err(|e| e.to_string())?;
+        let mut sub =
+            tunenet_node::inference::run(scorer.as_ref(), &items, 1024, started, &mut |_, _| {})
+                .map_err(|e| e.to_string())?;
         match self.cheat {
             InferenceCheat::MadeUp => {
                 for (k, s) in sub.scores.iter_mut().enumerate() {
@@ -1354,11 +1374,42 @@ async fn inference_cheats_are_caught_with_the_reason() {
         &root.join("honest.log"),
     );
     miners.push(format!("\"http://127.0.0.1:{hport}\""));
+    // A miner that scores with its own program (here tunenet's CLI, as any engine would),
+    // writing each item's log-likelihoods for the miner to submit.
+    let eport = port();
+    let script = root.join("score.sh");
+    let field =
+        |name: &str| format!("$(sed -n 's/^  \"{name}\": \"\\(.*\\)\",\\{{0,1\\}}$/\\1/p' \"$1\")");
+    std::fs::write(
+        &script,
+        format!(
+            "set -e\n{BIN:?} eval hellaswag --model \"{}\" --data \"{}\" --dtype f32 --scores-out \"{}/logliks.jsonl\"\n",
+            field("model"),
+            field("items"),
+            field("output_dir")
+        ),
+    )
+    .unwrap();
+    let econf = root.join("external.toml");
+    std::fs::write(
+        &econf,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{eport}\"\n[policy]\nkinds = [\"inference\"]\n[inference]\ncommand = [\"sh\", {:?}]\n",
+            root.join("external"),
+            script.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let external = Daemon::start(
+        &["miner", "--config", econf.to_str().unwrap()],
+        &root.join("external.log"),
+    );
+    miners.push(format!("\"http://127.0.0.1:{eport}\""));
     let vconf = root.join("v.toml");
     std::fs::write(
         &vconf,
         format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n[[competitions]]\nid = \"inf\"\nkind = \"inference\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 1\nminers_per_job = 7\nmin_miners = 7\ntime_budget_secs = 20\nreveal_window_secs = 30\n[competitions.inference]\nallow_quantized = false\n",
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n[[competitions]]\nid = \"inf\"\nkind = \"inference\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 1\nminers_per_job = 8\nmin_miners = 8\ntime_budget_secs = 30\nreveal_window_secs = 30\n[competitions.inference]\nallow_quantized = false\n",
             root.join("v"),
             miners.join(", ")
         ),
@@ -1471,26 +1522,34 @@ async fn inference_cheats_are_caught_with_the_reason() {
             );
         }
     }
-    // The honest miner (dense weights, as the job requires) passes every check, the
-    // dense-only log-likelihood tolerance included, and leads the board.
-    let honest_id = lb
+    // The honest miners (dense weights, as the job requires; one through its own
+    // program) pass every check, the dense-only log-likelihood tolerance included.
+    let honest: Vec<String> = lb
         .rows
         .iter()
         .map(|r| r.miner.0.clone())
-        .find(|m| !cheaters.iter().any(|c| c.id.peer_id().0 == *m))
-        .unwrap();
-    let s = score_of(&honest_id);
-    assert!(s["penalty_reason"].is_null(), "{s}");
-    for v in s["verdicts"].as_array().unwrap() {
-        assert_eq!(v["outcome"], "pass", "{s}");
+        .filter(|m| !cheaters.iter().any(|c| c.id.peer_id().0 == *m))
+        .collect();
+    assert_eq!(honest.len(), 2, "{lb:?}\n{}", external.log());
+    for honest_id in &honest {
+        let s = score_of(honest_id);
+        assert!(s["penalty_reason"].is_null(), "{s}\n{}", external.log());
+        for v in s["verdicts"].as_array().unwrap() {
+            assert_eq!(v["outcome"], "pass", "{s}");
+        }
+        assert!(
+            lb.rows
+                .iter()
+                .find(|r| r.miner.0 == *honest_id)
+                .unwrap()
+                .mean_loss
+                .is_some()
+        );
     }
     assert!(
-        lb.rows
-            .iter()
-            .find(|r| r.miner.0 == honest_id)
-            .unwrap()
-            .mean_loss
-            .is_some()
+        external.log().contains("external: sh"),
+        "{}",
+        external.log()
     );
 }
 

@@ -86,6 +86,110 @@ mod cuda {
         assert!((a - b).abs() <= 1e-3, "cpu-trained {a}, gpu-trained {b}");
     }
 
+    /// Every GPU `parse_device` opens, in order.
+    fn all_gpus() -> Vec<Device> {
+        (0..16)
+            .map_while(|i| tunenet_ml::parse_device(&format!("cuda:{i}")).ok())
+            .collect()
+    }
+
+    #[test]
+    fn data_parallel_training_over_every_gpu_matches_one_gpu() {
+        let devices = all_gpus();
+        if devices.len() < 2 {
+            eprintln!(
+                "skipped: {} GPU(s); data parallelism needs 2",
+                devices.len()
+            );
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let (model, records) = tiny(tmp.path());
+        let cfg = TrainConfig {
+            max_steps: 8,
+            batch_size: 8,
+            max_seq_len: 64,
+            seed: 11,
+            dtype: WeightDtype::F32,
+            checkpoint_every_secs: 0.0,
+            ..Default::default()
+        };
+        let targets: Vec<String> = tunenet_ml::DEFAULT_LORA_TARGETS
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+        let run = |devices: &[Device],
+                   collective: Option<std::sync::Arc<dyn tunenet_ml::Collective>>,
+                   out: &str| {
+            tunenet_ml::train_data_parallel(
+                &model,
+                &records,
+                &cfg,
+                &targets,
+                None,
+                Duration::ZERO,
+                devices,
+                collective,
+                &AtomicBool::new(false),
+                &mut |_| {},
+                &tmp.path().join(out),
+            )
+            .unwrap()
+        };
+        let one = run(&devices[..1], None, "one");
+        // The build's own choice (NCCL with the `nccl` feature), then threads explicitly.
+        let all = run(&devices, None, "all");
+        let threads = run(
+            &devices,
+            Some(std::sync::Arc::new(tunenet_ml::ThreadCollective::new(
+                devices.len(),
+            ))),
+            "threads",
+        );
+        let score = |artifact: &Path| {
+            tunenet_ml::evaluate(&model, Some(artifact), &records, 64, 8, &Device::Cpu)
+                .unwrap()
+                .mean_loss
+        };
+        let base = score(&one.artifact);
+        for (name, r) in [("collective_for", &all), ("threads", &threads)] {
+            assert_eq!(r.steps, one.steps, "{name}");
+            assert_eq!(r.tokens, one.tokens, "{name}");
+            let s = score(&r.artifact);
+            assert!(
+                (s - base).abs() <= 1e-3,
+                "{}-way {name}: {s} against one GPU's {base}",
+                devices.len()
+            );
+        }
+    }
+
+    #[test]
+    fn a_model_split_over_every_gpu_scores_as_one_gpu() {
+        let devices = all_gpus();
+        if devices.len() < 2 {
+            eprintln!(
+                "skipped: {} GPU(s); tensor parallelism needs 2",
+                devices.len()
+            );
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let (model, records) = tiny(tmp.path());
+        // The tiny model's 4 heads split over 2 or 4 devices.
+        let n = if devices.len() >= 4 { 4 } else { 2 };
+        let one = tunenet_ml::evaluate(&model, None, &records, 64, 8, &devices[0])
+            .unwrap()
+            .mean_loss;
+        let split = tunenet_ml::evaluate_on(&model, None, &records, 64, 8, &devices[..n])
+            .unwrap()
+            .mean_loss;
+        assert!(
+            (one - split).abs() <= 1e-4,
+            "one GPU {one}, {n} GPUs {split}"
+        );
+    }
+
     #[test]
     fn evaluation_on_the_gpu_matches_the_cpu() {
         let Some(dev) = gpu(0) else { return };

@@ -51,6 +51,29 @@ impl AdamW {
         }
     }
 
+    /// Takes `other`'s weights, moments and step count (same variables, same order), on
+    /// `device`: a data-parallel replica starting where the leader is.
+    pub(crate) fn copy_state_from(
+        &mut self,
+        other: &AdamW,
+        device: &Device,
+    ) -> candle_core::Result<()> {
+        if self.vars.len() != other.vars.len() {
+            candle_core::bail!(
+                "replica has {} trainable tensors, the leader {}",
+                self.vars.len(),
+                other.vars.len()
+            );
+        }
+        for (p, q) in self.vars.iter_mut().zip(&other.vars) {
+            p.var.set(&q.var.as_tensor().to_device(device)?)?;
+            p.m = q.m.to_device(device)?;
+            p.v = q.v.to_device(device)?;
+        }
+        self.t = other.t;
+        Ok(())
+    }
+
     /// Applies one update with `grads` (in the order of `vars`) at learning rate `lr`.
     pub(crate) fn step(&mut self, grads: &[Tensor], lr: f64) -> candle_core::Result<()> {
         self.t += 1;

@@ -58,6 +58,27 @@ pub fn evaluate(
     batch_size: usize,
     device: &Device,
 ) -> Result<EvalReport, MlError> {
+    evaluate_on(
+        model,
+        artifact,
+        records,
+        max_seq_len,
+        batch_size,
+        std::slice::from_ref(device),
+    )
+}
+
+/// [`evaluate`] on one device, or split over several (tensor parallelism, for a model
+/// larger than one device: see [`crate::TensorParallelLm`]); the same losses either way,
+/// up to float rounding.
+pub fn evaluate_on(
+    model: &ModelDir,
+    artifact: Option<&Path>,
+    records: &[Record],
+    max_seq_len: usize,
+    batch_size: usize,
+    devices: &[Device],
+) -> Result<EvalReport, MlError> {
     let start = Instant::now();
     check_eval_args(batch_size, max_seq_len)?;
     let cfg = model.config()?;
@@ -70,14 +91,14 @@ pub fn evaluate(
         )));
     }
     // Always f32, so validators on different devices score artifacts alike.
-    let llama = load_model(model, &cfg, artifact, DType::F32, device)?;
+    let runner = Runner::load(model, &cfg, artifact, devices)?;
     // Batching similar lengths together wastes less work on padding.
     examples.sort_by_key(|e| e.ids.len());
     let mut total = 0f64;
     let mut tokens = 0u64;
     for chunk in examples.chunks(batch_size) {
         let refs: Vec<&Example> = chunk.iter().collect();
-        let (sum, n) = eval_batch(&llama, &refs, device).ctx("evaluating a batch")?;
+        let (sum, n) = eval_batch(&runner, &refs)?;
         total += sum;
         tokens += n as u64;
     }
@@ -129,6 +150,25 @@ pub fn record_losses(
     batch_size: usize,
     device: &Device,
 ) -> Result<RecordLosses, MlError> {
+    record_losses_on(
+        model,
+        artifact,
+        records,
+        max_seq_len,
+        batch_size,
+        std::slice::from_ref(device),
+    )
+}
+
+/// [`record_losses`] on one device, or split over several (tensor parallelism).
+pub fn record_losses_on(
+    model: &ModelDir,
+    artifact: Option<&Path>,
+    records: &[Record],
+    max_seq_len: usize,
+    batch_size: usize,
+    devices: &[Device],
+) -> Result<RecordLosses, MlError> {
     let start = Instant::now();
     check_eval_args(batch_size, max_seq_len)?;
     let cfg = model.config()?;
@@ -147,11 +187,11 @@ pub fn record_losses(
         seconds: 0.0,
     };
     if !examples.is_empty() {
-        let llama = load_model(model, &cfg, artifact, DType::F32, device)?;
+        let runner = Runner::load(model, &cfg, artifact, devices)?;
         examples.sort_by_key(|(_, e)| e.ids.len());
         for chunk in examples.chunks(batch_size) {
             let refs: Vec<&Example> = chunk.iter().map(|(_, e)| e).collect();
-            let sums = row_nll_sums(&llama, &refs, device).ctx("evaluating a batch")?;
+            let sums = row_nll_sums(&runner, &refs)?;
             for ((i, e), sum) in chunk.iter().zip(sums) {
                 let n = e.targets() as u64;
                 out.losses[*i] = Some(sum / n.max(1) as f64);
@@ -163,39 +203,80 @@ pub fn record_losses(
     Ok(out)
 }
 
-/// Summed target-token NLL of each row of a batch.
-fn row_nll_sums(
-    llama: &Llama,
-    refs: &[&Example],
-    device: &Device,
-) -> candle_core::Result<Vec<f64>> {
-    let batch = make_batch(refs, device)?;
-    let logits = llama.forward(&batch.inputs, &batch.key_mask, Mode::Infer)?;
-    let (b, t, v) = logits.dims3()?;
-    let logp = candle_nn::ops::log_softmax(&logits.reshape((b * t, v))?, D::Minus1)?;
-    let picked: Tensor = logp
-        .gather(&batch.targets.reshape((b * t, 1))?, 1)?
-        .reshape((b, t))?;
-    let nll = (picked * &batch.loss_mask)?.sum(1)?.neg()?;
-    nll.to_dtype(DType::F64)?.to_vec1::<f64>()
+/// The model scoring a batch: whole on one device, or split over several.
+enum Runner {
+    One(Box<Llama>, Device),
+    Split(Box<crate::tp::TensorParallelLm>),
 }
 
-fn eval_batch(
-    llama: &Llama,
-    refs: &[&Example],
-    device: &Device,
-) -> candle_core::Result<(f64, usize)> {
-    let batch = make_batch(refs, device)?;
-    let logits = llama.forward(&batch.inputs, &batch.key_mask, Mode::Infer)?;
-    let sum = masked_nll_sum(&logits, &batch.targets, &batch.loss_mask)?;
-    Ok((
-        sum.to_dtype(DType::F64)?.to_scalar::<f64>()?,
-        batch.predicted,
-    ))
+impl Runner {
+    fn load(
+        model: &ModelDir,
+        cfg: &LlamaConfig,
+        artifact: Option<&Path>,
+        devices: &[Device],
+    ) -> Result<Runner, MlError> {
+        match devices {
+            [] => Err(MlError::Invalid("evaluation needs a device".into())),
+            [one] => Ok(Runner::One(
+                Box::new(load_model(model, cfg, artifact, DType::F32, one)?),
+                one.clone(),
+            )),
+            many => Ok(Runner::Split(Box::new(crate::tp::TensorParallelLm::load(
+                model,
+                artifact,
+                crate::loader::WeightDtype::F32,
+                many,
+                None,
+            )?))),
+        }
+    }
+
+    fn device(&self) -> &Device {
+        match self {
+            Runner::One(_, d) => d,
+            Runner::Split(tp) => tp.lead_device(),
+        }
+    }
+
+    /// The batch (made on the lead device) and its logits.
+    fn run(&self, refs: &[&Example]) -> Result<(crate::data::Batch, Tensor), MlError> {
+        let batch = make_batch(refs, self.device()).ctx("making a batch")?;
+        let logits = match self {
+            Runner::One(llama, _) => llama
+                .forward(&batch.inputs, &batch.key_mask, Mode::Infer)
+                .ctx("evaluating a batch")?,
+            Runner::Split(tp) => tp.forward(&batch.inputs, &batch.key_mask)?,
+        };
+        Ok((batch, logits))
+    }
+}
+
+/// Summed target-token NLL of each row of a batch.
+fn row_nll_sums(runner: &Runner, refs: &[&Example]) -> Result<Vec<f64>, MlError> {
+    let (batch, logits) = runner.run(refs)?;
+    (|| {
+        let (b, t, v) = logits.dims3()?;
+        let logp = candle_nn::ops::log_softmax(&logits.reshape((b * t, v))?, D::Minus1)?;
+        let picked: Tensor = logp
+            .gather(&batch.targets.reshape((b * t, 1))?, 1)?
+            .reshape((b, t))?;
+        let nll = (picked * &batch.loss_mask)?.sum(1)?.neg()?;
+        nll.to_dtype(DType::F64)?.to_vec1::<f64>()
+    })()
+    .ctx("evaluating a batch")
+}
+
+fn eval_batch(runner: &Runner, refs: &[&Example]) -> Result<(f64, usize), MlError> {
+    let (batch, logits) = runner.run(refs)?;
+    let sum = masked_nll_sum(&logits, &batch.targets, &batch.loss_mask)
+        .and_then(|s| s.to_dtype(DType::F64)?.to_scalar::<f64>())
+        .ctx("evaluating a batch")?;
+    Ok((sum, batch.predicted))
 }
 
 /// Architecture-defining part of a config (names and HF bookkeeping left out).
-fn arch(cfg: &LlamaConfig) -> LlamaConfig {
+pub(crate) fn arch(cfg: &LlamaConfig) -> LlamaConfig {
     LlamaConfig {
         model_type: None,
         architectures: None,

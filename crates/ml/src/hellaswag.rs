@@ -529,3 +529,86 @@ pub fn hellaswag_demo_items(n: usize, seed: u64) -> Vec<HellaSwagItem> {
         })
         .collect()
 }
+
+/// Tokenizes like a model without loading its weights: what [`item_scores_from_logliks`]
+/// needs to count each ending's tokens and bytes as [`score_items`] does.
+struct TokenizerOnly {
+    tok: crate::tokenizer::TextTokenizer,
+    max_positions: usize,
+}
+
+impl HellaSwagScorer for TokenizerOnly {
+    fn encode(&self, text: &str) -> Result<Vec<u32>, MlError> {
+        self.tok.encode(text)
+    }
+
+    fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
+    fn score_groups(&self, _: &[PackedGroup]) -> Result<Vec<Vec<f64>>, MlError> {
+        Err(MlError::Invalid("a tokenizer alone cannot score".into()))
+    }
+
+    fn describe(&self) -> String {
+        "tokenizer".into()
+    }
+}
+
+/// Item scores from log-likelihoods computed elsewhere (an external inference program):
+/// `logliks[i]` is item `i`'s summed log-probability of each ending given its context.
+/// Ending token counts, byte counts and predictions are derived with `model`'s tokenizer
+/// exactly as [`score_items`] derives them, so a validator checks them alike. Every item
+/// must have exactly one entry with one finite value per ending.
+pub fn item_scores_from_logliks(
+    model: &crate::ModelDir,
+    items: &[HellaSwagItem],
+    logliks: &std::collections::BTreeMap<usize, Vec<f64>>,
+) -> Result<Vec<ItemScore>, MlError> {
+    let cfg = model.config()?;
+    let enc = TokenizerOnly {
+        tok: crate::loader::load_tokenizer(model, &cfg)?,
+        max_positions: cfg.max_position_embeddings,
+    };
+    if let Some((&extra, _)) = logliks.range(items.len()..).next() {
+        return Err(MlError::Invalid(format!(
+            "log-likelihoods for item {extra}, but there are {} items",
+            items.len()
+        )));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let ll = logliks
+                .get(&i)
+                .ok_or_else(|| MlError::Invalid(format!("no log-likelihoods for item {i}")))?;
+            if ll.len() != item.endings.len() {
+                return Err(MlError::Invalid(format!(
+                    "item {i} has {} endings but {} log-likelihoods",
+                    item.endings.len(),
+                    ll.len()
+                )));
+            }
+            if let Some(bad) = ll.iter().find(|l| !l.is_finite() || **l > 0.0) {
+                return Err(MlError::Invalid(format!(
+                    "item {i}: log-likelihood {bad} is not a finite log-probability"
+                )));
+            }
+            let p = prepare(&enc, i, item)?;
+            Ok(ItemScore {
+                index: i,
+                pred: argmax(ll.iter().copied()),
+                pred_norm: argmax(
+                    ll.iter()
+                        .zip(&p.ending_bytes)
+                        .map(|(l, &b)| l / f64::from(b)),
+                ),
+                logliks: ll.clone(),
+                ending_tokens: p.ending_tokens,
+                ending_bytes: p.ending_bytes,
+                context_tokens: p.context_tokens,
+            })
+        })
+        .collect()
+}

@@ -21,11 +21,13 @@ mod memory;
 mod merge;
 mod model;
 mod model_dir;
+mod parallel;
 mod peft;
 mod scoring;
 mod synthetic;
 mod tiny;
 mod tokenizer;
+mod tp;
 mod train;
 
 pub use candle_core::{DType, Device};
@@ -40,12 +42,12 @@ pub use config::{LlamaConfig, RopeScaling, SUPPORTED_ARCHITECTURES, SUPPORTED_MO
 pub use data::{Record, demo_canaries, demo_dataset, load_jsonl, parse_jsonl, to_jsonl};
 pub use device::parse_device;
 pub use error::MlError;
-pub use eval::{EvalReport, RecordLosses, evaluate, record_losses};
+pub use eval::{EvalReport, RecordLosses, evaluate, evaluate_on, record_losses, record_losses_on};
 pub use gguf::{export_gguf, export_gguf_quantized, import_gguf};
 pub use hellaswag::{
     DEFAULT_BATCH_TOKENS, HellaSwagItem, HellaSwagReport, ItemScore, ScoreOptions, ScoreProgress,
     evaluate_hellaswag, hellaswag_context, hellaswag_demo_items, hellaswag_preprocess,
-    hellaswag_summary, load_hellaswag, parse_hellaswag, score_items,
+    hellaswag_summary, item_scores_from_logliks, load_hellaswag, parse_hellaswag, score_items,
 };
 pub use lm::CausalLm;
 pub use loader::WeightDtype;
@@ -53,11 +55,16 @@ pub use lora::{ALL_LORA_TARGETS, DEFAULT_LORA_TARGETS};
 pub use memory::{MemoryEstimate, estimate_memory, estimate_memory_with_targets};
 pub use merge::merge_adapter;
 pub use model_dir::{CONFIG_FILE, ModelDir, TOKENIZER_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE};
-pub use peft::{PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, import_peft_adapter};
+#[cfg(feature = "nccl")]
+pub use parallel::NcclCollective;
+pub use parallel::{Collective, RankComm, ThreadCollective, collective_for};
+pub use peft::{PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, import_full_weights, import_peft_adapter};
 pub use scoring::{Branch, GgufWeights, HellaSwagScorer, PackedGroup, ScoringModel};
 pub use synthetic::{Generation, SamplingConfig, synthetic_set};
 pub use tiny::{init_tiny, tiny_config};
 pub use tokenizer::{BOS_TOKEN, BYTE_VOCAB_SIZE, EOS_TOKEN, PAD_TOKEN, TextTokenizer};
+pub use tp::TensorParallelLm;
 pub use train::{
-    COSINE_FLOOR, LrSchedule, Method, Progress, TrainConfig, TrainReport, train, train_with_targets,
+    COSINE_FLOOR, LrSchedule, Method, Progress, TrainConfig, TrainReport, train,
+    train_data_parallel, train_with_targets,
 };

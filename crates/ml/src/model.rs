@@ -90,7 +90,7 @@ pub(crate) enum Mode {
     Infer,
 }
 
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, mode: Mode) -> Result<Tensor> {
+pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, mode: Mode) -> Result<Tensor> {
     match mode {
         Mode::Infer => candle_nn::ops::rms_norm(x, w, eps as f32),
         Mode::Train => candle_nn::ops::rms_norm_slow(x, w, eps as f32),
@@ -445,7 +445,7 @@ fn flash_attention(
 }
 
 /// Repeats each key/value head `n` times: `[b, kv, t, d]` -> `[b, kv*n, t, d]`.
-fn repeat_kv(x: Tensor, n: usize) -> Result<Tensor> {
+pub(crate) fn repeat_kv(x: Tensor, n: usize) -> Result<Tensor> {
     if n == 1 {
         return Ok(x);
     }
@@ -457,7 +457,7 @@ fn repeat_kv(x: Tensor, n: usize) -> Result<Tensor> {
 
 /// Additive mask `[b, 1, t, t]`: 0 where query i may attend key j (j <= i, within the
 /// sliding window if any, and j is not padding), a large negative number elsewhere.
-fn attention_mask(key_mask: &Tensor, t: usize, window: Option<usize>) -> Result<Tensor> {
+pub(crate) fn attention_mask(key_mask: &Tensor, t: usize, window: Option<usize>) -> Result<Tensor> {
     let device = key_mask.device();
     let window = window.unwrap_or(usize::MAX).max(1);
     let causal: Vec<f32> = (0..t)

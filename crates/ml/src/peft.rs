@@ -66,7 +66,7 @@ pub fn import_peft_adapter(
     dir: &Path,
     out_dir: &Path,
 ) -> Result<std::path::PathBuf, MlError> {
-    use crate::artifact::{ARTIFACT_FORMAT, ArtifactManifest, hash_files, write_artifact};
+    use crate::artifact::write_artifact;
     use crate::lora::{adapter_names, module_dims, module_path, normalize_targets};
     let bad = |problem: String| MlError::Artifact {
         path: dir.to_path_buf(),
@@ -160,16 +160,26 @@ pub fn import_peft_adapter(
         )));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
-    let weight_files = base.weight_files()?;
+    let manifest = imported_manifest(base, cfg, crate::Method::Lora { rank, alpha }, targets)?;
+    write_artifact(out_dir, out, &manifest)
+}
+
+/// The manifest of an artifact imported from another tool: the base's config and hash,
+/// the method, no training counters (tunenet did not train it).
+fn imported_manifest(
+    base: &crate::ModelDir,
+    cfg: crate::LlamaConfig,
+    method: crate::Method,
+    targets: Vec<String>,
+) -> Result<crate::artifact::ArtifactManifest, MlError> {
     let mut hashed = vec![base.path.join(crate::CONFIG_FILE)];
-    hashed.extend(weight_files.iter().cloned());
-    let method = crate::Method::Lora { rank, alpha };
-    let manifest = ArtifactManifest {
-        format: ARTIFACT_FORMAT.to_string(),
+    hashed.extend(base.weight_files()?);
+    Ok(crate::artifact::ArtifactManifest {
+        format: crate::artifact::ARTIFACT_FORMAT.to_string(),
         method: method.clone(),
         target_modules: targets,
         base_config: cfg,
-        base_model_hash: hash_files(&hashed)?,
+        base_model_hash: crate::artifact::hash_files(&hashed)?,
         steps: 0,
         tokens: 0,
         final_train_loss: 0.0,
@@ -177,6 +187,88 @@ pub fn import_peft_adapter(
             method,
             ..Default::default()
         },
+    })
+}
+
+/// Imports the full weights an external trainer saved in Hugging Face layout in `dir`
+/// (`model.safetensors`, or shards listed in `model.safetensors.index.json`; a
+/// `config.json` there, if any, must describe the base's architecture): every tensor of
+/// `base` must be present with the base's shape (a tied base's `lm_head.weight` may be
+/// left out or included) and nothing else; weights are stored in f32. Writes a full
+/// fine-tuning artifact (with its manifest) to `out_dir` and returns its path.
+pub fn import_full_weights(
+    base: &crate::ModelDir,
+    dir: &Path,
+    out_dir: &Path,
+) -> Result<std::path::PathBuf, MlError> {
+    use crate::artifact::{tensor_shapes, write_artifact};
+    let bad = |problem: String| MlError::Artifact {
+        path: dir.to_path_buf(),
+        problem,
     };
+    let cfg = base.config()?;
+    let cpath = dir.join(crate::CONFIG_FILE);
+    if cpath.is_file() {
+        let theirs = crate::ModelDir {
+            path: dir.to_path_buf(),
+        }
+        .config()
+        .map_err(|e| bad(format!("its {}: {e}", crate::CONFIG_FILE)))?;
+        if crate::eval::arch(&theirs) != crate::eval::arch(&cfg) {
+            return Err(bad(format!(
+                "its {} describes another architecture than the base's ({:?} against {:?})",
+                crate::CONFIG_FILE,
+                theirs,
+                cfg
+            )));
+        }
+    }
+    let files = crate::ModelDir {
+        path: dir.to_path_buf(),
+    }
+    .weight_files()?;
+    let base_files = base.weight_files()?;
+    let want = tensor_shapes(&base_files)?;
+    let mut out: Vec<(String, Tensor)> = Vec::with_capacity(want.len());
+    let mut seen: HashMap<String, ()> = HashMap::new();
+    for f in &files {
+        let tensors = candle_core::safetensors::load(f, &candle_core::Device::Cpu)
+            .map_err(|e| bad(format!("cannot read {}: {e}", f.display())))?;
+        for (name, t) in tensors {
+            let Some(shape) = want.get(&name) else {
+                if name == "lm_head.weight" && cfg.tie_word_embeddings {
+                    continue;
+                }
+                return Err(bad(format!(
+                    "{name} is not a tensor of the base model (a full fine-tune keeps the base's tensors, no more)"
+                )));
+            };
+            if t.dims() != shape.as_slice() {
+                return Err(bad(format!(
+                    "{name} has shape {:?}; the base's is {shape:?}",
+                    t.dims()
+                )));
+            }
+            let t = if t.dtype().is_float() {
+                t.to_dtype(candle_core::DType::F32)
+                    .map_err(|e| bad(format!("{name}: {e}")))?
+            } else {
+                t
+            };
+            seen.insert(name.clone(), ());
+            out.push((name, t));
+        }
+    }
+    let mut missing: Vec<&String> = want.keys().filter(|k| !seen.contains_key(*k)).collect();
+    missing.sort();
+    if let Some(first) = missing.first() {
+        return Err(bad(format!(
+            "{first} is missing ({} of the base's {} tensors are)",
+            missing.len(),
+            want.len()
+        )));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    let manifest = imported_manifest(base, cfg, crate::Method::Full, Vec::new())?;
     write_artifact(out_dir, out, &manifest)
 }

@@ -314,8 +314,65 @@ pub fn train_with_targets(
     progress: &mut dyn FnMut(&Progress),
     out_dir: &Path,
 ) -> Result<TrainReport, MlError> {
+    let devices = [device.clone()];
+    train_data_parallel(
+        model,
+        records,
+        cfg,
+        lora_targets,
+        deadline,
+        margin,
+        &devices,
+        None,
+        cancel,
+        progress,
+        out_dir,
+    )
+}
+
+/// [`train_with_targets`] over several devices at once (data parallelism): one replica of
+/// the model per device, each micro-batch split into one contiguous slice per device, each
+/// slice's gradient taken against the whole micro-batch's token count, and the gradients
+/// summed across devices through `collective` (made for the devices by
+/// [`crate::collective_for`] when `None`: NCCL between GPUs with the `nccl` feature,
+/// threads otherwise) before every replica clips and applies the same AdamW update. So the
+/// replicas stay identical, and the run computes what one device accumulating the same
+/// micro-batches computes, up to the order of floating-point additions. (With LoRA dropout
+/// the masks are drawn per slice, so the runs then differ by their random draws.) The
+/// first device leads: it decides when to stop (deadline, cancellation) for all, reports
+/// progress, writes checkpoints and the artifact. A failure on any device fails the run.
+#[allow(clippy::too_many_arguments)]
+pub fn train_data_parallel(
+    model: &ModelDir,
+    records: &[Record],
+    cfg: &TrainConfig,
+    lora_targets: &[String],
+    deadline: Option<Instant>,
+    margin: Duration,
+    devices: &[Device],
+    collective: Option<std::sync::Arc<dyn crate::parallel::Collective>>,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(&Progress),
+    out_dir: &Path,
+) -> Result<TrainReport, MlError> {
     let start = Instant::now();
     cfg.validate()?;
+    let Some(lead_device) = devices.first() else {
+        return Err(MlError::Invalid(
+            "training needs at least one device".into(),
+        ));
+    };
+    let collective = match collective {
+        Some(c) if c.world() == devices.len() => c,
+        Some(c) => {
+            return Err(MlError::Invalid(format!(
+                "a collective of {} ranks cannot serve {} devices",
+                c.world(),
+                devices.len()
+            )));
+        }
+        None => crate::parallel::collective_for(devices)?,
+    };
     let base_cfg = model.config()?;
     let tok = load_tokenizer(model, &base_cfg)?;
     let examples = tokenize(&tok, &base_cfg, records, cfg.max_seq_len)?;
@@ -331,66 +388,22 @@ pub fn train_with_targets(
     hashed.extend(weight_files.iter().cloned());
     let base_model_hash = hash_files(&hashed)?;
 
-    let (llama, named_vars, frozen, targets, dropout) = match &cfg.method {
-        Method::Lora { rank, alpha } => {
-            let targets = normalize_targets(lora_targets)?;
-            let (varmap, mut weights) =
-                init_lora(&base_cfg, &targets, *rank, *alpha, cfg.seed, device)?;
-            let dropout = (cfg.lora_dropout > 0.0).then(|| Dropout::new(cfg.lora_dropout, 0));
-            weights.dropout = dropout.clone();
-            let llama = load_base(
-                model,
-                &base_cfg,
-                cfg.dtype.resolve(device),
-                device,
-                Some(&weights),
-            )?;
-            let mut named: Vec<(String, Var)> = varmap
-                .data()
-                .lock()
-                .map_err(|_| MlError::Invalid("LoRA variable map lock poisoned".into()))?
-                .iter()
-                .map(|(n, v)| (n.clone(), v.clone()))
-                .collect();
-            named.sort_by(|a, b| a.0.cmp(&b.0));
-            (llama, named, Vec::new(), targets, dropout)
-        }
-        Method::Full => {
-            let mut vars = Vec::new();
-            let mut frozen = Vec::new();
-            let mut map = HashMap::new();
-            for f in &weight_files {
-                let ts = candle_core::safetensors::load(f, device)
-                    .ctx(&format!("loading base weights {}", f.display()))?;
-                for (name, t) in ts {
-                    if t.dtype().is_float() {
-                        let var =
-                            Var::from_tensor(&t.to_dtype(DType::F32).ctx("converting weights")?)
-                                .ctx("creating a variable")?;
-                        map.insert(name.clone(), var.as_tensor().clone());
-                        vars.push((name, var));
-                    } else {
-                        frozen.push((name, t));
-                    }
-                }
-            }
-            vars.sort_by(|a, b| a.0.cmp(&b.0));
-            let vb = VarBuilder::from_tensors(map, DType::F32, device);
-            let llama = Llama::new(&base_cfg, &vb, None).map_err(|e| MlError::ModelDir {
-                path: model.path.clone(),
-                problem: format!("weights do not fit config.json: {e}"),
-            })?;
-            (llama, vars, frozen, Vec::new(), None)
-        }
-    };
-
-    let mut opt = AdamW::new(named_vars, cfg.weight_decay);
+    let lead = build_replica(
+        model,
+        &base_cfg,
+        cfg,
+        lora_targets,
+        &weight_files,
+        lead_device,
+    )?;
+    let targets = lead.targets.clone();
+    let mut opt = AdamW::new(lead.named, cfg.weight_decay);
     let mut order = BatchOrder::new(&examples, cfg.batch_size, cfg.seed, cfg.length_bucketing);
     let ckpt_path = out_dir.join(CHECKPOINT_FILE);
     let fingerprint = run_fingerprint(cfg, &targets, &base_model_hash, records)?;
     let mut state = RunState::default();
     if ckpt_path.is_file() {
-        match load_checkpoint(&ckpt_path, &fingerprint, &mut opt, device)? {
+        match load_checkpoint(&ckpt_path, &fingerprint, &mut opt, lead_device)? {
             Some(s) => {
                 for _ in 0..s.steps * cfg.grad_accum_steps {
                     order.next();
@@ -404,119 +417,92 @@ pub fn train_with_targets(
             ),
         }
     }
-    let resumed_from = state.steps;
-    let loop_start = Instant::now();
-    let mut last_ckpt = Instant::now();
-    let (mut session_steps, mut session_tokens) = (0usize, 0u64);
-    let mut stopped_by_deadline = false;
-    while state.steps < cfg.max_steps {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(MlError::Cancelled { steps: state.steps });
-        }
-        let mean_step =
-            (session_steps > 0).then(|| loop_start.elapsed().div_f64(session_steps as f64));
-        if let Some(deadline) = deadline {
-            let need = match mean_step {
-                None => margin,
-                Some(m) => m.mul_f64(1.5) + margin,
-            };
-            let fits = Instant::now()
-                .checked_add(need)
-                .is_some_and(|end| end <= deadline);
-            if !fits {
-                if session_steps == 0 && state.steps == 0 {
-                    return Err(MlError::NoTimeToTrain { margin });
-                }
-                stopped_by_deadline = true;
-                break;
-            }
-        }
-        let lr = cfg.lr_at(state.steps);
-        let mut loss_sum = 0f32;
-        let mut step_tokens = 0usize;
-        let mut grads: Option<Vec<Tensor>> = None;
-        for micro in 0..cfg.grad_accum_steps {
-            if let Some(d) = &dropout {
-                d.reseed(
-                    cfg.seed
-                        ^ ((state.steps as u64) << 16)
-                        ^ (micro as u64)
-                        ^ 0x6472_6f70_0000_0000,
-                );
-            }
-            let picked: Vec<&Example> = order.next().into_iter().map(|i| &examples[i]).collect();
-            let (loss, n_tokens, g) =
-                micro_step(&llama, &opt, &picked, cfg.grad_accum_steps, device)
-                    .ctx("running a training step")?;
-            loss_sum += loss;
-            step_tokens += n_tokens;
-            grads = Some(match grads {
-                None => g,
-                Some(acc) => acc
-                    .iter()
-                    .zip(g.iter())
-                    .map(|(a, b)| a + b)
-                    .collect::<candle_core::Result<Vec<_>>>()
-                    .ctx("accumulating gradients")?,
-            });
-        }
-        let loss = loss_sum / cfg.grad_accum_steps as f32;
-        state.steps += 1;
-        session_steps += 1;
-        if !loss.is_finite() {
-            return Err(MlError::Diverged {
-                step: state.steps,
-                loss,
-            });
-        }
-        let mut grads = grads.unwrap_or_default();
-        let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm.unwrap_or(f64::INFINITY))
-            .ctx("clipping gradients")?;
-        opt.step(&grads, lr).ctx("applying the optimiser")?;
-        state.tokens += step_tokens as u64;
-        session_tokens += step_tokens as u64;
-        if state.steps == 1 {
-            state.first_loss = loss;
-        }
-        state.final_loss = loss;
-        let secs = loop_start.elapsed().as_secs_f64();
-        let per_step = loop_start.elapsed().div_f64(session_steps as f64);
-        let mut time_left = per_step.mul_f64((cfg.max_steps - state.steps) as f64);
-        if let Some(deadline) = deadline {
-            time_left = time_left.min(
-                deadline
-                    .saturating_duration_since(Instant::now())
-                    .saturating_sub(margin),
-            );
-        }
-        progress(&Progress {
-            step: state.steps,
-            max_steps: cfg.max_steps,
-            loss,
-            tokens_per_sec: if secs > 0.0 {
-                session_tokens as f64 / secs
-            } else {
-                0.0
-            },
-            elapsed: start.elapsed(),
-            tokens: state.tokens,
-            learning_rate: lr,
-            grad_norm,
-            time_left,
-        });
-        let by_steps =
-            cfg.checkpoint_every_steps > 0 && state.steps % cfg.checkpoint_every_steps == 0;
-        let by_time = cfg.checkpoint_every_secs > 0.0
-            && last_ckpt.elapsed().as_secs_f64() >= cfg.checkpoint_every_secs;
-        if (by_steps || by_time) && state.steps < cfg.max_steps {
-            save_checkpoint(out_dir, &ckpt_path, &fingerprint, &state, &opt)?;
-            last_ckpt = Instant::now();
-        }
+    // The other replicas start from the leader's weights and moments (LoRA's random
+    // initialisation included), so every replica applies the same updates to the same
+    // values.
+    let mut others = Vec::with_capacity(devices.len() - 1);
+    for d in &devices[1..] {
+        let r = build_replica(model, &base_cfg, cfg, lora_targets, &weight_files, d)?;
+        let mut o = AdamW::new(r.named, cfg.weight_decay);
+        o.copy_state_from(&opt, d)
+            .ctx("copying the leader's weights to a replica")?;
+        others.push((r.llama, o, r.dropout, d.clone()));
     }
+    let resumed_from = state.steps;
+    let shared = RankShared {
+        examples: &examples,
+        cfg,
+        world: devices.len(),
+    };
+    let lead_extra = Leader {
+        deadline,
+        margin,
+        cancel,
+        progress,
+        out_dir,
+        ckpt_path: &ckpt_path,
+        fingerprint: &fingerprint,
+        start,
+    };
+    let (state, stopped_by_deadline, opt, frozen) = std::thread::scope(|scope| {
+        let handles: Vec<_> = others
+            .into_iter()
+            .enumerate()
+            .map(|(k, (llama, mut o, dropout, d))| {
+                let (collective, shared, order) = (collective.clone(), &shared, order.clone());
+                let state = state.clone();
+                scope.spawn(move || -> Result<(), MlError> {
+                    let mut comm = collective.join(k + 1, &d)?;
+                    run_rank(
+                        shared,
+                        comm.as_mut(),
+                        &llama,
+                        &mut o,
+                        dropout.as_ref(),
+                        order,
+                        state,
+                        &d,
+                        None,
+                    )
+                    .map(|_| ())
+                })
+            })
+            .collect();
+        let lead_result = collective.join(0, lead_device).and_then(|mut comm| {
+            run_rank(
+                &shared,
+                comm.as_mut(),
+                &lead.llama,
+                &mut opt,
+                lead.dropout.as_ref(),
+                order,
+                state,
+                lead_device,
+                Some(lead_extra),
+            )
+        });
+        let mut first_err = lead_result.as_ref().err().map(|e| e.to_string());
+        for (k, h) in handles.into_iter().enumerate() {
+            let r = h
+                .join()
+                .unwrap_or_else(|_| Err(MlError::Invalid("a training replica panicked".into())));
+            if let (Err(e), None) = (r, &first_err) {
+                first_err = Some(format!("replica on device {}: {e}", k + 1));
+            }
+        }
+        match (lead_result, first_err) {
+            (Ok((state, stopped)), None) => Ok((state, stopped, opt, lead.frozen)),
+            (Err(e), _) => Err(e),
+            (Ok(_), Some(e)) => Err(MlError::Invalid(format!(
+                "data-parallel training failed: {e}"
+            ))),
+        }
+    })?;
     tracing::debug!(
         steps = state.steps,
         tokens = state.tokens,
         final_loss = state.final_loss,
+        devices = devices.len(),
         "training finished"
     );
 
@@ -559,19 +545,338 @@ pub fn train_with_targets(
     })
 }
 
-/// One micro-batch forward/backward; returns its mean loss, its non-padding tokens, and
-/// the gradients (of loss / `accum`) of every trainable variable, in optimiser order.
+/// One device's copy of the model being trained.
+struct Replica {
+    llama: Llama,
+    named: Vec<(String, Var)>,
+    frozen: Vec<(String, Tensor)>,
+    targets: Vec<String>,
+    dropout: Option<Dropout>,
+}
+
+fn build_replica(
+    model: &ModelDir,
+    base_cfg: &crate::config::LlamaConfig,
+    cfg: &TrainConfig,
+    lora_targets: &[String],
+    weight_files: &[PathBuf],
+    device: &Device,
+) -> Result<Replica, MlError> {
+    Ok(match &cfg.method {
+        Method::Lora { rank, alpha } => {
+            let targets = normalize_targets(lora_targets)?;
+            let (varmap, mut weights) =
+                init_lora(base_cfg, &targets, *rank, *alpha, cfg.seed, device)?;
+            let dropout = (cfg.lora_dropout > 0.0).then(|| Dropout::new(cfg.lora_dropout, 0));
+            weights.dropout = dropout.clone();
+            let llama = load_base(
+                model,
+                base_cfg,
+                cfg.dtype.resolve(device),
+                device,
+                Some(&weights),
+            )?;
+            let mut named: Vec<(String, Var)> = varmap
+                .data()
+                .lock()
+                .map_err(|_| MlError::Invalid("LoRA variable map lock poisoned".into()))?
+                .iter()
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect();
+            named.sort_by(|a, b| a.0.cmp(&b.0));
+            Replica {
+                llama,
+                named,
+                frozen: Vec::new(),
+                targets,
+                dropout,
+            }
+        }
+        Method::Full => {
+            let mut vars = Vec::new();
+            let mut frozen = Vec::new();
+            let mut map = HashMap::new();
+            for f in weight_files {
+                let ts = candle_core::safetensors::load(f, device)
+                    .ctx(&format!("loading base weights {}", f.display()))?;
+                for (name, t) in ts {
+                    if t.dtype().is_float() {
+                        let var =
+                            Var::from_tensor(&t.to_dtype(DType::F32).ctx("converting weights")?)
+                                .ctx("creating a variable")?;
+                        map.insert(name.clone(), var.as_tensor().clone());
+                        vars.push((name, var));
+                    } else {
+                        frozen.push((name, t));
+                    }
+                }
+            }
+            vars.sort_by(|a, b| a.0.cmp(&b.0));
+            let vb = VarBuilder::from_tensors(map, DType::F32, device);
+            let llama = Llama::new(base_cfg, &vb, None).map_err(|e| MlError::ModelDir {
+                path: model.path.clone(),
+                problem: format!("weights do not fit config.json: {e}"),
+            })?;
+            Replica {
+                llama,
+                named: vars,
+                frozen,
+                targets: Vec::new(),
+                dropout: None,
+            }
+        }
+    })
+}
+
+/// What every rank reads.
+struct RankShared<'a> {
+    examples: &'a [Example],
+    cfg: &'a TrainConfig,
+    world: usize,
+}
+
+/// What only the leading rank does: decide when to stop, report, checkpoint.
+struct Leader<'a> {
+    deadline: Option<Instant>,
+    margin: Duration,
+    cancel: &'a AtomicBool,
+    progress: &'a mut dyn FnMut(&Progress),
+    out_dir: &'a Path,
+    ckpt_path: &'a Path,
+    fingerprint: &'a str,
+    start: Instant,
+}
+
+/// Step-loop verdicts the leader sends every rank before each step.
+const GO: f32 = 0.0;
+const STOP_DEADLINE: f32 = 1.0;
+const CANCELLED: f32 = 2.0;
+const NO_TIME: f32 = 3.0;
+
+/// One rank's step loop; every rank runs the same steps on its slice of each micro-batch.
+/// Returns the run's counters and whether the deadline stopped it. A rank that fails on
+/// its own (not by the leader's verdict, which every rank follows together) aborts the
+/// collective, so the other ranks fail too instead of waiting for it.
+#[allow(clippy::too_many_arguments)]
+fn run_rank(
+    sh: &RankShared<'_>,
+    comm: &mut dyn crate::parallel::RankComm,
+    llama: &Llama,
+    opt: &mut AdamW,
+    dropout: Option<&Dropout>,
+    order: BatchOrder,
+    state: RunState,
+    device: &Device,
+    lead: Option<Leader<'_>>,
+) -> Result<(RunState, bool), MlError> {
+    let r = rank_steps(sh, comm, llama, opt, dropout, order, state, device, lead);
+    if let Err(e) = &r
+        && !matches!(
+            e,
+            MlError::Cancelled { .. } | MlError::NoTimeToTrain { .. } | MlError::Diverged { .. }
+        )
+    {
+        comm.abort();
+    }
+    r
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rank_steps(
+    sh: &RankShared<'_>,
+    comm: &mut dyn crate::parallel::RankComm,
+    llama: &Llama,
+    opt: &mut AdamW,
+    dropout: Option<&Dropout>,
+    mut order: BatchOrder,
+    mut state: RunState,
+    device: &Device,
+    mut lead: Option<Leader<'_>>,
+) -> Result<(RunState, bool), MlError> {
+    let cfg = sh.cfg;
+    let (rank, world) = (comm.rank(), sh.world);
+    let loop_start = Instant::now();
+    let mut last_ckpt = Instant::now();
+    let (mut session_steps, mut session_tokens) = (0usize, 0u64);
+    while state.steps < cfg.max_steps {
+        // The leader's verdict, the same on every rank.
+        let mut verdict = GO;
+        if let Some(l) = &lead {
+            if l.cancel.load(Ordering::Relaxed) {
+                verdict = CANCELLED;
+            } else if let Some(deadline) = l.deadline {
+                let mean_step =
+                    (session_steps > 0).then(|| loop_start.elapsed().div_f64(session_steps as f64));
+                let need = match mean_step {
+                    None => l.margin,
+                    Some(m) => m.mul_f64(1.5) + l.margin,
+                };
+                let fits = Instant::now()
+                    .checked_add(need)
+                    .is_some_and(|end| end <= deadline);
+                if !fits {
+                    verdict = if session_steps == 0 && state.steps == 0 {
+                        NO_TIME
+                    } else {
+                        STOP_DEADLINE
+                    };
+                }
+            }
+        }
+        if world > 1 {
+            let v = Tensor::new(&[verdict], device).ctx("sharing the step verdict")?;
+            verdict = comm.all_reduce_sum(&[v])?[0]
+                .to_vec1::<f32>()
+                .ctx("reading the step verdict")?[0];
+        }
+        if verdict == CANCELLED {
+            return Err(MlError::Cancelled { steps: state.steps });
+        }
+        if verdict == NO_TIME {
+            let margin = lead.as_ref().map(|l| l.margin).unwrap_or_default();
+            return Err(MlError::NoTimeToTrain { margin });
+        }
+        if verdict == STOP_DEADLINE {
+            return Ok((state, true));
+        }
+        let lr = cfg.lr_at(state.steps);
+        let mut local_loss = 0f32;
+        let mut step_tokens = 0usize;
+        let mut grads: Option<Vec<Tensor>> = None;
+        for micro in 0..cfg.grad_accum_steps {
+            if let Some(d) = dropout {
+                d.reseed(
+                    cfg.seed
+                        ^ ((state.steps as u64) << 16)
+                        ^ (micro as u64)
+                        ^ ((rank as u64) << 40)
+                        ^ 0x6472_6f70_0000_0000,
+                );
+            }
+            let picked: Vec<&Example> = order.next().into_iter().map(|i| &sh.examples[i]).collect();
+            // Every slice's loss is over the whole micro-batch's predicted tokens, so the
+            // slices' gradients add up to the micro-batch's.
+            let predicted: usize = picked.iter().map(|e| e.targets()).sum();
+            let per = picked.len().div_ceil(world);
+            let mine: Vec<&Example> = picked.iter().skip(rank * per).take(per).copied().collect();
+            let (loss, n_tokens, g) = if mine.is_empty() {
+                let zeros = opt
+                    .vars
+                    .iter()
+                    .map(|p| p.var.as_tensor().zeros_like())
+                    .collect::<candle_core::Result<Vec<_>>>()
+                    .ctx("a replica with no examples this step")?;
+                (0.0, 0, zeros)
+            } else {
+                micro_step(
+                    llama,
+                    opt,
+                    &mine,
+                    predicted.max(1),
+                    cfg.grad_accum_steps,
+                    device,
+                )
+                .ctx("running a training step")?
+            };
+            local_loss += loss;
+            step_tokens += n_tokens;
+            grads = Some(match grads {
+                None => g,
+                Some(acc) => acc
+                    .iter()
+                    .zip(g.iter())
+                    .map(|(a, b)| a + b)
+                    .collect::<candle_core::Result<Vec<_>>>()
+                    .ctx("accumulating gradients")?,
+            });
+        }
+        let mut grads = grads.unwrap_or_default();
+        let mut loss = local_loss / cfg.grad_accum_steps as f32;
+        if world > 1 {
+            let counters =
+                Tensor::new(&[loss, step_tokens as f32], device).ctx("sharing the step's loss")?;
+            grads.push(counters);
+            let mut summed = comm.all_reduce_sum(&grads)?;
+            let counters = summed
+                .pop()
+                .map(|t| t.to_vec1::<f32>())
+                .transpose()
+                .ctx("reading the step's loss")?
+                .unwrap_or_default();
+            loss = counters.first().copied().unwrap_or(f32::NAN);
+            step_tokens = counters.get(1).map(|t| t.round() as usize).unwrap_or(0);
+            grads = summed;
+        }
+        state.steps += 1;
+        session_steps += 1;
+        if !loss.is_finite() {
+            return Err(MlError::Diverged {
+                step: state.steps,
+                loss,
+            });
+        }
+        let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm.unwrap_or(f64::INFINITY))
+            .ctx("clipping gradients")?;
+        opt.step(&grads, lr).ctx("applying the optimiser")?;
+        state.tokens += step_tokens as u64;
+        session_tokens += step_tokens as u64;
+        if state.steps == 1 {
+            state.first_loss = loss;
+        }
+        state.final_loss = loss;
+        let Some(l) = lead.as_mut() else { continue };
+        let secs = loop_start.elapsed().as_secs_f64();
+        let per_step = loop_start.elapsed().div_f64(session_steps as f64);
+        let mut time_left = per_step.mul_f64((cfg.max_steps - state.steps) as f64);
+        if let Some(deadline) = l.deadline {
+            time_left = time_left.min(
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .saturating_sub(l.margin),
+            );
+        }
+        (l.progress)(&Progress {
+            step: state.steps,
+            max_steps: cfg.max_steps,
+            loss,
+            tokens_per_sec: if secs > 0.0 {
+                session_tokens as f64 / secs
+            } else {
+                0.0
+            },
+            elapsed: l.start.elapsed(),
+            tokens: state.tokens,
+            learning_rate: lr,
+            grad_norm,
+            time_left,
+        });
+        let by_steps = cfg.checkpoint_every_steps > 0
+            && state.steps.is_multiple_of(cfg.checkpoint_every_steps);
+        let by_time = cfg.checkpoint_every_secs > 0.0
+            && last_ckpt.elapsed().as_secs_f64() >= cfg.checkpoint_every_secs;
+        if (by_steps || by_time) && state.steps < cfg.max_steps {
+            save_checkpoint(l.out_dir, l.ckpt_path, l.fingerprint, &state, opt)?;
+            last_ckpt = Instant::now();
+        }
+    }
+    Ok((state, false))
+}
+
+/// One micro-batch (or one device's slice of it) forward/backward: its summed loss over
+/// `predicted` (the whole micro-batch's predicted tokens), its non-padding tokens, and the
+/// gradients (of that loss / `accum`) of every trainable variable, in optimiser order.
 fn micro_step(
     llama: &Llama,
     opt: &AdamW,
     picked: &[&Example],
+    predicted: usize,
     accum: usize,
     device: &Device,
 ) -> candle_core::Result<(f32, usize, Vec<Tensor>)> {
     let batch = make_batch(picked, device)?;
     let logits = llama.forward(&batch.inputs, &batch.key_mask, Mode::Train)?;
     let sum = masked_nll_sum(&logits, &batch.targets, &batch.loss_mask)?;
-    let loss = (sum / batch.predicted.max(1) as f64)?;
+    let loss = (sum / predicted as f64)?;
     let scaled = (&loss / accum as f64)?;
     let store = scaled.backward()?;
     let grads = opt
@@ -607,6 +912,7 @@ fn clip_grad_norm(grads: &mut [Tensor], max: f64) -> candle_core::Result<f64> {
 
 /// Seeded order over example indices, cycling forever: epoch-wise shuffles of single
 /// examples, or (length bucketing) of batches of similar-length examples.
+#[derive(Clone)]
 struct BatchOrder {
     rng: StdRng,
     batches: Vec<Vec<usize>>,

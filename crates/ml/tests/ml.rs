@@ -1922,3 +1922,391 @@ fn a_peft_adapter_imports_as_the_same_artifact_and_bad_ones_say_why() {
         .to_string();
     assert!(e.contains(PEFT_WEIGHTS_FILE), "{e}");
 }
+
+/// Data-parallel training over 2 and 4 logical CPU devices computes what one device
+/// accumulating the same micro-batches computes (LoRA and full fine-tuning), up to float
+/// rounding; a different seed is far from it, so the comparison has power.
+#[test]
+fn data_parallel_training_equals_single_device_accumulation() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(&dir.path().join("m"));
+    let records = demo_dataset(120, 4);
+    let cancel = AtomicBool::new(false);
+    let targets: Vec<String> = DEFAULT_LORA_TARGETS.iter().map(|t| t.to_string()).collect();
+    let full = TrainConfig {
+        method: Method::Full,
+        learning_rate: 1e-3,
+        ..lora_cfg(6)
+    };
+    for (name, cfg) in [
+        (
+            "lora",
+            TrainConfig {
+                grad_accum_steps: 2,
+                ..lora_cfg(6)
+            },
+        ),
+        ("full", full),
+    ] {
+        let single = run_train(&model, &records, &cfg, &dir.path().join(format!("{name}1")));
+        for world in [2usize, 4] {
+            let devices = vec![Device::Cpu; world];
+            let mut steps_seen = 0;
+            let dp = train_data_parallel(
+                &model,
+                &records,
+                &cfg,
+                &targets,
+                None,
+                Duration::ZERO,
+                &devices,
+                Some(std::sync::Arc::new(ThreadCollective::new(world))),
+                &cancel,
+                &mut |p| steps_seen = p.step,
+                &dir.path().join(format!("{name}{world}")),
+            )
+            .expect("data-parallel training");
+            assert_eq!(dp.steps, single.steps, "{name} {world}-way");
+            assert_eq!(steps_seen, single.steps, "progress comes from the leader");
+            assert_eq!(dp.tokens, single.tokens, "{name} {world}-way token count");
+            assert!(
+                (dp.final_loss - single.final_loss).abs() < 1e-4,
+                "{name} {world}-way loss {} against {}",
+                dp.final_loss,
+                single.final_loss
+            );
+            let d = max_abs_diff(&dp.artifact, &single.artifact);
+            assert!(d < 1e-4, "{name} {world}-way weights differ by {d}");
+        }
+        let other = run_train(
+            &model,
+            &records,
+            &TrainConfig {
+                seed: 9,
+                ..cfg.clone()
+            },
+            &dir.path().join(format!("{name}-other")),
+        );
+        assert!(max_abs_diff(&other.artifact, &single.artifact) > 1e-3);
+    }
+    // A collective for the wrong number of devices is refused before any work.
+    let err = train_data_parallel(
+        &model,
+        &records,
+        &lora_cfg(2),
+        &targets,
+        None,
+        Duration::ZERO,
+        &[Device::Cpu, Device::Cpu],
+        Some(std::sync::Arc::new(ThreadCollective::new(3))),
+        &cancel,
+        &mut |_| {},
+        &dir.path().join("bad"),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("3 ranks cannot serve 2 devices"),
+        "{err}"
+    );
+}
+
+/// The thread collective sums in rank order (identical bits on every rank), and a rank
+/// that fails or sends mismatched tensors fails every rank's call instead of hanging them.
+#[test]
+fn thread_collective_sums_and_fails_together() {
+    let world = 3;
+    let c = ThreadCollective::new(world);
+    let sums: Vec<Vec<f32>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..world)
+            .map(|r| {
+                let c = &c;
+                s.spawn(move || {
+                    let mut comm = c.join(r, &Device::Cpu).unwrap();
+                    let t =
+                        candle_core::Tensor::new(&[r as f32 + 1.0, 10.0 * r as f32], &Device::Cpu)
+                            .unwrap();
+                    let out = comm.all_reduce_sum(&[t]).unwrap();
+                    out[0].to_vec1::<f32>().unwrap()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for s in &sums {
+        assert_eq!(s, &vec![6.0, 30.0]);
+    }
+    let c = ThreadCollective::new(2);
+    let results: Vec<bool> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..2)
+            .map(|r| {
+                let c = &c;
+                s.spawn(move || {
+                    let mut comm = c.join(r, &Device::Cpu).unwrap();
+                    let t = candle_core::Tensor::new(&[1f32], &Device::Cpu).unwrap();
+                    // Rank 1 sends two tensors where rank 0 sends one.
+                    let ts = vec![t; r + 1];
+                    comm.all_reduce_sum(&ts).is_err()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(results, vec![true, true]);
+    assert!(c.join(2, &Device::Cpu).is_err(), "rank 2 of a group of 2");
+}
+
+/// A model split over 2 and 4 logical CPU devices (attention heads, key/value heads shared
+/// where there are fewer than devices, MLP columns) gives the logits and losses of the
+/// whole model on one device, with and without a LoRA adapter merged in.
+#[test]
+fn tensor_parallel_logits_and_losses_equal_one_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(&dir.path().join("m"));
+    let records = demo_dataset(40, 6);
+    let adapter = run_train(&model, &records, &lora_cfg(5), &dir.path().join("a")).artifact;
+    let ids: Vec<u32> = (0..40u32).map(|i| (i * 37 + 11) % 250).collect();
+    for artifact in [None, Some(adapter.as_path())] {
+        let whole = CausalLm::load(&model, artifact, WeightDtype::F32, &Device::Cpu).unwrap();
+        let want = whole.logits(&ids).unwrap();
+        let loss = evaluate(&model, artifact, &records, 64, 8, &Device::Cpu).unwrap();
+        let per = record_losses(&model, artifact, &records, 64, 8, &Device::Cpu).unwrap();
+        for world in [2usize, 4] {
+            let devices = vec![Device::Cpu; world];
+            let tp =
+                TensorParallelLm::load(&model, artifact, WeightDtype::F32, &devices, None).unwrap();
+            assert_eq!(tp.devices(), world);
+            let got = tp.logits(&ids).unwrap();
+            let d = max_diff(&got, &want);
+            assert!(d < 1e-4, "{world}-way logits differ by {d}");
+            let split = evaluate_on(&model, artifact, &records, 64, 8, &devices).unwrap();
+            assert!(
+                (split.mean_loss - loss.mean_loss).abs() < 1e-5,
+                "{world}-way loss {} against {}",
+                split.mean_loss,
+                loss.mean_loss
+            );
+            assert_eq!(split.tokens, loss.tokens);
+            let split = record_losses_on(&model, artifact, &records, 64, 8, &devices).unwrap();
+            for (a, b) in split.losses.iter().zip(&per.losses) {
+                assert!((a.unwrap() - b.unwrap()).abs() < 1e-5);
+            }
+        }
+    }
+    // HellaSwag scoring (a miner's inference job) split over 2 devices scores every ending
+    // as the whole model does.
+    let items = hellaswag_demo_items(12, 3);
+    let whole = CausalLm::load(&model, None, WeightDtype::F32, &Device::Cpu).unwrap();
+    let want = score_items(&whole, &items, &ScoreOptions::default(), &mut |_| {}).unwrap();
+    let tp = TensorParallelLm::load(
+        &model,
+        None,
+        WeightDtype::F32,
+        &[Device::Cpu, Device::Cpu],
+        None,
+    )
+    .unwrap();
+    let got = score_items(&tp, &items, &ScoreOptions::default(), &mut |_| {}).unwrap();
+    assert_eq!(got.len(), want.len());
+    for (a, b) in got.iter().zip(&want) {
+        assert_eq!(a.index, b.index);
+        for (x, y) in a.logliks.iter().zip(&b.logliks) {
+            assert!((x - y).abs() < 1e-3, "item {}: {x} against {y}", a.index);
+        }
+    }
+    assert!(tp.describe().contains("split over 2 devices"));
+    // A split the heads do not allow is refused with the reason.
+    let e = TensorParallelLm::load(&model, None, WeightDtype::F32, &vec![Device::Cpu; 3], None)
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("4 attention heads do not divide evenly"),
+        "{e}"
+    );
+}
+
+/// A collective whose rank `fail_rank` loses its device on its `fail_at`-th call.
+struct Flaky {
+    inner: ThreadCollective,
+    fail_rank: usize,
+    fail_at: usize,
+}
+
+struct FlakyRank {
+    inner: Box<dyn RankComm>,
+    fail: Option<usize>,
+    calls: usize,
+}
+
+impl Collective for Flaky {
+    fn world(&self) -> usize {
+        self.inner.world()
+    }
+    fn join(&self, rank: usize, device: &Device) -> Result<Box<dyn RankComm>, MlError> {
+        Ok(Box::new(FlakyRank {
+            inner: self.inner.join(rank, device)?,
+            fail: (rank == self.fail_rank).then_some(self.fail_at),
+            calls: 0,
+        }))
+    }
+    fn kind(&self) -> &'static str {
+        "flaky"
+    }
+}
+
+impl RankComm for FlakyRank {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world(&self) -> usize {
+        self.inner.world()
+    }
+    fn all_reduce_sum(
+        &mut self,
+        tensors: &[candle_core::Tensor],
+    ) -> Result<Vec<candle_core::Tensor>, MlError> {
+        self.calls += 1;
+        if self.fail == Some(self.calls) {
+            self.inner.abort();
+            return Err(MlError::Invalid(
+                "CUDA error: device lost (simulated)".into(),
+            ));
+        }
+        self.inner.all_reduce_sum(tensors)
+    }
+    fn abort(&mut self) {
+        self.inner.abort();
+    }
+}
+
+/// A device lost in the middle of a data-parallel run or a tensor-parallel forward fails
+/// that run with the reason, on every rank, instead of leaving the others waiting.
+#[test]
+fn a_device_lost_mid_run_fails_the_run_and_hangs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(&dir.path().join("m"));
+    let records = demo_dataset(60, 2);
+    let targets: Vec<String> = DEFAULT_LORA_TARGETS.iter().map(|t| t.to_string()).collect();
+    for (fail_rank, fail_at) in [(1usize, 5usize), (0, 3), (2, 1)] {
+        let flaky = Flaky {
+            inner: ThreadCollective::new(3),
+            fail_rank,
+            fail_at,
+        };
+        let t0 = Instant::now();
+        let err = train_data_parallel(
+            &model,
+            &records,
+            &lora_cfg(20),
+            &targets,
+            None,
+            Duration::ZERO,
+            &[Device::Cpu, Device::Cpu, Device::Cpu],
+            Some(std::sync::Arc::new(flaky)),
+            &AtomicBool::new(false),
+            &mut |_| {},
+            &dir.path().join(format!("dp{fail_rank}-{fail_at}")),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("device lost") || err.contains("another rank of the group failed"),
+            "rank {fail_rank} at call {fail_at}: {err}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(60));
+    }
+    let flaky = Flaky {
+        inner: ThreadCollective::new(2),
+        fail_rank: 1,
+        fail_at: 2,
+    };
+    let tp = TensorParallelLm::load(
+        &model,
+        None,
+        WeightDtype::F32,
+        &[Device::Cpu, Device::Cpu],
+        Some(std::sync::Arc::new(flaky)),
+    )
+    .unwrap();
+    let err = tp.logits(&[1, 2, 3]).unwrap_err().to_string();
+    assert!(err.contains("device"), "{err}");
+}
+
+/// Full fine-tuned weights saved in Hugging Face layout (as `save_pretrained` writes them,
+/// in any float dtype) import as a full artifact scoring like the original; weights that
+/// do not fit the base are named.
+#[test]
+fn full_weights_in_hugging_face_layout_import_and_bad_ones_say_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny(&tmp.path().join("base"));
+    let records = demo_dataset(40, 5);
+    let full = TrainConfig {
+        method: Method::Full,
+        learning_rate: 1e-3,
+        ..lora_cfg(3)
+    };
+    let report = run_train(&model, &records, &full, &tmp.path().join("run"));
+    let hf = tmp.path().join("hf");
+    std::fs::create_dir_all(&hf).unwrap();
+    std::fs::copy(&report.artifact, hf.join(WEIGHTS_FILE)).unwrap();
+    std::fs::copy(model.path.join(CONFIG_FILE), hf.join(CONFIG_FILE)).unwrap();
+    let imported = import_full_weights(&model, &hf, &tmp.path().join("imported")).unwrap();
+    assert_eq!(max_abs_diff(&report.artifact, &imported), 0.0);
+    let m = read_artifact_manifest(&imported).unwrap();
+    assert_eq!(m.method, Method::Full);
+    let (a, b) = (
+        evaluate(
+            &model,
+            Some(&report.artifact),
+            &records,
+            64,
+            8,
+            &Device::Cpu,
+        )
+        .unwrap(),
+        evaluate(&model, Some(&imported), &records, 64, 8, &Device::Cpu).unwrap(),
+    );
+    assert_eq!(a.mean_loss, b.mean_loss);
+    // Half precision is taken (stored as f32).
+    let ts = candle_core::safetensors::load(hf.join(WEIGHTS_FILE), &Device::Cpu).unwrap();
+    let half: std::collections::HashMap<String, candle_core::Tensor> = ts
+        .iter()
+        .map(|(k, v)| (k.clone(), v.to_dtype(DType::BF16).unwrap()))
+        .collect();
+    let bf = tmp.path().join("bf16");
+    std::fs::create_dir_all(&bf).unwrap();
+    candle_core::safetensors::save(&half, bf.join(WEIGHTS_FILE)).unwrap();
+    import_full_weights(&model, &bf, &tmp.path().join("imported-bf16")).unwrap();
+    // A tensor the base lacks, a wrong shape, a missing tensor.
+    let bad = |edit: &dyn Fn(&mut std::collections::HashMap<String, candle_core::Tensor>)| {
+        let mut m = ts.clone();
+        edit(&mut m);
+        let d = tmp.path().join("bad");
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        candle_core::safetensors::save(&m, d.join(WEIGHTS_FILE)).unwrap();
+        import_full_weights(&model, &d, &tmp.path().join("x"))
+            .unwrap_err()
+            .to_string()
+    };
+    let e = bad(&|m| {
+        m.insert(
+            "model.extra.weight".into(),
+            candle_core::Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+        );
+    });
+    assert!(
+        e.contains("model.extra.weight is not a tensor of the base"),
+        "{e}"
+    );
+    let e = bad(&|m| {
+        m.insert(
+            "model.norm.weight".into(),
+            candle_core::Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+        );
+    });
+    assert!(e.contains("model.norm.weight has shape [3]"), "{e}");
+    let e = bad(&|m| {
+        m.remove("model.norm.weight");
+    });
+    assert!(e.contains("model.norm.weight is missing"), "{e}");
+}

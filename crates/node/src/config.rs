@@ -69,6 +69,66 @@ impl Default for TrainingConfig {
     }
 }
 
+/// How many device slots one training job takes: `devices_per_job = 2` or `"auto"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DevicesPerJob {
+    /// This many (at least 1).
+    Count(usize),
+    /// The slots shared out among the jobs the policy runs at once.
+    Auto,
+}
+
+impl DevicesPerJob {
+    /// Slots per job on a miner with `slots` slots running up to `concurrent` jobs.
+    pub fn resolve(self, slots: usize, concurrent: usize) -> usize {
+        match self {
+            DevicesPerJob::Count(n) => n.clamp(1, slots.max(1)),
+            DevicesPerJob::Auto => (slots / concurrent.max(1)).max(1),
+        }
+    }
+}
+
+impl Serialize for DevicesPerJob {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            DevicesPerJob::Count(n) => s.serialize_u64(*n as u64),
+            DevicesPerJob::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DevicesPerJob {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = DevicesPerJob;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number of devices (at least 1) or \"auto\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<DevicesPerJob, E> {
+                if n < 1 {
+                    return Err(E::custom(format!(
+                        "{n} devices per job: use at least 1, or \"auto\""
+                    )));
+                }
+                Ok(DevicesPerJob::Count(n as usize))
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<DevicesPerJob, E> {
+                self.visit_i64(n.min(i64::MAX as u64) as i64)
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<DevicesPerJob, E> {
+                match v.trim() {
+                    "auto" => Ok(DevicesPerJob::Auto),
+                    other => Err(E::custom(format!(
+                        "{other:?}: write a number of devices per job, or \"auto\""
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// `miner.toml`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -86,6 +146,12 @@ pub struct MinerConfig {
     /// Jobs go to the free slot with the most free memory that their estimate fits, and
     /// `policy.max_concurrent_jobs` is capped at the number of slots. Empty: `device`.
     pub devices: Vec<String>,
+    /// Device slots one training job takes at once, for data-parallel training: a number
+    /// (1: one device per job), or `"auto"`: the slots shared out among
+    /// `policy.max_concurrent_jobs` jobs (4 GPUs and 1 job at a time: 4-way; 2 jobs: 2-way
+    /// each). A job takes what is free, at least one slot; `max_concurrent_jobs` is capped
+    /// at the slots divided by this. Ignored with a single shared `device`.
+    pub devices_per_job: DevicesPerJob,
     /// Serve Prometheus metrics here (host:port); off when absent.
     pub metrics_listen: Option<String>,
     /// Join the libp2p network: gossip this miner's advert and take jobs over libp2p as
@@ -114,6 +180,7 @@ impl Default for MinerConfig {
             key_file: None,
             device: "cpu".into(),
             devices: Vec::new(),
+            devices_per_job: DevicesPerJob::Count(1),
             metrics_listen: None,
             p2p: None,
             inference: Default::default(),
@@ -340,6 +407,11 @@ pub struct ValidatorConfig {
     pub key_file: Option<PathBuf>,
     /// `cpu` or `cuda:N`, for evaluation.
     pub device: String,
+    /// Devices every evaluation is split over (tensor parallelism), for base models larger
+    /// than one device: e.g. `["cuda:0", "cuda:1", "cuda:2", "cuda:3"]` (`cpu:N` names a
+    /// logical CPU device). The attention heads and the MLP width must divide evenly over
+    /// them. Empty: every evaluation runs whole on `device`.
+    pub eval_devices: Vec<String>,
     /// Serve Prometheus metrics here (host:port); off when absent.
     pub metrics_listen: Option<String>,
     /// PEM certificate chain: with `tls_key`, the gRPC services (console included) use TLS.
@@ -377,6 +449,7 @@ impl Default for ValidatorConfig {
             advertise: None,
             key_file: None,
             device: "cpu".into(),
+            eval_devices: Vec::new(),
             metrics_listen: None,
             tls_cert: None,
             tls_key: None,
@@ -421,6 +494,18 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("max_concurrent_jobs"), "{err}");
+        let c: MinerConfig = toml::from_str("devices_per_job = \"auto\"\n").unwrap();
+        assert_eq!(c.devices_per_job, DevicesPerJob::Auto);
+        assert_eq!(c.devices_per_job.resolve(4, 2), 2);
+        let c: MinerConfig = toml::from_str("devices_per_job = 3\n").unwrap();
+        assert_eq!(c.devices_per_job.resolve(2, 1), 2, "no more than the slots");
+        for bad in ["devices_per_job = 0\n", "devices_per_job = \"all\"\n"] {
+            let err = toml::from_str::<MinerConfig>(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("devices_per_job") && err.contains("auto"),
+                "{err}"
+            );
+        }
         assert!(err.contains("m.toml"), "{err}");
         let err = parse::<MinerConfig>(Path::new("m.toml"), "[training]\nlearnin_rate = 0.1\n")
             .unwrap_err()

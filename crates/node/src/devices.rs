@@ -147,6 +147,46 @@ impl DevicePool {
         Ok((slots[i].name.clone(), slots[i].device.clone()))
     }
 
+    /// Places `job` on up to `want` free slots at once (at least one), each fitting
+    /// `need` (every data-parallel replica holds the whole model), the ones with the most
+    /// memory first; returns their names and devices, the first leading. With a shared
+    /// device, or `want` 1, this is [`DevicePool::place`].
+    pub fn place_group(
+        &self,
+        job: &JobId,
+        need: Option<u64>,
+        want: usize,
+    ) -> Result<Vec<(String, tunenet_ml::Device)>, String> {
+        if !self.exclusive || want <= 1 {
+            return self.place(job, need).map(|one| vec![one]);
+        }
+        let mut slots = self.lock();
+        let held: Vec<usize> = (0..slots.len())
+            .filter(|i| slots[*i].job.as_ref() == Some(job))
+            .collect();
+        if !held.is_empty() {
+            return Ok(held
+                .iter()
+                .map(|i| (slots[*i].name.clone(), slots[*i].device.clone()))
+                .collect());
+        }
+        let mut group = Vec::new();
+        while group.len() < want {
+            match pick(&slots, need) {
+                Ok(i) => {
+                    slots[i].job = Some(job.clone());
+                    group.push(i);
+                }
+                Err(e) if group.is_empty() => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok(group
+            .iter()
+            .map(|i| (slots[*i].name.clone(), slots[*i].device.clone()))
+            .collect())
+    }
+
     /// Frees `job`'s slot, if it holds one.
     pub fn release(&self, job: &JobId) {
         self.shared
@@ -160,7 +200,7 @@ impl DevicePool {
         }
     }
 
-    /// The slot `job` runs on.
+    /// The slot `job` runs on (`cuda:0+cuda:1` for a data-parallel group).
     pub fn slot_of(&self, job: &JobId) -> Option<String> {
         if !self.exclusive {
             let on = self
@@ -170,10 +210,13 @@ impl DevicePool {
                 .contains(job);
             return on.then(|| self.lock()[0].name.clone());
         }
-        self.lock()
+        let names: Vec<String> = self
+            .lock()
             .iter()
-            .find(|s| s.job.as_ref() == Some(job))
+            .filter(|s| s.job.as_ref() == Some(job))
             .map(|s| s.name.clone())
+            .collect();
+        (!names.is_empty()).then(|| names.join("+"))
     }
 
     /// Every slot: its name and the job on it.
@@ -183,6 +226,25 @@ impl DevicePool {
             .map(|s| (s.name.clone(), s.job.clone()))
             .collect()
     }
+}
+
+/// Opens each device a list names (`cpu`, `cpu:N` for a logical CPU device, `cuda:N`);
+/// the error names the config key and the entry that is wrong.
+pub fn parse_device_list(names: &[String], key: &str) -> Result<Vec<tunenet_ml::Device>, String> {
+    names
+        .iter()
+        .map(|name| {
+            if let Some(n) = name.strip_prefix("cpu:") {
+                n.parse::<u32>()
+                    .map(|_| tunenet_ml::Device::Cpu)
+                    .map_err(|_| {
+                        format!("`{key}`: `{name}`: a logical CPU device is `cpu` or `cpu:N`")
+                    })
+            } else {
+                tunenet_ml::parse_device(name).map_err(|e| format!("`{key}`: `{name}`: {e}"))
+            }
+        })
+        .collect()
 }
 
 /// The free slot with the most memory that fits `need` (unknown memory fits any need).
@@ -284,6 +346,28 @@ mod tests {
             "{e}"
         );
         assert!(pool.fits(Some(1 << 30)).is_ok());
+    }
+
+    #[test]
+    fn a_data_parallel_job_takes_a_group_of_free_slots() {
+        let pool = DevicePool::new(
+            &["cpu:0".into(), "cpu:1".into(), "cpu:2".into()],
+            "cpu",
+            &Inventory::default(),
+        )
+        .unwrap();
+        let g = pool.place_group(&job("dp"), None, 2).unwrap();
+        assert_eq!(g.len(), 2);
+        assert_eq!(pool.slot_of(&job("dp")).unwrap().split('+').count(), 2);
+        // Asking again keeps the same group.
+        assert_eq!(pool.place_group(&job("dp"), None, 2).unwrap().len(), 2);
+        // Only one slot is left: a second group job gets what is free.
+        assert_eq!(pool.place_group(&job("b"), None, 2).unwrap().len(), 1);
+        let e = pool.place_group(&job("c"), None, 2).unwrap_err();
+        assert!(e.contains("every device is busy"), "{e}");
+        pool.release(&job("dp"));
+        assert_eq!(pool.place_group(&job("c"), None, 4).unwrap().len(), 2);
+        assert_eq!(pool.slot_of(&job("dp")), None);
     }
 
     #[test]

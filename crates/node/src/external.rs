@@ -3,7 +3,8 @@
 //! docs/TRAINERS.md. The miner writes the job file and the training data, runs the program
 //! with the job file's path as its last argument, logs its output, stops it at the deadline
 //! less the commit margin (SIGTERM, then SIGKILL), and turns what it wrote into an
-//! artifact: a tunenet artifact, or a LoRA adapter in PEFT's layout. Anything else, a
+//! artifact: a tunenet artifact, a LoRA adapter in PEFT's layout, or full weights in
+//! Hugging Face layout (`save_pretrained`). Anything else, a
 //! non-zero exit or an overrun fails the job with the reason; the miner keeps serving.
 
 use crate::error::NodeError;
@@ -62,21 +63,59 @@ pub async fn run(
     work: &Path,
     base: &tunenet_ml::ModelDir,
 ) -> Result<Outcome, NodeError> {
+    let program = Program {
+        key: "training.command",
+        role: "trainer",
+        log_file: "trainer.log",
+        stop_by_unix_ms: job.stop_by_unix_ms,
+        deadline_unix_ms: job.deadline_unix_ms,
+        devices: &job.devices,
+    };
+    run_program(command, job, job_id, work, &program).await?;
+    collect(&job.output_dir, base, &job.hparams, work)
+}
+
+/// How one external program runs: what it is called in messages, its log, its stop time.
+pub struct Program<'a> {
+    /// The config key that names it, for errors.
+    pub key: &'a str,
+    /// "trainer", "inference program".
+    pub role: &'a str,
+    /// Its output's log file in the work directory.
+    pub log_file: &'a str,
+    /// SIGTERM at this time (Unix ms), SIGKILL a few seconds later.
+    pub stop_by_unix_ms: u64,
+    /// The validator's deadline (Unix ms): the grace before SIGKILL never passes it.
+    pub deadline_unix_ms: u64,
+    /// Its devices (`CUDA_VISIBLE_DEVICES` is set from the `cuda:N` ones).
+    pub devices: &'a [String],
+}
+
+/// Writes `job` as `job.json` in `work`, runs `command` with its path as the last
+/// argument, logs its output, stops it at the stop time; Ok when it exits 0 in time.
+pub async fn run_program<J: Serialize>(
+    command: &[String],
+    job: &J,
+    job_id: &JobId,
+    work: &Path,
+    spec: &Program<'_>,
+) -> Result<(), NodeError> {
     let other = |s: String| NodeError::Other(s);
+    let role = spec.role;
     let (program, args) = command
         .split_first()
-        .ok_or_else(|| other("`training.command` is empty".into()))?;
+        .ok_or_else(|| other(format!("`{}` is empty", spec.key)))?;
     let path = work.join("job.json");
     std::fs::write(
         &path,
         serde_json::to_vec_pretty(job).map_err(|e| other(format!("job file: {e}")))?,
     )
     .map_err(|e| other(format!("cannot write {}: {e}", path.display())))?;
-    let log_path = work.join("trainer.log");
+    let log_path = work.join(spec.log_file);
     let mut log = tokio::fs::File::create(&log_path)
         .await
         .map_err(|e| other(format!("cannot create {}: {e}", log_path.display())))?;
-    let visible: Vec<&str> = job
+    let visible: Vec<&str> = spec
         .devices
         .iter()
         .filter_map(|d| d.strip_prefix("cuda:"))
@@ -95,9 +134,9 @@ pub async fn run(
     }
     let mut child = cmd
         .spawn()
-        .map_err(|e| other(format!("cannot start the trainer `{program}`: {e}")))?;
+        .map_err(|e| other(format!("cannot start the {role} `{program}`: {e}")))?;
     let pid = child.id();
-    tracing::info!(%job_id, program = %program, pid, "external trainer started");
+    tracing::info!(%job_id, program = %program, pid, "external {role} started");
     // Both streams, line by line, into the job log and the miner's log.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(bool, String)>();
     for (is_err, stream) in [
@@ -127,7 +166,7 @@ pub async fn run(
     }
     drop(tx);
     let stop_in = Duration::from_millis(
-        job.stop_by_unix_ms
+        spec.stop_by_unix_ms
             .saturating_sub(tunenet_types::time::now_ms()),
     );
     let stop_at = tokio::time::Instant::now() + stop_in;
@@ -139,7 +178,7 @@ pub async fn run(
                 Some((is_err, l)) => {
                     use tokio::io::AsyncWriteExt;
                     let _ = log.write_all(format!("{}{l}\n", if is_err { "err: " } else { "" }).as_bytes()).await;
-                    tracing::info!(%job_id, stream = if is_err { "stderr" } else { "stdout" }, "trainer: {l}");
+                    tracing::info!(%job_id, stream = if is_err { "stderr" } else { "stdout" }, "{role}: {l}");
                     if is_err {
                         tail.push_back(l);
                         if tail.len() > TAIL {
@@ -149,7 +188,7 @@ pub async fn run(
                 }
                 None => streams_open = false,
             },
-            s = child.wait() => break s.map_err(|e| other(format!("waiting for the trainer: {e}")))?,
+            s = child.wait() => break s.map_err(|e| other(format!("waiting for the {role}: {e}")))?,
             _ = tokio::time::sleep_until(stop_at) => {
                 let started = Instant::now();
                 if let Some(pid) = pid {
@@ -160,14 +199,14 @@ pub async fn run(
                     }
                 }
                 let grace = GRACE.min(Duration::from_millis(
-                    job.deadline_unix_ms.saturating_sub(tunenet_types::time::now_ms()),
+                    spec.deadline_unix_ms.saturating_sub(tunenet_types::time::now_ms()),
                 ));
                 if tokio::time::timeout(grace, child.wait()).await.is_err() {
                     let _ = child.kill().await;
                 }
                 let _ = child.wait().await;
                 return Err(other(format!(
-                    "the trainer was still running at the deadline less the commit margin, so it was stopped (SIGTERM, then SIGKILL after {:.1} s); nothing it wrote is used",
+                    "the {role} was still running at the deadline less the commit margin, so it was stopped (SIGTERM, then SIGKILL after {:.1} s); nothing it wrote is used",
                     started.elapsed().as_secs_f64()
                 )));
             }
@@ -177,7 +216,7 @@ pub async fn run(
     while let Ok(Some((is_err, l))) =
         tokio::time::timeout(Duration::from_millis(200), rx.recv()).await
     {
-        tracing::info!(%job_id, stream = if is_err { "stderr" } else { "stdout" }, "trainer: {l}");
+        tracing::info!(%job_id, stream = if is_err { "stderr" } else { "stdout" }, "{role}: {l}");
         if is_err {
             tail.push_back(l);
             if tail.len() > TAIL {
@@ -188,7 +227,7 @@ pub async fn run(
     if !status.success() {
         let said: Vec<String> = tail.into_iter().collect();
         return Err(other(format!(
-            "the trainer exited with {status}{}",
+            "the {role} exited with {status}{}",
             if said.is_empty() {
                 String::new()
             } else {
@@ -196,7 +235,7 @@ pub async fn run(
             }
         )));
     }
-    collect(&job.output_dir, base, &job.hparams, work)
+    Ok(())
 }
 
 /// The artifact in `out`: a tunenet artifact (`artifact.safetensors`), or a PEFT adapter
@@ -217,6 +256,12 @@ fn collect(
         let a = tunenet_ml::import_peft_adapter(base, out, &work.join("imported"))
             .map_err(|e| other(format!("the trainer's PEFT adapter cannot be used: {e}")))?;
         (a, "a PEFT adapter".to_string())
+    } else if out.join(tunenet_ml::WEIGHTS_FILE).is_file()
+        || out.join(tunenet_ml::WEIGHTS_INDEX_FILE).is_file()
+    {
+        let a = tunenet_ml::import_full_weights(base, out, &work.join("imported"))
+            .map_err(|e| other(format!("the trainer's full weights cannot be used: {e}")))?;
+        (a, "full weights in Hugging Face layout".to_string())
     } else {
         let found: Vec<String> = std::fs::read_dir(out)
             .map(|d| {
@@ -226,10 +271,12 @@ fn collect(
             })
             .unwrap_or_default();
         return Err(other(format!(
-            "the trainer exited 0 but wrote neither {} nor a PEFT adapter ({} + {}) to {}; it holds: {}",
+            "the trainer exited 0 but wrote neither {}, a PEFT adapter ({} + {}) nor full weights ({} or {}) to {}; it holds: {}",
             tunenet_ml::ARTIFACT_FILE,
             tunenet_ml::PEFT_CONFIG_FILE,
             tunenet_ml::PEFT_WEIGHTS_FILE,
+            tunenet_ml::WEIGHTS_FILE,
+            tunenet_ml::WEIGHTS_INDEX_FILE,
             out.display(),
             if found.is_empty() {
                 "nothing".into()

@@ -16,7 +16,7 @@ use tunenet_engine::Evaluation;
 use tunenet_integrity::inference::{
     INFERENCE_FORMAT, InferenceSubmission, InferenceTolerance, check_inference, sample_items,
 };
-use tunenet_ml::{HellaSwagItem, ItemScore, ScoreOptions, ScoringModel};
+use tunenet_ml::{HellaSwagItem, HellaSwagScorer, ItemScore, ScoreOptions, ScoringModel};
 use tunenet_store::{BlobStore, Store, StoreExt, trees};
 use tunenet_types::{BlobId, CompetitionId, JobId, PeerIdStr};
 
@@ -36,6 +36,11 @@ pub struct InferenceConfig {
     /// through the dense matmuls, faster on CPUs than candle's quantised kernels, at four
     /// to eight times the memory.
     pub dequantize: bool,
+    /// Score with an external program instead (e.g. `["python3", "score.py"]`): it gets
+    /// the job file's path as its last argument and writes each item's ending
+    /// log-likelihoods to `logliks.jsonl` in the output directory (docs/TRAINERS.md).
+    /// Empty: tunenet's own scorer.
+    pub command: Vec<String>,
 }
 
 impl Default for InferenceConfig {
@@ -44,8 +49,127 @@ impl Default for InferenceConfig {
             quantize: "q8_0".into(),
             batch_tokens: tunenet_ml::DEFAULT_BATCH_TOKENS,
             dequantize: false,
+            command: Vec::new(),
         }
     }
+}
+
+/// File an external inference program writes in its output directory: one JSON object
+/// per line, `{"index": i, "logliks": [...]}` (other fields are ignored).
+pub const LOGLIKS_FILE: &str = "logliks.jsonl";
+
+/// The job file an external inference program reads.
+#[derive(Debug, Serialize)]
+pub struct InferenceJobFile {
+    /// Always 1 for this layout.
+    pub version: u32,
+    /// Always "inference".
+    pub kind: &'static str,
+    pub job_id: String,
+    /// The model directory, in Hugging Face layout.
+    pub model: std::path::PathBuf,
+    /// The items to score: HellaSwag-layout JSONL (activity_label, ctx_a, ctx_b, endings,
+    /// label), one per line; item `i` is line `i`.
+    pub items: std::path::PathBuf,
+    pub item_count: usize,
+    /// Where it writes `logliks.jsonl` (empty when it starts).
+    pub output_dir: std::path::PathBuf,
+    /// The validator's deadline for the commitment (Unix ms).
+    pub deadline_unix_ms: u64,
+    /// When it is sent SIGTERM if still running (Unix ms).
+    pub stop_by_unix_ms: u64,
+    /// Its devices (`CUDA_VISIBLE_DEVICES` is set to match).
+    pub devices: Vec<String>,
+    /// Whether the job accepts results from quantised weights; when false, the results
+    /// must match the dense model to within f32 noise.
+    pub allow_quantized: bool,
+}
+
+/// One line of `logliks.jsonl`.
+#[derive(Deserialize)]
+struct LoglikLine {
+    index: usize,
+    logliks: Vec<f64>,
+}
+
+/// Runs the configured external inference program on `items` and turns what it wrote
+/// into a submission: ending token and byte counts and the predictions are derived with
+/// the model's own tokenizer, as tunenet's scorer derives them.
+pub async fn run_external(
+    command: &[String],
+    job: &InferenceJobFile,
+    job_id: &JobId,
+    work: &Path,
+    items: &[HellaSwagItem],
+    started: Instant,
+) -> Result<InferenceSubmission, NodeError> {
+    let t0 = Instant::now();
+    let spec = crate::external::Program {
+        key: "inference.command",
+        role: "inference program",
+        log_file: "inference.log",
+        stop_by_unix_ms: job.stop_by_unix_ms,
+        deadline_unix_ms: job.deadline_unix_ms,
+        devices: &job.devices,
+    };
+    crate::external::run_program(command, job, job_id, work, &spec).await?;
+    let fail = |s: String| NodeError::Other(format!("the inference program's {LOGLIKS_FILE}: {s}"));
+    let path = job.output_dir.join(LOGLIKS_FILE);
+    let size = std::fs::metadata(&path)
+        .map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?
+        .len();
+    // Each line is an index and a few numbers: 1 KiB an item is generous.
+    let most = 1024 * items.len() as u64 + 4096;
+    if size > most {
+        return Err(fail(format!(
+            "{size} bytes for {} items (at most {most})",
+            items.len()
+        )));
+    }
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
+    let mut logliks = std::collections::BTreeMap::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let l: LoglikLine =
+            serde_json::from_str(line).map_err(|e| fail(format!("line {}: {e}", n + 1)))?;
+        if logliks.insert(l.index, l.logliks).is_some() {
+            return Err(fail(format!(
+                "line {}: item {} appears twice",
+                n + 1,
+                l.index
+            )));
+        }
+    }
+    let model = tunenet_ml::ModelDir::open(&job.model)?;
+    let scores = tunenet_ml::item_scores_from_logliks(&model, items, &logliks)
+        .map_err(|e| fail(e.to_string()))?;
+    let weights = format!(
+        "external: {}",
+        command.first().map(String::as_str).unwrap_or_default()
+    );
+    submission(items, scores, t0, started, weights)
+}
+
+/// The submission for `scores`, scored from `t0` (its throughput), reported from `started`.
+fn submission(
+    items: &[HellaSwagItem],
+    scores: Vec<ItemScore>,
+    t0: Instant,
+    started: Instant,
+    weights: String,
+) -> Result<InferenceSubmission, NodeError> {
+    let summary = tunenet_ml::hellaswag_summary(items, &scores, t0.elapsed().as_secs_f64())?;
+    Ok(InferenceSubmission {
+        format: INFERENCE_FORMAT.into(),
+        scores,
+        acc: summary.acc,
+        acc_norm: summary.acc_norm,
+        reported_secs: started.elapsed().as_secs_f64(),
+        weights,
+    })
 }
 
 /// Reads an inference shard (HellaSwag-layout JSONL), bounded.
@@ -67,15 +191,20 @@ pub fn parse_items(bytes: &[u8]) -> Result<Vec<HellaSwagItem>, NodeError> {
     Ok(items)
 }
 
-/// The scoring model a miner runs: the dense model, or (when `allow_quantized` and the
-/// config asks for it) the same weights quantised to GGUF in `work`.
+/// The scoring model a miner runs: the dense model (split over `devices` when there are
+/// several: tensor parallelism, for a model larger than one device), or (when
+/// `allow_quantized` and the config asks for it) the same weights quantised to GGUF in
+/// `work`, on the first device.
 pub fn scoring_model(
     model_dir: &Path,
     allow_quantized: bool,
     cfg: &InferenceConfig,
     work: &Path,
-    device: &tunenet_ml::Device,
-) -> Result<ScoringModel, NodeError> {
+    devices: &[tunenet_ml::Device],
+) -> Result<Box<dyn HellaSwagScorer + Send + Sync>, NodeError> {
+    let Some(device) = devices.first() else {
+        return Err(NodeError::Other("an inference job needs a device".into()));
+    };
     let model = tunenet_ml::ModelDir::open(model_dir)?;
     if allow_quantized && cfg.quantize != "none" && !cfg.quantize.is_empty() {
         std::fs::create_dir_all(work)
@@ -84,7 +213,7 @@ pub fn scoring_model(
         if !gguf.exists() {
             tunenet_ml::export_gguf_quantized(&model, &gguf, "llama", &cfg.quantize)?;
         }
-        return Ok(ScoringModel::load_gguf(
+        return Ok(Box::new(ScoringModel::load_gguf(
             &gguf,
             device,
             if cfg.dequantize {
@@ -92,15 +221,24 @@ pub fn scoring_model(
             } else {
                 tunenet_ml::GgufWeights::Quantized
             },
-        )?);
+        )?));
+    }
+    if devices.len() > 1 {
+        return Ok(Box::new(tunenet_ml::TensorParallelLm::load(
+            &model,
+            None,
+            tunenet_ml::WeightDtype::F32,
+            devices,
+            None,
+        )?));
     }
     let lm = tunenet_ml::CausalLm::load(&model, None, tunenet_ml::WeightDtype::F32, device)?;
-    Ok(ScoringModel::from_causal_lm(&lm)?)
+    Ok(Box::new(ScoringModel::from_causal_lm(&lm)?))
 }
 
 /// Scores every item; returns the submission (its `reported_secs` counts from `started`).
 pub fn run(
-    scorer: &ScoringModel,
+    scorer: &dyn HellaSwagScorer,
     items: &[HellaSwagItem],
     batch_tokens: usize,
     started: Instant,
@@ -112,15 +250,7 @@ pub fn run(
     };
     let t0 = Instant::now();
     let scores = tunenet_ml::score_items(scorer, items, &opts, &mut |p| progress(p.done, p.total))?;
-    let summary = tunenet_ml::hellaswag_summary(items, &scores, t0.elapsed().as_secs_f64())?;
-    Ok(InferenceSubmission {
-        format: INFERENCE_FORMAT.into(),
-        scores,
-        acc: summary.acc,
-        acc_norm: summary.acc_norm,
-        reported_secs: started.elapsed().as_secs_f64(),
-        weights: tunenet_ml::HellaSwagScorer::describe(scorer),
-    })
+    submission(items, scores, t0, started, scorer.describe())
 }
 
 /// The validator's reference: every item scored with the dense model.

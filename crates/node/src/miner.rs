@@ -125,6 +125,8 @@ struct Ctx {
     tx: mpsc::Sender<Cmd>,
     training: TrainingConfig,
     devices: Arc<crate::devices::DevicePool>,
+    /// Slots a training job takes (data-parallel beyond 1).
+    devices_per_job: usize,
     work: PathBuf,
     models: PathBuf,
 }
@@ -226,21 +228,51 @@ impl Ctx {
         let (tx, blobs, transport) = (self.tx.clone(), self.blobs.clone(), self.transport.clone());
         let (cfg, pool) = (self.inference.clone(), self.devices.clone());
         let (work, models_root) = (self.work.join(a.job_id.as_str()), self.models.clone());
+        let per_job = self.devices_per_job;
+        let margin_ms = (self.training.commit_margin_secs.max(0.0) * 1000.0) as u64;
         tokio::spawn(async move {
             let job_id = a.job_id.clone();
             let result = async {
-                let (slot, device) = pool.place(&job_id, None).map_err(NodeError::Other)?;
-                tracing::info!(job_id = %job_id, device = %slot, "inference job placed");
+                // A group of devices splits the dense model over them (tensor parallelism).
+                let group = pool.place_group(&job_id, None, per_job).map_err(NodeError::Other)?;
+                let slots: Vec<String> = group.iter().map(|g| g.0.clone()).collect();
+                let devices: Vec<tunenet_ml::Device> = group.into_iter().map(|g| g.1).collect();
+                tracing::info!(job_id = %job_id, device = %slots.join("+"), "inference job placed");
                 let (model_dir, bytes) =
                     Self::fetch_model(&transport, &blobs, &reply_to, a.base_model, &models_root).await?;
                 transport.fetch_blob(&blobs, &reply_to, a.train_shard, MAX_SHARD).await?;
                 let items = crate::inference::parse_items(&blobs.get(&a.train_shard)?)?;
                 tracing::info!(job_id = %a.job_id, model_bytes = bytes, items = items.len(), "fetched model and inference shard");
                 let (progress_tx, job) = (tx.clone(), a.job_id.clone());
-                let submission = tokio::task::spawn_blocking(move || {
-                    let scorer = crate::inference::scoring_model(&model_dir, terms.allow_quantized, &cfg, &work, &device)?;
+                let submission = if !cfg.command.is_empty() {
+                    // The miner's own inference program.
+                    let output = work.join("output");
+                    let _ = std::fs::remove_dir_all(&output);
+                    std::fs::create_dir_all(&output)
+                        .map_err(|e| NodeError::Other(format!("cannot create {}: {e}", output.display())))?;
+                    let items_path = work.join("items.jsonl");
+                    std::fs::write(&items_path, blobs.get(&a.train_shard)?)
+                        .map_err(|e| NodeError::Other(format!("cannot write {}: {e}", items_path.display())))?;
+                    let abs = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+                    let file = crate::inference::InferenceJobFile {
+                        version: 1,
+                        kind: "inference",
+                        job_id: a.job_id.to_string(),
+                        model: abs(&model_dir),
+                        items: abs(&items_path),
+                        item_count: items.len(),
+                        output_dir: abs(&output),
+                        deadline_unix_ms: a.deadline_ms,
+                        stop_by_unix_ms: a.deadline_ms.saturating_sub(margin_ms),
+                        devices: slots.clone(),
+                        allow_quantized: terms.allow_quantized,
+                    };
+                    crate::inference::run_external(&cfg.command, &file, &a.job_id, &work, &items, started).await?
+                } else {
+                tokio::task::spawn_blocking(move || {
+                    let scorer = crate::inference::scoring_model(&model_dir, terms.allow_quantized, &cfg, &work, &devices)?;
                     let mut last = Instant::now();
-                    crate::inference::run(&scorer, &items, cfg.batch_tokens, started, &mut |done, total| {
+                    crate::inference::run(scorer.as_ref(), &items, cfg.batch_tokens, started, &mut |done, total| {
                         if last.elapsed() >= Duration::from_millis(500) || done == total {
                             last = Instant::now();
                             let _ = progress_tx.try_send(Cmd::Input(MinerInput::Progress {
@@ -252,7 +284,8 @@ impl Ctx {
                     })
                 })
                 .await
-                .map_err(|e| NodeError::Other(format!("inference thread: {e}")))??;
+                .map_err(|e| NodeError::Other(format!("inference thread: {e}")))??
+                };
                 let bytes = serde_json::to_vec(&submission)
                     .map_err(|e| NodeError::Other(format!("cannot encode results: {e}")))?;
                 let id = blobs.put(&bytes)?;
@@ -278,6 +311,7 @@ impl Ctx {
         let out = self.work.join(a.job_id.as_str());
         let models_root = self.models.clone();
         let training = self.training.clone();
+        let per_job = self.devices_per_job;
         tokio::spawn(async move {
             let job_id = a.job_id.clone();
             let result = async {
@@ -294,11 +328,15 @@ impl Ctx {
                         .filter_map(|i| shard.get(i).cloned())
                         .collect();
                 // The free device with the most memory the job's estimate fits.
+                // The free devices with the most memory the job's estimate fits: one, or a
+                // data-parallel group of up to `devices_per_job`.
                 let need = model_dir_need(&model_dir, &cfg, &pool);
-                let (slot, device) = pool.place(&job_id, need).map_err(NodeError::Other)?;
-                tracing::info!(job_id = %job_id, device = %slot, "training placed");
+                let group = pool.place_group(&job_id, need, per_job).map_err(NodeError::Other)?;
+                let slots: Vec<String> = group.iter().map(|g| g.0.clone()).collect();
+                let devices: Vec<tunenet_ml::Device> = group.into_iter().map(|g| g.1).collect();
+                tracing::info!(job_id = %job_id, device = %slots.join("+"), "training placed");
                 if !training.command.is_empty() {
-                    return external_training(&training, &a, &records, &model_dir, &out, &slot, &blobs).await;
+                    return external_training(&training, &a, &records, &model_dir, &out, &slots, &blobs).await;
                 }
                 // The deadline is wall-clock; the trainer plans on a monotonic clock.
                 let left = a.deadline_ms.saturating_sub(now_ms());
@@ -320,7 +358,9 @@ impl Ctx {
                             }));
                         }
                     };
-                    tunenet_ml::train(&model, &records, &cfg, Some(deadline), margin, &device, &cancel, &mut progress, &out)
+                    let targets: Vec<String> =
+                        tunenet_ml::DEFAULT_LORA_TARGETS.iter().map(|t| t.to_string()).collect();
+                    tunenet_ml::train_data_parallel(&model, &records, &cfg, &targets, Some(deadline), margin, &devices, None, &cancel, &mut progress, &out)
                         .map_err(NodeError::from)
                 })
                 .await
@@ -350,7 +390,7 @@ async fn external_training(
     records: &[tunenet_ml::Record],
     model_dir: &std::path::Path,
     work: &std::path::Path,
-    slot: &str,
+    slots: &[String],
     blobs: &BlobStore,
 ) -> Result<(BlobId, u64), NodeError> {
     let output = work.join("output");
@@ -373,7 +413,7 @@ async fn external_training(
         output_dir: std::fs::canonicalize(&output).unwrap_or(output),
         deadline_unix_ms: a.deadline_ms,
         stop_by_unix_ms: a.deadline_ms.saturating_sub(margin_ms),
-        devices: vec![slot.to_string()],
+        devices: slots.to_vec(),
         hparams: a.hparams.clone(),
         suggested: training.clone(),
     };
@@ -485,12 +525,20 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
             .map_err(NodeError::Other)?,
     );
     let mut policy = cfg.policy.clone();
-    if pool.exclusive() && policy.max_concurrent_jobs as usize > pool.len() {
+    let per_job = if pool.exclusive() {
+        cfg.devices_per_job
+            .resolve(pool.len(), policy.max_concurrent_jobs as usize)
+    } else {
+        1
+    };
+    let most = (pool.len() / per_job).max(1);
+    if pool.exclusive() && policy.max_concurrent_jobs as usize > most {
         tracing::info!(
             slots = pool.len(),
-            "max_concurrent_jobs capped at the number of device slots"
+            devices_per_job = per_job,
+            "max_concurrent_jobs capped at the device slots divided by the devices per job"
         );
-        policy.max_concurrent_jobs = pool.len() as u32;
+        policy.max_concurrent_jobs = most as u32;
     }
     tracing::info!(slots = ?pool.slots().iter().map(|s| s.0.clone()).collect::<Vec<_>>(), "device slots");
     let shared = Arc::new(Shared {
@@ -554,6 +602,7 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
         tx: tx.clone(),
         training: cfg.training.clone(),
         devices: pool.clone(),
+        devices_per_job: per_job,
         work: cfg.data_dir.join("work"),
         models: cfg.data_dir.join("models"),
     };

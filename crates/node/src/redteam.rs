@@ -643,7 +643,7 @@ fn run_one(
                                 &bounds,
                                 &integrity,
                                 64,
-                                &Device::Cpu,
+                                &[Device::Cpu],
                             )
                             .map(|(ev, checks)| {
                                 report.check_secs += checks;

@@ -1302,7 +1302,16 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
     cfg.hardware
         .validate()
         .map_err(|e| NodeError::Other(e.to_string()))?;
-    let evals = spawn_evaluator(&cfg, &blobs, device, tx.clone())?;
+    let eval_devices = match cfg.eval_devices.as_slice() {
+        [] => vec![device],
+        names => {
+            crate::devices::parse_device_list(names, "eval_devices").map_err(NodeError::Other)?
+        }
+    };
+    if eval_devices.len() > 1 {
+        tracing::info!(devices = ?cfg.eval_devices, "evaluations are split over several devices");
+    }
+    let evals = spawn_evaluator(&cfg, &blobs, eval_devices, tx.clone())?;
     let done = tx.clone();
     let inference_evals =
         crate::inference::spawn_evaluator(blobs.clone(), move |job_id, miner, result| {
@@ -1479,7 +1488,7 @@ pub fn evaluate_submission(
     bounds: &tunenet_types::HparamBounds,
     integrity: &tunenet_types::IntegritySettings,
     max_seq_len: usize,
-    device: &tunenet_ml::Device,
+    devices: &[tunenet_ml::Device],
 ) -> Result<(Evaluation, f64), String> {
     let t0 = std::time::Instant::now();
     let (mut verdicts, sketch) = if integrity.enabled {
@@ -1548,7 +1557,7 @@ pub fn evaluate_submission(
             .iter()
             .filter_map(|k| sets.probe_record(*k).cloned())
             .collect();
-        let base = tunenet_ml::record_losses(model, None, &recs, max_seq_len, 8, device)
+        let base = tunenet_ml::record_losses_on(model, None, &recs, max_seq_len, 8, devices)
             .map_err(|e| e.to_string())?;
         for (k, l) in missing.iter().zip(base.losses) {
             sets.base_losses.insert(*k, l);
@@ -1562,7 +1571,7 @@ pub fn evaluate_submission(
     }
     let n_scored = records.len();
     records.extend(keys.iter().filter_map(|k| sets.probe_record(*k).cloned()));
-    let r = tunenet_ml::record_losses(model, Some(artifact), &records, max_seq_len, 8, device)
+    let r = tunenet_ml::record_losses_on(model, Some(artifact), &records, max_seq_len, 8, devices)
         .map_err(|e| e.to_string())?;
     let test_loss = r.mean_over(0..n_test).ok_or_else(|| {
         format!("no scorable tokens among the {n_test} test records: every record is empty or its response was truncated away")
@@ -1656,7 +1665,7 @@ pub fn evaluate_submission(
 fn spawn_evaluator(
     cfg: &ValidatorConfig,
     blobs: &BlobStore,
-    device: tunenet_ml::Device,
+    devices: Vec<tunenet_ml::Device>,
     tx: mpsc::Sender<Cmd>,
 ) -> Result<std::sync::mpsc::Sender<EvalRequest>, NodeError> {
     let models_root = cfg.data_dir.join("models");
@@ -1721,7 +1730,7 @@ fn spawn_evaluator(
                     let path = blobs.path(&req.artifact);
                     let t0 = std::time::Instant::now();
                     let binding = req.nonce.as_ref().map(|nonce| Binding { nonce, job: &req.job_id, miner: &req.miner });
-                    let (ev, checks) = evaluate_submission(&model, &path, sets, binding, &req.bounds, &req.integrity, req.max_seq_len, &device)?;
+                    let (ev, checks) = evaluate_submission(&model, &path, sets, binding, &req.bounds, &req.integrity, req.max_seq_len, &devices)?;
                     metrics::histogram!("tunenet_evaluation_seconds").record(t0.elapsed().as_secs_f64());
                     metrics::histogram!("tunenet_integrity_seconds").record(checks);
                     tracing::info!(competition = %req.comp, job_id = %req.job_id, miner = %req.miner, loss = ?ev.test_loss, synthetic_loss = ?ev.synthetic_loss, secs = t0.elapsed().as_secs_f64(), check_secs = checks, "evaluated");

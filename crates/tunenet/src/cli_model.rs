@@ -147,6 +147,10 @@ pub struct TrainArgs {
     /// `cpu` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Train data-parallel over these devices (comma-separated, e.g. `cuda:0,cuda:1`;
+    /// `cpu:N` names a logical CPU device); overrides --device.
+    #[arg(long, value_delimiter = ',')]
+    devices: Vec<String>,
     /// LoRA target modules, comma-separated (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).
     #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
     targets: Vec<String>,
@@ -202,6 +206,28 @@ pub struct EvalArgs {
     /// `cpu` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Split the model over these devices (tensor parallelism, for a model larger than
+    /// one device; comma-separated, e.g. `cuda:0,cuda:1`); overrides --device.
+    #[arg(long, value_delimiter = ',')]
+    devices: Vec<String>,
+}
+
+/// The devices `--devices` names (`cpu:N` is a logical CPU device), else `--device`.
+fn devices_of(device: &str, devices: &[String]) -> anyhow::Result<Vec<tunenet_ml::Device>> {
+    if devices.is_empty() {
+        return Ok(vec![tunenet_ml::parse_device(device)?]);
+    }
+    devices
+        .iter()
+        .map(|d| match d.trim().strip_prefix("cpu:") {
+            Some(n) => {
+                n.parse::<u32>()
+                    .with_context(|| format!("--devices: `{d}`: a logical CPU device is cpu:N"))?;
+                Ok(tunenet_ml::Device::Cpu)
+            }
+            None => Ok(tunenet_ml::parse_device(d)?),
+        })
+        .collect()
 }
 
 #[derive(Subcommand)]
@@ -373,7 +399,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         checkpoint_every_steps: a.checkpoint_every,
         ..Default::default()
     };
-    let device = tunenet_ml::parse_device(&a.device)?;
+    let devices = devices_of(&a.device, &a.devices)?;
     let model = tunenet_ml::ModelDir::open(&a.model)?;
     let records = tunenet_ml::load_jsonl(&a.data)?;
     let deadline = a
@@ -396,14 +422,15 @@ pub fn train(a: TrainArgs) -> Result<()> {
             );
         }
     };
-    let r = tunenet_ml::train_with_targets(
+    let r = tunenet_ml::train_data_parallel(
         &model,
         &records,
         &cfg,
         &a.targets,
         deadline,
         Duration::from_millis(500),
-        &device,
+        &devices,
+        None,
         &cancel,
         &mut progress,
         &a.out,
@@ -547,16 +574,16 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let (Some(model), Some(data)) = (a.model, a.data) else {
         bail!("eval needs --model and --data (or a subcommand such as `eval hellaswag`)");
     };
-    let device = tunenet_ml::parse_device(&a.device)?;
+    let devices = devices_of(&a.device, &a.devices)?;
     let model = tunenet_ml::ModelDir::open(&model)?;
     let records = tunenet_ml::load_jsonl(&data)?;
-    let r = tunenet_ml::evaluate(
+    let r = tunenet_ml::evaluate_on(
         &model,
         a.artifact.as_deref(),
         &records,
         a.max_seq_len,
         a.batch_size,
-        &device,
+        &devices,
     )?;
     println!(
         "mean token loss {:.4} over {} tokens in {} records ({:.1} s)",
