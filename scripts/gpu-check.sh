@@ -17,8 +17,8 @@
 # Environment: TUNENET_CACHE (default ~/.cache/tunenet) holds the venv and the target dir;
 # CUDA_COMPUTE_CAP overrides the capability found; GPU_CHECK_N (default 8192) is the
 # benchmark's matrix side; SKIP_SMOLLM2=1 benchmarks the tiny model only; GPU_CHECK_FEATURES
-# (default "cuda", and "cuda,nccl" on a box with several GPUs where NCCL can be had: the
-# PyPI toolkit brings it, or the system has libnccl) sets the features.
+# (default "cuda,nccl" where NCCL can be had: the PyPI toolkit brings it, or the system
+# has libnccl; "cuda" otherwise) sets the features.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cache="${TUNENET_CACHE:-$HOME/.cache/tunenet}"
@@ -40,8 +40,9 @@ if [ "$gpus" -eq 0 ]; then
   exit 2
 fi
 if [ -z "$features" ]; then
+  # NCCL comes with the PyPI toolkit below; with a system toolkit, only if libnccl is there.
   features=cuda
-  if [ "$gpus" -gt 1 ] && { ! command -v nvcc >/dev/null 2>&1 || ldconfig -p 2>/dev/null | grep -q libnccl; }; then
+  if ! command -v nvcc >/dev/null 2>&1 || ldconfig -p 2>/dev/null | grep -q libnccl; then
     features=cuda,nccl
   fi
 fi

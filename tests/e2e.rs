@@ -1409,7 +1409,7 @@ async fn inference_cheats_are_caught_with_the_reason() {
     std::fs::write(
         &vconf,
         format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n[[competitions]]\nid = \"inf\"\nkind = \"inference\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 1\nminers_per_job = 8\nmin_miners = 8\ntime_budget_secs = 30\nreveal_window_secs = 30\n[competitions.inference]\nallow_quantized = false\n",
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\neval_devices = [\"cpu:0\", \"cpu:1\"]\nminers = [{}]\n[[competitions]]\nid = \"inf\"\nkind = \"inference\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 1\nminers_per_job = 8\nmin_miners = 8\ntime_budget_secs = 30\nreveal_window_secs = 30\n[competitions.inference]\nallow_quantized = false\n",
             root.join("v"),
             miners.join(", ")
         ),
@@ -1523,7 +1523,8 @@ async fn inference_cheats_are_caught_with_the_reason() {
         }
     }
     // The honest miners (dense weights, as the job requires; one through its own
-    // program) pass every check, the dense-only log-likelihood tolerance included.
+    // program) pass every check, the dense-only log-likelihood tolerance included, against
+    // a reference the validator computed with the model split over two devices.
     let honest: Vec<String> = lb
         .rows
         .iter()
@@ -1550,6 +1551,11 @@ async fn inference_cheats_are_caught_with_the_reason() {
         external.log().contains("external: sh"),
         "{}",
         external.log()
+    );
+    assert!(
+        validator.log().contains("split over several devices"),
+        "{}",
+        validator.log()
     );
 }
 

@@ -2193,25 +2193,45 @@ fn a_device_lost_mid_run_fails_the_run_and_hangs_nothing() {
             fail_at,
         };
         let t0 = Instant::now();
-        let err = train_data_parallel(
-            &model,
-            &records,
-            &lora_cfg(20),
-            &targets,
-            None,
-            Duration::ZERO,
-            &[Device::Cpu, Device::Cpu, Device::Cpu],
-            Some(std::sync::Arc::new(flaky)),
-            &AtomicBool::new(false),
-            &mut |_| {},
-            &dir.path().join(format!("dp{fail_rank}-{fail_at}")),
-        )
-        .unwrap_err()
-        .to_string();
+        // Another job on two other devices trains through it undisturbed.
+        let (err, other) = std::thread::scope(|s| {
+            let other = s.spawn(|| {
+                train_data_parallel(
+                    &model,
+                    &records,
+                    &lora_cfg(8),
+                    &targets,
+                    None,
+                    Duration::ZERO,
+                    &[Device::Cpu, Device::Cpu],
+                    None,
+                    &AtomicBool::new(false),
+                    &mut |_| {},
+                    &dir.path().join(format!("other{fail_rank}-{fail_at}")),
+                )
+            });
+            let err = train_data_parallel(
+                &model,
+                &records,
+                &lora_cfg(20),
+                &targets,
+                None,
+                Duration::ZERO,
+                &[Device::Cpu, Device::Cpu, Device::Cpu],
+                Some(std::sync::Arc::new(flaky)),
+                &AtomicBool::new(false),
+                &mut |_| {},
+                &dir.path().join(format!("dp{fail_rank}-{fail_at}")),
+            )
+            .unwrap_err()
+            .to_string();
+            (err, other.join().unwrap())
+        });
         assert!(
             err.contains("device lost") || err.contains("another rank of the group failed"),
             "rank {fail_rank} at call {fail_at}: {err}"
         );
+        assert_eq!(other.expect("the other job").steps, 8);
         assert!(t0.elapsed() < Duration::from_secs(60));
     }
     let flaky = Flaky {

@@ -228,12 +228,14 @@ impl ConsoleService for Console {
         }
         let blobs = self.shared.blobs.clone();
         let reply_to = self.shared.reply_to.clone();
+        let devices = self.shared.eval_devices.clone();
         let c2 = cfg.clone();
-        let mut record =
-            tokio::task::spawn_blocking(move || prepare(store.as_ref(), &blobs, &c2, &reply_to))
-                .await
-                .map_err(internal)?
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut record = tokio::task::spawn_blocking(move || {
+            prepare(store.as_ref(), &blobs, &c2, &reply_to, &devices)
+        })
+        .await
+        .map_err(internal)?
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
         record.state = CompState::Created;
         self.shared
             .store

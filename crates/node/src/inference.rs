@@ -253,17 +253,30 @@ pub fn run(
     submission(items, scores, t0, started, scorer.describe())
 }
 
-/// The validator's reference: every item scored with the dense model.
+/// The validator's reference: every item scored with the dense model, whole on one
+/// device or split over several (tensor parallelism, for a model larger than one).
 pub fn reference(
     model_dir: &Path,
     items: &[HellaSwagItem],
-    device: &tunenet_ml::Device,
+    devices: &[tunenet_ml::Device],
 ) -> Result<Vec<ItemScore>, NodeError> {
     let model = tunenet_ml::ModelDir::open(model_dir)?;
-    let lm = tunenet_ml::CausalLm::load(&model, None, tunenet_ml::WeightDtype::F32, device)?;
-    let scorer = ScoringModel::from_causal_lm(&lm)?;
+    let scorer: Box<dyn HellaSwagScorer> = match devices {
+        [] => return Err(NodeError::Other("the reference needs a device".into())),
+        [one] => {
+            let lm = tunenet_ml::CausalLm::load(&model, None, tunenet_ml::WeightDtype::F32, one)?;
+            Box::new(ScoringModel::from_causal_lm(&lm)?)
+        }
+        many => Box::new(tunenet_ml::TensorParallelLm::load(
+            &model,
+            None,
+            tunenet_ml::WeightDtype::F32,
+            many,
+            None,
+        )?),
+    };
     Ok(tunenet_ml::score_items(
-        &scorer,
+        scorer.as_ref(),
         items,
         &ScoreOptions::default(),
         &mut |_| {},
@@ -334,6 +347,7 @@ pub fn prepare(
     blobs: &BlobStore,
     cfg: &CompetitionConfig,
     reply_to: &str,
+    devices: &[tunenet_ml::Device],
 ) -> Result<CompetitionRecord, NodeError> {
     let fail = |reason: String| NodeError::Competition {
         competition: cfg.id.clone(),
@@ -406,7 +420,7 @@ pub fn prepare(
         }
         let shard_blob = blobs.put(&shard)?;
         public_blobs.push(shard_blob);
-        let scores = self::reference(&cfg.base_model, chunk, &tunenet_ml::Device::Cpu)
+        let scores = self::reference(&cfg.base_model, chunk, devices)
             .map_err(|e| fail(format!("reference scoring: {e}")))?;
         reference.shards.push((shard_blob, scores));
         jobs.push(crate::validator::job_plan(
@@ -544,7 +558,7 @@ mod tests {
         ] {
             cfg.inference = InferenceTolerance::default();
             set(&mut cfg.inference);
-            let e = prepare(&store, &blobs, &cfg, "http://v")
+            let e = prepare(&store, &blobs, &cfg, "http://v", &[tunenet_ml::Device::Cpu])
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(key), "{key}: {e}");

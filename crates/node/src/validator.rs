@@ -226,6 +226,7 @@ pub fn prepare(
     blobs: &BlobStore,
     cfg: &CompetitionConfig,
     reply_to: &str,
+    devices: &[tunenet_ml::Device],
 ) -> Result<CompetitionRecord, NodeError> {
     cfg.validate()?;
     if let Some(rec) = store.get_json::<CompetitionRecord>(trees::COMPETITIONS, &cfg.id)? {
@@ -235,7 +236,7 @@ pub fn prepare(
         return Ok(rec);
     }
     if cfg.kind == tunenet_types::JobKind::Inference {
-        return crate::inference::prepare(store, blobs, cfg, reply_to);
+        return crate::inference::prepare(store, blobs, cfg, reply_to, devices);
     }
     let fail = |reason: String| NodeError::Competition {
         competition: cfg.id.clone(),
@@ -372,6 +373,8 @@ pub(crate) struct Shared {
     pub(crate) public: RwLock<HashSet<BlobId>>,
     pub(crate) events: tokio::sync::broadcast::Sender<Event>,
     pub(crate) reply_to: String,
+    /// Where evaluations and inference references run (one device, or a split).
+    pub(crate) eval_devices: Vec<tunenet_ml::Device>,
 }
 
 /// One line of the live feed.
@@ -1204,10 +1207,27 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
     )
     .await?;
     let reply_to = cfg.reply_to();
+    // Evaluations (and inference references) run whole on `device`, or split over
+    // `eval_devices`.
+    let eval_devices = match cfg.eval_devices.as_slice() {
+        [] => vec![device],
+        names => {
+            crate::devices::parse_device_list(names, "eval_devices").map_err(NodeError::Other)?
+        }
+    };
+    if eval_devices.len() > 1 {
+        tracing::info!(devices = ?cfg.eval_devices, "evaluations are split over several devices");
+    }
     // Config competitions are prepared first so a bad spec stops the daemon before it serves.
     let mut records = Vec::new();
     for cc in &cfg.competitions {
-        records.push(prepare(store.as_ref(), &blobs, cc, &reply_to)?);
+        records.push(prepare(
+            store.as_ref(),
+            &blobs,
+            cc,
+            &reply_to,
+            &eval_devices,
+        )?);
     }
     // Competitions created from the console live only in the store.
     for (id, rec) in store.scan_json::<CompetitionRecord>(trees::COMPETITIONS, "")? {
@@ -1233,6 +1253,7 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
         public: RwLock::new(HashSet::new()),
         events,
         reply_to: reply_to.clone(),
+        eval_devices: eval_devices.clone(),
     });
     let mut builder = tonic::transport::Server::builder();
     match (&cfg.tls_cert, &cfg.tls_key) {
@@ -1302,16 +1323,7 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
     cfg.hardware
         .validate()
         .map_err(|e| NodeError::Other(e.to_string()))?;
-    let eval_devices = match cfg.eval_devices.as_slice() {
-        [] => vec![device],
-        names => {
-            crate::devices::parse_device_list(names, "eval_devices").map_err(NodeError::Other)?
-        }
-    };
-    if eval_devices.len() > 1 {
-        tracing::info!(devices = ?cfg.eval_devices, "evaluations are split over several devices");
-    }
-    let evals = spawn_evaluator(&cfg, &blobs, eval_devices, tx.clone())?;
+    let evals = spawn_evaluator(&cfg, &blobs, eval_devices.clone(), tx.clone())?;
     let done = tx.clone();
     let inference_evals =
         crate::inference::spawn_evaluator(blobs.clone(), move |job_id, miner, result| {
