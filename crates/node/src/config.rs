@@ -147,10 +147,12 @@ pub struct MinerConfig {
     /// `policy.max_concurrent_jobs` is capped at the number of slots. Empty: `device`.
     pub devices: Vec<String>,
     /// Device slots one training job takes at once, for data-parallel training: a number
-    /// (1: one device per job), or `"auto"`: the slots shared out among
-    /// `policy.max_concurrent_jobs` jobs (4 GPUs and 1 job at a time: 4-way; 2 jobs: 2-way
-    /// each). A job takes what is free, at least one slot; `max_concurrent_jobs` is capped
-    /// at the slots divided by this. Ignored with a single shared `device`.
+    /// (1: one device per job), or `"auto"`: as many as the job's time budget needs, judged
+    /// from the throughput this miner measured on its last run of the same base model, up
+    /// to the slots shared out among `policy.max_concurrent_jobs` jobs (4 GPUs and 1 job
+    /// at a time: up to 4; 2 jobs: up to 2 each; every one of those before any run). A job
+    /// takes what is free, at least one slot; `max_concurrent_jobs` is capped at the slots
+    /// divided by the most a job takes. Ignored with a single shared `device`.
     pub devices_per_job: DevicesPerJob,
     /// Serve Prometheus metrics here (host:port); off when absent.
     pub metrics_listen: Option<String>,

@@ -228,6 +228,30 @@ impl DevicePool {
     }
 }
 
+/// What one training run on a base model showed: tokens per optimiser step and tokens per
+/// second per device (a data-parallel run's throughput divided by its devices).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Throughput {
+    pub tokens_per_step: f64,
+    pub tokens_per_sec_per_device: f64,
+}
+
+/// Devices a job of `steps` optimiser steps needs to finish within `secs`, at `seen`
+/// (the last run on the same base model; scaling taken as linear in the devices), between
+/// 1 and `most`. With nothing seen yet, `most`: an unknown job gets every device it may.
+pub fn devices_for_budget(steps: usize, seen: Option<Throughput>, secs: f64, most: usize) -> usize {
+    let most = most.max(1);
+    let Some(t) = seen else { return most };
+    if !(t.tokens_per_sec_per_device > 0.0 && t.tokens_per_step > 0.0) {
+        return most;
+    }
+    if secs <= 0.0 {
+        return most;
+    }
+    let one_device_secs = steps as f64 * t.tokens_per_step / t.tokens_per_sec_per_device;
+    ((one_device_secs / secs).ceil() as usize).clamp(1, most)
+}
+
 /// Opens each device a list names (`cpu`, `cpu:N` for a logical CPU device, `cuda:N`);
 /// the error names the config key and the entry that is wrong.
 pub fn parse_device_list(names: &[String], key: &str) -> Result<Vec<tunenet_ml::Device>, String> {
@@ -368,6 +392,29 @@ mod tests {
         pool.release(&job("dp"));
         assert_eq!(pool.place_group(&job("c"), None, 4).unwrap().len(), 2);
         assert_eq!(pool.slot_of(&job("dp")), None);
+    }
+
+    #[test]
+    fn a_job_takes_as_many_devices_as_its_budget_needs() {
+        let seen = Some(Throughput {
+            tokens_per_step: 1000.0,
+            tokens_per_sec_per_device: 500.0,
+        });
+        // 100 steps at 2 s a step on one device: 200 s.
+        assert_eq!(devices_for_budget(100, seen, 250.0, 4), 1);
+        assert_eq!(devices_for_budget(100, seen, 120.0, 4), 2);
+        assert_eq!(devices_for_budget(100, seen, 60.0, 4), 4);
+        assert_eq!(
+            devices_for_budget(100, seen, 10.0, 4),
+            4,
+            "never more than allowed"
+        );
+        assert_eq!(
+            devices_for_budget(100, None, 250.0, 3),
+            3,
+            "unknown: all it may"
+        );
+        assert_eq!(devices_for_budget(100, seen, 0.0, 2), 2);
     }
 
     #[test]

@@ -125,8 +125,13 @@ struct Ctx {
     tx: mpsc::Sender<Cmd>,
     training: TrainingConfig,
     devices: Arc<crate::devices::DevicePool>,
-    /// Slots a training job takes (data-parallel beyond 1).
+    /// Most slots a job takes (data-parallel beyond 1).
     devices_per_job: usize,
+    /// `devices_per_job = "auto"`: a training job takes what its budget needs.
+    auto_devices: bool,
+    /// Per base model: what its last training run showed.
+    throughput:
+        Arc<std::sync::Mutex<std::collections::HashMap<BlobId, crate::devices::Throughput>>>,
     work: PathBuf,
     models: PathBuf,
 }
@@ -311,7 +316,8 @@ impl Ctx {
         let out = self.work.join(a.job_id.as_str());
         let models_root = self.models.clone();
         let training = self.training.clone();
-        let per_job = self.devices_per_job;
+        let (most, auto) = (self.devices_per_job, self.auto_devices);
+        let throughput = self.throughput.clone();
         tokio::spawn(async move {
             let job_id = a.job_id.clone();
             let result = async {
@@ -327,11 +333,18 @@ impl Ctx {
                         .into_iter()
                         .filter_map(|i| shard.get(i).cloned())
                         .collect();
-                // The free device with the most memory the job's estimate fits.
                 // The free devices with the most memory the job's estimate fits: one, or a
-                // data-parallel group of up to `devices_per_job`.
+                // data-parallel group of up to `devices_per_job` (with "auto", what the
+                // budget needs at the throughput seen on this base model).
                 let need = model_dir_need(&model_dir, &cfg, &pool);
-                let group = pool.place_group(&job_id, need, per_job).map_err(NodeError::Other)?;
+                let want = if auto {
+                    let seen = throughput.lock().ok().and_then(|t| t.get(&a.base_model).copied());
+                    let secs = a.deadline_ms.saturating_sub(now_ms()) as f64 / 1000.0 - margin.as_secs_f64();
+                    crate::devices::devices_for_budget(cfg.max_steps, seen, secs, most)
+                } else {
+                    most
+                };
+                let group = pool.place_group(&job_id, need, want).map_err(NodeError::Other)?;
                 let slots: Vec<String> = group.iter().map(|g| g.0.clone()).collect();
                 let devices: Vec<tunenet_ml::Device> = group.into_iter().map(|g| g.1).collect();
                 tracing::info!(job_id = %job_id, device = %slots.join("+"), "training placed");
@@ -365,6 +378,15 @@ impl Ctx {
                 })
                 .await
                 .map_err(|e| NodeError::Other(format!("training thread: {e}")))??;
+                if report.steps > 0 && report.seconds > 0.0 && report.tokens > 0 {
+                    let seen = crate::devices::Throughput {
+                        tokens_per_step: report.tokens as f64 / report.steps as f64,
+                        tokens_per_sec_per_device: report.tokens as f64 / report.seconds / slots.len().max(1) as f64,
+                    };
+                    if let Ok(mut t) = throughput.lock() {
+                        t.insert(a.base_model, seen);
+                    }
+                }
                 metrics::counter!("tunenet_training_steps_total").increment(report.steps as u64);
                 metrics::counter!("tunenet_training_tokens_total").increment(report.tokens);
                 let id = blobs.put_file(&report.artifact)?;
@@ -603,6 +625,8 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
         training: cfg.training.clone(),
         devices: pool.clone(),
         devices_per_job: per_job,
+        auto_devices: cfg.devices_per_job == crate::config::DevicesPerJob::Auto,
+        throughput: Default::default(),
         work: cfg.data_dir.join("work"),
         models: cfg.data_dir.join("models"),
     };
