@@ -452,6 +452,26 @@ fn bad_configs_models_and_datasets_are_refused_with_the_cause() {
     assert!(!out.status.success());
     assert!(err.contains("line 3") && err.contains("dataset"), "{err}");
 
+    // A dataset none of whose records fits the field mapping is refused before it starts.
+    let csv = root.join("data.csv");
+    std::fs::write(&csv, "q,a\nWhy?,Because.\n").unwrap();
+    let text = std::fs::read_to_string(&vconf)
+        .unwrap()
+        .replace(&format!("{data:?}"), &format!("{csv:?}"));
+    std::fs::write(&vconf, &text).unwrap();
+    let out = run(&["validator", "--config", vconf.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("no record fits the field mapping") && err.contains("line 2"),
+        "{err}"
+    );
+    std::fs::write(
+        &vconf,
+        text.replace(&format!("{csv:?}"), &format!("{data:?}")),
+    )
+    .unwrap();
+
     // A zero time budget is refused with the field named.
     std::fs::write(
         &data,
@@ -633,7 +653,21 @@ fn a_miner_killed_while_training_resumes_and_is_scored() {
 fn data_parallel_jobs_on_four_devices_and_tensor_parallel_scoring() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let (model, data) = common::tiny_model_and_data(root, 6, 300, 10);
+    let (model, _) = common::tiny_model_and_data(root, 6, 300, 10);
+    // The dataset as CSV with its own column names, mapped in the competition spec.
+    let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+    let mut csv = String::from("body,question,answer\n");
+    for r in tunenet_ml::demo_dataset(300, 10) {
+        let (b, q, a) = match r {
+            tunenet_ml::Record::Text { text } => (text, String::new(), String::new()),
+            tunenet_ml::Record::Instruction { prompt, response } => {
+                (String::new(), prompt, response)
+            }
+        };
+        csv.push_str(&format!("{},{},{}\n", quote(&b), quote(&q), quote(&a)));
+    }
+    let data = root.join("data.csv");
+    std::fs::write(&data, csv).unwrap();
     let mport = port();
     let mconf = root.join("m.toml");
     std::fs::write(
@@ -649,7 +683,7 @@ fn data_parallel_jobs_on_four_devices_and_tensor_parallel_scoring() {
     std::fs::write(
         &vconf,
         format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\neval_devices = [\"cpu:0\", \"cpu:1\"]\nminers = [\"http://127.0.0.1:{mport}\"]\n[[competitions]]\nid = \"d\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 2\nconcurrent_jobs = 2\nminers_per_job = 1\ntime_budget_secs = 12\nreveal_window_secs = 20\neval_max_seq_len = 48\n",
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\neval_devices = [\"cpu:0\", \"cpu:1\"]\nminers = [\"http://127.0.0.1:{mport}\"]\n[[competitions]]\nid = \"d\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 2\nconcurrent_jobs = 2\nminers_per_job = 1\ntime_budget_secs = 12\nreveal_window_secs = 20\neval_max_seq_len = 48\n[competitions.fields]\ntext = \"body\"\ninstruction = \"question\"\noutput = \"answer\"\n",
             root.join("v")
         ),
     )

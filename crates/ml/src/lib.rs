@@ -12,6 +12,7 @@ mod data;
 mod device;
 mod error;
 mod eval;
+mod formats;
 mod gguf;
 mod hellaswag;
 mod lm;
@@ -43,6 +44,7 @@ pub use data::{Record, demo_canaries, demo_dataset, load_jsonl, parse_jsonl, to_
 pub use device::parse_device;
 pub use error::MlError;
 pub use eval::{EvalReport, RecordLosses, evaluate, evaluate_on, record_losses, record_losses_on};
+pub use formats::{BadRecord, DatasetLoad, FieldMap, load_dataset, parse_dataset};
 pub use gguf::{export_gguf, export_gguf_quantized, import_gguf};
 pub use hellaswag::{
     DEFAULT_BATCH_TOKENS, HellaSwagItem, HellaSwagReport, ItemScore, ScoreOptions, ScoreProgress,

@@ -206,8 +206,14 @@ pub struct CompetitionConfig {
     pub kind: tunenet_types::JobKind,
     /// The base model directory (Hugging Face layout).
     pub base_model: PathBuf,
-    /// The dataset (JSONL).
+    /// The dataset: JSONL, a JSON array or CSV (by extension), read through `fields`.
     pub dataset: PathBuf,
+    /// Which fields of the dataset's records hold what (`text`, or `system`,
+    /// `instruction`, `input`, `output`, or a `messages` list); unset fields keep their
+    /// usual names. Records that fit nothing are counted and logged with their line or row;
+    /// a dataset none of whose records fit is refused.
+    #[serde(default)]
+    pub fields: tunenet_ml::FieldMap,
     /// Inference competitions: the accuracy tolerance, allowed optimisations and the
     /// checks' thresholds.
     #[serde(default)]

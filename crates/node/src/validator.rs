@@ -248,8 +248,7 @@ pub fn prepare(
         .config()
         .map_err(|e| fail(format!("`base_model`: {e}")))?
         .param_count();
-    let mut records =
-        tunenet_ml::load_jsonl(&cfg.dataset).map_err(|e| fail(format!("`dataset`: {e}")))?;
+    let mut records = load_dataset_logged(cfg).map_err(|e| fail(format!("`dataset`: {e}")))?;
     // Canary candidates, from a secret seed (not the config's, which others may read):
     // fresh records from the dataset's generator when one is named, otherwise real records
     // held out of the dataset (at most 5 % of it) — either way in the dataset's own style.
@@ -1187,6 +1186,23 @@ pub fn init(cfg: &ValidatorConfig) -> Result<Option<String>, NodeError> {
     }
     let (token, _) = crate::auth::issue(&store, crate::auth::Role::Admin, "first admin", 0, None)?;
     Ok(Some(token))
+}
+
+/// The competition's dataset through its field mapping; records that fit nothing are
+/// counted and the first of them logged with their line or row.
+fn load_dataset_logged(cfg: &CompetitionConfig) -> Result<Vec<tunenet_ml::Record>, NodeError> {
+    let d = tunenet_ml::load_dataset(&cfg.dataset, &cfg.fields)?;
+    if d.bad_count > 0 {
+        tracing::warn!(
+            competition = %cfg.id,
+            format = d.format,
+            skipped = d.bad_count,
+            kept = d.records.len(),
+            first = ?d.bad.iter().take(5).map(|b| format!("{} {}: {}", d.unit(), b.at, b.problem)).collect::<Vec<_>>(),
+            "dataset records that fit no field were skipped"
+        );
+    }
+    Ok(d.records)
 }
 
 /// Runs a validator until it is stopped (or, with `exit_when_done`, until its

@@ -212,6 +212,31 @@ pub struct EvalArgs {
     devices: Vec<String>,
 }
 
+/// A dataset file (JSONL, JSON or CSV) with the usual field names; records that fit
+/// nothing are reported on stderr, by line or row.
+fn load_records(path: &std::path::Path) -> anyhow::Result<Vec<tunenet_ml::Record>> {
+    let d = tunenet_ml::load_dataset(path, &tunenet_ml::FieldMap::default())?;
+    if d.bad_count > 0 {
+        eprintln!(
+            "{}: skipped {} record(s) that fit no field, e.g. {}",
+            path.display(),
+            d.bad_count,
+            d.bad
+                .iter()
+                .take(3)
+                .map(|b| format!(
+                    "{} {}: {}",
+                    if d.format == "json" { "item" } else { "line" },
+                    b.at,
+                    b.problem
+                ))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
+    Ok(d.records)
+}
+
 /// The devices `--devices` names (`cpu:N` is a logical CPU device), else `--device`.
 fn devices_of(device: &str, devices: &[String]) -> anyhow::Result<Vec<tunenet_ml::Device>> {
     if devices.is_empty() {
@@ -401,7 +426,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
     };
     let devices = devices_of(&a.device, &a.devices)?;
     let model = tunenet_ml::ModelDir::open(&a.model)?;
-    let records = tunenet_ml::load_jsonl(&a.data)?;
+    let records = load_records(&a.data)?;
     let deadline = a
         .time_budget
         .map(|s| Instant::now() + Duration::from_secs_f64(s));
@@ -576,7 +601,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     };
     let devices = devices_of(&a.device, &a.devices)?;
     let model = tunenet_ml::ModelDir::open(&model)?;
-    let records = tunenet_ml::load_jsonl(&data)?;
+    let records = load_records(&data)?;
     let r = tunenet_ml::evaluate_on(
         &model,
         a.artifact.as_deref(),

@@ -1,0 +1,449 @@
+//! Datasets in the formats real competitions use: JSONL, a JSON array, and CSV, with a
+//! field mapping (`text`, or Alpaca's `system`/`instruction`/`input`/`output`, or a chat
+//! `messages` list of role/content turns). A malformed file (bad JSON, a non-object record,
+//! a CSV row of the wrong width, an unclosed quote) is refused whole, naming the line or
+//! row; well-formed records that do not fit the mapping are counted and reported by line
+//! or row, and a file none of whose records fit is refused.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::data::Record;
+use crate::error::MlError;
+
+/// Which fields of a record hold what. Every field is optional; the defaults read
+/// `text`, `prompt`/`instruction` (+ `input`), `response`/`output`, `system` and
+/// `messages`, as tunenet's JSONL always has.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FieldMap {
+    /// Plain text, trained on whole.
+    pub text: Option<String>,
+    /// A system prompt put before the instruction.
+    pub system: Option<String>,
+    /// The instruction (Alpaca's `instruction`, or a `prompt`).
+    pub instruction: Option<String>,
+    /// Extra input appended to the instruction (Alpaca's `input`).
+    pub input: Option<String>,
+    /// The response trained on (Alpaca's `output`, or a `response`).
+    pub output: Option<String>,
+    /// A list of `{"role", "content"}` turns; the last assistant turn is trained on.
+    pub messages: Option<String>,
+}
+
+/// A record that did not fit, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BadRecord {
+    /// 1-based line (JSONL, CSV: counting the header) or array index + 1 (JSON).
+    pub at: usize,
+    pub problem: String,
+}
+
+/// What a dataset file gave.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DatasetLoad {
+    pub records: Vec<Record>,
+    /// Records that did not fit the mapping (the first ones; `bad_count` counts them all).
+    pub bad: Vec<BadRecord>,
+    pub bad_count: usize,
+    /// "jsonl", "json" or "csv".
+    pub format: &'static str,
+}
+
+impl DatasetLoad {
+    /// What `BadRecord::at` counts: "record" (a JSON array's) or "line".
+    pub fn unit(&self) -> &'static str {
+        if self.format == "json" {
+            "record"
+        } else {
+            "line"
+        }
+    }
+}
+
+/// A record's line (or index) and its fields.
+type Row = (usize, Map<String, Value>);
+
+/// Bad records kept for the report (all are counted).
+const KEEP_BAD: usize = 20;
+
+impl FieldMap {
+    fn name<'a>(&'a self, set: &'a Option<String>, default: &'a str) -> &'a str {
+        set.as_deref().unwrap_or(default)
+    }
+
+    /// The record in `obj`, or why it does not fit.
+    pub fn record(&self, obj: &Map<String, Value>) -> Result<Record, String> {
+        // An empty string counts as absent: CSV has no other way to leave a field out.
+        let string = |key: &str| -> Result<Option<String>, String> {
+            match obj.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) if s.is_empty() => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                Some(other) => Err(format!("field {key:?} must be a string, found {other}")),
+            }
+        };
+        if let Some(text) = string(self.name(&self.text, "text"))? {
+            return Ok(Record::Text { text });
+        }
+        let messages_key = self.name(&self.messages, "messages");
+        if let Some(m) = obj.get(messages_key).filter(|v| !v.is_null()) {
+            return messages_record(m, messages_key);
+        }
+        let instruction = match self.instruction.as_deref() {
+            Some(k) => string(k)?,
+            None => match string("prompt")? {
+                Some(p) => Some(p),
+                None => string("instruction")?,
+            },
+        };
+        let output = match self.output.as_deref() {
+            Some(k) => string(k)?,
+            None => match string("response")? {
+                Some(r) => Some(r),
+                None => string("output")?,
+            },
+        };
+        let input = string(self.name(&self.input, "input"))?.filter(|s| !s.is_empty());
+        let system = string(self.name(&self.system, "system"))?.filter(|s| !s.is_empty());
+        match (instruction, output) {
+            (Some(instr), Some(response)) => {
+                let mut prompt = String::new();
+                if let Some(s) = system {
+                    prompt.push_str(&s);
+                    prompt.push('\n');
+                }
+                prompt.push_str(&instr);
+                if let Some(i) = input {
+                    prompt.push('\n');
+                    prompt.push_str(&i);
+                }
+                Ok(Record::Instruction { prompt, response })
+            }
+            (Some(_), None) => Err("has an instruction but no output".into()),
+            (None, Some(_)) => Err("has an output but no instruction".into()),
+            (None, None) => Err(format!(
+                "has none of the mapped fields (text {:?}, instruction, output, messages {:?})",
+                self.name(&self.text, "text"),
+                messages_key
+            )),
+        }
+    }
+}
+
+/// A chat record: the turns before the last assistant turn become the prompt (one
+/// `role: content` line each), the last assistant turn the response.
+fn messages_record(m: &Value, key: &str) -> Result<Record, String> {
+    let Value::Array(turns) = m else {
+        return Err(format!("field {key:?} must be a list of turns"));
+    };
+    let mut parsed = Vec::with_capacity(turns.len());
+    for (i, t) in turns.iter().enumerate() {
+        let role = t.get("role").and_then(Value::as_str);
+        let content = t.get("content").and_then(Value::as_str);
+        match (role, content) {
+            (Some(r), Some(c)) => parsed.push((r, c)),
+            _ => {
+                return Err(format!(
+                    "turn {} of {key:?} needs \"role\" and \"content\" strings",
+                    i + 1
+                ));
+            }
+        }
+    }
+    let last = parsed
+        .iter()
+        .rposition(|(r, _)| *r == "assistant")
+        .ok_or_else(|| format!("{key:?} has no assistant turn to train on"))?;
+    if last == 0 {
+        return Err(format!("{key:?} has no turn before its assistant turn"));
+    }
+    let prompt = parsed[..last]
+        .iter()
+        .map(|(r, c)| format!("{r}: {c}"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    Ok(Record::Instruction {
+        prompt: format!("{prompt}\nassistant: "),
+        response: parsed[last].1.to_string(),
+    })
+}
+
+/// Reads a dataset file, its format from the extension (`.jsonl`, `.json`, `.csv`).
+pub fn load_dataset(path: &Path, map: &FieldMap) -> Result<DatasetLoad, MlError> {
+    let bytes = std::fs::read(path).map_err(|e| MlError::io("cannot read dataset", path, e))?;
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let format = match ext.as_str() {
+        "jsonl" | "ndjson" => "jsonl",
+        "json" => "json",
+        "csv" => "csv",
+        other => {
+            return Err(MlError::Invalid(format!(
+                "{}: unknown dataset format {other:?}; use .jsonl, .json or .csv",
+                path.display()
+            )));
+        }
+    };
+    parse_dataset(&bytes, format, map, &path.display().to_string())
+}
+
+/// Parses dataset bytes in `format` ("jsonl", "json", "csv"); see [`load_dataset`].
+pub fn parse_dataset(
+    bytes: &[u8],
+    format: &'static str,
+    map: &FieldMap,
+    source: &str,
+) -> Result<DatasetLoad, MlError> {
+    let invalid = |s: String| MlError::Invalid(format!("{source}: {s}"));
+    let malformed = |line: usize, problem: String| MlError::Dataset {
+        source_name: source.to_string(),
+        line,
+        problem,
+    };
+    let text = std::str::from_utf8(bytes).map_err(|e| invalid(format!("not UTF-8: {e}")))?;
+    let mut rows: Vec<Row> = Vec::new();
+    match format {
+        "jsonl" => {
+            for (i, line) in text.lines().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                match serde_json::from_str::<Value>(line) {
+                    Ok(Value::Object(o)) => rows.push((i + 1, o)),
+                    Ok(_) => return Err(malformed(i + 1, "not a JSON object".into())),
+                    Err(e) => return Err(malformed(i + 1, format!("not valid JSON: {e}"))),
+                }
+            }
+        }
+        "json" => {
+            let v: Value = serde_json::from_str(text)
+                .map_err(|e| malformed(e.line(), format!("not valid JSON: {e}")))?;
+            let Value::Array(items) = v else {
+                return Err(invalid("a JSON dataset must be an array of records".into()));
+            };
+            for (i, item) in items.into_iter().enumerate() {
+                match item {
+                    Value::Object(o) => rows.push((i + 1, o)),
+                    _ => {
+                        return Err(invalid(format!(
+                            "record {} of the array is not a JSON object",
+                            i + 1
+                        )));
+                    }
+                }
+            }
+        }
+        "csv" => rows = csv_rows(text).map_err(|(line, p)| malformed(line, p))?,
+        other => return Err(invalid(format!("unknown format {other:?}"))),
+    }
+    let mut out = DatasetLoad {
+        records: Vec::with_capacity(rows.len()),
+        bad: Vec::new(),
+        bad_count: 0,
+        format,
+    };
+    for (at, row) in rows {
+        match map.record(&row) {
+            Ok(r) => out.records.push(r),
+            Err(problem) => {
+                out.bad_count += 1;
+                if out.bad.len() < KEEP_BAD {
+                    out.bad.push(BadRecord { at, problem });
+                }
+            }
+        }
+    }
+    if out.records.is_empty() {
+        let first = out
+            .bad
+            .first()
+            .map(|b| format!("; the first, {} {}: {}", out.unit(), b.at, b.problem))
+            .unwrap_or_default();
+        return Err(invalid(format!(
+            "no record fits the field mapping ({} did not{first})",
+            out.bad_count
+        )));
+    }
+    Ok(out)
+}
+
+/// CSV (RFC 4180: a header row, fields separated by commas, quoted with `"` when they
+/// hold commas, quotes or line breaks) into one object per row, keyed by the header.
+fn csv_rows(text: &str) -> Result<Vec<Row>, (usize, String)> {
+    let mut records: Vec<(usize, Vec<String>)> = Vec::new();
+    let (mut field, mut row) = (String::new(), Vec::new());
+    let (mut quoted, mut line, mut row_line) = (false, 1usize, 1usize);
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if quoted {
+            match c {
+                '"' if chars.peek() == Some(&'"') => {
+                    chars.next();
+                    field.push('"');
+                }
+                '"' => quoted = false,
+                '\n' => {
+                    line += 1;
+                    field.push('\n');
+                }
+                _ => field.push(c),
+            }
+            continue;
+        }
+        match c {
+            '"' if field.is_empty() => quoted = true,
+            ',' => row.push(std::mem::take(&mut field)),
+            '\r' => {}
+            '\n' => {
+                row.push(std::mem::take(&mut field));
+                let done = std::mem::take(&mut row);
+                if !(done.len() == 1 && done[0].is_empty()) {
+                    records.push((row_line, done));
+                }
+                line += 1;
+                row_line = line;
+            }
+            _ => field.push(c),
+        }
+    }
+    if quoted {
+        return Err((row_line, "a quoted field is never closed".into()));
+    }
+    if !field.is_empty() || !row.is_empty() {
+        row.push(field);
+        records.push((row_line, row));
+    }
+    let mut it = records.into_iter();
+    let (_, header) = it
+        .next()
+        .ok_or((1, "an empty CSV file (no header row)".to_string()))?;
+    it.map(|(at, cells)| {
+        if cells.len() != header.len() {
+            return Err((
+                at,
+                format!(
+                    "{} fields where the header has {}",
+                    cells.len(),
+                    header.len()
+                ),
+            ));
+        }
+        let obj: Map<String, Value> = header
+            .iter()
+            .cloned()
+            .zip(cells.into_iter().map(Value::String))
+            .collect();
+        Ok((at, obj))
+    })
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(bytes: &str, format: &'static str, map: &FieldMap) -> Result<DatasetLoad, MlError> {
+        parse_dataset(bytes.as_bytes(), format, map, "test")
+    }
+
+    #[test]
+    fn alpaca_chat_and_text_records_in_every_format() {
+        let map = FieldMap::default();
+        let jsonl = r#"{"instruction": "Add", "input": "2 and 3", "output": "5", "system": "Be brief."}
+{"text": "plain"}
+{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+"#;
+        let d = load(jsonl, "jsonl", &map).unwrap();
+        assert_eq!(d.records.len(), 3);
+        assert_eq!(
+            d.records[0],
+            Record::Instruction {
+                prompt: "Be brief.\nAdd\n2 and 3".into(),
+                response: "5".into()
+            }
+        );
+        assert_eq!(
+            d.records[2],
+            Record::Instruction {
+                prompt: "user: Hi\nassistant: ".into(),
+                response: "Hello".into()
+            }
+        );
+        let json = r#"[{"q": "Why?", "a": "Because."}, {"q": "x"}]"#;
+        let map = FieldMap {
+            instruction: Some("q".into()),
+            output: Some("a".into()),
+            ..Default::default()
+        };
+        let d = load(json, "json", &map).unwrap();
+        assert_eq!(d.records.len(), 1);
+        assert_eq!(d.bad_count, 1);
+        assert_eq!(d.bad[0].at, 2);
+        let csv = "q,a\n\"Why, then?\",\"He said \"\"no\"\".\nTwice.\"\nx,\n";
+        let d = load(csv, "csv", &map).unwrap();
+        assert_eq!(
+            d.records,
+            vec![Record::Instruction {
+                prompt: "Why, then?".into(),
+                response: "He said \"no\".\nTwice.".into()
+            }]
+        );
+        // An empty cell is a missing field.
+        assert_eq!(d.bad_count, 1);
+        assert_eq!(d.bad[0].at, 4, "the row's line, counting the header");
+        assert!(d.bad[0].problem.contains("no output"), "{:?}", d.bad);
+    }
+
+    #[test]
+    fn malformed_files_say_where_and_a_mapping_that_fits_nothing_is_refused() {
+        let map = FieldMap::default();
+        // Records that are well formed but fit nothing are counted, with their lines.
+        let d = load(
+            "{\"text\": \"a\"}\n{\"q\": 1}\n{\"text\": 3}\n",
+            "jsonl",
+            &map,
+        )
+        .unwrap();
+        assert_eq!(d.bad_count, 2);
+        assert_eq!((d.bad[0].at, d.bad[1].at), (2, 3));
+        assert!(d.bad[1].problem.contains("must be a string"), "{:?}", d.bad);
+        // A malformed file is refused whole, naming the line or row.
+        let e = load("{\"text\": \"a\"}\nnot json\n", "jsonl", &map)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2") && e.contains("not valid JSON"), "{e}");
+        let e = load("q,a\nx,y\nshort\n", "csv", &map)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 3") && e.contains("1 fields where the header has 2"),
+            "{e}"
+        );
+        let e = load("[{\"text\": \"a\"}, 3]", "json", &map)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("record 2"), "{e}");
+        let e = load("{\"q\": \"a\"}\n", "jsonl", &map)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no record fits the field mapping"), "{e}");
+        let e = load("[1,", "json", &map).unwrap_err().to_string();
+        assert!(e.contains("not valid JSON"), "{e}");
+        let e = load("text\n\"open", "csv", &map).unwrap_err().to_string();
+        assert!(e.contains("never closed"), "{e}");
+        let e = load(
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}\n",
+            "jsonl",
+            &map,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("no assistant turn"), "{e}");
+    }
+}
