@@ -663,6 +663,7 @@ fn data_parallel_jobs_on_four_devices_and_tensor_parallel_scoring() {
             tunenet_ml::Record::Instruction { prompt, response } => {
                 (String::new(), prompt, response)
             }
+            tunenet_ml::Record::Chat { .. } => unreachable!("the demo dataset has no chats"),
         };
         csv.push_str(&format!("{},{},{}\n", quote(&b), quote(&q), quote(&a)));
     }

@@ -52,6 +52,11 @@ fn key(r: &Record) -> String {
     match r {
         Record::Text { text } => text.clone(),
         Record::Instruction { prompt, response } => format!("{prompt}\u{0}{response}"),
+        Record::Chat { messages } => messages
+            .iter()
+            .map(|t| format!("{}\u{1}{}", t.role, t.content))
+            .collect::<Vec<_>>()
+            .join("\u{0}"),
     }
 }
 

@@ -9,13 +9,14 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::chat::Turn;
 use crate::config::LlamaConfig;
 use crate::error::MlError;
 use crate::tokenizer::TextTokenizer;
 
-/// One dataset record. In JSONL a line is `{"text": ...}`, or instruction data
+/// One dataset record. In JSONL a line is `{"text": ...}`, instruction data
 /// `{"prompt" | "instruction": ..., "response" | "output": ...}` whose prompt tokens are
-/// masked out of the loss.
+/// masked out of the loss, or a conversation `{"messages": [...]}`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(untagged)]
 pub enum Record {
@@ -33,6 +34,27 @@ pub enum Record {
         #[serde(alias = "output")]
         response: String,
     },
+    /// A conversation (`{"messages": [{"role", "content"}, ...]}`), rendered with the
+    /// model's chat template; every assistant turn is trained on, nothing else.
+    Chat {
+        /// The turns, in order.
+        messages: Vec<Turn>,
+    },
+}
+
+impl Record {
+    /// The record as a conversation: instructions become a user and an assistant turn;
+    /// None for plain text.
+    pub fn turns(&self) -> Option<Vec<Turn>> {
+        match self {
+            Record::Text { .. } => None,
+            Record::Instruction { prompt, response } => Some(vec![
+                Turn::new("user", prompt.as_str()),
+                Turn::new("assistant", response.as_str()),
+            ]),
+            Record::Chat { messages } => Some(messages.clone()),
+        }
+    }
 }
 
 /// Parses JSONL bytes into records. Empty lines are skipped; an error names the 1-based
@@ -81,40 +103,11 @@ fn parse_line(line: &[u8]) -> Result<Record, String> {
     let value: Value = serde_json::from_slice(line).map_err(|e| format!("not valid JSON: {e}"))?;
     let Value::Object(obj) = value else {
         return Err(
-            "expected a JSON object like {\"text\": ...} or {\"prompt\": ..., \"response\": ...}"
+            "expected a JSON object like {\"text\": ...}, {\"prompt\": ..., \"response\": ...} or {\"messages\": [...]}"
                 .into(),
         );
     };
-    let string = |key: &str| -> Result<Option<String>, String> {
-        match obj.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(other) => Err(format!("field {key:?} must be a string, found {other}")),
-        }
-    };
-    if let Some(text) = string("text")? {
-        return Ok(Record::Text { text });
-    }
-    let prompt = match (string("prompt")?, string("instruction")?) {
-        (Some(p), _) => Some(p),
-        (None, Some(instr)) => match string("input")? {
-            Some(input) if !input.is_empty() => Some(format!("{instr}\n{input}")),
-            _ => Some(instr),
-        },
-        (None, None) => None,
-    };
-    let response = match (string("response")?, string("output")?) {
-        (Some(r), _) | (None, Some(r)) => Some(r),
-        (None, None) => None,
-    };
-    match (prompt, response) {
-        (Some(prompt), Some(response)) => Ok(Record::Instruction { prompt, response }),
-        (Some(_), None) => Err("has a prompt but no \"response\" (or \"output\") string".into()),
-        (None, Some(_)) => Err("has a response but no \"prompt\" (or \"instruction\") string".into()),
-        (None, None) => Err(
-            "needs a \"text\" string, or \"prompt\"/\"instruction\" and \"response\"/\"output\" strings".into(),
-        ),
-    }
+    crate::formats::FieldMap::default().record(&obj)
 }
 
 const SYLLABLES: &[&str] = &[
@@ -242,24 +235,34 @@ pub fn demo_canaries(n: usize, alternatives: usize, seed: u64) -> Vec<Vec<Record
         .collect()
 }
 
-/// A tokenized record: `ids` (bos, tokens, eos; truncated) and the index of the first token
-/// that is a training target.
+/// A tokenized record: `ids` (bos, tokens, eos; truncated) and which of them are training
+/// targets (never the first).
 #[derive(Clone, Debug)]
 pub(crate) struct Example {
     pub(crate) ids: Vec<u32>,
-    pub(crate) loss_from: usize,
+    pub(crate) trained: Vec<bool>,
 }
 
 impl Example {
+    /// An example trained on every token from index `from` (at least 1) on.
+    pub(crate) fn from_index(ids: Vec<u32>, from: usize) -> Example {
+        let from = from.max(1);
+        let trained = (0..ids.len()).map(|i| i >= from).collect();
+        Example { ids, trained }
+    }
+
     /// Number of next-token predictions that count towards the loss.
     pub(crate) fn targets(&self) -> usize {
-        self.ids.len().saturating_sub(self.loss_from.max(1))
+        self.trained.iter().skip(1).filter(|t| **t).count()
     }
 }
 
-/// Tokenizes records: prepends bos when the config has one, appends eos, truncates to
-/// `max_seq_len` tokens (and the model's context), and marks where the loss starts.
-/// Records left with no target token are dropped.
+/// Tokenizes records: prepends bos when the config has one (unless a chat template
+/// already wrote it), appends eos to text and to instructions on models without a chat
+/// template, truncates to `max_seq_len` tokens (and the model's context), and marks the
+/// training targets: every token of text, the response of an instruction, the assistant
+/// turns of a conversation. On a model with its own chat template, instructions are
+/// rendered as a user and an assistant turn. Records left with no target are dropped.
 pub(crate) fn tokenize(
     tok: &TextTokenizer,
     cfg: &LlamaConfig,
@@ -267,33 +270,53 @@ pub(crate) fn tokenize(
     max_seq_len: usize,
 ) -> Result<Vec<Example>, MlError> {
     let max_len = max_seq_len.min(cfg.max_position_embeddings + 1);
+    let chat = tok.chat();
     let mut out = Vec::with_capacity(records.len());
     for r in records {
-        let mut ids: Vec<u32> = cfg.bos_token_id.into_iter().collect();
-        let loss_from = match r {
-            Record::Text { text } => {
+        let bos: Vec<u32> = cfg.bos_token_id.into_iter().collect();
+        let mut ex = match (r, chat.is_models_own()) {
+            (Record::Text { text }, _) => {
+                let mut ids = bos;
                 ids.extend(tok.encode(text)?);
-                1
+                ids.extend(cfg.eos_token_id);
+                Example::from_index(ids, 1)
             }
-            Record::Instruction { prompt, response } => {
+            (Record::Instruction { prompt, response }, false) => {
+                let mut ids = bos;
                 ids.extend(tok.encode(prompt)?);
                 let from = ids.len();
                 ids.extend(tok.encode(response)?);
-                from
+                ids.extend(cfg.eos_token_id);
+                Example::from_index(ids, from)
+            }
+            (Record::Instruction { .. } | Record::Chat { .. }, _) => {
+                let turns = r.turns().unwrap_or_default();
+                let segments = chat.segments(&turns)?;
+                let wrote_bos = !chat.bos_token().is_empty()
+                    && segments
+                        .first()
+                        .is_some_and(|(s, _)| s.starts_with(chat.bos_token()));
+                let mut ids = if wrote_bos { Vec::new() } else { bos };
+                let mut trained = vec![false; ids.len()];
+                for (text, train) in &segments {
+                    let seg = tok.encode(text)?;
+                    trained.extend(std::iter::repeat_n(*train, seg.len()));
+                    ids.extend(seg);
+                }
+                Example { ids, trained }
             }
         };
-        ids.extend(cfg.eos_token_id);
-        if let Some(bad) = ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+        if let Some(bad) = ex.ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
             return Err(MlError::Invalid(format!(
                 "token id {bad} is outside the model's vocabulary of {}; the tokenizer does not match the model",
                 cfg.vocab_size
             )));
         }
-        ids.truncate(max_len);
-        let ex = Example {
-            ids,
-            loss_from: loss_from.max(1),
-        };
+        ex.ids.truncate(max_len);
+        ex.trained.truncate(max_len);
+        if let Some(first) = ex.trained.first_mut() {
+            *first = false;
+        }
         if ex.targets() > 0 {
             out.push(ex);
         }
@@ -334,7 +357,7 @@ pub(crate) fn make_batch(examples: &[&Example], device: &Device) -> candle_core:
             inputs[k] = e.ids[j];
             targets[k] = e.ids[j + 1];
             key_mask[k] = 1.0;
-            if j + 1 >= e.loss_from {
+            if e.trained[j + 1] {
                 loss_mask[k] = 1.0;
                 predicted += 1;
             }

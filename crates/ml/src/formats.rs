@@ -10,6 +10,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::chat::Turn;
 use crate::data::Record;
 use crate::error::MlError;
 
@@ -29,14 +30,15 @@ pub struct FieldMap {
     pub input: Option<String>,
     /// The response trained on (Alpaca's `output`, or a `response`).
     pub output: Option<String>,
-    /// A list of `{"role", "content"}` turns; the last assistant turn is trained on.
+    /// A list of `{"role", "content"}` turns; the assistant turns are trained on.
     pub messages: Option<String>,
 }
 
 /// A record that did not fit, and why.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct BadRecord {
-    /// 1-based line (JSONL, CSV: counting the header) or array index + 1 (JSON).
+    /// 1-based line (JSONL, CSV: counting the header), array index + 1 (JSON) or row
+    /// (Parquet).
     pub at: usize,
     pub problem: String,
 }
@@ -48,19 +50,40 @@ pub struct DatasetLoad {
     /// Records that did not fit the mapping (the first ones; `bad_count` counts them all).
     pub bad: Vec<BadRecord>,
     pub bad_count: usize,
-    /// "jsonl", "json" or "csv".
+    /// "jsonl", "json", "csv" or "parquet".
     pub format: &'static str,
 }
 
 impl DatasetLoad {
-    /// What `BadRecord::at` counts: "record" (a JSON array's) or "line".
+    /// What `BadRecord::at` counts: "record" (a JSON array's), "row" (Parquet's) or "line".
     pub fn unit(&self) -> &'static str {
-        if self.format == "json" {
-            "record"
-        } else {
-            "line"
+        match self.format {
+            "json" => "record",
+            "parquet" => "row",
+            _ => "line",
         }
     }
+}
+
+/// The rows of a Parquet file as JSON objects (nested lists and structs, such as chat
+/// `messages`, become JSON arrays and objects). Err: the row (None: the whole file) and
+/// what is wrong.
+fn parquet_rows(bytes: &[u8]) -> Result<Vec<Row>, (Option<usize>, String)> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let reader = SerializedFileReader::new(bytes::Bytes::copy_from_slice(bytes))
+        .map_err(|e| (None, format!("not a readable Parquet file: {e}")))?;
+    let rows = reader
+        .get_row_iter(None)
+        .map_err(|e| (None, format!("cannot read the Parquet rows: {e}")))?;
+    let mut out = Vec::new();
+    for (i, row) in rows.enumerate() {
+        let row = row.map_err(|e| (Some(i + 1), format!("unreadable row: {e}")))?;
+        match row.to_json_value() {
+            Value::Object(o) => out.push((i + 1, o)),
+            other => return Err((Some(i + 1), format!("not a record: {other}"))),
+        }
+    }
+    Ok(out)
 }
 
 /// A record's line (or index) and its fields.
@@ -110,17 +133,21 @@ impl FieldMap {
         let system = string(self.name(&self.system, "system"))?.filter(|s| !s.is_empty());
         match (instruction, output) {
             (Some(instr), Some(response)) => {
-                let mut prompt = String::new();
-                if let Some(s) = system {
-                    prompt.push_str(&s);
-                    prompt.push('\n');
-                }
-                prompt.push_str(&instr);
+                let mut prompt = instr;
                 if let Some(i) = input {
                     prompt.push('\n');
                     prompt.push_str(&i);
                 }
-                Ok(Record::Instruction { prompt, response })
+                Ok(match system {
+                    Some(s) => Record::Chat {
+                        messages: vec![
+                            Turn::new("system", s),
+                            Turn::new("user", prompt),
+                            Turn::new("assistant", response),
+                        ],
+                    },
+                    None => Record::Instruction { prompt, response },
+                })
             }
             (Some(_), None) => Err("has an instruction but no output".into()),
             (None, Some(_)) => Err("has an output but no instruction".into()),
@@ -133,18 +160,18 @@ impl FieldMap {
     }
 }
 
-/// A chat record: the turns before the last assistant turn become the prompt (one
-/// `role: content` line each), the last assistant turn the response.
+/// A chat record: its turns, each a `role` and `content` string, with at least one
+/// assistant turn (the turns trained on).
 fn messages_record(m: &Value, key: &str) -> Result<Record, String> {
     let Value::Array(turns) = m else {
         return Err(format!("field {key:?} must be a list of turns"));
     };
-    let mut parsed = Vec::with_capacity(turns.len());
+    let mut messages = Vec::with_capacity(turns.len());
     for (i, t) in turns.iter().enumerate() {
         let role = t.get("role").and_then(Value::as_str);
         let content = t.get("content").and_then(Value::as_str);
         match (role, content) {
-            (Some(r), Some(c)) => parsed.push((r, c)),
+            (Some(r), Some(c)) if !r.is_empty() => messages.push(Turn::new(r, c)),
             _ => {
                 return Err(format!(
                     "turn {} of {key:?} needs \"role\" and \"content\" strings",
@@ -153,25 +180,14 @@ fn messages_record(m: &Value, key: &str) -> Result<Record, String> {
             }
         }
     }
-    let last = parsed
-        .iter()
-        .rposition(|(r, _)| *r == "assistant")
-        .ok_or_else(|| format!("{key:?} has no assistant turn to train on"))?;
-    if last == 0 {
-        return Err(format!("{key:?} has no turn before its assistant turn"));
+    if !messages.iter().any(|t| t.role == "assistant") {
+        return Err(format!("{key:?} has no assistant turn to train on"));
     }
-    let prompt = parsed[..last]
-        .iter()
-        .map(|(r, c)| format!("{r}: {c}"))
-        .collect::<Vec<_>>()
-        .join("\n");
-    Ok(Record::Instruction {
-        prompt: format!("{prompt}\nassistant: "),
-        response: parsed[last].1.to_string(),
-    })
+    Ok(Record::Chat { messages })
 }
 
-/// Reads a dataset file, its format from the extension (`.jsonl`, `.json`, `.csv`).
+/// Reads a dataset file, its format from the extension (`.jsonl`, `.json`, `.csv`,
+/// `.parquet`).
 pub fn load_dataset(path: &Path, map: &FieldMap) -> Result<DatasetLoad, MlError> {
     let bytes = std::fs::read(path).map_err(|e| MlError::io("cannot read dataset", path, e))?;
     let ext = path
@@ -183,9 +199,10 @@ pub fn load_dataset(path: &Path, map: &FieldMap) -> Result<DatasetLoad, MlError>
         "jsonl" | "ndjson" => "jsonl",
         "json" => "json",
         "csv" => "csv",
+        "parquet" => "parquet",
         other => {
             return Err(MlError::Invalid(format!(
-                "{}: unknown dataset format {other:?}; use .jsonl, .json or .csv",
+                "{}: unknown dataset format {other:?}; use .jsonl, .json, .csv or .parquet",
                 path.display()
             )));
         }
@@ -193,7 +210,8 @@ pub fn load_dataset(path: &Path, map: &FieldMap) -> Result<DatasetLoad, MlError>
     parse_dataset(&bytes, format, map, &path.display().to_string())
 }
 
-/// Parses dataset bytes in `format` ("jsonl", "json", "csv"); see [`load_dataset`].
+/// Parses dataset bytes in `format` ("jsonl", "json", "csv", "parquet"); see
+/// [`load_dataset`].
 pub fn parse_dataset(
     bytes: &[u8],
     format: &'static str,
@@ -206,9 +224,19 @@ pub fn parse_dataset(
         line,
         problem,
     };
-    let text = std::str::from_utf8(bytes).map_err(|e| invalid(format!("not UTF-8: {e}")))?;
     let mut rows: Vec<Row> = Vec::new();
+    if format == "parquet" {
+        rows = parquet_rows(bytes).map_err(|(row, p)| match row {
+            Some(r) => invalid(format!("row {r}: {p}")),
+            None => invalid(p),
+        })?;
+    }
+    let text = match format {
+        "parquet" => "",
+        _ => std::str::from_utf8(bytes).map_err(|e| invalid(format!("not UTF-8: {e}")))?,
+    };
     match format {
+        "parquet" => {}
         "jsonl" => {
             for (i, line) in text.lines().enumerate() {
                 if line.trim().is_empty() {
@@ -342,108 +370,4 @@ fn csv_rows(text: &str) -> Result<Vec<Row>, (usize, String)> {
         Ok((at, obj))
     })
     .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn load(bytes: &str, format: &'static str, map: &FieldMap) -> Result<DatasetLoad, MlError> {
-        parse_dataset(bytes.as_bytes(), format, map, "test")
-    }
-
-    #[test]
-    fn alpaca_chat_and_text_records_in_every_format() {
-        let map = FieldMap::default();
-        let jsonl = r#"{"instruction": "Add", "input": "2 and 3", "output": "5", "system": "Be brief."}
-{"text": "plain"}
-{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
-"#;
-        let d = load(jsonl, "jsonl", &map).unwrap();
-        assert_eq!(d.records.len(), 3);
-        assert_eq!(
-            d.records[0],
-            Record::Instruction {
-                prompt: "Be brief.\nAdd\n2 and 3".into(),
-                response: "5".into()
-            }
-        );
-        assert_eq!(
-            d.records[2],
-            Record::Instruction {
-                prompt: "user: Hi\nassistant: ".into(),
-                response: "Hello".into()
-            }
-        );
-        let json = r#"[{"q": "Why?", "a": "Because."}, {"q": "x"}]"#;
-        let map = FieldMap {
-            instruction: Some("q".into()),
-            output: Some("a".into()),
-            ..Default::default()
-        };
-        let d = load(json, "json", &map).unwrap();
-        assert_eq!(d.records.len(), 1);
-        assert_eq!(d.bad_count, 1);
-        assert_eq!(d.bad[0].at, 2);
-        let csv = "q,a\n\"Why, then?\",\"He said \"\"no\"\".\nTwice.\"\nx,\n";
-        let d = load(csv, "csv", &map).unwrap();
-        assert_eq!(
-            d.records,
-            vec![Record::Instruction {
-                prompt: "Why, then?".into(),
-                response: "He said \"no\".\nTwice.".into()
-            }]
-        );
-        // An empty cell is a missing field.
-        assert_eq!(d.bad_count, 1);
-        assert_eq!(d.bad[0].at, 4, "the row's line, counting the header");
-        assert!(d.bad[0].problem.contains("no output"), "{:?}", d.bad);
-    }
-
-    #[test]
-    fn malformed_files_say_where_and_a_mapping_that_fits_nothing_is_refused() {
-        let map = FieldMap::default();
-        // Records that are well formed but fit nothing are counted, with their lines.
-        let d = load(
-            "{\"text\": \"a\"}\n{\"q\": 1}\n{\"text\": 3}\n",
-            "jsonl",
-            &map,
-        )
-        .unwrap();
-        assert_eq!(d.bad_count, 2);
-        assert_eq!((d.bad[0].at, d.bad[1].at), (2, 3));
-        assert!(d.bad[1].problem.contains("must be a string"), "{:?}", d.bad);
-        // A malformed file is refused whole, naming the line or row.
-        let e = load("{\"text\": \"a\"}\nnot json\n", "jsonl", &map)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("line 2") && e.contains("not valid JSON"), "{e}");
-        let e = load("q,a\nx,y\nshort\n", "csv", &map)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("line 3") && e.contains("1 fields where the header has 2"),
-            "{e}"
-        );
-        let e = load("[{\"text\": \"a\"}, 3]", "json", &map)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("record 2"), "{e}");
-        let e = load("{\"q\": \"a\"}\n", "jsonl", &map)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("no record fits the field mapping"), "{e}");
-        let e = load("[1,", "json", &map).unwrap_err().to_string();
-        assert!(e.contains("not valid JSON"), "{e}");
-        let e = load("text\n\"open", "csv", &map).unwrap_err().to_string();
-        assert!(e.contains("never closed"), "{e}");
-        let e = load(
-            "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}\n",
-            "jsonl",
-            &map,
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("no assistant turn"), "{e}");
-    }
 }

@@ -107,6 +107,23 @@ pub fn import_gguf(gguf: &Path, out: &Path) -> Result<LlamaConfig, MlError> {
             path: tpath.clone(),
             problem: format!("cannot write: {e}"),
         })?;
+    // An instruct model's chat template travels in the metadata; Hugging Face keeps it in
+    // tokenizer_config.json, where the chat renderer looks.
+    if let Some(template) = md
+        .get("tokenizer.chat_template")
+        .and_then(|v| v.to_string().ok())
+    {
+        let name = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i));
+        let tc = serde_json::json!({
+            "chat_template": template,
+            "bos_token": name(cfg.bos_token_id),
+            "eos_token": name(cfg.eos_token_id),
+        });
+        let path = out.join("tokenizer_config.json");
+        let bytes = serde_json::to_vec_pretty(&tc)
+            .map_err(|e| MlError::Invalid(format!("cannot serialise tokenizer_config: {e}")))?;
+        std::fs::write(&path, bytes).map_err(|e| MlError::io("cannot write", &path, e))?;
+    }
     Ok(cfg)
 }
 

@@ -6,6 +6,7 @@
 
 mod artifact;
 mod bench;
+mod chat;
 mod checkpoint;
 mod config;
 mod data;
@@ -38,6 +39,7 @@ pub use artifact::{
     MAX_HEADER_BYTES, read_artifact_manifest,
 };
 pub use bench::{BENCH_TEXT, BenchResult, BenchSpec, bench_throughput};
+pub use chat::{ChatTemplate, PLAIN_TEMPLATE, Turn};
 pub use checkpoint::CHECKPOINT_FILE;
 pub use config::{LlamaConfig, RopeScaling, SUPPORTED_ARCHITECTURES, SUPPORTED_MODEL_TYPES};
 pub use data::{Record, demo_canaries, demo_dataset, load_jsonl, parse_jsonl, to_jsonl};
@@ -51,7 +53,7 @@ pub use hellaswag::{
     evaluate_hellaswag, hellaswag_context, hellaswag_demo_items, hellaswag_preprocess,
     hellaswag_summary, item_scores_from_logliks, load_hellaswag, parse_hellaswag, score_items,
 };
-pub use lm::CausalLm;
+pub use lm::{CausalLm, TrainingTokens};
 pub use loader::WeightDtype;
 pub use lora::{ALL_LORA_TARGETS, DEFAULT_LORA_TARGETS};
 pub use memory::{MemoryEstimate, estimate_memory, estimate_memory_with_targets};
@@ -62,7 +64,7 @@ pub use parallel::NcclCollective;
 pub use parallel::{Collective, RankComm, ThreadCollective, collective_for};
 pub use peft::{PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, import_full_weights, import_peft_adapter};
 pub use scoring::{Branch, GgufWeights, HellaSwagScorer, PackedGroup, ScoringModel};
-pub use synthetic::{Generation, SamplingConfig, synthetic_set};
+pub use synthetic::{Generation, SamplingConfig, rewrite_set, synthetic_set};
 pub use tiny::{init_tiny, tiny_config};
 pub use tokenizer::{BOS_TOKEN, BYTE_VOCAB_SIZE, EOS_TOKEN, PAD_TOKEN, TextTokenizer};
 pub use tp::TensorParallelLm;

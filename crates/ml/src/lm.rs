@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use candle_core::{D, DType, Device, Tensor};
 
 use crate::config::LlamaConfig;
-use crate::data::{Example, make_batch};
+use crate::data::{Example, Record, make_batch};
 use crate::error::{CandleContext, MlError};
 use crate::eval::load_model;
 use crate::loader::{WeightDtype, load_tokenizer};
@@ -33,6 +33,9 @@ impl std::fmt::Debug for CausalLm {
             .finish_non_exhaustive()
     }
 }
+
+/// A record's token ids and, for each, whether it is a training target.
+pub type TrainingTokens = (Vec<u32>, Vec<bool>);
 
 impl CausalLm {
     /// Loads the model in `model` (with `artifact`, a LoRA adapter or full weights, applied
@@ -68,6 +71,25 @@ impl CausalLm {
     /// The model's tokenizer.
     pub fn tokenizer(&self) -> &TextTokenizer {
         &self.tok
+    }
+
+    /// The token ids a record trains on, and which of them are targets (the response of
+    /// an instruction, the assistant turns of a conversation, all of plain text), exactly
+    /// as training and scoring tokenize it (chat template included). None: nothing left
+    /// to train on within `max_seq_len` tokens.
+    pub fn training_tokens(
+        &self,
+        record: &Record,
+        max_seq_len: usize,
+    ) -> Result<Option<TrainingTokens>, MlError> {
+        Ok(crate::data::tokenize(
+            &self.tok,
+            &self.cfg,
+            std::slice::from_ref(record),
+            max_seq_len,
+        )?
+        .pop()
+        .map(|e| (e.ids, e.trained)))
     }
 
     /// Next-token logits after every position of `ids`: `ids.len()` rows of `vocab_size`.
@@ -160,10 +182,7 @@ impl CausalLm {
         }
         let examples: Vec<Example> = seqs
             .iter()
-            .map(|s| Example {
-                ids: s.clone(),
-                loss_from: 1,
-            })
+            .map(|s| Example::from_index(s.clone(), 1))
             .collect();
         let refs: Vec<&Example> = examples.iter().collect();
         let run = || -> candle_core::Result<f64> {

@@ -8,6 +8,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+use crate::chat::ChatTemplate;
 use crate::config::LlamaConfig;
 use crate::error::{CandleContext, MlError};
 use crate::lora::LoraWeights;
@@ -116,6 +117,11 @@ pub(crate) fn load_tokenizer(
 ) -> Result<TextTokenizer, MlError> {
     let path = model.tokenizer_path();
     let tok = TextTokenizer::from_file(&path)?;
+    let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
+    let (bos, eos) = (name(cfg.bos_token_id), name(cfg.eos_token_id));
+    let chat = ChatTemplate::from_model_dir(&model.path, &bos, &eos)?
+        .unwrap_or_else(|| ChatTemplate::plain(&bos, &eos));
+    let tok = tok.with_chat(chat);
     if tok.vocab_size() > cfg.vocab_size {
         return Err(MlError::Tokenizer {
             path,

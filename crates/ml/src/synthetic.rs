@@ -1,5 +1,6 @@
 //! Synthetic test sets: sample responses from a model (KV-cached decoding) for perturbed
-//! prompts, and keep those that pass the filters. Same seed, same set.
+//! prompts, and keep those that pass the filters; or rewrite a real dataset's held-out and
+//! test records with the base model, keeping each record's form. Same seed, same set.
 
 use std::collections::HashSet;
 
@@ -7,6 +8,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::chat::Turn;
 use crate::data::Record;
 use crate::error::MlError;
 use crate::lm::CausalLm;
@@ -242,6 +244,139 @@ pub fn synthetic_set(
             continue;
         }
         out.push(Record::Instruction { prompt, response });
+    }
+    Ok(out)
+}
+
+/// What one source record becomes: the prompt to continue and how to rebuild a record of
+/// the same form from the text generated.
+enum Rewrite {
+    Instruction { prompt: String },
+    Chat { turns: Vec<Turn> },
+    Text { prefix: String },
+}
+
+impl Rewrite {
+    /// The source's prompt, its last user turn perturbed; None for a record with nothing
+    /// to continue (a conversation opening with the assistant).
+    fn of(r: &Record, lm: &CausalLm, rng: &mut StdRng) -> Result<Option<Rewrite>, MlError> {
+        Ok(match r {
+            Record::Instruction { prompt, .. } => Some(Rewrite::Instruction {
+                prompt: perturb(prompt, rng),
+            }),
+            Record::Chat { messages } => {
+                let Some(last) = messages.iter().rposition(|t| t.role == "assistant") else {
+                    return Ok(None);
+                };
+                let mut turns = messages[..last].to_vec();
+                match turns.iter_mut().rev().find(|t| t.role == "user") {
+                    Some(t) => t.content = perturb(&t.content, rng),
+                    None => return Ok(None),
+                }
+                Some(Rewrite::Chat { turns })
+            }
+            Record::Text { text } => {
+                // The opening third of the text (at least 4 tokens) is kept.
+                let ids = lm.tokenizer().encode(text)?;
+                if ids.len() < 8 {
+                    return Ok(None);
+                }
+                let keep = (ids.len() / 3).max(4);
+                Some(Rewrite::Text {
+                    prefix: lm.tokenizer().decode(&ids[..keep], false)?,
+                })
+            }
+        })
+    }
+
+    /// Token ids to continue, as training and scoring tokenize the same record.
+    fn prompt_ids(&self, lm: &CausalLm) -> Result<Vec<u32>, MlError> {
+        let tok = lm.tokenizer();
+        let chat = tok.chat();
+        let bos: Vec<u32> = lm.config().bos_token_id.into_iter().collect();
+        let turns = match self {
+            Rewrite::Text { prefix } => {
+                return Ok(bos.into_iter().chain(tok.encode(prefix)?).collect());
+            }
+            Rewrite::Instruction { prompt } if !chat.is_models_own() => {
+                return Ok(bos.into_iter().chain(tok.encode(prompt)?).collect());
+            }
+            Rewrite::Instruction { prompt } => vec![Turn::new("user", prompt.as_str())],
+            Rewrite::Chat { turns } => turns.clone(),
+        };
+        let text = chat.render(&turns, true)?;
+        let wrote_bos = !chat.bos_token().is_empty() && text.starts_with(chat.bos_token());
+        let mut ids = if wrote_bos { Vec::new() } else { bos };
+        ids.extend(tok.encode(&text)?);
+        Ok(ids)
+    }
+
+    fn record(self, generated: String) -> Record {
+        match self {
+            Rewrite::Instruction { prompt } => Record::Instruction {
+                prompt,
+                response: generated,
+            },
+            Rewrite::Chat { mut turns } => {
+                turns.push(Turn::new("assistant", generated));
+                Record::Chat { messages: turns }
+            }
+            Rewrite::Text { prefix } => Record::Text {
+                text: format!("{prefix}{generated}"),
+            },
+        }
+    }
+}
+
+/// Up to `n` records rewritten from `sources` (a dataset's held-out and test records) by
+/// `lm` (the competition's base model, or a stronger one): each attempt picks a source,
+/// perturbs its prompt (its last user turn; text keeps its opening third) and has the
+/// model write the rest, keeping the record's form, rendered with the model's chat
+/// template. A generation cut by `max_tokens` is kept (it is still the model's text);
+/// empty, looping and repeated ones are dropped. Stops after `4 n` attempts. Deterministic
+/// from `seed`, so every validator of a competition rewrites the same set.
+pub fn rewrite_set(
+    lm: &CausalLm,
+    sources: &[Record],
+    seed: u64,
+    sampling: &SamplingConfig,
+    n: usize,
+) -> Result<Vec<Record>, MlError> {
+    sampling.validate()?;
+    if sources.is_empty() {
+        return Err(MlError::Invalid(
+            "a rewritten synthetic set needs at least one source record".into(),
+        ));
+    }
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut out = Vec::with_capacity(n);
+    let mut seen: HashSet<String> = HashSet::new();
+    let ctx = lm.config().max_position_embeddings;
+    for _ in 0..n.saturating_mul(4) {
+        if out.len() >= n {
+            break;
+        }
+        let source = &sources[rng.random_range(0..sources.len())];
+        let Some(rewrite) = Rewrite::of(source, lm, &mut rng)? else {
+            continue;
+        };
+        let ids = rewrite.prompt_ids(lm)?;
+        if ids.is_empty() || ids.len() + 2 >= ctx {
+            continue;
+        }
+        let g = lm.generate(&ids, sampling, &mut rng)?;
+        if g.ids.is_empty() || is_repetitive(&g.ids) {
+            continue;
+        }
+        let text = lm.tokenizer().decode(&g.ids, true)?;
+        if text.trim().is_empty() {
+            continue;
+        }
+        let record = rewrite.record(text);
+        let key = serde_json::to_string(&record).unwrap_or_default();
+        if seen.insert(key) {
+            out.push(record);
+        }
     }
     Ok(out)
 }

@@ -6,6 +6,7 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
+use crate::chat::ChatTemplate;
 use crate::error::MlError;
 
 /// Beginning-of-sequence token of the byte-level tokenizer.
@@ -22,6 +23,8 @@ pub const BYTE_VOCAB_SIZE: usize = 259;
 pub struct TextTokenizer {
     inner: Tokenizer,
     path: PathBuf,
+    /// How conversations are rendered: the model's template, or the plain one.
+    chat: std::sync::Arc<ChatTemplate>,
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -48,7 +51,24 @@ impl TextTokenizer {
         Ok(TextTokenizer {
             inner,
             path: path.to_path_buf(),
+            chat: std::sync::Arc::new(ChatTemplate::plain("", "")),
         })
+    }
+
+    /// Renders conversations with `chat` from now on.
+    pub fn with_chat(mut self, chat: ChatTemplate) -> TextTokenizer {
+        self.chat = std::sync::Arc::new(chat);
+        self
+    }
+
+    /// How conversations are rendered for this model.
+    pub fn chat(&self) -> &ChatTemplate {
+        &self.chat
+    }
+
+    /// Text of one token id (special tokens included), if the id exists.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
     }
 
     /// Token ids of `text`, without any special tokens added.

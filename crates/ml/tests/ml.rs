@@ -2330,3 +2330,422 @@ fn full_weights_in_hugging_face_layout_import_and_bad_ones_say_why() {
     });
     assert!(e.contains("model.norm.weight is missing"), "{e}");
 }
+
+// ---- Dataset formats, chat templates and rewritten synthetic sets ----
+
+fn parse(bytes: &str, format: &'static str, map: &FieldMap) -> Result<DatasetLoad, MlError> {
+    parse_dataset(bytes.as_bytes(), format, map, "test")
+}
+
+fn chat(turns: &[(&str, &str)]) -> Record {
+    Record::Chat {
+        messages: turns.iter().map(|(r, c)| Turn::new(r, *c)).collect(),
+    }
+}
+
+/// One string column's values with its definition and repetition levels.
+type ParquetColumn = (Vec<&'static str>, Option<Vec<i16>>, Option<Vec<i16>>);
+
+/// Writes a Parquet file of string columns (Snappy) with the low-level writer.
+fn write_parquet(path: &Path, schema: &str, columns: Vec<ParquetColumn>) {
+    use parquet::basic::Compression;
+    use parquet::data_type::{ByteArray, ByteArrayType};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use std::sync::Arc;
+    let schema = Arc::new(parquet::schema::parser::parse_message_type(schema).unwrap());
+    let props = Arc::new(
+        WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .build(),
+    );
+    let mut w =
+        SerializedFileWriter::new(std::fs::File::create(path).unwrap(), schema, props).unwrap();
+    let mut rg = w.next_row_group().unwrap();
+    let mut columns = columns.into_iter();
+    while let Some(mut col) = rg.next_column().unwrap() {
+        let (values, def, rep) = columns.next().expect("a column per leaf");
+        let values: Vec<ByteArray> = values.into_iter().map(ByteArray::from).collect();
+        col.typed::<ByteArrayType>()
+            .write_batch(&values, def.as_deref(), rep.as_deref())
+            .unwrap();
+        col.close().unwrap();
+    }
+    rg.close().unwrap();
+    w.close().unwrap();
+}
+
+#[test]
+fn datasets_in_every_format_and_mapping() {
+    let map = FieldMap::default();
+    let jsonl = r#"{"instruction": "Add", "input": "2 and 3", "output": "5", "system": "Be brief."}
+{"instruction": "Add", "input": "", "output": "5"}
+{"text": "plain"}
+{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "And?"}, {"role": "assistant", "content": "Bye"}]}
+"#;
+    let d = parse(jsonl, "jsonl", &map).unwrap();
+    assert_eq!(
+        d.records,
+        vec![
+            chat(&[
+                ("system", "Be brief."),
+                ("user", "Add\n2 and 3"),
+                ("assistant", "5")
+            ]),
+            Record::Instruction {
+                prompt: "Add".into(),
+                response: "5".into()
+            },
+            Record::Text {
+                text: "plain".into()
+            },
+            chat(&[
+                ("user", "Hi"),
+                ("assistant", "Hello"),
+                ("user", "And?"),
+                ("assistant", "Bye")
+            ]),
+        ]
+    );
+    // Shards travel as JSONL: every record comes back the same.
+    assert_eq!(parse_jsonl(&to_jsonl(&d.records)).unwrap(), d.records);
+    let json = r#"[{"q": "Why?", "a": "Because."}, {"q": "x"}]"#;
+    let qa = FieldMap {
+        instruction: Some("q".into()),
+        output: Some("a".into()),
+        ..Default::default()
+    };
+    let d = parse(json, "json", &qa).unwrap();
+    assert_eq!(d.records.len(), 1);
+    assert_eq!((d.bad_count, d.bad[0].at, d.unit()), (1, 2, "record"));
+    let csv = "q,a\n\"Why, then?\",\"He said \"\"no\"\".\nTwice.\"\nx,\n";
+    let d = parse(csv, "csv", &qa).unwrap();
+    assert_eq!(
+        d.records,
+        vec![Record::Instruction {
+            prompt: "Why, then?".into(),
+            response: "He said \"no\".\nTwice.".into()
+        }]
+    );
+    // An empty cell is a missing field, reported on the row's line (the header counts).
+    assert_eq!((d.bad_count, d.bad[0].at), (1, 4));
+    assert!(d.bad[0].problem.contains("no output"), "{:?}", d.bad);
+
+    // Parquet: flat Alpaca columns (input optional) ...
+    let dir = tempfile::tempdir().unwrap();
+    let flat = dir.path().join("train-00000-of-00001.parquet");
+    write_parquet(
+        &flat,
+        "message schema { REQUIRED BYTE_ARRAY instruction (UTF8); OPTIONAL BYTE_ARRAY input (UTF8); OPTIONAL BYTE_ARRAY output (UTF8); }",
+        vec![
+            (vec!["Add", "Greet", "Lonely"], None, None),
+            (vec!["2 and 3"], Some(vec![1, 0, 0]), None),
+            (vec!["5", "Hello"], Some(vec![1, 1, 0]), None),
+        ],
+    );
+    let d = load_dataset(&flat, &map).unwrap();
+    assert_eq!(d.format, "parquet");
+    assert_eq!(
+        d.records,
+        vec![
+            Record::Instruction {
+                prompt: "Add\n2 and 3".into(),
+                response: "5".into()
+            },
+            Record::Instruction {
+                prompt: "Greet".into(),
+                response: "Hello".into()
+            },
+        ]
+    );
+    assert_eq!((d.bad_count, d.bad[0].at, d.unit()), (1, 3, "row"));
+    // ... and a chat column, a list of role/content structs, as the hub's chat sets have.
+    let nested = dir.path().join("chat.parquet");
+    write_parquet(
+        &nested,
+        "message schema { REQUIRED group conversation (LIST) { REPEATED group list { REQUIRED group element { REQUIRED BYTE_ARRAY role (UTF8); REQUIRED BYTE_ARRAY content (UTF8); } } } }",
+        vec![
+            (
+                vec!["user", "assistant", "system", "user", "assistant"],
+                Some(vec![1; 5]),
+                Some(vec![0, 1, 0, 1, 1]),
+            ),
+            (
+                vec!["Hi", "Hello", "Be kind.", "Help", "Sure"],
+                Some(vec![1; 5]),
+                Some(vec![0, 1, 0, 1, 1]),
+            ),
+        ],
+    );
+    let conv = FieldMap {
+        messages: Some("conversation".into()),
+        ..Default::default()
+    };
+    let d = load_dataset(&nested, &conv).unwrap();
+    assert_eq!(
+        d.records,
+        vec![
+            chat(&[("user", "Hi"), ("assistant", "Hello")]),
+            chat(&[
+                ("system", "Be kind."),
+                ("user", "Help"),
+                ("assistant", "Sure")
+            ]),
+        ]
+    );
+}
+
+#[test]
+fn malformed_dataset_files_say_where_and_a_mapping_that_fits_nothing_is_refused() {
+    let map = FieldMap::default();
+    // Well-formed records that fit nothing are counted, with their lines.
+    let d = parse(
+        "{\"text\": \"a\"}\n{\"q\": 1}\n{\"text\": 3}\n",
+        "jsonl",
+        &map,
+    )
+    .unwrap();
+    assert_eq!((d.bad_count, d.bad[0].at, d.bad[1].at), (2, 2, 3));
+    assert!(d.bad[1].problem.contains("must be a string"), "{:?}", d.bad);
+    // A malformed file is refused whole, naming the line, record or row.
+    let err =
+        |bytes: &str, format: &'static str| parse(bytes, format, &map).unwrap_err().to_string();
+    let e = err("{\"text\": \"a\"}\nnot json\n", "jsonl");
+    assert!(e.contains("line 2") && e.contains("not valid JSON"), "{e}");
+    let e = err("q,a\nx,y\nshort\n", "csv");
+    assert!(
+        e.contains("line 3") && e.contains("1 fields where the header has 2"),
+        "{e}"
+    );
+    let e = err("[{\"text\": \"a\"}, 3]", "json");
+    assert!(e.contains("record 2"), "{e}");
+    let e = err("{\"q\": \"a\"}\n", "jsonl");
+    assert!(e.contains("no record fits the field mapping"), "{e}");
+    assert!(err("[1,", "json").contains("not valid JSON"));
+    assert!(err("text\n\"open", "csv").contains("never closed"));
+    let e = err(
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}\n",
+        "jsonl",
+    );
+    assert!(e.contains("no assistant turn"), "{e}");
+    let e = err(
+        "{\"messages\": [{\"role\": \"user\"}, {\"role\": \"assistant\", \"content\": \"x\"}]}\n",
+        "jsonl",
+    );
+    assert!(e.contains("turn 1") && e.contains("\"content\""), "{e}");
+    // Parquet: not Parquet at all, and a file cut short.
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("d.parquet");
+    write_parquet(
+        &good,
+        "message schema { REQUIRED BYTE_ARRAY text (UTF8); }",
+        vec![(vec!["one", "two"], None, None)],
+    );
+    assert_eq!(load_dataset(&good, &map).unwrap().records.len(), 2);
+    let bytes = std::fs::read(&good).unwrap();
+    let e = parse_dataset(b"text\nnot parquet\n", "parquet", &map, "x.parquet")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a readable Parquet file"), "{e}");
+    for cut in [bytes.len() - 3, bytes.len() / 2, 8] {
+        let e = parse_dataset(&bytes[..cut], "parquet", &map, "x.parquet")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("x.parquet") && e.contains("Parquet"), "{e}");
+    }
+    let e = load_dataset(&dir.path().join("d.tsv"), &map)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("cannot read") || e.contains("unknown dataset format"),
+        "{e}"
+    );
+}
+
+/// ChatML, as SmolLM2 and Qwen write it, with a default system turn and Python string
+/// methods.
+const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'].strip() + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// The text of the trained tokens of `r`, each run of them ended by `|`.
+fn trained_text(lm: &CausalLm, r: &Record) -> String {
+    let (ids, trained) = lm.training_tokens(r, 4096).unwrap().unwrap();
+    let mut out = String::new();
+    let mut run = Vec::new();
+    for (id, t) in ids.iter().zip(&trained) {
+        if *t {
+            run.push(*id);
+        } else if !run.is_empty() {
+            out.push_str(&lm.tokenizer().decode(&run, false).unwrap());
+            out.push('|');
+            run.clear();
+        }
+    }
+    if !run.is_empty() {
+        out.push_str(&lm.tokenizer().decode(&run, false).unwrap());
+        out.push('|');
+    }
+    out
+}
+
+fn load_cpu(m: &Path) -> CausalLm {
+    CausalLm::load(
+        &ModelDir::open(m).unwrap(),
+        None,
+        WeightDtype::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+#[test]
+fn chat_templates_render_conversations_and_train_only_the_assistant() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m");
+    init_tiny(&m, 31).unwrap();
+    let talk = chat(&[
+        ("user", "Hi "),
+        ("assistant", "Hello"),
+        ("user", "And?"),
+        ("assistant", "Bye"),
+    ]);
+    let instruction = Record::Instruction {
+        prompt: "Add 2 and 3".into(),
+        response: "5".into(),
+    };
+    // A base model has no template: the plain one, eos closing each assistant turn;
+    // instructions tokenize as they always did (prompt, response, eos).
+    let base = load_cpu(&m);
+    assert!(!base.tokenizer().chat().is_models_own());
+    assert_eq!(trained_text(&base, &talk), "Hello</s>\n|Bye</s>\n|");
+    assert_eq!(trained_text(&base, &instruction), "5</s>|");
+    let (ids, _) = base.training_tokens(&instruction, 4096).unwrap().unwrap();
+    assert_eq!(
+        base.tokenizer().decode(&ids, false).unwrap(),
+        "<s>Add 2 and 35</s>"
+    );
+    // Plain text is trained on whole.
+    let text = Record::Text { text: "abc".into() };
+    assert_eq!(trained_text(&base, &text), "abc</s>|");
+
+    // The model's own template from tokenizer_config.json: its markup is never trained on.
+    std::fs::write(
+        m.join("tokenizer_config.json"),
+        serde_json::json!({"chat_template": CHATML, "eos_token": "</s>", "bos_token": {"content": "<s>"}})
+            .to_string(),
+    )
+    .unwrap();
+    let own = load_cpu(&m);
+    assert!(own.tokenizer().chat().is_models_own());
+    assert_eq!(
+        trained_text(&own, &talk),
+        "Hello<|im_end|>\n|Bye<|im_end|>\n|"
+    );
+    let (ids, _) = own.training_tokens(&talk, 4096).unwrap().unwrap();
+    assert_eq!(
+        own.tokenizer().decode(&ids, false).unwrap(),
+        "<s><|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nAnd?<|im_end|>\n<|im_start|>assistant\nBye<|im_end|>\n"
+    );
+    // Instructions become a user turn and an assistant turn.
+    assert_eq!(trained_text(&own, &instruction), "5<|im_end|>\n|");
+    let prompt = own
+        .tokenizer()
+        .chat()
+        .render(&[Turn::new("user", "Q")], true)
+        .unwrap();
+    assert!(prompt.ends_with("<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"));
+    // Truncation keeps the mask aligned; too short to reach an answer: nothing to train.
+    assert!(own.training_tokens(&talk, 20).unwrap().is_none());
+    // The template's own errors are reported.
+    let strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversations must start with the user') }}{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}";
+    let t = ChatTemplate::new(strict, "<s>", "</s>").unwrap();
+    let e = t
+        .segments(&[Turn::new("assistant", "x")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("must start with the user"), "{e}");
+    // A template that does not render a conversation's start as a prefix cannot be masked.
+    let reversed = "{% for m in messages|reverse %}{{ m.role }}:{{ m.content }};{% endfor %}";
+    let t = ChatTemplate::new(reversed, "", "").unwrap();
+    let e = t
+        .segments(&[Turn::new("user", "a"), Turn::new("assistant", "b")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cannot be masked"), "{e}");
+    // A broken template is refused when the model loads, naming the model.
+    std::fs::write(
+        m.join("tokenizer_config.json"),
+        serde_json::json!({"chat_template": "{% for m in messages %}"}).to_string(),
+    )
+    .unwrap();
+    let e = CausalLm::load(
+        &ModelDir::open(&m).unwrap(),
+        None,
+        WeightDtype::F32,
+        &Device::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("does not compile") && e.contains("chat template"),
+        "{e}"
+    );
+}
+
+#[test]
+fn rewritten_synthetic_sets_keep_each_records_form_and_follow_the_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m");
+    init_tiny(&m, 33).unwrap();
+    let lm = load_cpu(&m);
+    let sources = vec![
+        Record::Instruction {
+            prompt: "Name three colours of the rainbow".into(),
+            response: "Red, orange and yellow.".into(),
+        },
+        chat(&[
+            ("system", "Be brief."),
+            ("user", "What is the boiling point of water at sea level"),
+            ("assistant", "100 degrees Celsius."),
+            ("user", "And in Fahrenheit"),
+            ("assistant", "212 degrees."),
+        ]),
+        Record::Text {
+            text: "The river runs through the old town and under seven stone bridges.".into(),
+        },
+    ];
+    let sampling = SamplingConfig {
+        max_tokens: 24,
+        ..Default::default()
+    };
+    let a = rewrite_set(&lm, &sources, 7, &sampling, 12).unwrap();
+    assert_eq!(a, rewrite_set(&lm, &sources, 7, &sampling, 12).unwrap());
+    assert_ne!(a, rewrite_set(&lm, &sources, 8, &sampling, 12).unwrap());
+    assert!(a.len() >= 6, "{a:?}");
+    let mut kinds = std::collections::BTreeSet::new();
+    for r in &a {
+        assert!(!sources.contains(r), "{r:?} is a copy");
+        match r {
+            Record::Instruction { response, .. } => {
+                kinds.insert("instruction");
+                assert!(!response.trim().is_empty());
+            }
+            Record::Chat { messages } => {
+                kinds.insert("chat");
+                // The turns before the rewritten answer are kept (the last user turn
+                // perturbed), and the answer is new.
+                let roles: Vec<&str> = messages.iter().map(|t| t.role.as_str()).collect();
+                assert_eq!(roles, ["system", "user", "assistant", "user", "assistant"]);
+                assert_eq!(messages[2].content, "100 degrees Celsius.");
+                assert_ne!(messages[4].content, "212 degrees.");
+            }
+            Record::Text { text } => {
+                kinds.insert("text");
+                assert!(text.starts_with("The river runs"), "{text}");
+            }
+        }
+        // Each rewritten record is trainable and scorable like its source.
+        assert!(lm.training_tokens(r, 256).unwrap().is_some());
+    }
+    assert_eq!(kinds.len(), 3, "{a:?}");
+    assert!(rewrite_set(&lm, &[], 7, &sampling, 4).is_err());
+}

@@ -274,12 +274,17 @@ pub struct CompetitionConfig {
     /// Integrity check thresholds (changeable while the competition runs).
     #[serde(default)]
     pub integrity: IntegritySettings,
-    /// The process that generated the dataset, from which the validator samples a fresh
-    /// synthetic evaluation set after each job's deadline: `"demo"` (the demo dataset's
-    /// generator). Unset: no synthetic set; submissions are scored and checked for
-    /// leakage on the test split alone.
+    /// How the validator makes each job's fresh synthetic evaluation set after its
+    /// deadline (the basis of the test-leakage check): `"rewrite"` (the default: the
+    /// test split's records rewritten by the base model, or by `synthetic_model`, under a
+    /// seed drawn then, each keeping its form), `"demo"` (the demo dataset's generator,
+    /// for datasets it made), or `"none"` (no synthetic set, so no leakage check).
     #[serde(default)]
     pub synthetic_generator: Option<String>,
+    /// A stronger model directory to rewrite synthetic records with (default: the
+    /// competition's base model). It must share the base model's tokenizer.
+    #[serde(default)]
+    pub synthetic_model: Option<PathBuf>,
     /// Records in each job's synthetic set (0: as many as the test split has).
     #[serde(default)]
     pub synthetic_records: usize,
@@ -397,9 +402,33 @@ impl CompetitionConfig {
         if let Err(e) = self.hardware.validate() {
             return fail(e);
         }
+        if let Some(g) = self.synthetic_generator.as_deref()
+            && !SYNTHETIC_GENERATORS.contains(&g)
+        {
+            return fail(format!(
+                "`synthetic_generator` {g:?} is unknown: use \"rewrite\" (the default), \"demo\" or \"none\""
+            ));
+        }
+        if self.synthetic_model.is_some() && self.synthetic() != Some("rewrite") {
+            return fail(
+                "`synthetic_model` is used only with synthetic_generator = \"rewrite\"".into(),
+            );
+        }
         Ok(())
     }
+
+    /// How this competition's synthetic sets are made (None: it has none).
+    pub fn synthetic(&self) -> Option<&str> {
+        match self.synthetic_generator.as_deref() {
+            None => Some("rewrite"),
+            Some("none") => None,
+            Some(g) => Some(g),
+        }
+    }
 }
+
+/// The values `synthetic_generator` may take.
+pub const SYNTHETIC_GENERATORS: &[&str] = &["rewrite", "demo", "none"];
 
 /// `validator.toml`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -4,7 +4,7 @@
 //! who is caught by which check, and every honest miner wrongly flagged.
 
 use crate::error::NodeError;
-use crate::validator::{Binding, JobSets, evaluate_submission, synthetic_set};
+use crate::validator::{Binding, JobSets, evaluate_submission};
 use rand::SeedableRng;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -606,7 +606,7 @@ fn run_one(
             .ok_or_else(|| NodeError::Other("no synthetic seed after the deadline".into()))?;
         let mut sets = JobSets {
             test: test.to_vec(),
-            synthetic: synthetic_set("demo", synthetic_seed, 0, test.len()),
+            synthetic: Some(tunenet_ml::demo_dataset(test.len().max(1), synthetic_seed)),
             shard: shard.clone(),
             canaries: canaries[j].clone(),
             base_losses: Default::default(),

@@ -215,7 +215,7 @@ pub(crate) fn competition_plan(
         reply_to: reply_to.to_string(),
         hardware: cfg.hardware.to_offer(),
         integrity,
-        requires_synthetic: cfg.synthetic_generator.is_some()
+        requires_synthetic: cfg.synthetic().is_some()
             && cfg.kind == tunenet_types::JobKind::FineTune,
     }
 }
@@ -256,7 +256,7 @@ pub fn prepare(
     let per_job = cfg.canaries_per_job + cfg.sibling_canaries;
     let wanted = per_job * cfg.jobs as usize;
     // A generator that can draw canaries with alternatives gets the exposure test.
-    let variants = match cfg.synthetic_generator.as_deref() {
+    let variants = match cfg.synthetic() {
         Some("demo") if cfg.canary_alternatives > 0 => Some(tunenet_ml::demo_canaries(
             cfg.canaries_per_job * cfg.jobs as usize,
             cfg.canary_alternatives,
@@ -264,22 +264,17 @@ pub fn prepare(
         )),
         _ => None,
     };
-    let candidates = match cfg.synthetic_generator.as_deref() {
+    let candidates = match cfg.synthetic() {
         _ if variants.is_some() => Vec::new(),
-        None => {
-            let cap = records.len() / 20;
-            tunenet_integrity::hold_out(&mut records, wanted.min(cap), secret)
-        }
         Some("demo") => tunenet_integrity::pick_candidates(
             &tunenet_ml::demo_dataset(wanted * 4 + 64, secret),
             &records,
             wanted,
             secret,
         ),
-        Some(other) => {
-            return Err(fail(format!(
-                "`synthetic_generator` {other:?} is unknown: use \"demo\" or leave it unset"
-            )));
+        _ => {
+            let cap = records.len() / 20;
+            tunenet_integrity::hold_out(&mut records, wanted.min(cap), secret)
         }
     };
     let (test, mut shards) = split(cfg, records)?;
@@ -521,8 +516,21 @@ struct EvalRequest {
     canaries: tunenet_integrity::JobCanaries,
     /// The miner's assignment nonce (None if the engine has no slot for it).
     nonce: Option<[u8; 32]>,
-    /// The synthetic set to generate: generator, seed (drawn at the deadline), records.
-    synthetic: Option<(String, u64, usize)>,
+    /// The synthetic set to make.
+    synthetic: Option<Synthetic>,
+}
+
+/// How to make a job's synthetic set.
+#[derive(Clone, Debug)]
+pub struct Synthetic {
+    /// `rewrite` or `demo` (see `CompetitionConfig::synthetic_generator`).
+    pub generator: String,
+    /// Drawn at the job's deadline.
+    pub seed: u64,
+    /// How many records (0: as many as the test split).
+    pub records: usize,
+    /// The model that rewrites (None: the base model).
+    pub model: Option<PathBuf>,
 }
 
 /// One competition in the running validator.
@@ -951,10 +959,14 @@ impl Validator {
                     let synthetic = c
                         .record
                         .config
-                        .synthetic_generator
-                        .clone()
+                        .synthetic()
                         .zip(job.and_then(|j| j.synthetic_seed))
-                        .map(|(g, seed)| (g, seed, c.record.config.synthetic_records));
+                        .map(|(g, seed)| Synthetic {
+                            generator: g.to_string(),
+                            seed,
+                            records: c.record.config.synthetic_records,
+                            model: c.record.config.synthetic_model.clone(),
+                        });
                     let _ = self.evals.send(EvalRequest {
                         bounds: c.engine.plan().hparams.clone(),
                         integrity: c.engine.plan().integrity.clone(),
@@ -1474,18 +1486,50 @@ impl JobSets {
     }
 }
 
+/// Longest rewritten response, in tokens.
+const REWRITE_MAX_TOKENS: usize = 96;
+
 /// The synthetic set of a job: `records` (0: as many as the test split) drawn from the
-/// named generator with the seed drawn at the deadline. None for unknown generators.
+/// demo generator, or rewritten from the test split by `base` (or the configured
+/// stronger model) with the seed drawn at the deadline, on `device`.
 pub fn synthetic_set(
-    generator: &str,
-    seed: u64,
-    records: usize,
-    test_len: usize,
-) -> Option<Vec<tunenet_ml::Record>> {
-    let n = if records == 0 { test_len } else { records }.max(1);
-    match generator {
-        "demo" => Some(tunenet_ml::demo_dataset(n, seed)),
-        _ => None,
+    s: &Synthetic,
+    test: &[tunenet_ml::Record],
+    base: &tunenet_ml::ModelDir,
+    device: &tunenet_ml::Device,
+    max_seq_len: usize,
+) -> Result<Vec<tunenet_ml::Record>, String> {
+    let n = if s.records == 0 {
+        test.len()
+    } else {
+        s.records
+    }
+    .max(1);
+    match s.generator.as_str() {
+        "demo" => Ok(tunenet_ml::demo_dataset(n, s.seed)),
+        "rewrite" => {
+            let dir = match &s.model {
+                Some(p) => {
+                    tunenet_ml::ModelDir::open(p).map_err(|e| format!("`synthetic_model`: {e}"))?
+                }
+                None => base.clone(),
+            };
+            let lm = tunenet_ml::CausalLm::load(&dir, None, tunenet_ml::WeightDtype::Auto, device)
+                .map_err(|e| format!("loading the model that rewrites the synthetic set: {e}"))?;
+            let sampling = tunenet_ml::SamplingConfig {
+                max_tokens: REWRITE_MAX_TOKENS.min(max_seq_len.max(8) / 2),
+                ..Default::default()
+            };
+            let set = tunenet_ml::rewrite_set(&lm, test, s.seed, &sampling, n)
+                .map_err(|e| format!("rewriting the synthetic set: {e}"))?;
+            if set.is_empty() {
+                return Err("the rewritten synthetic set came out empty (every generation was empty or looped)".into());
+            }
+            Ok(set)
+        }
+        other => Err(format!(
+            "the synthetic generator `{other}` is unknown: the job cannot be scored without its synthetic set"
+        )),
     }
 }
 
@@ -1729,13 +1773,18 @@ fn spawn_evaluator(
                     // The synthetic set is generated after the deadline, from the seed the
                     // engine drew when the deadline passed; a job's sets are kept for its
                     // cohort only while they were made from that same seed.
-                    let seed = req.synthetic.as_ref().map(|(_, seed, _)| *seed);
+                    let seed = req.synthetic.as_ref().map(|s| s.seed);
                     if jobs.get(&req.job_id).is_some_and(|(s, _)| *s != seed) {
                         jobs.remove(&req.job_id);
                     }
                     if !jobs.contains_key(&req.job_id) {
                         let synthetic = match &req.synthetic {
-                            Some((g, seed, n)) => Some(synthetic_set(g, *seed, *n, test.len()).ok_or_else(|| format!("the synthetic generator `{g}` is unknown: the job cannot be scored without its synthetic set"))?),
+                            Some(s) => {
+                                let t0 = std::time::Instant::now();
+                                let set = synthetic_set(s, test, &model, &devices[0], req.max_seq_len)?;
+                                tracing::info!(competition = %req.comp, job_id = %req.job_id, generator = %s.generator, records = set.len(), secs = t0.elapsed().as_secs_f64(), "synthetic set made");
+                                Some(set)
+                            }
                             None => None,
                         };
                         let shard = match req.shard {
