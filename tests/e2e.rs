@@ -2413,3 +2413,240 @@ fn hw_competition(id: &str, model: &Path, data: &Path, requirement: &str) -> Str
         "[[competitions]]\nid = \"{id}\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 1\nminers_per_job = 1\ntime_budget_secs = 30\n[competitions.hardware]\n{requirement}\n"
     )
 }
+
+/// A ChatML template (as SmolLM2 and Qwen ship), for a tiny model that reads chats.
+const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}{% endif %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+#[test]
+fn a_competition_on_a_hub_model_and_dataset_with_a_chat_template_and_rewritten_synthetic_sets() {
+    use tunenet_hub::RepoKind;
+    use tunenet_hub::testserver::{add_commit, commit_id, serve, set_ref};
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    // A local hub: a tiny chat model (with its template in tokenizer_config.json) and the
+    // shipped chat dataset as train and test data files.
+    let hub = root.join("hub");
+    let model = root.join("model");
+    tunenet_ml::init_tiny(&model, 41).unwrap();
+    std::fs::write(
+        model.join("tokenizer_config.json"),
+        serde_json::json!({"chat_template": CHATML, "bos_token": "<s>", "eos_token": "</s>"})
+            .to_string(),
+    )
+    .unwrap();
+    let files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&model)
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            (
+                p.file_name().unwrap().to_string_lossy().to_string(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect();
+    let files: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.as_slice()))
+        .collect();
+    let mcommit = commit_id("tiny-chat-1");
+    add_commit(&hub, RepoKind::Model, "tunenet/tiny-chat", &mcommit, &files).unwrap();
+    set_ref(&hub, RepoKind::Model, "tunenet/tiny-chat", "main", &mcommit).unwrap();
+    let lines: Vec<&[u8]> = tunenet_ml::SHIPPED_INSTRUCT_JSONL
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
+    let train = lines[..200].join(&b'\n');
+    let test = lines[200..].join(&b'\n');
+    let dcommit = commit_id("instruct-1");
+    add_commit(
+        &hub,
+        RepoKind::Dataset,
+        "tunenet/instruct",
+        &dcommit,
+        &[
+            ("data/train-00000-of-00001.jsonl", &train),
+            ("data/test-00000-of-00001.jsonl", &test),
+            ("README.md", b"a dataset card"),
+        ],
+    )
+    .unwrap();
+    set_ref(
+        &hub,
+        RepoKind::Dataset,
+        "tunenet/instruct",
+        "main",
+        &dcommit,
+    )
+    .unwrap();
+    let (endpoint, _server) = serve(hub.clone());
+    let hf_home = root.join("hf");
+    let env = [
+        ("HF_ENDPOINT", endpoint.as_str()),
+        ("HF_HOME", hf_home.to_str().unwrap()),
+    ];
+
+    let mut miners = Vec::new();
+    let mut urls = Vec::new();
+    // Two miners of their own settings (seeds and learning rates differ, as real ones do).
+    for (i, lr) in [(0, 0.002), (1, 0.004)] {
+        let mport = port();
+        let mconf = root.join(format!("m{i}.toml"));
+        std::fs::write(
+            &mconf,
+            format!(
+                "data_dir = {:?}\nlisten = \"127.0.0.1:{mport}\"\n[training]\nlearning_rate = {lr}\nseed = {i}\nmax_seq_len = 256\nbatch_size = 4\ncommit_margin_secs = 1.0\n",
+                root.join(format!("m{i}"))
+            ),
+        )
+        .unwrap();
+        miners.push(Daemon::start(
+            &["miner", "--config", mconf.to_str().unwrap()],
+            &root.join(format!("m{i}.log")),
+        ));
+        urls.push(format!("\"http://127.0.0.1:{mport}\""));
+    }
+    let vport = port();
+    let vconf = root.join("v.toml");
+    let competition = |id: &str, model: &str| {
+        format!(
+            "[[competitions]]\nid = \"{id}\"\nbase_model = \"{model}\"\ndataset = \"hf:tunenet/instruct\"\ndataset_split = \"train\"\njobs = 1\nminers_per_job = 2\ntime_budget_secs = 10\nreveal_window_secs = 20\neval_max_seq_len = 256\nsynthetic_records = 12\n"
+        )
+    };
+    let head = format!(
+        "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n",
+        root.join("v"),
+        urls.join(", ")
+    );
+    std::fs::write(
+        &vconf,
+        format!("{head}{}", competition("hub", "hf:tunenet/tiny-chat")),
+    )
+    .unwrap();
+    let token = common::admin_token(&vconf);
+    let validator = Daemon::start_env(
+        &["validator", "--config", vconf.to_str().unwrap()],
+        &root.join("v.log"),
+        &env,
+    );
+    let vurl = format!("http://127.0.0.1:{vport}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let t0 = Instant::now();
+    let lb = loop {
+        assert!(
+            t0.elapsed() < Duration::from_secs(180),
+            "not scored:\n{}\n{}\n{}",
+            validator.log(),
+            miners[0].log(),
+            miners[1].log()
+        );
+        let lb = rt.block_on(async {
+            ValidatorClient::connect(&vurl)
+                .await
+                .ok()?
+                .leaderboard("hub")
+                .await
+                .ok()
+        });
+        if let Some(lb) = lb
+            && lb.jobs_done == 1
+        {
+            break lb;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let log = validator.log();
+    assert_eq!(lb.rows.len(), 2, "{lb:?}\n{log}");
+    assert!(
+        lb.rows.iter().all(|r| r.mean_loss.is_some()),
+        "{lb:?}\n{log}"
+    );
+    // The synthetic set was rewritten from the test split by the base model, and every
+    // submission was scored on it: the leakage check ran on real chat data.
+    assert!(
+        log.contains("synthetic set made") && log.contains("generator=rewrite"),
+        "{log}"
+    );
+    assert!(!log.contains("no synthetic loss"), "{log}");
+    // Only the train split's file was read (200 records), and the record pins both repos.
+    let out = Command::new(BIN)
+        .args([
+            "console",
+            "--validator",
+            &vurl,
+            "--token",
+            &token,
+            "--json",
+            "competition",
+            "show",
+            "hub",
+        ])
+        .output()
+        .unwrap();
+    let show = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        show.contains(&mcommit) && show.contains(&dcommit),
+        "{show}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!show.contains("test-00000-of-00001"), "{show}");
+    // The miners got the chat template with the model and trained with it.
+    for i in 0..2 {
+        let models = root.join(format!("m{i}")).join("models");
+        let with_template = std::fs::read_dir(&models)
+            .unwrap()
+            .any(|e| e.unwrap().path().join("tokenizer_config.json").is_file());
+        assert!(with_template, "miner {i} has no tokenizer_config.json");
+    }
+    drop(validator);
+
+    // A hub id that does not exist is refused, naming it.
+    let out = Command::new(BIN)
+        .args(["model", "fetch", "hf:nobody/nothing"])
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("nobody/nothing") && err.contains("does not exist"),
+        "{err}"
+    );
+    // The same commit serving other bytes (into a fresh cache) is refused with both hashes,
+    // and the stored competition is untouched.
+    let before = std::fs::read(model.join("tokenizer_config.json")).unwrap();
+    let changed = serde_json::json!({"chat_template": "{{ messages }}"}).to_string();
+    add_commit(
+        &hub,
+        RepoKind::Model,
+        "tunenet/tiny-chat",
+        &mcommit,
+        &[("tokenizer_config.json", changed.as_bytes())],
+    )
+    .unwrap();
+    std::fs::remove_dir_all(&hf_home).unwrap();
+    std::fs::write(
+        &vconf,
+        format!(
+            "{head}{}{}",
+            competition("hub", "hf:tunenet/tiny-chat"),
+            competition("again", &format!("hf:tunenet/tiny-chat@{mcommit}"))
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["validator", "--config", vconf.to_str().unwrap()])
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let (old, new) = (
+        blake3::hash(&before).to_hex().to_string(),
+        blake3::hash(changed.as_bytes()).to_hex().to_string(),
+    );
+    assert!(
+        !out.status.success()
+            && err.contains("tokenizer_config.json")
+            && err.contains(&old)
+            && err.contains(&new),
+        "{err}"
+    );
+}

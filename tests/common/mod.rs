@@ -16,10 +16,16 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `tunenet ARGS`, logging to `log`.
     pub fn start(args: &[&str], log: &Path) -> Daemon {
+        Daemon::start_env(args, log, &[])
+    }
+
+    /// Starts `tunenet ARGS` with extra environment variables, logging to `log`.
+    pub fn start_env(args: &[&str], log: &Path, env: &[(&str, &str)]) -> Daemon {
         let out = std::fs::File::create(log).unwrap();
         let child = Command::new(BIN)
             .args(args)
             .env("RAYON_NUM_THREADS", "1")
+            .envs(env.iter().copied())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .stdin(Stdio::null())

@@ -373,3 +373,8 @@ pub(crate) fn make_batch(examples: &[&Example], device: &Device) -> candle_core:
         predicted,
     })
 }
+
+/// The 320 original chat records shipped with tunenet (`crates/ml/data`), as JSONL: real
+/// instruction data that was never published anywhere else, so no miner can fetch a test
+/// split drawn from it.
+pub const SHIPPED_INSTRUCT_JSONL: &[u8] = include_bytes!("../data/tunenet-instruct.jsonl");

@@ -149,8 +149,14 @@ impl FieldMap {
                     None => Record::Instruction { prompt, response },
                 })
             }
-            (Some(_), None) => Err("has an instruction but no output".into()),
-            (None, Some(_)) => Err("has an output but no instruction".into()),
+            (Some(_), None) => Err(match &self.output {
+                Some(k) => format!("has an instruction but no output (field {k:?})"),
+                None => "has an instruction but no output (\"response\" or \"output\")".into(),
+            }),
+            (None, Some(_)) => Err(match &self.instruction {
+                Some(k) => format!("has an output but no instruction (field {k:?})"),
+                None => "has an output but no instruction (\"prompt\" or \"instruction\")".into(),
+            }),
             (None, None) => Err(format!(
                 "has none of the mapped fields (text {:?}, instruction, output, messages {:?})",
                 self.name(&self.text, "text"),

@@ -42,7 +42,9 @@ pub use bench::{BENCH_TEXT, BenchResult, BenchSpec, bench_throughput};
 pub use chat::{ChatTemplate, PLAIN_TEMPLATE, Turn};
 pub use checkpoint::CHECKPOINT_FILE;
 pub use config::{LlamaConfig, RopeScaling, SUPPORTED_ARCHITECTURES, SUPPORTED_MODEL_TYPES};
-pub use data::{Record, demo_canaries, demo_dataset, load_jsonl, parse_jsonl, to_jsonl};
+pub use data::{
+    Record, SHIPPED_INSTRUCT_JSONL, demo_canaries, demo_dataset, load_jsonl, parse_jsonl, to_jsonl,
+};
 pub use device::parse_device;
 pub use error::MlError;
 pub use eval::{EvalReport, RecordLosses, evaluate, evaluate_on, record_losses, record_losses_on};

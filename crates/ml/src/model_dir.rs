@@ -110,7 +110,8 @@ impl ModelDir {
         Ok(paths)
     }
 
-    /// The files that make up the model: config.json, tokenizer.json and the weights.
+    /// The files that make up the model: config.json, tokenizer.json, the weights, and the
+    /// chat template's files (tokenizer_config.json, chat_template.jinja) when it has them.
     pub fn files(&self) -> Vec<PathBuf> {
         let mut out = vec![self.path.join(CONFIG_FILE), self.path.join(TOKENIZER_FILE)];
         match self.weight_files() {
@@ -122,6 +123,14 @@ impl ModelDir {
             }
             Err(_) => out.push(self.path.join(WEIGHTS_FILE)),
         }
+        // How conversations are rendered travels with the model, so miners train with the
+        // chat template the validator scores with.
+        out.extend(
+            ["tokenizer_config.json", "chat_template.jinja"]
+                .into_iter()
+                .map(|f| self.path.join(f))
+                .filter(|p| p.is_file()),
+        );
         out
     }
 }

@@ -204,10 +204,16 @@ pub struct CompetitionConfig {
     /// is HellaSwag-layout JSONL, split into one shard per job).
     #[serde(default)]
     pub kind: tunenet_types::JobKind,
-    /// The base model directory (Hugging Face layout).
+    /// The base model: a directory in Hugging Face layout, or a hub id
+    /// `hf:owner/name[@revision]` (fetched by the validator and pinned to its commit).
     pub base_model: PathBuf,
-    /// The dataset: JSONL, a JSON array or CSV (by extension), read through `fields`.
+    /// The dataset: a JSONL, JSON array, CSV or Parquet file (by extension), or a hub id
+    /// `hf:owner/name[@revision]` (its data files: `data/*.parquet` shards, JSONL, JSON or
+    /// CSV), read through `fields`.
     pub dataset: PathBuf,
+    /// With a hub dataset: only the data files of this split (e.g. `train`).
+    #[serde(default)]
+    pub dataset_split: Option<String>,
     /// Which fields of the dataset's records hold what (`text`, or `system`,
     /// `instruction`, `input`, `output`, or a `messages` list); unset fields keep their
     /// usual names. Records that fit nothing are counted and logged with their line or row;

@@ -289,7 +289,7 @@ impl ConsoleService for Console {
                 Ok(pb::CompetitionDetail {
                     info: Some(info(c)),
                     jobs_json: serde_json::to_string_pretty(&jobs).map_err(internal)?,
-                    config_json: serde_json::to_string_pretty(&c.record.config)
+                    config_json: serde_json::to_string_pretty(&config_view(&c.record))
                         .map_err(internal)?,
                     eligibility_json: eligibility,
                 })
@@ -335,7 +335,7 @@ impl ConsoleService for Console {
             .with(move |v: &mut Validator| {
                 let c = v.comp(&id)?;
                 let mut current =
-                    serde_json::to_value(&c.record.config.integrity).map_err(internal)?;
+                    serde_json::to_value(&c.record.plan.integrity).map_err(internal)?;
                 match (current.as_object_mut(), change.as_object()) {
                     (Some(cur), Some(ch)) => {
                         for (k, val) in ch {
@@ -348,8 +348,12 @@ impl ConsoleService for Console {
                         ));
                     }
                 }
-                let settings: tunenet_types::IntegritySettings = serde_json::from_value(current)
-                    .map_err(|e| Status::invalid_argument(format!("integrity settings: {e}")))?;
+                let mut settings: tunenet_types::IntegritySettings =
+                    serde_json::from_value(current).map_err(|e| {
+                        Status::invalid_argument(format!("integrity settings: {e}"))
+                    })?;
+                // How the synthetic set is drawn follows from the competition's generator.
+                settings.synthetic_alike = c.record.plan.integrity.synthetic_alike;
                 c.record.config.integrity = settings.clone();
                 c.record.plan.integrity = settings.clone();
                 c.engine.set_integrity(settings.clone());
@@ -726,6 +730,29 @@ impl ConsoleService for Console {
         };
         Ok(Response::new(data))
     }
+}
+
+/// A competition's spec as shown to the console, with the commit and file hashes its hub
+/// ids were pinned to (not where the validator's cache keeps them).
+fn config_view(rec: &crate::validator::CompetitionRecord) -> serde_json::Value {
+    let mut v = serde_json::to_value(&rec.config).unwrap_or_default();
+    if !rec.pins.is_empty()
+        && let Some(o) = v.as_object_mut()
+    {
+        let pins: Vec<serde_json::Value> = rec
+            .pins
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "id": p.id.to_string(),
+                    "commit": p.commit,
+                    "blake3": p.files,
+                })
+            })
+            .collect();
+        o.insert("pins".into(), pins.into());
+    }
+    v
 }
 
 #[cfg(test)]

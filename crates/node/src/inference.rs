@@ -453,6 +453,7 @@ pub fn prepare(
         public_blobs,
         state: CompState::Running,
         canaries: Default::default(),
+        pins: Vec::new(),
     };
     store.put_json(trees::COMPETITIONS, &cfg.id, &rec)?;
     store.flush()?;

@@ -21,6 +21,7 @@ pub mod presence;
 pub mod redteam;
 pub mod registry;
 pub mod snapshot;
+pub mod sources;
 pub mod transport;
 pub mod validator;
 pub mod wire_redteam;

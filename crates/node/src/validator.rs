@@ -46,6 +46,9 @@ pub struct CompetitionRecord {
     /// the never-released siblings. Empty for competitions prepared before canaries.
     #[serde(default)]
     pub canaries: BTreeMap<String, tunenet_integrity::JobCanaries>,
+    /// The commit and file hashes of a base model or dataset named by hub id.
+    #[serde(default)]
+    pub pins: Vec<tunenet_hub::Pinned>,
 }
 
 /// A competition's state as the admin steers it.
@@ -235,20 +238,45 @@ pub fn prepare(
         }
         return Ok(rec);
     }
-    if cfg.kind == tunenet_types::JobKind::Inference {
-        return crate::inference::prepare(store, blobs, cfg, reply_to, devices);
-    }
     let fail = |reason: String| NodeError::Competition {
         competition: cfg.id.clone(),
         reason,
     };
+    // Hub ids are fetched and pinned here; the rest of preparation reads local files, and
+    // the record keeps the spec as written plus the pins.
+    let spec = cfg;
+    let base = crate::sources::model(&spec.base_model, Some(store))
+        .map_err(|e| fail(format!("`base_model`: {e}")))?;
+    let data = crate::sources::dataset(&spec.dataset, spec.dataset_split.as_deref(), Some(store))
+        .map_err(|e| fail(format!("`dataset`: {e}")))?;
+    let pins: Vec<tunenet_hub::Pinned> = base.pin.iter().chain(&data.pin).cloned().collect();
+    let mut local = spec.clone();
+    local.base_model = base.paths[0].clone();
+    if let [one] = data.paths.as_slice() {
+        local.dataset = one.clone();
+    }
+    let cfg = &local;
+    if cfg.kind == tunenet_types::JobKind::Inference {
+        if data.paths.len() != 1 {
+            return Err(fail(format!(
+                "an inference competition reads one HellaSwag-layout file; the hub dataset has {} data files: name a split (`dataset_split`)",
+                data.paths.len()
+            )));
+        }
+        let mut rec = crate::inference::prepare(store, blobs, cfg, reply_to, devices)?;
+        rec.config = spec.clone();
+        rec.pins = pins;
+        store.put_json(trees::COMPETITIONS, &spec.id, &rec)?;
+        return Ok(rec);
+    }
     let model = tunenet_ml::ModelDir::open(&cfg.base_model)
         .map_err(|e| fail(format!("`base_model`: {e}")))?;
     let params = model
         .config()
         .map_err(|e| fail(format!("`base_model`: {e}")))?
         .param_count();
-    let mut records = load_dataset_logged(cfg).map_err(|e| fail(format!("`dataset`: {e}")))?;
+    let mut records =
+        load_dataset_logged(cfg, &data.paths).map_err(|e| fail(format!("`dataset`: {e}")))?;
     // Canary candidates, from a secret seed (not the config's, which others may read):
     // fresh records from the dataset's generator when one is named, otherwise real records
     // held out of the dataset (at most 5 % of it) — either way in the dataset's own style.
@@ -343,16 +371,22 @@ pub fn prepare(
         jobs,
         reply_to,
         cfg.max_artifact_mb * 1024 * 1024,
-        cfg.integrity.clone(),
+        tunenet_types::IntegritySettings {
+            // Only a generator of the dataset's own process draws records as the test
+            // split was; a rewritten set needs the cohort calibration.
+            synthetic_alike: cfg.synthetic() != Some("rewrite"),
+            ..cfg.integrity.clone()
+        },
     );
     let rec = CompetitionRecord {
-        config: cfg.clone(),
+        config: spec.clone(),
         plan,
         base_model,
         test_blob,
         public_blobs,
         state: CompState::Running,
         canaries,
+        pins,
     };
     store.put_json(trees::COMPETITIONS, &cfg.id, &rec)?;
     store.flush()?;
@@ -1202,8 +1236,11 @@ pub fn init(cfg: &ValidatorConfig) -> Result<Option<String>, NodeError> {
 
 /// The competition's dataset through its field mapping; records that fit nothing are
 /// counted and the first of them logged with their line or row.
-fn load_dataset_logged(cfg: &CompetitionConfig) -> Result<Vec<tunenet_ml::Record>, NodeError> {
-    let d = tunenet_ml::load_dataset(&cfg.dataset, &cfg.fields)?;
+fn load_dataset_logged(
+    cfg: &CompetitionConfig,
+    paths: &[PathBuf],
+) -> Result<Vec<tunenet_ml::Record>, NodeError> {
+    let d = crate::sources::load_records(paths, &cfg.fields)?;
     if d.bad_count > 0 {
         tracing::warn!(
             competition = %cfg.id,

@@ -21,10 +21,23 @@ pub enum ModelCmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
-    /// Print a model directory's config and parameter count.
+    /// Print a model's config and parameter count (a directory or a hub id).
     Info {
-        /// The model directory.
+        /// The model directory, or `hf:owner/name[@revision]`.
         dir: PathBuf,
+    },
+    /// Fetch a model or dataset by hub id into the Hugging Face cache (`HF_HOME`,
+    /// `HF_ENDPOINT`, `HF_TOKEN`, `HF_HUB_OFFLINE`) and print its pin: the commit and the
+    /// blake3 of every file, as a competition record keeps them.
+    Fetch {
+        /// `hf:owner/name[@revision]`.
+        id: String,
+        /// It is a dataset (default: a model).
+        #[arg(long)]
+        dataset: bool,
+        /// Only this split's data files (datasets).
+        #[arg(long)]
+        split: Option<String>,
     },
     /// Import a llama-architecture GGUF (e.g. from scripts/fetch-smollm2.sh) into a
     /// Hugging Face model directory (f32 safetensors, config.json, tokenizer.json).
@@ -108,10 +121,11 @@ pub enum DatasetCmd {
 
 #[derive(Args)]
 pub struct TrainArgs {
-    /// Base model directory.
+    /// Base model directory, or a hub id `hf:owner/name[@revision]`.
     #[arg(long)]
     model: PathBuf,
-    /// Training data (JSONL).
+    /// Training data: a JSONL, JSON, CSV or Parquet file, or a hub id
+    /// `hf:owner/name[@revision]`.
     #[arg(long)]
     data: PathBuf,
     /// Where to write artifact.safetensors and manifest.json.
@@ -188,10 +202,10 @@ pub struct TrainArgs {
 pub struct EvalArgs {
     #[command(subcommand)]
     cmd: Option<EvalCmd>,
-    /// Base model directory.
+    /// Base model directory, or a hub id `hf:owner/name[@revision]`.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Evaluation data (JSONL).
+    /// Evaluation data: a JSONL, JSON, CSV or Parquet file, or a hub id.
     #[arg(long)]
     data: Option<PathBuf>,
     /// A training artifact to apply (LoRA adapter or full weights).
@@ -212,29 +226,47 @@ pub struct EvalArgs {
     devices: Vec<String>,
 }
 
-/// A dataset file (JSONL, JSON or CSV) with the usual field names; records that fit
-/// nothing are reported on stderr, by line or row.
-fn load_records(path: &std::path::Path) -> anyhow::Result<Vec<tunenet_ml::Record>> {
-    let d = tunenet_ml::load_dataset(path, &tunenet_ml::FieldMap::default())?;
+/// A dataset (a JSONL, JSON, CSV or Parquet file, or a hub id `hf:owner/name[@rev]`) with
+/// the usual field names; records that fit nothing are reported on stderr, by line or row.
+fn load_records(spec: &std::path::Path) -> anyhow::Result<Vec<tunenet_ml::Record>> {
+    let data = tunenet_node::sources::dataset(spec, None, None)?;
+    if let Some(pin) = &data.pin {
+        eprintln!(
+            "{}: commit {} ({} files)",
+            pin.id,
+            pin.commit,
+            pin.files.len()
+        );
+    }
+    let d = tunenet_node::sources::load_records(&data.paths, &tunenet_ml::FieldMap::default())?;
     if d.bad_count > 0 {
         eprintln!(
             "{}: skipped {} record(s) that fit no field, e.g. {}",
-            path.display(),
+            spec.display(),
             d.bad_count,
             d.bad
                 .iter()
                 .take(3)
-                .map(|b| format!(
-                    "{} {}: {}",
-                    if d.format == "json" { "item" } else { "line" },
-                    b.at,
-                    b.problem
-                ))
+                .map(|b| format!("{} {}: {}", d.unit(), b.at, b.problem))
                 .collect::<Vec<_>>()
                 .join("; ")
         );
     }
     Ok(d.records)
+}
+
+/// A model directory, or a hub id `hf:owner/name[@rev]` fetched into the hub cache.
+fn open_model(spec: &std::path::Path) -> anyhow::Result<tunenet_ml::ModelDir> {
+    let m = tunenet_node::sources::model(spec, None)?;
+    if let Some(pin) = &m.pin {
+        eprintln!(
+            "{}: commit {} ({} files)",
+            pin.id,
+            pin.commit,
+            pin.files.len()
+        );
+    }
+    Ok(tunenet_ml::ModelDir::open(&m.paths[0])?)
 }
 
 /// The devices `--devices` names (`cpu:N` is a logical CPU device), else `--device`.
@@ -323,10 +355,22 @@ pub fn model(cmd: ModelCmd) -> Result<()> {
             );
         }
         ModelCmd::Info { dir } => {
-            let m = tunenet_ml::ModelDir::open(&dir)?;
+            let m = open_model(&dir)?;
             let cfg = m.config()?;
             println!("{}", serde_json::to_string_pretty(&cfg)?);
             println!("parameters: {}", cfg.param_count());
+        }
+        ModelCmd::Fetch { id, dataset, split } => {
+            if !tunenet_node::sources::is_hub(std::path::Path::new(&id)) {
+                bail!("`{id}` is not a hub id: write hf:owner/name[@revision]");
+            }
+            let local = if dataset {
+                tunenet_node::sources::dataset(std::path::Path::new(&id), split.as_deref(), None)?
+            } else {
+                tunenet_node::sources::model(std::path::Path::new(&id), None)?
+            };
+            let pin = local.pin.context("a hub id always has a pin")?;
+            println!("{}", serde_json::to_string_pretty(&pin)?);
         }
         ModelCmd::ImportGguf { file, out } => {
             let cfg = tunenet_ml::import_gguf(&file, &out)?;
@@ -340,7 +384,7 @@ pub fn model(cmd: ModelCmd) -> Result<()> {
             );
         }
         ModelCmd::ExportGguf { model, out, quant } => {
-            let dir = tunenet_ml::ModelDir::open(&model)?;
+            let dir = open_model(&model)?;
             tunenet_ml::export_gguf_quantized(&dir, &out, "llama", &quant)?;
             let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
             println!(
@@ -368,12 +412,11 @@ pub fn model(cmd: ModelCmd) -> Result<()> {
                 rank,
                 dtype: dtype.parse()?,
             };
-            let r =
-                tunenet_ml::bench_throughput(&tunenet_ml::ModelDir::open(&model)?, &spec, &device)?;
+            let r = tunenet_ml::bench_throughput(&open_model(&model)?, &spec, &device)?;
             println!("{}", serde_json::to_string(&r)?);
         }
         ModelCmd::Merge { base, adapter, out } => {
-            let base = tunenet_ml::ModelDir::open(&base)?;
+            let base = open_model(&base)?;
             tunenet_ml::merge_adapter(&base, &adapter, &out)?;
             println!("wrote merged weights to {}", out.display());
         }
@@ -425,7 +468,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         ..Default::default()
     };
     let devices = devices_of(&a.device, &a.devices)?;
-    let model = tunenet_ml::ModelDir::open(&a.model)?;
+    let model = open_model(&a.model)?;
     let records = load_records(&a.data)?;
     let deadline = a
         .time_budget
@@ -600,7 +643,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         bail!("eval needs --model and --data (or a subcommand such as `eval hellaswag`)");
     };
     let devices = devices_of(&a.device, &a.devices)?;
-    let model = tunenet_ml::ModelDir::open(&model)?;
+    let model = open_model(&model)?;
     let records = load_records(&data)?;
     let r = tunenet_ml::evaluate_on(
         &model,

@@ -24,6 +24,12 @@ pub struct DemoArgs {
     /// scripts/fetch-smollm2.sh fetches), or a model directory in Hugging Face layout.
     #[arg(long, default_value = "tiny")]
     model: String,
+    /// Dataset: `demo` (generated instruction records; synthetic sets from the same
+    /// generator), `instruct` (the 320 original chat records shipped with tunenet), or a
+    /// JSONL, JSON, CSV or Parquet file. Real datasets get synthetic sets rewritten by the
+    /// base model, with its chat template.
+    #[arg(long, default_value = "demo")]
+    dataset: String,
     /// How jobs, blobs and artifacts travel: `grpc` (the validator lists its miners'
     /// endpoints) or `p2p` (libp2p alone: miners join through the validator's address,
     /// the validator finds them by their adverts, blobs move between peers).
@@ -179,9 +185,26 @@ pub fn run(a: DemoArgs) -> Result<()> {
     } else {
         (1500, 8, 96, a.budget)
     };
+    // Chat records with a template run longer than the generated ones.
+    let seq = match (a.dataset.as_str(), real) {
+        ("demo", _) => seq,
+        (_, true) => 160,
+        (_, false) => 256,
+    };
     let margin = if real { 10.0 } else { 2.0 };
-    let dataset = root.join("dataset.jsonl");
-    if a.inference {
+    let mut dataset = root.join("dataset.jsonl");
+    let generated = a.dataset == "demo";
+    if a.inference && !generated {
+        bail!(
+            "--dataset applies to fine-tuning competitions; an inference demo makes its own items"
+        );
+    }
+    if a.dataset == "instruct" {
+        std::fs::write(&dataset, tunenet_ml::SHIPPED_INSTRUCT_JSONL)?;
+    } else if !generated {
+        dataset = std::fs::canonicalize(&a.dataset)
+            .with_context(|| format!("--dataset {}: no such file", a.dataset))?;
+    } else if a.inference {
         let mut bytes = Vec::new();
         for it in tunenet_ml::hellaswag_demo_items(if real { 200 } else { 400 }, 11) {
             bytes.extend(serde_json::to_vec(&it)?);
@@ -200,8 +223,13 @@ pub fn run(a: DemoArgs) -> Result<()> {
         cfg.param_count(),
         if a.inference {
             "HellaSwag-layout items, one shard per job (an inference speed competition)".to_string()
-        } else {
+        } else if generated {
             format!("{records} instruction records")
+        } else {
+            format!(
+                "{} (synthetic sets rewritten by the base model)",
+                dataset.display()
+            )
         }
     );
     let vport = free_port()?;
@@ -311,8 +339,13 @@ pub fn run(a: DemoArgs) -> Result<()> {
             seq = seq,
             synthetic = if a.inference {
                 ""
-            } else {
+            } else if generated {
                 "synthetic_generator = \"demo\"\n"
+            } else if real {
+                // A real model writes each record token by token on the CPU: fewer of them.
+                "synthetic_generator = \"rewrite\"\nsynthetic_records = 16\n"
+            } else {
+                "synthetic_generator = \"rewrite\"\n"
             },
         ),
     )?;

@@ -385,6 +385,18 @@ pub struct IntegritySettings {
     /// is its false-positive rate per submission. The loss-ratio settings above judge only
     /// submissions evaluated without per-record losses.
     pub leak_alpha: f64,
+    /// Whether the job's synthetic records are drawn as the test split was (a generator of
+    /// the dataset's own process: then `leak_alpha` alone decides). A rewritten set (real
+    /// data rewritten by a model) is not: a stronger honest fine-tune gains more on the
+    /// real test records than on model-written ones, so there a submission also has to
+    /// stand out from its job's other submissions (`leak_cohort_z`). Set by the validator
+    /// from the competition's `synthetic_generator`.
+    pub synthetic_alike: bool,
+    /// With a synthetic set not drawn alike: a submission fails the per-record leakage
+    /// test only when its shift (median residual on test records less that on synthetic
+    /// ones) also lies this many robust spreads (1.4826 MAD, at least `leak_spread_floor`
+    /// nats) below the median shift of its job's other submissions; it needs 3 others.
+    pub leak_cohort_z: f64,
     /// Derived submissions (model soups, blends of others' work): a submission whose delta
     /// sketch, less its job's mean, is fitted by at most `derived_max_sources` earlier
     /// submissions of other miners (less the same mean) to within this residual (‖r‖ / ‖x‖)
@@ -413,6 +425,8 @@ impl Default for IntegritySettings {
             leak_fail_z: 10.0,
             leak_spread_floor: 0.01,
             leak_alpha: 1e-3,
+            synthetic_alike: true,
+            leak_cohort_z: 4.0,
             derived_residual: 0.05,
             derived_max_sources: 3,
         }

@@ -93,28 +93,71 @@ pub(super) fn per_record_findings(
             .filter(|(_, f)| leaked(f))
             .map(|(row, _)| row.0),
     );
+    // Judged again without the first round's leakers, unless it is one.
+    let finals: Vec<Option<Found<'_>>> = cohort
+        .iter()
+        .zip(first)
+        .map(|(row, first)| {
+            if leaked(&first) {
+                first
+            } else {
+                judge(row, &cohort, &excluded).or(first)
+            }
+        })
+        .collect();
+    let shifts: Vec<Option<f64>> = finals
+        .iter()
+        .map(|f| f.as_ref().map(|f| f.test_median - f.synthetic_median))
+        .collect();
     Some(
         cohort
             .iter()
-            .zip(first)
-            .map(|(row, first)| {
+            .zip(finals)
+            .enumerate()
+            .map(|(i, (row, found))| {
                 let (m, ..) = row;
-                // Judged again without the first round's leakers, unless it is one.
-                let found = if leaked(&first) {
-                    first
-                } else {
-                    judge(row, &cohort, &excluded).or(first)
-                };
                 let Some(found) = found else {
                     return not_judged(m, NO_REFERENCE);
                 };
                 let p = found.p;
-                let numbers = found.describe(n);
-                let (outcome, reason) = if p <= settings.leak_alpha {
+                let mut numbers = found.describe(n);
+                // A rewritten synthetic set: the shift must also stand out from the
+                // other submissions' (suspects aside).
+                let mut stands_out = true;
+                if !settings.synthetic_alike {
+                    let others: Vec<f64> = cohort
+                        .iter()
+                        .zip(&shifts)
+                        .enumerate()
+                        .filter(|(j, ((o, ..), _))| *j != i && !suspect.contains(*o))
+                        .filter_map(|(_, (_, s))| *s)
+                        .collect();
+                    if others.len() < 3 {
+                        return not_judged(
+                            m,
+                            &format!(
+                                "the synthetic set was rewritten from real records, not drawn as the test split was, so a submission is judged against at least 3 other submissions' test-versus-synthetic shifts; its job has {} ({numbers})",
+                                others.len()
+                            ),
+                        );
+                    }
+                    let mid = median(&others);
+                    let deviations: Vec<f64> = others.iter().map(|x| (x - mid).abs()).collect();
+                    let spread = (1.4826 * median(&deviations)).max(settings.leak_spread_floor);
+                    let shift = found.test_median - found.synthetic_median;
+                    let z = (mid - shift) / spread;
+                    stands_out = z >= settings.leak_cohort_z;
+                    numbers = format!(
+                        "{numbers}; shift {shift:+.4} nats against the others' median {mid:+.4} (spread {spread:.4}): {z:.1} spreads below, at least {} needed",
+                        settings.leak_cohort_z
+                    );
+                }
+                let (outcome, reason) = if p <= settings.leak_alpha && stands_out {
                     (
                         Outcome::Fail,
                         format!(
-                            "the hidden test split leaked into training: it beats comparable models by more on the hidden test records than on records drawn alike after the deadline ({numbers}; at most {:.0e} allowed)",
+                            "the hidden test split leaked into training: it beats comparable models by more on the hidden test records than on records {} after the deadline ({numbers}; at most {:.0e} allowed)",
+                            if settings.synthetic_alike { "drawn alike" } else { "rewritten" },
                             settings.leak_alpha
                         ),
                     )

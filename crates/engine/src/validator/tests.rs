@@ -1029,6 +1029,65 @@ fn a_leaky_peer_cannot_hide_a_weaker_leaker() {
     }
 }
 
+/// Per-record losses of honest models on a rewritten synthetic set: training moves a
+/// model's loss on the real test records by `gain`, on the model-written records by half
+/// that (they are not the data's style), plus per-record noise; `bonus` is a leak.
+fn rewritten_world(gains: &[(f64, f64)], alike: bool) -> (World, Vec<UploadHeader>) {
+    use rand::Rng;
+    let mut w = World::new(gains.len(), 1);
+    w.v.set_integrity(IntegritySettings {
+        synthetic_alike: alike,
+        ..Default::default()
+    });
+    let names: Vec<Vec<u8>> = (0..gains.len()).map(|i| vec![b'm', i as u8]).collect();
+    let refs: Vec<&[u8]> = names.iter().map(Vec::as_slice).collect();
+    let hs = reveal_all(&mut w, &refs);
+    let difficulty = |i: usize| 2.0 + ((i * 37) % 17) as f64 / 10.0;
+    let mut noise = StdRng::seed_from_u64(11);
+    for (h, (gain, bonus)) in hs.iter().zip(gains) {
+        let t: Vec<Option<f64>> = (0..40)
+            .map(|i| Some(difficulty(i) - gain - bonus + noise.random_range(-0.03..0.03)))
+            .collect();
+        let s: Vec<Option<f64>> = (0..40)
+            .map(|i| Some(difficulty(i + 3) - gain / 2.0 + noise.random_range(-0.03..0.03)))
+            .collect();
+        evaluated_per_record(&mut w, &h.miner, t, s);
+    }
+    (w, hs)
+}
+
+#[test]
+fn on_a_rewritten_synthetic_set_only_a_submission_that_stands_out_fails() {
+    // Honest runs of growing strength, and one that also trained on the test split.
+    let gains = [(0.1, 0.0), (0.2, 0.0), (0.3, 0.0), (0.45, 0.0), (0.25, 0.4)];
+    // Judged as if the set were drawn alike, the strongest honest run looks leaky...
+    let (w, hs) = rewritten_world(&gains, true);
+    assert_eq!(leakage_of(&w, &hs[3].miner).outcome, Outcome::Fail);
+    // ...against the cohort's shifts it does not, and the leaker still fails.
+    let (w, hs) = rewritten_world(&gains, false);
+    for h in &hs[..4] {
+        let v = leakage_of(&w, &h.miner);
+        assert_eq!(v.outcome, Outcome::Pass, "{v:?}");
+        assert!(v.reason.contains("spreads below"), "{v:?}");
+    }
+    let v = leakage_of(&w, &hs[4].miner);
+    assert_eq!(v.outcome, Outcome::Fail, "{v:?}");
+    assert!(
+        v.reason.contains("rewritten") && v.reason.contains("spreads below"),
+        "{v:?}"
+    );
+    // With fewer than three others to compare with, nothing is judged.
+    let (w, hs) = rewritten_world(&[(0.1, 0.0), (0.2, 0.0), (0.45, 0.4)], false);
+    for h in &hs {
+        let v = leakage_of(&w, &h.miner);
+        assert_eq!(v.outcome, Outcome::Pass, "{v:?}");
+        assert!(
+            v.reason.contains("not judged") && v.reason.contains("rewritten"),
+            "{v:?}"
+        );
+    }
+}
+
 /// Commits `artifact` for miner `i` at `at` and returns its upload header (taken once the
 /// miner sees the deadline pass).
 fn commit_and_header(w: &mut World, i: usize, artifact: &[u8], at: UnixMillis) -> UploadHeader {
