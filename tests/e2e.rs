@@ -339,7 +339,8 @@ async fn competition_over_grpc_ranks_by_loss_refuses_bad_input_and_survives_rest
     for w in honest.windows(2) {
         assert!(
             w[0].mean_loss.unwrap() <= w[1].mean_loss.unwrap(),
-            "rank does not follow loss: {lb:?}"
+            "rank does not follow loss: {lb:?}\n{}",
+            validator.log()
         );
         assert!(w[0].standing >= w[1].standing);
     }

@@ -191,6 +191,8 @@ pub type Evidence = (Vec<f64>, BTreeMap<Cheat, Vec<f64>>);
 pub struct WireReport {
     /// Competitions run.
     pub competitions: usize,
+    /// On which dataset.
+    pub data: WireData,
     /// Every cheater's outcome.
     pub catches: Vec<WireCatch>,
     /// Honest submissions (daemons and accomplices).
@@ -238,6 +240,57 @@ pub struct WireOptions {
     pub cheats: Vec<Cheat>,
     /// Index of the first competition (so runs can be split and joined).
     pub first: usize,
+    /// The competitions' dataset.
+    pub data: WireData,
+}
+
+/// The dataset the red team's competitions run on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WireData {
+    /// 300 demo records per competition; synthetic sets from the demo generator, drawn
+    /// as the test split was.
+    #[default]
+    Demo,
+    /// The 320 original chat records shipped with tunenet (real text), shuffled per
+    /// competition; synthetic sets rewritten from the test split by the base model.
+    Instruct,
+}
+
+impl WireData {
+    /// Tokens per training and evaluation sequence.
+    fn seq(self) -> usize {
+        match self {
+            WireData::Demo => 64,
+            // The tiny model reads bytes; chat records run to several hundred.
+            WireData::Instruct => 256,
+        }
+    }
+
+    /// The competition's records.
+    fn records(self, c: usize) -> Result<Vec<Record>, NodeError> {
+        Ok(match self {
+            WireData::Demo => tunenet_ml::demo_dataset(300, 1000 + c as u64),
+            WireData::Instruct => {
+                use rand::SeedableRng;
+                use rand::seq::SliceRandom;
+                let mut r = tunenet_ml::parse_jsonl(tunenet_ml::SHIPPED_INSTRUCT_JSONL)
+                    .map_err(NodeError::Ml)?;
+                r.shuffle(&mut rand::rngs::StdRng::seed_from_u64(1000 + c as u64));
+                r
+            }
+        })
+    }
+
+    /// The competition spec's synthetic-set lines.
+    fn synthetic(self) -> &'static str {
+        match self {
+            WireData::Demo => "synthetic_generator = \"demo\"\nsynthetic_records = 180\n",
+            // Measured with failing on: that is what the run is for.
+            WireData::Instruct => {
+                "synthetic_generator = \"rewrite\"\n[competitions.integrity]\nleak_rewritten_fails = true\n"
+            }
+        }
+    }
 }
 
 fn other(e: impl std::fmt::Display) -> NodeError {
@@ -395,6 +448,7 @@ pub async fn run(
 ) -> Result<WireReport, NodeError> {
     let mut report = WireReport {
         competitions: opts.competitions,
+        data: opts.data,
         ..Default::default()
     };
     std::fs::create_dir_all(&opts.work).map_err(other)?;
@@ -436,7 +490,7 @@ async fn run_one(
     std::fs::create_dir_all(&dir).map_err(other)?;
     let comp = format!("rt{c}");
     let dataset = dir.join("dataset.jsonl");
-    let records = tunenet_ml::demo_dataset(300, 1000 + c as u64);
+    let records = opts.data.records(c)?;
     std::fs::write(&dataset, tunenet_ml::to_jsonl(&records)).map_err(other)?;
 
     // The adversaries, each on its own port.
@@ -485,8 +539,9 @@ async fn run_one(
         std::fs::write(
             &conf,
             format!(
-                "data_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\n\n[policy]\nmax_concurrent_jobs = 1\n\n[training]\n{training}batch_size = 8\nmax_seq_len = 64\ncommit_margin_secs = 3\nseed = {}\n",
+                "data_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\n\n[policy]\nmax_concurrent_jobs = 1\n\n[training]\n{training}batch_size = 8\nmax_seq_len = {}\ncommit_margin_secs = 3\nseed = {}\n",
                 mdir.join("data"),
+                opts.data.seq(),
                 c * 10 + h
             ),
         )
@@ -517,7 +572,7 @@ async fn run_one(
     std::fs::create_dir_all(&vdir).map_err(other)?;
     let n = urls.len();
     let vtoml = format!(
-        "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n\n[[competitions]]\nid = \"{comp}\"\nbase_model = {:?}\ndataset = {:?}\njobs = 2\nminers_per_job = {n}\nmin_miners = {n}\ntime_budget_secs = {}\ntest_fraction = 0.2\nseed = {c}\nreveal_window_secs = 25\noffer_timeout_secs = 20\neval_max_seq_len = 64\nsynthetic_generator = \"demo\"\nsynthetic_records = 180\n\n[competitions.hparams]\nmax_lora_rank = 16\n",
+        "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n\n[[competitions]]\nid = \"{comp}\"\nbase_model = {:?}\ndataset = {:?}\njobs = 2\nminers_per_job = {n}\nmin_miners = {n}\ntime_budget_secs = {}\ntest_fraction = 0.2\nseed = {c}\nreveal_window_secs = 25\noffer_timeout_secs = 20\neval_max_seq_len = {}\n{}\n[competitions.hparams]\nmax_lora_rank = 16\n",
         vdir.join("data"),
         urls.iter()
             .map(|u| format!("{u:?}"))
@@ -526,6 +581,8 @@ async fn run_one(
         base_dir,
         dataset,
         opts.budget_secs,
+        opts.data.seq(),
+        opts.data.synthetic(),
     );
     let vconf = vdir.join("validator.toml");
     std::fs::write(&vconf, &vtoml).map_err(other)?;
@@ -546,8 +603,9 @@ async fn run_one(
         );
         let (cheats, pdir) = (opts.cheats.clone(), dir.join("prepared"));
         let shard_len = shards.first().map(Vec::len).unwrap_or(0);
+        let seq = opts.data.seq();
         tokio::task::spawn_blocking(move || {
-            prepare(&base, &public, &test, shard_len, &cheats, &pdir, c)
+            prepare(&base, &public, &test, shard_len, &cheats, &pdir, (c, seq))
         })
         .await
         .map_err(other)??
@@ -656,6 +714,7 @@ async fn run_one(
             dir: jdir,
             c,
             j,
+            seq: opts.data.seq(),
         };
         // Each artifact is committed as soon as it is made, as a miner would; the
         // accomplices' come first (they are the originals the copiers take).
@@ -917,6 +976,8 @@ struct MakeCtx {
     dir: PathBuf,
     c: usize,
     j: usize,
+    /// Tokens per training sequence.
+    seq: usize,
 }
 
 /// What a cheater keeps from one job to the next.
@@ -945,11 +1006,11 @@ fn prepare(
     shard_len: usize,
     cheats: &[Cheat],
     dir: &Path,
-    c: usize,
+    (c, seq): (usize, usize),
 ) -> Result<Carry, NodeError> {
     let mut carry = Carry::default();
     if cheats.contains(&Cheat::WholeDataset) {
-        let p = train(base, public, &full(2e-3, 40, 99), &dir.join("whole"))?;
+        let p = train(base, public, &full(2e-3, 40, 99, seq), &dir.join("whole"))?;
         carry.whole = Some(p);
     }
     for j in 0..2 {
@@ -960,7 +1021,7 @@ fn prepare(
             let p = train(
                 base,
                 &fresh,
-                &lora(8, 2e-3, 100, seed + 6),
+                &lora(8, 2e-3, 100, seed + 6, seq),
                 &dir.join(format!("other-data{j}")),
             )?;
             carry.other_data.insert(j, p);
@@ -969,7 +1030,7 @@ fn prepare(
             let p = train(
                 base,
                 test,
-                &lora(16, 3e-3, 20, seed + 4),
+                &lora(16, 3e-3, 20, seed + 4, seq),
                 &dir.join(format!("test-only{j}")),
             )?;
             carry.test_only.insert(j, p);
@@ -978,23 +1039,23 @@ fn prepare(
     Ok(carry)
 }
 
-fn lora(rank: usize, lr: f64, steps: usize, seed: u64) -> TrainConfig {
+fn lora(rank: usize, lr: f64, steps: usize, seed: u64, seq: usize) -> TrainConfig {
     TrainConfig {
         method: Method::Lora { rank, alpha: 16.0 },
         learning_rate: lr,
         max_steps: steps,
-        max_seq_len: 64,
+        max_seq_len: seq,
         seed,
         ..Default::default()
     }
 }
 
-fn full(lr: f64, steps: usize, seed: u64) -> TrainConfig {
+fn full(lr: f64, steps: usize, seed: u64, seq: usize) -> TrainConfig {
     TrainConfig {
         method: Method::Full,
         learning_rate: lr,
         max_steps: steps,
-        max_seq_len: 64,
+        max_seq_len: seq,
         seed,
         ..Default::default()
     }
@@ -1021,8 +1082,11 @@ fn make_artifacts(
     let mut sources: Vec<PathBuf> = Vec::new();
     for (i, (role, a)) in plan.iter().enumerate() {
         if let Role::Accomplice(k) = role {
-            let cfg =
-                [lora(8, 2e-3, 100, seed + 1), lora(8, 1.5e-3, 100, seed + 2)][*k % 2].clone();
+            let cfg = [
+                lora(8, 2e-3, 100, seed + 1, ctx.seq),
+                lora(8, 1.5e-3, 100, seed + 2, ctx.seq),
+            ][*k % 2]
+                .clone();
             let p = train(
                 &ctx.base,
                 &subset_of(a),
@@ -1061,7 +1125,12 @@ fn make_artifacts(
             Cheat::SameArtifactManyJobs => match &carry.reused {
                 Some(p) => p.clone(),
                 None => {
-                    let p = train(&ctx.base, &subset, &lora(8, 2e-3, 40, seed + 7), &odir)?;
+                    let p = train(
+                        &ctx.base,
+                        &subset,
+                        &lora(8, 2e-3, 40, seed + 7, ctx.seq),
+                        &odir,
+                    )?;
                     let keep = ctx.dir.join("..").join("reused.safetensors");
                     std::fs::copy(&p, &keep).map_err(other)?;
                     carry.reused = Some(keep.clone());
@@ -1096,11 +1165,16 @@ fn make_artifacts(
                 let mut mix = subset.clone();
                 mix.extend(ctx.test.iter().cloned());
                 mix.extend(ctx.test.iter().cloned());
-                train(&ctx.base, &mix, &full(2e-3, 40, seed + 3), &odir)?
+                train(&ctx.base, &mix, &full(2e-3, 40, seed + 3, ctx.seq), &odir)?
             }
             Cheat::TestSplitOnly => match carry.test_only.get(&ctx.j) {
                 Some(p) => p.clone(),
-                None => train(&ctx.base, &ctx.test, &lora(16, 3e-3, 20, seed + 4), &odir)?,
+                None => train(
+                    &ctx.base,
+                    &ctx.test,
+                    &lora(16, 3e-3, 20, seed + 4, ctx.seq),
+                    &odir,
+                )?,
             },
             Cheat::WholeDataset => {
                 // Trained once, on everything public (the test split is part of the
@@ -1109,7 +1183,7 @@ fn make_artifacts(
                     Some(p) => p.clone(),
                     None => {
                         let wdir = ctx.dir.join("..").join("whole");
-                        let p = train(&ctx.base, &ctx.public, &full(2e-3, 40, 99), &wdir)?;
+                        let p = train(&ctx.base, &ctx.public, &full(2e-3, 40, 99, ctx.seq), &wdir)?;
                         carry.whole = Some(p.clone());
                         p
                     }
@@ -1117,7 +1191,12 @@ fn make_artifacts(
                 let mdir = odir.join("pretrained");
                 model_from_full(&ctx.base, &whole, &mdir)?;
                 let pre = ModelDir::open(&mdir).map_err(NodeError::Ml)?;
-                let step = train(&pre, &subset, &full(1e-3, 3, seed + 5), &odir.join("t"))?;
+                let step = train(
+                    &pre,
+                    &subset,
+                    &full(1e-3, 3, seed + 5, ctx.seq),
+                    &odir.join("t"),
+                )?;
                 // The final weights in an artifact whose manifest names the real base, as
                 // a cheater would present it.
                 transplant(&full_template(ctx, carry)?, &step, &dst)?;
@@ -1127,10 +1206,17 @@ fn make_artifacts(
                 Some(p) => p.clone(),
                 None => {
                     let fresh = tunenet_ml::demo_dataset(subset.len(), 7_000 + seed);
-                    train(&ctx.base, &fresh, &lora(8, 2e-3, 100, seed + 6), &odir)?
+                    train(
+                        &ctx.base,
+                        &fresh,
+                        &lora(8, 2e-3, 100, seed + 6, ctx.seq),
+                        &odir,
+                    )?
                 }
             },
-            Cheat::RankAboveBound => train(&ctx.base, &subset, &lora(32, 2e-3, 5, seed), &odir)?,
+            Cheat::RankAboveBound => {
+                train(&ctx.base, &subset, &lora(32, 2e-3, 5, seed, ctx.seq), &odir)?
+            }
             Cheat::NanWeights => {
                 let mut first = true;
                 tamper(&victim, &dst, |_, v| {
@@ -1166,7 +1252,7 @@ fn full_template(ctx: &MakeCtx, carry: &mut Carry) -> Result<PathBuf, NodeError>
     let p = train(
         &ctx.base,
         &tunenet_ml::demo_dataset(8, 1),
-        &full(1e-5, 1, 1),
+        &full(1e-5, 1, 1, ctx.seq),
         &dir,
     )?;
     carry.template = Some(p.clone());
@@ -1449,10 +1535,14 @@ pub fn markdown(r: &WireReport, command: &str) -> String {
     let mut s = String::new();
     s.push_str("# Integrity: the red-team report, over the wire\n\n");
     s.push_str(&format!(
-        "Written by `{command}`. Each competition is a real `tunenet validator` daemon and {} honest `tunenet miner` daemons (LoRA rank 4, LoRA rank 16, full fine-tuning, 100 steps each, the miner's default; learning rates varied by competition), all separate processes on loopback (the last honest daemon starts listening only after the validator's first offers went out, so it gets its jobs only through the offer retries), plus adversary miners that speak only the gRPC protocol from another process: each serves its own `MinerService`, accepts offers, fetches its shard by blake3, signs its own commitments and reveals by upload 1.5 s after the deadline. Cheats whose training needs no assignment (fresh in-distribution records, the test split alone, the whole public dataset) are trained before the competition opens, as a prepared cheater would; the rest train on their assigned subsets within the budget. Two of them are honest accomplices (LoRA rank 8, 100 steps on their assigned subsets) whose artifacts the copiers and the soup take; their submissions count as honest. Each competition has two jobs on the tiny model pretrained on {} demo-style records from a seed no competition uses ({} steps; fine-tuning then starts, as on any real base, from a model that knows the data's style), 300 demo records (60 held out as the hidden test split), 16 secret canaries per shard (each an invented country's capital, planted 8 times, with a never-released alternative capital drawn alike for the exposure test), and a synthetic set of 180 records drawn after each deadline. Outcomes are read back as an operator reads them, through `tunenet console competition show`; the checks' cost comes from the validator's own log. A cheater counts as caught when one of its strategy's expected checks fails its submission or the validator refuses its message for the expected reason.\n\n",
+        "Written by `{command}`. Each competition is a real `tunenet validator` daemon and {} honest `tunenet miner` daemons (LoRA rank 4, LoRA rank 16, full fine-tuning, 100 steps each, the miner's default; learning rates varied by competition), all separate processes on loopback (the last honest daemon starts listening only after the validator's first offers went out, so it gets its jobs only through the offer retries), plus adversary miners that speak only the gRPC protocol from another process: each serves its own `MinerService`, accepts offers, fetches its shard by blake3, signs its own commitments and reveals by upload 1.5 s after the deadline. Cheats whose training needs no assignment (fresh in-distribution records, the test split alone, the whole public dataset) are trained before the competition opens, as a prepared cheater would; the rest train on their assigned subsets within the budget. Two of them are honest accomplices (LoRA rank 8, 100 steps on their assigned subsets) whose artifacts the copiers and the soup take; their submissions count as honest. Each competition has two jobs on the tiny model pretrained on {} demo-style records from a seed no competition uses ({} steps; fine-tuning then starts, as on any real base, from a model that knows the data's style), {}. Outcomes are read back as an operator reads them, through `tunenet console competition show`; the checks' cost comes from the validator's own log. A cheater counts as caught when one of its strategy's expected checks fails its submission or the validator refuses its message for the expected reason.\n\n",
         HONEST.len(),
         PRETRAIN.0,
-        PRETRAIN.1
+        PRETRAIN.1,
+        match r.data {
+            WireData::Demo => "300 demo records (60 held out as the hidden test split), 16 secret canaries per shard (each an invented country's capital, planted 8 times, with a never-released alternative capital drawn alike for the exposure test), and a synthetic set of 180 records drawn after each deadline",
+            WireData::Instruct => "real text: the 320 original chat records shipped with tunenet (`crates/ml/data`), shuffled per competition (64 held out as the hidden test split), rendered with the plain chat template (the tiny model has none) and trained and scored on 256 bytes per record, held-out real records as canaries (reported, never failed: without alternatives drawn alike there is no exact test), and a synthetic set of 64 records rewritten after each deadline from the hidden test split by the base model (each user turn perturbed, the answer written by the model), so the leakage check judges a submission's test-versus-synthetic shift against its job's other submissions'",
+        }
     ));
     s.push_str(&format!(
         "Competitions: {}; wall time per competition: {}.\n\n",

@@ -157,6 +157,11 @@ enum Cmd {
         /// Keep the daemons' data and logs here instead of a temporary directory.
         #[arg(long)]
         work_dir: Option<PathBuf>,
+        /// The competitions' dataset: `demo` (generated; synthetic sets drawn by the same
+        /// generator) or `instruct` (the shipped real chat records; synthetic sets
+        /// rewritten by the base model).
+        #[arg(long, default_value = "demo", value_parser = ["demo", "instruct"])]
+        dataset: String,
         /// The old in-process run through the engine (fast; not evidence of what holds
         /// against a miner on the wire).
         #[arg(long)]
@@ -331,6 +336,7 @@ fn run(cmd: Cmd) -> Result<()> {
             budget,
             only,
             work_dir,
+            dataset,
             in_process: false,
         } => {
             let tmp = tempfile::Builder::new()
@@ -362,6 +368,11 @@ fn run(cmd: Cmd) -> Result<()> {
                 budget_secs: budget,
                 cheats,
                 first: 0,
+                data: if dataset == "instruct" {
+                    tunenet_node::wire_redteam::WireData::Instruct
+                } else {
+                    tunenet_node::wire_redteam::WireData::Demo
+                },
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -369,8 +380,14 @@ fn run(cmd: Cmd) -> Result<()> {
             let report = rt.block_on(tunenet_node::wire_redteam::run(&opts, &mut |line| {
                 eprintln!("{line}")
             }))?;
-            let command =
+            let mut command =
                 format!("tunenet redteam --competitions {competitions} --budget {budget}");
+            if dataset != "demo" {
+                command.push_str(&format!(" --dataset {dataset}"));
+            }
+            if !only.is_empty() {
+                command.push_str(&format!(" --only {}", only.join(",")));
+            }
             write_report(
                 &out,
                 &tunenet_node::wire_redteam::markdown(&report, &command),

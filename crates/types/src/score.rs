@@ -397,6 +397,13 @@ pub struct IntegritySettings {
     /// ones) also lies this many robust spreads (1.4826 MAD, at least `leak_spread_floor`
     /// nats) below the median shift of its job's other submissions; it needs 3 others.
     pub leak_cohort_z: f64,
+    /// Whether the leakage check may fail a submission on a set not drawn alike. A
+    /// rewritten set is only as like the test split as the rewriting model writes like the
+    /// dataset: with a weak rewriter, honest runs that learned the data's style gain on
+    /// the test records and lose on the model's text, and stand out by their amount of
+    /// training alone. So by default such findings are flagged, not failed; turn this on
+    /// once `tunenet redteam --dataset` has measured the check on your data and rewriter.
+    pub leak_rewritten_fails: bool,
     /// Derived submissions (model soups, blends of others' work): a submission whose delta
     /// sketch, less its job's mean, is fitted by at most `derived_max_sources` earlier
     /// submissions of other miners (less the same mean) to within this residual (‖r‖ / ‖x‖)
@@ -427,6 +434,7 @@ impl Default for IntegritySettings {
             leak_alpha: 1e-3,
             synthetic_alike: true,
             leak_cohort_z: 4.0,
+            leak_rewritten_fails: false,
             derived_residual: 0.05,
             derived_max_sources: 3,
         }

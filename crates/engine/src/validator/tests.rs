@@ -1032,11 +1032,12 @@ fn a_leaky_peer_cannot_hide_a_weaker_leaker() {
 /// Per-record losses of honest models on a rewritten synthetic set: training moves a
 /// model's loss on the real test records by `gain`, on the model-written records by half
 /// that (they are not the data's style), plus per-record noise; `bonus` is a leak.
-fn rewritten_world(gains: &[(f64, f64)], alike: bool) -> (World, Vec<UploadHeader>) {
+fn rewritten_world(gains: &[(f64, f64)], alike: bool, fails: bool) -> (World, Vec<UploadHeader>) {
     use rand::Rng;
     let mut w = World::new(gains.len(), 1);
     w.v.set_integrity(IntegritySettings {
         synthetic_alike: alike,
+        leak_rewritten_fails: fails,
         ..Default::default()
     });
     let names: Vec<Vec<u8>> = (0..gains.len()).map(|i| vec![b'm', i as u8]).collect();
@@ -1061,10 +1062,10 @@ fn on_a_rewritten_synthetic_set_only_a_submission_that_stands_out_fails() {
     // Honest runs of growing strength, and one that also trained on the test split.
     let gains = [(0.1, 0.0), (0.2, 0.0), (0.3, 0.0), (0.45, 0.0), (0.25, 0.4)];
     // Judged as if the set were drawn alike, the strongest honest run looks leaky...
-    let (w, hs) = rewritten_world(&gains, true);
+    let (w, hs) = rewritten_world(&gains, true, true);
     assert_eq!(leakage_of(&w, &hs[3].miner).outcome, Outcome::Fail);
     // ...against the cohort's shifts it does not, and the leaker still fails.
-    let (w, hs) = rewritten_world(&gains, false);
+    let (w, hs) = rewritten_world(&gains, false, true);
     for h in &hs[..4] {
         let v = leakage_of(&w, &h.miner);
         assert_eq!(v.outcome, Outcome::Pass, "{v:?}");
@@ -1076,8 +1077,14 @@ fn on_a_rewritten_synthetic_set_only_a_submission_that_stands_out_fails() {
         v.reason.contains("rewritten") && v.reason.contains("spreads below"),
         "{v:?}"
     );
+    // Unless the operator turned failing on, a finding on a rewritten set is a flag.
+    let (w, hs) = rewritten_world(&gains, false, false);
+    let v = leakage_of(&w, &hs[4].miner);
+    assert_eq!(v.outcome, Outcome::Flag, "{v:?}");
+    assert!(v.reason.contains("leak_rewritten_fails"), "{v:?}");
+    assert!(score_of(&w, &hs[4].miner).penalty_reason.is_none());
     // With fewer than three others to compare with, nothing is judged.
-    let (w, hs) = rewritten_world(&[(0.1, 0.0), (0.2, 0.0), (0.45, 0.4)], false);
+    let (w, hs) = rewritten_world(&[(0.1, 0.0), (0.2, 0.0), (0.45, 0.4)], false, true);
     for h in &hs {
         let v = leakage_of(&w, &h.miner);
         assert_eq!(v.outcome, Outcome::Pass, "{v:?}");
