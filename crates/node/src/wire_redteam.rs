@@ -261,8 +261,9 @@ impl WireData {
     fn seq(self) -> usize {
         match self {
             WireData::Demo => 64,
-            // The tiny model reads bytes; chat records run to several hundred.
-            WireData::Instruct => 256,
+            // The tiny model reads bytes; chat records run to several hundred, and the
+            // adversaries' training in this process must still fit the budget.
+            WireData::Instruct => 192,
         }
     }
 
@@ -572,7 +573,7 @@ async fn run_one(
     std::fs::create_dir_all(&vdir).map_err(other)?;
     let n = urls.len();
     let vtoml = format!(
-        "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n\n[[competitions]]\nid = \"{comp}\"\nbase_model = {:?}\ndataset = {:?}\njobs = 2\nminers_per_job = {n}\nmin_miners = {n}\ntime_budget_secs = {}\ntest_fraction = 0.2\nseed = {c}\nreveal_window_secs = 25\noffer_timeout_secs = 20\neval_max_seq_len = {}\n{}\n[competitions.hparams]\nmax_lora_rank = 16\n",
+        "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n\n[[competitions]]\nid = \"{comp}\"\nbase_model = {:?}\ndataset = {:?}\njobs = 2\nminers_per_job = {n}\nmin_miners = {n}\ntime_budget_secs = {}\ntest_fraction = 0.2\nseed = {c}\nreveal_window_secs = {}\noffer_timeout_secs = 20\neval_max_seq_len = {}\n{}\n[competitions.hparams]\nmax_lora_rank = 16\n",
         vdir.join("data"),
         urls.iter()
             .map(|u| format!("{u:?}"))
@@ -581,6 +582,11 @@ async fn run_one(
         base_dir,
         dataset,
         opts.budget_secs,
+        // Longer records take the adversaries in this process longer to train.
+        match opts.data {
+            WireData::Demo => 25,
+            WireData::Instruct => 90,
+        },
         opts.data.seq(),
         opts.data.synthetic(),
     );
@@ -1541,7 +1547,7 @@ pub fn markdown(r: &WireReport, command: &str) -> String {
         PRETRAIN.1,
         match r.data {
             WireData::Demo => "300 demo records (60 held out as the hidden test split), 16 secret canaries per shard (each an invented country's capital, planted 8 times, with a never-released alternative capital drawn alike for the exposure test), and a synthetic set of 180 records drawn after each deadline",
-            WireData::Instruct => "real text: the 320 original chat records shipped with tunenet (`crates/ml/data`), shuffled per competition (64 held out as the hidden test split), rendered with the plain chat template (the tiny model has none) and trained and scored on 256 bytes per record, held-out real records as canaries (reported, never failed: without alternatives drawn alike there is no exact test), and a synthetic set of 64 records rewritten after each deadline from the hidden test split by the base model (each user turn perturbed, the answer written by the model), so the leakage check judges a submission's test-versus-synthetic shift against its job's other submissions'",
+            WireData::Instruct => "real text: the 320 original chat records shipped with tunenet (`crates/ml/data`), shuffled per competition (64 held out as the hidden test split), rendered with the plain chat template (the tiny model has none) and trained and scored on 192 bytes per record (a 90 s reveal window: the adversaries' longer records take this process longer to train), held-out real records as canaries (reported, never failed: without alternatives drawn alike there is no exact test), and a synthetic set of 64 records rewritten after each deadline from the hidden test split by the base model (each user turn perturbed, the answer written by the model), so the leakage check judges a submission's test-versus-synthetic shift against its job's other submissions'",
         }
     ));
     s.push_str(&format!(
