@@ -1049,7 +1049,8 @@ fn lora(rank: usize, lr: f64, steps: usize, seed: u64, seq: usize) -> TrainConfi
     TrainConfig {
         method: Method::Lora { rank, alpha: 16.0 },
         learning_rate: lr,
-        max_steps: steps,
+        // As many tokens whatever the sequence length (the steps are set for 64).
+        max_steps: (steps * 64 / seq).max(1),
         max_seq_len: seq,
         seed,
         ..Default::default()
@@ -1060,7 +1061,8 @@ fn full(lr: f64, steps: usize, seed: u64, seq: usize) -> TrainConfig {
     TrainConfig {
         method: Method::Full,
         learning_rate: lr,
-        max_steps: steps,
+        // As many tokens whatever the sequence length (the steps are set for 64).
+        max_steps: (steps * 64 / seq).max(1),
         max_seq_len: seq,
         seed,
         ..Default::default()
@@ -1539,7 +1541,10 @@ pub(crate) fn summary(xs: &[f64]) -> String {
 /// The report as `docs/INTEGRITY.md`.
 pub fn markdown(r: &WireReport, command: &str) -> String {
     let mut s = String::new();
-    s.push_str("# Integrity: the red-team report, over the wire\n\n");
+    s.push_str(match r.data {
+        WireData::Demo => "# Integrity: the red-team report, over the wire\n\n",
+        WireData::Instruct => "# Integrity on real text: the red-team report, over the wire\n\n",
+    });
     s.push_str(&format!(
         "Written by `{command}`. Each competition is a real `tunenet validator` daemon and {} honest `tunenet miner` daemons (LoRA rank 4, LoRA rank 16, full fine-tuning, 100 steps each, the miner's default; learning rates varied by competition), all separate processes on loopback (the last honest daemon starts listening only after the validator's first offers went out, so it gets its jobs only through the offer retries), plus adversary miners that speak only the gRPC protocol from another process: each serves its own `MinerService`, accepts offers, fetches its shard by blake3, signs its own commitments and reveals by upload 1.5 s after the deadline. Cheats whose training needs no assignment (fresh in-distribution records, the test split alone, the whole public dataset) are trained before the competition opens, as a prepared cheater would; the rest train on their assigned subsets within the budget. Two of them are honest accomplices (LoRA rank 8, 100 steps on their assigned subsets) whose artifacts the copiers and the soup take; their submissions count as honest. Each competition has two jobs on the tiny model pretrained on {} demo-style records from a seed no competition uses ({} steps; fine-tuning then starts, as on any real base, from a model that knows the data's style), {}. Outcomes are read back as an operator reads them, through `tunenet console competition show`; the checks' cost comes from the validator's own log. A cheater counts as caught when one of its strategy's expected checks fails its submission or the validator refuses its message for the expected reason.\n\n",
         HONEST.len(),
@@ -1555,6 +1560,9 @@ pub fn markdown(r: &WireReport, command: &str) -> String {
         r.competitions,
         summary(&r.wall_secs)
     ));
+    if r.data == WireData::Demo {
+        s.push_str("The same red team on real text (the shipped chat records, synthetic sets rewritten by the base model: `tunenet redteam --dataset instruct`) is reported in `docs/INTEGRITY-REAL-TEXT.md`.\n\n");
+    }
     s.push_str("## Cheaters\n\n| strategy | caught (expected reason) | caught at all | by | best rank when scored | example reason |\n| --- | --- | --- | --- | --- | --- |\n");
     let mut by_cheat: BTreeMap<Cheat, Vec<&WireCatch>> = BTreeMap::new();
     for c in &r.catches {
