@@ -175,6 +175,12 @@ impl ChatTemplate {
         &self.bos
     }
 
+    /// Whether a rendering already begins with the beginning-of-sequence token (some
+    /// templates write it), so the tokenizer must not add another.
+    pub fn writes_bos(&self, rendered: &str) -> bool {
+        !self.bos.is_empty() && rendered.starts_with(&self.bos)
+    }
+
     /// Renders `messages`, ending with the assistant's cue when `add_generation_prompt`.
     pub fn render(
         &self,

@@ -292,10 +292,7 @@ pub(crate) fn tokenize(
             (Record::Instruction { .. } | Record::Chat { .. }, _) => {
                 let turns = r.turns().unwrap_or_default();
                 let segments = chat.segments(&turns)?;
-                let wrote_bos = !chat.bos_token().is_empty()
-                    && segments
-                        .first()
-                        .is_some_and(|(s, _)| s.starts_with(chat.bos_token()));
+                let wrote_bos = segments.first().is_some_and(|(s, _)| chat.writes_bos(s));
                 let mut ids = if wrote_bos { Vec::new() } else { bos };
                 let mut trained = vec![false; ids.len()];
                 for (text, train) in &segments {

@@ -305,8 +305,11 @@ impl Rewrite {
             Rewrite::Chat { turns } => turns.clone(),
         };
         let text = chat.render(&turns, true)?;
-        let wrote_bos = !chat.bos_token().is_empty() && text.starts_with(chat.bos_token());
-        let mut ids = if wrote_bos { Vec::new() } else { bos };
+        let mut ids = if chat.writes_bos(&text) {
+            Vec::new()
+        } else {
+            bos
+        };
         ids.extend(tok.encode(&text)?);
         Ok(ids)
     }

@@ -2587,14 +2587,13 @@ fn trained_text(lm: &CausalLm, r: &Record) -> String {
     out
 }
 
+/// The model in `m`, f32 on the CPU.
+fn try_load_cpu(m: &Path) -> Result<CausalLm, MlError> {
+    CausalLm::load(&ModelDir::open(m)?, None, WeightDtype::F32, &Device::Cpu)
+}
+
 fn load_cpu(m: &Path) -> CausalLm {
-    CausalLm::load(
-        &ModelDir::open(m).unwrap(),
-        None,
-        WeightDtype::F32,
-        &Device::Cpu,
-    )
-    .unwrap()
+    try_load_cpu(m).unwrap()
 }
 
 #[test]
@@ -2677,14 +2676,7 @@ fn chat_templates_render_conversations_and_train_only_the_assistant() {
         serde_json::json!({"chat_template": "{% for m in messages %}"}).to_string(),
     )
     .unwrap();
-    let e = CausalLm::load(
-        &ModelDir::open(&m).unwrap(),
-        None,
-        WeightDtype::F32,
-        &Device::Cpu,
-    )
-    .unwrap_err()
-    .to_string();
+    let e = try_load_cpu(&m).unwrap_err().to_string();
     assert!(
         e.contains("does not compile") && e.contains("chat template"),
         "{e}"
