@@ -66,7 +66,9 @@ pub use parallel::NcclCollective;
 pub use parallel::{Collective, RankComm, ThreadCollective, collective_for};
 pub use peft::{PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, import_full_weights, import_peft_adapter};
 pub use scoring::{Branch, GgufWeights, HellaSwagScorer, PackedGroup, ScoringModel};
-pub use synthetic::{Generation, SamplingConfig, rewrite_set, synthetic_set};
+pub use synthetic::{
+    Generation, NEIGHBOUR_RATE, SamplingConfig, neighbour_set, rewrite_set, synthetic_set,
+};
 pub use tiny::{init_tiny, tiny_config};
 pub use tokenizer::{BOS_TOKEN, BYTE_VOCAB_SIZE, EOS_TOKEN, PAD_TOKEN, TextTokenizer};
 pub use tp::TensorParallelLm;

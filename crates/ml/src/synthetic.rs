@@ -383,3 +383,215 @@ pub fn rewrite_set(
     }
     Ok(out)
 }
+
+/// Share of the scored words of each answer that [`neighbour_set`] replaces by default.
+pub const NEIGHBOUR_RATE: f64 = 0.2;
+
+/// Tries at a replacement word before a chosen word is left as it was.
+const NEIGHBOUR_TRIES: usize = 4;
+
+/// Most tokens sampled for one replacement word.
+const NEIGHBOUR_WORD_TOKENS: usize = 8;
+
+/// One neighbour per source record, in order (`out[i]` comes from `sources[i]`): the same
+/// record with about `rate` of the words of its answers (an instruction's response, the
+/// assistant turns of a conversation, all of a plain text) that fall within the first
+/// `max_seq_len` tokens replaced, each by a word `lm` writes there in context (a sample,
+/// never the word it replaces), at least one word per record where any fits. Prompts and
+/// everything else are kept. Deterministic from `seed`, so every validator of a
+/// competition makes the same set.
+///
+/// A neighbour reads like the record it comes from, in the data's own words: a model that
+/// generalises from the same data scores a record and its neighbour alike, while one that
+/// memorised the record expects its exact words and pays for each replaced one. That makes
+/// the pair a paired test of memorisation that holds whatever the writer's style: unlike a
+/// rewritten answer, a neighbour does not move away from the data as fine-tuning moves
+/// toward it. A record with no word to replace comes back unchanged.
+pub fn neighbour_set(
+    lm: &CausalLm,
+    sources: &[Record],
+    seed: u64,
+    rate: f64,
+    max_seq_len: usize,
+) -> Result<Vec<Record>, MlError> {
+    if !(rate > 0.0 && rate <= 1.0) {
+        return Err(MlError::Invalid(format!(
+            "the neighbours' replacement rate must be in (0, 1], got {rate}"
+        )));
+    }
+    let window = max_seq_len.min(lm.config().max_position_embeddings);
+    sources
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            // Each record's own stream: the same record gets the same neighbour whatever
+            // else the set holds.
+            let mut rng =
+                StdRng::seed_from_u64(seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            neighbour(lm, r, rate, window, &mut rng)
+        })
+        .collect()
+}
+
+/// The neighbour of one record (see [`neighbour_set`]).
+fn neighbour(
+    lm: &CausalLm,
+    r: &Record,
+    rate: f64,
+    window: usize,
+    rng: &mut StdRng,
+) -> Result<Record, MlError> {
+    Ok(match r {
+        Record::Text { text } => {
+            let bos: Vec<u32> = lm.config().bos_token_id.into_iter().collect();
+            Record::Text {
+                text: replace_words(lm, &bos, text, rate, window, rng)?,
+            }
+        }
+        Record::Instruction { prompt, response } => {
+            let before = Rewrite::Instruction {
+                prompt: prompt.clone(),
+            }
+            .prompt_ids(lm)?;
+            Record::Instruction {
+                prompt: prompt.clone(),
+                response: replace_words(lm, &before, response, rate, window, rng)?,
+            }
+        }
+        Record::Chat { messages } => {
+            let mut turns = messages.clone();
+            for k in 0..turns.len() {
+                if turns[k].role != "assistant" {
+                    continue;
+                }
+                let before = Rewrite::Chat {
+                    turns: turns[..k].to_vec(),
+                }
+                .prompt_ids(lm)?;
+                if before.len() + 2 >= window {
+                    // Later turns lie beyond what is scored.
+                    break;
+                }
+                turns[k].content =
+                    replace_words(lm, &before, &turns[k].content, rate, window, rng)?;
+            }
+            Record::Chat { messages: turns }
+        }
+    })
+}
+
+/// `text` (which follows the token ids `before`) with about `rate` of its words that start
+/// within the first `window` tokens replaced by words `lm` samples in their place. A word
+/// is a run of letters and digits after a space; its replacement is the first such run
+/// the model writes after that space, and must differ from it (letter case aside). A word
+/// the model offers no other word for in [`NEIGHBOUR_TRIES`] tries (three times as many
+/// with the space given) is kept.
+fn replace_words(
+    lm: &CausalLm,
+    before: &[u32],
+    text: &str,
+    rate: f64,
+    window: usize,
+    rng: &mut StdRng,
+) -> Result<String, MlError> {
+    let tok = lm.tokenizer();
+    let room = window.saturating_sub(before.len() + 1);
+    if room == 0 {
+        return Ok(text.to_string());
+    }
+    let ids = tok.encode(text)?;
+    // How much of the text is scored, in bytes (roughly: decoding may normalise).
+    let visible = if ids.len() > room {
+        tok.decode(&ids[..room], false)?.len()
+    } else {
+        text.len()
+    };
+    let words: Vec<(usize, usize)> = word_spans(text)
+        .into_iter()
+        .filter(|(s, _)| *s < visible)
+        .collect();
+    if words.is_empty() {
+        return Ok(text.to_string());
+    }
+    let k = ((words.len() as f64 * rate).round() as usize).clamp(1, words.len());
+    let mut chosen: Vec<usize> = rand::seq::index::sample(rng, words.len(), k).into_vec();
+    chosen.sort_unstable();
+    let sampling = SamplingConfig {
+        temperature: 1.0,
+        top_p: 0.95,
+        max_tokens: NEIGHBOUR_WORD_TOKENS,
+    };
+    let ctx = lm.config().max_position_embeddings;
+    let mut out = String::with_capacity(text.len() + 16);
+    let mut cursor = 0;
+    for w in chosen {
+        let (s, e) = words[w];
+        // Everything up to the space before the word; the model writes the space itself,
+        // as its tokenizer joins a space to the word after it.
+        out.push_str(&text[cursor..s - 1]);
+        let original = &text[s..e];
+        let mut replacement = None;
+        // First as the model would write it, space and all; then, for a model that rarely
+        // writes a word there (one that reads bytes and is barely trained), after the space.
+        for forced in [false, true] {
+            let mut prefix = before.to_vec();
+            prefix.extend(tok.encode(&out)?);
+            if forced {
+                prefix.extend(tok.encode(" ")?);
+            }
+            if prefix.len() + NEIGHBOUR_WORD_TOKENS >= ctx || replacement.is_some() {
+                continue;
+            }
+            let tries = if forced {
+                2 * NEIGHBOUR_TRIES
+            } else {
+                NEIGHBOUR_TRIES
+            };
+            for _ in 0..tries {
+                let g = lm.generate(&prefix, &sampling, rng)?;
+                let written = tok.decode(&g.ids, true)?;
+                let rest = if forced {
+                    written.as_str()
+                } else {
+                    match written.strip_prefix(' ') {
+                        Some(r) => r,
+                        None => continue,
+                    }
+                };
+                let word: String = rest.chars().take_while(|c| c.is_alphanumeric()).collect();
+                if !word.is_empty() && word.to_lowercase() != original.to_lowercase() {
+                    replacement = Some(word);
+                    break;
+                }
+            }
+        }
+        out.push(' ');
+        out.push_str(replacement.as_deref().unwrap_or(original));
+        cursor = e;
+    }
+    out.push_str(&text[cursor..]);
+    Ok(out)
+}
+
+/// Byte spans of the words of `text`: maximal runs of letters and digits that follow a
+/// space.
+fn word_spans(text: &str) -> Vec<(usize, usize)> {
+    let mut spans = Vec::new();
+    let mut start: Option<usize> = None;
+    let mut prev = '\0';
+    for (i, c) in text.char_indices() {
+        match start {
+            Some(s) if !c.is_alphanumeric() => {
+                spans.push((s, i));
+                start = None;
+            }
+            None if c.is_alphanumeric() && prev == ' ' => start = Some(i),
+            _ => {}
+        }
+        prev = c;
+    }
+    if let Some(s) = start {
+        spans.push((s, text.len()));
+    }
+    spans
+}

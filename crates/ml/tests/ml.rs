@@ -2741,3 +2741,172 @@ fn rewritten_synthetic_sets_keep_each_records_form_and_follow_the_seed() {
     assert_eq!(kinds.len(), 3, "{a:?}");
     assert!(rewrite_set(&lm, &[], 7, &sampling, 4).is_err());
 }
+
+#[test]
+fn neighbours_keep_each_record_but_some_answer_words_and_follow_the_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m");
+    init_tiny(&m, 35).unwrap();
+    let lm = load_cpu(&m);
+    let sources = vec![
+        Record::Instruction {
+            prompt: "Name three colours of the rainbow".into(),
+            response: "Red, orange and yellow are three of the seven colours we see.".into(),
+        },
+        chat(&[
+            ("system", "Be brief."),
+            ("user", "What is the boiling point of water at sea level"),
+            (
+                "assistant",
+                "It boils at one hundred degrees Celsius at sea level.",
+            ),
+            ("user", "And in Fahrenheit"),
+            ("assistant", "That is two hundred and twelve degrees."),
+        ]),
+        Record::Text {
+            text: "The river runs through the old town and under seven stone bridges.".into(),
+        },
+        Record::Instruction {
+            prompt: "Say nothing".into(),
+            response: "...".into(),
+        },
+    ];
+    let a = neighbour_set(&lm, &sources, 7, 0.3, 256).unwrap();
+    assert_eq!(a, neighbour_set(&lm, &sources, 7, 0.3, 256).unwrap());
+    assert_ne!(a, neighbour_set(&lm, &sources, 8, 0.3, 256).unwrap());
+    assert_eq!(a.len(), sources.len(), "one neighbour per record, in order");
+    // Counts the words of `x` that differ from those of `y`, place by place.
+    let changed = |x: &str, y: &str| {
+        let (wx, wy): (Vec<&str>, Vec<&str>) = (
+            x.split_whitespace().collect(),
+            y.split_whitespace().collect(),
+        );
+        assert_eq!(wx.len(), wy.len(), "{x:?} / {y:?}: a word became several");
+        wx.iter().zip(&wy).filter(|(p, q)| p != q).count()
+    };
+    match (&a[0], &sources[0]) {
+        (
+            Record::Instruction { prompt, response },
+            Record::Instruction {
+                prompt: p0,
+                response: r0,
+            },
+        ) => {
+            assert_eq!(prompt, p0, "the prompt is kept");
+            let n = changed(response, r0);
+            assert!((1..=5).contains(&n), "{response:?}: {n} words changed");
+        }
+        other => panic!("form changed: {other:?}"),
+    }
+    match (&a[1], &sources[1]) {
+        (Record::Chat { messages }, Record::Chat { messages: m0 }) => {
+            assert_eq!(messages.len(), m0.len());
+            for (t, t0) in messages.iter().zip(m0) {
+                assert_eq!(t.role, t0.role);
+                if t.role == "assistant" {
+                    assert!(changed(&t.content, &t0.content) >= 1, "{t:?}");
+                } else {
+                    assert_eq!(t.content, t0.content, "only answers change");
+                }
+            }
+        }
+        other => panic!("form changed: {other:?}"),
+    }
+    match (&a[2], &sources[2]) {
+        (Record::Text { text }, Record::Text { text: t0 }) => {
+            assert!(changed(text, t0) >= 1, "{text}")
+        }
+        other => panic!("form changed: {other:?}"),
+    }
+    // Nothing to replace: the record comes back as it was.
+    assert_eq!(a[3], sources[3]);
+    // Words beyond what is scored stay: with a 24-token window only the opening of the
+    // answers can change.
+    let short = neighbour_set(&lm, &sources[2..3], 7, 1.0, 24).unwrap();
+    let Record::Text { text } = &short[0] else {
+        panic!()
+    };
+    assert!(text.ends_with("seven stone bridges."), "{text}");
+    assert!(neighbour_set(&lm, &sources, 7, 0.0, 256).is_err());
+    assert!(neighbour_set(&lm, &sources, 7, 1.5, 256).is_err());
+}
+
+/// A model directory with `weights` (a full fine-tune's artifact) in place of `base`'s.
+fn with_weights(base: &Path, weights: &Path, out: &Path) -> ModelDir {
+    std::fs::create_dir_all(out).unwrap();
+    for f in std::fs::read_dir(base).unwrap() {
+        let f = f.unwrap().path();
+        if f.is_file() {
+            std::fs::copy(&f, out.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::copy(weights, out.join("model.safetensors")).unwrap();
+    ModelDir::open(out).unwrap()
+}
+
+#[test]
+fn a_model_that_memorised_records_does_worse_on_their_neighbours_and_one_that_generalised_does_not()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    init_tiny(&d.join("m0"), 36).unwrap();
+    let m0 = ModelDir::open(&d.join("m0")).unwrap();
+    let real = parse_jsonl(SHIPPED_INSTRUCT_JSONL).unwrap();
+    let (test, rest) = real.split_at(16);
+    let full = |steps, lr| TrainConfig {
+        method: Method::Full,
+        learning_rate: lr,
+        max_steps: steps,
+        batch_size: 8,
+        max_seq_len: 128,
+        seed: 3,
+        weight_decay: 0.0,
+        ..Default::default()
+    };
+    // A base that knows the data's style (but not the test records).
+    run_train(&m0, &rest[100..], &full(150, 3e-3), &d.join("pre"));
+    let base = with_weights(
+        &d.join("m0"),
+        &d.join("pre/artifact.safetensors"),
+        &d.join("base"),
+    );
+    let neighbours = neighbour_set(&load_cpu(&base.path), test, 11, 0.2, 128).unwrap();
+    // An honest run on other records, and a cheat that went over the test records.
+    run_train(&base, &rest[..100], &full(60, 2e-3), &d.join("honest"));
+    run_train(&base, test, &full(60, 2e-3), &d.join("memorised"));
+    let losses = |artifact: Option<&Path>, set: &[Record]| -> Vec<f64> {
+        record_losses(&base, artifact, set, 128, 8, &Device::Cpu)
+            .unwrap()
+            .losses
+            .into_iter()
+            .map(|l| l.unwrap_or(f64::NAN))
+            .collect()
+    };
+    let (bt, bn) = (losses(None, test), losses(None, &neighbours));
+    // Each record's loss less its neighbour's, beyond the base's.
+    let gaps = |name: &str| -> Vec<f64> {
+        let a = d.join(name).join("artifact.safetensors");
+        let (t, n) = (losses(Some(&a), test), losses(Some(&a), &neighbours));
+        // Records whose prompt fills the 128 tokens have nothing scored.
+        (0..test.len())
+            .map(|i| (t[i] - n[i]) - (bt[i] - bn[i]))
+            .filter(|g| g.is_finite())
+            .collect()
+    };
+    let (honest, cheat) = (gaps("honest"), gaps("memorised"));
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    eprintln!("honest {honest:?}\ncheat {cheat:?}");
+    let below = cheat.iter().filter(|g| **g < 0.0).count();
+    assert!(cheat.len() >= 10, "{} records scored", cheat.len());
+    assert!(
+        below * 10 >= cheat.len() * 9,
+        "memorised: lower on the record than its neighbour in {below}/{}",
+        cheat.len()
+    );
+    assert!(
+        mean(&cheat) < mean(&honest) - 0.05,
+        "memorised {:.4} against honest {:.4}",
+        mean(&cheat),
+        mean(&honest)
+    );
+}

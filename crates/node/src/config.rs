@@ -283,17 +283,25 @@ pub struct CompetitionConfig {
     /// How the validator makes each job's fresh synthetic evaluation set after its
     /// deadline (the basis of the test-leakage check): `"rewrite"` (the default: the
     /// test split's records rewritten by the base model, or by `synthetic_model`, under a
-    /// seed drawn then, each keeping its form), `"demo"` (the demo dataset's generator,
-    /// for datasets it made), or `"none"` (no synthetic set, so no leakage check).
+    /// seed drawn then, each keeping its form), `"neighbours"` (each test record with
+    /// `neighbour_rate` of its answer's words replaced by words the base model, or
+    /// `synthetic_model`, writes in their place: one neighbour per test record, judged in
+    /// pairs), `"demo"` (the demo dataset's generator, for datasets it made), or `"none"`
+    /// (no synthetic set, so no leakage check).
     #[serde(default)]
     pub synthetic_generator: Option<String>,
     /// A stronger model directory to rewrite synthetic records with (default: the
     /// competition's base model). It must share the base model's tokenizer.
     #[serde(default)]
     pub synthetic_model: Option<PathBuf>,
-    /// Records in each job's synthetic set (0: as many as the test split has).
+    /// Records in each job's synthetic set (0: as many as the test split has). Neighbours
+    /// are one per test record, so with `"neighbours"` it must be 0.
     #[serde(default)]
     pub synthetic_records: usize,
+    /// With `synthetic_generator = "neighbours"`: the share of each answer's scored words
+    /// replaced, in (0, 1].
+    #[serde(default = "d_neighbour_rate")]
+    pub neighbour_rate: f64,
     /// Secret canary records planted in each job's shard.
     #[serde(default = "d_canaries")]
     pub canaries_per_job: usize,
@@ -315,6 +323,10 @@ pub struct CompetitionConfig {
     /// a model that never saw the canary. 0: siblings and the weaker comparison instead.
     #[serde(default = "d_alternatives")]
     pub canary_alternatives: usize,
+}
+
+fn d_neighbour_rate() -> f64 {
+    tunenet_ml::NEIGHBOUR_RATE
 }
 
 fn d_alternatives() -> usize {
@@ -412,13 +424,27 @@ impl CompetitionConfig {
             && !SYNTHETIC_GENERATORS.contains(&g)
         {
             return fail(format!(
-                "`synthetic_generator` {g:?} is unknown: use \"rewrite\" (the default), \"demo\" or \"none\""
+                "`synthetic_generator` {g:?} is unknown: use \"rewrite\" (the default), \"neighbours\", \"demo\" or \"none\""
             ));
         }
-        if self.synthetic_model.is_some() && self.synthetic() != Some("rewrite") {
+        if self.synthetic_model.is_some()
+            && !matches!(self.synthetic(), Some("rewrite" | "neighbours"))
+        {
             return fail(
-                "`synthetic_model` is used only with synthetic_generator = \"rewrite\"".into(),
+                "`synthetic_model` is used only with synthetic_generator = \"rewrite\" or \"neighbours\"".into(),
             );
+        }
+        if !(self.neighbour_rate > 0.0 && self.neighbour_rate <= 1.0) {
+            return fail(format!(
+                "`neighbour_rate` must lie in (0, 1], got {}",
+                self.neighbour_rate
+            ));
+        }
+        if self.synthetic() == Some("neighbours") && self.synthetic_records != 0 {
+            return fail(format!(
+                "`synthetic_records` is {} but neighbours are one per test record: leave it at 0 with synthetic_generator = \"neighbours\"",
+                self.synthetic_records
+            ));
         }
         Ok(())
     }
@@ -434,7 +460,7 @@ impl CompetitionConfig {
 }
 
 /// The values `synthetic_generator` may take.
-pub const SYNTHETIC_GENERATORS: &[&str] = &["rewrite", "demo", "none"];
+pub const SYNTHETIC_GENERATORS: &[&str] = &["rewrite", "neighbours", "demo", "none"];
 
 /// `validator.toml`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -354,6 +354,7 @@ impl ConsoleService for Console {
                     })?;
                 // How the synthetic set is drawn follows from the competition's generator.
                 settings.synthetic_alike = c.record.plan.integrity.synthetic_alike;
+                settings.synthetic_paired = c.record.plan.integrity.synthetic_paired;
                 c.record.config.integrity = settings.clone();
                 c.record.plan.integrity = settings.clone();
                 c.engine.set_integrity(settings.clone());

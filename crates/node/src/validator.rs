@@ -374,7 +374,8 @@ pub fn prepare(
         tunenet_types::IntegritySettings {
             // Only a generator of the dataset's own process draws records as the test
             // split was; a rewritten set needs the cohort calibration.
-            synthetic_alike: cfg.synthetic() != Some("rewrite"),
+            synthetic_alike: !matches!(cfg.synthetic(), Some("rewrite" | "neighbours")),
+            synthetic_paired: cfg.synthetic() == Some("neighbours"),
             ..cfg.integrity.clone()
         },
     );
@@ -557,7 +558,7 @@ struct EvalRequest {
 /// How to make a job's synthetic set.
 #[derive(Clone, Debug)]
 pub struct Synthetic {
-    /// `rewrite` or `demo` (see `CompetitionConfig::synthetic_generator`).
+    /// `rewrite`, `neighbours` or `demo` (see `CompetitionConfig::synthetic_generator`).
     pub generator: String,
     /// Drawn at the job's deadline.
     pub seed: u64,
@@ -565,6 +566,8 @@ pub struct Synthetic {
     pub records: usize,
     /// The model that rewrites (None: the base model).
     pub model: Option<PathBuf>,
+    /// Share of each answer's scored words a neighbour replaces.
+    pub neighbour_rate: f64,
 }
 
 /// One competition in the running validator.
@@ -1000,6 +1003,7 @@ impl Validator {
                             seed,
                             records: c.record.config.synthetic_records,
                             model: c.record.config.synthetic_model.clone(),
+                            neighbour_rate: c.record.config.neighbour_rate,
                         });
                     let _ = self.evals.send(EvalRequest {
                         bounds: c.engine.plan().hparams.clone(),
@@ -1528,7 +1532,8 @@ const REWRITE_MAX_TOKENS: usize = 96;
 
 /// The synthetic set of a job: `records` (0: as many as the test split) drawn from the
 /// demo generator, or rewritten from the test split by `base` (or the configured
-/// stronger model) with the seed drawn at the deadline, on `device`.
+/// stronger model) with the seed drawn at the deadline, on `device`; or the test split's
+/// neighbours, one per test record in its order.
 pub fn synthetic_set(
     s: &Synthetic,
     test: &[tunenet_ml::Record],
@@ -1544,7 +1549,7 @@ pub fn synthetic_set(
     .max(1);
     match s.generator.as_str() {
         "demo" => Ok(tunenet_ml::demo_dataset(n, s.seed)),
-        "rewrite" => {
+        "rewrite" | "neighbours" => {
             let dir = match &s.model {
                 Some(p) => {
                     tunenet_ml::ModelDir::open(p).map_err(|e| format!("`synthetic_model`: {e}"))?
@@ -1553,6 +1558,10 @@ pub fn synthetic_set(
             };
             let lm = tunenet_ml::CausalLm::load(&dir, None, tunenet_ml::WeightDtype::Auto, device)
                 .map_err(|e| format!("loading the model that rewrites the synthetic set: {e}"))?;
+            if s.generator == "neighbours" {
+                return tunenet_ml::neighbour_set(&lm, test, s.seed, s.neighbour_rate, max_seq_len)
+                    .map_err(|e| format!("making the test records' neighbours: {e}"));
+            }
             let sampling = tunenet_ml::SamplingConfig {
                 max_tokens: REWRITE_MAX_TOKENS.min(max_seq_len.max(8) / 2),
                 ..Default::default()

@@ -397,6 +397,12 @@ pub struct IntegritySettings {
     /// ones) also lies this many robust spreads (1.4826 MAD, at least `leak_spread_floor`
     /// nats) below the median shift of its job's other submissions; it needs 3 others.
     pub leak_cohort_z: f64,
+    /// Whether synthetic record `i` is a neighbour of hidden test record `i` (the
+    /// `neighbours` generator): then the per-record leakage test compares each test record
+    /// with its own neighbour (a one-sided Wilcoxon signed-rank test on the paired
+    /// residuals) instead of the two sets as wholes. Set by the validator from the
+    /// competition's `synthetic_generator`.
+    pub synthetic_paired: bool,
     /// Whether the leakage check may fail a submission on a set not drawn alike. A
     /// rewritten set is only as like the test split as the rewriting model writes like the
     /// dataset: with a weak rewriter, honest runs that learned the data's style gain on
@@ -434,6 +440,7 @@ impl Default for IntegritySettings {
             leak_alpha: 1e-3,
             synthetic_alike: true,
             leak_cohort_z: 4.0,
+            synthetic_paired: false,
             leak_rewritten_fails: false,
             derived_residual: 0.05,
             derived_max_sources: 3,

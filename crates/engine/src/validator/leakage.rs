@@ -13,6 +13,16 @@
 //! residuals' distribution: `leak_alpha` is its false-positive rate per honest submission.
 //! That exactness needs the synthetic generator to draw records as the test split was
 //! drawn; a generator of another style would make every strong fine-tune look leaky.
+//!
+//! On real data the synthetic set is made from the test split itself. Its neighbours
+//! (`synthetic_paired`: synthetic record `i` is test record `i` with some of its answer's
+//! words replaced by the base model's) pair every test record with a near copy in the
+//! data's own words, and the test becomes a paired one (Wilcoxon signed-rank on each
+//! record's residual less its neighbour's): a model that memorised the record expects its
+//! exact words and pays for each replaced one, while one that only learned the data's
+//! style scores the two alike. Sets that are not drawn alike (rewritten or neighbours)
+//! are not exchangeable with the test split, so there a submission must also stand out
+//! from its job's other submissions (`leak_cohort_z`).
 
 use super::{JobState, LEAKAGE_CHECK, SubmissionState, median};
 use std::collections::BTreeSet;
@@ -83,7 +93,7 @@ pub(super) fn per_record_findings(
     let mut excluded: BTreeSet<&PeerIdStr> = suspect.iter().collect();
     let first: Vec<Option<Found<'_>>> = cohort
         .iter()
-        .map(|row| judge(row, &cohort, &excluded))
+        .map(|row| judge(row, &cohort, &excluded, settings.synthetic_paired))
         .collect();
     let leaked = |f: &Option<Found<'_>>| f.as_ref().is_some_and(|f| f.p <= settings.leak_alpha);
     excluded.extend(
@@ -101,14 +111,11 @@ pub(super) fn per_record_findings(
             if leaked(&first) {
                 first
             } else {
-                judge(row, &cohort, &excluded).or(first)
+                judge(row, &cohort, &excluded, settings.synthetic_paired).or(first)
             }
         })
         .collect();
-    let shifts: Vec<Option<f64>> = finals
-        .iter()
-        .map(|f| f.as_ref().map(|f| f.test_median - f.synthetic_median))
-        .collect();
+    let shifts: Vec<Option<f64>> = finals.iter().map(|f| f.as_ref().map(|f| f.shift)).collect();
     Some(
         cohort
             .iter()
@@ -144,7 +151,7 @@ pub(super) fn per_record_findings(
                     let mid = median(&others);
                     let deviations: Vec<f64> = others.iter().map(|x| (x - mid).abs()).collect();
                     let spread = (1.4826 * median(&deviations)).max(settings.leak_spread_floor);
-                    let shift = found.test_median - found.synthetic_median;
+                    let shift = found.shift;
                     let z = (mid - shift) / spread;
                     stands_out = z >= settings.leak_cohort_z;
                     numbers = format!(
@@ -168,8 +175,14 @@ pub(super) fn per_record_findings(
                     (
                         Outcome::Fail,
                         format!(
-                            "the hidden test split leaked into training: it beats comparable models by more on the hidden test records than on records {} after the deadline ({numbers}; at most {:.0e} allowed)",
-                            if settings.synthetic_alike { "drawn alike" } else { "rewritten" },
+                            "the hidden test split leaked into training: it beats comparable models by more on the hidden test records than on {} after the deadline ({numbers}; at most {:.0e} allowed)",
+                            if settings.synthetic_alike {
+                                "records drawn alike"
+                            } else if settings.synthetic_paired {
+                                "their neighbours, written"
+                            } else {
+                                "records rewritten"
+                            },
                             settings.leak_alpha
                         ),
                     )
@@ -209,6 +222,12 @@ struct Found<'a> {
     synthetic_n: usize,
     effect: f64,
     p: f64,
+    /// How much lower this model sits on the test records than on the synthetic ones,
+    /// beyond its peers: the median paired difference, or (unpaired) the difference of
+    /// the medians.
+    shift: f64,
+    /// Pairs compared (0: the sets were compared as wholes).
+    pairs: usize,
 }
 
 impl Found<'_> {
@@ -220,8 +239,23 @@ impl Found<'_> {
             .map(|(m, w)| format!("{m} {w:.2}"))
             .collect();
         let more = self.weights.len().saturating_sub(3);
+        let comparison = if self.pairs > 0 {
+            format!(
+                "paired with its neighbour, lower on the test record in {:.0} % of {} pairs (median difference {:+.4} nats); one-sided Wilcoxon signed-rank p = {:.1e}",
+                100.0 * self.effect,
+                self.pairs,
+                self.shift,
+                self.p
+            )
+        } else {
+            format!(
+                "lower on the test record in {:.0} % of test/synthetic pairs; one-sided Mann–Whitney p = {:.1e}",
+                100.0 * self.effect,
+                self.p
+            )
+        };
         format!(
-            "its per-record loss less that predicted from {} other model{}' (non-negative least squares over both sets; weights {}{}; {cohort} submissions): median {:+.4} nats on {} hidden test records against {:+.4} on {} synthetic records, lower on the test record in {:.0} % of test/synthetic pairs; one-sided Mann–Whitney p = {:.1e}",
+            "its per-record loss less that predicted from {} other model{}' (non-negative least squares over both sets; weights {}{}; {cohort} submissions): median {:+.4} nats on {} hidden test records against {:+.4} on {} synthetic records, {comparison}",
             self.references,
             if self.references == 1 { "" } else { "s" },
             named.join(", "),
@@ -234,8 +268,6 @@ impl Found<'_> {
             self.test_n,
             self.synthetic_median,
             self.synthetic_n,
-            100.0 * self.effect,
-            self.p
         )
     }
 }
@@ -271,6 +303,7 @@ fn judge<'a>(
     row: &Row<'a>,
     cohort: &[Row<'a>],
     excluded: &BTreeSet<&PeerIdStr>,
+    paired: bool,
 ) -> Option<Found<'a>> {
     let (me, own_t, own_s) = *row;
     let mine = mean_loss(own_s);
@@ -296,6 +329,7 @@ fn judge<'a>(
     let mut xs: Vec<Vec<f64>> = Vec::new();
     let mut ys: Vec<f64> = Vec::new();
     let mut is_test: Vec<bool> = Vec::new();
+    let mut index: Vec<usize> = Vec::new();
     // Test records (each reference's `.1`) and synthetic ones (`.2`), alike.
     for test in [true, false] {
         let own = if test { own_t } else { own_s };
@@ -314,6 +348,7 @@ fn judge<'a>(
                 xs.push(x);
                 ys.push(o);
                 is_test.push(test);
+                index.push(i);
             }
         }
     }
@@ -322,7 +357,27 @@ fn judge<'a>(
     for (r, t) in residuals.iter().zip(&is_test) {
         if *t { rt.push(*r) } else { rs.push(*r) }
     }
-    let (p, effect) = rank_sum_greater(&rs, &rt);
+    let (p, effect, shift, pairs) = if paired {
+        // Test record i against its own neighbour, synthetic record i.
+        let mut syn: Vec<Option<f64>> = vec![None; own_s.len()];
+        for ((r, t), i) in residuals.iter().zip(&is_test).zip(&index) {
+            if !*t {
+                syn[*i] = Some(*r);
+            }
+        }
+        let d: Vec<f64> = residuals
+            .iter()
+            .zip(&is_test)
+            .zip(&index)
+            .filter(|((_, t), _)| **t)
+            .filter_map(|((r, _), i)| Some(r - syn.get(*i).copied().flatten()?))
+            .collect();
+        let (p, effect) = signed_rank_less(&d);
+        (p, effect, median(&d), d.len())
+    } else {
+        let (p, effect) = rank_sum_greater(&rs, &rt);
+        (p, effect, median(&rt) - median(&rs), 0)
+    };
     let mut named: Vec<(&'a PeerIdStr, f64)> = refs
         .iter()
         .zip(&weights)
@@ -339,7 +394,48 @@ fn judge<'a>(
         synthetic_n: rs.len(),
         effect,
         p,
+        shift,
+        pairs,
     })
+}
+
+/// One-sided Wilcoxon signed-rank test that the differences `d` tend to lie below 0, by
+/// the normal approximation with tie and continuity corrections; zero differences are
+/// dropped (Wilcoxon's convention). Returns the p-value and the share of the non-zero
+/// differences that are negative. With no non-zero difference the p-value is 1.
+pub(super) fn signed_rank_less(d: &[f64]) -> (f64, f64) {
+    let mut nz: Vec<f64> = d
+        .iter()
+        .copied()
+        .filter(|x| *x != 0.0 && x.is_finite())
+        .collect();
+    let n = nz.len();
+    if n == 0 {
+        return (1.0, 0.5);
+    }
+    nz.sort_by(|a, b| a.abs().total_cmp(&b.abs()));
+    let (mut w_neg, mut ties) = (0f64, 0f64);
+    let mut i = 0;
+    while i < n {
+        let mut j = i;
+        while j + 1 < n && nz[j + 1].abs() == nz[i].abs() {
+            j += 1;
+        }
+        let mean_rank = (i + j + 2) as f64 / 2.0;
+        let t = (j - i + 1) as f64;
+        ties += t * t * t - t;
+        w_neg += mean_rank * nz[i..=j].iter().filter(|x| **x < 0.0).count() as f64;
+        i = j + 1;
+    }
+    let nf = n as f64;
+    let mean = nf * (nf + 1.0) / 4.0;
+    let var = nf * (nf + 1.0) * (2.0 * nf + 1.0) / 24.0 - ties / 48.0;
+    let effect = nz.iter().filter(|x| **x < 0.0).count() as f64 / nf;
+    if var <= 0.0 {
+        return (1.0, effect);
+    }
+    let z = (w_neg - mean - 0.5) / var.sqrt();
+    (0.5 * erfc(z / std::f64::consts::SQRT_2), effect)
 }
 
 /// Least squares of `y` on the columns of `x` plus an intercept, every column's weight at
@@ -430,7 +526,32 @@ pub(super) fn rank_sum_greater(x: &[f64], y: &[f64]) -> (f64, f64) {
 
 #[cfg(test)]
 mod tests {
-    use super::nnls;
+    use super::{nnls, signed_rank_less};
+
+    #[test]
+    fn signed_rank_finds_differences_below_zero_and_not_above() {
+        // 30 differences, 27 of them negative: far below 0.
+        let d: Vec<f64> = (0..30)
+            .map(|i| {
+                if i % 10 == 0 {
+                    0.1
+                } else {
+                    -0.05 - 0.01 * i as f64
+                }
+            })
+            .collect();
+        let (p, effect) = signed_rank_less(&d);
+        assert!(p < 1e-4, "{p}");
+        assert!((effect - 0.9).abs() < 1e-9, "{effect}");
+        // Mirrored: nowhere near.
+        let up: Vec<f64> = d.iter().map(|x| -x).collect();
+        assert!(signed_rank_less(&up).0 > 0.99);
+        // Symmetric around 0: p near one half; zeros alone: p = 1.
+        let sym: Vec<f64> = (1..=20).flat_map(|i| [i as f64, -(i as f64)]).collect();
+        let (p, _) = signed_rank_less(&sym);
+        assert!((p - 0.5).abs() < 0.05, "{p}");
+        assert_eq!(signed_rank_less(&[0.0, 0.0]).0, 1.0);
+    }
 
     #[test]
     fn nnls_recovers_non_negative_weights_and_clamps_negative_ones() {
