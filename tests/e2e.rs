@@ -2419,7 +2419,7 @@ fn hw_competition(id: &str, model: &Path, data: &Path, requirement: &str) -> Str
 const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}{% endif %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
 #[test]
-fn a_competition_on_a_hub_model_and_dataset_with_a_chat_template_and_rewritten_synthetic_sets() {
+fn a_competition_on_a_hub_model_and_dataset_with_a_chat_template_and_its_test_records_neighbours() {
     use tunenet_hub::RepoKind;
     use tunenet_hub::testserver::{add_commit, commit_id, serve, set_ref};
     let tmp = tempfile::tempdir().unwrap();
@@ -2510,7 +2510,7 @@ fn a_competition_on_a_hub_model_and_dataset_with_a_chat_template_and_rewritten_s
     let vconf = root.join("v.toml");
     let competition = |id: &str, model: &str| {
         format!(
-            "[[competitions]]\nid = \"{id}\"\nbase_model = \"{model}\"\ndataset = \"hf:tunenet/instruct\"\ndataset_split = \"train\"\njobs = 1\nminers_per_job = 2\ntime_budget_secs = 10\nreveal_window_secs = 20\neval_max_seq_len = 256\nsynthetic_records = 12\n"
+            "[[competitions]]\nid = \"{id}\"\nbase_model = \"{model}\"\ndataset = \"hf:tunenet/instruct\"\ndataset_split = \"train\"\njobs = 1\nminers_per_job = 2\ntime_budget_secs = 10\nreveal_window_secs = 20\neval_max_seq_len = 256\n"
         )
     };
     let head = format!(
@@ -2561,10 +2561,10 @@ fn a_competition_on_a_hub_model_and_dataset_with_a_chat_template_and_rewritten_s
         lb.rows.iter().all(|r| r.mean_loss.is_some()),
         "{lb:?}\n{log}"
     );
-    // The synthetic set was rewritten from the test split by the base model, and every
-    // submission was scored on it: the leakage check ran on real chat data.
+    // The synthetic set (the test records' neighbours, by default) was written by the base
+    // model, and every submission was scored on it: the leakage check ran on real chat data.
     assert!(
-        log.contains("synthetic set made") && log.contains("generator=rewrite"),
+        log.contains("synthetic set made") && log.contains("generator=neighbours"),
         "{log}"
     );
     assert!(!log.contains("no synthetic loss"), "{log}");

@@ -281,12 +281,12 @@ pub struct CompetitionConfig {
     #[serde(default)]
     pub integrity: IntegritySettings,
     /// How the validator makes each job's fresh synthetic evaluation set after its
-    /// deadline (the basis of the test-leakage check): `"rewrite"` (the default: the
-    /// test split's records rewritten by the base model, or by `synthetic_model`, under a
-    /// seed drawn then, each keeping its form), `"neighbours"` (each test record with
-    /// `neighbour_rate` of its answer's words replaced by words the base model, or
-    /// `synthetic_model`, writes in their place: one neighbour per test record, judged in
-    /// pairs), `"demo"` (the demo dataset's generator, for datasets it made), or `"none"`
+    /// deadline (the basis of the test-leakage check), under a seed drawn then:
+    /// `"neighbours"` (the default: each test record with `neighbour_rate` of its answer's
+    /// scored words replaced by words the base model, or `synthetic_model`, writes in their
+    /// place; one neighbour per test record, judged in pairs), `"rewrite"` (each test
+    /// record's prompt perturbed and its answer written anew by the model, keeping its
+    /// form), `"demo"` (the demo dataset's generator, for datasets it made), or `"none"`
     /// (no synthetic set, so no leakage check).
     #[serde(default)]
     pub synthetic_generator: Option<String>,
@@ -424,7 +424,7 @@ impl CompetitionConfig {
             && !SYNTHETIC_GENERATORS.contains(&g)
         {
             return fail(format!(
-                "`synthetic_generator` {g:?} is unknown: use \"rewrite\" (the default), \"neighbours\", \"demo\" or \"none\""
+                "`synthetic_generator` {g:?} is unknown: use \"neighbours\" (the default), \"rewrite\", \"demo\" or \"none\""
             ));
         }
         if self.synthetic_model.is_some()
@@ -452,7 +452,7 @@ impl CompetitionConfig {
     /// How this competition's synthetic sets are made (None: it has none).
     pub fn synthetic(&self) -> Option<&str> {
         match self.synthetic_generator.as_deref() {
-            None => Some("rewrite"),
+            None => Some("neighbours"),
             Some("none") => None,
             Some(g) => Some(g),
         }
@@ -606,6 +606,32 @@ mod tests {
         c.time_budget_secs = 0;
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("time_budget_secs"), "{err}");
+    }
+
+    #[test]
+    fn neighbours_are_the_default_synthetic_set_and_their_settings_are_checked() {
+        let c: CompetitionConfig =
+            toml::from_str("id = \"c\"\nbase_model = \"m\"\ndataset = \"d\"\n").unwrap();
+        assert_eq!(c.synthetic(), Some("neighbours"));
+        assert_eq!(c.neighbour_rate, tunenet_ml::NEIGHBOUR_RATE);
+        c.validate().unwrap();
+        let mut bad = c.clone();
+        bad.neighbour_rate = 0.0;
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("neighbour_rate"), "{err}");
+        let mut bad = c.clone();
+        bad.synthetic_records = 12;
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("synthetic_records") && err.contains("one per test record"),
+            "{err}"
+        );
+        // A rewritten set may be any size.
+        bad.synthetic_generator = Some("rewrite".into());
+        bad.validate().unwrap();
+        bad.synthetic_generator = Some("paraphrase".into());
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("\"neighbours\" (the default)"), "{err}");
     }
 
     #[test]

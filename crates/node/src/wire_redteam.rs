@@ -252,7 +252,8 @@ pub enum WireData {
     #[default]
     Demo,
     /// The 320 original chat records shipped with tunenet (real text), shuffled per
-    /// competition; synthetic sets rewritten from the test split by the base model.
+    /// competition; synthetic sets of the test records' neighbours, written by the base
+    /// model.
     Instruct,
 }
 
@@ -274,12 +275,20 @@ impl WireData {
             WireData::Instruct => {
                 use rand::SeedableRng;
                 use rand::seq::SliceRandom;
-                let mut r = tunenet_ml::parse_jsonl(tunenet_ml::SHIPPED_INSTRUCT_JSONL)
-                    .map_err(NodeError::Ml)?;
+                // The records the base learned English from are never a competition's.
+                let mut r = shipped_instruct()?.split_off(INSTRUCT_PRETRAIN);
                 r.shuffle(&mut rand::rngs::StdRng::seed_from_u64(1000 + c as u64));
                 r
             }
         })
+    }
+
+    /// Share of the records held out as the hidden test split: 64 records either way.
+    fn test_fraction(self) -> f64 {
+        match self {
+            WireData::Demo => 0.2,
+            WireData::Instruct => 0.32,
+        }
     }
 
     /// The competition spec's synthetic-set lines.
@@ -292,6 +301,24 @@ impl WireData {
             }
         }
     }
+}
+
+/// The evidence row of the leakage check's cohort comparison.
+const COHORT_SPREADS: &str =
+    "leakage shift, robust spreads below the job's other submissions' (at least 4 fails)";
+
+/// How many robust spreads a leakage verdict's test-versus-synthetic shift lies below the
+/// job's other submissions' (the number its reason gives, when the set was not drawn
+/// alike).
+fn cohort_spreads(v: &tunenet_types::Verdict) -> Option<f64> {
+    if v.check != "test_leakage" {
+        return None;
+    }
+    let head = v.reason.split(" spreads below, at least").next()?;
+    if head.len() == v.reason.len() {
+        return None;
+    }
+    head.rsplit(' ').next()?.parse().ok()
 }
 
 fn other(e: impl std::fmt::Display) -> NodeError {
@@ -403,21 +430,39 @@ const HONEST: [(&str, u32, f64, u32); 3] = [
 /// Records and optimiser steps of the base model's pretraining.
 const PRETRAIN: (usize, usize) = (4000, 300);
 
+/// On real text: the shipped chat records the base model also learns from (the first
+/// ones of the file; competitions use the rest), each seen [`INSTRUCT_PRETRAIN_COPIES`]
+/// times, and its optimiser steps on 192-byte sequences.
+const INSTRUCT_PRETRAIN: usize = 120;
+const INSTRUCT_PRETRAIN_COPIES: usize = 8;
+const INSTRUCT_PRETRAIN_STEPS: usize = 400;
+
+/// The chat records shipped with tunenet, in file order.
+fn shipped_instruct() -> Result<Vec<Record>, NodeError> {
+    tunenet_ml::parse_jsonl(tunenet_ml::SHIPPED_INSTRUCT_JSONL).map_err(NodeError::Ml)
+}
+
 /// The competitions' base model: the tiny model pretrained on demo-style records drawn
 /// from a seed no competition uses, so that, as with any real base model, fine-tuning
 /// starts from a model that already knows the data's style and what is left to learn is
 /// each record's own content. (A randomly initialised base spends a short run learning the
-/// style, and nothing tells training on one record from training on another.)
+/// style, and nothing tells training on one record from training on another.) On real
+/// text it also learns English from [`INSTRUCT_PRETRAIN`] shipped chat records no
+/// competition uses: a base that cannot read the data (about 7 nats a byte on it after
+/// demo text alone) writes its neighbours' words at random and memorises nothing a test
+/// can see, which no real base model is like.
 fn pretrained_base(
     work: &Path,
     out: &Path,
+    data: WireData,
     progress: &mut (dyn FnMut(&str) + Send),
 ) -> Result<(), NodeError> {
     let init = work.join("base-init");
     tunenet_ml::init_tiny(&init, 11).map_err(NodeError::Ml)?;
     let model = ModelDir::open(&init).map_err(NodeError::Ml)?;
     let t0 = Instant::now();
-    let cfg = TrainConfig {
+    let mut records = tunenet_ml::demo_dataset(PRETRAIN.0, 0x7072_6574_7261_696e);
+    let mut cfg = TrainConfig {
         method: Method::Full,
         learning_rate: 3e-3,
         max_steps: PRETRAIN.1,
@@ -426,17 +471,21 @@ fn pretrained_base(
         seed: 1,
         ..Default::default()
     };
-    let artifact = train(
-        &model,
-        &tunenet_ml::demo_dataset(PRETRAIN.0, 0x7072_6574_7261_696e),
-        &cfg,
-        &work.join("pretrain"),
-    )?;
+    if data == WireData::Instruct {
+        let english = &shipped_instruct()?[..INSTRUCT_PRETRAIN];
+        records.truncate(PRETRAIN.0 / 2);
+        for _ in 0..INSTRUCT_PRETRAIN_COPIES {
+            records.extend(english.iter().cloned());
+        }
+        cfg.max_steps = INSTRUCT_PRETRAIN_STEPS;
+        cfg.max_seq_len = data.seq();
+    }
+    let artifact = train(&model, &records, &cfg, &work.join("pretrain"))?;
     model_from_full(&model, &artifact, out)?;
     progress(&format!(
         "base model pretrained ({} steps on {} records) in {:.0} s",
-        PRETRAIN.1,
-        PRETRAIN.0,
+        cfg.max_steps,
+        records.len(),
         t0.elapsed().as_secs_f64()
     ));
     Ok(())
@@ -456,7 +505,7 @@ pub async fn run(
     let base_dir = opts.work.join("base");
     let other_dir = opts.work.join("other-init");
     if !base_dir.join(tunenet_ml::WEIGHTS_FILE).exists() {
-        pretrained_base(&opts.work, &base_dir, progress)?;
+        pretrained_base(&opts.work, &base_dir, opts.data, progress)?;
         tunenet_ml::init_tiny(&other_dir, 12).map_err(NodeError::Ml)?;
     }
     for c in opts.first..opts.first + opts.competitions {
@@ -573,7 +622,7 @@ async fn run_one(
     std::fs::create_dir_all(&vdir).map_err(other)?;
     let n = urls.len();
     let vtoml = format!(
-        "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n\n[[competitions]]\nid = \"{comp}\"\nbase_model = {:?}\ndataset = {:?}\njobs = 2\nminers_per_job = {n}\nmin_miners = {n}\ntime_budget_secs = {}\ntest_fraction = 0.2\nseed = {c}\nreveal_window_secs = {}\noffer_timeout_secs = 20\neval_max_seq_len = {}\n{}\n[competitions.hparams]\nmax_lora_rank = 16\n",
+        "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n\n[[competitions]]\nid = \"{comp}\"\nbase_model = {:?}\ndataset = {:?}\njobs = 2\nminers_per_job = {n}\nmin_miners = {n}\ntime_budget_secs = {}\ntest_fraction = {}\nseed = {c}\nreveal_window_secs = {}\noffer_timeout_secs = 20\neval_max_seq_len = {}\n{}\n[competitions.hparams]\nmax_lora_rank = 16\n",
         vdir.join("data"),
         urls.iter()
             .map(|u| format!("{u:?}"))
@@ -582,6 +631,7 @@ async fn run_one(
         base_dir,
         dataset,
         opts.budget_secs,
+        opts.data.test_fraction(),
         // Longer records take the adversaries in this process longer to train.
         match opts.data {
             WireData::Demo => 25,
@@ -609,9 +659,17 @@ async fn run_one(
         );
         let (cheats, pdir) = (opts.cheats.clone(), dir.join("prepared"));
         let shard_len = shards.first().map(Vec::len).unwrap_or(0);
-        let seq = opts.data.seq();
+        let (seq, data) = (opts.data.seq(), opts.data);
         tokio::task::spawn_blocking(move || {
-            prepare(&base, &public, &test, shard_len, &cheats, &pdir, (c, seq))
+            prepare(
+                &base,
+                &public,
+                &test,
+                shard_len,
+                &cheats,
+                &pdir,
+                (c, seq, data),
+            )
         })
         .await
         .map_err(other)??
@@ -999,12 +1057,30 @@ struct Carry {
     other_data: BTreeMap<usize, PathBuf>,
     /// Per job: the adapter trained on the hidden test split alone (made in advance).
     test_only: BTreeMap<usize, PathBuf>,
+    /// The full fine-tune on the hidden test split (made in advance).
+    test_split: Option<PathBuf>,
+}
+
+/// Optimiser steps of the cheats that train on the leaked test split before the
+/// competition opens, on real text: about five passes over its 64-record test split at a
+/// batch of 8.
+const TEST_SPLIT_STEPS: usize = 40;
+
+/// `cfg` with exactly `steps` optimiser steps.
+fn exact_steps(cfg: TrainConfig, steps: usize) -> TrainConfig {
+    TrainConfig {
+        max_steps: steps,
+        ..cfg
+    }
 }
 
 /// What the cheaters can make before the competition opens: everything whose training
 /// does not depend on the assignment (the whole public dataset, fresh in-distribution
 /// records, the leaked test split), as a prepared cheater would. Only training on the
-/// assigned subset is left inside the job's time budget.
+/// assigned subset is left inside the job's time budget. On real text (longer records,
+/// so fewer per step) the test-split cheats go over the split [`TEST_SPLIT_STEPS`] times
+/// as a cheater who wants the test loss would; on demo data they keep the steps the
+/// published demo report was measured with.
 fn prepare(
     base: &ModelDir,
     public: &[Record],
@@ -1012,9 +1088,20 @@ fn prepare(
     shard_len: usize,
     cheats: &[Cheat],
     dir: &Path,
-    (c, seq): (usize, usize),
+    (c, seq, data): (usize, usize, WireData),
 ) -> Result<Carry, NodeError> {
     let mut carry = Carry::default();
+    let real = data == WireData::Instruct;
+    if real && cheats.contains(&Cheat::TrainedOnTestSplit) {
+        // Over the leaked test split in advance; its assigned records are added per job.
+        let p = train(
+            base,
+            test,
+            &exact_steps(full(2e-3, 0, 98, seq), TEST_SPLIT_STEPS),
+            &dir.join("test-split"),
+        )?;
+        carry.test_split = Some(p);
+    }
     if cheats.contains(&Cheat::WholeDataset) {
         let p = train(base, public, &full(2e-3, 40, 99, seq), &dir.join("whole"))?;
         carry.whole = Some(p);
@@ -1036,7 +1123,11 @@ fn prepare(
             let p = train(
                 base,
                 test,
-                &lora(16, 3e-3, 20, seed + 4, seq),
+                &if real {
+                    exact_steps(lora(16, 3e-3, 0, seed + 4, seq), TEST_SPLIT_STEPS)
+                } else {
+                    lora(16, 3e-3, 20, seed + 4, seq)
+                },
                 &dir.join(format!("test-only{j}")),
             )?;
             carry.test_only.insert(j, p);
@@ -1170,10 +1261,28 @@ fn make_artifacts(
                 dst
             }
             Cheat::TrainedOnTestSplit => {
+                // Its assigned records and the test split again, from the model that went
+                // over the test split before the competition opened (or from the base,
+                // when nothing was prepared).
                 let mut mix = subset.clone();
                 mix.extend(ctx.test.iter().cloned());
                 mix.extend(ctx.test.iter().cloned());
-                train(&ctx.base, &mix, &full(2e-3, 40, seed + 3, ctx.seq), &odir)?
+                match &carry.test_split {
+                    Some(pre) => {
+                        let mdir = odir.join("pretrained");
+                        model_from_full(&ctx.base, pre, &mdir)?;
+                        let pre = ModelDir::open(&mdir).map_err(NodeError::Ml)?;
+                        let step = train(
+                            &pre,
+                            &mix,
+                            &full(2e-3, 40, seed + 3, ctx.seq),
+                            &odir.join("t"),
+                        )?;
+                        transplant(&full_template(ctx, carry)?, &step, &dst)?;
+                        dst
+                    }
+                    None => train(&ctx.base, &mix, &full(2e-3, 40, seed + 3, ctx.seq), &odir)?,
+                }
             }
             Cheat::TestSplitOnly => match carry.test_only.get(&ctx.j) {
                 Some(p) => p.clone(),
@@ -1438,6 +1547,9 @@ fn tally(
                 if let (Some(k), Some(x)) = (stat_key(&v.check), v.value) {
                     evidence(k, None, x);
                 }
+                if let Some(z) = cohort_spreads(v) {
+                    evidence(COHORT_SPREADS, None, z);
+                }
                 if v.outcome == tunenet_types::Outcome::Flag {
                     report
                         .honest_flags
@@ -1464,6 +1576,9 @@ fn tally(
             for v in &s.verdicts {
                 if let (Some(k), Some(x)) = (stat_key(&v.check), v.value) {
                     evidence(k, Some(cheat), x);
+                }
+                if let Some(z) = cohort_spreads(v) {
+                    evidence(COHORT_SPREADS, Some(cheat), z);
                 }
                 if v.outcome == tunenet_types::Outcome::Fail {
                     found.push((v.check.clone(), v.reason.clone()));
@@ -1548,11 +1663,17 @@ pub fn markdown(r: &WireReport, command: &str) -> String {
     s.push_str(&format!(
         "Written by `{command}`. Each competition is a real `tunenet validator` daemon and {} honest `tunenet miner` daemons (LoRA rank 4, LoRA rank 16, full fine-tuning, 100 steps each, the miner's default; learning rates varied by competition), all separate processes on loopback (the last honest daemon starts listening only after the validator's first offers went out, so it gets its jobs only through the offer retries), plus adversary miners that speak only the gRPC protocol from another process: each serves its own `MinerService`, accepts offers, fetches its shard by blake3, signs its own commitments and reveals by upload 1.5 s after the deadline. Cheats whose training needs no assignment (fresh in-distribution records, the test split alone, the whole public dataset) are trained before the competition opens, as a prepared cheater would; the rest train on their assigned subsets within the budget. Two of them are honest accomplices (LoRA rank 8, 100 steps on their assigned subsets) whose artifacts the copiers and the soup take; their submissions count as honest. Each competition has two jobs on the tiny model pretrained on {} demo-style records from a seed no competition uses ({} steps; fine-tuning then starts, as on any real base, from a model that knows the data's style), {}. Outcomes are read back as an operator reads them, through `tunenet console competition show`; the checks' cost comes from the validator's own log. A cheater counts as caught when one of its strategy's expected checks fails its submission or the validator refuses its message for the expected reason.\n\n",
         HONEST.len(),
-        PRETRAIN.0,
-        PRETRAIN.1,
+        match r.data {
+            WireData::Demo => PRETRAIN.0,
+            WireData::Instruct => PRETRAIN.0 / 2,
+        },
+        match r.data {
+            WireData::Demo => PRETRAIN.1,
+            WireData::Instruct => INSTRUCT_PRETRAIN_STEPS,
+        },
         match r.data {
             WireData::Demo => "300 demo records (60 held out as the hidden test split), 16 secret canaries per shard (each an invented country's capital, planted 8 times, with a never-released alternative capital drawn alike for the exposure test), and a synthetic set of 180 records drawn after each deadline",
-            WireData::Instruct => "real text: the 320 original chat records shipped with tunenet (`crates/ml/data`), shuffled per competition (64 held out as the hidden test split), rendered with the plain chat template (the tiny model has none) and trained and scored on 192 bytes per record (a 90 s reveal window: the adversaries' longer records take this process longer to train), held-out real records as canaries (reported, never failed: without alternatives drawn alike there is no exact test), and a synthetic set of 64 records rewritten after each deadline from the hidden test split by the base model (each user turn perturbed, the answer written by the model), so the leakage check judges a submission's test-versus-synthetic shift against its job's other submissions'",
+            WireData::Instruct => "real text: 200 of the 320 original chat records shipped with tunenet (`crates/ml/data`), shuffled per competition (64 held out as the hidden test split; the other 120 records, 8 copies each, are half of the base model's pretraining, so it reads English as any real base does, and no competition uses them), rendered with the plain chat template (the tiny model has none) and trained and scored on 192 bytes per record (a 90 s reveal window: the adversaries' longer records take this process longer to train), held-out real records as canaries (reported, never failed: without alternatives drawn alike there is no exact test), the test-split cheats going over the test split for 40 steps (about five passes) before the competition opens, and a synthetic set of the hidden test records' neighbours written after each deadline by the base model (each test record with a fifth of its answer's scored words replaced by words the model samples in their place, `synthetic_generator = \"neighbours\"`), so the leakage check pairs every test record with its neighbour (a one-sided Wilcoxon signed-rank test on the paired residuals) and judges a submission's shift against its job's other submissions'",
         }
     ));
     s.push_str(&format!(
@@ -1561,7 +1682,7 @@ pub fn markdown(r: &WireReport, command: &str) -> String {
         summary(&r.wall_secs)
     ));
     if r.data == WireData::Demo {
-        s.push_str("The same red team on real text (the shipped chat records, synthetic sets rewritten by the base model: `tunenet redteam --dataset instruct`) is reported in `docs/INTEGRITY-REAL-TEXT.md`.\n\n");
+        s.push_str("The same red team on real text (the shipped chat records, synthetic sets of the test records' neighbours written by the base model: `tunenet redteam --dataset instruct`) is reported in `docs/INTEGRITY-REAL-TEXT.md`.\n\n");
     }
     s.push_str("## Cheaters\n\n| strategy | caught (expected reason) | caught at all | by | best rank when scored | example reason |\n| --- | --- | --- | --- | --- | --- |\n");
     let mut by_cheat: BTreeMap<Cheat, Vec<&WireCatch>> = BTreeMap::new();

@@ -345,7 +345,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
                 // A real model writes each record token by token on the CPU: fewer of them.
                 "synthetic_generator = \"rewrite\"\nsynthetic_records = 16\n"
             } else {
-                "synthetic_generator = \"rewrite\"\n"
+                "synthetic_generator = \"neighbours\"\n"
             },
         ),
     )?;

@@ -158,8 +158,8 @@ enum Cmd {
         #[arg(long)]
         work_dir: Option<PathBuf>,
         /// The competitions' dataset: `demo` (generated; synthetic sets drawn by the same
-        /// generator) or `instruct` (the shipped real chat records; synthetic sets
-        /// rewritten by the base model).
+        /// generator) or `instruct` (the shipped real chat records; synthetic sets of the
+        /// test records' neighbours, written by the base model).
         #[arg(long, default_value = "demo", value_parser = ["demo", "instruct"])]
         dataset: String,
         /// The old in-process run through the engine (fast; not evidence of what holds

@@ -1095,6 +1095,62 @@ fn on_a_rewritten_synthetic_set_only_a_submission_that_stands_out_fails() {
     }
 }
 
+/// Per-record losses on a set of the test records' neighbours: each model has its own
+/// per-record quirks (sd about 0.3 nats) that its test record and that record's neighbour
+/// share, the neighbour costs a little more (its replaced words), the more so the
+/// stronger the model; `leak` is a memorised test split's extra gain on the test records.
+fn neighbour_world(leaks: &[f64], paired: bool) -> (World, Vec<UploadHeader>) {
+    use rand::Rng;
+    let mut w = World::new(leaks.len(), 1);
+    w.v.set_integrity(IntegritySettings {
+        synthetic_alike: false,
+        synthetic_paired: paired,
+        leak_rewritten_fails: true,
+        ..Default::default()
+    });
+    let names: Vec<Vec<u8>> = (0..leaks.len()).map(|i| vec![b'n', i as u8]).collect();
+    let refs: Vec<&[u8]> = names.iter().map(Vec::as_slice).collect();
+    let hs = reveal_all(&mut w, &refs);
+    let difficulty = |i: usize| 2.0 + ((i * 37) % 17) as f64 / 10.0;
+    let mut noise = StdRng::seed_from_u64(13);
+    for (m, (h, leak)) in hs.iter().zip(leaks).enumerate() {
+        let gain = 0.1 + 0.05 * m as f64;
+        let (mut t, mut s) = (Vec::new(), Vec::new());
+        for i in 0..40 {
+            let quirk = noise.random_range(-0.5..0.5);
+            t.push(Some(
+                difficulty(i) - gain + quirk - leak + noise.random_range(-0.02..0.02),
+            ));
+            s.push(Some(
+                difficulty(i) + 0.2 * (1.0 + gain) - gain + quirk + noise.random_range(-0.02..0.02),
+            ));
+        }
+        evaluated_per_record(&mut w, &h.miner, t, s);
+    }
+    (w, hs)
+}
+
+#[test]
+fn neighbours_pair_each_test_record_with_its_own_and_catch_a_leak_the_unpaired_test_misses() {
+    let leaks = [0.0, 0.0, 0.0, 0.0, 0.0, 0.15];
+    let (w, hs) = neighbour_world(&leaks, true);
+    let v = leakage_of(&w, &hs[5].miner);
+    assert_eq!(v.outcome, Outcome::Fail, "{v:?}");
+    assert!(
+        v.reason.contains("Wilcoxon") && v.reason.contains("neighbour"),
+        "{v:?}"
+    );
+    for h in &hs[..5] {
+        let v = leakage_of(&w, &h.miner);
+        assert_eq!(v.outcome, Outcome::Pass, "{v:?}");
+    }
+    // The same losses judged as two unrelated sets: the records' quirks swamp the leak.
+    let (w, hs) = neighbour_world(&leaks, false);
+    let v = leakage_of(&w, &hs[5].miner);
+    assert_eq!(v.outcome, Outcome::Pass, "{v:?}");
+    assert!(v.reason.contains("Mann–Whitney"), "{v:?}");
+}
+
 /// Commits `artifact` for miner `i` at `at` and returns its upload header (taken once the
 /// miner sees the deadline pass).
 fn commit_and_header(w: &mut World, i: usize, artifact: &[u8], at: UnixMillis) -> UploadHeader {
