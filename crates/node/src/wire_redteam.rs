@@ -1061,6 +1061,21 @@ struct Carry {
     test_split: Option<PathBuf>,
 }
 
+/// Trains on `records` from a full fine-tune of `base` (`weights`, made a model directory
+/// of its own in `odir/pretrained`), in `odir/t`; returns the new full artifact.
+fn train_on_top(
+    base: &ModelDir,
+    weights: &Path,
+    records: &[Record],
+    cfg: &TrainConfig,
+    odir: &Path,
+) -> Result<PathBuf, NodeError> {
+    let mdir = odir.join("pretrained");
+    model_from_full(base, weights, &mdir)?;
+    let pre = ModelDir::open(&mdir).map_err(NodeError::Ml)?;
+    train(&pre, records, cfg, &odir.join("t"))
+}
+
 /// Optimiser steps of the cheats that train on the leaked test split before the
 /// competition opens, on real text: about five passes over its 64-record test split at a
 /// batch of 8.
@@ -1269,15 +1284,8 @@ fn make_artifacts(
                 mix.extend(ctx.test.iter().cloned());
                 match &carry.test_split {
                     Some(pre) => {
-                        let mdir = odir.join("pretrained");
-                        model_from_full(&ctx.base, pre, &mdir)?;
-                        let pre = ModelDir::open(&mdir).map_err(NodeError::Ml)?;
-                        let step = train(
-                            &pre,
-                            &mix,
-                            &full(2e-3, 40, seed + 3, ctx.seq),
-                            &odir.join("t"),
-                        )?;
+                        let cfg = full(2e-3, 40, seed + 3, ctx.seq);
+                        let step = train_on_top(&ctx.base, pre, &mix, &cfg, &odir)?;
                         transplant(&full_template(ctx, carry)?, &step, &dst)?;
                         dst
                     }
@@ -1305,15 +1313,8 @@ fn make_artifacts(
                         p
                     }
                 };
-                let mdir = odir.join("pretrained");
-                model_from_full(&ctx.base, &whole, &mdir)?;
-                let pre = ModelDir::open(&mdir).map_err(NodeError::Ml)?;
-                let step = train(
-                    &pre,
-                    &subset,
-                    &full(1e-3, 3, seed + 5, ctx.seq),
-                    &odir.join("t"),
-                )?;
+                let cfg = full(1e-3, 3, seed + 5, ctx.seq);
+                let step = train_on_top(&ctx.base, &whole, &subset, &cfg, &odir)?;
                 // The final weights in an artifact whose manifest names the real base, as
                 // a cheater would present it.
                 transplant(&full_template(ctx, carry)?, &step, &dst)?;
