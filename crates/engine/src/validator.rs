@@ -169,6 +169,10 @@ pub enum SubmissionState {
         /// Each synthetic record's mean token loss, likewise.
         #[serde(default)]
         synthetic_records: Vec<Option<f64>>,
+        /// Each held-out control record's mean token loss, likewise (empty: the
+        /// competition keeps none).
+        #[serde(default)]
+        control_records: Vec<Option<f64>>,
     },
     /// Gets the penalty; the reason says why.
     Failed {
@@ -321,6 +325,8 @@ pub struct Evaluation {
     pub test_records: Vec<Option<f64>>,
     /// Each synthetic record's mean token loss, in the set's order (empty when not measured).
     pub synthetic_records: Vec<Option<f64>>,
+    /// Each held-out control record's mean token loss (empty when the competition keeps none).
+    pub control_records: Vec<Option<f64>>,
 }
 
 pub enum ValidatorInput {
@@ -660,6 +666,7 @@ impl ValidatorEngine {
                             sketch,
                             test_records,
                             synthetic_records,
+                            control_records,
                         }) if test_loss.is_finite() => {
                             let synthetic_loss = synthetic_loss.filter(|l| l.is_finite());
                             fx.push(ValidatorEffect::Event(format!(
@@ -676,6 +683,7 @@ impl ValidatorEngine {
                                 sketch,
                                 test_records,
                                 synthetic_records,
+                                control_records,
                             }
                         }
                         Ok(ev) => SubmissionState::Failed {

@@ -302,6 +302,14 @@ pub struct CompetitionConfig {
     /// replaced, in (0, 1].
     #[serde(default = "d_neighbour_rate")]
     pub neighbour_rate: f64,
+    /// Records of the dataset held out beside the hidden test split and never released
+    /// (None: half as many as the test split, or none with `synthetic_generator = "demo"`,
+    /// whose synthetic records are already drawn as the test split is). Both are random
+    /// draws from the same records, so a model that saw neither does as well on one as on
+    /// the other, and the leakage check compares them exactly: a model trained on the
+    /// test split is lower on it than on these. 0 turns the comparison off.
+    #[serde(default)]
+    pub control_records: Option<usize>,
     /// Secret canary records planted in each job's shard.
     #[serde(default = "d_canaries")]
     pub canaries_per_job: usize,
@@ -447,6 +455,16 @@ impl CompetitionConfig {
             ));
         }
         Ok(())
+    }
+
+    /// How many held-out control records a dataset whose test split has `n_test` records
+    /// keeps back (see `control_records`).
+    pub fn control_count(&self, n_test: usize) -> usize {
+        match self.control_records {
+            Some(n) => n,
+            None if self.synthetic() == Some("demo") => 0,
+            None => n_test.div_ceil(2),
+        }
     }
 
     /// How this competition's synthetic sets are made (None: it has none).

@@ -450,6 +450,7 @@ pub fn prepare(
         plan,
         base_model,
         test_blob,
+        control_blob: None,
         public_blobs,
         state: CompState::Running,
         canaries: Default::default(),

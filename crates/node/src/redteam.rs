@@ -607,6 +607,7 @@ fn run_one(
         let mut sets = JobSets {
             test: test.to_vec(),
             synthetic: Some(tunenet_ml::demo_dataset(test.len().max(1), synthetic_seed)),
+            control: Vec::new(),
             shard: shard.clone(),
             canaries: canaries[j].clone(),
             base_losses: Default::default(),

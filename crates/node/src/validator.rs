@@ -37,6 +37,9 @@ pub struct CompetitionRecord {
     pub base_model: BlobId,
     /// The hidden test split (never served).
     pub test_blob: BlobId,
+    /// The held-out control records (never served; None: the competition keeps none).
+    #[serde(default)]
+    pub control_blob: Option<BlobId>,
     /// Blobs miners may download.
     pub public_blobs: Vec<BlobId>,
     /// Where the competition stands.
@@ -117,11 +120,24 @@ fn status_of(e: ValidatorError) -> Status {
     }
 }
 
-/// Splits a dataset into the hidden test split and one training shard per job.
+/// A dataset split for a competition: the hidden records first, from `seed` alone, so
+/// that what is hidden does not depend on anything drawn later (canaries).
+#[derive(Debug)]
+pub(crate) struct Split {
+    /// The hidden test split.
+    pub test: Vec<tunenet_ml::Record>,
+    /// Held-out control records, drawn as the test split is and never released.
+    pub control: Vec<tunenet_ml::Record>,
+    /// The rest, to be shared out among the jobs (see [`shard`]).
+    pub train: Vec<tunenet_ml::Record>,
+}
+
+/// Splits a dataset into the hidden test split, the held-out control records and the
+/// training records.
 pub(crate) fn split(
     cfg: &CompetitionConfig,
     records: Vec<tunenet_ml::Record>,
-) -> Result<(Vec<tunenet_ml::Record>, Vec<Vec<tunenet_ml::Record>>), NodeError> {
+) -> Result<Split, NodeError> {
     let fail = |reason: String| NodeError::Competition {
         competition: cfg.id.clone(),
         reason,
@@ -135,16 +151,30 @@ pub(crate) fn split(
     let mut idx: Vec<usize> = (0..records.len()).collect();
     idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(cfg.seed));
     let n_test = ((records.len() as f64 * cfg.test_fraction).round() as usize).max(1);
-    if records.len() < n_test + cfg.jobs as usize {
+    let n_control = cfg.control_count(n_test);
+    if records.len() < n_test + n_control + cfg.jobs as usize {
         return Err(fail(format!(
-            "`dataset` has {} records: too few for a test split of {n_test} and {} job shards",
+            "`dataset` has {} records: too few for a test split of {n_test}, {n_control} held-out control records (`control_records`) and {} job shards",
             records.len(),
             cfg.jobs
         )));
     }
-    let test = idx[..n_test].iter().map(|&i| records[i].clone()).collect();
-    let train: Vec<usize> = idx[n_test..].to_vec();
-    // Shard sizes follow the schedule: each job's shard is `shard_growth` times the last.
+    let take = |range: std::ops::Range<usize>| -> Vec<tunenet_ml::Record> {
+        idx[range].iter().map(|&i| records[i].clone()).collect()
+    };
+    Ok(Split {
+        test: take(0..n_test),
+        control: take(n_test..n_test + n_control),
+        train: take(n_test + n_control..idx.len()),
+    })
+}
+
+/// Shares the training records out into one shard per job; each job's shard is
+/// `shard_growth` times the last.
+pub(crate) fn shard(
+    cfg: &CompetitionConfig,
+    train: &[tunenet_ml::Record],
+) -> Result<Vec<Vec<tunenet_ml::Record>>, NodeError> {
     let growth = cfg.shard_growth;
     let weights: Vec<f64> = (0..cfg.jobs).map(|j| growth.powi(j as i32)).collect();
     let total: f64 = weights.iter().sum();
@@ -158,19 +188,18 @@ pub(crate) fn split(
         };
         let end = (start + len).min(train.len());
         if end <= start {
-            return Err(fail(format!(
-                "`shard_growth` {growth} leaves job {j} with no training records"
-            )));
+            return Err(NodeError::Competition {
+                competition: cfg.id.clone(),
+                reason: format!(
+                    "`shard_growth` {growth} leaves job {j} with no training records (the dataset has {} after the test split, control records and canaries)",
+                    train.len()
+                ),
+            });
         }
-        shards.push(
-            train[start..end]
-                .iter()
-                .map(|&i| records[i].clone())
-                .collect::<Vec<_>>(),
-        );
+        shards.push(train[start..end].to_vec());
         start = end;
     }
-    Ok((test, shards))
+    Ok(shards)
 }
 
 /// Job `i` of a competition: its shard, and its budget by the competition's schedule.
@@ -275,11 +304,18 @@ pub fn prepare(
         .config()
         .map_err(|e| fail(format!("`base_model`: {e}")))?
         .param_count();
-    let mut records =
+    let records =
         load_dataset_logged(cfg, &data.paths).map_err(|e| fail(format!("`dataset`: {e}")))?;
+    // The hidden records first: they depend on the dataset and the spec's seed alone.
+    let Split {
+        test,
+        control,
+        train: mut records,
+    } = split(cfg, records)?;
     // Canary candidates, from a secret seed (not the config's, which others may read):
     // fresh records from the dataset's generator when one is named, otherwise real records
-    // held out of the dataset (at most 5 % of it) — either way in the dataset's own style.
+    // held out of the training records (at most 5 % of the dataset) — either way in the
+    // dataset's own style.
     let secret: u64 = rand::random();
     let per_job = cfg.canaries_per_job + cfg.sibling_canaries;
     let wanted = per_job * cfg.jobs as usize;
@@ -301,11 +337,11 @@ pub fn prepare(
             secret,
         ),
         _ => {
-            let cap = records.len() / 20;
+            let cap = (records.len() + test.len() + control.len()) / 20;
             tunenet_integrity::hold_out(&mut records, wanted.min(cap), secret)
         }
     };
-    let (test, mut shards) = split(cfg, records)?;
+    let mut shards = shard(cfg, &records)?;
     let mut canaries = BTreeMap::new();
     let share = candidates.len() / shards.len().max(1);
     let planted = (cfg.canaries_per_job * share)
@@ -350,6 +386,11 @@ pub fn prepare(
     let model_config =
         std::fs::read_to_string(cfg.base_model.join("config.json")).unwrap_or_default();
     let test_blob = blobs.put(&tunenet_ml::to_jsonl(&test))?;
+    let control_blob = if control.is_empty() {
+        None
+    } else {
+        Some(blobs.put(&tunenet_ml::to_jsonl(&control))?)
+    };
     let mut public_blobs = vec![base_model];
     public_blobs.extend(manifest.files.iter().map(|f| f.blob));
     let comp = CompetitionId::new(cfg.id.clone()).map_err(|e| fail(e.to_string()))?;
@@ -384,6 +425,7 @@ pub fn prepare(
         plan,
         base_model,
         test_blob,
+        control_blob,
         public_blobs,
         state: CompState::Running,
         canaries,
@@ -544,6 +586,8 @@ struct EvalRequest {
     artifact: BlobId,
     model: BlobId,
     test: BlobId,
+    /// The held-out control records.
+    control: Option<BlobId>,
     max_seq_len: usize,
     /// The job's released shard (canaries planted).
     shard: Option<BlobId>,
@@ -1021,6 +1065,7 @@ impl Validator {
                         artifact,
                         model: c.record.base_model,
                         test: c.record.test_blob,
+                        control: c.record.control_blob,
                         max_seq_len: c.record.config.eval_max_seq_len,
                         nonce,
                         synthetic,
@@ -1487,6 +1532,8 @@ pub struct JobSets {
     pub test: Vec<tunenet_ml::Record>,
     /// The synthetic set generated after the deadline, when the competition has a generator.
     pub synthetic: Option<Vec<tunenet_ml::Record>>,
+    /// The held-out control records (empty: none).
+    pub control: Vec<tunenet_ml::Record>,
     /// The released shard, canaries planted (empty: no "trained on this job's data" tests).
     pub shard: Vec<tunenet_ml::Record>,
     /// Where the canaries sit in the shard, and their never-released siblings.
@@ -1687,6 +1734,8 @@ pub fn evaluate_submission(
     if let Some(syn) = &sets.synthetic {
         records.extend(syn.iter().cloned());
     }
+    let n_synthetic = records.len();
+    records.extend(sets.control.iter().cloned());
     let n_scored = records.len();
     records.extend(keys.iter().filter_map(|k| sets.probe_record(*k).cloned()));
     let r = tunenet_ml::record_losses_on(model, Some(artifact), &records, max_seq_len, 8, devices)
@@ -1694,11 +1743,13 @@ pub fn evaluate_submission(
     let test_loss = r.mean_over(0..n_test).ok_or_else(|| {
         format!("no scorable tokens among the {n_test} test records: every record is empty or its response was truncated away")
     })?;
-    let synthetic_loss = r.mean_over(n_test..n_scored);
+    let synthetic_loss = r.mean_over(n_test..n_synthetic);
+    // The control records and the probe records are there for the checks: their share of
+    // the scoring pass, by tokens, is the checks' time.
+    let all: u64 = r.tokens.iter().sum();
+    let check_tokens: u64 = r.tokens[n_synthetic..].iter().sum();
+    checks += r.seconds * check_tokens as f64 / all.max(1) as f64;
     if let Some(groups) = probe {
-        let all: u64 = r.tokens.iter().sum();
-        let probe_tokens: u64 = r.tokens[n_scored..].iter().sum();
-        checks += r.seconds * probe_tokens as f64 / all.max(1) as f64;
         // Gain (base − tuned) per record: mean per token, or summed over the record's
         // tokens (the exposure test compares records that differ only in their secret).
         let gain = |k: &usize, i: usize, summed: bool| -> Option<f64> {
@@ -1770,7 +1821,12 @@ pub fn evaluate_submission(
                 .unwrap_or_default(),
             synthetic_records: r
                 .losses
-                .get(n_test..n_scored)
+                .get(n_test..n_synthetic)
+                .map(<[_]>::to_vec)
+                .unwrap_or_default(),
+            control_records: r
+                .losses
+                .get(n_synthetic..n_scored)
                 .map(<[_]>::to_vec)
                 .unwrap_or_default(),
         },
@@ -1815,7 +1871,17 @@ fn spawn_evaluator(
                         let bytes = blobs.get(&req.test).map_err(|e| e.to_string())?;
                         slot.insert(tunenet_ml::parse_jsonl(&bytes).map_err(|e| e.to_string())?);
                     }
+                    if let Some(b) = req.control
+                        && let std::collections::btree_map::Entry::Vacant(slot) = tests.entry(b)
+                    {
+                        let bytes = blobs.get(&b).map_err(|e| e.to_string())?;
+                        slot.insert(tunenet_ml::parse_jsonl(&bytes).map_err(|e| e.to_string())?);
+                    }
                     let test = tests.get(&req.test).ok_or("test split missing")?;
+                    let control = match req.control {
+                        Some(b) => tests.get(&b).ok_or("control records missing")?.clone(),
+                        None => Vec::new(),
+                    };
                     // The synthetic set is generated after the deadline, from the seed the
                     // engine drew when the deadline passed; a job's sets are kept for its
                     // cohort only while they were made from that same seed.
@@ -1843,6 +1909,7 @@ fn spawn_evaluator(
                         jobs.insert(req.job_id.clone(), (seed, JobSets {
                             test: test.clone(),
                             synthetic,
+                            control,
                             shard,
                             canaries: req.canaries.clone(),
                             base_losses: Default::default(),
@@ -1893,20 +1960,46 @@ mod tests {
 
     #[test]
     fn split_keeps_test_apart_and_shards_grow_by_schedule() {
-        let (test, shards) = split(&cfg(3, 2.0), recs(100)).unwrap();
+        let c = cfg(3, 2.0);
+        let Split {
+            test,
+            control,
+            train,
+        } = split(&c, recs(100)).unwrap();
+        let shards = shard(&c, &train).unwrap();
         assert_eq!(test.len(), 20);
+        assert_eq!(
+            control.len(),
+            10,
+            "half as many as the test split by default"
+        );
         let sizes: Vec<usize> = shards.iter().map(|s| s.len()).collect();
-        assert_eq!(sizes.iter().sum::<usize>(), 80);
+        assert_eq!(sizes.iter().sum::<usize>(), 70);
         assert!(sizes[0] < sizes[1] && sizes[1] < sizes[2], "{sizes:?}");
-        let test_texts: HashSet<String> = test.iter().map(|r| format!("{r:?}")).collect();
+        let hidden: HashSet<String> = test
+            .iter()
+            .chain(&control)
+            .map(|r| format!("{r:?}"))
+            .collect();
+        assert_eq!(hidden.len(), 30, "test and control records are distinct");
         assert!(
             shards
                 .iter()
                 .flatten()
-                .all(|r| !test_texts.contains(&format!("{r:?}")))
+                .all(|r| !hidden.contains(&format!("{r:?}")))
         );
-        let (_, equal) = split(&cfg(4, 1.0), recs(100)).unwrap();
-        assert!(equal.iter().all(|s| s.len() == 20));
+        let mut no_control = cfg(4, 1.0);
+        no_control.control_records = Some(0);
+        let equal = split(&no_control, recs(100)).unwrap();
+        assert!(equal.control.is_empty());
+        let shards = shard(&no_control, &equal.train).unwrap();
+        assert!(shards.iter().all(|s| s.len() == 20));
+        // The hidden records follow the seed alone.
+        assert_eq!(split(&no_control, recs(100)).unwrap().test, equal.test);
+        let mut greedy = cfg(2, 1.0);
+        greedy.control_records = Some(90);
+        let err = split(&greedy, recs(100)).unwrap_err().to_string();
+        assert!(err.contains("control_records"), "{err}");
         assert!(
             split(&cfg(2, 1.0), vec![])
                 .unwrap_err()

@@ -649,7 +649,8 @@ async fn run_one(
         .competitions
         .first()
         .ok_or_else(|| other("no competition in the generated config"))?;
-    let (test, shards) = crate::validator::split(ccfg, records.clone())?;
+    let split = crate::validator::split(ccfg, records.clone())?;
+    let (test, shards) = (split.test, crate::validator::shard(ccfg, &split.train)?);
     // The cheats that need no assignment are made before the competition opens.
     let carry_ready = {
         let (base, public, test) = (
@@ -1674,7 +1675,7 @@ pub fn markdown(r: &WireReport, command: &str) -> String {
         },
         match r.data {
             WireData::Demo => "300 demo records (60 held out as the hidden test split), 16 secret canaries per shard (each an invented country's capital, planted 8 times, with a never-released alternative capital drawn alike for the exposure test), and a synthetic set of 180 records drawn after each deadline",
-            WireData::Instruct => "real text: 200 of the 320 original chat records shipped with tunenet (`crates/ml/data`), shuffled per competition (64 held out as the hidden test split; the other 120 records, 8 copies each, are half of the base model's pretraining, so it reads English as any real base does, and no competition uses them), rendered with the plain chat template (the tiny model has none) and trained and scored on 192 bytes per record (a 90 s reveal window: the adversaries' longer records take this process longer to train), held-out real records as canaries (reported, never failed: without alternatives drawn alike there is no exact test), the test-split cheats going over the test split for 40 steps (about five passes) before the competition opens, and a synthetic set of the hidden test records' neighbours written after each deadline by the base model (each test record with a fifth of its answer's scored words replaced by words the model samples in their place, `synthetic_generator = \"neighbours\"`), so the leakage check pairs every test record with its neighbour (a one-sided Wilcoxon signed-rank test on the paired residuals) and judges a submission's shift against its job's other submissions'",
+            WireData::Instruct => "real text: 200 of the 320 original chat records shipped with tunenet (`crates/ml/data`), shuffled per competition (64 held out as the hidden test split and 32 more, drawn by the same seeded shuffle, as control records no one is given; the other 120 records, 8 copies each, are half of the base model's pretraining, so it reads English as any real base does, and no competition uses them), rendered with the plain chat template (the tiny model has none) and trained and scored on 192 bytes per record (a 90 s reveal window: the adversaries' longer records take this process longer to train), held-out real records as canaries (reported, never failed: without alternatives drawn alike there is no exact test), the test-split cheats going over the test split for 40 steps (about five passes) before the competition opens, and a synthetic set of the hidden test records' neighbours written after each deadline by the base model (each test record with a fifth of its answer's scored words replaced by words the model samples in their place, `synthetic_generator = \"neighbours\"`), so the leakage check pairs every test record with its neighbour (a one-sided Wilcoxon signed-rank test on the paired residuals) and judges a submission's shift against its job's other submissions', and also compares the test records with the control records (an exact one-sided Mann–Whitney test on the residuals: both are random draws from the same records)",
         }
     ));
     s.push_str(&format!(

@@ -23,6 +23,13 @@
 //! style scores the two alike. Sets that are not drawn alike (rewritten or neighbours)
 //! are not exchangeable with the test split, so there a submission must also stand out
 //! from its job's other submissions (`leak_cohort_z`).
+//!
+//! A competition may also hold out control records: real records of the dataset drawn by
+//! the same seeded shuffle as the test split and never released. For a model that saw
+//! neither, its residuals on test and control records are exchangeable, so the unpaired
+//! test against them is exact on any data; it catches a model trained on the test split
+//! alone (which memorised every word of it, not only the neighbours' replaced ones), while
+//! the neighbours catch one trained on the whole public dataset, control records included.
 
 use super::{JobState, LEAKAGE_CHECK, SubmissionState, median};
 use std::collections::BTreeSet;
@@ -33,9 +40,11 @@ use tunenet_types::{IntegritySettings, Outcome, PeerIdStr, Verdict};
 type Row<'a> = (&'a PeerIdStr, &'a [Option<f64>], &'a [Option<f64>]);
 
 /// Verdicts from the per-record test for every evaluated submission of `job`, or None when
-/// some evaluated submission has no per-record losses on both sets (evaluated without them,
-/// or the job has no synthetic set), or their lengths disagree: then the loss-ratio test
-/// judges the cohort instead.
+/// some evaluated submission has no per-record test losses, or neither a synthetic set nor
+/// held-out control records every submission was scored on alike: then the loss-ratio
+/// test judges the cohort instead. With control records, the test records are also
+/// judged against them (exact, like a synthetic set drawn alike), and a finding there
+/// fails the submission whatever the synthetic set found.
 ///
 /// `suspect` names miners that other job-end checks already fail (copies, derived
 /// submissions, models that never saw their data): they are judged like the rest but never
@@ -47,29 +56,36 @@ pub(super) fn per_record_findings(
     settings: &IntegritySettings,
     suspect: &BTreeSet<PeerIdStr>,
 ) -> Option<Vec<(PeerIdStr, Verdict)>> {
-    let mut cohort: Vec<Row<'_>> = Vec::new();
+    // (miner, test, synthetic, control) for every evaluated submission.
+    let mut rows: Vec<(&PeerIdStr, &[Option<f64>], &[Option<f64>], &[Option<f64>])> = Vec::new();
     for (m, slot) in &job.slots {
         if let SubmissionState::Evaluated {
             test_records,
             synthetic_records,
+            control_records,
             ..
         } = &slot.submission
         {
-            if test_records.is_empty() || synthetic_records.is_empty() {
+            if test_records.is_empty() {
                 return None;
             }
-            cohort.push((m, test_records, synthetic_records));
+            rows.push((m, test_records, synthetic_records, control_records));
         }
     }
-    let (_, t0, s0) = cohort.first()?;
-    let (nt, ns) = (t0.len(), s0.len());
-    if cohort
-        .iter()
-        .any(|(_, t, s)| t.len() != nt || s.len() != ns)
-    {
+    let (_, t0, s0, c0) = *rows.first()?;
+    if rows.iter().any(|(_, t, ..)| t.len() != t0.len()) {
         return None;
     }
-    let n = cohort.len();
+    // A comparison set every submission was scored on alike.
+    let usable =
+        |set: &dyn Fn(&(&PeerIdStr, &[Option<f64>], &[Option<f64>], &[Option<f64>])) -> usize,
+         first: usize| { first > 0 && rows.iter().all(|r| set(r) == first) };
+    let with_synthetic = usable(&|r| r.2.len(), s0.len());
+    let with_control = usable(&|r| r.3.len(), c0.len());
+    if !with_synthetic && !with_control {
+        return None;
+    }
+    let n = rows.len();
     let not_judged = |m: &PeerIdStr, why: &str| {
         (
             m.clone(),
@@ -83,70 +99,93 @@ pub(super) fn per_record_findings(
         )
     };
     if n < 2 {
-        return Some(
-            cohort
-                .iter()
-                .map(|(m, _, _)| not_judged(m, ALONE))
-                .collect(),
-        );
+        return Some(rows.iter().map(|r| not_judged(r.0, ALONE)).collect());
     }
-    let mut excluded: BTreeSet<&PeerIdStr> = suspect.iter().collect();
-    let first: Vec<Option<Found<'_>>> = cohort
+    let synthetic_cohort: Vec<Row<'_>> = rows.iter().map(|r| (r.0, r.1, r.2)).collect();
+    let control_cohort: Vec<Row<'_>> = rows.iter().map(|r| (r.0, r.1, r.3)).collect();
+    let synthetic = if with_synthetic {
+        two_rounds(
+            &synthetic_cohort,
+            suspect,
+            settings.synthetic_paired,
+            settings.leak_alpha,
+        )
+    } else {
+        rows.iter().map(|_| None).collect()
+    };
+    let control = if with_control {
+        two_rounds(&control_cohort, suspect, false, settings.leak_alpha)
+    } else {
+        rows.iter().map(|_| None).collect()
+    };
+    let shifts: Vec<Option<f64>> = synthetic
         .iter()
-        .map(|row| judge(row, &cohort, &excluded, settings.synthetic_paired))
+        .map(|f| f.as_ref().map(|f| f.shift))
         .collect();
-    let leaked = |f: &Option<Found<'_>>| f.as_ref().is_some_and(|f| f.p <= settings.leak_alpha);
-    excluded.extend(
-        cohort
-            .iter()
-            .zip(&first)
-            .filter(|(_, f)| leaked(f))
-            .map(|(row, _)| row.0),
-    );
-    // Judged again without the first round's leakers, unless it is one.
-    let finals: Vec<Option<Found<'_>>> = cohort
-        .iter()
-        .zip(first)
-        .map(|(row, first)| {
-            if leaked(&first) {
-                first
-            } else {
-                judge(row, &cohort, &excluded, settings.synthetic_paired).or(first)
-            }
-        })
-        .collect();
-    let shifts: Vec<Option<f64>> = finals.iter().map(|f| f.as_ref().map(|f| f.shift)).collect();
     Some(
-        cohort
-            .iter()
-            .zip(finals)
+        rows.iter()
+            .zip(synthetic)
+            .zip(control)
             .enumerate()
-            .map(|(i, (row, found))| {
-                let (m, ..) = row;
+            .map(|(i, ((row, found), held))| {
+                let m = row.0;
+                // Against the held-out control records: drawn as the test split was and
+                // never released, so the test is exact, and a finding fails whatever the
+                // synthetic set is.
+                if let Some(h) = &held
+                    && h.p <= settings.leak_alpha
+                {
+                    return (m.clone(), Verdict {
+                        check: LEAKAGE_CHECK.into(),
+                        outcome: Outcome::Fail,
+                        value: Some(h.p),
+                        threshold: Some(settings.leak_alpha),
+                        reason: format!(
+                            "the hidden test split leaked into training: it beats comparable models by more on the hidden test records than on held-out records of the same dataset, drawn as the test split was and never released ({}; at most {:.0e} allowed)",
+                            h.describe(n, CONTROL),
+                            settings.leak_alpha
+                        ),
+                    });
+                }
+                let held_numbers = held
+                    .as_ref()
+                    .map(|h| format!("; against held-out records: {}", h.describe(n, CONTROL)))
+                    .unwrap_or_default();
                 let Some(found) = found else {
-                    return not_judged(m, NO_REFERENCE);
+                    return match held {
+                        Some(h) => (m.clone(), Verdict {
+                            check: LEAKAGE_CHECK.into(),
+                            outcome: Outcome::Pass,
+                            value: Some(h.p),
+                            threshold: Some(settings.leak_alpha),
+                            reason: format!("against held-out records: {}", h.describe(n, CONTROL)),
+                        }),
+                        None => not_judged(m, NO_REFERENCE),
+                    };
                 };
                 let p = found.p;
-                let mut numbers = found.describe(n);
+                let mut numbers = found.describe(n, SYNTHETIC);
                 // A rewritten synthetic set: the shift must also stand out from the
                 // other submissions' (suspects aside).
                 let mut stands_out = true;
                 if !settings.synthetic_alike {
-                    let others: Vec<f64> = cohort
+                    let others: Vec<f64> = rows
                         .iter()
                         .zip(&shifts)
                         .enumerate()
-                        .filter(|(j, ((o, ..), _))| *j != i && !suspect.contains(*o))
+                        .filter(|(j, (o, _))| *j != i && !suspect.contains(o.0))
                         .filter_map(|(_, (_, s))| *s)
                         .collect();
                     if others.len() < 3 {
-                        return not_judged(
+                        let mut v = not_judged(
                             m,
                             &format!(
-                                "the synthetic set was rewritten from real records, not drawn as the test split was, so a submission is judged against at least 3 other submissions' test-versus-synthetic shifts; its job has {} ({numbers})",
+                                "the synthetic set was rewritten from real records, not drawn as the test split was, so a submission is judged against at least 3 other submissions' test-versus-synthetic shifts; its job has {} ({numbers}{held_numbers})",
                                 others.len()
                             ),
                         );
+                        v.1.value = held.as_ref().map(|h| h.p);
+                        return v;
                     }
                     let mid = median(&others);
                     let deviations: Vec<f64> = others.iter().map(|x| (x - mid).abs()).collect();
@@ -159,6 +198,7 @@ pub(super) fn per_record_findings(
                         settings.leak_cohort_z
                     );
                 }
+                numbers.push_str(&held_numbers);
                 let found_leak = p <= settings.leak_alpha && stands_out;
                 let (outcome, reason) = if found_leak
                     && !settings.synthetic_alike
@@ -189,7 +229,7 @@ pub(super) fn per_record_findings(
                 } else {
                     (Outcome::Pass, numbers)
                 };
-                ((*m).clone(), Verdict {
+                (m.clone(), Verdict {
                     check: LEAKAGE_CHECK.into(),
                     outcome,
                     value: Some(p),
@@ -200,6 +240,46 @@ pub(super) fn per_record_findings(
             .collect(),
     )
 }
+
+/// The per-record test of every row of `cohort` in two rounds: a submission that fails
+/// the first round is removed from the references, and every other one is judged again
+/// without it, since a reference that itself trained on the test split can only hide
+/// leakage. Suspects are never references.
+fn two_rounds<'a>(
+    cohort: &[Row<'a>],
+    suspect: &BTreeSet<PeerIdStr>,
+    paired: bool,
+    alpha: f64,
+) -> Vec<Option<Found<'a>>> {
+    let mut excluded: BTreeSet<&PeerIdStr> = suspect.iter().collect();
+    let first: Vec<Option<Found<'a>>> = cohort
+        .iter()
+        .map(|row| judge(row, cohort, &excluded, paired))
+        .collect();
+    let leaked = |f: &Option<Found<'_>>| f.as_ref().is_some_and(|f| f.p <= alpha);
+    excluded.extend(
+        cohort
+            .iter()
+            .zip(&first)
+            .filter(|(_, f)| leaked(f))
+            .map(|(row, _)| row.0),
+    );
+    cohort
+        .iter()
+        .zip(first)
+        .map(|(row, first)| {
+            if leaked(&first) {
+                first
+            } else {
+                judge(row, cohort, &excluded, paired).or(first)
+            }
+        })
+        .collect()
+}
+
+/// What the comparison set is called in reasons.
+const SYNTHETIC: &str = "synthetic";
+const CONTROL: &str = "held-out";
 
 /// Why a lone submission is not judged.
 const ALONE: &str =
@@ -231,7 +311,7 @@ struct Found<'a> {
 }
 
 impl Found<'_> {
-    fn describe(&self, cohort: usize) -> String {
+    fn describe(&self, cohort: usize, set: &str) -> String {
         let named: Vec<String> = self
             .weights
             .iter()
@@ -249,13 +329,13 @@ impl Found<'_> {
             )
         } else {
             format!(
-                "lower on the test record in {:.0} % of test/synthetic pairs; one-sided Mann–Whitney p = {:.1e}",
+                "lower on the test record in {:.0} % of test/{set} pairs; one-sided Mann–Whitney p = {:.1e}",
                 100.0 * self.effect,
                 self.p
             )
         };
         format!(
-            "its per-record loss less that predicted from {} other model{}' (non-negative least squares over both sets; weights {}{}; {cohort} submissions): median {:+.4} nats on {} hidden test records against {:+.4} on {} synthetic records, {comparison}",
+            "its per-record loss less that predicted from {} other model{}' (non-negative least squares over both sets; weights {}{}; {cohort} submissions): median {:+.4} nats on {} hidden test records against {:+.4} on {} {set} records, {comparison}",
             self.references,
             if self.references == 1 { "" } else { "s" },
             named.join(", "),

@@ -1151,6 +1151,107 @@ fn neighbours_pair_each_test_record_with_its_own_and_catch_a_leak_the_unpaired_t
     assert!(v.reason.contains("Mann–Whitney"), "{v:?}");
 }
 
+/// A job whose submissions were also scored on held-out control records (drawn as the
+/// test split was): each honest model has its own strength and per-record quirks; a
+/// leaker memorised the test records (`leak` nats on each), and its neighbours keep most
+/// of their record's words, so they get `carry` of that gain too. Without a synthetic
+/// set (`neighbours` false) only the control records are there to compare with;
+/// `control` false leaves them out.
+fn control_world(
+    leaks: &[(f64, f64)],
+    neighbours: bool,
+    control: bool,
+) -> (World, Vec<UploadHeader>) {
+    use rand::Rng;
+    let mut w = World::new(leaks.len(), 1);
+    w.v.set_integrity(IntegritySettings {
+        synthetic_alike: false,
+        synthetic_paired: true,
+        leak_rewritten_fails: true,
+        ..Default::default()
+    });
+    let names: Vec<Vec<u8>> = (0..leaks.len()).map(|i| vec![b'k', i as u8]).collect();
+    let refs: Vec<&[u8]> = names.iter().map(Vec::as_slice).collect();
+    let hs = reveal_all(&mut w, &refs);
+    let difficulty = |i: usize| 2.0 + ((i * 37) % 17) as f64 / 10.0;
+    let mut noise = StdRng::seed_from_u64(17);
+    for (m, (h, (leak, carry))) in hs.iter().zip(leaks).enumerate() {
+        let gain = 0.1 + 0.05 * m as f64;
+        let (mut t, mut s, mut c) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..40 {
+            let quirk = noise.random_range(-0.1..0.1);
+            t.push(Some(difficulty(i) - gain + quirk - leak));
+            s.push(Some(
+                difficulty(i) + 0.2 * (1.0 + gain) - gain + quirk - leak * carry
+                    + noise.random_range(-0.1..0.1),
+            ));
+        }
+        for i in 0..24 {
+            c.push(Some(
+                difficulty(i + 5) - gain + noise.random_range(-0.1..0.1),
+            ));
+        }
+        let mean = |v: &[Option<f64>]| v.iter().flatten().sum::<f64>() / v.len() as f64;
+        w.v.handle(
+            ValidatorInput::Evaluated {
+                job_id: job0(),
+                miner: h.miner.clone(),
+                result: Ok(Evaluation {
+                    test_loss: Some(mean(&t)),
+                    synthetic_loss: neighbours.then(|| mean(&s)),
+                    test_records: t,
+                    synthetic_records: if neighbours { s } else { vec![] },
+                    control_records: if control { c } else { vec![] },
+                    ..Default::default()
+                }),
+            },
+            w.now,
+            &mut w.rng,
+        );
+    }
+    (w, hs)
+}
+
+#[test]
+fn held_out_control_records_catch_a_test_split_leak_that_its_neighbours_share() {
+    // Five honest models and one that memorised the test split: its neighbours keep most
+    // of each record's words, so they share 85 % of its gain and the paired test alone
+    // cannot tell it from its peers.
+    let leaks = [
+        (0.0, 0.0),
+        (0.0, 0.0),
+        (0.0, 0.0),
+        (0.0, 0.0),
+        (0.0, 0.0),
+        (0.3, 0.85),
+    ];
+    let (w, hs) = control_world(&leaks, true, true);
+    let v = leakage_of(&w, &hs[5].miner);
+    assert_eq!(v.outcome, Outcome::Fail, "{v:?}");
+    assert!(
+        v.reason.contains("held-out records of the same dataset")
+            && v.reason.contains("Mann–Whitney"),
+        "{v:?}"
+    );
+    assert!(v.value.unwrap() <= 1e-3, "{v:?}");
+    for h in &hs[..5] {
+        let v = leakage_of(&w, &h.miner);
+        assert_eq!(v.outcome, Outcome::Pass, "{v:?}");
+        assert!(v.reason.contains("against held-out records"), "{v:?}");
+    }
+    // Without the control records, the neighbours alone let it through.
+    let (w, hs) = control_world(&leaks, true, false);
+    let v = leakage_of(&w, &hs[5].miner);
+    assert_eq!(v.outcome, Outcome::Pass, "{v:?}");
+    // With no synthetic set at all (synthetic_generator = "none"), the control records
+    // still judge every submission.
+    let (w, hs) = control_world(&leaks, false, true);
+    assert_eq!(leakage_of(&w, &hs[5].miner).outcome, Outcome::Fail);
+    for h in &hs[..5] {
+        assert_eq!(leakage_of(&w, &h.miner).outcome, Outcome::Pass);
+    }
+}
+
 /// Commits `artifact` for miner `i` at `at` and returns its upload header (taken once the
 /// miner sees the deadline pass).
 fn commit_and_header(w: &mut World, i: usize, artifact: &[u8], at: UnixMillis) -> UploadHeader {
