@@ -38,6 +38,13 @@ use tunenet_types::{IntegritySettings, Outcome, PeerIdStr, Verdict};
 
 /// One submission's per-record losses: (miner, test records, synthetic records).
 type Row<'a> = (&'a PeerIdStr, &'a [Option<f64>], &'a [Option<f64>]);
+/// One submission's per-record losses: (miner, test, synthetic, control records).
+type FullRow<'a> = (
+    &'a PeerIdStr,
+    &'a [Option<f64>],
+    &'a [Option<f64>],
+    &'a [Option<f64>],
+);
 
 /// Verdicts from the per-record test for every evaluated submission of `job`, or None when
 /// some evaluated submission has no per-record test losses, or neither a synthetic set nor
@@ -57,7 +64,7 @@ pub(super) fn per_record_findings(
     suspect: &BTreeSet<PeerIdStr>,
 ) -> Option<Vec<(PeerIdStr, Verdict)>> {
     // (miner, test, synthetic, control) for every evaluated submission.
-    let mut rows: Vec<(&PeerIdStr, &[Option<f64>], &[Option<f64>], &[Option<f64>])> = Vec::new();
+    let mut rows: Vec<FullRow<'_>> = Vec::new();
     for (m, slot) in &job.slots {
         if let SubmissionState::Evaluated {
             test_records,
@@ -77,9 +84,9 @@ pub(super) fn per_record_findings(
         return None;
     }
     // A comparison set every submission was scored on alike.
-    let usable =
-        |set: &dyn Fn(&(&PeerIdStr, &[Option<f64>], &[Option<f64>], &[Option<f64>])) -> usize,
-         first: usize| { first > 0 && rows.iter().all(|r| set(r) == first) };
+    let usable = |set: &dyn Fn(&FullRow<'_>) -> usize, first: usize| {
+        first > 0 && rows.iter().all(|r| set(r) == first)
+    };
     let with_synthetic = usable(&|r| r.2.len(), s0.len());
     let with_control = usable(&|r| r.3.len(), c0.len());
     if !with_synthetic && !with_control {
