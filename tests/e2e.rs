@@ -1445,7 +1445,7 @@ async fn inference_cheats_are_caught_with_the_reason() {
     std::fs::write(
         &vconf,
         format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\neval_devices = [\"cpu:0\", \"cpu:1\"]\nminers = [{}]\n[[competitions]]\nid = \"inf\"\nkind = \"inference\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 1\nminers_per_job = 8\nmin_miners = 8\ntime_budget_secs = 30\nreveal_window_secs = 30\n[competitions.inference]\nallow_quantized = false\n",
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\neval_devices = [\"cpu:0\", \"cpu:1\"]\nminers = [{}]\n[[competitions]]\nid = \"inf\"\nkind = \"inference\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 1\nminers_per_job = 8\nmin_miners = 8\ntime_budget_secs = 60\nreveal_window_secs = 30\n[competitions.inference]\nallow_quantized = false\n",
             root.join("v"),
             miners.join(", ")
         ),
