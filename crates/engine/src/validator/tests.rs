@@ -1095,22 +1095,29 @@ fn on_a_rewritten_synthetic_set_only_a_submission_that_stands_out_fails() {
     }
 }
 
-/// Per-record losses on a set of the test records' neighbours: each model has its own
-/// per-record quirks (sd about 0.3 nats) that its test record and that record's neighbour
-/// share, the neighbour costs a little more (its replaced words), the more so the
-/// stronger the model; `leak` is a memorised test split's extra gain on the test records.
-fn neighbour_world(leaks: &[f64], paired: bool) -> (World, Vec<UploadHeader>) {
-    use rand::Rng;
-    let mut w = World::new(leaks.len(), 1);
+/// `n` miners revealed in a job judged as on real data (synthetic set not drawn alike,
+/// leak findings failing), paired with neighbours or not; miner names start with `tag`.
+fn judged_on_real_data(n: usize, paired: bool, tag: u8) -> (World, Vec<UploadHeader>) {
+    let mut w = World::new(n, 1);
     w.v.set_integrity(IntegritySettings {
         synthetic_alike: false,
         synthetic_paired: paired,
         leak_rewritten_fails: true,
         ..Default::default()
     });
-    let names: Vec<Vec<u8>> = (0..leaks.len()).map(|i| vec![b'n', i as u8]).collect();
+    let names: Vec<Vec<u8>> = (0..n).map(|i| vec![tag, i as u8]).collect();
     let refs: Vec<&[u8]> = names.iter().map(Vec::as_slice).collect();
     let hs = reveal_all(&mut w, &refs);
+    (w, hs)
+}
+
+/// Per-record losses on a set of the test records' neighbours: each model has its own
+/// per-record quirks (sd about 0.3 nats) that its test record and that record's neighbour
+/// share, the neighbour costs a little more (its replaced words), the more so the
+/// stronger the model; `leak` is a memorised test split's extra gain on the test records.
+fn neighbour_world(leaks: &[f64], paired: bool) -> (World, Vec<UploadHeader>) {
+    use rand::Rng;
+    let (mut w, hs) = judged_on_real_data(leaks.len(), paired, b'n');
     let difficulty = |i: usize| 2.0 + ((i * 37) % 17) as f64 / 10.0;
     let mut noise = StdRng::seed_from_u64(13);
     for (m, (h, leak)) in hs.iter().zip(leaks).enumerate() {
@@ -1163,16 +1170,7 @@ fn control_world(
     control: bool,
 ) -> (World, Vec<UploadHeader>) {
     use rand::Rng;
-    let mut w = World::new(leaks.len(), 1);
-    w.v.set_integrity(IntegritySettings {
-        synthetic_alike: false,
-        synthetic_paired: true,
-        leak_rewritten_fails: true,
-        ..Default::default()
-    });
-    let names: Vec<Vec<u8>> = (0..leaks.len()).map(|i| vec![b'k', i as u8]).collect();
-    let refs: Vec<&[u8]> = names.iter().map(Vec::as_slice).collect();
-    let hs = reveal_all(&mut w, &refs);
+    let (mut w, hs) = judged_on_real_data(leaks.len(), true, b'k');
     let difficulty = |i: usize| 2.0 + ((i * 37) % 17) as f64 / 10.0;
     let mut noise = StdRng::seed_from_u64(17);
     for (m, (h, (leak, carry))) in hs.iter().zip(leaks).enumerate() {
