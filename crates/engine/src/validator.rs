@@ -389,6 +389,10 @@ pub enum ValidatorEffect {
     },
     /// Store this job state.
     Persist(Box<JobState>),
+    /// Store this job's state soon (it changed in a way a restart can redo: an offer's
+    /// answer, which a re-sent offer gets again); the caller batches these, so that a job
+    /// offered to N miners is not written N times whole.
+    PersistSoon(JobId),
     /// A job was scored.
     JobFinished {
         /// The job.
@@ -589,10 +593,22 @@ impl ValidatorEngine {
             .all(|j| matches!(j.phase, JobPhase::Done { .. }))
     }
 
-    /// Effects a restarted validator must redo: evaluations that were under way.
+    /// Effects a restarted validator must redo: offers whose answers were not stored
+    /// (a miner answers a repeated offer as before) and evaluations that were under way.
     pub fn resume(&self) -> Vec<ValidatorEffect> {
         let mut out = Vec::new();
         for j in self.jobs() {
+            if matches!(j.phase, JobPhase::Offering { .. }) {
+                let offer = make_offer(&self.plan, &self.identity, &self.inference, &j.plan);
+                for (addr, o) in &j.offers {
+                    if matches!(o, OfferState::Sent) {
+                        out.push(ValidatorEffect::SendOffer {
+                            addr: addr.clone(),
+                            offer: offer.clone(),
+                        });
+                    }
+                }
+            }
             for (miner, slot) in &j.slots {
                 if let SubmissionState::Uploaded { artifact } = &slot.submission {
                     out.push(ValidatorEffect::Evaluate {
@@ -790,7 +806,7 @@ impl ValidatorEngine {
             }
         };
         job.offers.insert(addr, state);
-        fx.push(ValidatorEffect::Persist(Box::new(job.clone())));
+        fx.push(ValidatorEffect::PersistSoon(job_id.clone()));
     }
 
     /// Takes a commitment: checks it and returns the signed receipt.

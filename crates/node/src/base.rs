@@ -76,12 +76,15 @@ impl Server {
         listener: tokio::net::TcpListener,
     ) -> Server {
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(router.serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            async {
-                let _ = stop_rx.await;
-            },
-        ));
+        // Accepted sockets get TCP_NODELAY (tonic's own `tcp_nodelay` setting applies only
+        // to the listeners it binds itself): without it a small answer waits on the peer's
+        // delayed ACK, a ~40 ms tail on round trips. Keepalive finds dead peers' sockets.
+        let incoming = tonic::transport::server::TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(std::time::Duration::from_secs(60)));
+        let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+            let _ = stop_rx.await;
+        }));
         Server { stop, task }
     }
 

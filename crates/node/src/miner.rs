@@ -7,6 +7,7 @@ use crate::error::NodeError;
 use crate::models;
 use crate::transport::{MinerP2p, SendError, Transport};
 use rand::SeedableRng;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -89,6 +90,44 @@ impl MinerBackend for Shared {
     }
     async fn benchmark_open(&self, r: v1::BenchmarkReveal) -> Result<v1::BenchmarkOpening, Status> {
         self.bench.open(r).await
+    }
+}
+
+/// Offers turned down since the last summary line, by reason.
+#[derive(Default)]
+struct RejectedOffers {
+    by_code: BTreeMap<String, u64>,
+    since: Option<Instant>,
+}
+
+impl RejectedOffers {
+    /// How often the summary is written, at most.
+    const EVERY: Duration = Duration::from_secs(60);
+
+    fn count(&mut self, code: tunenet_types::RejectCode) {
+        *self.by_code.entry(format!("{code:?}")).or_default() += 1;
+        self.since.get_or_insert_with(Instant::now);
+    }
+
+    /// Logs one line for the offers refused over the last minute, if any.
+    fn maybe_log(&mut self) {
+        let Some(since) = self.since else { return };
+        if since.elapsed() < Self::EVERY {
+            return;
+        }
+        let total: u64 = self.by_code.values().sum();
+        let by: Vec<String> = self
+            .by_code
+            .iter()
+            .map(|(code, n)| format!("{code} {n}"))
+            .collect();
+        tracing::info!(
+            "rejected {total} offers in the last {} s ({})",
+            since.elapsed().as_secs(),
+            by.join(", ")
+        );
+        self.by_code.clear();
+        self.since = None;
     }
 }
 
@@ -631,6 +670,7 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
         models: cfg.data_dir.join("models"),
     };
     let mut rng = rand::rngs::StdRng::from_os_rng();
+    let mut rejected = RejectedOffers::default();
     // Training cut short by a restart picks up from its checkpoint in work/<job>.
     let fx = engine.resume(now_ms());
     ctx.execute(fx);
@@ -652,6 +692,7 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
             _ = tick.tick() => {
                 let fx = engine.handle(MinerInput::Tick, now_ms(), &mut rng);
                 ctx.execute(fx);
+                rejected.maybe_log();
             }
             Some(cmd) = rx.recv() => {
                 let now = now_ms();
@@ -666,7 +707,15 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
                                 metrics::counter!("tunenet_offers_rejected_total", "reason" => format!("{:?}", r.code)).increment(1)
                             }
                         }
-                        ctx.execute(fx);
+                        if let tunenet_types::Decision::Reject(r) = &decision {
+                            // A refused offer changes nothing here: one debug line, and a
+                            // summary a minute (an offer flood must not fill the disk).
+                            tracing::debug!(%job_id, reason = %r, "offer rejected");
+                            rejected.count(r.code);
+                            ctx.execute(fx.into_iter().filter(|f| !matches!(f, MinerEffect::Event(_))).collect());
+                        } else {
+                            ctx.execute(fx);
+                        }
                         let _ = reply.send(Ok(DecisionReply { job_id, miner: me.clone(), decision }));
                     }
                     Cmd::Assign(a, reply) => {

@@ -130,6 +130,10 @@ pub struct Report {
     pub leak_gain: Vec<[f64; 4]>,
 }
 
+/// Time an in-process miner keeps between its last training step and the deadline, for
+/// writing and committing its artifact (a miner daemon's `commit_margin_secs`).
+pub(crate) const COMMIT_MARGIN: Duration = Duration::from_secs(3);
+
 fn ml(e: tunenet_ml::MlError) -> NodeError {
     NodeError::Ml(e)
 }
@@ -140,13 +144,25 @@ pub(crate) fn train(
     cfg: &TrainConfig,
     out: &Path,
 ) -> Result<PathBuf, NodeError> {
+    train_until(model, records, cfg, None, out)
+}
+
+/// [`train`], stopping early (as a miner daemon does) when a step might not finish
+/// [`COMMIT_MARGIN`] before `deadline`.
+pub(crate) fn train_until(
+    model: &ModelDir,
+    records: &[Record],
+    cfg: &TrainConfig,
+    deadline: Option<std::time::Instant>,
+    out: &Path,
+) -> Result<PathBuf, NodeError> {
     let cancel = AtomicBool::new(false);
     Ok(tunenet_ml::train(
         model,
         records,
         cfg,
-        None,
-        Duration::ZERO,
+        deadline,
+        COMMIT_MARGIN,
         &Device::Cpu,
         &cancel,
         &mut |_| {},

@@ -5,7 +5,8 @@
 //! gRPC backend (`serve`), so both transports run the very same checks.
 
 use crate::error::NodeError;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use tokio::sync::{Semaphore, mpsc};
 use tunenet_p2p::{Event, JobRequest, JobResponse, MinerAdvert, P2pError, PeerId};
 use tunenet_proto::v1;
@@ -93,7 +94,13 @@ impl From<P2pError> for SendError {
 #[derive(Clone, Default)]
 pub struct Transport {
     p2p: Option<tunenet_p2p::Client>,
+    /// Open gRPC connections to miners, by URL: calls to a miner share one HTTP/2
+    /// connection instead of a new TCP connection (and handshake) each.
+    miners: Arc<Mutex<HashMap<String, (u64, MinerClient)>>>,
 }
+
+/// Connections to miners kept open at most; past it the least recently opened is closed.
+const MAX_MINER_CONNECTIONS: usize = 1024;
 
 fn unexpected(what: &str, got: &JobResponse) -> SendError {
     SendError::Refused(format!(
@@ -113,7 +120,48 @@ fn unexpected(what: &str, got: &JobResponse) -> SendError {
 impl Transport {
     /// A transport over gRPC, and over libp2p when `p2p` is given.
     pub fn new(p2p: Option<tunenet_p2p::Client>) -> Self {
-        Transport { p2p }
+        Transport {
+            p2p,
+            miners: Default::default(),
+        }
+    }
+
+    /// A client for the miner at `url`: the open connection when there is one.
+    async fn miner(&self, url: &str) -> Result<MinerClient, RpcError> {
+        if let Some(c) = self.lock_miners().get(url) {
+            return Ok(c.1.clone());
+        }
+        let c = MinerClient::connect(url).await?;
+        let mut open = self.lock_miners();
+        if open.len() >= MAX_MINER_CONNECTIONS
+            && let Some(oldest) = open
+                .iter()
+                .min_by_key(|(_, (n, _))| *n)
+                .map(|(k, _)| k.clone())
+        {
+            open.remove(&oldest);
+        }
+        let n = open.values().map(|(n, _)| *n).max().unwrap_or(0) + 1;
+        open.insert(url.to_string(), (n, c.clone()));
+        Ok(c)
+    }
+
+    /// Forgets the connection to `url` after a call on it failed to get through, so the
+    /// next call connects afresh.
+    fn drop_miner<T>(&self, url: &str, r: Result<T, RpcError>) -> Result<T, RpcError> {
+        if let Err(RpcError::Connect { .. })
+        | Err(RpcError::Refused {
+            code: Code::Unavailable | Code::Unknown,
+            ..
+        }) = &r
+        {
+            self.lock_miners().remove(url);
+        }
+        r
+    }
+
+    fn lock_miners(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, MinerClient)>> {
+        self.miners.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The libp2p client, when this node joined the network.
@@ -138,7 +186,10 @@ impl Transport {
     /// miner it names.
     pub async fn offer(&self, addr: &str, mut offer: Offer) -> Result<DecisionReply, SendError> {
         match self.route(addr)? {
-            (Route::Grpc(url), _) => Ok(MinerClient::connect(&url).await?.offer(offer).await?),
+            (Route::Grpc(url), _) => {
+                let r = self.miner(&url).await?.offer(offer).await;
+                Ok(self.drop_miner(&url, r)?)
+            }
             (Route::P2p(peer), Some(c)) => {
                 offer.reply_to = p2p_addr(&c.local_peer_id());
                 match c.request(peer, JobRequest::Offer(offer.into())).await? {
@@ -163,7 +214,10 @@ impl Transport {
     /// Hands an assignment to the miner at `addr`.
     pub async fn assign(&self, addr: &str, a: Assignment) -> Result<(), SendError> {
         match self.route(addr)? {
-            (Route::Grpc(url), _) => Ok(MinerClient::connect(&url).await?.assign(a).await?),
+            (Route::Grpc(url), _) => {
+                let r = self.miner(&url).await?.assign(a).await;
+                Ok(self.drop_miner(&url, r)?)
+            }
             (Route::P2p(peer), Some(c)) => {
                 match c.request(peer, JobRequest::Assignment(a.into())).await? {
                     JobResponse::AssignmentAck(_) => Ok(()),

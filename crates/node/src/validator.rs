@@ -711,6 +711,8 @@ pub(crate) struct Validator {
     pub(crate) artifact_gossip: crate::artifact_gossip::ArtifactGossip,
     /// The miner list the hardware checker benchmarks.
     hardware_miners: Option<tokio::sync::watch::Sender<Vec<String>>>,
+    /// Jobs (competition index, id) to store at the next tick.
+    unsaved: std::sync::Mutex<std::collections::BTreeSet<(usize, JobId)>>,
 }
 
 impl Validator {
@@ -935,6 +937,29 @@ impl Validator {
                 .handle(ValidatorInput::Tick, now, &mut self.rng);
             self.execute(i, fx);
         }
+        self.save_unsaved();
+    }
+
+    fn lock_unsaved(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<(usize, JobId)>> {
+        self.unsaved.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stores the jobs whose state changed since the last tick in ways a restart can redo
+    /// (see [`ValidatorEffect::PersistSoon`]): each once, however many offers it answered.
+    pub(crate) fn save_unsaved(&self) {
+        let due = std::mem::take(&mut *self.lock_unsaved());
+        for (i, job_id) in due {
+            let Some(c) = self.comps.get(i) else { continue };
+            let Some(job) = c.engine.job(&job_id) else {
+                continue;
+            };
+            let key = format!("{}/{}", c.engine.plan().id, job_id);
+            if let Err(e) = self.store.put_json(trees::JOBS, &key, job) {
+                tracing::error!(%job_id, error = %e, "could not store job state");
+            }
+        }
     }
 
     fn index_of_job(&self, job: &JobId) -> Option<usize> {
@@ -1076,6 +1101,10 @@ impl Validator {
                     if let Err(e) = self.store.put_json(trees::JOBS, &key, &job) {
                         tracing::error!(job_id = %job.plan.job_id, error = %e, "could not store job state");
                     }
+                    self.lock_unsaved().remove(&(comp, job.plan.job_id.clone()));
+                }
+                ValidatorEffect::PersistSoon(job_id) => {
+                    self.lock_unsaved().insert((comp, job_id));
                 }
                 ValidatorEffect::JobFinished { job_id, scores } => {
                     let key = format!("{cid}/{job_id}");
@@ -1467,6 +1496,7 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
         )
         .trust(&cfg.trusted_validators),
         hardware_miners: None,
+        unsaved: Default::default(),
     };
     for r in records {
         v.add(r);
@@ -1520,6 +1550,7 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
             announced = false;
         }
     }
+    v.save_unsaved();
     store.flush()?;
     server.stop().await;
     Ok(())

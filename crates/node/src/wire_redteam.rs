@@ -10,7 +10,7 @@
 //! from the validator's own log lines.
 
 use crate::error::NodeError;
-use crate::redteam::{tamper, train, transplant};
+use crate::redteam::{tamper, train, train_until, transplant};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -781,6 +781,7 @@ async fn run_one(
             j,
             seq: opts.data.seq(),
             prepared_first: opts.data == WireData::Instruct,
+            deadline: Instant::now() + Duration::from_millis(deadline.saturating_sub(now_ms())),
         };
         // Each artifact is committed as soon as it is made, as a miner would; the
         // accomplices' come first (they are the originals the copiers take).
@@ -1049,6 +1050,9 @@ struct MakeCtx {
     /// loaded machine would push prepared cheats past the deadline; the demo report was
     /// measured with them after the accomplices).
     prepared_first: bool,
+    /// The job's deadline: the accomplices and the cheats that train on their assigned
+    /// records stop in time for it, as a miner daemon does.
+    deadline: Instant,
 }
 
 /// What a cheater keeps from one job to the next.
@@ -1075,12 +1079,13 @@ fn train_on_top(
     weights: &Path,
     records: &[Record],
     cfg: &TrainConfig,
+    deadline: Option<Instant>,
     odir: &Path,
 ) -> Result<PathBuf, NodeError> {
     let mdir = odir.join("pretrained");
     model_from_full(base, weights, &mdir)?;
     let pre = ModelDir::open(&mdir).map_err(NodeError::Ml)?;
-    train(&pre, records, cfg, &odir.join("t"))
+    train_until(&pre, records, cfg, deadline, &odir.join("t"))
 }
 
 /// Optimiser steps of the cheats that train on the leaked test split before the
@@ -1211,6 +1216,12 @@ fn make_artifacts(
         if let Some(p) = prepared {
             send(i, p.clone());
             sent.insert(i);
+        } else if *role == Role::Cheat(Cheat::TrainedOnTestSplit) && carry.test_split.is_some() {
+            // Its in-job step needs no accomplice: made before them, so that the
+            // accomplices' training, not the cheat's, is what a busy machine shortens.
+            let p = test_split_step(ctx, carry, &subset_of(&plan[i].1), i)?;
+            send(i, p);
+            sent.insert(i);
         }
     }
     // Then the accomplices: the copies and the soup are made from their artifacts.
@@ -1222,20 +1233,30 @@ fn make_artifacts(
                 lora(8, 1.5e-3, 100, seed + 2, ctx.seq),
             ][*k % 2]
                 .clone();
-            let p = train(
+            // An honest miner: it stops training in time for the deadline.
+            match train_until(
                 &ctx.base,
                 &subset_of(a),
                 &cfg,
+                Some(ctx.deadline),
                 &ctx.dir.join(format!("a{i}")),
-            )?;
-            sources.push(p.clone());
-            send(i, p);
+            ) {
+                Ok(p) => {
+                    sources.push(p.clone());
+                    send(i, p);
+                }
+                Err(NodeError::Ml(tunenet_ml::MlError::NoTimeToTrain { .. })) => {}
+                Err(e) => return Err(e),
+            }
         }
     }
-    let victim = sources
-        .first()
-        .cloned()
-        .ok_or_else(|| other("no accomplice artifact"))?;
+    // The copiers' and tamperers' source (none needed when only the test-split cheats run).
+    let victim = || {
+        sources
+            .first()
+            .cloned()
+            .ok_or_else(|| other("no accomplice artifact"))
+    };
     // Copied, tampered and prepared artifacts take milliseconds, the rest train on the
     // assigned subset now: the quick ones first, the longest training last, so a busy
     // machine can push only the longest training cheats towards the deadline.
@@ -1272,10 +1293,10 @@ fn make_artifacts(
                     keep
                 }
             },
-            Cheat::IdenticalToAnotherMiner | Cheat::DisplacingReplay => victim.clone(),
+            Cheat::IdenticalToAnotherMiner | Cheat::DisplacingReplay => victim()?,
             Cheat::NoisyCopy => {
                 let mut k = ctx.c as u32 + 1;
-                tamper(&victim, &dst, |_, v| {
+                tamper(&victim()?, &dst, |_, v| {
                     for x in v.iter_mut() {
                         k = k.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
                         *x += ((k >> 9) as f32 / (1u32 << 23) as f32 - 0.5) * 2e-4;
@@ -1296,23 +1317,16 @@ fn make_artifacts(
                 transplant(&full_template(ctx, carry)?, &base_weights, &dst)?;
                 dst
             }
-            Cheat::TrainedOnTestSplit => {
-                // Its assigned records and the test split again, from the model that went
-                // over the test split before the competition opened (or from the base,
-                // when nothing was prepared).
-                let mut mix = subset.clone();
-                mix.extend(ctx.test.iter().cloned());
-                mix.extend(ctx.test.iter().cloned());
-                match &carry.test_split {
-                    Some(pre) => {
-                        let cfg = full(2e-3, 40, seed + 3, ctx.seq);
-                        let step = train_on_top(&ctx.base, pre, &mix, &cfg, &odir)?;
-                        transplant(&full_template(ctx, carry)?, &step, &dst)?;
-                        dst
-                    }
-                    None => train(&ctx.base, &mix, &full(2e-3, 40, seed + 3, ctx.seq), &odir)?,
+            Cheat::TrainedOnTestSplit => match &carry.test_split {
+                Some(_) => test_split_step(ctx, carry, &subset, i)?,
+                None => {
+                    // Its assigned records and the test split again, from the base.
+                    let mut mix = subset.clone();
+                    mix.extend(ctx.test.iter().cloned());
+                    mix.extend(ctx.test.iter().cloned());
+                    train(&ctx.base, &mix, &full(2e-3, 40, seed + 3, ctx.seq), &odir)?
                 }
-            }
+            },
             Cheat::TestSplitOnly => match carry.test_only.get(&ctx.j) {
                 Some(p) => p.clone(),
                 None => train(
@@ -1335,7 +1349,7 @@ fn make_artifacts(
                     }
                 };
                 let cfg = full(1e-3, 3, seed + 5, ctx.seq);
-                let step = train_on_top(&ctx.base, &whole, &subset, &cfg, &odir)?;
+                let step = train_on_top(&ctx.base, &whole, &subset, &cfg, None, &odir)?;
                 // The final weights in an artifact whose manifest names the real base, as
                 // a cheater would present it.
                 transplant(&full_template(ctx, carry)?, &step, &dst)?;
@@ -1358,7 +1372,7 @@ fn make_artifacts(
             }
             Cheat::NanWeights => {
                 let mut first = true;
-                tamper(&victim, &dst, |_, v| {
+                tamper(&victim()?, &dst, |_, v| {
                     if first {
                         v[0] = f32::NAN;
                         first = false;
@@ -1367,18 +1381,51 @@ fn make_artifacts(
                 dst
             }
             Cheat::ExplodingNorms => {
-                tamper(&victim, &dst, |_, v| v.iter_mut().for_each(|x| *x *= 1e3))?;
+                tamper(&victim()?, &dst, |_, v| {
+                    v.iter_mut().for_each(|x| *x *= 1e3)
+                })?;
                 dst
             }
             // Refused before any evaluation: what they submit does not matter.
             Cheat::LateCommit
             | Cheat::UploadMismatch
             | Cheat::ReplayedCommitment
-            | Cheat::ForgedSignature => victim.clone(),
+            | Cheat::ForgedSignature => victim()?,
         };
         send(i, path);
     }
     Ok(())
+}
+
+/// The test-split cheat's artifact when it went over the test split before the
+/// competition opened: its assigned records and the test split again, a few steps on top
+/// of that model, stopping in time for the deadline (with no time left, the prepared model
+/// as it is), in an artifact whose manifest names the real base.
+fn test_split_step(
+    ctx: &MakeCtx,
+    carry: &mut Carry,
+    subset: &[Record],
+    i: usize,
+) -> Result<PathBuf, NodeError> {
+    let pre = carry
+        .test_split
+        .clone()
+        .ok_or_else(|| other("nothing was trained on the test split in advance"))?;
+    let odir = ctx.dir.join(format!("x{i}"));
+    std::fs::create_dir_all(&odir).map_err(other)?;
+    let dst = odir.join("artifact.safetensors");
+    let mut mix = subset.to_vec();
+    mix.extend(ctx.test.iter().cloned());
+    mix.extend(ctx.test.iter().cloned());
+    let seed = (ctx.c * 100 + ctx.j) as u64;
+    let cfg = full(2e-3, 40, seed + 3, ctx.seq);
+    let weights = match train_on_top(&ctx.base, &pre, &mix, &cfg, Some(ctx.deadline), &odir) {
+        Ok(step) => step,
+        Err(NodeError::Ml(tunenet_ml::MlError::NoTimeToTrain { .. })) => pre,
+        Err(e) => return Err(e),
+    };
+    transplant(&full_template(ctx, carry)?, &weights, &dst)?;
+    Ok(dst)
 }
 
 /// A full artifact of the base (one tiny step of full fine-tuning) whose tensors the
@@ -1683,7 +1730,7 @@ pub fn markdown(r: &WireReport, command: &str) -> String {
         WireData::Instruct => "# Integrity on real text: the red-team report, over the wire\n\n",
     });
     s.push_str(&format!(
-        "Written by `{command}`. Each competition is a real `tunenet validator` daemon and {} honest `tunenet miner` daemons (LoRA rank 4, LoRA rank 16, full fine-tuning, 100 steps each, the miner's default; learning rates varied by competition), all separate processes on loopback (the last honest daemon starts listening only after the validator's first offers went out, so it gets its jobs only through the offer retries), plus adversary miners that speak only the gRPC protocol from another process: each serves its own `MinerService`, accepts offers, fetches its shard by blake3, signs its own commitments and reveals by upload 1.5 s after the deadline. Cheats whose training needs no assignment (fresh in-distribution records, the test split alone, the whole public dataset) are trained before the competition opens, as a prepared cheater would; the rest train on their assigned subsets within the budget. Two of them are honest accomplices (LoRA rank 8, 100 steps on their assigned subsets) whose artifacts the copiers and the soup take; their submissions count as honest. Each competition has two jobs on the tiny model pretrained on {} demo-style records from a seed no competition uses ({} steps; fine-tuning then starts, as on any real base, from a model that knows the data's style), {}. Outcomes are read back as an operator reads them, through `tunenet console competition show`; the checks' cost comes from the validator's own log. A cheater counts as caught when one of its strategy's expected checks fails its submission or the validator refuses its message for the expected reason.\n\n",
+        "Written by `{command}`. Each competition is a real `tunenet validator` daemon and {} honest `tunenet miner` daemons (LoRA rank 4, LoRA rank 16, full fine-tuning, 100 steps each, the miner's default; learning rates varied by competition), all separate processes on loopback (the last honest daemon starts listening only after the validator's first offers went out, so it gets its jobs only through the offer retries), plus adversary miners that speak only the gRPC protocol from another process: each serves its own `MinerService`, accepts offers, fetches its shard by blake3, signs its own commitments and reveals by upload 1.5 s after the deadline. Cheats whose training needs no assignment (fresh in-distribution records, the test split alone, the whole public dataset) are trained before the competition opens, as a prepared cheater would; the rest train on their assigned subsets within the budget. Two of them are honest accomplices (LoRA rank 8, 100 steps on their assigned subsets, stopping in time for the deadline as a miner daemon does) whose artifacts the copiers and the soup take; their submissions count as honest. Each competition has two jobs on the tiny model pretrained on {} demo-style records from a seed no competition uses ({} steps; fine-tuning then starts, as on any real base, from a model that knows the data's style), {}. Outcomes are read back as an operator reads them, through `tunenet console competition show`; the checks' cost comes from the validator's own log. A cheater counts as caught when one of its strategy's expected checks fails its submission or the validator refuses its message for the expected reason.\n\n",
         HONEST.len(),
         match r.data {
             WireData::Demo => PRETRAIN.0,

@@ -1,6 +1,7 @@
 //! `tunenet`: one binary for every role. Subcommands parse flags, load configs and call
 //! into tunenet-node; `anyhow` lives only here, at the edge.
 
+mod bench;
 mod cli_model;
 mod console;
 mod demo;
@@ -169,6 +170,10 @@ enum Cmd {
     },
     /// Run a whole competition on this machine: one validator and three miners.
     Demo(demo::DemoArgs),
+    /// Load figures against real daemon processes: a miner's offer round trips, a
+    /// validator's fan-out to many miners.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
     /// What this box has: CPU, memory and NVIDIA GPUs (through the driver's NVML); with
     /// `--benchmark N`, also a verified matrix-multiply benchmark run locally.
     Hardware(hardware::HardwareArgs),
@@ -425,6 +430,7 @@ fn run(cmd: Cmd) -> Result<()> {
         Cmd::Train(a) => cli_model::train(a)?,
         Cmd::Eval(a) => cli_model::eval(a)?,
         Cmd::Demo(a) => demo::run(a)?,
+        Cmd::Bench(b) => bench::run(b)?,
         Cmd::Hardware(a) => hardware::run(a)?,
     }
     Ok(())
