@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tunenet_rpc::{Code, MinerBackend, RpcError, Status, ValidatorClient};
 use tunenet_types::{
     Assignment, BlobId, Commitment, Decision, DecisionReply, Identity, JobId, Leaderboard, Offer,
-    RejectCode, RejectReason, UploadHeader, commit_hash,
+    PeerIdStr, RejectCode, RejectReason, UploadHeader, commit_hash,
 };
 
 mod common;
@@ -18,6 +18,29 @@ use common::{BIN, Daemon, port};
 
 fn run(args: &[&str]) -> Output {
     Command::new(BIN).args(args).output().unwrap()
+}
+
+/// Answers every offer with an acceptance in another miner's name (unsigned: it has not
+/// that miner's key), to take the job away from it and have it penalised.
+struct Impostor {
+    victim: PeerIdStr,
+}
+
+#[tonic::async_trait]
+impl MinerBackend for Impostor {
+    async fn offer(&self, offer: Offer) -> Result<DecisionReply, Status> {
+        Ok(DecisionReply::unsigned(
+            offer.job_id,
+            self.victim.clone(),
+            Decision::Accept,
+        ))
+    }
+    async fn assign(&self, _a: Assignment) -> Result<(), Status> {
+        Ok(())
+    }
+    async fn status(&self) -> Result<tunenet_proto::v1::MinerStatus, Status> {
+        Err(Status::unimplemented("an impostor"))
+    }
 }
 
 /// A miner that accepts the first job, hands its assignment to the test, and rejects the rest.
@@ -40,11 +63,12 @@ impl MinerBackend for Rogue {
             *accepted = true;
             Decision::Accept
         };
-        Ok(DecisionReply {
-            job_id: offer.job_id,
-            miner: self.id.peer_id(),
+        Ok(DecisionReply::signed(
+            &self.id,
+            offer.job_id,
+            &offer.validator,
             decision,
-        })
+        ))
     }
     async fn assign(&self, a: Assignment) -> Result<(), Status> {
         a.verify()
@@ -107,6 +131,10 @@ async fn competition_over_grpc_ranks_by_loss_refuses_bad_input_and_survives_rest
     ];
     let mut daemons = vec![];
     let mut miner_urls = vec![];
+    // Miner 0's identity, made before it starts, for the impostor to claim.
+    let victim = tunenet_node::keys::generate(&root.join("miner0").join("identity.key"))
+        .unwrap()
+        .peer_id();
     for (i, t) in trainings.iter().enumerate() {
         let p = port();
         let conf = root.join(format!("miner{i}.toml"));
@@ -141,6 +169,17 @@ async fn competition_over_grpc_ranks_by_loss_refuses_bad_input_and_survives_rest
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     miner_urls.push(rogue_url);
+    // The impostor, answering first at an address of its own in miner 0's name.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let impostor_url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(tunenet_rpc::miner_server(Arc::new(Impostor {
+                victim: victim.clone(),
+            })))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    miner_urls.insert(0, impostor_url.clone());
 
     let vport = port();
     let vurl = format!("http://127.0.0.1:{vport}");
@@ -361,6 +400,16 @@ async fn competition_over_grpc_ranks_by_loss_refuses_bad_input_and_survives_rest
             .contains("rejected: Busy: rogue takes one job"),
         "rejection reasons are logged"
     );
+    // The impostor's acceptances in miner 0's name were refused, and miner 0 (scored in
+    // both jobs above) took its own slot.
+    assert!(
+        validator.log().contains(&format!(
+            "{impostor_url} accepted in the name of {victim} without its signature"
+        )),
+        "{}",
+        validator.log()
+    );
+    assert!(honest.iter().any(|r| r.miner == victim), "{lb:?}");
 
     // SIGKILL the validator; restarted, it serves the same stored leaderboard.
     validator.child.kill().unwrap();
@@ -1320,11 +1369,12 @@ struct CheaterService(Arc<InferenceCheater>);
 #[tonic::async_trait]
 impl MinerBackend for CheaterService {
     async fn offer(&self, offer: Offer) -> Result<DecisionReply, Status> {
-        Ok(DecisionReply {
-            job_id: offer.job_id,
-            miner: self.0.id.peer_id(),
-            decision: Decision::Accept,
-        })
+        Ok(DecisionReply::signed(
+            &self.0.id,
+            offer.job_id,
+            &offer.validator,
+            Decision::Accept,
+        ))
     }
     async fn assign(&self, a: Assignment) -> Result<(), Status> {
         a.verify()
@@ -1688,11 +1738,12 @@ struct Copier {
 #[tonic::async_trait]
 impl MinerBackend for Copier {
     async fn offer(&self, offer: Offer) -> Result<DecisionReply, Status> {
-        Ok(DecisionReply {
-            job_id: offer.job_id,
-            miner: self.id.peer_id(),
-            decision: Decision::Accept,
-        })
+        Ok(DecisionReply::signed(
+            &self.id,
+            offer.job_id,
+            &offer.validator,
+            Decision::Accept,
+        ))
     }
     async fn assign(&self, a: Assignment) -> Result<(), Status> {
         a.verify()
@@ -2008,14 +2059,15 @@ struct HwCheater {
 #[tonic::async_trait]
 impl MinerBackend for HwCheater {
     async fn offer(&self, o: Offer) -> Result<DecisionReply, Status> {
-        Ok(DecisionReply {
-            job_id: o.job_id,
-            miner: self.id.peer_id(),
-            decision: Decision::Reject(RejectReason {
+        Ok(DecisionReply::signed(
+            &self.id,
+            o.job_id,
+            &o.validator,
+            Decision::Reject(RejectReason {
                 code: RejectCode::Busy,
                 detail: "benchmarks only".into(),
             }),
-        })
+        ))
     }
     async fn assign(&self, _a: Assignment) -> Result<(), Status> {
         Err(Status::failed_precondition("benchmarks only"))

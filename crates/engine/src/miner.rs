@@ -360,6 +360,16 @@ impl MinerEngine {
         self.jobs.get(id)
     }
 
+    /// This miner's signed answer to `validator`'s offer of `job_id`.
+    pub fn reply(
+        &self,
+        job_id: JobId,
+        validator: &tunenet_types::PeerIdStr,
+        decision: Decision,
+    ) -> tunenet_types::DecisionReply {
+        tunenet_types::DecisionReply::signed(&self.identity, job_id, validator, decision)
+    }
+
     /// Decides on an offer. A repeated offer for a job already held is accepted again.
     pub fn offer(
         &mut self,

@@ -740,10 +740,31 @@ impl ValidatorEngine {
             .values()
             .filter(|o| matches!(o, OfferState::Accepted { .. }))
             .count() as u32;
+        let me = self.identity.peer_id();
         let state = match reply {
             Ok(r) if &r.job_id != job_id => OfferState::Failed {
                 error: format!("answered about job {} instead", r.job_id),
             },
+            Ok(r) if matches!(r.decision, Decision::Accept) && r.verify(&me).is_err() => {
+                // Whoever answers at an address could otherwise accept in another miner's
+                // name, and that miner would be penalised for the commitment it never
+                // knew it owed.
+                let why = r
+                    .verify(&me)
+                    .err()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default();
+                fx.push(ValidatorEffect::Event(format!(
+                    "job {job_id}: {addr} accepted in the name of {} without its signature ({why}); not assigned",
+                    r.miner
+                )));
+                OfferState::Failed {
+                    error: format!(
+                        "the acceptance is not signed by the miner it names ({}): {why}",
+                        r.miner
+                    ),
+                }
+            }
             Ok(r)
                 if matches!(r.decision, Decision::Accept) && self.banned.contains_key(&r.miner) =>
             {

@@ -62,14 +62,14 @@ impl MinerBackend for Shared {
         let fits = crate::hardware::HardwareRequirement::from_offer(&offer.hardware)
             .and_then(|req| req.check_inventory(&self.bench.inventory()));
         if let Err(detail) = fits {
-            return Ok(DecisionReply {
-                job_id: offer.job_id,
-                miner: self.bench.peer_id(),
-                decision: tunenet_types::Decision::Reject(tunenet_types::RejectReason {
+            return Ok(DecisionReply::unsigned(
+                offer.job_id,
+                self.bench.peer_id(),
+                tunenet_types::Decision::Reject(tunenet_types::RejectReason {
                     code: tunenet_types::RejectCode::Hardware,
                     detail,
                 }),
-            });
+            ));
         }
         self.ask(|tx| Cmd::Offer(offer, tx)).await
     }
@@ -698,7 +698,7 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
                 let now = now_ms();
                 match cmd {
                     Cmd::Offer(offer, reply) => {
-                        let job_id = offer.job_id.clone();
+                        let (job_id, validator) = (offer.job_id.clone(), offer.validator.clone());
                         let need = memory_needed(&offer, &cfg.training, &pool.first_device());
                         let (decision, fx) = engine.offer(offer, now, need);
                         match &decision {
@@ -716,7 +716,7 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
                         } else {
                             ctx.execute(fx);
                         }
-                        let _ = reply.send(Ok(DecisionReply { job_id, miner: me.clone(), decision }));
+                        let _ = reply.send(Ok(engine.reply(job_id, &validator, decision)));
                     }
                     Cmd::Assign(a, reply) => {
                         let r = engine.assign(a, now).map(|fx| ctx.execute(fx)).map_err(|e| match e {

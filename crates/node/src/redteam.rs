@@ -362,11 +362,12 @@ fn run_one(
                         .iter()
                         .find(|m| m.addr == addr)
                         .ok_or_else(|| NodeError::Other("no miner".into()))?;
-                    let reply = Ok(DecisionReply {
-                        job_id: offer.job_id,
-                        miner: m.id.peer_id(),
-                        decision: Decision::Accept,
-                    });
+                    let reply = Ok(DecisionReply::signed(
+                        &m.id,
+                        offer.job_id,
+                        &offer.validator,
+                        Decision::Accept,
+                    ));
                     pending.extend(engine.handle(
                         ValidatorInput::Decision {
                             job_id: job_id.clone(),

@@ -394,11 +394,12 @@ struct AdversaryService(Arc<Adversary>);
 #[tonic::async_trait]
 impl tunenet_rpc::MinerBackend for AdversaryService {
     async fn offer(&self, offer: Offer) -> Result<DecisionReply, Status> {
-        Ok(DecisionReply {
-            job_id: offer.job_id,
-            miner: self.0.id.peer_id(),
-            decision: Decision::Accept,
-        })
+        Ok(DecisionReply::signed(
+            &self.0.id,
+            offer.job_id,
+            &offer.validator,
+            Decision::Accept,
+        ))
     }
 
     async fn assign(&self, a: Assignment) -> Result<(), Status> {

@@ -168,6 +168,7 @@ async fn peers_meet_through_kademlia_and_exchange_offer_and_decision() {
         accept: false,
         reject_code: v1::RejectCode::Busy as i32,
         reject_reason: "2 jobs running".into(),
+        ..Default::default()
     };
     miner
         .client

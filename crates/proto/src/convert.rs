@@ -207,6 +207,8 @@ impl From<t::DecisionReply> for v1::Decision {
             accept,
             reject_code: code as i32,
             reject_reason: reason,
+            miner_key: d.miner_key,
+            signature: d.signature,
         }
     }
 }
@@ -228,6 +230,8 @@ impl TryFrom<v1::Decision> for t::DecisionReply {
             job_id: job_id(&d.job_id)?,
             miner: peer("miner", &d.miner)?,
             decision,
+            miner_key: d.miner_key,
+            signature: d.signature,
         })
     }
 }

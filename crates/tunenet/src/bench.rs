@@ -346,14 +346,14 @@ impl tunenet_rpc::MinerBackend for FakeMiner {
                 .or_default()
                 .push(Instant::now());
         }
-        Ok(DecisionReply {
-            job_id: offer.job_id,
-            miner: self.id.clone(),
-            decision: Decision::Reject(RejectReason {
+        Ok(DecisionReply::unsigned(
+            offer.job_id,
+            self.id.clone(),
+            Decision::Reject(RejectReason {
                 code: RejectCode::Busy,
                 detail: "a bench miner".into(),
             }),
-        })
+        ))
     }
     async fn assign(&self, _a: tunenet_types::Assignment) -> Result<(), tunenet_rpc::Status> {
         Err(tunenet_rpc::Status::failed_precondition(

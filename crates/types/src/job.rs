@@ -159,6 +159,8 @@ pub enum Decision {
 }
 
 /// The miner's answer with its identity, so the validator learns who sits at an address.
+/// An acceptance is signed by the miner it names: whoever answers at an address cannot
+/// accept a job in another miner's name (who would then be penalised for not committing).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DecisionReply {
     /// The job the decision is about.
@@ -167,6 +169,65 @@ pub struct DecisionReply {
     pub miner: PeerIdStr,
     /// Accept or reject.
     pub decision: Decision,
+    /// The miner's public key (libp2p protobuf encoding); empty on an unsigned reply.
+    #[serde(default)]
+    pub miner_key: Vec<u8>,
+    /// The miner's signature over [`DecisionReply::signing_bytes`]; empty when unsigned.
+    #[serde(default)]
+    pub signature: Vec<u8>,
+}
+
+impl DecisionReply {
+    /// An unsigned decision: enough for a refusal (which gives no one a job).
+    pub fn unsigned(job_id: JobId, miner: PeerIdStr, decision: Decision) -> Self {
+        DecisionReply {
+            job_id,
+            miner,
+            decision,
+            miner_key: vec![],
+            signature: vec![],
+        }
+    }
+
+    /// `miner`'s decision on `job_id`, offered by `validator`, signed.
+    pub fn signed(
+        miner: &crate::Identity,
+        job_id: JobId,
+        validator: &PeerIdStr,
+        decision: Decision,
+    ) -> Self {
+        let mut d = DecisionReply {
+            job_id,
+            miner: miner.peer_id(),
+            decision,
+            miner_key: miner.public_key_bytes(),
+            signature: vec![],
+        };
+        d.signature = miner.sign(&d.signing_bytes(validator));
+        d
+    }
+
+    /// The bytes the miner signs: the job, the miner, the offering validator (so the
+    /// answer cannot be replayed to another) and whether it accepts (a refusal's wording
+    /// is not signed).
+    pub fn signing_bytes(&self, validator: &PeerIdStr) -> Vec<u8> {
+        Canonical::new("tunenet/v1/decision")
+            .bytes(self.job_id.as_str().as_bytes())
+            .bytes(self.miner.0.as_bytes())
+            .bytes(validator.0.as_bytes())
+            .u64(matches!(self.decision, Decision::Accept) as u64)
+            .finish()
+    }
+
+    /// Checks that the miner it names signed it, for an offer from `validator`.
+    pub fn verify(&self, validator: &PeerIdStr) -> Result<(), SignatureError> {
+        verify_signature(
+            &self.miner,
+            &self.miner_key,
+            &self.signing_bytes(validator),
+            &self.signature,
+        )
+    }
 }
 
 /// The go-ahead: the secret nonce, the data to train on, the limits and the deadline.

@@ -4,7 +4,7 @@ use super::*;
 use crate::miner::{MinerEffect, MinerEngine, MinerInput, MinerPolicy};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use tunenet_types::{Decision, HparamBounds, RejectCode};
+use tunenet_types::{Decision, HparamBounds, RejectCode, RejectReason};
 
 const BUDGET: u64 = 10_000;
 
@@ -95,13 +95,9 @@ impl World {
             match e {
                 ValidatorEffect::SendOffer { addr, offer } => {
                     let m = &mut self.miners.iter_mut().find(|(a, _)| *a == addr).unwrap().1;
-                    let job_id = offer.job_id.clone();
+                    let (job_id, validator) = (offer.job_id.clone(), offer.validator.clone());
                     let (decision, _) = m.offer(offer, self.now, None);
-                    let reply = Ok(DecisionReply {
-                        job_id: job_id.clone(),
-                        miner: m_id(m),
-                        decision,
-                    });
+                    let reply = Ok(m.reply(job_id.clone(), &validator, decision));
                     let more = self.v.handle(
                         ValidatorInput::Decision {
                             job_id,
@@ -122,10 +118,6 @@ impl World {
         }
         rest
     }
-}
-
-fn m_id(m: &MinerEngine) -> PeerIdStr {
-    m.peer_id()
 }
 
 /// Trains "instantly" and returns the commitment effect's commitment.
@@ -483,13 +475,10 @@ fn miner_refuses_forged_or_foreign_assignments() {
         })
         .unwrap();
     let m = &mut w.miners[0].1;
+    let validator = offer.validator.clone();
     let (d, _) = m.offer(offer, w.now, None);
     assert_eq!(d, Decision::Accept);
-    let reply = Ok(DecisionReply {
-        job_id: job0(),
-        miner: m.peer_id(),
-        decision: d,
-    });
+    let reply = Ok(m.reply(job0(), &validator, d));
     let fx = w.v.handle(
         ValidatorInput::Decision {
             job_id: job0(),
@@ -524,6 +513,94 @@ fn miner_refuses_forged_or_foreign_assignments() {
         Err(crate::MinerError::Expired(_))
     ));
     m.assign(a, w.now).unwrap();
+}
+
+#[test]
+fn an_acceptance_not_signed_by_the_miner_it_names_gets_no_slot() {
+    // Two miners: the second one's answer is still awaited, so the job stays open.
+    let mut w = World::new(2, 1);
+    let fx = w.v.handle(ValidatorInput::Tick, w.now, &mut w.rng);
+    let offer = fx
+        .iter()
+        .find_map(|e| match e {
+            ValidatorEffect::SendOffer { offer, .. } => Some(offer.clone()),
+            _ => None,
+        })
+        .unwrap();
+    let victim = w.miners[0].1.peer_id();
+    let impostor = Identity::generate();
+    // In the victim's name: unsigned, signed by the impostor's own key, signed for another
+    // validator, and the victim's signed refusal turned into an acceptance.
+    let unsigned = DecisionReply::unsigned(job0(), victim.clone(), Decision::Accept);
+    let mut own_key = DecisionReply::signed(&impostor, job0(), &offer.validator, Decision::Accept);
+    own_key.miner = victim.clone();
+    let m = &mut w.miners[0].1;
+    let elsewhere = m.reply(job0(), &Identity::generate().peer_id(), Decision::Accept);
+    let mut flipped = m.reply(
+        job0(),
+        &offer.validator,
+        Decision::Reject(RejectReason {
+            code: RejectCode::Busy,
+            detail: String::new(),
+        }),
+    );
+    flipped.decision = Decision::Accept;
+    for (k, forged) in [unsigned, own_key, elsewhere, flipped]
+        .into_iter()
+        .enumerate()
+    {
+        let fx = w.v.handle(
+            ValidatorInput::Decision {
+                job_id: job0(),
+                addr: "m0".into(),
+                reply: Ok(forged),
+            },
+            w.now,
+            &mut w.rng,
+        );
+        assert!(
+            !fx.iter()
+                .any(|e| matches!(e, ValidatorEffect::SendAssignment { .. })),
+            "forgery {k} was assigned"
+        );
+        let job = w.v.job(&job0()).unwrap();
+        match job.offers.get("m0") {
+            Some(OfferState::Failed { error }) => {
+                assert!(
+                    error.contains("not signed by the miner it names"),
+                    "{error}"
+                )
+            }
+            other => panic!("forgery {k}: {other:?}"),
+        }
+        // Put the offer back as sent for the next forgery.
+        w.v.jobs
+            .get_mut(&job0())
+            .unwrap()
+            .offers
+            .insert("m0".into(), OfferState::Sent);
+    }
+    // The real, signed acceptances still get the slots.
+    let mut fx = vec![];
+    for (k, addr) in ["m0", "m1"].into_iter().enumerate() {
+        let m = &mut w.miners[k].1;
+        let (d, _) = m.offer(offer.clone(), w.now, None);
+        let reply = Ok(m.reply(job0(), &offer.validator, d));
+        fx = w.v.handle(
+            ValidatorInput::Decision {
+                job_id: job0(),
+                addr: addr.into(),
+                reply,
+            },
+            w.now,
+            &mut w.rng,
+        );
+    }
+    assert!(fx.iter().any(|e| matches!(
+        e,
+        ValidatorEffect::SendAssignment { addr, assignment }
+            if addr == "m0" && assignment.miner == victim
+    )));
 }
 
 /// Runs one job with `n` miners to the reveal, each revealing `artifacts[i]`.
