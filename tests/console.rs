@@ -636,3 +636,201 @@ fn console_over_tls_needs_the_ca() {
     };
     assert!(!plain.run(Some(&admin), &["whoami"]).status.success());
 }
+
+/// A console client whose connection comes from `from` (any 127.0.0.0/8 address reaches
+/// the loopback validator), so one test can play several peers.
+async fn console_from(
+    url: &str,
+    from: &str,
+) -> tunenet_rpc::services::console_service_client::ConsoleServiceClient<tonic::transport::Channel>
+{
+    let ch = tonic::transport::Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .local_address(Some(from.parse().unwrap()))
+        .connect()
+        .await
+        .unwrap();
+    tunenet_rpc::services::console_service_client::ConsoleServiceClient::new(ch)
+}
+
+fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+/// Each abuse limit of a validator daemon, crossed from one address over the wire: token
+/// guessing, a request flood and a connection flood are each refused with the limit named,
+/// and another address is served throughout.
+#[test]
+fn abuse_limits_refuse_the_offender_and_keep_serving_others() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let vport = port();
+    let vconf = root.join("v.toml");
+    std::fs::write(
+        &vconf,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\n\n[limits]\nrequests_per_sec = 10.0\nburst = 20\nconnections_per_addr = 4\nfailed_logins = 3\nlogin_window_secs = 60\n",
+            root.join("v")
+        ),
+    )
+    .unwrap();
+    let admin = common::admin_token(&vconf);
+    let v = Daemon::start(
+        &["validator", "--config", vconf.to_str().unwrap()],
+        &root.join("v.log"),
+    );
+    let url = format!("http://127.0.0.1:{vport}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let t0 = Instant::now();
+        let mut honest = loop {
+            if let Ok(ch) = tonic::transport::Endpoint::from_shared(url.clone())
+                .unwrap()
+                .local_address(Some("127.0.0.2".parse().unwrap()))
+                .connect()
+                .await
+            {
+                break tunenet_rpc::services::console_service_client::ConsoleServiceClient::new(ch);
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "{}", v.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let ok = |c: &mut tunenet_rpc::services::console_service_client::ConsoleServiceClient<
+            tonic::transport::Channel,
+        >| {
+            let mut c = c.clone();
+            let admin = admin.clone();
+            async move {
+                c.who_am_i(with_token(tunenet_rpc::services::Empty {}, &admin))
+                    .await
+                    .map(|r| r.into_inner().role)
+            }
+        };
+        assert_eq!(ok(&mut honest).await.unwrap(), "admin");
+
+        // Token guessing from 127.0.0.3: three wrong tokens, then even the right one is
+        // refused for the window; the honest address is not.
+        let mut guesser = console_from(&url, "127.0.0.3").await;
+        for k in 0..3 {
+            let e = guesser
+                .who_am_i(with_token(
+                    tunenet_rpc::services::Empty {},
+                    &format!("tn_guess{k}"),
+                ))
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        }
+        let e = ok(&mut guesser).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+        assert!(e.message().contains("3 failed logins within 60 s"), "{e:?}");
+        assert_eq!(ok(&mut honest).await.unwrap(), "admin");
+        // Each refused login is in the audit log, with the address.
+        let audit = honest
+            .audit(with_token(tunenet_rpc::services::Empty {}, &admin))
+            .await
+            .unwrap()
+            .into_inner()
+            .entries;
+        let refused: Vec<_> = audit
+            .iter()
+            .filter(|e| e.action == "login refused" && e.actor.contains("127.0.0.3"))
+            .collect();
+        assert_eq!(refused.len(), 3, "{audit:?}");
+        assert!(
+            refused[2].detail.contains("refused for a while"),
+            "{audit:?}"
+        );
+
+        // A request flood from 127.0.0.4: past the burst, refused with the limit named.
+        let flooder = console_from(&url, "127.0.0.4").await;
+        let mut calls = Vec::new();
+        for _ in 0..60 {
+            let (mut c, admin) = (flooder.clone(), admin.clone());
+            calls.push(async move {
+                c.overall_leaderboard(with_token(tunenet_rpc::services::Empty {}, &admin))
+                    .await
+            });
+        }
+        let results = futures::future::join_all(calls).await;
+        let limited: Vec<_> = results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .filter(|e| e.code() == tonic::Code::ResourceExhausted)
+            .collect();
+        assert!(
+            limited.len() >= 30,
+            "{} of 60 refused: {results:?}",
+            limited.len()
+        );
+        assert!(
+            limited[0]
+                .message()
+                .contains("limit of 10 requests a second"),
+            "{:?}",
+            limited[0]
+        );
+        assert_eq!(ok(&mut honest).await.unwrap(), "admin");
+
+        // A connection flood from 127.0.0.5: the fifth connection is closed at once, the
+        // first four stay open, and the honest address still gets in.
+        let mut open = Vec::new();
+        for _ in 0..4 {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind("127.0.0.5:0".parse().unwrap()).unwrap();
+            open.push(
+                s.connect(format!("127.0.0.1:{vport}").parse().unwrap())
+                    .await
+                    .unwrap(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind("127.0.0.5:0".parse().unwrap()).unwrap();
+        let mut fifth = s
+            .connect(format!("127.0.0.1:{vport}").parse().unwrap())
+            .await
+            .unwrap();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::io::AsyncReadExt::read(&mut fifth, &mut buf),
+        )
+        .await
+        .expect("the fifth connection was not closed")
+        .unwrap_or(0);
+        assert_eq!(
+            n, 0,
+            "the fifth connection got bytes instead of being closed"
+        );
+        for s in open.iter_mut() {
+            let still = tokio::time::timeout(
+                Duration::from_millis(300),
+                tokio::io::AsyncReadExt::read(s, &mut buf),
+            )
+            .await;
+            assert!(
+                !matches!(still, Ok(Ok(0))),
+                "one of the first four connections was closed"
+            );
+        }
+        let mut late = console_from(&url, "127.0.0.2").await;
+        assert_eq!(ok(&mut late).await.unwrap(), "admin");
+
+        // A header block over the 16 KiB bound is refused before any handler reads it.
+        let mut big = console_from(&url, "127.0.0.6").await;
+        let e = big
+            .who_am_i(with_token(
+                tunenet_rpc::services::Empty {},
+                &"x".repeat(20 * 1024),
+            ))
+            .await
+            .unwrap_err();
+        assert_ne!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        assert_eq!(ok(&mut late).await.unwrap(), "admin");
+    });
+    assert!(v.log().contains("console login refused"), "{}", v.log());
+}

@@ -225,8 +225,8 @@ pub struct AuditEntry {
     pub at_ms: u64,
     /// Token id and holder.
     pub actor: String,
-    /// The token's role.
-    pub role: Role,
+    /// The token's role (none for a refused login).
+    pub role: Option<Role>,
     /// What was done.
     pub action: String,
     /// Details.
@@ -235,18 +235,49 @@ pub struct AuditEntry {
 
 /// Appends to the audit log.
 pub fn audit(store: &dyn Store, who: &TokenRecord, action: &str, detail: &str) {
-    let at = now_ms();
-    let mut n = [0u8; 4];
-    rand::rng().fill_bytes(&mut n);
-    let key = format!("{at:016}-{}", hex::encode(n));
+    let (at, key) = audit_key();
     let e = AuditEntry {
         at_ms: at,
         actor: format!("{} ({})", who.id, who.name),
-        role: who.role,
+        role: Some(who.role),
         action: action.to_string(),
         detail: detail.to_string(),
     };
-    if let Err(err) = store.put_json(AUDIT, &key, &e) {
+    append(store, &key, &e);
+}
+
+/// Appends a refused console login from `from` (an address) to the audit log; `locked`
+/// says that this failure locked the address out for a while.
+pub fn audit_refused(store: &dyn Store, from: &str, reason: &str, locked: bool) {
+    let (at, key) = audit_key();
+    let e = AuditEntry {
+        at_ms: at,
+        actor: format!("unauthenticated, from {from}"),
+        role: None,
+        action: "login refused".into(),
+        detail: if locked {
+            format!("{reason}; too many failures: the address is refused for a while")
+        } else {
+            reason.to_string()
+        },
+    };
+    tracing::warn!(from, reason, locked, "console login refused");
+    append(store, &key, &e);
+}
+
+/// A new audit entry's time and key: entries sort by time, then in the order this process
+/// wrote them (a random suffix keeps keys from two runs apart).
+fn audit_key() -> (u64, String) {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let at = now_ms();
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut n = [0u8; 4];
+    rand::rng().fill_bytes(&mut n);
+    (at, format!("{at:016}-{seq:012}-{}", hex::encode(n)))
+}
+
+fn append(store: &dyn Store, key: &str, e: &AuditEntry) {
+    if let Err(err) = store.put_json(AUDIT, key, e) {
         tracing::error!(error = %err, "could not write the audit log");
     }
 }

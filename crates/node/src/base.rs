@@ -70,18 +70,15 @@ pub struct Server {
 }
 
 impl Server {
-    /// Serves `router` on `listener` until stopped.
+    /// Serves `router` on `listener` until stopped, holding remote addresses to the
+    /// connection limits of `limits` (see [`crate::limits::incoming`]).
     pub fn spawn(
         router: tonic::transport::server::Router,
         listener: tokio::net::TcpListener,
+        limits: &crate::limits::Limits,
     ) -> Server {
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        // Accepted sockets get TCP_NODELAY (tonic's own `tcp_nodelay` setting applies only
-        // to the listeners it binds itself): without it a small answer waits on the peer's
-        // delayed ACK, a ~40 ms tail on round trips. Keepalive finds dead peers' sockets.
-        let incoming = tonic::transport::server::TcpIncoming::from(listener)
-            .with_nodelay(Some(true))
-            .with_keepalive(Some(std::time::Duration::from_secs(60)));
+        let incoming = crate::limits::incoming(listener, limits);
         let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         }));

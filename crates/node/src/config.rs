@@ -172,6 +172,9 @@ pub struct MinerConfig {
     /// whatever unit the network prices in; 0: not priced. Signed into its adverts and
     /// benchmark answers; validators show cost per job and quality per unit of cost.
     pub price_per_gpu_hour: f64,
+    /// Per-address limits on the gRPC server (`[limits]`): connections, requests a
+    /// second, HTTP/2 streams and header sizes.
+    pub limits: crate::limits::Limits,
 }
 
 impl Default for MinerConfig {
@@ -190,6 +193,7 @@ impl Default for MinerConfig {
             training: TrainingConfig::default(),
             benchmark_max_n: 8192,
             price_per_gpu_hour: 0.0,
+            limits: Default::default(),
         }
     }
 }
@@ -524,6 +528,9 @@ pub struct ValidatorConfig {
     pub trusted_validators: Vec<String>,
     /// How miners' hardware is benchmarked and verified (`[hardware]`).
     pub hardware: crate::hardware::HardwareConfig,
+    /// Per-address limits on the gRPC server (`[limits]`): connections, requests a
+    /// second, HTTP/2 streams, header sizes and failed console logins.
+    pub limits: crate::limits::Limits,
     /// Competitions to run.
     pub competitions: Vec<CompetitionConfig>,
 }
@@ -546,6 +553,7 @@ impl Default for ValidatorConfig {
             artifact_record_grace_secs: None,
             trusted_validators: vec![],
             hardware: Default::default(),
+            limits: Default::default(),
             competitions: vec![],
         }
     }
@@ -660,11 +668,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(m.inference.quantize, "q8_0");
+        // The documented limits are the defaults.
+        assert_eq!(m.limits, crate::limits::Limits::default());
         let v = parse::<ValidatorConfig>(
             Path::new("deploy/validator.toml"),
             include_str!("../../../deploy/validator.toml"),
         )
         .unwrap();
+        assert_eq!(v.limits, crate::limits::Limits::default());
         let c = &v.competitions[0];
         c.validate().unwrap();
         assert_eq!(c.sibling_canaries, 8);

@@ -20,12 +20,20 @@ use tunenet_store::{StoreExt, trees};
 use tunenet_types::{CompetitionId, JobScore, time::now_ms};
 
 /// The console service for a running validator.
-pub(crate) fn server(shared: Arc<Shared>) -> ConsoleServiceServer<Console> {
-    ConsoleServiceServer::new(Console { shared })
+pub(crate) fn server(
+    shared: Arc<Shared>,
+    limits: &crate::limits::Limits,
+) -> ConsoleServiceServer<Console> {
+    ConsoleServiceServer::new(Console {
+        shared,
+        throttle: crate::limits::LoginThrottle::new(limits),
+    })
 }
 
 pub(crate) struct Console {
     shared: Arc<Shared>,
+    /// Failed logins per address (none: unlimited).
+    throttle: Option<Arc<crate::limits::LoginThrottle>>,
 }
 
 fn bearer<T>(req: &Request<T>) -> Option<String> {
@@ -161,15 +169,35 @@ pub fn parse_spec(format: &str, text: &str) -> Result<CompetitionConfig, String>
 }
 
 impl Console {
+    /// The caller's token record. An address that keeps failing is refused for a while
+    /// (`[limits] failed_logins`), and each refused login is audited.
+    fn authenticate<T>(&self, req: &Request<T>) -> Result<TokenRecord, Status> {
+        let ip = req.remote_addr().map(|a| a.ip());
+        if let (Some(t), Some(ip)) = (&self.throttle, ip) {
+            t.check(ip).map_err(Status::resource_exhausted)?;
+        }
+        let token = bearer(req);
+        let store = self.shared.store.as_ref();
+        auth::verify(store, token.as_deref(), now_ms()).map_err(|e| {
+            let locked = match (&self.throttle, ip) {
+                (Some(t), Some(ip)) => t.failed(ip),
+                _ => false,
+            };
+            let from = ip
+                .map(|i| i.to_string())
+                .unwrap_or_else(|| "an unknown address".into());
+            auth::audit_refused(store, &from, &e.to_string(), locked);
+            Status::unauthenticated(e.to_string())
+        })
+    }
+
     fn check<T>(
         &self,
         req: &Request<T>,
         action: Action,
         what: &str,
     ) -> Result<TokenRecord, Status> {
-        let token = bearer(req);
-        let rec = auth::verify(self.shared.store.as_ref(), token.as_deref(), now_ms())
-            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let rec = self.authenticate(req)?;
         auth::permit(&rec, action, what).map_err(|e| Status::permission_denied(e.to_string()))?;
         Ok(rec)
     }
@@ -198,9 +226,7 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ConsoleEvent, Status>> +
 #[tonic::async_trait]
 impl ConsoleService for Console {
     async fn who_am_i(&self, req: Request<pb::Empty>) -> Result<Response<pb::Whoami>, Status> {
-        let token = bearer(&req);
-        let rec = auth::verify(self.shared.store.as_ref(), token.as_deref(), now_ms())
-            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let rec = self.authenticate(&req)?;
         Ok(Response::new(pb::Whoami {
             id: rec.id,
             role: rec.role.to_string(),
@@ -640,7 +666,7 @@ impl ConsoleService for Console {
             .map(|e| pb::AuditEntry {
                 at_ms: e.at_ms,
                 actor: e.actor,
-                role: e.role.to_string(),
+                role: e.role.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
                 action: e.action,
                 detail: e.detail,
             })

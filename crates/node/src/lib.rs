@@ -14,6 +14,7 @@ pub mod fetch;
 pub mod hardware;
 pub mod inference;
 pub mod keys;
+pub mod limits;
 pub mod metrics;
 pub mod miner;
 pub mod models;

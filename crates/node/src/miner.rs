@@ -675,9 +675,16 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
     let fx = engine.resume(now_ms());
     ctx.execute(fx);
 
+    let buckets = crate::limits::RequestBuckets::new(&cfg.limits);
     let server = crate::base::Server::spawn(
-        tonic::transport::Server::builder().add_service(tunenet_rpc::miner_server(shared)),
+        cfg.limits
+            .builder()
+            .add_service(crate::limits::rate_limited(
+                tunenet_rpc::miner_server(shared),
+                &buckets,
+            )),
         listener,
+        &cfg.limits,
     );
     tracing::info!(peer = %me, listen = %cfg.listen, "miner started");
     let mut tick = tokio::time::interval(Duration::from_millis(200));

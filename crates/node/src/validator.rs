@@ -1398,7 +1398,7 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
         reply_to: reply_to.clone(),
         eval_devices: eval_devices.clone(),
     });
-    let mut builder = tonic::transport::Server::builder();
+    let mut builder = cfg.limits.builder();
     match (&cfg.tls_cert, &cfg.tls_key) {
         (Some(cert), Some(key)) => {
             let read = |p: &PathBuf| {
@@ -1422,11 +1422,20 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
             ));
         }
     }
+    // One request budget per address across both services.
+    let buckets = crate::limits::RequestBuckets::new(&cfg.limits);
     let server = crate::base::Server::spawn(
         builder
-            .add_service(tunenet_rpc::validator_server(shared.clone()))
-            .add_service(crate::console::server(shared.clone())),
+            .add_service(crate::limits::rate_limited(
+                tunenet_rpc::validator_server(shared.clone()),
+                &buckets,
+            ))
+            .add_service(crate::limits::rate_limited(
+                crate::console::server(shared.clone(), &cfg.limits),
+                &buckets,
+            )),
         listener,
+        &cfg.limits,
     );
     tracing::info!(peer = %identity.peer_id(), listen = %cfg.listen, competitions = records.len(), "validator started");
 

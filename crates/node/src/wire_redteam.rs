@@ -564,7 +564,11 @@ async fn run_one(
         let router = tonic::transport::Server::builder().add_service(tunenet_rpc::miner_server(
             Arc::new(AdversaryService(a.clone())),
         ));
-        servers.push(crate::base::Server::spawn(router, listener));
+        servers.push(crate::base::Server::spawn(
+            router,
+            listener,
+            &crate::limits::Limits::none(),
+        ));
         adversaries.push(a);
     }
 

@@ -185,8 +185,9 @@ async fn offers(a: OffersArgs) -> Result<()> {
             let conf = dir.path().join("miner.toml");
             std::fs::write(
                 &conf,
+                // Capacity, not the per-address limits: every request comes from here.
                 format!(
-                    "data_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\n",
+                    "data_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\n\n[limits]\nrequests_per_sec = 0.0\nconnections_per_addr = 0\n",
                     dir.path().join("data")
                 ),
             )?;
@@ -409,6 +410,7 @@ async fn fanout(a: FanoutArgs) -> Result<()> {
             servers.push(tunenet_node::base::Server::spawn(
                 tonic::transport::Server::builder().add_service(tunenet_rpc::miner_server(backend)),
                 listener,
+                &tunenet_node::limits::Limits::none(),
             ));
         }
         let dir = tempfile::tempdir()?;
