@@ -35,6 +35,9 @@ pub(crate) type BlobCodec = ProstCodec<pb::BlobRequest, pb::BlobResponse>;
 /// Every protocol a tunenet node speaks.
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
+    /// Denies connections past `max_connections`, `max_connections_per_peer` and
+    /// `max_pending_incoming`.
+    pub limits: libp2p::connection_limits::Behaviour,
     pub identify: identify::Behaviour,
     pub kad: kad::Behaviour<MemoryStore>,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
@@ -120,7 +123,15 @@ impl Behaviour {
             rr,
         );
 
+        let cap = |n: u32| (n > 0).then_some(n);
+        let limits = libp2p::connection_limits::Behaviour::new(
+            libp2p::connection_limits::ConnectionLimits::default()
+                .with_max_established(cap(config.max_connections))
+                .with_max_established_per_peer(cap(config.max_connections_per_peer))
+                .with_max_pending_incoming(cap(config.max_pending_incoming)),
+        );
         Ok(Behaviour {
+            limits,
             identify,
             kad,
             mdns: mdns.into(),

@@ -31,6 +31,18 @@ pub struct P2pConfig {
     pub blob_fetch_rounds: u32,
     /// How long an idle connection is kept open, in seconds.
     pub idle_timeout_secs: u64,
+    /// Connections established at once, in and out (0: no limit); past it new ones are
+    /// denied.
+    pub max_connections: u32,
+    /// Connections established at once with one peer (0: no limit).
+    pub max_connections_per_peer: u32,
+    /// Incoming connections still handshaking at once (0: no limit).
+    pub max_pending_incoming: u32,
+    /// Job requests one peer may send a second, on average (0: no limit); past it the
+    /// request is answered "refused" with the limit named.
+    pub job_requests_per_sec: f64,
+    /// Job requests one peer may send in a burst above that average.
+    pub job_burst: u32,
 }
 
 impl Default for P2pConfig {
@@ -54,6 +66,11 @@ impl Default for P2pConfig {
             blob_serve_concurrency: 32,
             blob_fetch_rounds: 8,
             idle_timeout_secs: 60,
+            max_connections: 1024,
+            max_connections_per_peer: 4,
+            max_pending_incoming: 256,
+            job_requests_per_sec: 50.0,
+            job_burst: 100,
         }
     }
 }

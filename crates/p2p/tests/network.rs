@@ -649,3 +649,76 @@ async fn revealed_artifact_is_fetched_from_the_miner() {
     validator.stop();
     miner.stop();
 }
+
+/// Answers every job request `node` is handed with an empty decision, from a task of its
+/// own (the node's other events are dropped).
+fn answer_every_request(node: &mut Node) {
+    let client = node.client.clone();
+    let (_, closed) = mpsc::channel(1);
+    let mut events = std::mem::replace(&mut node.events, closed);
+    tokio::spawn(async move {
+        while let Some(e) = events.recv().await {
+            if let Event::JobRequest { channel, .. } = e {
+                let _ = client
+                    .respond(channel, JobResponse::Decision(v1::Decision::default()))
+                    .await;
+            }
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_over_the_job_request_rate_is_refused_and_others_are_served() {
+    let mut server = Node::start(None, |c| {
+        c.job_requests_per_sec = 0.5;
+        c.job_burst = 3;
+    })
+    .await;
+    answer_every_request(&mut server);
+    let flooder = Node::start(Some(&server), |_| {}).await;
+    let other = Node::start(Some(&server), |_| {}).await;
+    let offer = || JobRequest::Offer(v1::Offer::default());
+    let (mut answered, mut refused) = (0, 0);
+    for _ in 0..6 {
+        match flooder.client.request(server.peer, offer()).await {
+            Ok(JobResponse::Decision(_)) => answered += 1,
+            Err(P2pError::Refused { reason, .. }) => {
+                assert!(
+                    reason.contains("limit of 0.5 job requests a second (burst 3)"),
+                    "{reason}"
+                );
+                refused += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((answered, refused), (3, 3));
+    // Another peer has its own allowance.
+    assert!(matches!(
+        other.client.request(server.peer, offer()).await,
+        Ok(JobResponse::Decision(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_limit_are_denied_and_the_first_is_kept() {
+    let mut server = Node::start(None, |c| c.max_connections = 1).await;
+    answer_every_request(&mut server);
+    let offer = || JobRequest::Offer(v1::Offer::default());
+    let first = Node::start(Some(&server), |_| {}).await;
+    assert!(matches!(
+        first.client.request(server.peer, offer()).await,
+        Ok(JobResponse::Decision(_))
+    ));
+    // The server holds its one connection: a second peer is denied.
+    let second = Node::start(Some(&server), |_| {}).await;
+    let denied = tokio::time::timeout(WAIT, second.client.request(server.peer, offer()))
+        .await
+        .expect("the second peer's request hung");
+    assert!(denied.is_err(), "{denied:?}");
+    // The first is still served.
+    assert!(matches!(
+        first.client.request(server.peer, offer()).await,
+        Ok(JobResponse::Decision(_))
+    ));
+}
