@@ -607,6 +607,39 @@ fn console_over_tls_needs_the_ca() {
     )
     .unwrap();
     let admin = common::admin_token(&vconf);
+    // A TLS key others may read is refused at start, with the fix.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let key = root.join("key.pem");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut child = Command::new(BIN)
+            .args(["validator", "--config", vconf.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                panic!("a validator with a world-readable TLS key kept running");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(!status.success());
+        assert!(err.contains("chmod 600"), "{err}");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     let v = Daemon::start(
         &["validator", "--config", vconf.to_str().unwrap()],
         &root.join("v.log"),

@@ -22,6 +22,35 @@ pub struct NodeBase {
     pub listener: tokio::net::TcpListener,
 }
 
+/// Creates a node's data dir owner-only (0700: it holds hidden test splits, canaries,
+/// nonces and keys); an existing one that others may read is kept, with a warning.
+pub fn create_private_dir(dir: &Path) -> Result<(), NodeError> {
+    let existed = dir.exists();
+    std::fs::create_dir_all(dir)
+        .map_err(|e| NodeError::Other(format!("cannot create data dir {}: {e}", dir.display())))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if !existed {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| {
+                NodeError::Other(format!("cannot make {} owner-only: {e}", dir.display()))
+            })?;
+        } else if let Ok(m) = std::fs::metadata(dir)
+            && m.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(
+                "data dir {} may be read by others (mode {:04o}); it holds hidden test splits, canaries and nonces: `chmod 700 {}`",
+                dir.display(),
+                m.permissions().mode() & 0o777,
+                dir.display()
+            );
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = existed;
+    Ok(())
+}
+
 /// Opens everything a daemon needs (and serves its Prometheus metrics when asked),
 /// failing early with the cause (port in use, locked database, unreadable key).
 pub async fn open(
@@ -34,12 +63,7 @@ pub async fn open(
     if let Some(addr) = metrics_listen {
         crate::metrics::install(addr)?;
     }
-    std::fs::create_dir_all(data_dir).map_err(|e| {
-        NodeError::Other(format!(
-            "cannot create data dir {}: {e}",
-            data_dir.display()
-        ))
-    })?;
+    create_private_dir(data_dir)?;
     let identity = keys::load_or_create(
         &key_file
             .cloned()
@@ -112,5 +136,25 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_new_data_dir_is_owner_only_and_an_existing_one_is_left_as_it_is() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fresh = tmp.path().join("a/b/data");
+        create_private_dir(&fresh).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&fresh), 0o700);
+        let shared = tmp.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+        create_private_dir(&shared).unwrap();
+        assert_eq!(mode(&shared), 0o755, "an operator's choice is not changed");
     }
 }

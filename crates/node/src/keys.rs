@@ -45,7 +45,7 @@ fn write(path: &Path, id: &Identity) -> Result<(), NodeError> {
 }
 
 /// Refuses a key file that others than its owner may read or write (as ssh does).
-fn check_private(path: &Path) -> Result<(), NodeError> {
+pub fn check_private(path: &Path) -> Result<(), NodeError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;

@@ -1290,12 +1290,7 @@ fn cid_key(job: &JobId) -> String {
 
 /// Creates the data dir's first admin token if there is none; returns it (shown once).
 pub fn init(cfg: &ValidatorConfig) -> Result<Option<String>, NodeError> {
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
-        NodeError::Other(format!(
-            "cannot create data dir {}: {e}",
-            cfg.data_dir.display()
-        ))
-    })?;
+    crate::base::create_private_dir(&cfg.data_dir)?;
     crate::keys::load_or_create(
         &cfg.key_file
             .clone()
@@ -1406,6 +1401,8 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
                     NodeError::Other(format!("cannot read TLS file {}: {e}", p.display()))
                 })
             };
+            // The TLS private key, like the node key, must be the owner's alone.
+            crate::keys::check_private(key)?;
             let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
             builder = builder
                 .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
