@@ -8,6 +8,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
+use prost::Message;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -44,6 +45,10 @@ pub struct OffersArgs {
     /// validators).
     #[arg(long, default_value_t = 0)]
     connections: usize,
+    /// Also time a raw TCP ping-pong of the offer's encoded size at each level (one
+    /// connection per request in flight, TCP_NODELAY): the floor any protocol pays here.
+    #[arg(long)]
+    reference: bool,
     /// Print JSON lines instead of a table.
     #[arg(long)]
     json: bool,
@@ -218,9 +223,11 @@ async fn offers(a: OffersArgs) -> Result<()> {
             load_average()
         );
         println!(
-            "| in flight | connections | offers/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | over 20 ms | accepted | rejected | errors | miner CPU (cores) | miner RSS MiB |"
+            "| in flight | connections | offers/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | over 20 ms | accepted | rejected | errors | miner CPU (cores) | miner RSS MiB | raw TCP round trips/s | vs raw TCP | raw TCP p99 ms |"
         );
-        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!(
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
     }
     for &level in &a.concurrency {
         let conns = if a.connections == 0 {
@@ -241,6 +248,13 @@ async fn offers(a: OffersArgs) -> Result<()> {
                 )?)
                 .await;
         }
+        let floor = if a.reference {
+            let bytes = tunenet_proto::v1::Offer::from(offer("bench-0-0-0".into(), &validator)?)
+                .encoded_len();
+            Some(tcp_pingpong(level, a.seconds, bytes).await?)
+        } else {
+            None
+        };
         let before = pid.and_then(usage);
         let t0 = Instant::now();
         let until = t0 + Duration::from_secs_f64(a.seconds);
@@ -301,6 +315,8 @@ async fn offers(a: OffersArgs) -> Result<()> {
                     "max_ms": lat.last().map(|&l| l as f64 / 1000.0),
                     "over_20ms": slow, "accepted": acc, "rejected": rej, "errors": err,
                     "miner_cpu_cores": cpu, "miner_rss_mib": rss,
+                    "raw_tcp_per_sec": floor.as_ref().map(|f| f.0),
+                    "raw_tcp_p99_ms": floor.as_ref().map(|f| percentile(&f.1, 0.99)),
                 })
             );
         } else {
@@ -308,7 +324,7 @@ async fn offers(a: OffersArgs) -> Result<()> {
                 v.map(|x| format!("{x:.d$}")).unwrap_or_else(|| "-".into())
             };
             println!(
-                "| {level} | {conns} | {rate:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {slow} ({:.2} %) | {acc} | {rej} | {err} | {} | {} |",
+                "| {level} | {conns} | {rate:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {slow} ({:.2} %) | {acc} | {rej} | {err} | {} | {} | {} | {} | {} |",
                 percentile(&lat, 0.5),
                 percentile(&lat, 0.9),
                 percentile(&lat, 0.99),
@@ -317,7 +333,19 @@ async fn offers(a: OffersArgs) -> Result<()> {
                 100.0 * slow as f64 / lat.len().max(1) as f64,
                 opt(cpu, 2),
                 opt(rss, 1),
+                opt(floor.as_ref().map(|f| f.0), 0),
+                opt(floor.as_ref().map(|f| rate / f.0), 2),
+                opt(floor.as_ref().map(|f| percentile(&f.1, 0.99)), 2),
             );
+        }
+    }
+    if !a.json {
+        // What the measured decisions were (a miner holding its one accepted job refuses
+        // the rest as busy).
+        if let Ok(mut c) = tunenet_rpc::MinerClient::connect(&url).await
+            && let Ok(d) = c.offer(offer("bench-sample".into(), &validator)?).await
+        {
+            println!("\na sample decision: {:?}", d.decision);
         }
     }
     if let Some(u) = pid.and_then(usage)
@@ -330,6 +358,60 @@ async fn offers(a: OffersArgs) -> Result<()> {
     }
     drop(daemon);
     Ok(())
+}
+
+/// Round trips a second (and their latencies, µs) of a raw TCP ping-pong of `bytes` each
+/// way, `level` connections each with one message in flight, for `seconds`.
+async fn tcp_pingpong(level: usize, seconds: f64, bytes: usize) -> Result<(f64, Vec<u32>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; bytes];
+                while s.read_exact(&mut buf).await.is_ok() {
+                    if s.write_all(&buf).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let mut conns = Vec::with_capacity(level);
+    for _ in 0..level {
+        let s = tokio::net::TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        conns.push(s);
+    }
+    let t0 = Instant::now();
+    let until = t0 + Duration::from_secs_f64(seconds);
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .map(|mut s| {
+            tokio::spawn(async move {
+                let mut buf = vec![7u8; bytes];
+                let mut lat = Vec::new();
+                while Instant::now() < until {
+                    let t = Instant::now();
+                    if s.write_all(&buf).await.is_err() || s.read_exact(&mut buf).await.is_err() {
+                        break;
+                    }
+                    lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await?);
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    server.abort();
+    lat.sort_unstable();
+    Ok((lat.len() as f64 / secs, lat))
 }
 
 /// A miner that answers every offer at once (turning it down as busy, so the job ends and
