@@ -197,6 +197,53 @@ async fn competition_over_grpc_ranks_by_loss_refuses_bad_input_and_survives_rest
     )
     .unwrap();
     let vlog = root.join("validator.log");
+    // Before the validator starts, someone offers miner 0 the validator's first job in the
+    // validator's name, with itself as reply_to (where the miner would commit): unsigned,
+    // then signed with its own key. Both are refused, so the real offer still counts.
+    let vid = tunenet_node::keys::generate(&root.join("validator").join("identity.key")).unwrap();
+    {
+        let t0 = Instant::now();
+        let mut m0 = loop {
+            if let Ok(c) = tunenet_rpc::MinerClient::connect(&miner_urls[1]).await {
+                break c;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "miner 0 never listened"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let forged = Offer {
+            job_id: JobId::new("e2e-0").unwrap(),
+            competition_id: tunenet_types::CompetitionId::new("e2e").unwrap(),
+            kind: tunenet_types::JobKind::FineTune,
+            validator: vid.peer_id(),
+            base_model: BlobId::of(b"any"),
+            base_params: 1000,
+            dataset_records: 10,
+            time_budget_ms: 10_000,
+            reward_hint: 0.0,
+            hardware: String::new(),
+            reply_to: "http://127.0.0.1:9".into(),
+            model_config: String::new(),
+            inference: None,
+            validator_key: vec![],
+            signature: vec![],
+        };
+        let mut own_key = forged.clone();
+        own_key.sign(&Identity::generate());
+        for o in [forged, own_key] {
+            match m0.offer(o).await.unwrap().decision {
+                Decision::Reject(r) => {
+                    assert!(
+                        r.detail.contains("not signed by the validator it names"),
+                        "{r}"
+                    )
+                }
+                Decision::Accept => panic!("miner 0 took a forged offer"),
+            }
+        }
+    }
     let mut validator = Daemon::start(&["validator", "--config", vconf.to_str().unwrap()], &vlog);
 
     // The rogue's assignment arrives once the validator has offered job 0.

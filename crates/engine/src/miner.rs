@@ -29,6 +29,9 @@ pub struct MinerPolicy {
     pub accept_hold_secs: u64,
     /// Memory the miner's device has for one job, GiB; jobs estimated above it are refused.
     pub max_memory_gb: Option<f64>,
+    /// The validators (peer ids) this miner takes jobs from; empty: any validator whose
+    /// offer is signed by its own key.
+    pub validators: Vec<String>,
 }
 
 impl Default for MinerPolicy {
@@ -42,6 +45,7 @@ impl Default for MinerPolicy {
             paused: false,
             accept_hold_secs: 60,
             max_memory_gb: None,
+            validators: Vec::new(),
         }
     }
 }
@@ -53,6 +57,15 @@ impl MinerPolicy {
         let reject = |code, detail: String| Decision::Reject(RejectReason { code, detail });
         if self.paused {
             return reject(RejectCode::Paused, "the operator paused this miner".into());
+        }
+        if !self.validators.is_empty() && !self.validators.contains(&offer.validator.0) {
+            return reject(
+                RejectCode::Other,
+                format!(
+                    "validator {} is not one this miner works for (`[policy] validators`)",
+                    offer.validator
+                ),
+            );
         }
         if !self.kinds.contains(&offer.kind) {
             return reject(
@@ -383,7 +396,20 @@ impl MinerEngine {
         {
             return (Decision::Accept, vec![]);
         }
-        let d = self.policy.decide(&offer, self.running(), memory_needed);
+        let mut d = self.policy.decide(&offer, self.running(), memory_needed);
+        if d == Decision::Accept
+            && let Err(e) = offer.verify()
+        {
+            // Checked only when it would be taken: a refusal holds nothing, so a flood of
+            // offers costs no signature checks while the miner is busy.
+            d = Decision::Reject(RejectReason {
+                code: RejectCode::Other,
+                detail: format!(
+                    "the offer is not signed by the validator it names ({}): {e}",
+                    offer.validator
+                ),
+            });
+        }
         let mut fx = vec![];
         match &d {
             Decision::Accept => {

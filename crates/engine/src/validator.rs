@@ -599,12 +599,12 @@ impl ValidatorEngine {
         let mut out = Vec::new();
         for j in self.jobs() {
             if matches!(j.phase, JobPhase::Offering { .. }) {
-                let offer = make_offer(&self.plan, &self.identity, &self.inference, &j.plan);
+                let offers = Offers::new(&self.plan, &self.identity, &self.inference, &j.plan);
                 for (addr, o) in &j.offers {
                     if matches!(o, OfferState::Sent) {
                         out.push(ValidatorEffect::SendOffer {
                             addr: addr.clone(),
-                            offer: offer.clone(),
+                            offer: offers.to(addr),
                         });
                     }
                 }
@@ -1037,12 +1037,12 @@ impl ValidatorEngine {
             }
             free -= 1;
             job.phase = JobPhase::Offering { since: now };
-            let offer = make_offer(&self.plan, &self.identity, &self.inference, &job.plan);
+            let offers = Offers::new(&self.plan, &self.identity, &self.inference, &job.plan);
             for addr in &self.miners {
                 job.offers.insert(addr.clone(), OfferState::Sent);
                 fx.push(ValidatorEffect::SendOffer {
                     addr: addr.clone(),
-                    offer: offer.clone(),
+                    offer: offers.to(addr),
                 });
             }
             fx.push(ValidatorEffect::Event(format!(
@@ -1094,12 +1094,12 @@ impl ValidatorEngine {
                     .map(|(a, _)| a.clone())
                     .collect();
                 if !due.is_empty() {
-                    let offer = make_offer(plan, &self.identity, &self.inference, &job.plan);
+                    let offers = Offers::new(plan, &self.identity, &self.inference, &job.plan);
                     for addr in due {
                         job.offers.insert(addr.clone(), OfferState::Sent);
                         fx.push(ValidatorEffect::SendOffer {
+                            offer: offers.to(&addr),
                             addr,
-                            offer: offer.clone(),
                         });
                     }
                 }
@@ -1379,6 +1379,38 @@ fn missing_synthetic(job: &JobState) -> Option<String> {
 }
 
 /// The offer of one job, as every miner gets it.
+/// A job's offer, signed, in its two forms: to a gRPC miner (commit to the validator's
+/// URL) and to a libp2p miner (commit to the validator's peer id, `p2p:<peer id>`).
+struct Offers {
+    grpc: Offer,
+    p2p: Offer,
+}
+
+impl Offers {
+    fn new(
+        plan: &CompetitionPlan,
+        identity: &Identity,
+        inference: &Option<tunenet_types::InferenceTerms>,
+        job: &JobPlan,
+    ) -> Self {
+        let mut grpc = make_offer(plan, identity, inference, job);
+        let mut p2p = grpc.clone();
+        p2p.reply_to = format!("p2p:{}", identity.peer_id());
+        grpc.sign(identity);
+        p2p.sign(identity);
+        Offers { grpc, p2p }
+    }
+
+    /// The one for the miner at `addr`.
+    fn to(&self, addr: &str) -> Offer {
+        if addr.starts_with("p2p:") {
+            self.p2p.clone()
+        } else {
+            self.grpc.clone()
+        }
+    }
+}
+
 fn make_offer(
     plan: &CompetitionPlan,
     identity: &Identity,
@@ -1403,6 +1435,8 @@ fn make_offer(
         reply_to: plan.reply_to.clone(),
         model_config: job.model_config.clone(),
         inference: inference.clone(),
+        validator_key: vec![],
+        signature: vec![],
     }
 }
 

@@ -786,6 +786,8 @@ mod tests {
             reply_to: "http://v".into(),
             model_config: String::new(),
             inference: None,
+            validator_key: vec![],
+            signature: vec![],
         };
         let training = TrainingConfig::default();
         assert_eq!(

@@ -182,16 +182,22 @@ impl Transport {
     }
 
     /// Offers a job to the miner at `addr` and returns its decision. Over libp2p the
-    /// offer's `reply_to` names this node's peer id, and the answer must come from the
-    /// miner it names.
-    pub async fn offer(&self, addr: &str, mut offer: Offer) -> Result<DecisionReply, SendError> {
+    /// offer's `reply_to` must name this node's peer id (the validator signs the offer
+    /// with it), and the answer must come from the miner it names.
+    pub async fn offer(&self, addr: &str, offer: Offer) -> Result<DecisionReply, SendError> {
         match self.route(addr)? {
             (Route::Grpc(url), _) => {
                 let r = self.miner(&url).await?.offer(offer).await;
                 Ok(self.drop_miner(&url, r)?)
             }
             (Route::P2p(peer), Some(c)) => {
-                offer.reply_to = p2p_addr(&c.local_peer_id());
+                if offer.reply_to != p2p_addr(&c.local_peer_id()) {
+                    return Err(SendError::Refused(format!(
+                        "an offer to a libp2p miner must name this node ({}) as reply_to, not `{}`",
+                        p2p_addr(&c.local_peer_id()),
+                        offer.reply_to
+                    )));
+                }
                 match c.request(peer, JobRequest::Offer(offer.into())).await? {
                     JobResponse::Decision(d) => {
                         if d.miner != peer.to_base58() {

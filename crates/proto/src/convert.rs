@@ -118,6 +118,8 @@ impl From<t::Offer> for v1::Offer {
                 accuracy_tolerance: t.accuracy_tolerance,
                 allow_quantized: t.allow_quantized,
             }),
+            validator_key: o.validator_key,
+            signature: o.signature,
         }
     }
 }
@@ -163,6 +165,8 @@ impl TryFrom<v1::Offer> for t::Offer {
                 }),
                 None => None,
             },
+            validator_key: o.validator_key,
+            signature: o.signature,
         })
     }
 }

@@ -151,13 +151,13 @@ fn spawn(dir: tempfile::TempDir, args: &[&str]) -> Result<Daemon> {
     Ok(Daemon { child, _dir: dir })
 }
 
-/// An offer like a validator's, for a job no one runs.
-fn offer(job: String, validator: &PeerIdStr) -> Result<Offer> {
-    Ok(Offer {
+/// An offer like a validator's, for a job no one runs, signed by `validator`.
+fn offer(job: String, validator: &Identity) -> Result<Offer> {
+    let mut o = Offer {
         job_id: JobId::new(job)?,
         competition_id: CompetitionId::new("bench")?,
         kind: JobKind::FineTune,
-        validator: validator.clone(),
+        validator: validator.peer_id(),
         base_model: BlobId::of(b"bench model"),
         base_params: 1_000_000,
         dataset_records: 100,
@@ -167,7 +167,11 @@ fn offer(job: String, validator: &PeerIdStr) -> Result<Offer> {
         reply_to: "http://127.0.0.1:9".into(),
         model_config: String::new(),
         inference: None,
-    })
+        validator_key: vec![],
+        signature: vec![],
+    };
+    o.sign(validator);
+    Ok(o)
 }
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {
@@ -215,7 +219,7 @@ async fn offers(a: OffersArgs) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let pid = daemon.as_ref().map(|d| d.child.id());
-    let validator = Identity::generate().peer_id();
+    let validator = Identity::generate();
     if !a.json {
         println!(
             "offer → decision round trips against {url} ({} s a level; load average {})",

@@ -108,6 +108,56 @@ pub struct Offer {
     /// For an inference job, its terms (the shard is the assignment's `train_shard`).
     #[serde(default)]
     pub inference: Option<InferenceTerms>,
+    /// The validator's public key (libp2p protobuf encoding); empty on an unsigned offer.
+    #[serde(default)]
+    pub validator_key: Vec<u8>,
+    /// The validator's signature over [`Offer::signing_bytes`]; empty when unsigned.
+    #[serde(default)]
+    pub signature: Vec<u8>,
+}
+
+impl Offer {
+    /// The bytes the validator signs: every term, `reply_to` included (a forged offer sent
+    /// first must not send the miner's commitment elsewhere).
+    pub fn signing_bytes(&self) -> Vec<u8> {
+        let mut c = Canonical::new("tunenet/v1/offer");
+        c.bytes(self.job_id.as_str().as_bytes())
+            .bytes(self.competition_id.as_str().as_bytes())
+            .u64(matches!(self.kind, JobKind::Inference) as u64)
+            .bytes(self.validator.0.as_bytes())
+            .bytes(&self.base_model.0)
+            .u64(self.base_params)
+            .u64(self.dataset_records)
+            .u64(self.time_budget_ms)
+            .u64(self.reward_hint.to_bits())
+            .bytes(self.hardware.as_bytes())
+            .bytes(self.reply_to.as_bytes())
+            .bytes(self.model_config.as_bytes());
+        match &self.inference {
+            Some(t) => c
+                .u64(1)
+                .u64(t.accuracy_tolerance.to_bits())
+                .u64(t.allow_quantized as u64),
+            None => c.u64(0),
+        };
+        c.finish()
+    }
+
+    /// Signs the offer as `validator` (which must be the validator it names).
+    pub fn sign(&mut self, validator: &crate::Identity) {
+        self.validator_key = validator.public_key_bytes();
+        self.signature = validator.sign(&self.signing_bytes());
+    }
+
+    /// Checks that the validator it names signed it, as it stands.
+    pub fn verify(&self) -> Result<(), SignatureError> {
+        verify_signature(
+            &self.validator,
+            &self.validator_key,
+            &self.signing_bytes(),
+            &self.signature,
+        )
+    }
 }
 
 /// Why a miner turned an offer down.

@@ -436,6 +436,8 @@ fn miner_policy_rejects_with_reasons() {
         reply_to: "x".into(),
         model_config: String::new(),
         inference: None,
+        validator_key: vec![],
+        signature: vec![],
     };
     let code = |d: Decision| match d {
         Decision::Reject(r) => r.code,
@@ -460,6 +462,23 @@ fn miner_policy_rejects_with_reasons() {
         RejectCode::InsufficientMemory
     );
     assert_eq!(small.decide(&o, 0, Some(1 << 29)), Decision::Accept);
+    // A miner that lists its validators takes no offer from another.
+    let listed = MinerPolicy {
+        validators: vec![Identity::generate().peer_id().0],
+        ..p.clone()
+    };
+    match listed.decide(&o, 0, None) {
+        Decision::Reject(r) => {
+            assert_eq!(r.code, RejectCode::Other);
+            assert!(r.detail.contains("not one this miner works for"), "{r}");
+        }
+        Decision::Accept => panic!("an unlisted validator's offer was taken"),
+    }
+    let listed = MinerPolicy {
+        validators: vec![o.validator.0.clone()],
+        ..p.clone()
+    };
+    assert_eq!(listed.decide(&o, 0, None), Decision::Accept);
 }
 
 #[test]
@@ -513,6 +532,53 @@ fn miner_refuses_forged_or_foreign_assignments() {
         Err(crate::MinerError::Expired(_))
     ));
     m.assign(a, w.now).unwrap();
+}
+
+#[test]
+fn a_miner_takes_only_offers_signed_by_the_validator_they_name() {
+    let mut w = World::new(1, 1);
+    let fx = w.v.handle(ValidatorInput::Tick, w.now, &mut w.rng);
+    let offer = fx
+        .iter()
+        .find_map(|e| match e {
+            ValidatorEffect::SendOffer { offer, .. } => Some(offer.clone()),
+            _ => None,
+        })
+        .unwrap();
+    offer.verify().unwrap();
+    let forged = |f: &dyn Fn(&mut Offer)| {
+        let mut o = offer.clone();
+        f(&mut o);
+        o
+    };
+    let impostor = Identity::generate();
+    let cases = [
+        // Sent first by someone else, to have the commitment sent to them.
+        forged(&|o| o.reply_to = "http://attacker:1".into()),
+        forged(&|o| o.time_budget_ms += 1),
+        forged(&|o| {
+            o.validator_key = vec![];
+            o.signature = vec![];
+        }),
+        // Signed, but by another key than the named validator's.
+        forged(&|o| o.sign(&impostor)),
+    ];
+    let m = &mut w.miners[0].1;
+    for (k, o) in cases.into_iter().enumerate() {
+        let (d, fx) = m.offer(o, w.now, None);
+        match d {
+            Decision::Reject(r) => assert!(
+                r.detail.contains("not signed by the validator it names"),
+                "{k}: {r}"
+            ),
+            Decision::Accept => panic!("forged offer {k} was taken"),
+        }
+        assert!(!fx.iter().any(|e| matches!(e, MinerEffect::Persist(_))));
+    }
+    // The real one is still taken, with the validator's own reply_to.
+    let (d, _) = m.offer(offer.clone(), w.now, None);
+    assert_eq!(d, Decision::Accept);
+    assert_eq!(m.job(&job0()).unwrap().offer.reply_to, offer.reply_to);
 }
 
 #[test]
