@@ -485,14 +485,7 @@ fn miner_policy_rejects_with_reasons() {
 fn miner_refuses_forged_or_foreign_assignments() {
     let mut w = World::new(1, 1);
     // Offer directly, then tamper with the assignment the validator sends.
-    let fx = w.v.handle(ValidatorInput::Tick, w.now, &mut w.rng);
-    let offer = fx
-        .iter()
-        .find_map(|e| match e {
-            ValidatorEffect::SendOffer { offer, .. } => Some(offer.clone()),
-            _ => None,
-        })
-        .unwrap();
+    let offer = first_offer(&mut w);
     let m = &mut w.miners[0].1;
     let validator = offer.validator.clone();
     let (d, _) = m.offer(offer, w.now, None);
@@ -537,14 +530,7 @@ fn miner_refuses_forged_or_foreign_assignments() {
 #[test]
 fn a_miner_takes_only_offers_signed_by_the_validator_they_name() {
     let mut w = World::new(1, 1);
-    let fx = w.v.handle(ValidatorInput::Tick, w.now, &mut w.rng);
-    let offer = fx
-        .iter()
-        .find_map(|e| match e {
-            ValidatorEffect::SendOffer { offer, .. } => Some(offer.clone()),
-            _ => None,
-        })
-        .unwrap();
+    let offer = first_offer(&mut w);
     offer.verify().unwrap();
     let forged = |f: &dyn Fn(&mut Offer)| {
         let mut o = offer.clone();
@@ -585,14 +571,7 @@ fn a_miner_takes_only_offers_signed_by_the_validator_they_name() {
 fn an_acceptance_not_signed_by_the_miner_it_names_gets_no_slot() {
     // Two miners: the second one's answer is still awaited, so the job stays open.
     let mut w = World::new(2, 1);
-    let fx = w.v.handle(ValidatorInput::Tick, w.now, &mut w.rng);
-    let offer = fx
-        .iter()
-        .find_map(|e| match e {
-            ValidatorEffect::SendOffer { offer, .. } => Some(offer.clone()),
-            _ => None,
-        })
-        .unwrap();
+    let offer = first_offer(&mut w);
     let victim = w.miners[0].1.peer_id();
     let impostor = Identity::generate();
     // In the victim's name: unsigned, signed by the impostor's own key, signed for another
@@ -667,6 +646,17 @@ fn an_acceptance_not_signed_by_the_miner_it_names_gets_no_slot() {
         ValidatorEffect::SendAssignment { addr, assignment }
             if addr == "m0" && assignment.miner == victim
     )));
+}
+
+/// Ticks the validator and returns the first offer it sends.
+fn first_offer(w: &mut World) -> Offer {
+    let fx = w.v.handle(ValidatorInput::Tick, w.now, &mut w.rng);
+    fx.into_iter()
+        .find_map(|e| match e {
+            ValidatorEffect::SendOffer { offer, .. } => Some(offer),
+            _ => None,
+        })
+        .unwrap()
 }
 
 /// Runs one job with `n` miners to the reveal, each revealing `artifacts[i]`.
