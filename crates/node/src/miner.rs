@@ -723,7 +723,14 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
                         } else {
                             ctx.execute(fx);
                         }
-                        let _ = reply.send(Ok(engine.reply(job_id, &validator, decision)));
+                        // Only an acceptance is signed: a refusal gives no one a job, and
+                        // an offer flood should not cost a signature each.
+                        let answer = if decision == tunenet_types::Decision::Accept {
+                            engine.reply(job_id, &validator, decision)
+                        } else {
+                            DecisionReply::unsigned(job_id, me.clone(), decision)
+                        };
+                        let _ = reply.send(Ok(answer));
                     }
                     Cmd::Assign(a, reply) => {
                         let r = engine.assign(a, now).map(|fx| ctx.execute(fx)).map_err(|e| match e {
