@@ -75,48 +75,16 @@ impl Limits {
     }
 }
 
-/// A token bucket per remote address.
-pub struct RequestBuckets {
-    rate: f64,
-    burst: f64,
-    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
-}
-
-/// Addresses remembered at most; past it, full buckets (idle addresses) are forgotten.
+/// Addresses a login throttle remembers at most; past it, idle ones are forgotten.
 const MAX_TRACKED: usize = 65_536;
 
-impl RequestBuckets {
-    /// Buckets for `limits` (none when its rate is 0).
-    pub fn new(limits: &Limits) -> Option<Arc<Self>> {
-        (limits.requests_per_sec > 0.0).then(|| {
-            Arc::new(RequestBuckets {
-                rate: limits.requests_per_sec,
-                burst: (limits.burst as f64).max(1.0),
-                buckets: Mutex::new(HashMap::new()),
-            })
-        })
-    }
+/// A token bucket per remote address (see [`tunenet_p2p::RateBuckets`]).
+pub type RequestBuckets = tunenet_p2p::RateBuckets<IpAddr>;
 
-    /// Takes a token for `ip`; false when its bucket is empty.
-    pub fn allow(&self, ip: IpAddr) -> bool {
-        let now = Instant::now();
-        let mut m = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if m.len() >= MAX_TRACKED && !m.contains_key(&ip) {
-            let (rate, burst) = (self.rate, self.burst);
-            m.retain(|_, (tokens, at)| {
-                *tokens + now.duration_since(*at).as_secs_f64() * rate < burst
-            });
-        }
-        let (tokens, at) = m.entry(ip).or_insert((self.burst, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
+/// The request buckets for `limits`, shared by a server's services; none when its rate
+/// is 0.
+pub fn request_buckets(limits: &Limits) -> Option<Arc<RequestBuckets>> {
+    RequestBuckets::new(limits.requests_per_sec, limits.burst).map(Arc::new)
 }
 
 /// The remote address of a request, over plain TCP or TLS.
@@ -173,13 +141,14 @@ where
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         if let (Some(b), Some(ip)) = (&self.buckets, remote_ip(&req))
-            && !b.allow(ip)
+            && !b.allow(&ip)
         {
             metrics::counter!("tunenet_requests_refused_total", "limit" => "rate").increment(1);
             tracing::debug!(%ip, "request refused: over the rate limit");
             let status = tonic::Status::resource_exhausted(format!(
                 "{ip} is over this node's limit of {} requests a second (burst {}); slow down",
-                b.rate, b.burst
+                b.rate(),
+                b.burst()
             ));
             return futures::future::Either::Right(std::future::ready(Ok(status.into_http())));
         }
@@ -378,7 +347,7 @@ mod tests {
 
     #[test]
     fn a_bucket_refuses_past_its_burst_and_refills_at_its_rate() {
-        let b = RequestBuckets::new(&Limits {
+        let b = request_buckets(&Limits {
             requests_per_sec: 50.0,
             burst: 5,
             ..Limits::default()
@@ -386,12 +355,12 @@ mod tests {
         .unwrap();
         let (a, other): (IpAddr, IpAddr) =
             ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
-        assert_eq!((0..5).filter(|_| b.allow(a)).count(), 5);
-        assert!(!b.allow(a));
-        assert!(b.allow(other), "another address has its own bucket");
+        assert_eq!((0..5).filter(|_| b.allow(&a)).count(), 5);
+        assert!(!b.allow(&a));
+        assert!(b.allow(&other), "another address has its own bucket");
         std::thread::sleep(Duration::from_millis(60));
-        assert!(b.allow(a), "refilled at 50 a second");
-        assert!(RequestBuckets::new(&Limits::none()).is_none());
+        assert!(b.allow(&a), "refilled at 50 a second");
+        assert!(request_buckets(&Limits::none()).is_none());
     }
 
     #[test]

@@ -675,7 +675,7 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
     let fx = engine.resume(now_ms());
     ctx.execute(fx);
 
-    let buckets = crate::limits::RequestBuckets::new(&cfg.limits);
+    let buckets = crate::limits::request_buckets(&cfg.limits);
     let server = crate::base::Server::spawn(
         cfg.limits
             .builder()

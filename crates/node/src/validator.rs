@@ -1420,7 +1420,7 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
         }
     }
     // One request budget per address across both services.
-    let buckets = crate::limits::RequestBuckets::new(&cfg.limits);
+    let buckets = crate::limits::request_buckets(&cfg.limits);
     let server = crate::base::Server::spawn(
         builder
             .add_service(crate::limits::rate_limited(

@@ -171,8 +171,8 @@ pub struct EventLoop {
     providing: HashMap<QueryId, Reply<()>>,
     providers: HashMap<QueryId, (HashSet<PeerId>, Reply<Vec<PeerId>>)>,
     finding: HashMap<QueryId, (PeerId, Reply<Vec<Multiaddr>>)>,
-    /// Per peer: job-request tokens left and when they were last counted.
-    job_buckets: HashMap<PeerId, (f64, std::time::Instant)>,
+    /// Per peer: job-request tokens (`job_requests_per_sec`, `job_burst`); none: no limit.
+    job_buckets: Option<crate::rate::RateBuckets<PeerId>>,
 }
 
 impl EventLoop {
@@ -185,6 +185,8 @@ impl EventLoop {
         (served, server): (mpsc::Receiver<Served>, BlobServer),
         (incoming, stream_server): (libp2p_stream::IncomingStreams, StreamServer),
     ) -> Self {
+        let job_buckets =
+            crate::rate::RateBuckets::new(config.job_requests_per_sec, config.job_burst);
         EventLoop {
             swarm,
             keypair,
@@ -205,31 +207,7 @@ impl EventLoop {
             providing: HashMap::new(),
             providers: HashMap::new(),
             finding: HashMap::new(),
-            job_buckets: HashMap::new(),
-        }
-    }
-
-    /// Takes a job-request token for `peer` (`job_requests_per_sec`, `job_burst`); false
-    /// when it has none left.
-    fn job_request_allowed(&mut self, peer: PeerId) -> bool {
-        let rate = self.config.job_requests_per_sec;
-        if rate <= 0.0 {
-            return true;
-        }
-        let burst = (self.config.job_burst as f64).max(1.0);
-        let now = std::time::Instant::now();
-        if self.job_buckets.len() >= 65_536 && !self.job_buckets.contains_key(&peer) {
-            self.job_buckets
-                .retain(|_, (t, at)| *t + now.duration_since(*at).as_secs_f64() * rate < burst);
-        }
-        let (tokens, at) = self.job_buckets.entry(peer).or_insert((burst, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(burst);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
+            job_buckets,
         }
     }
 
@@ -733,7 +711,9 @@ impl EventLoop {
                 },
                 ..
             } => {
-                if !self.job_request_allowed(peer) {
+                if let Some(b) = &self.job_buckets
+                    && !b.allow(&peer)
+                {
                     tracing::debug!(%peer, "job request refused: over the rate limit");
                     let refused = JobResponse::Refused(format!(
                         "{peer} is over this node's limit of {} job requests a second (burst {}); slow down",

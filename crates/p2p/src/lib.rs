@@ -14,6 +14,7 @@ mod event_loop;
 mod fetch;
 pub mod gossip;
 pub mod messages;
+pub mod rate;
 mod serve;
 mod stream;
 
@@ -25,6 +26,7 @@ pub use event_loop::{Event, EventLoop, JobChannel, PeerInfo};
 pub use gossip::{ADVERT_TOPIC, ARTIFACT_RECORD_TOPIC, COMPETITION_TOPIC};
 pub use libp2p::{Multiaddr, PeerId};
 pub use messages::{CompetitionAnnouncement, JobRequest, JobResponse, MinerAdvert};
+pub use rate::RateBuckets;
 pub use stream::BLOB_STREAM_PROTOCOL;
 
 use libp2p::multiaddr::Protocol;
