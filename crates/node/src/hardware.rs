@@ -109,7 +109,7 @@ fn array32(b: &[u8], what: &str) -> Result<[u8; 32], String> {
         .map_err(|_| format!("{what} must be 32 bytes, not {}", b.len()))
 }
 
-fn spec_of(c: &v1::BenchmarkChallenge) -> Result<Spec, String> {
+pub(crate) fn spec_of(c: &v1::BenchmarkChallenge) -> Result<Spec, String> {
     let spec = Spec {
         n: c.n,
         k: c.k,
@@ -195,7 +195,7 @@ pub fn opening_pb(device: u32, o: Opening) -> v1::DeviceOpening {
     }
 }
 
-fn opening_from_pb(d: &v1::DeviceOpening) -> Result<Opening, String> {
+pub(crate) fn opening_from_pb(d: &v1::DeviceOpening) -> Result<Opening, String> {
     let mut tiles = Vec::new();
     for t in &d.tiles {
         let r = t.tile.as_ref().ok_or("an opened tile names no tile")?;

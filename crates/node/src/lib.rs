@@ -11,6 +11,7 @@ pub mod devices;
 pub mod error;
 pub mod external;
 pub mod fetch;
+pub mod fuzzing;
 pub mod hardware;
 pub mod inference;
 pub mod keys;

@@ -490,6 +490,12 @@ struct Sink {
     header: UploadHeader,
 }
 
+/// The sink an upload's bytes go into: `writer`, kept only if they hash to the header's
+/// artifact id.
+pub(crate) fn upload_sink(writer: BlobWriter, header: UploadHeader) -> Box<dyn UploadSink> {
+    Box::new(Sink { writer, header })
+}
+
 impl UploadSink for Sink {
     fn write(&mut self, data: &[u8]) -> Result<(), Status> {
         self.writer.write_chunk(data).map_err(|e| match e {
@@ -529,7 +535,7 @@ impl ValidatorBackend for Shared {
             .blobs
             .writer(Some(limit))
             .map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Box::new(Sink { writer, header: h }))
+        Ok(upload_sink(writer, h))
     }
 
     async fn end_upload(&self, result: v1::UploadResult, h: UploadHeader) -> Result<(), Status> {

@@ -18,7 +18,7 @@ pub mod rate;
 mod serve;
 mod stream;
 
-pub use behaviour::{BLOB_PROTOCOL, JOB_PROTOCOL, KAD_PROTOCOL};
+pub use behaviour::{BLOB_PROTOCOL, JOB_PROTOCOL, KAD_PROTOCOL, MAX_JOB_MESSAGE};
 pub use client::Client;
 pub use config::P2pConfig;
 pub use error::P2pError;

@@ -11,7 +11,9 @@ mod client;
 mod server;
 
 pub use client::{MinerClient, RpcError, ValidatorClient, endpoint, endpoint_with_ca};
-pub use server::{MinerBackend, UploadSink, ValidatorBackend, miner_server, validator_server};
+pub use server::{
+    MinerBackend, UploadReceiver, UploadSink, ValidatorBackend, miner_server, validator_server,
+};
 pub use tonic::{Code, Status};
 
 /// Size of the chunks blobs and artifacts travel in.

@@ -49,6 +49,70 @@ pub trait UploadSink: Send {
     fn finish(self: Box<Self>) -> Result<v1::UploadResult, Status>;
 }
 
+/// The rules of an `UploadArtifact` stream, apart from its transport: the header first,
+/// then only data, never more bytes than the header declared, and exactly that many by the
+/// end.
+#[derive(Debug)]
+pub struct UploadReceiver {
+    header: t::UploadHeader,
+    received: u64,
+}
+
+impl UploadReceiver {
+    /// Takes the stream's first message, which must be the header.
+    pub fn start(first: Option<v1::ArtifactChunk>) -> Result<Self, Status> {
+        match first {
+            Some(v1::ArtifactChunk {
+                part: Some(v1::artifact_chunk::Part::Header(h)),
+            }) => Ok(UploadReceiver {
+                header: t::UploadHeader::try_from(h).map_err(bad)?,
+                received: 0,
+            }),
+            _ => Err(Status::invalid_argument(
+                "an upload must start with its header",
+            )),
+        }
+    }
+
+    /// The upload's header.
+    pub fn header(&self) -> &t::UploadHeader {
+        &self.header
+    }
+
+    /// The header, once the upload is over.
+    pub fn into_header(self) -> t::UploadHeader {
+        self.header
+    }
+
+    /// Takes a message after the header: its data, if it keeps within the declared size.
+    pub fn data(&mut self, msg: v1::ArtifactChunk) -> Result<Vec<u8>, Status> {
+        match msg.part {
+            Some(v1::artifact_chunk::Part::Data(d)) => {
+                self.received += d.len() as u64;
+                if self.received > self.header.size {
+                    return Err(Status::invalid_argument(format!(
+                        "upload sent more than the {} bytes its header declared",
+                        self.header.size
+                    )));
+                }
+                Ok(d)
+            }
+            _ => Err(Status::invalid_argument("a second header in one upload")),
+        }
+    }
+
+    /// The stream ended: every declared byte must have come.
+    pub fn end(&self) -> Result<(), Status> {
+        if self.received != self.header.size {
+            return Err(Status::invalid_argument(format!(
+                "upload ended after {} of the {} bytes its header declared",
+                self.received, self.header.size
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// What a validator daemon does with calls.
 #[tonic::async_trait]
 pub trait ValidatorBackend: Send + Sync + 'static {
@@ -130,41 +194,16 @@ impl<B: ValidatorBackend> ValidatorService for ValidatorSvc<B> {
         req: Request<Streaming<v1::ArtifactChunk>>,
     ) -> Result<Response<v1::UploadResult>, Status> {
         let mut stream = req.into_inner();
-        let header = match stream.message().await? {
-            Some(v1::ArtifactChunk {
-                part: Some(v1::artifact_chunk::Part::Header(h)),
-            }) => t::UploadHeader::try_from(h).map_err(bad)?,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "an upload must start with its header",
-                ));
-            }
-        };
-        let mut sink = self.0.begin_upload(header.clone()).await?;
-        let mut received = 0u64;
+        let mut upload = UploadReceiver::start(stream.message().await?)?;
+        let mut sink = self.0.begin_upload(upload.header().clone()).await?;
         while let Some(msg) = stream.message().await? {
-            match msg.part {
-                Some(v1::artifact_chunk::Part::Data(d)) => {
-                    received += d.len() as u64;
-                    if received > header.size {
-                        return Err(Status::invalid_argument(format!(
-                            "upload sent more than the {} bytes its header declared",
-                            header.size
-                        )));
-                    }
-                    sink.write(&d)?;
-                }
-                _ => return Err(Status::invalid_argument("a second header in one upload")),
-            }
+            sink.write(&upload.data(msg)?)?;
         }
-        if received != header.size {
-            return Err(Status::invalid_argument(format!(
-                "upload ended after {received} of the {} bytes its header declared",
-                header.size
-            )));
-        }
+        upload.end()?;
         let result = sink.finish()?;
-        self.0.end_upload(result.clone(), header).await?;
+        self.0
+            .end_upload(result.clone(), upload.into_header())
+            .await?;
         Ok(Response::new(result))
     }
 

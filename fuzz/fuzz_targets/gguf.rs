@@ -1,0 +1,3 @@
+#![no_main]
+//! See `tunenet_node::fuzzing::gguf`.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tunenet_node::fuzzing::gguf(data));

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Runs every cargo-fuzz target in fuzz/ for SECONDS each (default 60), one after another,
+# with AddressSanitizer, a 2 GB RSS limit and a 20 s per-input timeout, and prints one line
+# per target: executions, executions per second, corpus size and the outcome.
+#
+#   bash scripts/fuzz.sh [SECONDS] [TARGET...]
+#
+# Each corpus starts from fuzz/seeds/<target> (real files and signed messages) and grows
+# in fuzz/corpus/<target> (not committed). An input that crashes, hangs or runs out of
+# memory is copied to fuzz/regressions/<target>/, which `cargo test` runs through the same
+# code (crates/node/src/fuzzing.rs) once fixed; the script then exits non-zero.
+# Needs the nightly toolchain; installs cargo-fuzz when it is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs="${1:-60}"
+shift || true
+cache="${TUNENET_CACHE:-$HOME/.cache/tunenet}"
+target_dir="$cache/fuzz-target"
+
+if ! rustup toolchain list | grep -q '^nightly'; then
+    rustup toolchain install nightly --profile minimal
+fi
+if ! command -v cargo-fuzz >/dev/null; then
+    cargo install cargo-fuzz --locked
+fi
+
+explicit=$#
+if [ "$explicit" -gt 0 ]; then
+    targets=("$@")
+else
+    mapfile -t targets < <(sed -n 's/^name = "\(.*\)"$/\1/p' fuzz/Cargo.toml | grep -v '^tunenet-fuzz$')
+fi
+
+cd fuzz
+echo "== building ${#targets[@]} fuzz targets (nightly, AddressSanitizer)"
+if [ "$explicit" -gt 0 ]; then
+    for t in "${targets[@]}"; do cargo +nightly fuzz build --target-dir "$target_dir" "$t"; done
+else
+    cargo +nightly fuzz build --target-dir "$target_dir"
+fi
+
+logs="$(mktemp -d)"
+failed=()
+printf '%-15s %8s %12s %10s %8s  %s\n' target seconds executions "exec/s" corpus outcome
+for t in "${targets[@]}"; do
+    mkdir -p "corpus/$t" "artifacts/$t"
+    log="$logs/$t.log"
+    start=$(date +%s)
+    set +e
+    cargo +nightly fuzz run --target-dir "$target_dir" "$t" "corpus/$t" "seeds/$t" -- \
+        -max_total_time="$secs" -rss_limit_mb=2048 -malloc_limit_mb=2048 -timeout=20 \
+        -print_final_stats=1 >"$log" 2>&1
+    rc=$?
+    set -e
+    took=$(($(date +%s) - start))
+    execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
+    rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -n 1)
+    corpus=$(find "corpus/$t" -type f | wc -l)
+    if [ "$rc" -eq 0 ]; then
+        outcome="clean"
+    else
+        outcome="FAILED (exit $rc; log $log)"
+        failed+=("$t")
+        mkdir -p "regressions/$t"
+        for f in "artifacts/$t"/*; do
+            [ -f "$f" ] && cp "$f" "regressions/$t/" && outcome="$outcome; kept $(basename "$f")"
+        done
+        grep -m 3 -E 'panicked|ERROR: libFuzzer|SUMMARY' "$log" | sed 's/^/    /' || true
+    fi
+    printf '%-15s %8s %12s %10s %8s  %s\n' "$t" "$took" "${execs:-?}" "${rate:-?}" "$corpus" "$outcome"
+done
+
+if [ "${#failed[@]}" -gt 0 ]; then
+    echo "fuzzing found problems in: ${failed[*]} (inputs kept in fuzz/regressions/)"
+    exit 1
+fi
+echo "every target ran clean"
