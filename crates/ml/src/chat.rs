@@ -41,6 +41,38 @@ pub const PLAIN_TEMPLATE: &str = "{% for m in messages %}{% if m.role == 'assist
 /// Name of the template inside the environment.
 const NAME: &str = "chat";
 
+/// Instructions one rendering may run. A model's chat template comes with the model, from
+/// whoever published it; real ones take a few dozen instructions per turn, so this allows
+/// conversations of thousands of turns and stops a template that loops (nested `range`s)
+/// within milliseconds.
+pub const TEMPLATE_FUEL: u64 = 2_000_000;
+
+/// Longest rendering, in bytes: far beyond any record a model is trained or scored on, and
+/// small enough that a template that writes a huge string many times stops early.
+pub const MAX_RENDERED_BYTES: usize = 16 << 20;
+
+/// A writer that refuses to grow past [`MAX_RENDERED_BYTES`] (and says so in `full`).
+#[derive(Default)]
+struct Capped {
+    out: Vec<u8>,
+    full: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.out.len() + buf.len() > MAX_RENDERED_BYTES {
+            self.full = true;
+            return Err(std::io::Error::other("rendering too long"));
+        }
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A compiled chat template with the special tokens it refers to.
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -79,6 +111,7 @@ impl ChatTemplate {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.set_trim_blocks(false);
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_template_owned(NAME, source.clone())
             .map_err(|e| MlError::Invalid(format!("the chat template does not compile: {e}")))?;
         Ok(ChatTemplate {
@@ -191,13 +224,27 @@ impl ChatTemplate {
             .env
             .get_template(NAME)
             .map_err(|e| MlError::Invalid(format!("chat template: {e}")))?;
-        t.render(minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => &self.bos,
-            eos_token => &self.eos,
-        })
-        .map_err(|e| MlError::Invalid(format!("cannot render the chat template: {e}")))
+        let mut out = Capped::default();
+        t.render_to_write(
+            minijinja::context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => &self.bos,
+                eos_token => &self.eos,
+            },
+            &mut out,
+        )
+        .map_err(|e| {
+            if out.full {
+                MlError::Invalid(format!(
+                    "cannot render the chat template: its rendering would be over {MAX_RENDERED_BYTES} bytes"
+                ))
+            } else {
+                MlError::Invalid(format!("cannot render the chat template: {e}"))
+            }
+        })?;
+        String::from_utf8(out.out)
+            .map_err(|e| MlError::Invalid(format!("the chat template rendered bad UTF-8: {e}")))
     }
 
     /// The rendered conversation cut into spans, each marked trained (an assistant turn,

@@ -2910,3 +2910,46 @@ fn a_model_that_memorised_records_does_worse_on_their_neighbours_and_one_that_ge
         mean(&honest)
     );
 }
+
+/// A model's chat template is someone else's program: one that loops or writes without
+/// end is stopped with a clear error, quickly, while a real template still renders a very
+/// long conversation.
+#[test]
+fn a_chat_template_that_loops_or_floods_is_stopped() {
+    let hi = [Turn::new("user", "hi")];
+    let loops = ChatTemplate::new(
+        "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}",
+        "<s>",
+        "</s>",
+    )
+    .unwrap();
+    let started = Instant::now();
+    let err = loops.render(&hi, true).unwrap_err().to_string();
+    assert!(err.contains("fuel"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let floods = ChatTemplate::new(
+        "{% set s = 'x' * 10000000 %}{% for i in range(1000) %}{{ s }}{% endfor %}",
+        "<s>",
+        "</s>",
+    )
+    .unwrap();
+    let err = floods.render(&hi, true).unwrap_err().to_string();
+    assert!(err.contains("bytes"), "{err}");
+
+    let chatml = ChatTemplate::new(
+        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+        "",
+        "<|im_end|>",
+    )
+    .unwrap();
+    let long: Vec<Turn> = (0..5000)
+        .map(|i| Turn::new(if i % 2 == 0 { "user" } else { "assistant" }, "a turn"))
+        .collect();
+    let rendered = chatml.render(&long, true).unwrap();
+    assert_eq!(rendered.matches("<|im_start|>").count(), 5001);
+}
