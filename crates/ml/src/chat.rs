@@ -225,7 +225,7 @@ impl ChatTemplate {
             .get_template(NAME)
             .map_err(|e| MlError::Invalid(format!("chat template: {e}")))?;
         let mut out = Capped::default();
-        t.render_to_write(
+        t.render_captured_to(
             minijinja::context! {
                 messages => messages,
                 add_generation_prompt => add_generation_prompt,
