@@ -307,33 +307,80 @@ impl MinerEngine {
     }
 
     /// After a restart: jobs that were training go on (the trainer resumes from its last
-    /// checkpoint) while their deadline is ahead; the others are failed with the reason.
+    /// checkpoint) while their deadline is ahead; the others are failed with the reason. A
+    /// commitment or a reveal that was under way is sent again: the validator may never
+    /// have had it, and without it the job would wait in that phase for ever (a job being
+    /// committed also holds a slot, so the miner would refuse every later offer as busy).
     pub fn resume(&mut self, now: UnixMillis) -> Vec<MinerEffect> {
         let mut fx = Vec::new();
+        let me = self.identity.peer_id();
         for (id, j) in self.jobs.iter_mut() {
-            if j.phase != MinerPhase::Training {
-                continue;
-            }
-            match &j.assignment {
-                Some(a) if a.deadline_ms > now => {
-                    j.detail = "resuming training after a restart".into();
-                    fx.push(MinerEffect::Event(format!(
-                        "job {id}: resuming training after a restart"
-                    )));
-                    fx.push(MinerEffect::Train {
-                        assignment: a.clone(),
-                        reply_to: j.offer.reply_to.clone(),
-                        inference: j.offer.inference.clone(),
-                    });
+            match j.phase {
+                MinerPhase::Training => match &j.assignment {
+                    Some(a) if a.deadline_ms > now => {
+                        j.detail = "resuming training after a restart".into();
+                        fx.push(MinerEffect::Event(format!(
+                            "job {id}: resuming training after a restart"
+                        )));
+                        fx.push(MinerEffect::Train {
+                            assignment: a.clone(),
+                            reply_to: j.offer.reply_to.clone(),
+                            inference: j.offer.inference.clone(),
+                        });
+                    }
+                    _ => {
+                        j.phase = MinerPhase::Failed;
+                        j.detail =
+                            "the miner restarted while training and the deadline has passed".into();
+                        fx.push(MinerEffect::Event(format!(
+                            "job {id}: deadline passed during a restart"
+                        )));
+                    }
+                },
+                MinerPhase::Committing => {
+                    let (Some(a), Some((artifact, size)), Some(salt)) =
+                        (&j.assignment, j.artifact, j.salt)
+                    else {
+                        j.phase = MinerPhase::Failed;
+                        j.detail =
+                            "the miner restarted while committing and lost the artifact's record"
+                                .into();
+                        fx.push(MinerEffect::Persist(Box::new(j.clone())));
+                        continue;
+                    };
+                    if a.deadline_ms > now {
+                        // A commitment the validator already has gets its first receipt back.
+                        j.detail = "sending the commitment again after a restart".into();
+                        fx.push(MinerEffect::Event(format!(
+                            "job {id}: sending the commitment again after a restart"
+                        )));
+                        fx.push(MinerEffect::SendCommit {
+                            reply_to: j.offer.reply_to.clone(),
+                            commitment: commitment(&self.identity, id, artifact, size, salt),
+                        });
+                    } else {
+                        // Too late to commit; the validator may have the commitment all the
+                        // same: reveal, and it takes the artifact or says why not.
+                        j.phase = MinerPhase::Uploading;
+                        j.detail =
+                            "revealing after a restart (the commitment's answer was lost)".into();
+                        fx.push(MinerEffect::Event(format!(
+                            "job {id}: the deadline passed during a restart while committing; revealing"
+                        )));
+                        fx.extend(reveal(j, &me));
+                    }
                 }
-                _ => {
-                    j.phase = MinerPhase::Failed;
-                    j.detail =
-                        "the miner restarted while training and the deadline has passed".into();
+                MinerPhase::Uploading => {
+                    let Some(upload) = reveal(j, &me) else {
+                        continue;
+                    };
+                    j.detail = "revealing again after a restart".into();
                     fx.push(MinerEffect::Event(format!(
-                        "job {id}: deadline passed during a restart"
+                        "job {id}: revealing again after a restart"
                     )));
+                    fx.push(upload);
                 }
+                _ => continue,
             }
             fx.push(MinerEffect::Persist(Box::new(j.clone())));
         }
@@ -543,6 +590,15 @@ impl MinerEngine {
                                 "job {job_id}: artifact uploaded"
                             )));
                         }
+                        // The first reveal got through but its answer was lost (the
+                        // miner restarted): the validator has the artifact.
+                        Err(e) if e.contains(ALREADY_UPLOADED) => {
+                            j.phase = MinerPhase::Uploaded;
+                            j.detail = "artifact revealed (the validator already had it)".into();
+                            fx.push(MinerEffect::Event(format!(
+                                "job {job_id}: artifact already uploaded"
+                            )));
+                        }
                         Err(e) => {
                             j.phase = MinerPhase::Failed;
                             j.detail = format!("upload failed: {e}");
@@ -594,16 +650,7 @@ impl MinerEngine {
             Ok((artifact, size)) => {
                 let mut salt = [0u8; 32];
                 rng.fill_bytes(&mut salt);
-                let me = self.identity.peer_id();
-                let mut c = Commitment {
-                    job_id: job_id.clone(),
-                    miner: me.clone(),
-                    miner_key: self.identity.public_key_bytes(),
-                    commit: commit_hash(&artifact, &me, &job_id, &salt),
-                    artifact_size: size,
-                    signature: vec![],
-                };
-                c.signature = self.identity.sign(&c.signing_bytes());
+                let c = commitment(&self.identity, &job_id, artifact, size, salt);
                 j.artifact = Some((artifact, size));
                 j.salt = Some(salt);
                 j.phase = MinerPhase::Committing;
@@ -631,32 +678,61 @@ impl MinerEngine {
                     fx.push(MinerEffect::Persist(Box::new(j.clone())));
                 }
                 MinerPhase::Committed => {
-                    let (Some(a), Some((artifact, size)), Some(salt)) =
-                        (&j.assignment, j.artifact, j.salt)
-                    else {
-                        continue;
-                    };
-                    if now <= a.deadline_ms {
+                    if j.assignment.as_ref().is_none_or(|a| now <= a.deadline_ms) {
                         continue;
                     }
+                    let Some(upload) = reveal(j, &me) else {
+                        continue;
+                    };
                     j.phase = MinerPhase::Uploading;
                     j.detail = "revealing the artifact".into();
-                    fx.push(MinerEffect::Upload {
-                        reply_to: j.offer.reply_to.clone(),
-                        header: UploadHeader {
-                            job_id: id.clone(),
-                            miner: me.clone(),
-                            artifact,
-                            size,
-                            salt,
-                        },
-                    });
+                    fx.push(upload);
                     fx.push(MinerEffect::Persist(Box::new(j.clone())));
                 }
                 _ => {}
             }
         }
     }
+}
+
+/// The reveal of `j`'s committed artifact, once it has one.
+fn reveal(j: &MinerJob, me: &tunenet_types::PeerIdStr) -> Option<MinerEffect> {
+    let ((artifact, size), salt) = (j.artifact?, j.salt?);
+    Some(MinerEffect::Upload {
+        reply_to: j.offer.reply_to.clone(),
+        header: UploadHeader {
+            job_id: j.offer.job_id.clone(),
+            miner: me.clone(),
+            artifact,
+            size,
+            salt,
+        },
+    })
+}
+
+/// What a validator's refusal of a second reveal of one artifact says (see
+/// [`crate::ValidatorError::AlreadyUploaded`]).
+pub const ALREADY_UPLOADED: &str = "already uploaded its artifact";
+
+/// This miner's signed commitment to `artifact` for `job_id`, salted with `salt`.
+fn commitment(
+    identity: &Identity,
+    job_id: &JobId,
+    artifact: BlobId,
+    size: u64,
+    salt: [u8; 32],
+) -> Commitment {
+    let me = identity.peer_id();
+    let mut c = Commitment {
+        job_id: job_id.clone(),
+        miner: me.clone(),
+        miner_key: identity.public_key_bytes(),
+        commit: commit_hash(&artifact, &me, job_id, &salt),
+        artifact_size: size,
+        signature: vec![],
+    };
+    c.signature = identity.sign(&c.signing_bytes());
+    c
 }
 
 fn check_receipt(j: &MinerJob, r: &Receipt) -> Result<(), String> {

@@ -5,6 +5,7 @@
 mod artifact_gossip;
 pub mod auth;
 pub mod base;
+pub mod chaos;
 pub mod config;
 pub mod console;
 pub mod devices;

@@ -226,9 +226,12 @@ impl Ctx {
                     });
                 }
                 MinerEffect::Persist(job) => {
-                    if let Err(e) =
-                        self.store
-                            .put_json(trees::MINER_JOBS, job.offer.job_id.as_str(), &job)
+                    // Durable before any answer leaves: an acceptance or an assignment the
+                    // miner forgot in a crash would cost it the job.
+                    if let Err(e) = self
+                        .store
+                        .put_json(trees::MINER_JOBS, job.offer.job_id.as_str(), &job)
+                        .and_then(|()| self.store.flush())
                     {
                         tracing::error!(job_id = %job.offer.job_id, error = %e, "could not store job");
                     }

@@ -977,6 +977,7 @@ impl Validator {
             return;
         };
         let cid = c.engine.plan().id.clone();
+        let mut persisted = false;
         for e in fx {
             match e {
                 ValidatorEffect::SendOffer { addr, offer } => {
@@ -1108,6 +1109,7 @@ impl Validator {
                         tracing::error!(job_id = %job.plan.job_id, error = %e, "could not store job state");
                     }
                     self.lock_unsaved().remove(&(comp, job.plan.job_id.clone()));
+                    persisted = true;
                 }
                 ValidatorEffect::PersistSoon(job_id) => {
                     self.lock_unsaved().insert((comp, job_id));
@@ -1164,6 +1166,12 @@ impl Validator {
                     });
                 }
             }
+        }
+        // A receipt, an accepted upload or an assignment is a promise to a miner: make the
+        // record behind it durable before the answer leaves (sled otherwise writes every
+        // 200 ms, and a crash in between forgets a commitment the miner holds a receipt for).
+        if persisted && let Err(e) = self.store.flush() {
+            tracing::error!(competition = %cid, error = %e, "could not flush job state");
         }
     }
 

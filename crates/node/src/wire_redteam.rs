@@ -321,20 +321,30 @@ fn cohort_spreads(v: &tunenet_types::Verdict) -> Option<f64> {
     head.rsplit(' ').next()?.parse().ok()
 }
 
-fn other(e: impl std::fmt::Display) -> NodeError {
+pub(crate) fn other(e: impl std::fmt::Display) -> NodeError {
     NodeError::Other(e.to_string())
 }
 
 /// A child process killed (SIGTERM, then SIGKILL) when dropped.
-struct Daemon {
-    name: String,
-    child: Child,
-    log: PathBuf,
+pub(crate) struct Daemon {
+    pub(crate) name: String,
+    pub(crate) child: Child,
+    pub(crate) log: PathBuf,
 }
 
 impl Daemon {
-    fn start(exe: &Path, name: &str, args: &[&str], log: &Path) -> Result<Daemon, NodeError> {
-        let out = std::fs::File::create(log).map_err(other)?;
+    /// Starts `exe ARGS`, its output appended to `log` (a restarted daemon keeps one log).
+    pub(crate) fn start(
+        exe: &Path,
+        name: &str,
+        args: &[&str],
+        log: &Path,
+    ) -> Result<Daemon, NodeError> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(other)?;
         let child = Command::new(exe)
             .args(args)
             .stdout(out.try_clone().map_err(other)?)
@@ -350,7 +360,7 @@ impl Daemon {
         })
     }
 
-    fn check(&mut self) -> Result<(), NodeError> {
+    pub(crate) fn check(&mut self) -> Result<(), NodeError> {
         if let Ok(Some(status)) = self.child.try_wait() {
             let log = std::fs::read_to_string(&self.log).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(20).collect();
@@ -366,6 +376,10 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // Already reaped (killed and waited for): its pid may belong to another process now.
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
         let _ = Command::new("kill")
             .arg(self.child.id().to_string())
             .status();
@@ -683,22 +697,7 @@ async fn run_one(
     progress(&format!(
         "{comp}: cheats that need no assignment prepared in advance"
     ));
-    let init = Command::new(&opts.exe)
-        .args(["validator", "--config", &vconf.to_string_lossy(), "init"])
-        .output()
-        .map_err(other)?;
-    let token = String::from_utf8_lossy(&init.stdout)
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .trim()
-        .to_string();
-    if !token.starts_with("tn_") {
-        return Err(other(format!(
-            "validator init gave no admin token: {}",
-            String::from_utf8_lossy(&init.stderr)
-        )));
-    }
+    let token = admin_token(&opts.exe, &vconf)?;
     daemons.push(Daemon::start(
         &opts.exe,
         "validator",
@@ -1001,6 +1000,27 @@ async fn run_one(
     Ok(())
 }
 
+/// Runs `tunenet validator --config CONF init` and returns the first admin token it prints.
+pub(crate) fn admin_token(exe: &Path, conf: &Path) -> Result<String, NodeError> {
+    let init = Command::new(exe)
+        .args(["validator", "--config", &conf.to_string_lossy(), "init"])
+        .output()
+        .map_err(other)?;
+    let token = String::from_utf8_lossy(&init.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    if !token.starts_with("tn_") {
+        return Err(other(format!(
+            "validator init gave no admin token: {}",
+            String::from_utf8_lossy(&init.stderr)
+        )));
+    }
+    Ok(token)
+}
+
 /// The honest daemons' peer ids, from their identity files.
 fn daemon_peers(dir: &Path) -> Result<Vec<String>, NodeError> {
     let mut out = Vec::new();
@@ -1026,7 +1046,7 @@ fn refusal_kind(msg: &str) -> String {
     .into()
 }
 
-fn free_port() -> Result<u16, NodeError> {
+pub(crate) fn free_port() -> Result<u16, NodeError> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(other)?;
     Ok(l.local_addr().map_err(other)?.port())
 }

@@ -170,6 +170,31 @@ enum Cmd {
     },
     /// Run a whole competition on this machine: one validator and three miners.
     Demo(demo::DemoArgs),
+    /// Kill daemons at random and check what must survive: a competition on the tiny
+    /// model with a validator and 3-4 miner daemons, a seeded random daemon SIGKILLed at a
+    /// job phase (offer, training, commit, upload, evaluation, scoring) and restarted, N
+    /// times; then the invariants, each PASS or FAIL. Exits non-zero if any fails.
+    Chaos {
+        /// Fixes the targets, the phases aimed at, and the timings' jitter.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// SIGKILLs to make.
+        #[arg(long, default_value_t = 20)]
+        kills: usize,
+        /// Miner daemons (3 or 4).
+        #[arg(long, default_value_t = 3)]
+        miners: usize,
+        /// Training time per job, seconds.
+        #[arg(long, default_value_t = 6)]
+        budget: u64,
+        /// Jobs in the competition (default: enough for the kills).
+        #[arg(long)]
+        jobs: Option<u32>,
+        /// Keep the daemons' data and logs here (an empty or new directory) instead of a
+        /// temporary one.
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+    },
     /// Load figures against real daemon processes: a miner's offer round trips, a
     /// validator's fan-out to many miners.
     #[command(subcommand)]
@@ -430,6 +455,42 @@ fn run(cmd: Cmd) -> Result<()> {
         Cmd::Train(a) => cli_model::train(a)?,
         Cmd::Eval(a) => cli_model::eval(a)?,
         Cmd::Demo(a) => demo::run(a)?,
+        Cmd::Chaos {
+            seed,
+            kills,
+            miners,
+            budget,
+            jobs,
+            work_dir,
+        } => {
+            let tmp = tempfile::Builder::new()
+                .prefix("tunenet-chaos-")
+                .tempdir()?;
+            let opts = tunenet_node::chaos::ChaosOptions {
+                exe: std::env::current_exe().context("cannot find the tunenet binary")?,
+                seed,
+                kills,
+                miners,
+                budget_secs: budget,
+                jobs,
+                work: work_dir.unwrap_or_else(|| tmp.path().join("run")),
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let report = rt.block_on(tunenet_node::chaos::run(&opts, &mut |line| {
+                eprintln!("{line}")
+            }))?;
+            print!("{}", report.text());
+            if !report.passed() {
+                // The data and logs are kept for the post-mortem.
+                let _ = tmp.keep();
+                anyhow::bail!(
+                    "chaos run: an invariant does not hold (seed {seed}); the data and logs are in {}",
+                    opts.work.display()
+                );
+            }
+        }
         Cmd::Bench(b) => bench::run(b)?,
         Cmd::Hardware(a) => hardware::run(a)?,
     }

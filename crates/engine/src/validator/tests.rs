@@ -888,6 +888,95 @@ fn a_restarted_miner_resumes_training_before_the_deadline_only() {
     );
 }
 
+/// The effect's commitment or reveal header, if it sends one.
+fn sent(fx: &[MinerEffect]) -> (Option<Commitment>, Option<UploadHeader>) {
+    let c = fx.iter().find_map(|e| match e {
+        MinerEffect::SendCommit { commitment, .. } => Some(commitment.clone()),
+        _ => None,
+    });
+    let h = fx.iter().find_map(|e| match e {
+        MinerEffect::Upload { header, .. } => Some(header.clone()),
+        _ => None,
+    });
+    (c, h)
+}
+
+/// Found by the chaos run (`tunenet chaos`): a miner killed while its commitment or its
+/// reveal was on the wire came back with the job stuck in that phase for ever (a job being
+/// committed also held its only slot, so every later offer was refused as busy).
+#[test]
+fn a_miner_restarted_while_committing_or_revealing_sends_it_again() {
+    let mut w = World::new(1, 1);
+    w.tick();
+    let id = w.ids[0].clone();
+    let now = w.now + 10;
+    let c = train(&mut w.miners[0].1, &job0(), b"art", now, &mut w.rng);
+    let committing = w.miners[0].1.job(&job0()).unwrap().clone();
+    assert_eq!(committing.phase, crate::MinerPhase::Committing);
+    let deadline = committing.assignment.as_ref().unwrap().deadline_ms;
+    let (first, _) = w.v.commit(c.clone(), now).unwrap();
+    let restart =
+        |j: &crate::MinerJob| MinerEngine::new(id.clone(), MinerPolicy::default(), vec![j.clone()]);
+
+    // Before the deadline: the same commitment again; the validator, which had it, gives
+    // the first receipt back, and the job is committed.
+    let mut again = restart(&committing);
+    let (resent, _) = sent(&again.resume(now + 50));
+    let resent = resent.expect("the commitment is sent again");
+    assert_eq!(resent.commit, c.commit);
+    let (receipt, _) = w.v.commit(resent, now + 60).unwrap();
+    assert_eq!(receipt.received_at_ms, first.received_at_ms);
+    again.handle(
+        MinerInput::CommitAnswered {
+            job_id: job0(),
+            result: Ok(receipt),
+        },
+        now + 70,
+        &mut w.rng,
+    );
+    assert_eq!(
+        again.job(&job0()).unwrap().phase,
+        crate::MinerPhase::Committed
+    );
+
+    // After the deadline: too late to commit, so it reveals, and the validator takes it.
+    let mut late = restart(&committing);
+    let (none, header) = sent(&late.resume(deadline + 1));
+    assert!(none.is_none());
+    let header = header.expect("a reveal");
+    assert_eq!(
+        late.job(&job0()).unwrap().phase,
+        crate::MinerPhase::Uploading
+    );
+    w.now = deadline + 1;
+    w.tick();
+    w.v.uploaded(&header, w.now, &mut w.rng).unwrap();
+
+    // Killed while revealing, once the validator had the artifact: the reveal goes out
+    // again, and the validator's "already uploaded" means the job is revealed.
+    let uploading = late.job(&job0()).unwrap().clone();
+    let mut third = restart(&uploading);
+    let (_, again_header) = sent(&third.resume(deadline + 2));
+    let refusal =
+        w.v.uploaded(&again_header.expect("a reveal"), deadline + 2, &mut w.rng)
+            .unwrap_err();
+    assert!(
+        refusal.to_string().contains(crate::miner::ALREADY_UPLOADED),
+        "{refusal}"
+    );
+    third.handle(
+        MinerInput::UploadAnswered {
+            job_id: job0(),
+            result: Err(refusal.to_string()),
+        },
+        deadline + 3,
+        &mut w.rng,
+    );
+    let j = third.job(&job0()).unwrap();
+    assert_eq!(j.phase, crate::MinerPhase::Uploaded, "{}", j.detail);
+    assert_eq!(third.running(), 0);
+}
+
 fn eval_both(test: f64, synthetic: f64, verdicts: Vec<Verdict>) -> Result<Evaluation, String> {
     Ok(Evaluation {
         test_loss: Some(test),
