@@ -3,6 +3,8 @@
 //! jobs' meaning; callers pick trees and keys.
 
 mod blobs;
+#[cfg(test)]
+mod full_disk;
 mod meta;
 
 pub use blobs::{BlobError, BlobStore, BlobWriter, ChunkedBlobWriter};

@@ -29,9 +29,7 @@ pub const RECORD_VERSION: u32 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database could not be opened (locked by another process, corrupt, no permission).
-    #[error(
-        "cannot open the database at {path}: {reason} (is another tunenet using this data dir?)"
-    )]
+    #[error("cannot open the database at {path}: {reason}")]
     Open {
         /// Where.
         path: String,
@@ -153,14 +151,32 @@ pub struct SledStore {
 impl SledStore {
     /// Opens (or creates) the database in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .flush_every_ms(Some(200))
-            .open()
-            .map_err(|e| StoreError::Open {
-                path: dir.display().to_string(),
-                reason: e.to_string(),
-            })?;
+        let locked = |e: &sled::Error| matches!(e, sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock);
+        // A database just closed in this process is unlocked only when sled's flusher
+        // thread has gone, a moment later: a lock held for over a second is another
+        // process's.
+        let mut tries = 0;
+        let db = loop {
+            match sled::Config::new()
+                .path(dir)
+                .flush_every_ms(Some(200))
+                .open()
+            {
+                Err(e) if locked(&e) && tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(25));
+                }
+                r => break r,
+            }
+        }
+        .map_err(|e| StoreError::Open {
+            path: dir.display().to_string(),
+            reason: if locked(&e) {
+                format!("{} (is another tunenet using this data dir?)", explain(&e))
+            } else {
+                explain(&e)
+            },
+        })?;
         Ok(SledStore { db })
     }
 
@@ -171,8 +187,20 @@ impl SledStore {
     }
 }
 
+/// A sled error in words: an I/O error by its message (a full disk says so), the rest as
+/// sled puts them.
+fn explain(e: &sled::Error) -> String {
+    match e {
+        sled::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => format!(
+            "{io}: the disk holding the data directory is full; free space and retry (nothing stored before is lost)"
+        ),
+        sled::Error::Io(io) => io.to_string(),
+        other => other.to_string(),
+    }
+}
+
 fn be(e: sled::Error) -> StoreError {
-    StoreError::Backend(e.to_string())
+    StoreError::Backend(explain(&e))
 }
 
 impl Store for SledStore {
