@@ -496,12 +496,25 @@ pub(crate) fn upload_sink(writer: BlobWriter, header: UploadHeader) -> Box<dyn U
     Box::new(Sink { writer, header })
 }
 
+/// A blob store error as a gRPC status: a full disk is the validator's passing trouble
+/// (the miner retries), not the upload's fault.
+fn blob_status(e: tunenet_store::BlobError) -> Status {
+    match &e {
+        tunenet_store::BlobError::TooLarge { .. } => Status::resource_exhausted(e.to_string()),
+        tunenet_store::BlobError::Io { source, .. }
+            if source.kind() == std::io::ErrorKind::StorageFull =>
+        {
+            Status::unavailable(format!(
+                "the validator's disk is full, nothing of this upload was kept ({e}); retry"
+            ))
+        }
+        _ => Status::internal(e.to_string()),
+    }
+}
+
 impl UploadSink for Sink {
     fn write(&mut self, data: &[u8]) -> Result<(), Status> {
-        self.writer.write_chunk(data).map_err(|e| match e {
-            tunenet_store::BlobError::TooLarge { .. } => Status::resource_exhausted(e.to_string()),
-            _ => Status::internal(e.to_string()),
-        })
+        self.writer.write_chunk(data).map_err(blob_status)
     }
 
     fn finish(self: Box<Self>) -> Result<v1::UploadResult, Status> {
@@ -518,7 +531,7 @@ impl UploadSink for Sink {
                     "uploaded bytes hash to {actual}, but the header and commitment name {expected}; nothing was stored"
                 )))
             }
-            Err(e) => Err(Status::internal(e.to_string())),
+            Err(e) => Err(blob_status(e)),
         }
     }
 }
@@ -531,10 +544,7 @@ impl ValidatorBackend for Shared {
 
     async fn begin_upload(&self, h: UploadHeader) -> Result<Box<dyn UploadSink>, Status> {
         let limit = self.ask(|tx| Cmd::CheckUpload(h.clone(), tx)).await?;
-        let writer = self
-            .blobs
-            .writer(Some(limit))
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let writer = self.blobs.writer(Some(limit)).map_err(blob_status)?;
         Ok(upload_sink(writer, h))
     }
 
@@ -761,7 +771,8 @@ impl Validator {
         self.publish(&record);
         self.comps.push(Comp { engine, record });
         let i = self.comps.len() - 1;
-        self.execute(i, fx);
+        // A record that could not be stored stays queued for the next save.
+        let _ = self.execute(i, fx);
     }
 
     /// Config miners, registered unbanned miners with an endpoint, and miners found by
@@ -931,7 +942,8 @@ impl Validator {
         store
             .put_json(trees::COMPETITIONS, id, &c.record)
             .map_err(|e| Status::internal(e.to_string()))?;
-        self.execute(i, fx);
+        // A record that could not be stored stays queued for the next save.
+        let _ = self.execute(i, fx);
         Ok(next)
     }
 
@@ -941,7 +953,8 @@ impl Validator {
             let fx = self.comps[i]
                 .engine
                 .handle(ValidatorInput::Tick, now, &mut self.rng);
-            self.execute(i, fx);
+            // A record that could not be stored stays queued for the next save.
+            let _ = self.execute(i, fx);
         }
         self.save_unsaved();
     }
@@ -972,12 +985,16 @@ impl Validator {
         self.comps.iter().position(|c| c.engine.job(job).is_some())
     }
 
-    fn execute(&self, comp: usize, fx: Vec<ValidatorEffect>) {
+    /// Carries out the engine's effects. Err: a job record could not be made durable (a
+    /// full disk): the job stays queued for the next save, and a caller answering a miner
+    /// must not promise anything on it.
+    fn execute(&self, comp: usize, fx: Vec<ValidatorEffect>) -> Result<(), String> {
         let Some(c) = self.comps.get(comp) else {
-            return;
+            return Ok(());
         };
         let cid = c.engine.plan().id.clone();
         let mut persisted = false;
+        let mut unstored = None;
         for e in fx {
             match e {
                 ValidatorEffect::SendOffer { addr, offer } => {
@@ -1107,8 +1124,11 @@ impl Validator {
                     let key = format!("{}/{}", cid, job.plan.job_id);
                     if let Err(e) = self.store.put_json(trees::JOBS, &key, &job) {
                         tracing::error!(job_id = %job.plan.job_id, error = %e, "could not store job state");
+                        self.lock_unsaved().insert((comp, job.plan.job_id.clone()));
+                        unstored = Some(e.to_string());
+                    } else {
+                        self.lock_unsaved().remove(&(comp, job.plan.job_id.clone()));
                     }
-                    self.lock_unsaved().remove(&(comp, job.plan.job_id.clone()));
                     persisted = true;
                 }
                 ValidatorEffect::PersistSoon(job_id) => {
@@ -1172,7 +1192,28 @@ impl Validator {
         // 200 ms, and a crash in between forgets a commitment the miner holds a receipt for).
         if persisted && let Err(e) = self.store.flush() {
             tracing::error!(competition = %cid, error = %e, "could not flush job state");
+            unstored.get_or_insert(e.to_string());
         }
+        unstored.map_or(Ok(()), Err)
+    }
+
+    /// Makes `job`'s record durable now if an earlier save of it failed (see
+    /// [`Validator::execute`]), before a miner is answered about it again.
+    fn durable(&self, comp: usize, job: &JobId) -> Result<(), String> {
+        if !self.lock_unsaved().contains(&(comp, job.clone())) {
+            return Ok(());
+        }
+        let c = &self.comps[comp];
+        let Some(state) = c.engine.job(job) else {
+            return Ok(());
+        };
+        let key = format!("{}/{}", c.engine.plan().id, job);
+        self.store
+            .put_json(trees::JOBS, &key, state)
+            .and_then(|()| self.store.flush())
+            .map_err(|e| e.to_string())?;
+        self.lock_unsaved().remove(&(comp, job.clone()));
+        Ok(())
     }
 
     /// Queues an inference submission's checks, timed by this validator's own clock: from
@@ -1238,16 +1279,19 @@ impl Validator {
                             &miner,
                         );
                     }
-                    self.execute(i, fx);
+                    // A record that could not be stored stays queued for the next save.
+                    let _ = self.execute(i, fx);
                 }
             }
             Cmd::Commit(commitment, reply) => {
+                let job = commitment.job_id.clone();
                 let r = match self.index_of_job(&commitment.job_id) {
                     Some(i) => match self.comps[i].engine.commit(commitment, now) {
-                        Ok((receipt, fx)) => {
-                            self.execute(i, fx);
-                            Ok(receipt)
-                        }
+                        Ok((receipt, fx)) => self
+                            .execute(i, fx)
+                            .and_then(|()| self.durable(i, &job))
+                            .map(|()| receipt)
+                            .map_err(|e| not_stored("commitment", &e)),
                         Err(e) => Err(status_of(e)),
                     },
                     None => Err(status_of(ValidatorError::UnknownJob(commitment.job_id))),
@@ -1274,8 +1318,9 @@ impl Validator {
                                 &mut self.comps[i].engine,
                                 &h.artifact,
                             );
-                            self.execute(i, fx);
-                            Ok(())
+                            self.execute(i, fx)
+                                .and_then(|()| self.durable(i, &h.job_id))
+                                .map_err(|e| not_stored("upload", &e))
                         }
                         Err(e) => Err(status_of(e)),
                     },
@@ -1295,6 +1340,14 @@ impl Validator {
             }
         }
     }
+}
+
+/// The answer to a miner when the record behind it could not be stored: retry later (the
+/// validator keeps the state in memory and stores it as soon as it can).
+fn not_stored(what: &str, why: &str) -> Status {
+    Status::unavailable(format!(
+        "the validator took the {what} but could not store it durably ({why}); retry"
+    ))
 }
 
 /// Inputs are routed by job id, which names its competition uniquely.
