@@ -9,6 +9,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
+// deploy/ checked against the binary (in this binary, so no new test executable links).
+mod deploy;
 use common::{BIN, Daemon, port};
 use tunenet_node::console;
 

@@ -106,18 +106,33 @@ impl Server {
         let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         }));
+        // The daemons spawn their server last, once the store is open and every listener
+        // bound: from here `/readyz` says ready.
+        crate::metrics::health().set_ready(true);
         Server { stop, task }
     }
 
     /// Stops accepting calls and waits briefly for those in flight.
     pub async fn stop(self) {
+        crate::metrics::health().set_ready(false);
         let _ = self.stop.send(());
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.task).await;
     }
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
+/// Resolves on Ctrl-C or SIGTERM. The daemons' main loops select on this future on every
+/// pass, so each poll counts as a turn of the loop for `/healthz`
+/// ([`crate::metrics::Health::turn`]): a loop stuck in a handler stops polling it and is
+/// reported dead.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    let mut signal = Box::pin(wait_for_signal());
+    std::future::poll_fn(move |cx| {
+        crate::metrics::health().turn();
+        signal.as_mut().poll(cx)
+    })
+}
+
+async fn wait_for_signal() {
     #[cfg(unix)]
     {
         let mut term =
