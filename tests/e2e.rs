@@ -746,6 +746,57 @@ fn a_miner_killed_while_training_resumes_and_is_scored() {
     );
 }
 
+/// The chaos run in short (issue 15; `tunenet chaos`): a seeded random daemon, validator or
+/// miner, SIGKILLed at a phase of a job's life and restarted on its data dir, four times in
+/// a four-job competition; every invariant must hold afterwards (the command exits
+/// non-zero if one does not). Bad options are refused with the reason first.
+#[test]
+fn chaos_short_seed_keeps_every_invariant() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("chaos");
+    for (args, says) in [
+        (&["--miners", "9"], "3 or 4 miner daemons"),
+        (&["--budget", "4"], "miners refuse budgets under 5 s"),
+    ] {
+        let bad = run(&[&["chaos"][..], &args[..]].concat());
+        let said = String::from_utf8_lossy(&bad.stderr);
+        assert!(!bad.status.success() && said.contains(says), "{said}");
+    }
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::write(work.join("left-over"), b"x").unwrap();
+    let busy = run(&["chaos", "--work-dir", work.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&busy.stderr);
+    assert!(
+        !busy.status.success() && said.contains("is not empty"),
+        "{said}"
+    );
+    std::fs::remove_file(work.join("left-over")).unwrap();
+
+    let t0 = Instant::now();
+    let out = run(&[
+        "chaos",
+        "--seed",
+        "11",
+        "--kills",
+        "4",
+        "--jobs",
+        "4",
+        "--budget",
+        "5",
+        "--work-dir",
+        work.to_str().unwrap(),
+    ]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{report}\n{progress}");
+    assert!(report.contains("4 of 4 kills"), "{report}");
+    assert_eq!(report.matches("  PASS  ").count(), 5, "{report}");
+    assert!(!report.contains("FAIL"), "{report}");
+    // Each kill says which daemon and which phase it hit.
+    assert_eq!(progress.matches(": SIGKILL ").count(), 4, "{progress}");
+    eprintln!("{report}chaos run: {:.0} s", t0.elapsed().as_secs_f64());
+}
+
 #[test]
 fn data_parallel_jobs_on_four_devices_and_tensor_parallel_scoring() {
     let tmp = tempfile::tempdir().unwrap();

@@ -502,6 +502,11 @@ impl MinerEngine {
             .jobs
             .get_mut(&a.job_id)
             .ok_or_else(|| MinerError::UnknownJob(a.job_id.clone()))?;
+        // The same assignment again (a validator restarted before it knew this one had
+        // arrived): already taken.
+        if job.assignment.as_ref() == Some(&a) {
+            return Ok(vec![]);
+        }
         if !matches!(job.phase, MinerPhase::Accepted { .. }) {
             return Err(MinerError::NotAwaiting(a.job_id.clone()));
         }

@@ -594,10 +594,24 @@ impl ValidatorEngine {
     }
 
     /// Effects a restarted validator must redo: offers whose answers were not stored
-    /// (a miner answers a repeated offer as before) and evaluations that were under way.
-    pub fn resume(&self) -> Vec<ValidatorEffect> {
+    /// (a miner answers a repeated offer as before), assignments that may not have left
+    /// before the restart (a miner takes the same assignment again as a no-op), and
+    /// evaluations that were under way.
+    pub fn resume(&self, now: UnixMillis) -> Vec<ValidatorEffect> {
         let mut out = Vec::new();
         for j in self.jobs() {
+            if let JobPhase::Running { deadline } = j.phase
+                && deadline > now
+            {
+                for slot in j.slots.values() {
+                    if slot.commitment.is_none() && slot.submission == SubmissionState::Waiting {
+                        out.push(ValidatorEffect::SendAssignment {
+                            addr: slot.addr.clone(),
+                            assignment: slot.assignment.clone(),
+                        });
+                    }
+                }
+            }
             if matches!(j.phase, JobPhase::Offering { .. }) {
                 let offers = Offers::new(&self.plan, &self.identity, &self.inference, &j.plan);
                 for (addr, o) in &j.offers {

@@ -69,9 +69,9 @@ impl ChaosOptions {
                 self.miners
             )));
         }
-        if !(2..=120).contains(&self.budget_secs) {
+        if !(5..=120).contains(&self.budget_secs) {
             return Err(other(format!(
-                "--budget {}: give each job 2 to 120 s of training",
+                "--budget {}: give each job 5 to 120 s of training (miners refuse budgets under 5 s)",
                 self.budget_secs
             )));
         }
@@ -1030,6 +1030,11 @@ fn check_final(
         if let Err(e) = st {
             bad.push(format!("{name}'s store: {e}"));
         }
+    }
+    if scored == 0 {
+        bad.push(
+            "no submission was evaluated, so nothing was tested (see the validator's log)".into(),
+        );
     }
     let mut detail = vec![format!(
         "{} jobs ({abandoned} ended with a note); {} submissions: {scored} evaluated, {failed} failed; {miner_jobs} jobs on the miners' side",

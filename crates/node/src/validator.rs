@@ -767,7 +767,7 @@ impl Validator {
                 allow_quantized: record.config.inference.allow_quantized,
             }));
         }
-        let fx = engine.resume();
+        let fx = engine.resume(now_ms());
         self.publish(&record);
         self.comps.push(Comp { engine, record });
         let i = self.comps.len() - 1;

@@ -415,6 +415,62 @@ fn restored_engine_resumes_evaluation_and_keeps_state() {
     ));
 }
 
+/// A validator killed between storing a job's assignments and sending them came back with
+/// the slots waiting for commitments no miner could make (each got the penalty at the
+/// deadline): a restart sends them again while the deadline is ahead, and a miner that
+/// already has one takes the repeat as a no-op.
+#[test]
+fn a_restarted_validator_sends_its_assignments_again_until_the_deadline() {
+    let mut w = World::new(2, 1);
+    w.tick();
+    let now = w.now + 10;
+    let c = train(&mut w.miners[0].1, &job0(), b"one", now, &mut w.rng);
+    w.v.commit(c, now).unwrap();
+    let stored: Vec<JobState> = w.v.jobs().cloned().collect();
+    let deadline = match stored[0].phase {
+        JobPhase::Running { deadline } => deadline,
+        ref p => panic!("{p:?}"),
+    };
+    let v2 = ValidatorEngine::new(
+        Identity::generate(),
+        plan(1, 2),
+        vec!["m0".into(), "m1".into()],
+        stored,
+    );
+    let again: Vec<(String, Assignment)> = v2
+        .resume(now + 20)
+        .into_iter()
+        .filter_map(|e| match e {
+            ValidatorEffect::SendAssignment { addr, assignment } => Some((addr, assignment)),
+            _ => None,
+        })
+        .collect();
+    // m0 has committed already; m1 has not.
+    assert_eq!(again.len(), 1, "{again:?}");
+    let (addr, a) = again[0].clone();
+    assert_eq!(addr, "m1");
+    // m1 had it: a no-op that keeps it training.
+    let m1 = &mut w.miners[1].1;
+    assert_eq!(m1.assign(a.clone(), now + 30), Ok(vec![]));
+    assert_eq!(m1.job(&job0()).unwrap().phase, crate::MinerPhase::Training);
+    // m1 never got it (the validator died before sending): it trains now.
+    let mut fresh = m1.job(&job0()).unwrap().clone();
+    fresh.phase = crate::MinerPhase::Accepted { at: now };
+    fresh.assignment = None;
+    let mut m1b = MinerEngine::new(w.ids[1].clone(), MinerPolicy::default(), vec![fresh]);
+    let fx = m1b.assign(a, now + 30).unwrap();
+    assert!(
+        fx.iter().any(|e| matches!(e, MinerEffect::Train { .. })),
+        "{fx:?}"
+    );
+    // Past the deadline nothing is sent.
+    assert!(
+        v2.resume(deadline + 1)
+            .iter()
+            .all(|e| !matches!(e, ValidatorEffect::SendAssignment { .. }))
+    );
+}
+
 #[test]
 fn miner_policy_rejects_with_reasons() {
     let p = MinerPolicy {
