@@ -9,8 +9,10 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-// deploy/ checked against the binary (in this binary, so no new test executable links).
+// deploy/ checked against the binary, and the network across namespaces (in this binary,
+// so no new test executable links).
 mod deploy;
+mod netns;
 use common::{BIN, Daemon, port};
 use tunenet_node::console;
 
