@@ -795,6 +795,29 @@ fn chaos_short_seed_keeps_every_invariant() {
     // Each kill says which daemon and which phase it hit.
     assert_eq!(progress.matches(": SIGKILL ").count(), 4, "{progress}");
     eprintln!("{report}chaos run: {:.0} s", t0.elapsed().as_secs_f64());
+
+    // Clocks 30 s apart: the miners' clocks run 30 s ahead of and behind the validator's
+    // (TUNENET_CLOCK_SKEW_MS), nothing is killed, and every submission must be scored.
+    let skewed = tmp.path().join("skewed");
+    let out = run(&[
+        "chaos",
+        "--seed",
+        "3",
+        "--kills",
+        "0",
+        "--jobs",
+        "2",
+        "--budget",
+        "6",
+        "--clock-skew-ms",
+        "30000",
+        "--work-dir",
+        skewed.to_str().unwrap(),
+    ]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{report}");
+    assert!(report.contains("+30.0 s from the validator's"), "{report}");
+    assert!(report.contains("6 evaluated, 0 failed"), "{report}");
 }
 
 #[test]

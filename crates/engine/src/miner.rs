@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use tunenet_types::{
     Assignment, BlobId, Commitment, Decision, Identity, JobId, JobKind, MinerJobStatus, Offer,
-    Receipt, RejectCode, RejectReason, UnixMillis, UploadHeader, commit_hash,
+    PeerIdStr, Receipt, RejectCode, RejectReason, UnixMillis, UploadHeader, commit_hash,
 };
 
 /// The operator's accept/reject policy.
@@ -171,7 +171,29 @@ pub struct MinerJob {
     pub loss: f32,
     /// A sentence about the job.
     pub detail: String,
+    /// This miner's clock less the validator's, as measured when the assignment arrived
+    /// (see [`MinerEngine::assign`]); the job's deadline on this miner's clock is the
+    /// assignment's plus this.
+    #[serde(default)]
+    pub clock_offset_ms: i64,
 }
+
+impl MinerJob {
+    /// The deadline on this miner's clock (None before the assignment).
+    pub fn local_deadline(&self) -> Option<UnixMillis> {
+        self.assignment
+            .as_ref()
+            .map(|a| a.deadline_ms.saturating_add_signed(self.clock_offset_ms))
+    }
+}
+
+/// Clock-offset samples kept per validator: the offset used is the least of them.
+const CLOCK_SAMPLES: usize = 8;
+
+/// Largest clock offset to a validator a miner corrects for (10 minutes). Beyond it the
+/// clocks are broken, not skewed; the correction stops there and the job will likely be
+/// refused as late or early, with the validator's reason.
+pub const MAX_CLOCK_OFFSET_MS: i64 = 600_000;
 
 /// Why the miner refused an assignment.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -238,6 +260,8 @@ pub enum MinerEffect {
     Train {
         /// The assignment.
         assignment: Assignment,
+        /// Its deadline on this miner's clock (the assignment's is on the validator's).
+        deadline_ms: UnixMillis,
         /// Where the validator is.
         reply_to: String,
         /// An inference job's terms; None for fine-tuning.
@@ -268,6 +292,8 @@ pub struct MinerEngine {
     identity: Identity,
     policy: MinerPolicy,
     jobs: BTreeMap<JobId, MinerJob>,
+    /// Per validator, the latest clock-offset samples (see [`MinerEngine::assign`]).
+    clocks: BTreeMap<PeerIdStr, std::collections::VecDeque<i64>>,
 }
 
 fn held(phase: &MinerPhase) -> bool {
@@ -280,14 +306,32 @@ fn held(phase: &MinerPhase) -> bool {
 impl MinerEngine {
     /// A miner with the given identity and policy, resuming stored jobs.
     pub fn new(identity: Identity, policy: MinerPolicy, stored: Vec<MinerJob>) -> Self {
-        let jobs = stored
+        let jobs: BTreeMap<JobId, MinerJob> = stored
             .into_iter()
             .map(|j| (j.offer.job_id.clone(), j))
             .collect();
+        // The clock offsets measured before the restart, oldest first.
+        let mut measured: Vec<(UnixMillis, &PeerIdStr, i64)> = jobs
+            .values()
+            .filter_map(|j| {
+                let a = j.assignment.as_ref()?;
+                Some((a.deadline_ms, &a.validator, j.clock_offset_ms))
+            })
+            .collect();
+        measured.sort_by_key(|m| m.0);
+        let mut clocks: BTreeMap<PeerIdStr, std::collections::VecDeque<i64>> = BTreeMap::new();
+        for (_, v, offset) in measured {
+            let samples = clocks.entry(v.clone()).or_default();
+            samples.push_back(offset);
+            if samples.len() > CLOCK_SAMPLES {
+                samples.pop_front();
+            }
+        }
         MinerEngine {
             identity,
             policy,
             jobs,
+            clocks,
         }
     }
 
@@ -315,15 +359,17 @@ impl MinerEngine {
         let mut fx = Vec::new();
         let me = self.identity.peer_id();
         for (id, j) in self.jobs.iter_mut() {
+            let deadline = j.local_deadline();
             match j.phase {
-                MinerPhase::Training => match &j.assignment {
-                    Some(a) if a.deadline_ms > now => {
+                MinerPhase::Training => match (&j.assignment, deadline) {
+                    (Some(a), Some(deadline)) if deadline > now => {
                         j.detail = "resuming training after a restart".into();
                         fx.push(MinerEffect::Event(format!(
                             "job {id}: resuming training after a restart"
                         )));
                         fx.push(MinerEffect::Train {
                             assignment: a.clone(),
+                            deadline_ms: deadline,
                             reply_to: j.offer.reply_to.clone(),
                             inference: j.offer.inference.clone(),
                         });
@@ -338,8 +384,8 @@ impl MinerEngine {
                     }
                 },
                 MinerPhase::Committing => {
-                    let (Some(a), Some((artifact, size)), Some(salt)) =
-                        (&j.assignment, j.artifact, j.salt)
+                    let (Some(deadline), Some((artifact, size)), Some(salt)) =
+                        (deadline, j.artifact, j.salt)
                     else {
                         j.phase = MinerPhase::Failed;
                         j.detail =
@@ -348,7 +394,7 @@ impl MinerEngine {
                         fx.push(MinerEffect::Persist(Box::new(j.clone())));
                         continue;
                     };
-                    if a.deadline_ms > now {
+                    if deadline > now {
                         // A commitment the validator already has gets its first receipt back.
                         j.detail = "sending the commitment again after a restart".into();
                         fx.push(MinerEffect::Event(format!(
@@ -470,6 +516,7 @@ impl MinerEngine {
                     step: 0,
                     loss: 0.0,
                     detail: "accepted; waiting for the assignment".into(),
+                    clock_offset_ms: 0,
                 };
                 fx.push(MinerEffect::Event(format!(
                     "job {}: accepted offer from {}",
@@ -518,25 +565,53 @@ impl MinerEngine {
                 a.validator, job.offer.validator
             )));
         }
-        if a.deadline_ms <= now {
+        // The deadline is on the validator's clock, set at assignment to its `now` plus
+        // the offer's time budget; so `now - (deadline - budget)` here is this miner's clock
+        // less the validator's, plus the assignment's time on the way. The least such
+        // sample of the last few assignments from this validator estimates the offset (the
+        // delay only ever adds), and the job runs to the deadline on this miner's clock.
+        let issued = a.deadline_ms.saturating_sub(job.offer.time_budget_ms);
+        let sample = (now as i64).saturating_sub(issued as i64);
+        let samples = self.clocks.entry(a.validator.clone()).or_default();
+        samples.push_back(sample);
+        if samples.len() > CLOCK_SAMPLES {
+            samples.pop_front();
+        }
+        let offset = samples
+            .iter()
+            .copied()
+            .min()
+            .unwrap_or(0)
+            .clamp(-MAX_CLOCK_OFFSET_MS, MAX_CLOCK_OFFSET_MS);
+        let deadline = a.deadline_ms.saturating_add_signed(offset);
+        if deadline <= now {
             return Err(MinerError::Expired(a.deadline_ms));
         }
         job.phase = MinerPhase::Training;
         job.detail = "fetching the base model and shard".into();
         job.assignment = Some(a.clone());
-        Ok(vec![
-            MinerEffect::Event(format!(
-                "job {}: assigned, {} s to the deadline",
+        job.clock_offset_ms = offset;
+        let mut fx = vec![MinerEffect::Event(format!(
+            "job {}: assigned, {} s to the deadline",
+            a.job_id,
+            (deadline - now) / 1000
+        ))];
+        if offset.abs() >= 1000 {
+            fx.push(MinerEffect::Event(format!(
+                "job {}: this miner's clock is {:+.1} s from validator {}'s; deadlines are kept on the validator's",
                 a.job_id,
-                (a.deadline_ms - now) / 1000
-            )),
-            MinerEffect::Persist(Box::new(job.clone())),
-            MinerEffect::Train {
-                assignment: a,
-                reply_to: job.offer.reply_to.clone(),
-                inference: job.offer.inference.clone(),
-            },
-        ])
+                offset as f64 / 1000.0,
+                a.validator
+            )));
+        }
+        fx.push(MinerEffect::Persist(Box::new(job.clone())));
+        fx.push(MinerEffect::Train {
+            assignment: a,
+            deadline_ms: deadline,
+            reply_to: job.offer.reply_to.clone(),
+            inference: job.offer.inference.clone(),
+        });
+        Ok(fx)
     }
 
     /// Handles an input.
@@ -604,6 +679,22 @@ impl MinerEngine {
                                 "job {job_id}: artifact already uploaded"
                             )));
                         }
+                        // Revealed before the validator's deadline: this miner's estimate
+                        // of the validator's clock was short. Wait a second longer and
+                        // reveal again (within the reveal window, which the validator keeps).
+                        Err(e)
+                            if e.contains(REVEAL_TOO_EARLY)
+                                && j.clock_offset_ms < MAX_CLOCK_OFFSET_MS =>
+                        {
+                            j.phase = MinerPhase::Committed;
+                            j.clock_offset_ms += 1000;
+                            j.detail =
+                                "revealed too early for the validator's clock; revealing again"
+                                    .into();
+                            fx.push(MinerEffect::Event(format!(
+                                "job {job_id}: revealed before the validator's deadline; revealing again in a second"
+                            )));
+                        }
                         Err(e) => {
                             j.phase = MinerPhase::Failed;
                             j.detail = format!("upload failed: {e}");
@@ -645,7 +736,7 @@ impl MinerEngine {
                     "job {job_id}: training failed: {e}"
                 )));
             }
-            Ok(_) if now > a.deadline_ms => {
+            Ok(_) if now > a.deadline_ms.saturating_add_signed(j.clock_offset_ms) => {
                 j.phase = MinerPhase::Failed;
                 j.detail = "training finished after the deadline; nothing committed".into();
                 fx.push(MinerEffect::Event(format!(
@@ -683,7 +774,7 @@ impl MinerEngine {
                     fx.push(MinerEffect::Persist(Box::new(j.clone())));
                 }
                 MinerPhase::Committed => {
-                    if j.assignment.as_ref().is_none_or(|a| now <= a.deadline_ms) {
+                    if j.local_deadline().is_none_or(|d| now <= d) {
                         continue;
                     }
                     let Some(upload) = reveal(j, &me) else {
@@ -718,6 +809,10 @@ fn reveal(j: &MinerJob, me: &tunenet_types::PeerIdStr) -> Option<MinerEffect> {
 /// What a validator's refusal of a second reveal of one artifact says (see
 /// [`crate::ValidatorError::AlreadyUploaded`]).
 pub const ALREADY_UPLOADED: &str = "already uploaded its artifact";
+
+/// What a validator's refusal of a reveal before its deadline says (see
+/// [`crate::ValidatorError::TooEarly`]).
+pub const REVEAL_TOO_EARLY: &str = "reveal the artifact after the deadline";
 
 /// This miner's signed commitment to `artifact` for `job_id`, salted with `salt`.
 fn commitment(

@@ -58,6 +58,9 @@ pub struct ChaosOptions {
     pub jobs: Option<u32>,
     /// Where the daemons' data and logs go.
     pub work: PathBuf,
+    /// The miners' clocks run this far from the validator's, in milliseconds: ahead for
+    /// the even miners, behind for the odd ones (0: one clock).
+    pub clock_skew_ms: i64,
 }
 
 impl ChaosOptions {
@@ -73,6 +76,13 @@ impl ChaosOptions {
             return Err(other(format!(
                 "--budget {}: give each job 5 to 120 s of training (miners refuse budgets under 5 s)",
                 self.budget_secs
+            )));
+        }
+        if self.clock_skew_ms.abs() > tunenet_engine::miner::MAX_CLOCK_OFFSET_MS {
+            return Err(other(format!(
+                "--clock-skew-ms {}: at most {} ms (the largest offset a miner corrects for)",
+                self.clock_skew_ms,
+                tunenet_engine::miner::MAX_CLOCK_OFFSET_MS
             )));
         }
         if self.kills > 500 {
@@ -141,6 +151,8 @@ pub struct ChaosReport {
     pub jobs: u32,
     /// Training time per job, seconds.
     pub budget_secs: u64,
+    /// The miners' clock skew, milliseconds (see [`ChaosOptions::clock_skew_ms`]).
+    pub clock_skew_ms: i64,
     /// Every kill made.
     pub kills: Vec<Kill>,
     /// Every invariant.
@@ -194,6 +206,13 @@ impl ChaosReport {
             "job",
             "down"
         );
+        if self.clock_skew_ms != 0 {
+            s.push_str(&format!(
+                "clocks: the even miners {:+.1} s from the validator's, the odd ones {:+.1} s\n",
+                self.clock_skew_ms as f64 / 1000.0,
+                -self.clock_skew_ms as f64 / 1000.0
+            ));
+        }
         for (i, k) in self.kills.iter().enumerate() {
             s.push_str(&format!(
                 "{:>3} {:>7.1}  {:<10} {:<11} {:<12} {:<10} {:>5.1}s\n",
@@ -262,13 +281,17 @@ struct Proc {
     data: PathBuf,
     port: u16,
     url: String,
+    /// Extra environment (a skewed clock).
+    env: Vec<(String, String)>,
     daemon: Option<Daemon>,
 }
 
 impl Proc {
     fn start(&mut self, exe: &Path) -> Result<(), NodeError> {
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        self.daemon = Some(Daemon::start(exe, &self.name, &args, &self.log)?);
+        self.daemon = Some(Daemon::start_with_env(
+            exe, &self.name, &args, &self.log, &self.env,
+        )?);
         Ok(())
     }
 
@@ -677,6 +700,19 @@ pub async fn run(
             data: dir.join("data"),
             port,
             url: format!("http://127.0.0.1:{port}"),
+            env: if opts.clock_skew_ms == 0 {
+                vec![]
+            } else {
+                let skew = if m % 2 == 0 {
+                    opts.clock_skew_ms
+                } else {
+                    -opts.clock_skew_ms
+                };
+                vec![(
+                    tunenet_types::time::CLOCK_SKEW_ENV.to_string(),
+                    skew.to_string(),
+                )]
+            },
             daemon: None,
         });
     }
@@ -711,6 +747,7 @@ pub async fn run(
         data: vdir.join("data"),
         port: vport,
         url: format!("http://127.0.0.1:{vport}"),
+        env: vec![],
         daemon: None,
     });
     let v = procs.len() - 1;
@@ -734,6 +771,7 @@ pub async fn run(
         miners: opts.miners,
         jobs,
         budget_secs: opts.budget_secs,
+        clock_skew_ms: opts.clock_skew_ms,
         work: work.clone(),
         ..Default::default()
     };
@@ -879,6 +917,7 @@ pub async fn run(
         &statuses,
         &stored,
         &miner_stores,
+        opts.kills == 0,
     ));
     report
         .checks
@@ -948,6 +987,7 @@ fn check_final(
     statuses: &[(String, Result<tunenet_proto::v1::MinerStatus, NodeError>)],
     stored: &Result<Stored, NodeError>,
     miner_stores: &[(String, Result<Vec<MinerJob>, NodeError>)],
+    no_kills: bool,
 ) -> Check {
     let mut bad = Vec::new();
     let (mut scored, mut failed, mut abandoned) = (0, 0, 0);
@@ -979,6 +1019,10 @@ fn check_final(
                         .unwrap_or("");
                     if r.trim().is_empty() {
                         bad.push(format!("{id}: {miner} failed without a reason"));
+                    } else if no_kills {
+                        // Nothing was killed, so nothing excuses it (a skewed clock
+                        // making a miner late or early would show here).
+                        bad.push(format!("{id}: {miner} failed with no kill: {r}"));
                     }
                     *reasons.entry(short_reason(r)).or_default() += 1;
                 }
@@ -1020,6 +1064,11 @@ fn check_final(
                         ));
                     } else if j.phase == "failed" && j.detail.trim().is_empty() {
                         bad.push(format!("{name}: job {} failed without a reason", j.job_id));
+                    } else if j.phase == "failed" && no_kills {
+                        bad.push(format!(
+                            "{name}: job {} failed with no kill: {}",
+                            j.job_id, j.detail
+                        ));
                     }
                 }
             }
@@ -1383,6 +1432,7 @@ mod tests {
             budget_secs: 6,
             jobs: None,
             work: "/tmp/x".into(),
+            clock_skew_ms: 30_000,
         };
         assert!(ok.validate().is_ok());
         assert_eq!(ok.job_count(), 16);
@@ -1408,6 +1458,13 @@ mod tests {
                     ..ok.clone()
                 },
                 "--jobs 0",
+            ),
+            (
+                ChaosOptions {
+                    clock_skew_ms: -700_000,
+                    ..ok.clone()
+                },
+                "--clock-skew-ms -700000",
             ),
             (ChaosOptions { kills: 501, ..ok }, "--kills 501"),
         ];

@@ -18,7 +18,7 @@ use tunenet_proto::v1;
 use tunenet_rpc::{MinerBackend, Status};
 use tunenet_store::{BlobStore, Store, StoreExt, trees};
 use tunenet_types::{
-    Assignment, BlobId, DecisionReply, HparamBounds, Offer, PeerIdStr, time::now_ms,
+    Assignment, BlobId, DecisionReply, HparamBounds, Offer, PeerIdStr, UnixMillis, time::now_ms,
 };
 
 /// Largest model manifest accepted.
@@ -181,14 +181,16 @@ impl Ctx {
             match e {
                 MinerEffect::Train {
                     assignment,
+                    deadline_ms,
                     reply_to,
                     inference: None,
-                } => self.spawn_training(assignment, reply_to),
+                } => self.spawn_training(assignment, deadline_ms, reply_to),
                 MinerEffect::Train {
                     assignment,
+                    deadline_ms,
                     reply_to,
                     inference: Some(terms),
-                } => self.spawn_inference(assignment, reply_to, terms),
+                } => self.spawn_inference(assignment, deadline_ms, reply_to, terms),
                 MinerEffect::SendCommit {
                     reply_to,
                     commitment,
@@ -265,9 +267,12 @@ impl Ctx {
 
     /// Runs an inference job: scores the assigned shard with the job's model (quantised
     /// where the terms allow and the config asks) and stores the results as the artifact.
+    /// `deadline_ms` is the job's deadline on this miner's clock (the assignment's is on
+    /// the validator's).
     fn spawn_inference(
         &self,
         a: Assignment,
+        deadline_ms: UnixMillis,
         reply_to: String,
         terms: tunenet_types::InferenceTerms,
     ) {
@@ -309,8 +314,8 @@ impl Ctx {
                         items: abs(&items_path),
                         item_count: items.len(),
                         output_dir: abs(&output),
-                        deadline_unix_ms: a.deadline_ms,
-                        stop_by_unix_ms: a.deadline_ms.saturating_sub(margin_ms),
+                        deadline_unix_ms: deadline_ms,
+                        stop_by_unix_ms: deadline_ms.saturating_sub(margin_ms),
                         devices: slots.clone(),
                         allow_quantized: terms.allow_quantized,
                     };
@@ -348,7 +353,9 @@ impl Ctx {
         });
     }
 
-    fn spawn_training(&self, a: Assignment, reply_to: String) {
+    /// `deadline_ms` is the job's deadline on this miner's clock (the assignment's is on
+    /// the validator's).
+    fn spawn_training(&self, a: Assignment, deadline_ms: UnixMillis, reply_to: String) {
         let tx = self.tx.clone();
         let blobs = self.blobs.clone();
         let transport = self.transport.clone();
@@ -381,7 +388,7 @@ impl Ctx {
                 let need = model_dir_need(&model_dir, &cfg, &pool);
                 let want = if auto {
                     let seen = throughput.lock().ok().and_then(|t| t.get(&a.base_model).copied());
-                    let secs = a.deadline_ms.saturating_sub(now_ms()) as f64 / 1000.0 - margin.as_secs_f64();
+                    let secs = deadline_ms.saturating_sub(now_ms()) as f64 / 1000.0 - margin.as_secs_f64();
                     crate::devices::devices_for_budget(cfg.max_steps, seen, secs, most)
                 } else {
                     most
@@ -391,10 +398,10 @@ impl Ctx {
                 let devices: Vec<tunenet_ml::Device> = group.into_iter().map(|g| g.1).collect();
                 tracing::info!(job_id = %job_id, device = %slots.join("+"), "training placed");
                 if !training.command.is_empty() {
-                    return external_training(&training, &a, &records, &model_dir, &out, &slots, &blobs).await;
+                    return external_training(&training, &a, deadline_ms, &records, &model_dir, &out, &slots, &blobs).await;
                 }
                 // The deadline is wall-clock; the trainer plans on a monotonic clock.
-                let left = a.deadline_ms.saturating_sub(now_ms());
+                let left = deadline_ms.saturating_sub(now_ms());
                 let deadline = Instant::now() + Duration::from_millis(left);
                 let progress_tx = tx.clone();
                 let job = a.job_id.clone();
@@ -448,9 +455,11 @@ impl Ctx {
 
 /// Trains `a` with the configured external program (see [`crate::external`]) and stores
 /// the artifact it produced.
+#[allow(clippy::too_many_arguments)]
 async fn external_training(
     training: &TrainingConfig,
     a: &Assignment,
+    deadline_ms: UnixMillis,
     records: &[tunenet_ml::Record],
     model_dir: &std::path::Path,
     work: &std::path::Path,
@@ -475,8 +484,8 @@ async fn external_training(
         train_data: std::fs::canonicalize(&data).unwrap_or(data),
         train_records: records.len(),
         output_dir: std::fs::canonicalize(&output).unwrap_or(output),
-        deadline_unix_ms: a.deadline_ms,
-        stop_by_unix_ms: a.deadline_ms.saturating_sub(margin_ms),
+        deadline_unix_ms: deadline_ms,
+        stop_by_unix_ms: deadline_ms.saturating_sub(margin_ms),
         devices: slots.to_vec(),
         hparams: a.hparams.clone(),
         suggested: training.clone(),

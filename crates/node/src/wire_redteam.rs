@@ -340,6 +340,17 @@ impl Daemon {
         args: &[&str],
         log: &Path,
     ) -> Result<Daemon, NodeError> {
+        Daemon::start_with_env(exe, name, args, log, &[])
+    }
+
+    /// [`Daemon::start`] with extra environment variables.
+    pub(crate) fn start_with_env(
+        exe: &Path,
+        name: &str,
+        args: &[&str],
+        log: &Path,
+        env: &[(String, String)],
+    ) -> Result<Daemon, NodeError> {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -351,6 +362,7 @@ impl Daemon {
             .stderr(out)
             .stdin(Stdio::null())
             .env("RAYON_NUM_THREADS", "1")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .spawn()
             .map_err(|e| other(format!("cannot start {name}: {e}")))?;
         Ok(Daemon {

@@ -194,6 +194,11 @@ enum Cmd {
         /// temporary one.
         #[arg(long)]
         work_dir: Option<PathBuf>,
+        /// Run the miners' clocks this many milliseconds from the validator's: ahead for
+        /// even miners, behind for odd ones. With --kills 0, every submission must then be
+        /// scored.
+        #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+        clock_skew_ms: i64,
     },
     /// Load figures against real daemon processes: a miner's offer round trips, a
     /// validator's fan-out to many miners.
@@ -462,6 +467,7 @@ fn run(cmd: Cmd) -> Result<()> {
             budget,
             jobs,
             work_dir,
+            clock_skew_ms,
         } => {
             let tmp = tempfile::Builder::new()
                 .prefix("tunenet-chaos-")
@@ -474,6 +480,7 @@ fn run(cmd: Cmd) -> Result<()> {
                 budget_secs: budget,
                 jobs,
                 work: work_dir.unwrap_or_else(|| tmp.path().join("run")),
+                clock_skew_ms,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

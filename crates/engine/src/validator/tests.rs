@@ -576,8 +576,14 @@ fn miner_refuses_forged_or_foreign_assignments() {
         m.assign(foreign, w.now),
         Err(crate::MinerError::WrongMiner(_))
     ));
+    // Arriving after its deadline looks like a clock ahead by as much (the first
+    // assignment from a validator is this miner's only measure of its clock), up to
+    // `MAX_CLOCK_OFFSET_MS`; past that it is refused.
     assert!(matches!(
-        m.assign(a.clone(), a.deadline_ms + 1),
+        m.assign(
+            a.clone(),
+            a.deadline_ms + crate::miner::MAX_CLOCK_OFFSET_MS as u64
+        ),
         Err(crate::MinerError::Expired(_))
     ));
     m.assign(a, w.now).unwrap();
@@ -1770,4 +1776,127 @@ fn only_peers_that_learned_no_more_on_fresh_records_make_the_test_decisive() {
         "{}",
         v.reason
     );
+}
+
+/// A miner whose clock is 30 s ahead of or behind the validator's keeps the validator's
+/// deadline: it trains for the whole budget, commits in time and reveals once the deadline
+/// has passed on the validator's clock. Without the correction the clock ahead reveals
+/// half a minute early (refused) and the clock behind commits half a minute late (refused),
+/// as the last two assertions show. A reveal refused as early waits a second and goes again.
+#[test]
+fn clocks_thirty_seconds_apart_keep_the_validators_deadline() {
+    for skew in [-30_000i64, 30_000] {
+        let mut w = World::new(1, 1);
+        // The miner's clock when the validator's reads `v`.
+        let at = |v: UnixMillis| v.saturating_add_signed(skew);
+        let mut pending = w.v.handle(ValidatorInput::Tick, w.now, &mut w.rng);
+        let mut assignment = None;
+        while let Some(e) = pending.pop() {
+            match e {
+                ValidatorEffect::SendOffer { addr, offer } => {
+                    let m = &mut w.miners[0].1;
+                    let (d, _) = m.offer(offer.clone(), at(w.now), None);
+                    let reply = Ok(m.reply(offer.job_id.clone(), &offer.validator, d));
+                    let job_id = offer.job_id;
+                    pending.extend(w.v.handle(
+                        ValidatorInput::Decision {
+                            job_id,
+                            addr,
+                            reply,
+                        },
+                        w.now,
+                        &mut w.rng,
+                    ));
+                }
+                ValidatorEffect::SendAssignment { assignment: a, .. } => assignment = Some(a),
+                _ => {}
+            }
+        }
+        let a = assignment.expect("an assignment");
+        let deadline = a.deadline_ms;
+        // The assignment takes 20 ms to arrive.
+        let fx = w.miners[0].1.assign(a, at(w.now + 20)).unwrap();
+        let local = fx
+            .iter()
+            .find_map(|e| match e {
+                MinerEffect::Train { deadline_ms, .. } => Some(*deadline_ms),
+                _ => None,
+            })
+            .expect("training");
+        assert_eq!(local, at(deadline + 20), "skew {skew}");
+        assert_eq!(local - at(w.now + 20), BUDGET, "the whole budget to train");
+
+        // Trained up to 3 s before its deadline: the commitment is in time.
+        let c = train(
+            &mut w.miners[0].1,
+            &job0(),
+            b"art",
+            local - 3000,
+            &mut w.rng,
+        );
+        let (receipt, _) = w.v.commit(c, deadline - 2970).unwrap();
+        w.miners[0].1.handle(
+            MinerInput::CommitAnswered {
+                job_id: job0(),
+                result: Ok(receipt),
+            },
+            local - 2960,
+            &mut w.rng,
+        );
+        // No reveal until the deadline has passed on the validator's clock.
+        let (_, early) = sent(&w.miners[0].1.handle(MinerInput::Tick, local, &mut w.rng));
+        assert!(early.is_none(), "skew {skew}: revealed at the deadline");
+        let (_, header) = sent(
+            &w.miners[0]
+                .1
+                .handle(MinerInput::Tick, local + 1, &mut w.rng),
+        );
+        let header = header.expect("a reveal after the deadline");
+
+        // A reveal refused as early (the validator's clock stepped back): again a second
+        // later. (Uncorrected, the clock 30 s ahead would have revealed 30 s early and met
+        // this refusal with no retry.)
+        let refusal =
+            w.v.uploaded(&header, deadline - 500, &mut w.rng)
+                .unwrap_err();
+        assert!(
+            refusal.to_string().contains(crate::miner::REVEAL_TOO_EARLY),
+            "{refusal}"
+        );
+        w.miners[0].1.handle(
+            MinerInput::UploadAnswered {
+                job_id: job0(),
+                result: Err(refusal.to_string()),
+            },
+            local + 2,
+            &mut w.rng,
+        );
+        let j = w.miners[0].1.job(&job0()).unwrap();
+        assert_eq!(j.phase, crate::MinerPhase::Committed, "{}", j.detail);
+        let (_, soon) = sent(
+            &w.miners[0]
+                .1
+                .handle(MinerInput::Tick, local + 500, &mut w.rng),
+        );
+        assert!(soon.is_none());
+        let (_, again) = sent(
+            &w.miners[0]
+                .1
+                .handle(MinerInput::Tick, local + 1001, &mut w.rng),
+        );
+        let again = again.expect("the reveal again, a second later");
+        w.now = deadline + 1021;
+        w.tick();
+        w.v.uploaded(&again, w.now, &mut w.rng).unwrap();
+    }
+    // Uncorrected, the clock behind would have committed 27 s after the deadline: refused.
+    let mut w = World::new(1, 1);
+    w.tick();
+    let slot = w.v.job(&job0()).unwrap().slots.values().next().unwrap();
+    let deadline = slot.assignment.deadline_ms;
+    let c = train(&mut w.miners[0].1, &job0(), b"art", w.now + 10, &mut w.rng);
+    assert!(matches!(
+        w.v.commit(c, deadline + 27_000),
+        Err(ValidatorError::TooLate { .. })
+    ));
 }
