@@ -417,7 +417,7 @@ pub fn manifests(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::TARGETS;
-    use std::path::PathBuf;
+    use std::path::{Path, PathBuf};
 
     /// `fuzz/seeds/<target>` (real files each corpus starts from) and
     /// `fuzz/regressions/<target>` (every input the fuzzer found that crashed, hung or ran
@@ -454,6 +454,90 @@ mod tests {
             }
         }
         assert!(seen >= TARGETS.len());
+    }
+
+    /// The seeds are inputs the decoders accept, so each corpus starts deep in its decoder
+    /// (a seed that went stale after a format change would start it at the first check).
+    #[test]
+    fn seeds_are_inputs_the_decoders_accept() {
+        use prost::Message;
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds");
+        let read = |t: &str, n: &str| std::fs::read(root.join(t).join(n)).unwrap();
+        let body = |t: &str, n: &str| read(t, n)[1..].to_vec();
+        let offer = tunenet_proto::v1::Offer::decode(&body("job_messages", "offer")[..]).unwrap();
+        tunenet_types::Offer::try_from(offer)
+            .unwrap()
+            .verify()
+            .unwrap();
+        let receipt =
+            tunenet_proto::v1::Receipt::decode(&body("job_messages", "receipt")[..]).unwrap();
+        tunenet_types::Receipt::try_from(receipt)
+            .unwrap()
+            .verify()
+            .unwrap();
+        for name in ["lora", "full"] {
+            let path = super::scratch_file(name, &read("artifact", name));
+            let report = tunenet_integrity::check_artifact(
+                super::tiny_base(),
+                &path,
+                &tunenet_types::HparamBounds::default(),
+                &tunenet_types::IntegritySettings::default(),
+            )
+            .unwrap();
+            assert!(!report.failed(), "{name}: {:?}", report.verdicts);
+        }
+        for name in ["tiny-f32", "tiny-q8_0"] {
+            let path = super::scratch_file(name, &read("gguf", name));
+            let out = tempfile::tempdir().unwrap();
+            tunenet_ml::import_gguf(&path, out.path()).unwrap();
+        }
+        let hs = crate::inference::parse_items(&read("hellaswag", "two-items")).unwrap();
+        assert_eq!(hs.len(), 2);
+        for (name, format) in [
+            ("shipped.jsonl", "jsonl"),
+            ("alpaca.jsonl", "jsonl"),
+            ("chat.json", "json"),
+            ("alpaca.csv", "csv"),
+            ("text.csv", "csv"),
+            ("alpaca.parquet", "parquet"),
+            ("text.parquet", "parquet"),
+        ] {
+            let data = read("dataset", name);
+            let map = match data[0] / 4 % 4 {
+                1 => tunenet_ml::FieldMap {
+                    system: Some("system".into()),
+                    instruction: Some("instruction".into()),
+                    input: Some("input".into()),
+                    output: Some("output".into()),
+                    ..Default::default()
+                },
+                2 => tunenet_ml::FieldMap {
+                    messages: Some("messages".into()),
+                    ..Default::default()
+                },
+                3 => tunenet_ml::FieldMap {
+                    text: Some("text".into()),
+                    ..Default::default()
+                },
+                _ => tunenet_ml::FieldMap::default(),
+            };
+            assert_eq!(
+                ["jsonl", "json", "csv", "parquet"][usize::from(data[0] % 4)],
+                format
+            );
+            let load = tunenet_ml::parse_dataset(&data[1..], format, &map, name).unwrap();
+            assert!(!load.records.is_empty() && load.bad_count == 0, "{name}");
+        }
+        let text = String::from_utf8(body("config", "spec.toml")).unwrap();
+        crate::console::parse_spec("toml", &text).unwrap();
+        let text = String::from_utf8(body("config", "validator.toml")).unwrap();
+        crate::config::parse::<crate::config::ValidatorConfig>(Path::new("v.toml"), &text).unwrap();
+        tunenet_types::ModelManifest::parse(&read("manifests", "model")).unwrap();
+        tunenet_integrity::inference::InferenceSubmission::parse(&read(
+            "manifests",
+            "inference-submission",
+        ))
+        .unwrap();
     }
 
     #[test]
