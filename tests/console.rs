@@ -580,11 +580,11 @@ fn field(line: &str, key: &str) -> Option<String> {
     )
 }
 
-#[test]
-fn console_over_tls_needs_the_ca() {
+/// A CA and a certificate for `localhost` signed by it, as `root/ca.pem`, `root/cert.pem`
+/// and `root/key.pem` (the key readable by its owner only).
+fn tls_files(root: &Path) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path();
+    use std::os::unix::fs::PermissionsExt;
     let mut ca_params = CertificateParams::new(vec![]).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca_key = KeyPair::generate().unwrap();
@@ -596,7 +596,103 @@ fn console_over_tls_needs_the_ca() {
         .unwrap();
     std::fs::write(root.join("ca.pem"), ca.pem()).unwrap();
     std::fs::write(root.join("cert.pem"), leaf.pem()).unwrap();
-    std::fs::write(root.join("key.pem"), leaf_key.serialize_pem()).unwrap();
+    let key = root.join("key.pem");
+    std::fs::write(&key, leaf_key.serialize_pem()).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// A job over TLS both ways: the validator calls a miner whose gRPC service is TLS only
+/// (its assignment and secret nonce cross encrypted), the miner commits and uploads to a
+/// TLS validator, and both trust the private CA through `TUNENET_CA`. Plain HTTP to the
+/// miner's port gets nowhere.
+#[test]
+fn a_job_runs_over_tls_both_ways() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    tls_files(root);
+    let (model, data) = common::tiny_model_and_data(root, 5, 300, 9);
+    let (cert, key, ca) = (
+        root.join("cert.pem"),
+        root.join("key.pem"),
+        root.join("ca.pem"),
+    );
+    let mport = port();
+    let mconf = root.join("m.toml");
+    std::fs::write(
+        &mconf,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{mport}\"\ntls_cert = {cert:?}\ntls_key = {key:?}\n[training]\nmax_steps = 20\nmax_seq_len = 48\ncommit_margin_secs = 1.0\n",
+            root.join("m")
+        ),
+    )
+    .unwrap();
+    let vport = port();
+    let vconf = root.join("v.toml");
+    std::fs::write(
+        &vconf,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nadvertise = \"https://localhost:{vport}\"\ntls_cert = {cert:?}\ntls_key = {key:?}\nminers = [\"https://localhost:{mport}\"]\n[[competitions]]\nid = \"t\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 1\nminers_per_job = 1\ntime_budget_secs = 8\nreveal_window_secs = 20\neval_max_seq_len = 48\n",
+            root.join("v")
+        ),
+    )
+    .unwrap();
+    let trust = [("TUNENET_CA", ca.to_str().unwrap())];
+    let miner = Daemon::start_env(
+        &["miner", "--config", mconf.to_str().unwrap()],
+        &root.join("m.log"),
+        &trust,
+    );
+    let validator = Daemon::start_env(
+        &["validator", "--config", vconf.to_str().unwrap()],
+        &root.join("v.log"),
+        &trust,
+    );
+    let board = || {
+        Command::new(BIN)
+            .args([
+                "leaderboard",
+                "--validator",
+                &format!("https://localhost:{vport}"),
+                "--competition",
+                "t",
+                "--json",
+            ])
+            .env("TUNENET_CA", &ca)
+            .output()
+            .unwrap()
+    };
+    wait_for(
+        "the job over TLS to be scored",
+        120,
+        || {
+            let out = board();
+            let lb: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            lb["jobs_done"] == 1
+        },
+        || format!("{}\n{}", miner.log(), validator.log()),
+    );
+    let lb: serde_json::Value = serde_json::from_slice(&board().stdout).unwrap();
+    assert!(lb["rows"][0]["mean_loss"].is_number(), "{lb}");
+    assert!(miner.log().contains("artifact uploaded"), "{}", miner.log());
+    // The miner's port speaks TLS only.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let plain = rt.block_on(async {
+        tunenet_rpc::MinerClient::connect(&format!("http://127.0.0.1:{mport}"))
+            .await?
+            .status()
+            .await
+    });
+    assert!(
+        plain.is_err(),
+        "plain HTTP reached the TLS miner: {plain:?}"
+    );
+}
+
+#[test]
+fn console_over_tls_needs_the_ca() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    tls_files(root);
 
     let vport = port();
     let vconf = root.join("v.toml");

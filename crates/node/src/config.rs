@@ -175,6 +175,12 @@ pub struct MinerConfig {
     /// Per-address limits on the gRPC server (`[limits]`): connections, requests a
     /// second, HTTP/2 streams and header sizes.
     pub limits: crate::limits::Limits,
+    /// PEM certificate chain: with `tls_key`, the miner's gRPC service uses TLS, so the
+    /// assignments it is sent (secret nonces included) cross the network encrypted;
+    /// validators then list it as `https://…`.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert` (readable by its owner only).
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for MinerConfig {
@@ -194,6 +200,8 @@ impl Default for MinerConfig {
             benchmark_max_n: 8192,
             price_per_gpu_hour: 0.0,
             limits: Default::default(),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -560,11 +568,17 @@ impl Default for ValidatorConfig {
 }
 
 impl ValidatorConfig {
-    /// The address sent to miners.
+    /// The address sent to miners: `advertise`, else `listen` (`https://` with TLS on; a
+    /// certificate names hosts, so set `advertise` to the name it was issued for).
     pub fn reply_to(&self) -> String {
+        let scheme = if self.tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         self.advertise
             .clone()
-            .unwrap_or_else(|| format!("http://{}", self.listen))
+            .unwrap_or_else(|| format!("{scheme}://{}", self.listen))
     }
 
     /// `artifact_record_grace_secs` in milliseconds, its default applied.
@@ -615,6 +629,12 @@ mod tests {
         let v: ValidatorConfig = parse(Path::new("v.toml"), "").unwrap();
         assert_eq!(v.reply_to(), "http://127.0.0.1:7100");
         assert_eq!(v.artifact_record_grace_ms(), 0);
+        let tls: ValidatorConfig = parse(
+            Path::new("v.toml"),
+            "tls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n",
+        )
+        .unwrap();
+        assert_eq!(tls.reply_to(), "https://127.0.0.1:7100");
         let v: ValidatorConfig = parse(Path::new("v.toml"), "[p2p]\nmdns = false\n").unwrap();
         assert_eq!(v.artifact_record_grace_ms(), 5000);
         let v: ValidatorConfig = parse(

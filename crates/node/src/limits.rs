@@ -75,6 +75,39 @@ impl Limits {
     }
 }
 
+/// A daemon's gRPC server builder with TLS when both `cert` and `key` (PEM files) are set:
+/// the key must be the owner's alone, and the pair must load.
+pub fn with_tls(
+    builder: tonic::transport::Server,
+    cert: Option<&std::path::Path>,
+    key: Option<&std::path::Path>,
+) -> Result<tonic::transport::Server, crate::error::NodeError> {
+    use crate::error::NodeError;
+    let (cert, key) = match (cert, key) {
+        (Some(c), Some(k)) => (c, k),
+        (None, None) => return Ok(builder),
+        _ => {
+            return Err(NodeError::Other(
+                "set both `tls_cert` and `tls_key`, or neither".into(),
+            ));
+        }
+    };
+    let read = |p: &std::path::Path| {
+        std::fs::read(p)
+            .map_err(|e| NodeError::Other(format!("cannot read TLS file {}: {e}", p.display())))
+    };
+    // The TLS private key, like the node key, must be the owner's alone.
+    crate::keys::check_private(key)?;
+    let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+    builder
+        .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+        .map_err(|e| {
+            NodeError::Other(format!(
+                "`tls_cert`/`tls_key` are not a usable PEM pair: {e}"
+            ))
+        })
+}
+
 /// Addresses a login throttle remembers at most; past it, idle ones are forgotten.
 const MAX_TRACKED: usize = 65_536;
 

@@ -688,13 +688,16 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
     ctx.execute(fx);
 
     let buckets = crate::limits::request_buckets(&cfg.limits);
+    let mut builder = crate::limits::with_tls(
+        cfg.limits.builder(),
+        cfg.tls_cert.as_deref(),
+        cfg.tls_key.as_deref(),
+    )?;
     let server = crate::base::Server::spawn(
-        cfg.limits
-            .builder()
-            .add_service(crate::limits::rate_limited(
-                tunenet_rpc::miner_server(shared),
-                &buckets,
-            )),
+        builder.add_service(crate::limits::rate_limited(
+            tunenet_rpc::miner_server(shared),
+            &buckets,
+        )),
         listener,
         &cfg.limits,
     );

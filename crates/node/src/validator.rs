@@ -1460,32 +1460,11 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
         reply_to: reply_to.clone(),
         eval_devices: eval_devices.clone(),
     });
-    let mut builder = cfg.limits.builder();
-    match (&cfg.tls_cert, &cfg.tls_key) {
-        (Some(cert), Some(key)) => {
-            let read = |p: &PathBuf| {
-                std::fs::read(p).map_err(|e| {
-                    NodeError::Other(format!("cannot read TLS file {}: {e}", p.display()))
-                })
-            };
-            // The TLS private key, like the node key, must be the owner's alone.
-            crate::keys::check_private(key)?;
-            let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
-            builder = builder
-                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
-                .map_err(|e| {
-                    NodeError::Other(format!(
-                        "`tls_cert`/`tls_key` are not a usable PEM pair: {e}"
-                    ))
-                })?;
-        }
-        (None, None) => {}
-        _ => {
-            return Err(NodeError::Other(
-                "set both `tls_cert` and `tls_key`, or neither".into(),
-            ));
-        }
-    }
+    let mut builder = crate::limits::with_tls(
+        cfg.limits.builder(),
+        cfg.tls_cert.as_deref(),
+        cfg.tls_key.as_deref(),
+    )?;
     // One request budget per address across both services.
     let buckets = crate::limits::request_buckets(&cfg.limits);
     let server = crate::base::Server::spawn(
