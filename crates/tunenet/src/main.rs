@@ -187,7 +187,7 @@ enum Cmd {
         /// Training time per job, seconds.
         #[arg(long, default_value_t = 6)]
         budget: u64,
-        /// Jobs in the competition (default: enough for the kills).
+        /// Jobs in the competition (default: kills + 2).
         #[arg(long)]
         jobs: Option<u32>,
         /// Keep the daemons' data and logs here (an empty or new directory) instead of a
