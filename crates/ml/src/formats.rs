@@ -69,6 +69,23 @@ impl DatasetLoad {
 /// `messages`, become JSON arrays and objects). Err: the row (None: the whole file) and
 /// what is wrong.
 fn parquet_rows(bytes: &[u8]) -> Result<Vec<Row>, (Option<usize>, String)> {
+    // The parquet crate panics on some malformed files (a length in the file's metadata it
+    // allocates from unchecked: `capacity overflow`, found by fuzzing; the input is kept in
+    // fuzz/regressions/dataset/). A bad file must be an error, not the validator's crash.
+    std::panic::catch_unwind(|| parquet_rows_unguarded(bytes)).unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "it panicked".into());
+        Err((
+            None,
+            format!("not a readable Parquet file: the Parquet reader failed on it ({why})"),
+        ))
+    })
+}
+
+fn parquet_rows_unguarded(bytes: &[u8]) -> Result<Vec<Row>, (Option<usize>, String)> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let reader = SerializedFileReader::new(bytes::Bytes::copy_from_slice(bytes))
         .map_err(|e| (None, format!("not a readable Parquet file: {e}")))?;

@@ -348,7 +348,15 @@ pub fn dataset(data: &[u8]) {
             ..Default::default()
         },
     };
-    if let Ok(load) = tunenet_ml::parse_dataset(bytes, format, &map, "fuzz") {
+    let parse = || tunenet_ml::parse_dataset(bytes, format, &map, "fuzz");
+    // The Parquet reader's panics are caught and turned into an error (see
+    // `tunenet_ml::parse_dataset`); libFuzzer's panic hook would abort before that.
+    let parsed = if format == "parquet" {
+        unwinding(parse)
+    } else {
+        parse()
+    };
+    if let Ok(load) = parsed {
         assert!(
             load.bad.len() <= load.bad_count,
             "more bad records listed than counted"
@@ -358,6 +366,17 @@ pub fn dataset(data: &[u8]) {
             let _ = chat.segments(&turns);
         }
     }
+}
+
+/// Runs `f` with panics unwinding as they do in the daemons, not aborting at once as the
+/// panic hook libFuzzer installs makes them: for code that catches a third-party decoder's
+/// panics on purpose. A panic that escapes `f` still fails the run.
+fn unwinding<R>(f: impl FnOnce() -> R) -> R {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    r.unwrap_or_else(|p| std::panic::resume_unwind(p))
 }
 
 /// A model's own chat template (from its `tokenizer_config.json`, which a hub model or an
@@ -538,6 +557,25 @@ mod tests {
             "inference-submission",
         ))
         .unwrap();
+    }
+
+    /// Found by fuzzing: a Parquet file whose metadata makes the parquet crate panic
+    /// (capacity overflow) is refused with an error that says so.
+    #[test]
+    fn a_parquet_file_that_crashed_the_reader_is_refused() {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/regressions");
+        let data =
+            std::fs::read(root.join("dataset/crash-9b59b77a40b5c10c0a201c81fb48446fb868d083"))
+                .unwrap();
+        let err = tunenet_ml::parse_dataset(
+            &data[1..],
+            "parquet",
+            &tunenet_ml::FieldMap::default(),
+            "bad.parquet",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("not a readable Parquet file"), "{err}");
     }
 
     #[test]
