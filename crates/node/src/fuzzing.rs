@@ -329,6 +329,14 @@ pub fn gguf(data: &[u8]) {
 pub fn dataset(data: &[u8]) {
     let (which, bytes) = split(data);
     let format = ["jsonl", "json", "csv", "parquet"][usize::from(which % 4)];
+    // Not fuzzed yet: Parquet. The parquet crate sizes vectors from counts in the file's
+    // metadata without checking them against the file, so a 36-byte file can ask for
+    // gigabytes, and an allocation that fails aborts the process, which nothing in it can
+    // catch (the input is in fuzz/known/dataset/). Until the reader runs where it cannot
+    // take the validator down, the fuzzer would stop at that finding every time.
+    if format == "parquet" && std::env::var_os("TUNENET_FUZZ_PARQUET").is_none() {
+        return;
+    }
     let s = |v: &str| Some(v.to_string());
     let map = match (which / 4) % 4 {
         0 => tunenet_ml::FieldMap::default(),
