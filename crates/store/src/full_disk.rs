@@ -121,13 +121,20 @@ fn a_full_disk_refuses_writes_with_a_clear_error_and_keeps_what_was_stored() {
             break;
         }
     }
-    drop(store);
     let (first_refused, why) = refused.expect("a full disk refuses metadata writes");
     assert!(
         why.contains("No space left on device"),
         "the error names the full disk: {why}"
     );
-    // Opening the database on the full disk is refused, saying why.
+    // Still full: the store keeps saying why, and a second handle opened on the full disk
+    // is refused the same way, not blamed on another tunenet.
+    let still = store
+        .put_json("jobs", "still-full", &"x")
+        .and_then(|_| store.flush());
+    let still = still
+        .expect_err("a write on a full disk got through")
+        .to_string();
+    assert!(still.contains("No space left on device"), "{still}");
     let why = SledStore::open(&meta_dir).err().map(|e| e.to_string());
     if let Some(why) = why {
         assert!(
@@ -136,10 +143,23 @@ fn a_full_disk_refuses_writes_with_a_clear_error_and_keeps_what_was_stored() {
         );
     }
 
-    // Space comes back: everything stored before is there, unchanged; every record the
-    // full disk accepted is whole; and both stores take writes again.
+    // Space comes back: the same store writes again (sled's own handle would not: it is
+    // opened again underneath), everything stored before is there, unchanged, and every
+    // record the full disk accepted is whole.
     std::fs::remove_file(&filler).unwrap();
+    store
+        .put_json("jobs", "same-handle", &"space again")
+        .unwrap();
+    store.flush().unwrap();
+    drop(store);
     let store = SledStore::open(&meta_dir).unwrap();
+    assert_eq!(
+        store
+            .get_json::<String>("jobs", "same-handle")
+            .unwrap()
+            .as_deref(),
+        Some("space again")
+    );
     for i in 0..200 {
         let (k, v) = record(i);
         assert_eq!(

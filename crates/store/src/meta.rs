@@ -145,46 +145,83 @@ impl<S: Store + ?Sized> StoreExt for S {}
 
 /// sled-backed metadata.
 pub struct SledStore {
-    db: sled::Db,
+    dir: std::path::PathBuf,
+    /// None after a write failed on a full disk: sled keeps failing on that handle even
+    /// once space is freed, so the next call opens the database again.
+    db: std::sync::RwLock<Option<sled::Db>>,
 }
 
 impl SledStore {
     /// Opens (or creates) the database in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let locked = |e: &sled::Error| matches!(e, sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock);
-        // A database just closed in this process is unlocked only when sled's flusher
-        // thread has gone, a moment later: a lock held for over a second is another
-        // process's.
-        let mut tries = 0;
-        let db = loop {
-            match sled::Config::new()
-                .path(dir)
-                .flush_every_ms(Some(200))
-                .open()
-            {
-                Err(e) if locked(&e) && tries < 50 => {
-                    tries += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(25));
-                }
-                r => break r,
+        Ok(SledStore {
+            dir: dir.to_path_buf(),
+            db: std::sync::RwLock::new(Some(open_db(dir)?)),
+        })
+    }
+
+    /// The open database, opened again if a full disk broke the last handle.
+    fn db(&self) -> Result<sled::Db, StoreError> {
+        let read = self.db.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(db) = read.as_ref() {
+            return Ok(db.clone());
+        }
+        drop(read);
+        let mut write = self.db.write().unwrap_or_else(|p| p.into_inner());
+        match write.as_ref() {
+            Some(db) => Ok(db.clone()),
+            None => {
+                let db = open_db(&self.dir)?;
+                *write = Some(db.clone());
+                Ok(db)
             }
         }
-        .map_err(|e| StoreError::Open {
-            path: dir.display().to_string(),
-            reason: if locked(&e) {
-                format!("{} (is another tunenet using this data dir?)", explain(&e))
-            } else {
-                explain(&e)
-            },
-        })?;
-        Ok(SledStore { db })
+    }
+
+    /// A backend error; on a full disk the handle is dropped, to be opened again.
+    fn failed(&self, e: sled::Error) -> StoreError {
+        if let sled::Error::Io(io) = &e
+            && io.kind() == std::io::ErrorKind::StorageFull
+        {
+            *self.db.write().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        StoreError::Backend(explain(&e))
     }
 
     fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
-        self.db
-            .open_tree(name)
-            .map_err(|e| StoreError::Backend(e.to_string()))
+        self.db()?.open_tree(name).map_err(|e| self.failed(e))
     }
+}
+
+/// Opens (or creates) the sled database in `dir`.
+fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
+    let locked = |e: &sled::Error| matches!(e, sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock);
+    // A database just closed in this process is unlocked only when sled's flusher
+    // thread has gone, a moment later: a lock held for over a second is another
+    // process's.
+    let mut tries = 0;
+    let db = loop {
+        match sled::Config::new()
+            .path(dir)
+            .flush_every_ms(Some(200))
+            .open()
+        {
+            Err(e) if locked(&e) && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(25));
+            }
+            r => break r,
+        }
+    }
+    .map_err(|e| StoreError::Open {
+        path: dir.display().to_string(),
+        reason: if locked(&e) {
+            format!("{} (is another tunenet using this data dir?)", explain(&e))
+        } else {
+            explain(&e)
+        },
+    })?;
+    Ok(db)
 }
 
 /// A sled error in words: an I/O error by its message (a full disk says so), the rest as
@@ -199,38 +236,40 @@ fn explain(e: &sled::Error) -> String {
     }
 }
 
-fn be(e: sled::Error) -> StoreError {
-    StoreError::Backend(explain(&e))
-}
-
 impl Store for SledStore {
     fn get(&self, tree: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.tree(tree)?.get(key).map_err(be)?.map(|v| v.to_vec()))
+        Ok(self
+            .tree(tree)?
+            .get(key)
+            .map_err(|e| self.failed(e))?
+            .map(|v| v.to_vec()))
     }
     fn put(&self, tree: &str, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.tree(tree)?.insert(key, value).map_err(be)?;
+        self.tree(tree)?
+            .insert(key, value)
+            .map_err(|e| self.failed(e))?;
         Ok(())
     }
     fn delete(&self, tree: &str, key: &str) -> Result<(), StoreError> {
-        self.tree(tree)?.remove(key).map_err(be)?;
+        self.tree(tree)?.remove(key).map_err(|e| self.failed(e))?;
         Ok(())
     }
     fn scan(&self, tree: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.tree(tree)?
             .scan_prefix(prefix)
             .map(|r| {
-                let (k, v) = r.map_err(be)?;
+                let (k, v) = r.map_err(|e| self.failed(e))?;
                 Ok((String::from_utf8_lossy(&k).into_owned(), v.to_vec()))
             })
             .collect()
     }
     fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush().map_err(be)?;
+        self.db()?.flush().map_err(|e| self.failed(e))?;
         Ok(())
     }
     fn trees(&self) -> Result<Vec<String>, StoreError> {
         Ok(self
-            .db
+            .db()?
             .tree_names()
             .into_iter()
             .map(|n| String::from_utf8_lossy(&n).into_owned())
