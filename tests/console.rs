@@ -967,3 +967,76 @@ fn abuse_limits_refuse_the_offender_and_keep_serving_others() {
     });
     assert!(v.log().contains("console login refused"), "{}", v.log());
 }
+
+/// A validator whose data directory is full refuses to start with a message that says
+/// the disk is full (not that another tunenet holds it), and starts once space is freed,
+/// with its first admin token still valid. Needs root to mount a small tmpfs; says it
+/// skipped otherwise.
+#[test]
+fn a_validator_on_a_full_disk_says_so_and_starts_once_space_is_freed() {
+    use std::io::Write as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = tmp.path().join("disk");
+    std::fs::create_dir_all(&disk).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    if !mounted.status.success() {
+        eprintln!(
+            "skipped: cannot mount a small tmpfs to fill ({}); this test needs root",
+            String::from_utf8_lossy(&mounted.stderr).trim()
+        );
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(disk.clone());
+    let vport = port();
+    let vconf = tmp.path().join("v.toml");
+    std::fs::write(
+        &vconf,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\n",
+            disk.join("v")
+        ),
+    )
+    .unwrap();
+    let admin = common::admin_token(&vconf);
+    // Fill the disk.
+    let filler = disk.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    while f.write(&[7u8; 4096]).map(|n| n > 0).unwrap_or(false) {}
+    drop(f);
+    let out = Command::new(BIN)
+        .args(["validator", "--config", vconf.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a validator started on a full disk");
+    assert!(
+        err.contains("No space left on device") && err.contains("full"),
+        "{err}"
+    );
+    assert!(!err.contains("another tunenet"), "{err}");
+    // Space again: it starts, and what it stored before is there.
+    std::fs::remove_file(&filler).unwrap();
+    let v = Daemon::start(
+        &["validator", "--config", vconf.to_str().unwrap()],
+        &tmp.path().join("v.log"),
+    );
+    let c = Console {
+        url: format!("http://127.0.0.1:{vport}"),
+    };
+    wait_for(
+        "the validator after space was freed",
+        30,
+        || c.run(Some(&admin), &["whoami"]).status.success(),
+        || v.log(),
+    );
+}
