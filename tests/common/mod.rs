@@ -79,21 +79,5 @@ pub fn tiny_model_and_data(
 
 /// Runs `tunenet validator --config CONF init` and returns the first admin token it prints.
 pub fn admin_token(conf: &Path) -> String {
-    let init = Command::new(BIN)
-        .args(["validator", "--config", conf.to_str().unwrap(), "init"])
-        .output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
-    let token = String::from_utf8_lossy(&init.stdout)
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .trim()
-        .to_string();
-    assert!(token.starts_with("tn_"), "{token}");
-    token
+    tunenet_node::wire_redteam::admin_token(Path::new(BIN), conf).unwrap()
 }

@@ -1013,7 +1013,7 @@ async fn run_one(
 }
 
 /// Runs `tunenet validator --config CONF init` and returns the first admin token it prints.
-pub(crate) fn admin_token(exe: &Path, conf: &Path) -> Result<String, NodeError> {
+pub fn admin_token(exe: &Path, conf: &Path) -> Result<String, NodeError> {
     let init = Command::new(exe)
         .args(["validator", "--config", &conf.to_string_lossy(), "init"])
         .output()
