@@ -2,6 +2,7 @@
 //! while the competition runs, and beside the other end-to-end tests' daemons (which have
 //! budgets of a few seconds) that load would make them miss their deadlines.
 
+use std::path::Path;
 use std::process::Command;
 
 mod common;
@@ -88,11 +89,14 @@ fn redteam_over_the_wire_catches_every_cheat_and_fails_no_honest_miner() {
             .unwrap_or_else(|| panic!("no row for {row}:\n{report}"));
         // | strategy | caught for the expected reason | caught at all | by | ...
         let cols: Vec<&str> = line.split(" | ").collect();
-        assert_eq!(cols.get(1), Some(&"1/1"), "{row}: {line}\n{report}");
+        let caught = cols.get(1) == Some(&"1/1")
+            && cols
+                .get(3)
+                .is_some_and(|b| by.split('|').any(|x| b.contains(x)));
         assert!(
-            cols.get(3)
-                .is_some_and(|b| by.split('|').any(|x| b.contains(x))),
-            "{row}: {line}\n{report}"
+            caught,
+            "{row} not caught for its reason ({by}): {line}\n\n{}\n\n{report}",
+            diagnosis(&tmp.path().join("work").join("c0"), &report, row)
         );
     }
     let honest = report
@@ -111,4 +115,79 @@ fn redteam_over_the_wire_catches_every_cheat_and_fails_no_honest_miner() {
     assert_eq!(n[0], "10", "{honest}");
     assert_eq!(n[0], n[7], "{honest}");
     assert_eq!(n[0], n[16], "{honest}");
+}
+
+/// What a failed run needs to be understood, short enough to survive a truncated CI log:
+/// the strategy's own statistics from the report, then every submission of each job with
+/// who made it (the run's `roles.txt`), its losses, its canary exposure and leakage
+/// p-values, and what the leakage test compared it with.
+fn diagnosis(comp: &Path, report: &str, row: &str) -> String {
+    let mut out = format!("== {row}: its statistics\n");
+    for line in report
+        .lines()
+        .filter(|l| l.contains(" / ") && l.contains(row))
+    {
+        let stat = line
+            .split(" | ")
+            .next()
+            .unwrap_or("")
+            .trim_start_matches("| ");
+        let mine = line.split("; ").find(|x| x.contains(row)).unwrap_or("");
+        out.push_str(&format!("{stat}: {}\n", mine.trim_start_matches("| ")));
+    }
+    let roles: std::collections::BTreeMap<String, String> =
+        std::fs::read_to_string(comp.join("roles.txt"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(p, r)| (p.to_string(), r.to_string()))
+            .collect();
+    let name = |text: &str| {
+        roles
+            .iter()
+            .fold(text.to_string(), |t, (p, r)| t.replace(p.as_str(), r))
+    };
+    let Ok(detail) = std::fs::read_to_string(comp.join("competition.json")) else {
+        return out + "(no competition.json)";
+    };
+    let detail: serde_json::Value = serde_json::from_str(&detail).unwrap_or_default();
+    for job in detail["jobs"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "== {}: who | state | test loss | synthetic loss | canary exposure p | leakage p | leakage references\n",
+            job["plan"]["job_id"]
+        ));
+        for (peer, slot) in job["slots"].as_object().into_iter().flatten() {
+            let sub = &slot["submission"];
+            let (state, body) = sub
+                .as_object()
+                .and_then(|o| o.iter().next())
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .unwrap_or((sub.to_string(), serde_json::Value::Null));
+            let verdict = |check: &str| {
+                body["verdicts"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|v| v["check"] == check)
+                    .cloned()
+                    .unwrap_or_default()
+            };
+            let leak = verdict("test_leakage");
+            let refs = leak["reason"]
+                .as_str()
+                .and_then(|r| r.split("weights ").nth(1))
+                .and_then(|r| r.split(':').next())
+                .unwrap_or("");
+            out.push_str(&format!(
+                "{} | {state} | {} | {} | {} | {} | {}\n",
+                roles.get(peer).map_or(peer.as_str(), String::as_str),
+                body["test_loss"],
+                body["synthetic_loss"],
+                verdict("canary_exposure")["value"],
+                leak["value"],
+                name(refs)
+            ));
+        }
+    }
+    out
 }

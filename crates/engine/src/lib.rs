@@ -9,7 +9,7 @@ pub use miner::{
     MinerEffect, MinerEngine, MinerError, MinerInput, MinerJob, MinerPhase, MinerPolicy,
 };
 pub use validator::{
-    CompetitionPlan, Evaluation, JobPhase, JobPlan, JobState, LEAKAGE_CHECK, MinerSlot, OfferState,
-    SubmissionState, UNTRAINED_CHECK, ValidatorEffect, ValidatorEngine, ValidatorError,
-    ValidatorInput,
+    BaseRecords, CompetitionPlan, Evaluation, JobPhase, JobPlan, JobState, LEAKAGE_CHECK,
+    MinerSlot, OfferState, SubmissionState, UNTRAINED_CHECK, ValidatorEffect, ValidatorEngine,
+    ValidatorError, ValidatorInput,
 };

@@ -229,6 +229,22 @@ pub struct JobState {
     /// a grace period after it for other validators' artifact records.
     #[serde(default)]
     pub settled_at: Option<UnixMillis>,
+    /// The base model's own per-record losses on the test and synthetic records,
+    /// from the first evaluation that measured them: the one model sure never to have
+    /// seen the test split, against which the leakage test screens its references.
+    #[serde(default)]
+    pub base_records: Option<BaseRecords>,
+}
+
+/// The base model's per-record mean token losses on a job's test and synthetic sets, in each set's
+/// order (None: nothing to score in that record).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BaseRecords {
+    /// On the hidden test split.
+    pub test: Vec<Option<f64>>,
+    /// On the synthetic set (empty: the job has none).
+    #[serde(default)]
+    pub synthetic: Vec<Option<f64>>,
 }
 
 /// Why the validator refused a commitment or an upload. Each says what to do.
@@ -327,6 +343,9 @@ pub struct Evaluation {
     pub synthetic_records: Vec<Option<f64>>,
     /// Each held-out control record's mean token loss (empty when the competition keeps none).
     pub control_records: Vec<Option<f64>>,
+    /// The base model's per-record losses on the same sets (None: not measured), kept
+    /// once per job for the leakage test.
+    pub base_records: Option<BaseRecords>,
 }
 
 pub enum ValidatorInput {
@@ -449,6 +468,7 @@ impl ValidatorEngine {
                 synthetic_seed: None,
                 retries: BTreeMap::new(),
                 settled_at: None,
+                base_records: None,
             });
             order.push(p.job_id.clone());
             jobs.insert(p.job_id.clone(), st);
@@ -675,6 +695,20 @@ impl ValidatorEngine {
                 result,
             } => {
                 if let Some(job) = self.jobs.get_mut(&job_id)
+                    && job
+                        .slots
+                        .get(&miner)
+                        .is_some_and(|s| matches!(s.submission, SubmissionState::Uploaded { .. }))
+                    && let Ok(Evaluation {
+                        base_records: Some(base),
+                        ..
+                    }) = &result
+                    && job.base_records.is_none()
+                    && base.test.len() == result.as_ref().map_or(0, |e| e.test_records.len())
+                {
+                    job.base_records = Some(base.clone());
+                }
+                if let Some(job) = self.jobs.get_mut(&job_id)
                     && let Some(slot) = job.slots.get_mut(&miner)
                     && let SubmissionState::Uploaded { artifact } = slot.submission.clone()
                 {
@@ -697,6 +731,7 @@ impl ValidatorEngine {
                             test_records,
                             synthetic_records,
                             control_records,
+                            ..
                         }) if test_loss.is_finite() => {
                             let synthetic_loss = synthetic_loss.filter(|l| l.is_finite());
                             fx.push(ValidatorEffect::Event(format!(

@@ -628,6 +628,7 @@ fn run_one(
             shard: shard.clone(),
             canaries: canaries[j].clone(),
             base_losses: Default::default(),
+            base_scored: None,
         };
         // (honest?, test loss, synthetic loss) of the honest miners and the test-split cheater.
         let mut losses: Vec<(bool, f64, f64)> = Vec::new();

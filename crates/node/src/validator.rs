@@ -1624,6 +1624,9 @@ pub struct JobSets {
     /// The base model's per-record losses, computed once per record and job: key `k` is
     /// shard record `k`, or sibling `k − shard.len()`.
     pub base_losses: std::collections::HashMap<usize, Option<f64>>,
+    /// The base model's per-record losses on the scored sets (test, synthetic, control),
+    /// computed once per job for the leakage test's screen of its references.
+    pub base_scored: Option<tunenet_engine::BaseRecords>,
 }
 
 impl JobSets {
@@ -1823,6 +1826,40 @@ pub fn evaluate_submission(
     records.extend(keys.iter().filter_map(|k| sets.probe_record(*k).cloned()));
     let r = tunenet_ml::record_losses_on(model, Some(artifact), &records, max_seq_len, 8, devices)
         .map_err(|e| e.to_string())?;
+    // The base model on the test and synthetic records, once per job (again if a set
+    // changed): the leakage test screens its references against it, the one model sure
+    // never to have seen the test split. Only a synthetic set drawn as the test split was
+    // makes that comparison fair, so only such a job measures it.
+    let measured = |b: &tunenet_engine::BaseRecords| {
+        b.test.len() == n_test && b.synthetic.len() == n_synthetic - n_test
+    };
+    if integrity.enabled
+        && integrity.synthetic_alike
+        && n_synthetic > n_test
+        && !sets.base_scored.as_ref().is_some_and(measured)
+    {
+        let tb = std::time::Instant::now();
+        let base = tunenet_ml::record_losses_on(
+            model,
+            None,
+            &records[..n_synthetic],
+            max_seq_len,
+            8,
+            devices,
+        )
+        .map_err(|e| e.to_string())?;
+        let part = |range: std::ops::Range<usize>| {
+            base.losses
+                .get(range)
+                .map(<[_]>::to_vec)
+                .unwrap_or_default()
+        };
+        sets.base_scored = Some(tunenet_engine::BaseRecords {
+            test: part(0..n_test),
+            synthetic: part(n_test..n_synthetic),
+        });
+        checks += tb.elapsed().as_secs_f64();
+    }
     let test_loss = r.mean_over(0..n_test).ok_or_else(|| {
         format!("no scorable tokens among the {n_test} test records: every record is empty or its response was truncated away")
     })?;
@@ -1912,6 +1949,7 @@ pub fn evaluate_submission(
                 .get(n_synthetic..n_scored)
                 .map(<[_]>::to_vec)
                 .unwrap_or_default(),
+            base_records: sets.base_scored.clone(),
         },
         checks,
     ))
@@ -1996,6 +2034,7 @@ fn spawn_evaluator(
                             shard,
                             canaries: req.canaries.clone(),
                             base_losses: Default::default(),
+                            base_scored: None,
                         }));
                     }
                     let sets = &mut jobs.get_mut(&req.job_id).ok_or("job sets missing")?.1;

@@ -24,6 +24,14 @@
 //! are not exchangeable with the test split, so there a submission must also stand out
 //! from its job's other submissions (`leak_cohort_z`).
 //!
+//! References are screened first. Leakers memorise the same records, so two of them in one
+//! job are each other's best reference: the fit explains one's low test losses by the
+//! other's, and neither stands out, however many rounds peel off the ones that do. The
+//! base model is the one model sure never to have seen the test split: every submission is
+//! first judged against it alone, and one that beats it by more on the test records than
+//! on the comparison set at [`SCREEN_ALPHA`] is set aside as a reference (not failed: the
+//! base is a coarser yardstick than the cohort). It is still judged, against the rest.
+//!
 //! A competition may also hold out control records: real records of the dataset drawn by
 //! the same seeded shuffle as the test split and never released. For a model that saw
 //! neither, its residuals on test and control records are exchangeable, so the unpaired
@@ -110,10 +118,24 @@ pub(super) fn per_record_findings(
     }
     let synthetic_cohort: Vec<Row<'_>> = rows.iter().map(|r| (r.0, r.1, r.2)).collect();
     let control_cohort: Vec<Row<'_>> = rows.iter().map(|r| (r.0, r.1, r.3)).collect();
+    // The base model's own losses on the same records, where every set was measured.
+    let base_id = PeerIdStr(BASE_NAME.into());
+    let base = job
+        .base_records
+        .as_ref()
+        .filter(|b| b.test.len() == t0.len());
+    // Only a set drawn as the test split was makes the base's residuals exchangeable: on
+    // a rewritten set or neighbours every honest fine-tune beats the base by more on the
+    // real test records (it learned the data's own words), so there is no screen.
+    let base_synthetic = base
+        .filter(|b| settings.synthetic_alike && b.synthetic.len() == s0.len())
+        .map(|b| (&base_id, b.test.as_slice(), b.synthetic.as_slice()));
+
     let synthetic = if with_synthetic {
         two_rounds(
             &synthetic_cohort,
             suspect,
+            base_synthetic,
             settings.synthetic_paired,
             settings.leak_alpha,
         )
@@ -121,7 +143,10 @@ pub(super) fn per_record_findings(
         rows.iter().map(|_| None).collect()
     };
     let control = if with_control {
-        two_rounds(&control_cohort, suspect, false, settings.leak_alpha)
+        // Control records are drawn alike too, so the same screen would hold there; it is
+        // not on yet (SECURITY.md, "Test-set leakage"): it moves the real-text figures,
+        // which are to be measured again with it.
+        two_rounds(&control_cohort, suspect, None, false, settings.leak_alpha)
     } else {
         rows.iter().map(|_| None).collect()
     };
@@ -248,21 +273,52 @@ pub(super) fn per_record_findings(
     )
 }
 
+/// The level at which a submission judged against the base model alone is set aside as a
+/// reference. An honest one is set aside this often, which only leaves its peers one
+/// reference fewer; a leaker left in would hide the others.
+pub(super) const SCREEN_ALPHA: f64 = 0.05;
+
+/// Name the base model goes by when it serves as a reference.
+const BASE_NAME: &str = "the base model";
+
+/// The rows of `cohort` that beat `base` by more on the test records than on the
+/// comparison set at [`SCREEN_ALPHA`], judged against the base alone.
+fn screened<'a>(cohort: &[Row<'a>], base: Row<'_>, paired: bool) -> BTreeSet<&'a PeerIdStr> {
+    let none = BTreeSet::new();
+    cohort
+        .iter()
+        .filter(|row| judge(row, &[base], &none, paired, None).is_some_and(|f| f.p <= SCREEN_ALPHA))
+        .map(|row| row.0)
+        .collect()
+}
+
 /// The per-record test of every row of `cohort` in two rounds: a submission that fails
 /// the first round is removed from the references, and every other one is judged again
 /// without it, since a reference that itself trained on the test split can only hide
 /// leakage. Suspects are never references.
+///
+/// With the base model's per-record losses (`base`), submissions the screen sets aside
+/// (see [`screened`]) are never references either; a submission left with no reference
+/// at all is judged against the base alone.
 fn two_rounds<'a>(
     cohort: &[Row<'a>],
     suspect: &BTreeSet<PeerIdStr>,
+    base: Option<Row<'a>>,
     paired: bool,
     alpha: f64,
 ) -> Vec<Option<Found<'a>>> {
     let mut excluded: BTreeSet<&PeerIdStr> = suspect.iter().collect();
-    let first: Vec<Option<Found<'a>>> = cohort
-        .iter()
-        .map(|row| judge(row, cohort, &excluded, paired))
-        .collect();
+    let aside = base
+        .map(|b| screened(cohort, b, paired))
+        .unwrap_or_default();
+    excluded.extend(aside.iter().copied());
+    let judge = |row: &Row<'a>, excluded: &BTreeSet<&PeerIdStr>| {
+        judge(row, cohort, excluded, paired, base.as_ref()).map(|mut f| {
+            f.aside = aside.iter().filter(|m| **m != row.0).count();
+            f
+        })
+    };
+    let first: Vec<Option<Found<'a>>> = cohort.iter().map(|row| judge(row, &excluded)).collect();
     let leaked = |f: &Option<Found<'_>>| f.as_ref().is_some_and(|f| f.p <= alpha);
     excluded.extend(
         cohort
@@ -278,7 +334,7 @@ fn two_rounds<'a>(
             if leaked(&first) {
                 first
             } else {
-                judge(row, cohort, &excluded, paired).or(first)
+                judge(row, &excluded).or(first)
             }
         })
         .collect()
@@ -315,6 +371,8 @@ struct Found<'a> {
     shift: f64,
     /// Pairs compared (0: the sets were compared as wholes).
     pairs: usize,
+    /// Other submissions set aside as references by the screen against the base model.
+    aside: usize,
 }
 
 impl Found<'_> {
@@ -341,8 +399,20 @@ impl Found<'_> {
                 self.p
             )
         };
+        let aside = if self.aside > 0 {
+            format!(
+                "; {} other submission{} set aside as reference{}: against the base model alone {} beat{} it by more on the test records than on the {set} ones (p <= {SCREEN_ALPHA})",
+                self.aside,
+                if self.aside == 1 { "" } else { "s" },
+                if self.aside == 1 { "" } else { "s" },
+                if self.aside == 1 { "it" } else { "they" },
+                if self.aside == 1 { "s" } else { "" },
+            )
+        } else {
+            String::new()
+        };
         format!(
-            "its per-record loss less that predicted from {} other model{}' (non-negative least squares over both sets; weights {}{}; {cohort} submissions): median {:+.4} nats on {} hidden test records against {:+.4} on {} {set} records, {comparison}",
+            "its per-record loss less that predicted from {} other model{}' (non-negative least squares over both sets; weights {}{}{aside}; {cohort} submissions): median {:+.4} nats on {} hidden test records against {:+.4} on {} {set} records, {comparison}",
             self.references,
             if self.references == 1 { "" } else { "s" },
             named.join(", "),
@@ -391,6 +461,7 @@ fn judge<'a>(
     cohort: &[Row<'a>],
     excluded: &BTreeSet<&PeerIdStr>,
     paired: bool,
+    fallback: Option<&Row<'a>>,
 ) -> Option<Found<'a>> {
     let (me, own_t, own_s) = *row;
     let mine = mean_loss(own_s);
@@ -408,6 +479,9 @@ fn judge<'a>(
         if refs.iter().all(|r| different(r.2, c.2)) {
             refs.push(c);
         }
+    }
+    if refs.is_empty() {
+        refs.extend(fallback.filter(|b| different(b.2, own_s)));
     }
     if refs.is_empty() {
         return None;
@@ -483,6 +557,7 @@ fn judge<'a>(
         p,
         shift,
         pairs,
+        aside: 0,
     })
 }
 

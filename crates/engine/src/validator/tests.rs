@@ -1214,6 +1214,17 @@ fn evaluated_per_record(
     t: Vec<Option<f64>>,
     s: Vec<Option<f64>>,
 ) {
+    evaluated_with_base(w, miner, t, s, None);
+}
+
+/// The same, the evaluation also carrying the base model's per-record losses.
+fn evaluated_with_base(
+    w: &mut World,
+    miner: &PeerIdStr,
+    t: Vec<Option<f64>>,
+    s: Vec<Option<f64>>,
+    base: Option<BaseRecords>,
+) {
     let mean = |v: &[Option<f64>]| v.iter().flatten().sum::<f64>() / v.len() as f64;
     w.v.handle(
         ValidatorInput::Evaluated {
@@ -1224,6 +1235,7 @@ fn evaluated_per_record(
                 synthetic_loss: Some(mean(&s)),
                 test_records: t,
                 synthetic_records: s,
+                base_records: base,
                 ..Default::default()
             }),
         },
@@ -1311,6 +1323,114 @@ fn a_leaky_peer_cannot_hide_a_weaker_leaker() {
         let v = leakage_of(&w, &h.miner);
         assert_eq!(v.outcome, Outcome::Pass, "{v:?}");
     }
+}
+
+/// Two leakers that memorised the same test records, four honest models and the base
+/// model's own losses, `with_base` deciding whether the validator measured those.
+fn mutual_leakers(with_base: bool) -> (World, Vec<UploadHeader>) {
+    use rand::Rng;
+    let mut w = World::new(6, 1);
+    let hs = reveal_all(&mut w, &[b"a", b"b", b"c", b"d", b"leak1", b"leak2"]);
+    // 60 test and 180 synthetic records of random difficulty. Each leaker gains on test
+    // record i what that record's memorisation is worth, the same records for both (they
+    // trained on the same split), plus its own noise.
+    let mut rng = StdRng::seed_from_u64(21);
+    let dt: Vec<f64> = (0..60).map(|_| rng.random_range(1.5..3.5)).collect();
+    let ds: Vec<f64> = (0..180).map(|_| rng.random_range(1.5..3.5)).collect();
+    let memorised: Vec<f64> = (0..60).map(|_| rng.random_range(0.0..0.25)).collect();
+    let base = BaseRecords {
+        test: dt
+            .iter()
+            .map(|d| Some(1.15 * d + rng.random_range(-0.04..0.04)))
+            .collect(),
+        synthetic: ds
+            .iter()
+            .map(|d| Some(1.15 * d + rng.random_range(-0.04..0.04)))
+            .collect(),
+    };
+    let models = [
+        (1.0, 0.0),
+        (0.95, 0.0),
+        (0.9, 0.0),
+        (0.97, 0.0),
+        (0.95, 1.0),
+        (0.95, 1.0),
+    ];
+    for (k, (h, (scale, leak))) in hs.iter().zip(models).enumerate() {
+        let t: Vec<Option<f64>> = dt
+            .iter()
+            .zip(&memorised)
+            .map(|(d, m)| Some(scale * d - leak * m + rng.random_range(-0.02..0.02)))
+            .collect();
+        let s: Vec<Option<f64>> = ds
+            .iter()
+            .map(|d| Some(scale * d + rng.random_range(-0.02..0.02)))
+            .collect();
+        // Every evaluation carries them; the job keeps the first.
+        let base = (with_base && k % 2 == 0).then(|| base.clone());
+        evaluated_with_base(&mut w, &h.miner, t, s, base);
+    }
+    (w, hs)
+}
+
+#[test]
+fn leakers_that_memorised_the_same_records_cannot_hide_each_other() {
+    // Without the base model's losses, each leaker is the other's best reference: the fit
+    // explains one's low test losses by the other's, and neither stands out.
+    let (w, hs) = mutual_leakers(false);
+    let masked: Vec<Verdict> = hs[4..].iter().map(|h| leakage_of(&w, &h.miner)).collect();
+    assert!(
+        masked.iter().any(|v| v.outcome == Outcome::Pass),
+        "no masking to defeat: {masked:?}"
+    );
+    // Against the base alone each one beats it by more on the test records: both are set
+    // aside as references, and judged against the honest models both fail.
+    let (w, hs) = mutual_leakers(true);
+    assert!(w.v.job(&job0()).unwrap().base_records.is_some());
+    for h in &hs[4..] {
+        let v = leakage_of(&w, &h.miner);
+        assert_eq!(v.outcome, Outcome::Fail, "{v:?}");
+        assert!(v.reason.contains("set aside as reference"), "{v:?}");
+        for other in &hs[4..] {
+            assert!(!v.reason.contains(&other.miner.to_string()), "{v:?}");
+        }
+    }
+    for h in &hs[..4] {
+        let v = leakage_of(&w, &h.miner);
+        assert_eq!(v.outcome, Outcome::Pass, "{v:?}");
+    }
+}
+
+#[test]
+fn a_submission_left_without_references_is_judged_against_the_base_model() {
+    use rand::Rng;
+    // Two submissions, one a leaker the screen sets aside: the honest one has no other
+    // reference and is judged against the base alone; the leaker against the honest one.
+    let mut w = World::new(2, 1);
+    let hs = reveal_all(&mut w, &[b"honest", b"leak"]);
+    let mut rng = StdRng::seed_from_u64(5);
+    let dt: Vec<f64> = (0..60).map(|_| rng.random_range(1.5..3.5)).collect();
+    let ds: Vec<f64> = (0..120).map(|_| rng.random_range(1.5..3.5)).collect();
+    let base = BaseRecords {
+        test: dt.iter().map(|d| Some(1.1 * d)).collect(),
+        synthetic: ds.iter().map(|d| Some(1.1 * d)).collect(),
+    };
+    for (h, leak) in hs.iter().zip([0.0, 0.3]) {
+        let t: Vec<Option<f64>> = dt
+            .iter()
+            .map(|d| Some(d - leak + rng.random_range(-0.03..0.03)))
+            .collect();
+        let s: Vec<Option<f64>> = ds
+            .iter()
+            .map(|d| Some(d + rng.random_range(-0.03..0.03)))
+            .collect();
+        evaluated_with_base(&mut w, &h.miner, t, s, Some(base.clone()));
+    }
+    let honest = leakage_of(&w, &hs[0].miner);
+    assert_eq!(honest.outcome, Outcome::Pass, "{honest:?}");
+    assert!(honest.reason.contains("the base model"), "{honest:?}");
+    let leak = leakage_of(&w, &hs[1].miner);
+    assert_eq!(leak.outcome, Outcome::Fail, "{leak:?}");
 }
 
 /// Per-record losses of honest models on a rewritten synthetic set: training moves a
@@ -1676,6 +1796,17 @@ fn a_job_whose_evaluations_lack_the_synthetic_set_is_not_scored() {
     assert!(job.scores.is_empty());
 }
 
+/// The verdict the artifact check gives every LoRA adapter.
+fn lora_verdict(rank: f64) -> Verdict {
+    Verdict {
+        check: "lora_rank".into(),
+        outcome: Outcome::Pass,
+        value: Some(rank),
+        threshold: Some(16.0),
+        reason: "within bounds".into(),
+    }
+}
+
 fn exposure_verdict(p: f64) -> Verdict {
     Verdict {
         check: "canary_exposure".into(),
@@ -1733,6 +1864,79 @@ fn no_sign_of_training_on_its_canaries_fails_once_the_job_shows_them_learnable()
             assert!(s.penalty_reason.is_none(), "{s:?}");
         }
     }
+}
+
+#[test]
+fn a_lora_adapter_is_judged_for_its_canaries_only_by_lora_peers() {
+    // (exposure p, synthetic loss, LoRA rank or a full fine-tune).
+    let cases: [(f64, f64, Option<f64>); 4] = [
+        // A full fine-tune that learned less on fresh records and memorised its canaries.
+        (1e-4, 2.4, None),
+        // An honest rank-4 adapter that learned more but memorised less.
+        (0.07, 2.0, Some(4.0)),
+        // A full fine-tune that never saw its canaries: judged by every peer.
+        (0.5, 2.1, None),
+        // An adapter that learned the least, its canaries showing.
+        (5e-4, 2.5, Some(8.0)),
+    ];
+    let mut w = World::new(cases.len(), 1);
+    let artifacts: Vec<Vec<u8>> = (0..cases.len()).map(|i| vec![b'a' + i as u8]).collect();
+    let refs: Vec<&[u8]> = artifacts.iter().map(Vec::as_slice).collect();
+    let hs = reveal_all(&mut w, &refs);
+    for (h, (p, loss, rank)) in hs.iter().zip(cases) {
+        let mut verdicts = vec![exposure_verdict(p)];
+        verdicts.extend(rank.map(lora_verdict));
+        w.v.handle(
+            ValidatorInput::Evaluated {
+                job_id: job0(),
+                miner: h.miner.clone(),
+                result: eval_both(2.0, loss, verdicts),
+            },
+            w.now,
+            &mut w.rng,
+        );
+    }
+    let untrained = |i: usize| {
+        score_of(&w, &hs[i].miner)
+            .verdicts
+            .iter()
+            .find(|v| v.check == UNTRAINED_CHECK)
+            .cloned()
+    };
+    // The rank-4 adapter is judged by LoRA peers only: the rank-8 one learned no more and
+    // showed its canaries, so it fails; the full fine-tune is not counted.
+    let v = untrained(1).expect("judged by the rank-8 adapter");
+    assert_eq!(v.outcome, Outcome::Fail, "{v:?}");
+    assert!(v.reason.contains("1 other LoRA submission"), "{v:?}");
+    assert!(v.reason.contains("loss up to 2.5000"), "{v:?}");
+    // The full fine-tune that never saw its canaries is judged by every peer.
+    let v = untrained(2).expect("judged");
+    assert!(v.reason.contains("2 other submissions"), "{v:?}");
+    // With only the full fine-tune decisive, the adapter is not judged.
+    let (w, hs) = {
+        let mut w = World::new(2, 1);
+        let hs = reveal_all(&mut w, &[b"full", b"lora"]);
+        for (h, (p, loss, lora)) in hs.iter().zip([(1e-4, 2.4, false), (0.07, 2.0, true)]) {
+            let mut verdicts = vec![exposure_verdict(p)];
+            verdicts.extend(lora.then(|| lora_verdict(4.0)));
+            w.v.handle(
+                ValidatorInput::Evaluated {
+                    job_id: job0(),
+                    miner: h.miner.clone(),
+                    result: eval_both(2.0, loss, verdicts),
+                },
+                w.now,
+                &mut w.rng,
+            );
+        }
+        (w, hs)
+    };
+    let s = score_of(&w, &hs[1].miner);
+    assert!(
+        s.verdicts.iter().all(|v| v.check != UNTRAINED_CHECK),
+        "{s:?}"
+    );
+    assert!(s.penalty_reason.is_none(), "{s:?}");
 }
 
 #[test]
