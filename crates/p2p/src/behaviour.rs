@@ -11,7 +11,7 @@ use libp2p::gossipsub::{self, IdentTopic};
 use libp2p::kad::{self, store::MemoryStore, store::MemoryStoreConfig};
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, behaviour::toggle::Toggle};
-use libp2p::{StreamProtocol, Swarm, identify, mdns, noise, tcp, yamux};
+use libp2p::{StreamProtocol, Swarm, identify, mdns, noise, ping, tcp, yamux};
 use libp2p_identity::Keypair;
 use std::time::Duration;
 
@@ -46,7 +46,16 @@ pub(crate) struct Behaviour {
     pub blob: request_response::Behaviour<BlobCodec>,
     /// Raw streams: `/tunenet/blob-stream/1` (see `crate::stream`).
     pub stream: libp2p_stream::Behaviour,
+    /// Liveness: a connection whose peer stops answering pings is closed (see
+    /// [`PING_INTERVAL`]), so requests on it fail at once instead of waiting out their
+    /// timeout after the link is back.
+    pub ping: ping::Behaviour,
 }
+
+/// How often each connection is pinged.
+pub const PING_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a ping may go unanswered before its connection counts as dead.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn setup(what: &str) -> impl FnOnce(String) -> P2pError + '_ {
     move |e| P2pError::Setup(format!("{what}: {e}"))
@@ -139,6 +148,11 @@ impl Behaviour {
             job,
             blob,
             stream: libp2p_stream::Behaviour::new(),
+            ping: ping::Behaviour::new(
+                ping::Config::new()
+                    .with_interval(PING_INTERVAL)
+                    .with_timeout(PING_TIMEOUT),
+            ),
         })
     }
 }

@@ -585,6 +585,16 @@ impl EventLoop {
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 id, result, step, ..
             }) => self.on_kad_query(id, result, step.last),
+            BehaviourEvent::Ping(libp2p::ping::Event {
+                peer,
+                connection,
+                result: Err(e),
+            }) => {
+                // A dead link keeps its TCP connection open; close it, so what waits on it
+                // fails now and is retried once the peer is reachable again.
+                tracing::info!(%peer, error = %e, "closing a connection whose peer stopped answering pings");
+                self.swarm.close_connection(connection);
+            }
             BehaviourEvent::Job(event) => self.on_job_event(event),
             BehaviourEvent::Blob(event) => self.on_blob_event(event),
             _ => {}
@@ -693,8 +703,22 @@ impl EventLoop {
                         r,
                         Ok(GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) | Err(_)
                     );
-                if finished && let Some((set, reply)) = self.providers.remove(&id) {
+                // Answer with the first providers found rather than when the whole query
+                // ends: a query waits out every peer it asked, and one peer whose link is
+                // down held every other node's transfers for its request timeout. The
+                // fetch asks again each round, so later providers are not lost.
+                let found = self
+                    .providers
+                    .get(&id)
+                    .is_some_and(|(set, _)| !set.is_empty());
+                if (finished || found)
+                    && let Some((set, reply)) = self.providers.remove(&id)
+                {
                     let _ = reply.send(Ok(set.into_iter().collect()));
+                    if !finished && let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id)
+                    {
+                        q.finish();
+                    }
                 }
             }
             _ => {}

@@ -76,11 +76,22 @@ pub fn endpoint_with_ca(addr: &str, ca: Option<&[u8]>) -> Result<Endpoint, RpcEr
     Ok(ep)
 }
 
+/// How often a client pings its connection (HTTP/2 PING).
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a ping may go unanswered before the connection counts as dead.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 async fn channel(addr: &str, timeout: Duration) -> Result<Channel, RpcError> {
     let ep = endpoint(addr)?
         .connect_timeout(Duration::from_secs(5))
         .timeout(timeout)
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        // HTTP/2 pings: a call on a link that went dark fails within KEEPALIVE_TIMEOUT of
+        // the last answered ping (and is retried), rather than at its own timeout, which
+        // for an upload is long.
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
     ep.connect().await.map_err(|e| RpcError::Connect {
         addr: addr.to_string(),
         reason: format!(
