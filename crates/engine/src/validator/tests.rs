@@ -1826,18 +1826,25 @@ fn with_exposure(ps: &[f64]) -> (World, Vec<UploadHeader>) {
 
 /// As [`with_exposure`], with each miner's synthetic loss.
 fn with_exposure_and_loss(cases: &[(f64, f64)]) -> (World, Vec<UploadHeader>) {
-    let ps: Vec<f64> = cases.iter().map(|c| c.0).collect();
-    let mut w = World::new(ps.len(), 1);
-    let artifacts: Vec<Vec<u8>> = (0..ps.len()).map(|i| vec![b'a' + i as u8]).collect();
+    let cases: Vec<(f64, f64, Option<f64>)> = cases.iter().map(|(p, l)| (*p, *l, None)).collect();
+    with_exposure_loss_and_rank(&cases)
+}
+
+/// As [`with_exposure_and_loss`], each miner also a LoRA adapter of the given rank (None: a
+/// full fine-tune).
+fn with_exposure_loss_and_rank(cases: &[(f64, f64, Option<f64>)]) -> (World, Vec<UploadHeader>) {
+    let mut w = World::new(cases.len(), 1);
+    let artifacts: Vec<Vec<u8>> = (0..cases.len()).map(|i| vec![b'a' + i as u8]).collect();
     let refs: Vec<&[u8]> = artifacts.iter().map(Vec::as_slice).collect();
     let hs = reveal_all(&mut w, &refs);
-    for (h, (p, loss)) in hs.iter().zip(cases) {
-        let loss = *loss;
+    for (h, (p, loss, rank)) in hs.iter().zip(cases) {
+        let mut verdicts = vec![exposure_verdict(*p)];
+        verdicts.extend(rank.map(lora_verdict));
         w.v.handle(
             ValidatorInput::Evaluated {
                 job_id: job0(),
                 miner: h.miner.clone(),
-                result: eval_both(2.0, loss, vec![exposure_verdict(*p)]),
+                result: eval_both(2.0, *loss, verdicts),
             },
             w.now,
             &mut w.rng,
@@ -1879,23 +1886,7 @@ fn a_lora_adapter_is_judged_for_its_canaries_only_by_lora_peers() {
         // An adapter that learned the least, its canaries showing.
         (5e-4, 2.5, Some(8.0)),
     ];
-    let mut w = World::new(cases.len(), 1);
-    let artifacts: Vec<Vec<u8>> = (0..cases.len()).map(|i| vec![b'a' + i as u8]).collect();
-    let refs: Vec<&[u8]> = artifacts.iter().map(Vec::as_slice).collect();
-    let hs = reveal_all(&mut w, &refs);
-    for (h, (p, loss, rank)) in hs.iter().zip(cases) {
-        let mut verdicts = vec![exposure_verdict(p)];
-        verdicts.extend(rank.map(lora_verdict));
-        w.v.handle(
-            ValidatorInput::Evaluated {
-                job_id: job0(),
-                miner: h.miner.clone(),
-                result: eval_both(2.0, loss, verdicts),
-            },
-            w.now,
-            &mut w.rng,
-        );
-    }
+    let (w, hs) = with_exposure_loss_and_rank(&cases);
     let untrained = |i: usize| {
         score_of(&w, &hs[i].miner)
             .verdicts
@@ -1913,24 +1904,7 @@ fn a_lora_adapter_is_judged_for_its_canaries_only_by_lora_peers() {
     let v = untrained(2).expect("judged");
     assert!(v.reason.contains("2 other submissions"), "{v:?}");
     // With only the full fine-tune decisive, the adapter is not judged.
-    let (w, hs) = {
-        let mut w = World::new(2, 1);
-        let hs = reveal_all(&mut w, &[b"full", b"lora"]);
-        for (h, (p, loss, lora)) in hs.iter().zip([(1e-4, 2.4, false), (0.07, 2.0, true)]) {
-            let mut verdicts = vec![exposure_verdict(p)];
-            verdicts.extend(lora.then(|| lora_verdict(4.0)));
-            w.v.handle(
-                ValidatorInput::Evaluated {
-                    job_id: job0(),
-                    miner: h.miner.clone(),
-                    result: eval_both(2.0, loss, verdicts),
-                },
-                w.now,
-                &mut w.rng,
-            );
-        }
-        (w, hs)
-    };
+    let (w, hs) = with_exposure_loss_and_rank(&[(1e-4, 2.4, None), (0.07, 2.0, Some(4.0))]);
     let s = score_of(&w, &hs[1].miner);
     assert!(
         s.verdicts.iter().all(|v| v.check != UNTRAINED_CHECK),
