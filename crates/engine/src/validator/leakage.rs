@@ -144,7 +144,7 @@ pub(super) fn per_record_findings(
     };
     let control = if with_control {
         // Control records are drawn alike too, so the same screen would hold there; it is
-        // not on yet (SECURITY.md, "Test-set leakage"): it moves the real-text figures,
+        // not on yet (SECURITY.md, "What the protocol assumes"): it moves the real-text figures,
         // which are to be measured again with it.
         two_rounds(&control_cohort, suspect, None, false, settings.leak_alpha)
     } else {
