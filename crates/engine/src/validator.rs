@@ -242,9 +242,12 @@ pub struct JobState {
 pub struct BaseRecords {
     /// On the hidden test split.
     pub test: Vec<Option<f64>>,
-    /// On the synthetic set (empty: the job has none).
+    /// On the synthetic set (empty: the job has none, or it is not drawn alike).
     #[serde(default)]
     pub synthetic: Vec<Option<f64>>,
+    /// On the held-out control records (empty: the job has none).
+    #[serde(default)]
+    pub control: Vec<Option<f64>>,
 }
 
 /// Why the validator refused a commitment or an upload. Each says what to do.

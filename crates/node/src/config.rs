@@ -315,7 +315,8 @@ pub struct CompetitionConfig {
     #[serde(default = "d_neighbour_rate")]
     pub neighbour_rate: f64,
     /// Records of the dataset held out beside the hidden test split and never released
-    /// (None: half as many as the test split, or none with `synthetic_generator = "demo"`,
+    /// (None: as many as the test split, which gives the comparison below the most power
+    /// for the records it takes, or none with `synthetic_generator = "demo"`,
     /// whose synthetic records are already drawn as the test split is). Both are random
     /// draws from the same records, so a model that saw neither does as well on one as on
     /// the other, and the leakage check compares them exactly: a model trained on the
@@ -475,7 +476,7 @@ impl CompetitionConfig {
         match self.control_records {
             Some(n) => n,
             None if self.synthetic() == Some("demo") => 0,
-            None => n_test.div_ceil(2),
+            None => n_test,
         }
     }
 

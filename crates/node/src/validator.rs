@@ -1826,37 +1826,46 @@ pub fn evaluate_submission(
     records.extend(keys.iter().filter_map(|k| sets.probe_record(*k).cloned()));
     let r = tunenet_ml::record_losses_on(model, Some(artifact), &records, max_seq_len, 8, devices)
         .map_err(|e| e.to_string())?;
-    // The base model on the test and synthetic records, once per job (again if a set
-    // changed): the leakage test screens its references against it, the one model sure
-    // never to have seen the test split. Only a synthetic set drawn as the test split was
-    // makes that comparison fair, so only such a job measures it.
+    // The base model on the test records and the sets they are compared with, once per
+    // job (again if a set changed): the leakage test screens its references against it,
+    // the one model sure never to have seen the test split. Only a set drawn as the test
+    // split was makes that comparison fair: a synthetic set drawn alike, and control
+    // records always; the base is not scored on neighbours or rewrites.
+    let alike = integrity.synthetic_alike && n_synthetic > n_test;
+    let n_control = n_scored - n_synthetic;
     let measured = |b: &tunenet_engine::BaseRecords| {
-        b.test.len() == n_test && b.synthetic.len() == n_synthetic - n_test
+        b.test.len() == n_test
+            && b.synthetic.len() == if alike { n_synthetic - n_test } else { 0 }
+            && b.control.len() == n_control
     };
     if integrity.enabled
-        && integrity.synthetic_alike
-        && n_synthetic > n_test
+        && (alike || n_control > 0)
         && !sets.base_scored.as_ref().is_some_and(measured)
     {
         let tb = std::time::Instant::now();
-        let base = tunenet_ml::record_losses_on(
-            model,
-            None,
-            &records[..n_synthetic],
-            max_seq_len,
-            8,
-            devices,
-        )
-        .map_err(|e| e.to_string())?;
+        let scored: Vec<tunenet_ml::Record> = records[..n_test]
+            .iter()
+            .chain(if alike {
+                &records[n_test..n_synthetic]
+            } else {
+                &[]
+            })
+            .chain(&records[n_synthetic..n_scored])
+            .cloned()
+            .collect();
+        let base = tunenet_ml::record_losses_on(model, None, &scored, max_seq_len, 8, devices)
+            .map_err(|e| e.to_string())?;
         let part = |range: std::ops::Range<usize>| {
             base.losses
                 .get(range)
                 .map(<[_]>::to_vec)
                 .unwrap_or_default()
         };
+        let n_alike = if alike { n_synthetic - n_test } else { 0 };
         sets.base_scored = Some(tunenet_engine::BaseRecords {
             test: part(0..n_test),
-            synthetic: part(n_test..n_synthetic),
+            synthetic: part(n_test..n_test + n_alike),
+            control: part(n_test + n_alike..scored.len()),
         });
         checks += tb.elapsed().as_secs_f64();
     }
@@ -2090,20 +2099,16 @@ mod tests {
         } = split(&c, recs(100)).unwrap();
         let shards = shard(&c, &train).unwrap();
         assert_eq!(test.len(), 20);
-        assert_eq!(
-            control.len(),
-            10,
-            "half as many as the test split by default"
-        );
+        assert_eq!(control.len(), 20, "as many as the test split by default");
         let sizes: Vec<usize> = shards.iter().map(|s| s.len()).collect();
-        assert_eq!(sizes.iter().sum::<usize>(), 70);
+        assert_eq!(sizes.iter().sum::<usize>(), 60);
         assert!(sizes[0] < sizes[1] && sizes[1] < sizes[2], "{sizes:?}");
         let hidden: HashSet<String> = test
             .iter()
             .chain(&control)
             .map(|r| format!("{r:?}"))
             .collect();
-        assert_eq!(hidden.len(), 30, "test and control records are distinct");
+        assert_eq!(hidden.len(), 40, "test and control records are distinct");
         assert!(
             shards
                 .iter()

@@ -385,6 +385,14 @@ pub struct IntegritySettings {
     /// is its false-positive rate per submission. The loss-ratio settings above judge only
     /// submissions evaluated without per-record losses.
     pub leak_alpha: f64,
+    /// Leakage, against held-out control records: significance level of the one-sided
+    /// Mann–Whitney U test of "lower on the hidden test records than on the control
+    /// records", residuals as above. Both sets are random draws from the same records, so
+    /// for a model that saw neither the test is exact and this is its false-positive rate
+    /// per submission; a finding fails whatever the synthetic set found. With as many
+    /// control records as test records the test has power to spare, so it is held to a
+    /// tenth of `leak_alpha`: about one honest submission in 10,000 falsely failed.
+    pub control_alpha: f64,
     /// Whether the job's synthetic records are drawn as the test split was (a generator of
     /// the dataset's own process: then `leak_alpha` alone decides). A rewritten set (real
     /// data rewritten by a model) is not: a stronger honest fine-tune gains more on the
@@ -438,6 +446,7 @@ impl Default for IntegritySettings {
             leak_fail_z: 10.0,
             leak_spread_floor: 0.01,
             leak_alpha: 1e-3,
+            control_alpha: 1e-4,
             synthetic_alike: true,
             leak_cohort_z: 4.0,
             synthetic_paired: false,

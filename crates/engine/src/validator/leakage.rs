@@ -38,6 +38,8 @@
 //! test against them is exact on any data; it catches a model trained on the test split
 //! alone (which memorised every word of it, not only the neighbours' replaced ones), while
 //! the neighbours catch one trained on the whole public dataset, control records included.
+//! Control records are drawn alike on any data, so their references are always screened
+//! against the base; the comparison fails on its own at `control_alpha`.
 
 use super::{JobState, LEAKAGE_CHECK, SubmissionState, median};
 use std::collections::BTreeSet;
@@ -142,11 +144,19 @@ pub(super) fn per_record_findings(
     } else {
         rows.iter().map(|_| None).collect()
     };
+    // Control records are drawn as the test split was on any data, so the screen always
+    // holds there.
+    let base_control = base
+        .filter(|b| b.control.len() == c0.len())
+        .map(|b| (&base_id, b.test.as_slice(), b.control.as_slice()));
     let control = if with_control {
-        // Control records are drawn alike too, so the same screen would hold there; it is
-        // not on yet (SECURITY.md, "What the protocol assumes"): it moves the real-text figures,
-        // which are to be measured again with it.
-        two_rounds(&control_cohort, suspect, None, false, settings.leak_alpha)
+        two_rounds(
+            &control_cohort,
+            suspect,
+            base_control,
+            false,
+            settings.control_alpha,
+        )
     } else {
         rows.iter().map(|_| None).collect()
     };
@@ -165,17 +175,17 @@ pub(super) fn per_record_findings(
                 // never released, so the test is exact, and a finding fails whatever the
                 // synthetic set is.
                 if let Some(h) = &held
-                    && h.p <= settings.leak_alpha
+                    && h.p <= settings.control_alpha
                 {
                     return (m.clone(), Verdict {
                         check: LEAKAGE_CHECK.into(),
                         outcome: Outcome::Fail,
                         value: Some(h.p),
-                        threshold: Some(settings.leak_alpha),
+                        threshold: Some(settings.control_alpha),
                         reason: format!(
                             "the hidden test split leaked into training: it beats comparable models by more on the hidden test records than on held-out records of the same dataset, drawn as the test split was and never released ({}; at most {:.0e} allowed)",
                             h.describe(n, CONTROL),
-                            settings.leak_alpha
+                            settings.control_alpha
                         ),
                     });
                 }
@@ -189,7 +199,7 @@ pub(super) fn per_record_findings(
                             check: LEAKAGE_CHECK.into(),
                             outcome: Outcome::Pass,
                             value: Some(h.p),
-                            threshold: Some(settings.leak_alpha),
+                            threshold: Some(settings.control_alpha),
                             reason: format!("against held-out records: {}", h.describe(n, CONTROL)),
                         }),
                         None => not_judged(m, NO_REFERENCE),

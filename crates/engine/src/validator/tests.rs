@@ -1347,6 +1347,7 @@ fn mutual_leakers(with_base: bool) -> (World, Vec<UploadHeader>) {
             .iter()
             .map(|d| Some(1.15 * d + rng.random_range(-0.04..0.04)))
             .collect(),
+        control: vec![],
     };
     let models = [
         (1.0, 0.0),
@@ -1414,6 +1415,7 @@ fn a_submission_left_without_references_is_judged_against_the_base_model() {
     let base = BaseRecords {
         test: dt.iter().map(|d| Some(1.1 * d)).collect(),
         synthetic: ds.iter().map(|d| Some(1.1 * d)).collect(),
+        control: vec![],
     };
     for (h, leak) in hs.iter().zip([0.0, 0.3]) {
         let t: Vec<Option<f64>> = dt
@@ -1635,7 +1637,10 @@ fn held_out_control_records_catch_a_test_split_leak_that_its_neighbours_share() 
             && v.reason.contains("Mann–Whitney"),
         "{v:?}"
     );
-    assert!(v.value.unwrap() <= 1e-3, "{v:?}");
+    assert!(
+        v.value.unwrap() <= IntegritySettings::default().control_alpha,
+        "{v:?}"
+    );
     for h in &hs[..5] {
         let v = leakage_of(&w, &h.miner);
         assert_eq!(v.outcome, Outcome::Pass, "{v:?}");
@@ -1651,6 +1656,93 @@ fn held_out_control_records_catch_a_test_split_leak_that_its_neighbours_share() 
     assert_eq!(leakage_of(&w, &hs[5].miner).outcome, Outcome::Fail);
     for h in &hs[..5] {
         assert_eq!(leakage_of(&w, &h.miner).outcome, Outcome::Pass);
+    }
+}
+
+/// Real data with held-out control records and no synthetic set: two models that trained
+/// on the test split alone (the same records memorised, each with its own noise) beside
+/// four honest ones, the base model's losses on test and control records measured or not.
+fn mutual_control_leakers(with_base: bool) -> (World, Vec<UploadHeader>) {
+    use rand::Rng;
+    let (mut w, hs) = judged_on_real_data(6, false, b'm');
+    let mut rng = StdRng::seed_from_u64(23);
+    let dt: Vec<f64> = (0..60).map(|_| rng.random_range(1.5..3.5)).collect();
+    let dc: Vec<f64> = (0..60).map(|_| rng.random_range(1.5..3.5)).collect();
+    let memorised: Vec<f64> = (0..60).map(|_| rng.random_range(0.0..0.25)).collect();
+    let base = BaseRecords {
+        test: dt.iter().map(|d| Some(1.15 * d)).collect(),
+        synthetic: vec![],
+        control: dc.iter().map(|d| Some(1.15 * d)).collect(),
+    };
+    let models = [
+        (1.0, 0.0),
+        (0.95, 0.0),
+        (0.9, 0.0),
+        (0.97, 0.0),
+        (0.95, 1.0),
+        (0.95, 1.0),
+    ];
+    for (h, (scale, leak)) in hs.iter().zip(models) {
+        let t: Vec<Option<f64>> = dt
+            .iter()
+            .zip(&memorised)
+            .map(|(d, m)| Some(scale * d - leak * m + rng.random_range(-0.02..0.02)))
+            .collect();
+        let c: Vec<Option<f64>> = dc
+            .iter()
+            .map(|d| Some(scale * d + rng.random_range(-0.02..0.02)))
+            .collect();
+        let mean = |v: &[Option<f64>]| v.iter().flatten().sum::<f64>() / v.len() as f64;
+        w.v.handle(
+            ValidatorInput::Evaluated {
+                job_id: job0(),
+                miner: h.miner.clone(),
+                result: Ok(Evaluation {
+                    test_loss: Some(mean(&t)),
+                    test_records: t,
+                    control_records: c,
+                    base_records: with_base.then(|| base.clone()),
+                    ..Default::default()
+                }),
+            },
+            w.now,
+            &mut w.rng,
+        );
+    }
+    (w, hs)
+}
+
+#[test]
+fn leakers_that_memorised_the_test_split_cannot_hide_each_other_against_control_records() {
+    // Without the base model's losses, each is the other's best reference.
+    let (w, hs) = mutual_control_leakers(false);
+    let masked: Vec<Verdict> = hs[4..].iter().map(|h| leakage_of(&w, &h.miner)).collect();
+    assert!(
+        masked.iter().any(|v| v.outcome == Outcome::Pass),
+        "no masking to defeat: {masked:?}"
+    );
+    // Control records are drawn as the test split was on any data, so the screen against
+    // the base sets both aside, and judged against the honest models both fail.
+    let (w, hs) = mutual_control_leakers(true);
+    for h in &hs[4..] {
+        let v = leakage_of(&w, &h.miner);
+        assert_eq!(v.outcome, Outcome::Fail, "{v:?}");
+        assert!(
+            v.reason.contains("held-out records of the same dataset")
+                && v.reason.contains("set aside as reference"),
+            "{v:?}"
+        );
+        assert_eq!(
+            v.threshold,
+            Some(IntegritySettings::default().control_alpha)
+        );
+        for other in &hs[4..] {
+            assert!(!v.reason.contains(&other.miner.to_string()), "{v:?}");
+        }
+    }
+    for h in &hs[..4] {
+        let v = leakage_of(&w, &h.miner);
+        assert_eq!(v.outcome, Outcome::Pass, "{v:?}");
     }
 }
 
