@@ -746,6 +746,159 @@ fn a_miner_killed_while_training_resumes_and_is_scored() {
     );
 }
 
+/// The validator's disk fills in the middle of a job, after a miner's commitment was
+/// acknowledged and before its upload: the upload is refused as retryable with a reason
+/// naming the full disk, nothing half-written is kept, and once space is freed the
+/// miner's retry lands and the job is scored. Every blob the validator keeps hashes to its
+/// name afterwards. Needs root to mount a small tmpfs; says it skipped otherwise.
+#[test]
+fn a_validator_whose_disk_fills_mid_job_scores_the_upload_once_space_is_freed() {
+    use std::io::Write as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let disk = root.join("disk");
+    std::fs::create_dir_all(&disk).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=48m", "tmpfs"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    if !mounted.status.success() {
+        eprintln!(
+            "skipped: cannot mount a small tmpfs to fill ({}); this test needs root",
+            String::from_utf8_lossy(&mounted.stderr).trim()
+        );
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(disk.clone());
+    let (model, data) = common::tiny_model_and_data(root, 6, 300, 10);
+    let mport = port();
+    let mconf = root.join("m.toml");
+    std::fs::write(
+        &mconf,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{mport}\"\n[training]\nmax_steps = 30\nmax_seq_len = 48\n",
+            root.join("m")
+        ),
+    )
+    .unwrap();
+    let vport = port();
+    let vconf = root.join("v.toml");
+    let vdata = disk.join("v");
+    std::fs::write(
+        &vconf,
+        format!(
+            "data_dir = {vdata:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [\"http://127.0.0.1:{mport}\"]\n[[competitions]]\nid = \"f\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 1\nminers_per_job = 1\ntime_budget_secs = 12\nreveal_window_secs = 60\neval_max_seq_len = 48\n"
+        ),
+    )
+    .unwrap();
+    let miner = Daemon::start(
+        &["miner", "--config", mconf.to_str().unwrap()],
+        &root.join("m.log"),
+    );
+    let validator = Daemon::start(
+        &["validator", "--config", vconf.to_str().unwrap()],
+        &root.join("v.log"),
+    );
+    let wait = |what: &str, secs: u64, done: &dyn Fn() -> bool| {
+        let t0 = Instant::now();
+        while !done() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(secs),
+                "{what}:\n{}\n{}",
+                miner.log(),
+                validator.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait("the commitment was never acknowledged", 60, &|| {
+        miner.log().contains("commitment acknowledged")
+    });
+    // Fill the validator's disk before the deadline, so the upload meets it.
+    let filler = disk.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    while f.write(&[7u8; 4096]).map(|n| n > 0).unwrap_or(false) {}
+    drop(f);
+    wait("the upload never met the full disk", 60, &|| {
+        miner.log().contains("upload failed; retrying")
+    });
+    let refused = miner.log();
+    assert!(
+        refused.contains("disk is full") && refused.contains("nothing of this upload was kept"),
+        "{refused}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    std::fs::remove_file(&filler).unwrap();
+    let vurl = format!("http://127.0.0.1:{vport}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let t0 = Instant::now();
+    let lb = loop {
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "not scored after space was freed:\n{}\n{}",
+            miner.log(),
+            validator.log()
+        );
+        let lb = rt.block_on(async {
+            ValidatorClient::connect(&vurl)
+                .await
+                .ok()?
+                .leaderboard("f")
+                .await
+                .ok()
+        });
+        if let Some(lb) = lb
+            && lb.jobs_done == 1
+        {
+            break lb;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(lb.rows.len(), 1, "{lb:?}");
+    assert!(
+        lb.rows[0].mean_loss.is_some(),
+        "the upload was not scored: {lb:?}\n{}",
+        validator.log()
+    );
+    assert!(miner.log().contains("artifact uploaded"), "{}", miner.log());
+    // Every blob kept (at ab/cdef..., its name split after two hex digits) hashes to its
+    // name, and no blob store holds a half-written temporary file.
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let mut blobs = 0;
+    let mut dirs = vec![vdata.clone()];
+    while let Some(d) = dirs.pop() {
+        let dir_name = d.file_name().unwrap().to_string_lossy().to_string();
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if dir_name == "tmp" {
+                panic!("a temporary file left in a blob store: {p:?}");
+            } else if hex(&dir_name, 2) && hex(&name, 62) {
+                let bytes = std::fs::read(&p).unwrap();
+                assert_eq!(
+                    blake3::hash(&bytes).to_hex().as_str(),
+                    format!("{dir_name}{name}"),
+                    "{p:?}"
+                );
+                blobs += 1;
+            }
+        }
+    }
+    assert!(
+        blobs >= 3,
+        "the base model, the shard and the artifact: {blobs} blobs"
+    );
+}
+
 /// The chaos run in short (issue 15; `tunenet chaos`): a seeded random daemon, validator or
 /// miner, SIGKILLed at a phase of a job's life and restarted on its data dir, four times in
 /// a four-job competition; every invariant must hold afterwards (the command exits
