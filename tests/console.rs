@@ -974,29 +974,15 @@ fn abuse_limits_refuse_the_offender_and_keep_serving_others() {
 /// skipped otherwise.
 #[test]
 fn a_validator_on_a_full_disk_says_so_and_starts_once_space_is_freed() {
-    use std::io::Write as _;
     let tmp = tempfile::tempdir().unwrap();
     let disk = tmp.path().join("disk");
-    std::fs::create_dir_all(&disk).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
-        .arg(&disk)
-        .output()
-        .unwrap();
-    if !mounted.status.success() {
-        eprintln!(
-            "skipped: cannot mount a small tmpfs to fill ({}); this test needs root",
-            String::from_utf8_lossy(&mounted.stderr).trim()
-        );
-        return;
-    }
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    let tmpfs = match common::Tmpfs::mount(&disk, "16m") {
+        Ok(t) => t,
+        Err(why) => {
+            eprintln!("skipped: cannot mount a small tmpfs to fill ({why}); this test needs root");
+            return;
         }
-    }
-    let _unmount = Unmount(disk.clone());
+    };
     let vport = port();
     let vconf = tmp.path().join("v.toml");
     std::fs::write(
@@ -1009,10 +995,7 @@ fn a_validator_on_a_full_disk_says_so_and_starts_once_space_is_freed() {
     .unwrap();
     let admin = common::admin_token(&vconf);
     // Fill the disk.
-    let filler = disk.join("filler");
-    let mut f = std::fs::File::create(&filler).unwrap();
-    while f.write(&[7u8; 4096]).map(|n| n > 0).unwrap_or(false) {}
-    drop(f);
+    let filler = tmpfs.fill();
     let out = Command::new(BIN)
         .args(["validator", "--config", vconf.to_str().unwrap()])
         .output()

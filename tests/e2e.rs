@@ -753,30 +753,16 @@ fn a_miner_killed_while_training_resumes_and_is_scored() {
 /// name afterwards. Needs root to mount a small tmpfs; says it skipped otherwise.
 #[test]
 fn a_validator_whose_disk_fills_mid_job_scores_the_upload_once_space_is_freed() {
-    use std::io::Write as _;
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let disk = root.join("disk");
-    std::fs::create_dir_all(&disk).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=48m", "tmpfs"])
-        .arg(&disk)
-        .output()
-        .unwrap();
-    if !mounted.status.success() {
-        eprintln!(
-            "skipped: cannot mount a small tmpfs to fill ({}); this test needs root",
-            String::from_utf8_lossy(&mounted.stderr).trim()
-        );
-        return;
-    }
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    let tmpfs = match common::Tmpfs::mount(&disk, "48m") {
+        Ok(t) => t,
+        Err(why) => {
+            eprintln!("skipped: cannot mount a small tmpfs to fill ({why}); this test needs root");
+            return;
         }
-    }
-    let _unmount = Unmount(disk.clone());
+    };
     let (model, data) = common::tiny_model_and_data(root, 6, 300, 10);
     let mport = port();
     let mconf = root.join("m.toml");
@@ -822,10 +808,7 @@ fn a_validator_whose_disk_fills_mid_job_scores_the_upload_once_space_is_freed() 
         miner.log().contains("commitment acknowledged")
     });
     // Fill the validator's disk before the deadline, so the upload meets it.
-    let filler = disk.join("filler");
-    let mut f = std::fs::File::create(&filler).unwrap();
-    while f.write(&[7u8; 4096]).map(|n| n > 0).unwrap_or(false) {}
-    drop(f);
+    let filler = tmpfs.fill();
     wait("the upload never met the full disk", 60, &|| {
         miner.log().contains("upload failed; retrying")
     });

@@ -81,3 +81,37 @@ pub fn tiny_model_and_data(
 pub fn admin_token(conf: &Path) -> String {
     tunenet_node::wire_redteam::admin_token(Path::new(BIN), conf).unwrap()
 }
+
+/// A small tmpfs mounted at a directory, unmounted when dropped: a disk a test can fill.
+/// Mounting needs root; the error says why it could not.
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, size: &str) -> Result<Tmpfs, String> {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        Ok(Tmpfs(dir.to_path_buf()))
+    }
+
+    /// Writes a file until the disk is full; remove it to free the space.
+    pub fn fill(&self) -> PathBuf {
+        use std::io::Write as _;
+        let filler = self.0.join("filler");
+        let mut f = std::fs::File::create(&filler).unwrap();
+        while f.write(&[7u8; 4096]).map(|n| n > 0).unwrap_or(false) {}
+        filler
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
