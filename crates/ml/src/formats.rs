@@ -68,26 +68,63 @@ impl DatasetLoad {
 /// The rows of a Parquet file as JSON objects (nested lists and structs, such as chat
 /// `messages`, become JSON arrays and objects). Err: the row (None: the whole file) and
 /// what is wrong.
+///
+/// The parquet crate is read on a worker thread, under a deadline and with its panics
+/// caught: some malformed files make it panic (a length in the file's metadata it
+/// allocated from unchecked: `capacity overflow`, found by fuzzing) and some take it
+/// seconds on a few hundred bytes (page headers it skips field by field; the input is in
+/// fuzz/known/dataset/). A bad file must be an error, not the validator's crash or stall.
+/// A worker past its deadline is left to finish on its own; its answer is dropped.
 fn parquet_rows(bytes: &[u8]) -> Result<Vec<Row>, (Option<usize>, String)> {
-    // The parquet crate panics on some malformed files (a length in the file's metadata it
-    // allocates from unchecked: `capacity overflow`, found by fuzzing; the input is kept in
-    // fuzz/regressions/dataset/). A bad file must be an error, not the validator's crash.
-    std::panic::catch_unwind(|| parquet_rows_unguarded(bytes)).unwrap_or_else(|panic| {
-        let why = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "it panicked".into());
-        Err((
+    let owned = bytes::Bytes::copy_from_slice(bytes);
+    let deadline = parquet_deadline(bytes.len());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("parquet-reader".into())
+        .spawn(move || {
+            let read = std::panic::catch_unwind(|| parquet_rows_unguarded(owned)).unwrap_or_else(
+                |panic| {
+                    let why = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "it panicked".into());
+                    Err((
+                        None,
+                        format!(
+                            "not a readable Parquet file: the Parquet reader failed on it ({why})"
+                        ),
+                    ))
+                },
+            );
+            let _ = tx.send(read);
+        })
+        .map_err(|e| (None, format!("cannot start the Parquet reader: {e}")))?;
+    match rx.recv_timeout(deadline) {
+        Ok(read) => read,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err((
             None,
-            format!("not a readable Parquet file: the Parquet reader failed on it ({why})"),
-        ))
-    })
+            format!(
+                "not a readable Parquet file: the Parquet reader was still reading its {} bytes after {:.0} s (2 s plus 1 s per MB allowed; a well-formed file reads far faster)",
+                bytes.len(),
+                deadline.as_secs_f64()
+            ),
+        )),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err((
+            None,
+            "not a readable Parquet file: the Parquet reader stopped without an answer".into(),
+        )),
+    }
 }
 
-fn parquet_rows_unguarded(bytes: &[u8]) -> Result<Vec<Row>, (Option<usize>, String)> {
+/// How long a Parquet file of `len` bytes may take to read: 2 s plus 1 s per MB.
+fn parquet_deadline(len: usize) -> std::time::Duration {
+    std::time::Duration::from_secs_f64(2.0 + len as f64 / 1e6)
+}
+
+fn parquet_rows_unguarded(bytes: bytes::Bytes) -> Result<Vec<Row>, (Option<usize>, String)> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
-    let reader = SerializedFileReader::new(bytes::Bytes::copy_from_slice(bytes))
+    let reader = SerializedFileReader::new(bytes)
         .map_err(|e| (None, format!("not a readable Parquet file: {e}")))?;
     let rows = reader
         .get_row_iter(None)

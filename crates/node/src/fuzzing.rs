@@ -560,17 +560,20 @@ mod tests {
     }
 
     /// Found by fuzzing: Parquet files whose metadata made the parquet crate panic
-    /// (capacity overflow) or ask for 7.8 GB (a list's element count taken from the file
-    /// unchecked: where the allocation fails, the process aborts) are refused with an
-    /// error that says so, and the second asks for nothing near that.
+    /// (capacity overflow), ask for 7.8 GB (a list's element count taken from the file
+    /// unchecked: where the allocation fails, the process aborts) or spend 12 s on 399
+    /// bytes are refused with an error that says so, the last at the reader's deadline
+    /// (2 s for a file this small), not when the reader gives up.
     #[test]
     fn parquet_files_that_crashed_the_reader_are_refused() {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/regressions");
         for name in [
             "crash-9b59b77a40b5c10c0a201c81fb48446fb868d083",
             "oom-9e4273cbac33d8b16e73dbaabadac39146c18726",
+            "timeout-6cb82cc2a44d644f3f9531d875339072e2b921ad",
         ] {
             let data = std::fs::read(root.join("dataset").join(name)).unwrap();
+            let t0 = std::time::Instant::now();
             let err = tunenet_ml::parse_dataset(
                 &data[1..],
                 "parquet",
@@ -580,6 +583,7 @@ mod tests {
             .unwrap_err()
             .to_string();
             assert!(err.contains("not a readable Parquet file"), "{name}: {err}");
+            assert!(t0.elapsed().as_secs() < 8, "{name}: {:?}", t0.elapsed());
         }
     }
 
