@@ -47,9 +47,20 @@ for t in "${targets[@]}"; do
     log="$logs/$t.log"
     start=$(date +%s)
     set +e
-    cargo +nightly fuzz run --target-dir "$target_dir" "$t" "corpus/$t" "seeds/$t" -- \
+    # The dataset target reads Parquet on a worker thread under a deadline; a worker past
+    # its deadline finishes on its own after the input is done, and LeakSanitizer counts
+    # its thread bookkeeping (glibc's __cxa_thread_atexit) and what it still holds as
+    # leaks, of whatever input runs next and again at exit. Leak checks stay on for every
+    # other target.
+    extra=()
+    asan="${ASAN_OPTIONS:-}"
+    if [ "$t" = dataset ]; then
+        extra=(-detect_leaks=0)
+        asan="${asan:+$asan:}detect_leaks=0"
+    fi
+    ASAN_OPTIONS="$asan" cargo +nightly fuzz run --target-dir "$target_dir" "$t" "corpus/$t" "seeds/$t" -- \
         -max_total_time="$secs" -rss_limit_mb=2048 -malloc_limit_mb=2048 -timeout=20 \
-        -print_final_stats=1 >"$log" 2>&1
+        -print_final_stats=1 "${extra[@]}" >"$log" 2>&1
     rc=$?
     set -e
     took=$(($(date +%s) - start))
