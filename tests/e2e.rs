@@ -117,6 +117,40 @@ async fn leaderboard(url: &str) -> Option<Leaderboard> {
         .ok()
 }
 
+/// Polls the validator at `url` until competition `id` has `jobs` jobs done and returns
+/// its leaderboard; fails, with what `logs` gives, `secs` after `since`.
+fn leaderboard_when_done(
+    url: &str,
+    id: &str,
+    jobs: usize,
+    since: Instant,
+    secs: u64,
+    logs: &dyn Fn() -> String,
+) -> Leaderboard {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    loop {
+        assert!(
+            since.elapsed() < Duration::from_secs(secs),
+            "competition {id} not scored:\n{}",
+            logs()
+        );
+        let lb = rt.block_on(async {
+            ValidatorClient::connect(url)
+                .await
+                .ok()?
+                .leaderboard(id)
+                .await
+                .ok()
+        });
+        if let Some(lb) = lb
+            && lb.jobs_done as usize == jobs
+        {
+            return lb;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn competition_over_grpc_ranks_by_loss_refuses_bad_input_and_survives_restart() {
     let tmp = tempfile::tempdir().unwrap();
@@ -709,30 +743,14 @@ fn a_miner_killed_while_training_resumes_and_is_scored() {
         &["miner", "--config", mconf.to_str().unwrap()],
         &root.join("m2.log"),
     );
-    let vurl = format!("http://127.0.0.1:{vport}");
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let lb = loop {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "not scored:\n{}\n{}",
-            miner2.log(),
-            validator.log()
-        );
-        let lb = rt.block_on(async {
-            ValidatorClient::connect(&vurl)
-                .await
-                .ok()?
-                .leaderboard("k")
-                .await
-                .ok()
-        });
-        if let Some(lb) = lb
-            && lb.jobs_done == 1
-        {
-            break lb;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let lb = leaderboard_when_done(
+        &format!("http://127.0.0.1:{vport}"),
+        "k",
+        1,
+        t0,
+        120,
+        &|| format!("{}\n{}", miner2.log(), validator.log()),
+    );
     assert!(
         miner2.log().contains("resuming training after a restart"),
         "{}",
@@ -819,31 +837,14 @@ fn a_validator_whose_disk_fills_mid_job_scores_the_upload_once_space_is_freed() 
     );
     std::thread::sleep(Duration::from_secs(2));
     std::fs::remove_file(&filler).unwrap();
-    let vurl = format!("http://127.0.0.1:{vport}");
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let t0 = Instant::now();
-    let lb = loop {
-        assert!(
-            t0.elapsed() < Duration::from_secs(90),
-            "not scored after space was freed:\n{}\n{}",
-            miner.log(),
-            validator.log()
-        );
-        let lb = rt.block_on(async {
-            ValidatorClient::connect(&vurl)
-                .await
-                .ok()?
-                .leaderboard("f")
-                .await
-                .ok()
-        });
-        if let Some(lb) = lb
-            && lb.jobs_done == 1
-        {
-            break lb;
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    };
+    let lb = leaderboard_when_done(
+        &format!("http://127.0.0.1:{vport}"),
+        "f",
+        1,
+        Instant::now(),
+        90,
+        &|| format!("{}\n{}", miner.log(), validator.log()),
+    );
     assert_eq!(lb.rows.len(), 1, "{lb:?}");
     assert!(
         lb.rows[0].mean_loss.is_some(),
