@@ -693,17 +693,26 @@ fn a_miner_on_p2p_is_listed_with_its_signed_advert() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not a multiaddr"));
 }
 
-#[test]
-fn a_miner_killed_while_training_resumes_and_is_scored() {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path();
-    let (model, data) = common::tiny_model_and_data(root, 5, 300, 9);
+/// Configs under `root` for a one-job competition `id` with one miner: a tiny model and
+/// 300 demo records (seeded by `seeds`), the miner's data in `root/m` with `training`
+/// lines under `[training]`, the validator's in `vdata` with `competition` lines added to
+/// its competition. Returns the miner's and the validator's config and the validator's
+/// port.
+fn one_miner_competition(
+    root: &Path,
+    seeds: (u64, u64),
+    training: &str,
+    vdata: &Path,
+    id: &str,
+    competition: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, u16) {
+    let (model, data) = common::tiny_model_and_data(root, seeds.0, 300, seeds.1);
     let mport = port();
     let mconf = root.join("m.toml");
     std::fs::write(
         &mconf,
         format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:{mport}\"\n[training]\nmax_steps = 100000\nmax_seq_len = 48\ncommit_margin_secs = 1.0\n",
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{mport}\"\n[training]\nmax_seq_len = 48\n{training}",
             root.join("m")
         ),
     )
@@ -713,11 +722,25 @@ fn a_miner_killed_while_training_resumes_and_is_scored() {
     std::fs::write(
         &vconf,
         format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [\"http://127.0.0.1:{mport}\"]\n[[competitions]]\nid = \"k\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 1\nminers_per_job = 1\ntime_budget_secs = 16\nreveal_window_secs = 20\neval_max_seq_len = 48\n",
-            root.join("v")
+            "data_dir = {vdata:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [\"http://127.0.0.1:{mport}\"]\n[[competitions]]\nid = \"{id}\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 1\nminers_per_job = 1\neval_max_seq_len = 48\n{competition}"
         ),
     )
     .unwrap();
+    (mconf, vconf, vport)
+}
+
+#[test]
+fn a_miner_killed_while_training_resumes_and_is_scored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (mconf, vconf, vport) = one_miner_competition(
+        root,
+        (5, 9),
+        "max_steps = 100000\ncommit_margin_secs = 1.0\n",
+        &root.join("v"),
+        "k",
+        "time_budget_secs = 16\nreveal_window_secs = 20\n",
+    );
     let mut miner = Daemon::start(
         &["miner", "--config", mconf.to_str().unwrap()],
         &root.join("m1.log"),
@@ -781,27 +804,15 @@ fn a_validator_whose_disk_fills_mid_job_scores_the_upload_once_space_is_freed() 
             return;
         }
     };
-    let (model, data) = common::tiny_model_and_data(root, 6, 300, 10);
-    let mport = port();
-    let mconf = root.join("m.toml");
-    std::fs::write(
-        &mconf,
-        format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:{mport}\"\n[training]\nmax_steps = 30\nmax_seq_len = 48\n",
-            root.join("m")
-        ),
-    )
-    .unwrap();
-    let vport = port();
-    let vconf = root.join("v.toml");
     let vdata = disk.join("v");
-    std::fs::write(
-        &vconf,
-        format!(
-            "data_dir = {vdata:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [\"http://127.0.0.1:{mport}\"]\n[[competitions]]\nid = \"f\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 1\nminers_per_job = 1\ntime_budget_secs = 12\nreveal_window_secs = 60\neval_max_seq_len = 48\n"
-        ),
-    )
-    .unwrap();
+    let (mconf, vconf, vport) = one_miner_competition(
+        root,
+        (6, 10),
+        "max_steps = 30\n",
+        &vdata,
+        "f",
+        "time_budget_secs = 12\nreveal_window_secs = 60\n",
+    );
     let miner = Daemon::start(
         &["miner", "--config", mconf.to_str().unwrap()],
         &root.join("m.log"),
