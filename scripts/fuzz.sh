@@ -5,6 +5,9 @@
 #
 #   bash scripts/fuzz.sh [SECONDS] [TARGET...]
 #
+# TUNENET_FUZZ_RUNS=N also stops each target after N executions, whichever comes first
+# (the long campaigns: TUNENET_FUZZ_RUNS=10000000 bash scripts/fuzz.sh 1800).
+#
 # Each corpus starts from fuzz/seeds/<target> (real files and signed messages) and grows
 # in fuzz/corpus/<target> (not committed). An input that crashes, hangs or runs out of
 # memory is copied to fuzz/regressions/<target>/, which `cargo test` runs through the same
@@ -39,7 +42,8 @@ else
     cargo +nightly fuzz build --target-dir "$target_dir"
 fi
 
-logs="$(mktemp -d)"
+logs="${TUNENET_FUZZ_LOGS:-$(mktemp -d)}"
+mkdir -p "$logs"
 failed=()
 printf '%-15s %8s %12s %10s %8s  %s\n' target seconds executions "exec/s" corpus outcome
 for t in "${targets[@]}"; do
@@ -53,9 +57,12 @@ for t in "${targets[@]}"; do
     # leaks, of whatever input runs next and again at exit. Leak checks stay on for every
     # other target.
     extra=()
+    if [ -n "${TUNENET_FUZZ_RUNS:-}" ]; then
+        extra+=(-runs="$TUNENET_FUZZ_RUNS")
+    fi
     asan="${ASAN_OPTIONS:-}"
     if [ "$t" = dataset ]; then
-        extra=(-detect_leaks=0)
+        extra+=(-detect_leaks=0)
         asan="${asan:+$asan:}detect_leaks=0"
     fi
     ASAN_OPTIONS="$asan" cargo +nightly fuzz run --target-dir "$target_dir" "$t" "corpus/$t" "seeds/$t" -- \

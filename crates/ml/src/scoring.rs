@@ -2,7 +2,9 @@
 //! [`ScoringModel`] runs many [`PackedGroup`]s (a shared prefix with several continuations)
 //! in one forward pass, the prefix computed once and each continuation attending to it.
 //! Weights are either dense (from a [`CausalLm`], f32/bf16) or GGUF quantised (Q8_0, Q4_x,
-//! K-quants) run with candle's quantised matmuls. Nothing here trains or samples.
+//! K-quants). Quantised weights stay quantised in memory; on the CPU a batched call
+//! expands them to f32 one tile at a time into a dense GEMM, and a call with a few rows
+//! uses candle's quantised kernels. Nothing here trains or samples.
 
 use std::path::Path;
 
@@ -76,18 +78,106 @@ pub trait HellaSwagScorer {
 /// How [`ScoringModel::load_gguf`] holds a GGUF's matmul weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GgufWeights {
-    /// Quantised blocks, multiplied by candle's quantised matmul kernels (least memory).
+    /// Quantised blocks, the only copy of the weights (least memory). On the CPU a batched
+    /// matmul expands ~1 MiB tiles of them to f32 one at a time and runs the dense GEMM;
+    /// a call with few rows runs candle's quantised kernels.
     Quantized,
     /// Expanded to f32 at load: the quantised model's exact weights, run by the dense
-    /// matmul (faster for batched scoring on CPU, four to eight times the memory).
+    /// matmul (nothing to expand per call, four to eight times the memory).
     Dequantized,
+}
+
+/// Output rows per tile of a quantised weight on the CPU: about 1 MiB once expanded to
+/// f32, so a tile is still in cache when the matmul reads it.
+const TILE_ELEMS: usize = 1 << 18;
+
+/// Calls with at least this many input rows expand each tile to f32 and run the dense
+/// matmul; fewer rows use candle's quantised kernels. Expanding costs the same whatever
+/// the rows, while the quantised kernels (per-row dot products) cost more with each row:
+/// past a handful of rows the expansion and a tiled GEMM win, by far for batched scoring.
+const EXPAND_MIN_ROWS: usize = 16;
+
+/// A projection's weights.
+#[derive(Debug)]
+enum Weights {
+    /// One matmul: dense weights, or quantised ones off the CPU (where candle's kernels
+    /// batch by themselves).
+    Whole(QMatMul),
+    /// Quantised weights on the CPU, split along the output dimension into tiles of
+    /// about [`TILE_ELEMS`]. The quantised bytes stay the only copy: a call with many
+    /// rows expands one tile at a time (see [`EXPAND_MIN_ROWS`]).
+    Tiles(Vec<std::sync::Arc<QTensor>>),
+}
+
+impl Weights {
+    /// Quantised CPU weights split into tiles; anything else as one matmul.
+    fn new(q: QTensor) -> candle_core::Result<Weights> {
+        let dense = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        let (n, k) = q.shape().dims2()?;
+        if dense || !q.device().is_cpu() || n == 0 || k == 0 {
+            return Ok(Weights::Whole(QMatMul::from_arc(std::sync::Arc::new(q))?));
+        }
+        let dtype = q.dtype();
+        let row_bytes = k / dtype.block_size() * dtype.type_size();
+        let bytes = q.data()?;
+        if bytes.len() != n * row_bytes {
+            candle_core::bail!(
+                "quantised weight of {n} x {k} holds {} bytes, not {}",
+                bytes.len(),
+                n * row_bytes
+            );
+        }
+        let per_tile = (TILE_ELEMS / k).clamp(1, n);
+        let mut tiles = Vec::with_capacity(n.div_ceil(per_tile));
+        for start in (0..n).step_by(per_tile) {
+            let rows = per_tile.min(n - start);
+            let raw = &bytes[start * row_bytes..(start + rows) * row_bytes];
+            let tile = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                dtype,
+                raw,
+                vec![rows, k],
+                &Device::Cpu,
+            )?;
+            tiles.push(std::sync::Arc::new(tile));
+        }
+        Ok(Weights::Tiles(tiles))
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let tiles = match self {
+            Weights::Whole(mm) => return mm.forward(x),
+            Weights::Tiles(tiles) => tiles,
+        };
+        let k = x.dim(D::Minus1)?;
+        let rows = x.elem_count() / k.max(1);
+        let mut out_dims = x.dims().to_vec();
+        let x2 = x.reshape((rows, k))?;
+        let mut parts = Vec::with_capacity(tiles.len());
+        for tile in tiles {
+            let y = if rows >= EXPAND_MIN_ROWS {
+                let w = tile.dequantize(&Device::Cpu)?;
+                x2.matmul(&w.t()?)?
+            } else {
+                QMatMul::QTensor(tile.clone()).forward(&x2)?
+            };
+            parts.push(y);
+        }
+        let y = match parts.len() {
+            1 => parts.swap_remove(0),
+            _ => Tensor::cat(&parts, 1)?,
+        };
+        if let Some(last) = out_dims.last_mut() {
+            *last = y.dim(1)?;
+        }
+        y.reshape(out_dims)
+    }
 }
 
 /// A linear layer for inference: dense or quantised, possibly several layers fused along
 /// the output dimension (their outputs are the column ranges given by `widths`).
 #[derive(Debug)]
 struct Proj {
-    mm: QMatMul,
+    mm: Weights,
     widths: Vec<usize>,
 }
 
@@ -162,7 +252,7 @@ impl std::fmt::Debug for ScoringModel {
 fn dense(w: Tensor) -> Proj {
     let n = w.dims().first().copied().unwrap_or(0);
     Proj {
-        mm: QMatMul::Tensor(w),
+        mm: Weights::Whole(QMatMul::Tensor(w)),
         widths: vec![n],
     }
 }
@@ -206,9 +296,10 @@ impl ScoringModel {
     }
 
     /// Loads a llama-architecture GGUF for scoring. With [`GgufWeights::Quantized`] the
-    /// matmuls run on the quantised blocks; with [`GgufWeights::Dequantized`] the weights
-    /// are expanded to f32 at load (the same numbers, so the same model; four to eight times
-    /// the memory, and faster on CPUs where candle has no tiled kernel for the type). Norms
+    /// weights stay quantised blocks (expanded a tile at a time for batched matmuls on the
+    /// CPU); with [`GgufWeights::Dequantized`] they are expanded to f32 at load (the same
+    /// numbers, so the same model; four to eight times the memory, and no expansion per
+    /// call). Norms
     /// and the token embedding table are always dequantised. q/k rows are put back into
     /// rotate-half order, so the forward pass is the same as for dense weights.
     pub fn load_gguf(
@@ -567,7 +658,7 @@ fn quant(
     let n = q.shape().dims().first().copied().unwrap_or(0);
     let q = to_dev(q)?;
     Ok(Proj {
-        mm: QMatMul::from_arc(std::sync::Arc::new(q)).ctx("preparing a quantised matmul")?,
+        mm: Weights::new(q).ctx("preparing a quantised matmul")?,
         widths: vec![n],
     })
 }
@@ -640,4 +731,58 @@ fn unpermute_rows(q: QTensor, heads: usize, hd: usize) -> Result<QTensor, MlErro
     }
     candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &out, dims, &Device::Cpu)
         .ctx("reordering q/k rows")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let d: Vec<f32> = (a - b)
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.to_vec1())
+            .unwrap();
+        d.into_iter().fold(0.0, |m, x| m.max(x.abs()))
+    }
+
+    /// Tiled quantised weights give the dense product of the expanded weights for batched
+    /// calls, and candle's quantised kernels' exact result for a few rows, at SmolLM2's
+    /// inner dimension (576), with a row count that leaves the last tile short, and inputs
+    /// of two and three dimensions.
+    #[test]
+    fn tiled_quantised_matmuls_match_the_expanded_weights_and_candles_kernels() {
+        let dev = Device::Cpu;
+        let (n, k) = (1001, 576);
+        let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1] {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let expanded = q.dequantize(&dev).unwrap();
+            let whole =
+                QMatMul::from_arc(std::sync::Arc::new(QTensor::quantize(&w, dtype).unwrap()))
+                    .unwrap();
+            let tiled = Weights::new(q).unwrap();
+            let Weights::Tiles(tiles) = &tiled else {
+                panic!("{dtype:?} on the CPU is not tiled");
+            };
+            assert_eq!(tiles.len(), n.div_ceil(TILE_ELEMS / k), "{dtype:?}");
+            for shape in [vec![3, k], vec![40, k], vec![2, 19, k]] {
+                let x = Tensor::randn(0f32, 1.0, shape.as_slice(), &dev).unwrap();
+                let y = tiled.forward(&x).unwrap();
+                let mut want_dims = shape.clone();
+                *want_dims.last_mut().unwrap() = n;
+                assert_eq!(y.dims(), want_dims.as_slice(), "{dtype:?}");
+                let rows = shape[..shape.len() - 1].iter().product::<usize>();
+                let want = if rows >= EXPAND_MIN_ROWS {
+                    x.broadcast_matmul(&expanded.t().unwrap()).unwrap()
+                } else {
+                    whole.forward(&x).unwrap()
+                };
+                let d = max_abs_diff(&y, &want);
+                assert!(d < 1e-4, "{dtype:?} {shape:?}: differs by {d}");
+            }
+        }
+        // Dense weights stay one matmul.
+        let dense = Weights::new(QTensor::quantize(&w, GgmlDType::F32).unwrap()).unwrap();
+        assert!(matches!(dense, Weights::Whole(_)));
+    }
 }
