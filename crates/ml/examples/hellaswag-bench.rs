@@ -7,7 +7,8 @@
 //!   hellaswag-bench export MODEL_DIR OUT_GGUF f32|f16|q8_0|q4_0|q4_1
 //!   hellaswag-bench score gguf|gguf-f32|dir PATH DATA BATCH_TOKENS SCORES_OUT
 //!
-//! `score` prints one JSON object: items, acc, acc_norm, items/s, tokens/s, seconds.
+//! `score` prints one JSON object: items, acc, acc_norm, items/s, tokens/s, seconds, and
+//! the process's peak resident memory.
 
 use std::path::Path;
 use std::time::Instant;
@@ -91,10 +92,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     "tokens_per_sec": r.tokens_per_sec,
                     "seconds": r.seconds,
                     "load_seconds": load_secs,
+                    "peak_rss_mib": peak_rss_mib(),
                 })
             );
         }
         other => return Err(format!("unknown command {other:?}").into()),
     }
     Ok(())
+}
+
+/// The process's peak resident set (`VmHWM`) in MiB, where /proc says it.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }

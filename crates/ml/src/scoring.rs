@@ -143,6 +143,54 @@ impl Weights {
         Ok(Weights::Tiles(tiles))
     }
 
+    /// The product with `x` (two dimensions) handed out as column pieces of about
+    /// [`TILE_ELEMS`] weights each, with the output column each starts at: for consumers
+    /// that need not hold all of a wide output at once (the vocabulary projection).
+    fn for_each_piece(
+        &self,
+        x: &Tensor,
+        each: &mut dyn FnMut(usize, Tensor) -> candle_core::Result<()>,
+    ) -> candle_core::Result<()> {
+        let rows = x.dim(0)?;
+        match self {
+            Weights::Whole(QMatMul::Tensor(w)) if w.device().is_cpu() => {
+                let (n, k) = w.dims2()?;
+                let per = (TILE_ELEMS / k.max(1)).clamp(1, n.max(1));
+                for start in (0..n).step_by(per) {
+                    let piece = w.narrow(0, start, per.min(n - start))?;
+                    each(start, x.matmul(&piece.t()?)?)?;
+                }
+                Ok(())
+            }
+            Weights::Whole(mm) => each(0, mm.forward(x)?),
+            Weights::Tiles(tiles) => {
+                let mut start = 0;
+                for tile in tiles {
+                    let y = Self::tile_forward(tile, x, rows)?;
+                    let width = y.dim(1)?;
+                    each(start, y)?;
+                    start += width;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// One tile's product with `x` (`rows` x k): expanded to f32 for many rows, candle's
+    /// quantised kernels for a few.
+    fn tile_forward(
+        tile: &std::sync::Arc<QTensor>,
+        x: &Tensor,
+        rows: usize,
+    ) -> candle_core::Result<Tensor> {
+        if rows >= EXPAND_MIN_ROWS {
+            let w = tile.dequantize(&Device::Cpu)?;
+            x.matmul(&w.t()?)
+        } else {
+            QMatMul::QTensor(tile.clone()).forward(x)
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let tiles = match self {
             Weights::Whole(mm) => return mm.forward(x),
@@ -154,13 +202,7 @@ impl Weights {
         let x2 = x.reshape((rows, k))?;
         let mut parts = Vec::with_capacity(tiles.len());
         for tile in tiles {
-            let y = if rows >= EXPAND_MIN_ROWS {
-                let w = tile.dequantize(&Device::Cpu)?;
-                x2.matmul(&w.t()?)?
-            } else {
-                QMatMul::QTensor(tile.clone()).forward(&x2)?
-            };
-            parts.push(y);
+            parts.push(Self::tile_forward(tile, &x2, rows)?);
         }
         let y = match parts.len() {
             1 => parts.swap_remove(0),
@@ -489,10 +531,86 @@ impl ScoringModel {
         let rows = Tensor::from_slice(&plan.rows, plan.rows.len(), dev)?;
         let x = x.index_select(&rows, 0)?;
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let targets = Tensor::from_slice(&plan.targets, (plan.targets.len(), 1), dev)?;
-        logp.gather(&targets, 1)?.flatten_all()?.to_vec1::<f32>()
+        if !dev.is_cpu() {
+            let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+            let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            let targets = Tensor::from_slice(&plan.targets, (plan.targets.len(), 1), dev)?;
+            return logp.gather(&targets, 1)?.flatten_all()?.to_vec1::<f32>();
+        }
+        let mut soft = StreamingLogSoftmax::new(&plan.targets);
+        self.lm_head
+            .mm
+            .for_each_piece(&x, &mut |offset, logits| soft.add(offset, logits))?;
+        soft.finish()
+    }
+}
+
+/// The log-softmax of each row at its target, taken over the vocabulary a piece at a time:
+/// a running maximum and sum of exponentials per row, and the target's logit once its
+/// piece comes by. The [rows, vocabulary] logits never exist at once (for a small model's
+/// batch they would be hundreds of MB, twice over with their log-softmax).
+struct StreamingLogSoftmax<'a> {
+    targets: &'a [u32],
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    picked: Vec<Option<f32>>,
+}
+
+impl<'a> StreamingLogSoftmax<'a> {
+    fn new(targets: &'a [u32]) -> Self {
+        let n = targets.len();
+        StreamingLogSoftmax {
+            targets,
+            max: vec![f32::NEG_INFINITY; n],
+            sum: vec![0.0; n],
+            picked: vec![None; n],
+        }
+    }
+
+    /// Logits of every row for the vocabulary ids `offset..offset + width`.
+    fn add(&mut self, offset: usize, logits: Tensor) -> candle_core::Result<()> {
+        let (rows, width) = logits.dims2()?;
+        if rows != self.targets.len() {
+            candle_core::bail!("{rows} rows of logits for {} targets", self.targets.len());
+        }
+        let v = logits
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        for (r, row) in v.chunks_exact(width.max(1)).enumerate() {
+            let piece_max = row.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+            let max = self.max[r].max(piece_max);
+            let mut sum = if self.sum[r] > 0.0 {
+                self.sum[r] * (self.max[r] - max).exp()
+            } else {
+                0.0
+            };
+            for &l in row {
+                sum += (l - max).exp();
+            }
+            self.max[r] = max;
+            self.sum[r] = sum;
+            if let Some(local) = (self.targets[r] as usize).checked_sub(offset)
+                && local < width
+            {
+                self.picked[r] = Some(row[local]);
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> candle_core::Result<Vec<f32>> {
+        self.picked
+            .iter()
+            .zip(self.targets)
+            .zip(self.max.iter().zip(&self.sum))
+            .map(|((p, t), (m, s))| match p {
+                Some(l) => Ok(l - m - s.ln()),
+                None => Err(candle_core::Error::Msg(format!(
+                    "target token {t} is outside the vocabulary"
+                ))),
+            })
+            .collect()
     }
 }
 
@@ -784,5 +902,52 @@ mod tests {
         // Dense weights stay one matmul.
         let dense = Weights::new(QTensor::quantize(&w, GgmlDType::F32).unwrap()).unwrap();
         assert!(matches!(dense, Weights::Whole(_)));
+    }
+
+    /// The streaming log-softmax over column pieces gives what the whole logits' log-softmax
+    /// gives at each target, for dense weights cut into pieces and for quantised tiles, and
+    /// a target outside the vocabulary is an error, not a number.
+    #[test]
+    fn target_logprobs_taken_piece_by_piece_match_the_whole_log_softmax() {
+        let dev = Device::Cpu;
+        let (n, k, rows) = (1001, 576, 37);
+        let w = Tensor::randn(0f32, 0.2, (n, k), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap();
+        let targets: Vec<u32> = (0..rows as u32).map(|r| (r * 97 + 13) % n as u32).collect();
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let expanded = q.dequantize(&dev).unwrap();
+        for (weights, w) in [
+            (Weights::Whole(QMatMul::Tensor(w.clone())), &w),
+            (Weights::new(q).unwrap(), &expanded),
+        ] {
+            let mut pieces = 0;
+            let mut soft = StreamingLogSoftmax::new(&targets);
+            weights
+                .for_each_piece(&x, &mut |offset, logits| {
+                    pieces += 1;
+                    soft.add(offset, logits)
+                })
+                .unwrap();
+            assert_eq!(pieces, n.div_ceil(TILE_ELEMS / k));
+            let got = soft.finish().unwrap();
+            let logits = x.matmul(&w.t().unwrap()).unwrap();
+            let logp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
+            let idx = Tensor::from_slice(&targets, (rows, 1), &dev).unwrap();
+            let want: Vec<f32> = logp
+                .gather(&idx, 1)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1())
+                .unwrap();
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-4, "{g} vs {w}");
+            }
+        }
+        let outside = [n as u32; 37];
+        let mut soft = StreamingLogSoftmax::new(&outside);
+        Weights::Whole(QMatMul::Tensor(w.clone()))
+            .for_each_piece(&x, &mut |offset, logits| soft.add(offset, logits))
+            .unwrap();
+        let err = soft.finish().unwrap_err().to_string();
+        assert!(err.contains("outside the vocabulary"), "{err}");
     }
 }
