@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # HellaSwag inference benchmark: tunenet's packed scorer against llama.cpp (through
-# llama-cpp-python) on SmolLM2-135M-Instruct (GGUF, Q4_1) and the same items, scored the
-# same way (sum of the ending tokens' log-probabilities; acc_norm divides by the ending's
-# UTF-8 bytes). Prints one JSON line per run, then per-item agreement with llama.cpp.
+# llama-cpp-python) on SmolLM2-135M-Instruct and the same items, scored the same way (sum
+# of the ending tokens' log-probabilities; acc_norm divides by the ending's UTF-8 bytes).
+# Prints one JSON line per run, per-item agreement with llama.cpp, then a Markdown table.
 #
-#   scripts/bench-hellaswag.sh [ITEMS] [QUANT_ITEMS]    # defaults 200 and 40
+#   scripts/bench-hellaswag.sh [ITEMS]    # default 200
 #
 # ITEMS synthetic items in HellaSwag's layout (`hellaswag-bench demo`, the generator behind
-# `tunenet eval hellaswag-demo`); QUANT_ITEMS of them (a prefix) for the slow runs
-# (candle's quantised matmul kernels, llama.cpp at all threads). Each configuration runs
-# single-threaded and with every core (RAYON_NUM_THREADS / n_threads).
+# `tunenet eval hellaswag-demo`). The same GGUF files go to both sides: the shipped Q4_1
+# file, and Q8_0 and Q4_0 files that llama.cpp's own quantizer makes from it (requantised,
+# so they hold Q4_1's weights). Each runs single-threaded and with every core
+# (RAYON_NUM_THREADS / n_threads), with weights kept quantised on both sides; tunenet also
+# runs the Q4_1 file expanded to f32 at load. Every run reports its peak RSS.
 #
 # First run: fetches the GGUF (scripts/fetch-smollm2.sh) and installs llama-cpp-python
 # into a venv under ~/.cache/tunenet/llama-venv. PyPI has only its source distribution, so
@@ -19,7 +21,6 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cache="${TUNENET_CACHE:-${HOME}/.cache/tunenet}"
 items="${1:-200}"
-quant_items="${2:-40}"
 threads_all="$(nproc)"
 
 gguf="$("$root/scripts/fetch-smollm2.sh")"
@@ -41,17 +42,15 @@ if ! "$py" -c 'import llama_cpp' >/dev/null 2>&1; then
 fi
 
 (cd "$root" && cargo build --release -p tunenet-ml --example hellaswag-bench --features bench-example)
-bin="$root/target/release/examples/hellaswag-bench"
+bin="${CARGO_TARGET_DIR:-$root/target}/release/examples/hellaswag-bench"
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 "$bin" demo "$work/items.jsonl" "$items" 1
-head -n "$quant_items" "$work/items.jsonl" > "$work/items-q.jsonl"
-# The dense f32 path runs a model directory: the GGUF imported (dequantised).
-"$bin" import "$gguf" "$work/f32-dir"
+cp "$gguf" "$work/q4_1.gguf"
 
 cat > "$work/llama_score.py" <<'PY'
-import json, re, sys, time
+import json, re, resource, sys, time
 import numpy as np
 import llama_cpp.llama_cpp as llama_cpp
 from llama_cpp import Llama
@@ -119,8 +118,10 @@ with open(out, "w") as f:
     for r in results:
         f.write(json.dumps(r) + "\n")
 n = len(items)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"weights": "llama.cpp", "items": n, "acc": right / n, "acc_norm": right_norm / n,
-                  "items_per_sec": n / secs, "tokens_per_sec": tokens / secs, "seconds": secs}))
+                  "items_per_sec": n / secs, "tokens_per_sec": tokens / secs, "seconds": secs,
+                  "peak_rss_mib": peak}))
 PY
 
 cat > "$work/agree.py" <<'PY'
@@ -136,19 +137,57 @@ print(json.dumps({"vs": sys.argv[3], "items": len(common), "pred_norm_agree": sa
                   "mean_abs_loglik_diff": sum(d) / len(d), "max_abs_loglik_diff": max(d)}))
 PY
 
-echo "bench-hellaswag: $items items ($quant_items for the slow runs), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+cat > "$work/quantize.py" <<'PY'
+import ctypes, sys
+import llama_cpp
+src, threads = sys.argv[1], int(sys.argv[2])
+for out, ftype in ((sys.argv[3], llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0),
+                   (sys.argv[4], llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)):
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = ftype
+    p.allow_requantize = True
+    p.nthread = threads
+    rc = llama_cpp.llama_model_quantize(src.encode(), out.encode(), ctypes.byref(p))
+    if rc != 0:
+        sys.exit(f"llama.cpp could not quantize {src} to {out} (code {rc})")
+PY
+
+cat > "$work/table.py" <<'PY'
+import json, sys
+runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+ref = {(r["quant"], r["threads"]): r for r in runs if r["side"] == "llama.cpp"}
+print("| run | GGUF | threads | items | items/s | tokens/s | vs llama.cpp | peak RSS MiB | acc_norm |")
+print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+for r in runs:
+    base = ref.get((r["quant"], r["threads"]))
+    ratio = f'{r["items_per_sec"] / base["items_per_sec"]:.2f}x' if base else "-"
+    print(f'| {r["label"]} | {r["quant"]} | {r["threads"]} | {r["items"]} | {r["items_per_sec"]:.2f} '
+          f'| {r["tokens_per_sec"]:.0f} | {ratio} | {r["peak_rss_mib"]:.0f} | {r["acc_norm"]:.3f} |')
+PY
+
+# Q8_0 and Q4_0 files made by llama.cpp's quantizer, so both sides read the same bytes.
+"$py" "$work/quantize.py" "$gguf" "$threads_all" "$work/q8_0.gguf" "$work/q4_0.gguf"
+
+results="$work/results.jsonl"
+record() { # side label quant threads json
+    "$py" -c 'import json,sys; r=json.loads(sys.argv[5]); r.update(side=sys.argv[1], label=sys.argv[2], quant=sys.argv[3], threads=int(sys.argv[4])); print(json.dumps(r))' "$@" >>"$results"
+}
+echo "bench-hellaswag: $items items, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 for t in 1 "$threads_all"; do
     echo "== threads $t"
-    RAYON_NUM_THREADS=$t "$bin" score gguf-f32 "$gguf" "$work/items.jsonl" 1024 "$work/tn-gguf-f32-$t.jsonl"
-    RAYON_NUM_THREADS=$t "$bin" score dir "$work/f32-dir" "$work/items.jsonl" 1024 "$work/tn-dir-$t.jsonl"
-    RAYON_NUM_THREADS=$t "$bin" score gguf "$gguf" "$work/items-q.jsonl" 1024 "$work/tn-gguf-q-$t.jsonl"
-    if [[ "$t" == 1 ]]; then
-        OMP_NUM_THREADS=1 "$py" "$work/llama_score.py" "$gguf" "$work/items.jsonl" 1 "$work/llama-$t.jsonl"
-    else
-        OMP_NUM_THREADS=$t "$py" "$work/llama_score.py" "$gguf" "$work/items-q.jsonl" "$t" "$work/llama-$t.jsonl"
-    fi
+    out=$(RAYON_NUM_THREADS=$t "$bin" score gguf-f32 "$work/q4_1.gguf" "$work/items.jsonl" 1024 "$work/tn-f32-$t.jsonl")
+    echo "$out"; record tunenet "tunenet, expanded to f32 at load" q4_1 "$t" "$out"
+    for q in q4_1 q8_0 q4_0; do
+        out=$(RAYON_NUM_THREADS=$t "$bin" score gguf "$work/$q.gguf" "$work/items.jsonl" 1024 "$work/tn-$q-$t.jsonl")
+        echo "$out"; record tunenet "tunenet, kept quantised" "$q" "$t" "$out"
+        out=$(OMP_NUM_THREADS=$t "$py" "$work/llama_score.py" "$work/$q.gguf" "$work/items.jsonl" "$t" "$work/llama-$q-$t.jsonl")
+        echo "$out"; record llama.cpp "llama.cpp (shared context)" "$q" "$t" "$out"
+    done
 done
-echo "== agreement with llama.cpp (single-thread run)"
-for run in gguf-f32-1 dir-1 gguf-q-1; do
-    "$py" "$work/agree.py" "$work/tn-$run.jsonl" "$work/llama-1.jsonl" "$run"
+echo "== agreement with llama.cpp on the same GGUF (single-thread runs)"
+"$py" "$work/agree.py" "$work/tn-f32-1.jsonl" "$work/llama-q4_1-1.jsonl" "f32-expanded q4_1"
+for q in q4_1 q8_0 q4_0; do
+    "$py" "$work/agree.py" "$work/tn-$q-1.jsonl" "$work/llama-$q-1.jsonl" "quantised $q"
 done
+echo "== table"
+"$py" "$work/table.py" "$results"
