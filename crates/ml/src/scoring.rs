@@ -249,6 +249,83 @@ impl Proj {
     }
 }
 
+/// The token embedding table: dense, or (kept quantised on the CPU) quantised rows that
+/// are expanded as they are looked up, so a large vocabulary costs its quantised size.
+#[derive(Debug)]
+enum Embedding {
+    Dense(Tensor),
+    Quantized {
+        dtype: GgmlDType,
+        rows: usize,
+        dim: usize,
+        row_bytes: usize,
+        bytes: Vec<u8>,
+    },
+}
+
+impl Embedding {
+    fn new(q: QTensor, device: &Device, weights: GgufWeights) -> Result<Embedding, MlError> {
+        let dense = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        if dense || weights == GgufWeights::Dequantized || !device.is_cpu() {
+            let t = q
+                .dequantize(device)
+                .ctx("dequantising the embedding table")?;
+            return Ok(Embedding::Dense(t));
+        }
+        let dtype = q.dtype();
+        let (rows, dim) = q
+            .shape()
+            .dims2()
+            .ctx("reading the embedding table's shape")?;
+        let row_bytes = dim / dtype.block_size() * dtype.type_size();
+        let bytes = q.data().ctx("reading the embedding table")?.into_owned();
+        if bytes.len() != rows * row_bytes {
+            return Err(MlError::Invalid(format!(
+                "embedding table of {rows} x {dim} holds {} bytes, not {}",
+                bytes.len(),
+                rows * row_bytes
+            )));
+        }
+        Ok(Embedding::Quantized {
+            dtype,
+            rows,
+            dim,
+            row_bytes,
+            bytes,
+        })
+    }
+
+    /// Rows `ids` (the same ids as a tensor and as a slice).
+    fn lookup(&self, ids: &Tensor, id_list: &[u32]) -> candle_core::Result<Tensor> {
+        match self {
+            Embedding::Dense(t) => t.index_select(ids, 0),
+            Embedding::Quantized {
+                dtype,
+                rows,
+                dim,
+                row_bytes,
+                bytes,
+            } => {
+                let mut picked = Vec::with_capacity(id_list.len() * row_bytes);
+                for &id in id_list {
+                    let id = id as usize;
+                    if id >= *rows {
+                        candle_core::bail!("token id {id} is outside the vocabulary of {rows}");
+                    }
+                    picked.extend_from_slice(&bytes[id * row_bytes..(id + 1) * row_bytes]);
+                }
+                candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    *dtype,
+                    &picked,
+                    vec![id_list.len(), *dim],
+                    &Device::Cpu,
+                )?
+                .dequantize(&Device::Cpu)
+            }
+        }
+    }
+}
+
 /// Projections of one block; q/k/v and gate/up are fused where their weights allow.
 #[derive(Debug)]
 struct ScoreBlock {
@@ -270,7 +347,7 @@ enum ScoreTokenizer {
 pub struct ScoringModel {
     cfg: LlamaConfig,
     tok: ScoreTokenizer,
-    embed: Tensor,
+    embed: Embedding,
     layers: Vec<ScoreBlock>,
     norm: Tensor,
     lm_head: Proj,
@@ -325,7 +402,7 @@ impl ScoringModel {
         Ok(ScoringModel {
             cfg: lm.config().clone(),
             tok,
-            embed: parts.embed,
+            embed: Embedding::Dense(parts.embed),
             layers,
             norm: parts.norm,
             lm_head: dense(parts.lm_head),
@@ -342,7 +419,8 @@ impl ScoringModel {
     /// CPU); with [`GgufWeights::Dequantized`] they are expanded to f32 at load (the same
     /// numbers, so the same model; four to eight times the memory, and no expansion per
     /// call). Norms
-    /// and the token embedding table are always dequantised. q/k rows are put back into
+    /// are always dequantised, and the token embedding table too unless it stays
+    /// quantised on the CPU (its rows are then expanded as they are looked up). q/k rows are put back into
     /// rotate-half order, so the forward pass is the same as for dense weights.
     pub fn load_gguf(
         path: &Path,
@@ -389,7 +467,7 @@ impl ScoringModel {
             QTensor::quantize(&t, GgmlDType::F32).ctx("keeping a dequantised weight")
         };
         let deq = |q: QTensor| -> Result<Tensor, MlError> {
-            q.dequantize(device).ctx("dequantising a norm or embedding")
+            q.dequantize(device).ctx("dequantising a norm")
         };
         let mut dtypes = std::collections::BTreeSet::new();
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
@@ -414,7 +492,7 @@ impl ScoringModel {
                 down: quant(down, &to_dev)?,
             });
         }
-        let embed = deq(read("token_embd.weight")?)?;
+        let embed = Embedding::new(read("token_embd.weight")?, device, weights)?;
         let head_q = if cfg.tie_word_embeddings {
             read("token_embd.weight")?
         } else {
@@ -482,7 +560,7 @@ impl ScoringModel {
         let sin = self.sin.index_select(&pos, 0)?.reshape((g, l, hd / 2))?;
         let mask = Tensor::from_slice(&plan.mask, (g, 1, 1, l, l), dev)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut x = self.embed.index_select(&ids, 0)?.to_dtype(self.dtype)?;
+        let mut x = self.embed.lookup(&ids, &plan.ids)?.to_dtype(self.dtype)?;
         for layer in &self.layers {
             let hn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
             // Into the padded layout first (one gather per matmul output), then split.
@@ -948,6 +1026,27 @@ mod tests {
             .for_each_piece(&x, &mut |offset, logits| soft.add(offset, logits))
             .unwrap();
         let err = soft.finish().unwrap_err().to_string();
+        assert!(err.contains("outside the vocabulary"), "{err}");
+    }
+
+    /// A quantised embedding table expands exactly the rows looked up, as the whole table
+    /// expanded would give them, and refuses an id past its end.
+    #[test]
+    fn quantised_embedding_rows_expand_as_the_whole_table_does() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (300, 576), &dev).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let expanded = q.dequantize(&dev).unwrap();
+        let table = Embedding::new(q, &dev, GgufWeights::Quantized).unwrap();
+        assert!(matches!(table, Embedding::Quantized { .. }));
+        let ids = [0u32, 299, 7, 7, 150];
+        let t = Tensor::from_slice(&ids, ids.len(), &dev).unwrap();
+        let got = table.lookup(&t, &ids).unwrap();
+        let want = expanded.index_select(&t, 0).unwrap();
+        assert_eq!(max_abs_diff(&got, &want), 0.0);
+        let bad = [300u32];
+        let t = Tensor::from_slice(&bad, 1, &dev).unwrap();
+        let err = table.lookup(&t, &bad).unwrap_err().to_string();
         assert!(err.contains("outside the vocabulary"), "{err}");
     }
 }
