@@ -95,7 +95,8 @@ t = time.time()
 for _ in range(steps):
     step()
 secs = time.time() - t
-print(json.dumps({"impl": "pytorch", "mode": mode, "tokens_per_sec": steps * batch * (seq - 1) / secs, "seconds": secs, "torch": torch.__version__, "threads": torch.get_num_threads()}))
+import resource
+print(json.dumps({"impl": "pytorch", "mode": mode, "tokens_per_sec": steps * batch * (seq - 1) / secs, "seconds": secs, "torch": torch.__version__, "threads": torch.get_num_threads(), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 PY
 
 text="$(sed -n 's/^pub const BENCH_TEXT: &str = "\(.*\)";$/\1/p' crates/ml/src/bench.rs)"
@@ -108,18 +109,19 @@ rows=()
 for spec in "${models[@]}"; do
   IFS=: read -r name dir batch seqlen steps <<<"$spec"
   for mode in lora full eval; do
-    ours=$("$tn" bench "$dir" "$mode" "$batch" "$seqlen" "$steps" | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_sec"])')
-    theirs=$("$venv/bin/python" "$work/bench_torch.py" "$dir" "$mode" "$batch" "$seqlen" "$steps" "$full_text" 2>/dev/null | tail -n 1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_sec"])')
+    pick='import json,sys; r=json.loads(sys.stdin.read().strip().splitlines()[-1]); print(r["tokens_per_sec"], r["peak_rss_mib"])'
+    read -r ours ours_rss < <("$tn" bench "$dir" "$mode" "$batch" "$seqlen" "$steps" | python3 -c "$pick")
+    read -r theirs theirs_rss < <("$venv/bin/python" "$work/bench_torch.py" "$dir" "$mode" "$batch" "$seqlen" "$steps" "$full_text" 2>/dev/null | python3 -c "$pick")
     ratio=$(python3 -c "print(f'{$ours / $theirs:.2f}')")
-    row=$(printf '| %s | %s | %s x %s | %s | %.0f | %.0f | %s |' "$name" "$mode" "$batch" "$seqlen" "$steps" "$ours" "$theirs" "$ratio")
+    row=$(printf '| %s | %s | %s x %s | %s | %.0f | %.0f | %s | %.0f | %.0f |' "$name" "$mode" "$batch" "$seqlen" "$steps" "$ours" "$theirs" "$ratio" "$ours_rss" "$theirs_rss")
     echo "$row" >&2
     rows+=("$row")
   done
 done
 
 {
-  echo "| model | mode | batch x seq | timed steps | tunenet tokens/s | PyTorch tokens/s | tunenet / PyTorch |"
-  echo "| --- | --- | --- | --- | --- | --- | --- |"
+  echo "| model | mode | batch x seq | timed steps | tunenet tokens/s | PyTorch tokens/s | tunenet / PyTorch | tunenet peak RSS MiB | PyTorch peak RSS MiB |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
   printf '%s\n' "${rows[@]}"
   echo
   echo "CPU: $(nproc --all) cores, ${BENCH_THREADS:-all} threads per side, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'); torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)'), transformers $("$venv/bin/python" -c 'import transformers; print(transformers.__version__)'); $(date -u +%Y-%m-%d)"

@@ -92,19 +92,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     "tokens_per_sec": r.tokens_per_sec,
                     "seconds": r.seconds,
                     "load_seconds": load_secs,
-                    "peak_rss_mib": peak_rss_mib(),
+                    "peak_rss_mib": tunenet_ml::peak_rss_bytes().map(|b| b as f64 / 1048576.0),
                 })
             );
         }
         other => return Err(format!("unknown command {other:?}").into()),
     }
     Ok(())
-}
-
-/// The process's peak resident set (`VmHWM`) in MiB, where /proc says it.
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
 }

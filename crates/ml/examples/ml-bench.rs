@@ -2,6 +2,8 @@
 //! does not depend on the rest of the workspace:
 //!
 //!   ml-bench init OUT | ml-bench import GGUF OUT | ml-bench bench DIR MODE BATCH SEQ STEPS
+//!
+//! `bench` prints one JSON object: the throughput and the process's peak resident memory.
 
 use std::path::Path;
 
@@ -34,7 +36,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 },
                 &tunenet_ml::Device::Cpu,
             )?;
-            println!("{}", serde_json::to_string(&r)?);
+            let mut out = serde_json::to_value(&r)?;
+            out["peak_rss_mib"] =
+                serde_json::json!(tunenet_ml::peak_rss_bytes().map(|b| b as f64 / 1048576.0));
+            println!("{out}");
         }
         other => return Err(format!("unknown command {other:?}").into()),
     }

@@ -58,7 +58,7 @@ pub use hellaswag::{
 pub use lm::{CausalLm, TrainingTokens};
 pub use loader::WeightDtype;
 pub use lora::{ALL_LORA_TARGETS, DEFAULT_LORA_TARGETS};
-pub use memory::{MemoryEstimate, estimate_memory, estimate_memory_with_targets};
+pub use memory::{MemoryEstimate, estimate_memory, estimate_memory_with_targets, peak_rss_bytes};
 pub use merge::merge_adapter;
 pub use model_dir::{CONFIG_FILE, ModelDir, TOKENIZER_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE};
 #[cfg(feature = "nccl")]

@@ -78,3 +78,12 @@ pub fn estimate_memory_with_targets(
         total: params + grads + optimizer + activations,
     }
 }
+
+/// The process's peak resident set (`VmHWM` in /proc/self/status) in bytes, where the
+/// kernel reports it: for benchmarks that put memory beside speed.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
