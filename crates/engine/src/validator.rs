@@ -679,8 +679,12 @@ impl ValidatorEngine {
                 miner,
                 result,
             } => {
+                // Only a slot still waiting fails: an answer lost on the way back may
+                // follow an assignment that arrived, and its commitment may be here.
                 if let (Err(e), Some(job)) = (result, self.jobs.get_mut(&job_id))
                     && let Some(slot) = job.slots.get_mut(&miner)
+                    && slot.commitment.is_none()
+                    && slot.submission == SubmissionState::Waiting
                 {
                     slot.submission = SubmissionState::Failed {
                         verdicts: vec![],

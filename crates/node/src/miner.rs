@@ -5,7 +5,7 @@
 use crate::config::{MinerConfig, TrainingConfig};
 use crate::error::NodeError;
 use crate::models;
-use crate::transport::{MinerP2p, SendError, Transport};
+use crate::transport::{MinerP2p, Transport, retrying};
 use rand::SeedableRng;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -198,7 +198,7 @@ impl Ctx {
                     let (tx, transport) = (self.tx.clone(), self.transport.clone());
                     tokio::spawn(async move {
                         let job_id = commitment.job_id.clone();
-                        let result = retrying("commit", &job_id, || {
+                        let result = retrying("commit", &job_id, RETRY_FOR, || {
                             let (reply_to, commitment) = (reply_to.clone(), commitment.clone());
                             let transport = transport.clone();
                             async move { transport.commit(&reply_to, commitment).await }
@@ -215,7 +215,7 @@ impl Ctx {
                     let blobs = self.blobs.clone();
                     tokio::spawn(async move {
                         let job_id = header.job_id.clone();
-                        let result = retrying("upload", &job_id, || {
+                        let result = retrying("upload", &job_id, RETRY_FOR, || {
                             let (reply_to, header) = (reply_to.clone(), header.clone());
                             let (transport, blobs) = (transport.clone(), blobs.clone());
                             async move { transport.reveal(&reply_to, header, &blobs).await }
@@ -530,34 +530,6 @@ fn memory_needed(
 /// How long a commit or upload keeps retrying while the validator cannot be reached
 /// (a restarting validator comes back within this).
 const RETRY_FOR: Duration = Duration::from_secs(60);
-
-/// Calls `f` until it succeeds, the validator refuses for a reason a retry cannot change,
-/// or `RETRY_FOR` has passed.
-async fn retrying<T, F, Fut>(
-    what: &str,
-    job_id: &tunenet_types::JobId,
-    mut f: F,
-) -> Result<T, SendError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, SendError>>,
-{
-    let start = Instant::now();
-    let mut wait = Duration::from_millis(250);
-    loop {
-        match f().await {
-            Ok(v) => return Ok(v),
-            Err(e) => {
-                if !e.is_transient() || start.elapsed() + wait > RETRY_FOR {
-                    return Err(e);
-                }
-                tracing::warn!(%job_id, error = %e, "{what} failed; retrying in {} ms", wait.as_millis());
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(4));
-            }
-        }
-    }
-}
 
 /// How often a running miner reads its inventory again.
 const INVENTORY_REFRESH: Duration = Duration::from_secs(60);

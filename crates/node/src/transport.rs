@@ -7,6 +7,7 @@
 use crate::error::NodeError;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc};
 use tunenet_p2p::{Event, JobRequest, JobResponse, MinerAdvert, P2pError, PeerId};
 use tunenet_proto::v1;
@@ -15,6 +16,35 @@ use tunenet_store::BlobStore;
 use tunenet_types::{
     ArtifactRecord, Assignment, BlobId, Commitment, DecisionReply, Offer, Receipt, UploadHeader,
 };
+
+/// Calls `f` until it succeeds, the peer refuses for a reason a retry cannot change, or
+/// `retry_for` has passed; waits 250 ms after the first failure, doubling up to 4 s.
+pub(crate) async fn retrying<T, F, Fut>(
+    what: &str,
+    job_id: &tunenet_types::JobId,
+    retry_for: Duration,
+    mut f: F,
+) -> Result<T, SendError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, SendError>>,
+{
+    let start = Instant::now();
+    let mut wait = Duration::from_millis(250);
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                if !e.is_transient() || start.elapsed() + wait > retry_for {
+                    return Err(e);
+                }
+                tracing::warn!(%job_id, error = %e, "{what} failed; retrying in {} ms", wait.as_millis());
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(4));
+            }
+        }
+    }
+}
 
 /// Prefix of a miner or validator reached over libp2p: `p2p:<base58 peer id>`.
 pub const P2P_PREFIX: &str = "p2p:";

@@ -1036,10 +1036,24 @@ impl Validator {
                     tokio::spawn(async move {
                         let job_id = assignment.job_id.clone();
                         let miner = assignment.miner.clone();
-                        let result = transport
-                            .assign(&addr, assignment)
-                            .await
-                            .map_err(|e| e.to_string());
+                        // A miner whose link drops for a while still gets its assignment:
+                        // tries again until the deadline (a miner takes the same
+                        // assignment twice as once).
+                        let left = assignment
+                            .deadline_ms
+                            .saturating_sub(tunenet_types::time::now_ms());
+                        let result = crate::transport::retrying(
+                            "assignment",
+                            &job_id,
+                            std::time::Duration::from_millis(left),
+                            || {
+                                let (addr, assignment) = (addr.clone(), assignment.clone());
+                                let transport = transport.clone();
+                                async move { transport.assign(&addr, assignment).await }
+                            },
+                        )
+                        .await
+                        .map_err(|e| e.to_string());
                         let _ = tx
                             .send(Cmd::Input(
                                 cid_key(&job_id),

@@ -471,6 +471,39 @@ fn a_restarted_validator_sends_its_assignments_again_until_the_deadline() {
     );
 }
 
+/// An assignment whose answer was lost on the way back (the link dropped after the miner
+/// had it) must not fail a slot whose commitment is already here; a slot still waiting
+/// fails with the reason.
+#[test]
+fn a_failed_assignment_fails_only_a_slot_still_waiting() {
+    let mut w = World::new(2, 1);
+    w.tick();
+    let now = w.now + 10;
+    let c = train(&mut w.miners[0].1, &job0(), b"one", now, &mut w.rng);
+    w.v.commit(c, now).unwrap();
+    let (m0, m1) = (w.ids[0].peer_id(), w.ids[1].peer_id());
+    for miner in [m0.clone(), m1.clone()] {
+        w.v.handle(
+            ValidatorInput::Assigned {
+                job_id: job0(),
+                miner,
+                result: Err("Connection was closed before a response was received".into()),
+            },
+            now + 20,
+            &mut w.rng,
+        );
+    }
+    let job = w.v.job(&job0()).unwrap();
+    assert_eq!(job.slots[&m0].submission, SubmissionState::Waiting);
+    assert!(job.slots[&m0].commitment.is_some());
+    match &job.slots[&m1].submission {
+        SubmissionState::Failed { reason, .. } => {
+            assert!(reason.contains("could not be delivered"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 #[test]
 fn miner_policy_rejects_with_reasons() {
     let p = MinerPolicy {
