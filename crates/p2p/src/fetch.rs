@@ -18,9 +18,9 @@ use crate::stream::{MAX_RANGE, RangeEnd, RangeResult, fetch_range};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use libp2p::PeerId;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tunenet_store::{BlobStore, ChunkedBlobWriter};
 use tunenet_types::BlobId;
 
@@ -29,6 +29,77 @@ const MAX_FAILURES: u32 = 2;
 /// The most chunks one stream is asked for: long enough that opening streams costs
 /// nothing, short enough that a slow provider holds up little.
 const MAX_RANGE_CHUNKS: u64 = 32;
+
+/// How long a manifest request goes unanswered before the next provider is asked too.
+const MANIFEST_STAGGER: Duration = Duration::from_secs(2);
+/// How often a download looks for ranges that stalled.
+const TICK: Duration = Duration::from_millis(250);
+/// A range is called stalled after this long without a chunk at the least.
+const MIN_STALL: Duration = Duration::from_secs(2);
+/// ... and before any range has finished (no pace known yet).
+const FIRST_STALL: Duration = Duration::from_secs(5);
+
+/// One range request in flight.
+struct Flight {
+    peer: PeerId,
+    first: u64,
+    count: u64,
+    since: Instant,
+    /// Chunks of the range held at the last look, and when that last grew.
+    held: u64,
+    progress: Instant,
+    /// Already asked of another provider (or is itself such a copy).
+    hedged: bool,
+}
+
+impl Flight {
+    fn new(peer: PeerId, (first, count): (u64, u64), hedged: bool, now: Instant) -> Flight {
+        Flight {
+            peer,
+            first,
+            count,
+            since: now,
+            held: 0,
+            progress: now,
+            hedged,
+        }
+    }
+
+    fn observe(&mut self, writer: &ChunkedBlobWriter, now: Instant) {
+        let held = (self.first..self.first + self.count)
+            .filter(|&i| writer.has(i))
+            .count() as u64;
+        if held > self.held {
+            self.held = held;
+            self.progress = now;
+        }
+    }
+
+    fn stalled(&self, now: Instant, after: Duration) -> bool {
+        now.duration_since(self.progress) > after
+    }
+}
+
+/// The slowest time per chunk of the ranges that finished: a range is stalled when it
+/// has gone four times that long without a chunk.
+#[derive(Default)]
+struct Pace {
+    per_chunk: Option<Duration>,
+}
+
+impl Pace {
+    fn done(&mut self, took: Duration, chunks: u64) {
+        let each = took / chunks.clamp(1, u32::MAX as u64) as u32;
+        self.per_chunk = Some(self.per_chunk.map_or(each, |p| p.max(each)));
+    }
+
+    fn stall_after(&self, timeout: Duration) -> Duration {
+        let after = self
+            .per_chunk
+            .map_or(FIRST_STALL, |p| (p * 4).max(MIN_STALL));
+        after.min(timeout)
+    }
+}
 
 fn request(id: BlobId, want: Want) -> pb::BlobRequest {
     pb::BlobRequest {
@@ -160,15 +231,41 @@ impl Download {
         client.drop_peer(peer, self.id, reason).await;
     }
 
+    /// Asks the providers for the blob's manifest, one after another, but without waiting
+    /// on a quiet one: every `MANIFEST_STAGGER` without an answer the next provider is
+    /// asked too, and the first usable manifest wins.
     async fn get_manifest(
         &mut self,
         client: &Client,
         providers: &[PeerId],
     ) -> Result<(), P2pError> {
-        for &peer in providers {
+        let id = self.id;
+        let ask = |peer: PeerId| async move {
             let answer = client
-                .blob_request(peer, request(self.id, Want::Manifest(true)))
+                .blob_request(peer, request(id, Want::Manifest(true)))
                 .await;
+            (peer, answer)
+        };
+        let mut waiting = FuturesUnordered::new();
+        let mut next = providers.iter().copied();
+        loop {
+            if waiting.is_empty() {
+                match next.next() {
+                    Some(peer) => waiting.push(ask(peer)),
+                    None => return Ok(()),
+                }
+            }
+            let (peer, answer) = match tokio::time::timeout(MANIFEST_STAGGER, waiting.next()).await
+            {
+                Ok(Some(a)) => a,
+                Ok(None) => continue,
+                Err(_) => {
+                    if let Some(peer) = next.next() {
+                        waiting.push(ask(peer));
+                    }
+                    continue;
+                }
+            };
             match answer {
                 Ok(pb::BlobResponse {
                     body: Some(Body::Manifest(m)),
@@ -201,7 +298,6 @@ impl Download {
                 Err(e) => self.last_problem = e.to_string(),
             }
         }
-        Ok(())
     }
 
     /// The writer for `manifest`'s blob, created on first use.
@@ -221,6 +317,12 @@ impl Download {
     }
 
     /// Downloads from `active` until done (`Some(size)`) or until no provider is left.
+    ///
+    /// A range whose provider has sent nothing for a while (a link gone dark keeps its
+    /// connection open until the request timeout) stops counting against `parallel`, its
+    /// provider gets no new ranges, and once nothing is left unclaimed its missing chunks
+    /// are asked again from another provider (BitTorrent's endgame): the first copy to
+    /// arrive is kept, and the download ends as soon as every chunk is held.
     async fn download(
         &mut self,
         client: &Client,
@@ -233,52 +335,142 @@ impl Download {
         let timeout = client.config.request_timeout();
         let mut failures: HashMap<PeerId, u32> = HashMap::new();
         let mut inflight = FuturesUnordered::new();
-        // Chunks some stream in flight is asked for.
-        let mut claimed: BTreeSet<u64> = BTreeSet::new();
+        let mut flights: HashMap<u64, Flight> = HashMap::new();
+        let mut next_flight = 0u64;
+        // How many streams in flight ask for each chunk (more than one once hedged).
+        let mut claimed: BTreeMap<u64, u32> = BTreeMap::new();
+        let mut pace = Pace::default();
         let mut turn = 0usize;
         loop {
-            if inflight.is_empty() && writer.written_chunks() >= chunks {
+            if writer.written_chunks() >= chunks {
+                // Streams still in flight (a hedged range's slow twin) end here.
+                drop(inflight);
                 drop(writer);
                 return self.finish().await.map(Some);
             }
-            while inflight.len() < self.parallel && !active.is_empty() {
-                let Some(range) = next_range(&writer, &claimed, chunks, self.parallel) else {
-                    break;
+            // Launches ranges and hedges; in a block of its own so that nothing it
+            // borrows is held across the waits below.
+            {
+                let now = Instant::now();
+                let stall_after = pace.stall_after(timeout);
+                for f in flights.values_mut() {
+                    f.observe(&writer, now);
+                }
+                let stalled: HashSet<PeerId> = flights
+                    .values()
+                    .filter(|f| f.stalled(now, stall_after))
+                    .map(|f| f.peer)
+                    .collect();
+                let busy = |flights: &HashMap<u64, Flight>| {
+                    flights
+                        .values()
+                        .filter(|f| !f.stalled(now, stall_after))
+                        .count()
                 };
-                claimed.extend(range.0..range.0 + range.1);
-                let peer = active[turn % active.len()];
-                turn = turn.wrapping_add(1);
-                let fetch = fetch_range(
-                    client.streams.clone(),
-                    peer,
-                    shared.clone(),
-                    writer.clone(),
-                    range,
-                    timeout,
-                );
-                let gone = self.dropped_tx.subscribe();
-                inflight.push(async move {
-                    tokio::select! {
-                        r = fetch => r,
-                        () = until_dropped(gone, peer) => RangeResult {
+                let mut launch =
+                    |peer: PeerId,
+                     range: (u64, u64),
+                     hedge: bool,
+                     claimed: &mut BTreeMap<u64, u32>,
+                     flights: &mut HashMap<u64, Flight>| {
+                        for i in range.0..range.0 + range.1 {
+                            *claimed.entry(i).or_default() += 1;
+                        }
+                        let id = next_flight;
+                        next_flight += 1;
+                        flights.insert(id, Flight::new(peer, range, hedge, now));
+                        let fetch = fetch_range(
+                            client.streams.clone(),
                             peer,
-                            first: range.0,
-                            count: range.1,
-                            end: RangeEnd::Failed(format!("{peer}: dropped for sending bad data")),
-                        },
+                            shared.clone(),
+                            writer.clone(),
+                            range,
+                            timeout,
+                        );
+                        let gone = self.dropped_tx.subscribe();
+                        inflight.push(async move {
+                        let r = tokio::select! {
+                            r = fetch => r,
+                            () = until_dropped(gone, peer) => RangeResult {
+                                peer,
+                                first: range.0,
+                                count: range.1,
+                                end: RangeEnd::Failed(format!("{peer}: dropped for sending bad data")),
+                            },
+                        };
+                        (id, r)
+                    });
+                    };
+                let mut endgame = false;
+                while busy(&flights) < self.parallel && !active.is_empty() {
+                    let Some(range) = next_range(&writer, &claimed, chunks, self.parallel) else {
+                        endgame = true;
+                        break;
+                    };
+                    // Round robin over the providers, passing over those that went quiet;
+                    // when all went quiet, wait for them.
+                    let Some(pick) = (0..active.len())
+                        .map(|k| active[(turn + k) % active.len()])
+                        .find(|p| !stalled.contains(p))
+                    else {
+                        break;
+                    };
+                    turn = turn.wrapping_add(1);
+                    launch(pick, range, false, &mut claimed, &mut flights);
+                }
+                if endgame {
+                    let quiet: Vec<u64> = flights
+                        .iter()
+                        .filter(|(_, f)| !f.hedged && f.stalled(now, stall_after))
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for id in quiet {
+                        let f = &flights[&id];
+                        let Some(first) = (f.first..f.first + f.count).find(|&i| !writer.has(i))
+                        else {
+                            continue;
+                        };
+                        let range = (first, f.first + f.count - first);
+                        let from = f.peer;
+                        let Some(to) = active
+                            .iter()
+                            .copied()
+                            .filter(|p| *p != from && !stalled.contains(p))
+                            .min_by_key(|p| flights.values().filter(|g| g.peer == *p).count())
+                        else {
+                            break;
+                        };
+                        if let Some(f) = flights.get_mut(&id) {
+                            f.hedged = true;
+                        }
+                        tracing::debug!(blob = %self.id, %from, %to, first = range.0, count = range.1, "asking another provider for a stalled range");
+                        launch(to, range, true, &mut claimed, &mut flights);
                     }
-                });
+                }
             }
-            let Some(r) = inflight.next().await else {
+            if inflight.is_empty() {
                 return Ok(None); // no provider left this round
+            }
+            // Wakes at least every TICK to look for stalled ranges.
+            let Ok(Some((id, r))) = tokio::time::timeout(TICK, inflight.next()).await else {
+                continue;
             };
             for i in r.first..r.first + r.count {
-                claimed.remove(&i);
+                if let Some(n) = claimed.get_mut(&i) {
+                    *n -= 1;
+                    if *n == 0 {
+                        claimed.remove(&i);
+                    }
+                }
             }
+            let flight = flights.remove(&id);
             let peer = r.peer;
             match r.end {
                 RangeEnd::Done => {
                     failures.remove(&peer);
+                    if let Some(f) = flight {
+                        pace.done(f.since.elapsed(), r.count);
+                    }
                 }
                 RangeEnd::Refused(reason) => {
                     self.last_problem = format!("{peer} refused: {reason}");
@@ -370,6 +562,11 @@ impl Download {
         let Some(writer) = self.writer.take() else {
             return Err(P2pError::Task("blob writer already finished".into()));
         };
+        // A hedged range's twin may still be hashing a chunk it read: wait for it.
+        let waited = Instant::now();
+        while Arc::strong_count(&writer) > 1 && waited.elapsed() < Duration::from_secs(30) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let writer = Arc::try_unwrap(writer)
             .map_err(|_| P2pError::Task("blob writer still in use at the end".into()))?;
         tokio::task::spawn_blocking(move || writer.finish())
@@ -384,11 +581,11 @@ impl Download {
 /// `MAX_RANGE_CHUNKS`.
 fn next_range(
     writer: &ChunkedBlobWriter,
-    claimed: &BTreeSet<u64>,
+    claimed: &BTreeMap<u64, u32>,
     chunks: u64,
     parallel: usize,
 ) -> Option<(u64, u64)> {
-    let open = |i: u64| !claimed.contains(&i) && !writer.has(i);
+    let open = |i: u64| !claimed.contains_key(&i) && !writer.has(i);
     let first = (0..chunks).find(|&i| open(i))?;
     // Claimed chunks may be written already (their stream is still going): saturate.
     let left = chunks

@@ -304,6 +304,10 @@ async fn fetch_chunks(
             outcome = bad;
             break;
         }
+        // Another stream (a hedged copy of this range) got it first.
+        if writer.has(index) {
+            continue;
+        }
         let Some(expected) = manifest.expected_cv(index) else {
             outcome = RangeEnd::Bad(index);
             break;

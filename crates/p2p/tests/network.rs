@@ -379,6 +379,118 @@ async fn interrupted_transfer_resumes_from_another_provider() {
     }
 }
 
+/// A provider on its own single-threaded runtime that the test can freeze: its
+/// connections stay open and go silent, as over a link gone dark (or a process stopped
+/// with SIGSTOP), until it is thawed.
+struct Freezable {
+    peer: PeerId,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Freezable {
+    fn start(bootstrap: Multiaddr, data: Vec<u8>) -> Freezable {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let frozen = std::sync::Arc::new(AtomicBool::new(false));
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (f, s) = (frozen.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let node = Node::start(None, |c| c.bootstrap = vec![bootstrap]).await;
+                let id = node.store.put(&data).unwrap();
+                node.client.provide(id).await.unwrap();
+                tx.send(node.peer).unwrap();
+                while !s.load(Ordering::SeqCst) {
+                    // Blocking this thread stops every task of the node: nothing is
+                    // read or written on its connections.
+                    while f.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                node.stop();
+            });
+        });
+        let peer = rx
+            .recv_timeout(WAIT)
+            .expect("the freezable node did not start");
+        Freezable {
+            peer,
+            frozen,
+            stop,
+            thread,
+        }
+    }
+
+    fn freeze(&self, on: bool) {
+        self.frozen.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn stop(self) {
+        self.freeze(false);
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().unwrap();
+    }
+}
+
+/// A provider that goes silent with its connections open holds up nothing: its manifest
+/// request is passed over after a short wait, its ranges stop counting against the
+/// parallel streams, and once nothing is left unclaimed its chunks are asked of the
+/// honest provider. Before, the download waited out the 30 s request timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_gone_silent_does_not_hold_up_the_download() {
+    const CHUNKS: usize = 24;
+    let b = Node::start(None, |_| {}).await;
+    let data = blob(CHUNKS << 20, 11);
+    let honest = Node::start(Some(&b), |_| {}).await;
+    let id = honest.store.put(&data).unwrap();
+    honest.client.provide(id).await.unwrap();
+    let silent = Freezable::start(b.addr.clone(), data.clone());
+
+    let mut c = Node::start(Some(&b), |c| {
+        c.blob_parallel = 4;
+        c.request_timeout_secs = 30;
+    })
+    .await;
+    // C must know both providers before one of them goes silent.
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let p = c.client.providers(id).await.unwrap_or_default();
+            if p.contains(&honest.peer) && p.contains(&silent.peer) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("C never learnt of both providers");
+    silent.freeze(true);
+    let started = std::time::Instant::now();
+    let size = c.client.fetch_blob(id, 64 << 20).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(size, data.len() as u64);
+    assert_eq!(c.store.get(&id).unwrap(), data);
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    let mut dropped = 0;
+    while let Ok(e) = c.events.try_recv() {
+        if matches!(e, Event::BlobProviderDropped { .. }) {
+            dropped += 1;
+        }
+    }
+    assert_eq!(dropped, 0, "a silent provider is not a liar");
+    eprintln!("fetched {CHUNKS} MiB past a silent provider in {took:?}");
+    silent.stop();
+    for n in [b, honest, c] {
+        n.stop();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_provider_is_dropped_and_honest_one_completes() {
     let b = Node::start(None, |_| {}).await;
