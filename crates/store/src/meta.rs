@@ -195,7 +195,11 @@ impl SledStore {
 
 /// Opens (or creates) the sled database in `dir`.
 fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
-    let locked = |e: &sled::Error| matches!(e, sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock);
+    // sled reports its lock as an `Other` error whose message quotes the WouldBlock.
+    let locked = |e: &sled::Error| {
+        matches!(e, sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock
+            || io.to_string().starts_with("could not acquire lock"))
+    };
     // A database just closed in this process is unlocked only when sled's flusher
     // thread has gone, a moment later: a lock held for over a second is another
     // process's.
@@ -402,6 +406,26 @@ mod tests {
         // A bad record does not hide the good ones from a direct read.
         assert!(s.get_json::<Rec>("t", "r").unwrap().is_some());
         s.flush().unwrap();
+    }
+
+    /// A database another handle holds is refused naming the likely cause, after the
+    /// short wait a just-closed handle needs; once that handle is gone, it opens.
+    #[test]
+    fn a_database_in_use_is_refused_with_the_cause_and_opens_once_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = SledStore::open(dir.path()).unwrap();
+        let e = match SledStore::open(dir.path()) {
+            Ok(_) => panic!("two handles on one database"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            e.contains("could not acquire lock") && e.contains("another tunenet"),
+            "{e}"
+        );
+        drop(first);
+        // sled's flusher thread lets go of the lock a moment after the handle is dropped:
+        // the open waits for it rather than failing.
+        SledStore::open(dir.path()).unwrap();
     }
 
     #[test]
