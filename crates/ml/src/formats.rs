@@ -6,6 +6,8 @@
 //! or row, and a file none of whose records fit is refused.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -74,14 +76,21 @@ impl DatasetLoad {
 /// allocated from unchecked: `capacity overflow`, found by fuzzing) and some take it
 /// seconds on a few hundred bytes (page headers it skips field by field; the input is in
 /// fuzz/known/dataset/). A bad file must be an error, not the validator's crash or stall.
-/// A worker past its deadline is left to finish on its own; its answer is dropped.
+/// At the deadline the worker is told to stop: every read it makes of the file's bytes
+/// fails from then on (the slow inputs read a byte at a time), so it ends within one read
+/// instead of spending a core for as long as the file keeps it busy.
 fn parquet_rows(bytes: &[u8]) -> Result<Vec<Row>, (Option<usize>, String)> {
-    let owned = bytes::Bytes::copy_from_slice(bytes);
+    let stop = Arc::new(AtomicBool::new(false));
+    let owned = Guarded {
+        bytes: bytes::Bytes::copy_from_slice(bytes),
+        stop: stop.clone(),
+    };
     let deadline = parquet_deadline(bytes.len());
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("parquet-reader".into())
         .spawn(move || {
+            let _running = Running::start();
             let read = std::panic::catch_unwind(|| parquet_rows_unguarded(owned)).unwrap_or_else(
                 |panic| {
                     let why = panic
@@ -100,7 +109,11 @@ fn parquet_rows(bytes: &[u8]) -> Result<Vec<Row>, (Option<usize>, String)> {
             let _ = tx.send(read);
         })
         .map_err(|e| (None, format!("cannot start the Parquet reader: {e}")))?;
-    match rx.recv_timeout(deadline) {
+    let answer = rx.recv_timeout(deadline);
+    if answer.is_err() {
+        stop.store(true, Ordering::Relaxed);
+    }
+    match answer {
         Ok(read) => read,
         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err((
             None,
@@ -122,8 +135,85 @@ fn parquet_deadline(len: usize) -> std::time::Duration {
     std::time::Duration::from_secs_f64(2.0 + len as f64 / 1e6)
 }
 
-fn parquet_rows_unguarded(bytes: bytes::Bytes) -> Result<Vec<Row>, (Option<usize>, String)> {
+/// Parquet readers running now, the ones told to stop included.
+static PARQUET_READERS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many Parquet reader threads are running (tests: a reader past its deadline ends).
+#[doc(hidden)]
+pub fn parquet_readers_running() -> usize {
+    PARQUET_READERS.load(Ordering::SeqCst)
+}
+
+/// Counts a reader thread while it lives.
+struct Running;
+
+impl Running {
+    fn start() -> Running {
+        PARQUET_READERS.fetch_add(1, Ordering::SeqCst);
+        Running
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        PARQUET_READERS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A Parquet file's bytes whose every read fails once `stop` is set.
+struct Guarded {
+    bytes: bytes::Bytes,
+    stop: Arc<AtomicBool>,
+}
+
+impl Guarded {
+    fn check(stop: &AtomicBool) -> std::io::Result<()> {
+        if stop.load(Ordering::Relaxed) {
+            Err(std::io::Error::other("stopped: past the reading deadline"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl parquet::file::reader::Length for Guarded {
+    fn len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+}
+
+impl parquet::file::reader::ChunkReader for Guarded {
+    type T = GuardedRead;
+
+    fn get_read(&self, start: u64) -> parquet::errors::Result<GuardedRead> {
+        Guarded::check(&self.stop)?;
+        Ok(GuardedRead {
+            inner: parquet::file::reader::ChunkReader::get_read(&self.bytes, start)?,
+            stop: self.stop.clone(),
+        })
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<bytes::Bytes> {
+        Guarded::check(&self.stop)?;
+        parquet::file::reader::ChunkReader::get_bytes(&self.bytes, start, length)
+    }
+}
+
+struct GuardedRead {
+    inner: bytes::buf::Reader<bytes::Bytes>,
+    stop: Arc<AtomicBool>,
+}
+
+impl std::io::Read for GuardedRead {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        Guarded::check(&self.stop)?;
+        std::io::Read::read(&mut self.inner, buf)
+    }
+}
+
+fn parquet_rows_unguarded(bytes: Guarded) -> Result<Vec<Row>, (Option<usize>, String)> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
+    let stop = bytes.stop.clone();
     let reader = SerializedFileReader::new(bytes)
         .map_err(|e| (None, format!("not a readable Parquet file: {e}")))?;
     let rows = reader
@@ -131,6 +221,9 @@ fn parquet_rows_unguarded(bytes: bytes::Bytes) -> Result<Vec<Row>, (Option<usize
         .map_err(|e| (None, format!("cannot read the Parquet rows: {e}")))?;
     let mut out = Vec::new();
     for (i, row) in rows.enumerate() {
+        if stop.load(Ordering::Relaxed) {
+            return Err((None, "stopped: past the reading deadline".into()));
+        }
         let row = row.map_err(|e| (Some(i + 1), format!("unreadable row: {e}")))?;
         match row.to_json_value() {
             Value::Object(o) => out.push((i + 1, o)),

@@ -14,6 +14,7 @@ mod device;
 mod error;
 mod eval;
 mod formats;
+mod fused;
 mod gguf;
 mod hellaswag;
 mod lm;
@@ -48,7 +49,9 @@ pub use data::{
 pub use device::parse_device;
 pub use error::MlError;
 pub use eval::{EvalReport, RecordLosses, evaluate, evaluate_on, record_losses, record_losses_on};
-pub use formats::{BadRecord, DatasetLoad, FieldMap, load_dataset, parse_dataset};
+pub use formats::{
+    BadRecord, DatasetLoad, FieldMap, load_dataset, parquet_readers_running, parse_dataset,
+};
 pub use gguf::{export_gguf, export_gguf_quantized, import_gguf};
 pub use hellaswag::{
     DEFAULT_BATCH_TOKENS, HellaSwagItem, HellaSwagReport, ItemScore, ScoreOptions, ScoreProgress,

@@ -2562,6 +2562,43 @@ fn malformed_dataset_files_say_where_and_a_mapping_that_fits_nothing_is_refused(
     );
 }
 
+/// A Parquet file that keeps the reader busy (page headers skipped a byte at a time; found
+/// by fuzzing) is an error at its deadline, and the reader thread stops there too rather
+/// than spending a core for as long as the file keeps it going.
+#[test]
+fn a_parquet_reader_past_its_deadline_stops() {
+    let input = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fuzz/regressions/dataset/timeout-6cb82cc2a44d644f3f9531d875339072e2b921ad"
+    ))
+    .unwrap();
+    let map = FieldMap::default();
+    let started = Instant::now();
+    let e = parse_dataset(&input[1..], "parquet", &map, "slow.parquet")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("slow.parquet") && e.contains("still reading"),
+        "{e}"
+    );
+    let answered = started.elapsed();
+    while parquet_readers_running() > 0 && started.elapsed() < answered + Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let stopped = started.elapsed();
+    assert_eq!(
+        parquet_readers_running(),
+        0,
+        "a reader still runs {:?} after the deadline",
+        stopped - answered
+    );
+    assert!(
+        stopped - answered < Duration::from_secs(1),
+        "the reader stopped {:?} after its deadline",
+        stopped - answered
+    );
+}
+
 /// ChatML, as SmolLM2 and Qwen write it, with a default system turn and Python string
 /// methods.
 const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'].strip() + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
