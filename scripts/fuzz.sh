@@ -7,6 +7,9 @@
 #
 # TUNENET_FUZZ_RUNS=N also stops each target after N executions, whichever comes first
 # (the long campaigns: TUNENET_FUZZ_RUNS=10000000 bash scripts/fuzz.sh 1800).
+# TUNENET_FUZZ_PREBUILT=1 runs the binaries already in the cache without building (cargo
+# fuzz run would rebuild them first whenever a source file looks newer, which on a busy
+# machine can take a campaign's whole half hour); each log names the binary's build time.
 #
 # Each corpus starts from fuzz/seeds/<target> (real files and signed messages) and grows
 # in fuzz/corpus/<target> (not committed). An input that crashes, hangs or runs out of
@@ -35,10 +38,17 @@ else
 fi
 
 cd fuzz
-echo "== building ${#targets[@]} fuzz targets (nightly, AddressSanitizer)"
-if [ "$explicit" -gt 0 ]; then
+bin_dir="$target_dir/x86_64-unknown-linux-gnu/release"
+if [ -n "${TUNENET_FUZZ_PREBUILT:-}" ]; then
+    for t in "${targets[@]}"; do
+        [ -x "$bin_dir/$t" ] || { echo "no prebuilt fuzz target $bin_dir/$t: run without TUNENET_FUZZ_PREBUILT first" >&2; exit 2; }
+    done
+    echo "== ${#targets[@]} prebuilt fuzz targets from $bin_dir (not rebuilt)"
+elif [ "$explicit" -gt 0 ]; then
+    echo "== building ${#targets[@]} fuzz targets (nightly, AddressSanitizer)"
     for t in "${targets[@]}"; do cargo +nightly fuzz build --target-dir "$target_dir" "$t"; done
 else
+    echo "== building ${#targets[@]} fuzz targets (nightly, AddressSanitizer)"
     cargo +nightly fuzz build --target-dir "$target_dir"
 fi
 
@@ -65,9 +75,16 @@ for t in "${targets[@]}"; do
         extra+=(-detect_leaks=0)
         asan="${asan:+$asan:}detect_leaks=0"
     fi
-    ASAN_OPTIONS="$asan" cargo +nightly fuzz run --target-dir "$target_dir" "$t" "corpus/$t" "seeds/$t" -- \
-        -max_total_time="$secs" -rss_limit_mb=2048 -malloc_limit_mb=2048 -timeout=20 \
-        -print_final_stats=1 "${extra[@]}" >"$log" 2>&1
+    flags=(-max_total_time="$secs" -rss_limit_mb=2048 -malloc_limit_mb=2048 -timeout=20
+        -print_final_stats=1 "${extra[@]}")
+    if [ -n "${TUNENET_FUZZ_PREBUILT:-}" ]; then
+        echo "binary: $bin_dir/$t, built $(date -u -r "$bin_dir/$t" '+%F %T UTC')" >"$log"
+        ASAN_OPTIONS="$asan" "$bin_dir/$t" -artifact_prefix="artifacts/$t/" "${flags[@]}" \
+            "corpus/$t" "seeds/$t" >>"$log" 2>&1
+    else
+        ASAN_OPTIONS="$asan" cargo +nightly fuzz run --target-dir "$target_dir" "$t" \
+            "corpus/$t" "seeds/$t" -- "${flags[@]}" >"$log" 2>&1
+    fi
     rc=$?
     set -e
     took=$(($(date +%s) - start))

@@ -31,6 +31,49 @@ const MAX_VOCAB: usize = 1 << 20;
 /// llama.cpp pre-tokenizers that split digits one by one before GPT-2's regex.
 const DIGIT_SPLITTING_PRE: &[&str] = &["smollm", "starcoder", "refact", "codeshell"];
 
+/// Checks every tensor a GGUF file lists before any is read: its dimensions multiply
+/// without overflow to a whole number of quantisation blocks, and its bytes lie inside
+/// the file. candle computes the element count unchecked (a file naming dimensions whose
+/// product overflows panics there, or wraps to a tiny size; found by fuzzing).
+pub(crate) fn check_tensor_infos<R: std::io::Seek>(
+    content: &gguf_file::Content,
+    reader: &mut R,
+) -> Result<(), String> {
+    let file_len = reader
+        .seek(std::io::SeekFrom::End(0))
+        .map_err(|e| format!("cannot find the file's length: {e}"))?;
+    let mut infos: Vec<_> = content.tensor_infos.iter().collect();
+    infos.sort_by(|a, b| a.0.cmp(b.0));
+    for (name, info) in infos {
+        let dims = info.shape.dims();
+        let elems = dims
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| format!("tensor {name} has dimensions {dims:?}, too many elements"))?;
+        let dtype = info.ggml_dtype;
+        let block = dtype.block_size();
+        if !elems.is_multiple_of(block) {
+            return Err(format!(
+                "tensor {name} has {elems} elements, not a whole number of {dtype:?} blocks of {block}"
+            ));
+        }
+        let bytes = (elems / block)
+            .checked_mul(dtype.type_size())
+            .ok_or_else(|| format!("tensor {name} has dimensions {dims:?}, too many bytes"))?;
+        let end = content
+            .tensor_data_offset
+            .checked_add(info.offset)
+            .and_then(|start| start.checked_add(bytes as u64));
+        if end.is_none_or(|end| end > file_len) {
+            return Err(format!(
+                "tensor {name} needs {bytes} bytes at offset {} of the tensor data, past the end of the {file_len}-byte file (truncated?)",
+                info.offset
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Imports a llama-architecture GGUF into `out` in Hugging Face layout: every tensor
 /// dequantised to f32 under its HF name (q/k rows un-permuted back to HF's rotate-half
 /// rotary layout), `config.json` from the GGUF metadata, and `tokenizer.json` rebuilt
@@ -44,6 +87,7 @@ pub fn import_gguf(gguf: &Path, out: &Path) -> Result<LlamaConfig, MlError> {
     let mut reader = BufReader::new(file);
     let content = gguf_file::Content::read(&mut reader)
         .map_err(|e| bad(format!("not a readable GGUF file: {e}")))?;
+    check_tensor_infos(&content, &mut reader).map_err(bad)?;
     let md = &content.metadata;
     let cfg = gguf_config(&content, gguf)?;
     let layers = cfg.num_hidden_layers;
@@ -571,4 +615,55 @@ pub(crate) fn gguf_tokenizer(md: &HashMap<String, Value>) -> Result<Tokenizer, S
     tok.add_tokens(user)
         .map_err(|e| format!("cannot add tokens: {e}"))?;
     Ok(tok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::gguf_file::{Content, TensorInfo, VersionedMagic};
+
+    fn content(dims: Vec<usize>, dtype: GgmlDType, offset: u64) -> Content {
+        Content {
+            magic: VersionedMagic::GgufV3,
+            metadata: HashMap::new(),
+            tensor_infos: HashMap::from([(
+                "token_embd.weight".to_string(),
+                TensorInfo {
+                    ggml_dtype: dtype,
+                    shape: candle_core::Shape::from(dims),
+                    offset,
+                },
+            )]),
+            tensor_data_offset: 64,
+        }
+    }
+
+    /// Dimensions whose product overflows, a partial quantisation block and bytes past
+    /// the end of the file are each refused with the tensor named; a tensor that fits
+    /// passes.
+    #[test]
+    fn tensor_infos_are_checked_before_any_tensor_is_read() {
+        let mut file = std::io::Cursor::new(vec![0u8; 64 + 4 * 32]);
+        let check = |c: &Content, f: &mut std::io::Cursor<Vec<u8>>| check_tensor_infos(c, f);
+        let c = content(vec![1 << 40, 1 << 40], GgmlDType::F32, 0);
+        let e = check(&c, &mut file).unwrap_err();
+        assert!(
+            e.contains("token_embd.weight") && e.contains("too many elements"),
+            "{e}"
+        );
+        let c = content(vec![1 << 61], GgmlDType::Q8_0, 0);
+        let e = check(&c, &mut file).unwrap_err();
+        assert!(
+            e.contains("too many bytes") || e.contains("past the end"),
+            "{e}"
+        );
+        let c = content(vec![33], GgmlDType::Q8_0, 0);
+        let e = check(&c, &mut file).unwrap_err();
+        assert!(e.contains("not a whole number of Q8_0 blocks of 32"), "{e}");
+        let c = content(vec![4, 8], GgmlDType::F32, 4);
+        let e = check(&c, &mut file).unwrap_err();
+        assert!(e.contains("past the end of the 192-byte file"), "{e}");
+        let c = content(vec![4, 8], GgmlDType::F32, 0);
+        check(&c, &mut file).unwrap();
+    }
 }

@@ -436,6 +436,7 @@ impl ScoringModel {
         let mut reader = std::io::BufReader::new(file);
         let content = gguf_file::Content::read(&mut reader)
             .map_err(|e| bad(format!("not a readable GGUF file: {e}")))?;
+        crate::gguf::check_tensor_infos(&content, &mut reader).map_err(bad)?;
         let cfg = crate::gguf::gguf_config(&content, path)?;
         let tok = crate::gguf::gguf_tokenizer(&content.metadata)
             .map_err(|p| bad(format!("tokenizer: {p}")))?;
@@ -930,10 +931,10 @@ fn unpermute_rows(q: QTensor, heads: usize, hd: usize) -> Result<QTensor, MlErro
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         let d: Vec<f32> = (a - b)
             .and_then(|d| d.flatten_all())
             .and_then(|d| d.to_vec1())

@@ -587,6 +587,31 @@ mod tests {
         }
     }
 
+    /// Found by fuzzing (`gguf`, half a minute in): a GGUF naming a tensor whose dimensions
+    /// multiply past `usize` made candle's element count overflow (a panic with overflow
+    /// checks, a wrapped tiny size without). It is refused before any tensor is read (the
+    /// overflow itself is `tunenet_ml`'s unit test; this file, minimised, is also cut short).
+    #[test]
+    fn a_gguf_whose_tensor_dimensions_overflow_is_refused() {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/regressions/gguf");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&root).unwrap() {
+            let path = entry.unwrap().path();
+            let out = tempfile::tempdir().unwrap();
+            let err = tunenet_ml::import_gguf(&path, out.path())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("tensor ")
+                    && (err.contains("too many") || err.contains("past the end")),
+                "{}: {err}",
+                path.display()
+            );
+            seen += 1;
+        }
+        assert!(seen > 0);
+    }
+
     #[test]
     fn empty_and_tiny_inputs_are_refused_cleanly() {
         for (_, target) in TARGETS {
