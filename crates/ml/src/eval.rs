@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::artifact::{load_artifact_tensors, read_artifact_manifest, tensor_shapes};
@@ -257,11 +257,10 @@ fn row_nll_sums(runner: &Runner, refs: &[&Example]) -> Result<Vec<f64>, MlError>
     let (batch, logits) = runner.run(refs)?;
     (|| {
         let (b, t, v) = logits.dims3()?;
-        let logp = candle_nn::ops::log_softmax(&logits.reshape((b * t, v))?, D::Minus1)?;
-        let picked: Tensor = logp
-            .gather(&batch.targets.reshape((b * t, 1))?, 1)?
-            .reshape((b, t))?;
-        let nll = (picked * &batch.loss_mask)?.sum(1)?.neg()?;
+        let nll =
+            crate::fused::nll_rows(&logits.reshape((b * t, v))?, &batch.targets.reshape(b * t)?)?
+                .reshape((b, t))?;
+        let nll = (nll * &batch.loss_mask)?.sum(1)?;
         nll.to_dtype(DType::F64)?.to_vec1::<f64>()
     })()
     .ctx("evaluating a batch")

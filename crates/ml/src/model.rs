@@ -537,11 +537,6 @@ pub(crate) fn masked_nll_sum(
     loss_mask: &Tensor,
 ) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
-    let logits = logits.reshape((b * t, v))?;
-    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let picked = logp
-        .gather(&targets.reshape((b * t, 1))?, 1)?
-        .reshape(b * t)?;
-    let mask = loss_mask.reshape(b * t)?;
-    (picked * mask)?.sum_all()?.neg()
+    let nll = crate::fused::nll_rows(&logits.reshape((b * t, v))?, &targets.reshape(b * t)?)?;
+    (nll * loss_mask.reshape(b * t)?)?.sum_all()
 }

@@ -1,0 +1,232 @@
+//! Fused CPU kernels with their backward passes, for training and evaluation.
+//!
+//! Cross-entropy over the vocabulary: candle's `log_softmax` then `gather` holds several
+//! `[rows, vocab]` tensors in the forward pass (shifted logits, their exponentials, the
+//! log-probabilities) and as many again in the backward pass (a scattered one-hot
+//! gradient, the softmax's), each freshly allocated, for SmolLM2's 49,152 words 50 MB per
+//! 256 tokens. The fused forward pass reads the logits twice per row and keeps one number
+//! per row; its backward pass writes the one `[rows, vocab]` gradient, `softmax - one-hot`,
+//! in a single pass after two reading ones. Off the CPU (or for other dtypes) the same
+//! function takes candle's composition, so CUDA keeps one code path.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor};
+
+/// Rows per rayon task: enough work per task that splitting costs nothing.
+const ROWS_PER_TASK: usize = 4;
+
+/// Each row's negative log-likelihood of its target: `logits` `[n, v]`, `targets` `[n]`
+/// (u32) give `[n]`, `logsumexp(logits[i]) - logits[i, targets[i]]`. Differentiable in
+/// `logits`.
+pub(crate) fn nll_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+        let logits = logits.contiguous()?;
+        let targets = targets.to_dtype(DType::U32)?.contiguous()?;
+        logits.apply_op2(&targets, CrossEntropy)
+    } else {
+        nll_rows_composed(logits, targets)
+    }
+}
+
+/// [`nll_rows`] as candle's ops compose it (every device and dtype).
+pub(crate) fn nll_rows_composed(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let n = logits.dim(0)?;
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    logp.gather(&targets.reshape((n, 1))?, 1)?.reshape(n)?.neg()
+}
+
+fn contiguous<'a, T: candle_core::WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<&'a [T]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("cross-entropy: strided {what}")))?;
+    Ok(&s.as_slice::<T>()?[start..end])
+}
+
+/// The logits `[n, v]` and the targets `[n]`, checked.
+fn inputs<'a>(
+    s1: &'a CpuStorage,
+    l1: &Layout,
+    s2: &'a CpuStorage,
+    l2: &Layout,
+) -> Result<(&'a [f32], &'a [u32], usize)> {
+    let (n, v) = l1.shape().dims2()?;
+    let logits = contiguous::<f32>(s1, l1, "logits")?;
+    let targets = contiguous::<u32>(s2, l2, "targets")?;
+    if targets.len() != n || v == 0 {
+        candle_core::bail!(
+            "cross-entropy: {} targets for {n} rows of {v} logits",
+            targets.len()
+        );
+    }
+    if let Some(t) = targets.iter().find(|&&t| t as usize >= v) {
+        candle_core::bail!("cross-entropy: target {t} is outside the vocabulary of {v}");
+    }
+    Ok((logits, targets, v))
+}
+
+/// A row's maximum and `ln(sum(exp(x - max)))`, in f32 as candle's `log_softmax` does.
+fn log_sum_exp(row: &[f32]) -> (f32, f32) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
+    (max, sum.ln())
+}
+
+struct CrossEntropy;
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (logits, targets, v) = inputs(s1, l1, s2, l2)?;
+        let mut out = vec![0f32; targets.len()];
+        out.par_chunks_mut(ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                for (k, o) in chunk.iter_mut().enumerate() {
+                    let i = c * ROWS_PER_TASK + k;
+                    let row = &logits[i * v..(i + 1) * v];
+                    let (max, lse) = log_sum_exp(row);
+                    *o = -((row[targets[i] as usize] - max) - lse);
+                }
+            });
+        let n = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+        let g = logits.apply_op3_no_bwd(targets, &grad, &CrossEntropyGrad)?;
+        Ok((Some(g), None))
+    }
+}
+
+/// The gradient of [`CrossEntropy`] in its logits: `grad[i] * (softmax(logits[i]) -
+/// one_hot(targets[i]))`, `[n, v]`.
+struct CrossEntropyGrad;
+
+impl CustomOp3 for CrossEntropyGrad {
+    fn name(&self) -> &'static str {
+        "cross-entropy-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (logits, targets, v) = inputs(s1, l1, s2, l2)?;
+        let grad = contiguous::<f32>(s3, l3, "gradient")?;
+        if grad.len() != targets.len() {
+            candle_core::bail!(
+                "cross-entropy: a gradient of {} for {} rows",
+                grad.len(),
+                targets.len()
+            );
+        }
+        let mut out = vec![0f32; logits.len()];
+        out.par_chunks_mut(v * ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                for (k, o) in chunk.chunks_exact_mut(v).enumerate() {
+                    let i = c * ROWS_PER_TASK + k;
+                    let g = grad[i];
+                    if g == 0.0 {
+                        continue; // a masked row: its gradient stays zero
+                    }
+                    let row = &logits[i * v..(i + 1) * v];
+                    let (max, lse) = log_sum_exp(row);
+                    for (o, &x) in o.iter_mut().zip(row) {
+                        *o = g * (x - max - lse).exp();
+                    }
+                    o[targets[i] as usize] -= g;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scoring::tests::max_abs_diff;
+    use candle_core::{Device, Var};
+
+    fn random(n: usize, v: usize, seed: u64) -> (Tensor, Tensor, Tensor) {
+        let mut x = seed;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let logits: Vec<f32> = (0..n * v)
+            .map(|_| (next() % 20_000) as f32 / 1000.0 - 10.0)
+            .collect();
+        let targets: Vec<u32> = (0..n).map(|_| (next() % v as u64) as u32).collect();
+        // Some rows masked out, as padding is.
+        let mask: Vec<f32> = (0..n).map(|i| if i % 5 == 3 { 0.0 } else { 1.0 }).collect();
+        let d = Device::Cpu;
+        (
+            Tensor::from_vec(logits, (n, v), &d).unwrap(),
+            Tensor::from_vec(targets, n, &d).unwrap(),
+            Tensor::from_vec(mask, n, &d).unwrap(),
+        )
+    }
+
+    /// Forward values and gradients of the fused cross-entropy equal candle's
+    /// composition's, on odd shapes, with masked rows.
+    #[test]
+    fn fused_cross_entropy_matches_the_composition_forward_and_backward() {
+        for (n, v, seed) in [(1, 2, 1), (7, 1001, 2), (33, 5, 3), (13, 4099, 4)] {
+            let (logits, targets, mask) = random(n, v, seed);
+            let run = |fused: bool| {
+                let x = Var::from_tensor(&logits).unwrap();
+                let nll = if fused {
+                    nll_rows(x.as_tensor(), &targets).unwrap()
+                } else {
+                    nll_rows_composed(x.as_tensor(), &targets).unwrap()
+                };
+                let loss = (&nll * &mask).unwrap().sum_all().unwrap();
+                let grads = loss.backward().unwrap();
+                let g = grads.get(x.as_tensor()).unwrap().clone();
+                (nll, g)
+            };
+            let (nll_f, g_f) = run(true);
+            let (nll_c, g_c) = run(false);
+            assert!(max_abs_diff(&nll_f, &nll_c) < 1e-5, "{n}x{v} forward");
+            assert!(max_abs_diff(&g_f, &g_c) < 1e-6, "{n}x{v} gradient");
+        }
+    }
+
+    #[test]
+    fn a_target_outside_the_vocabulary_is_an_error() {
+        let d = Device::Cpu;
+        let logits = Tensor::zeros((2, 3), DType::F32, &d).unwrap();
+        let targets = Tensor::new(&[0u32, 3], &d).unwrap();
+        let e = nll_rows(&logits, &targets).unwrap_err().to_string();
+        assert!(e.contains("target 3 is outside the vocabulary of 3"), "{e}");
+    }
+}
