@@ -383,7 +383,9 @@ impl Transport {
                 Ok(())
             }
             (Route::P2p(peer), Some(c)) => {
-                c.provide(header.artifact).await?;
+                // The validator fetches from this miner by name: no need to wait for
+                // the DHT announcement (a dark peer holds that for the query's timeout).
+                c.serve(header.artifact).await?;
                 match c.request(peer, JobRequest::Reveal(header.into())).await? {
                     JobResponse::UploadResult(_) => Ok(()),
                     other => Err(unexpected("reveal", &other)),
@@ -411,7 +413,10 @@ impl Transport {
                     .fetch_blob_from(id, max_size, &[peer])
                     .await
                     .map_err(|e| NodeError::Other(format!("fetching blob {id} over p2p: {e}")))?;
-                if let Err(e) = c.provide(id).await {
+                // Announced without waiting for the announcement to be done: that waits on
+                // every peer the record goes to, one whose link is dark for the DHT query's
+                // whole timeout (every miner's model fetch took 29 s while one was cut off).
+                if let Err(e) = c.serve(id).await {
                     tracing::debug!(blob = %id, error = %e, "could not provide a fetched blob");
                 }
                 Ok(size)

@@ -132,6 +132,18 @@ impl Client {
     /// damaged copy is never announced. Returns once the provider record has been offered
     /// to the closest peers known.
     pub async fn provide(&self, id: BlobId) -> Result<(), P2pError> {
+        self.provide_with(id, true).await
+    }
+
+    /// [`Client::provide`], returning once this node serves the blob and its announcement
+    /// has started, not when the announcement is done: that waits on every peer the record
+    /// goes to, a peer whose link is dark for the DHT query's whole timeout. For blobs a
+    /// peer will ask this node for directly (a revealed artifact, a fetched model).
+    pub async fn serve(&self, id: BlobId) -> Result<(), P2pError> {
+        self.provide_with(id, false).await
+    }
+
+    async fn provide_with(&self, id: BlobId, wait: bool) -> Result<(), P2pError> {
         if !self.store.contains(&id) {
             return Err(P2pError::Store(tunenet_store::BlobError::NotFound(id)));
         }
@@ -147,7 +159,8 @@ impl Client {
                 })
             })?;
         let manifest = Arc::new(manifest);
-        self.ask(|r| Command::Provide(id, manifest, r)).await?
+        self.ask(|r| Command::Provide(id, manifest, r, wait))
+            .await?
     }
 
     /// Peers that announced blob `id` (a DHT look-up; this node excluded).

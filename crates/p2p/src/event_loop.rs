@@ -134,7 +134,14 @@ pub(crate) enum Command {
     PublishRaw(String, Vec<u8>, Reply<()>),
     Job(PeerId, JobRequest, Reply<JobResponse>),
     Respond(JobChannel, JobResponse, Reply<()>),
-    Provide(BlobId, std::sync::Arc<crate::chunks::Manifest>, Reply<()>),
+    /// Serve a blob and announce it; `true`: answer when the announcement is done, `false`:
+    /// as soon as it is served and the announcement started.
+    Provide(
+        BlobId,
+        std::sync::Arc<crate::chunks::Manifest>,
+        Reply<()>,
+        bool,
+    ),
     GetProviders(BlobId, Reply<Vec<PeerId>>),
     Blob(PeerId, pb::BlobRequest, Reply<pb::BlobResponse>),
     FindPeer(PeerId, Reply<Vec<Multiaddr>>),
@@ -386,7 +393,7 @@ impl EventLoop {
                     .map_err(|_| P2pError::ResponseDropped);
                 let _ = reply.send(r);
             }
-            Command::Provide(id, manifest, reply) => {
+            Command::Provide(id, manifest, reply, wait) => {
                 self.server.cache(manifest);
                 if !self.server.provide(id) {
                     let _ = reply.send(Err(P2pError::Kad(format!(
@@ -396,8 +403,11 @@ impl EventLoop {
                 }
                 let key = RecordKey::new(&id.0);
                 match self.swarm.behaviour_mut().kad.start_providing(key) {
-                    Ok(q) => {
+                    Ok(q) if wait => {
                         self.providing.insert(q, reply);
+                    }
+                    Ok(_) => {
+                        let _ = reply.send(Ok(()));
                     }
                     Err(e) => {
                         let _ = reply.send(Err(P2pError::Kad(e.to_string())));
