@@ -408,6 +408,62 @@ fn console_roles_specs_and_a_competition_that_survives_sigkill() {
     let lb: serde_json::Value = serde_json::from_str(&lb).unwrap();
     assert_eq!(lb["jobs_done"], 2);
 
+    // Scoring replay: a proposed formula is recomputed from the stored losses and shown
+    // beside the leaderboard; the formula in force gives the stored leaderboard back
+    // exactly; bad formulas are refused saying why; nothing changes.
+    let spec = root.join("scoring.toml");
+    let spec_arg = spec.to_str().unwrap();
+    let replay = |tok: &str| -> serde_json::Value {
+        serde_json::from_str(&c.ok(tok, &["--json", "replay", "live", "--scoring", spec_arg]))
+            .unwrap()
+    };
+    std::fs::write(
+        &spec,
+        "test = 1.0\nsynthetic = 0.0\npenalty_quality = 0.0\n",
+    )
+    .unwrap();
+    let r = replay(&viewer_tok);
+    assert_eq!(r["jobs_replayed"], 2, "{r}");
+    assert_eq!(r["now"], lb);
+    assert_eq!(
+        r["replayed"]["rows"].as_array().unwrap().len(),
+        lb["rows"].as_array().unwrap().len()
+    );
+    let f = &r["scoring_now"];
+    std::fs::write(
+        &spec,
+        format!(
+            "test = {}\nsynthetic = {}\npenalty_quality = {}\n",
+            f["test"], f["synthetic"], f["penalty_quality"]
+        ),
+    )
+    .unwrap();
+    let same = replay(&viewer_tok);
+    assert_eq!(
+        same["replayed"], lb,
+        "the formula in force must give the stored leaderboard back"
+    );
+    let table = c.ok(&viewer_tok, &["replay", "live", "--scoring", spec_arg]);
+    assert!(
+        table.contains("0 of") && table.contains("would change rank"),
+        "{table}"
+    );
+    std::fs::write(&spec, "test = -1.0\nsynthetic = 0.0\n").unwrap();
+    c.refused(
+        Some(&viewer_tok),
+        &["replay", "live", "--scoring", spec_arg],
+        &["must be finite and not negative"],
+    );
+    std::fs::write(&spec, "tset = 1.0\n").unwrap();
+    c.refused(
+        Some(&viewer_tok),
+        &["replay", "live", "--scoring", spec_arg],
+        &["not a scoring formula", "tset"],
+    );
+    let after: serde_json::Value =
+        serde_json::from_str(&c.ok(&miner_tok, &["--json", "leaderboard", "live"])).unwrap();
+    assert_eq!(after, lb, "a replay changes nothing");
+
     // The audit log, the feed's history in CSV, and the metrics endpoint.
     let audit = c.ok(&admin, &["audit"]);
     for action in [

@@ -11,5 +11,5 @@ pub use miner::{
 pub use validator::{
     BaseRecords, CompetitionPlan, Evaluation, JobPhase, JobPlan, JobState, LEAKAGE_CHECK,
     MinerSlot, OfferState, SubmissionState, UNTRAINED_CHECK, ValidatorEffect, ValidatorEngine,
-    ValidatorError, ValidatorInput,
+    ValidatorError, ValidatorInput, replay_scores, score_slots,
 };

@@ -1355,40 +1355,7 @@ impl ValidatorEngine {
                         _ => {}
                     }
                 }
-                let miners: Vec<&PeerIdStr> = job.slots.keys().collect();
-                let losses: Vec<Option<f64>> = job
-                    .slots
-                    .values()
-                    .map(|s| match s.submission {
-                        SubmissionState::Evaluated {
-                            test_loss,
-                            synthetic_loss,
-                            ..
-                        } => Some(plan.scoring.scored_loss(test_loss, synthetic_loss)),
-                        _ => None,
-                    })
-                    .collect();
-                let qs = qualities(&losses, plan.scoring.penalty_quality);
-                job.scores = miners
-                    .iter()
-                    .zip(job.slots.values())
-                    .zip(losses.iter().zip(qs))
-                    .map(|((m, slot), (loss, quality))| JobScore {
-                        job_id: id.clone(),
-                        miner: (*m).clone(),
-                        loss: *loss,
-                        quality,
-                        penalty_reason: match &slot.submission {
-                            SubmissionState::Failed { reason, .. } => Some(reason.clone()),
-                            _ => None,
-                        },
-                        verdicts: match &slot.submission {
-                            SubmissionState::Failed { verdicts, .. }
-                            | SubmissionState::Evaluated { verdicts, .. } => verdicts.clone(),
-                            _ => vec![],
-                        },
-                    })
-                    .collect();
+                job.scores = score_slots(id, &job.slots, &plan.scoring);
                 job.phase = JobPhase::Done { note: None };
                 fx.push(ValidatorEffect::Event(format!(
                     "job {id}: scored {} submissions",
@@ -1403,6 +1370,66 @@ impl ValidatorEngine {
             JobPhase::Pending | JobPhase::Done { .. } => {}
         }
     }
+}
+
+/// A job's scores from its settled slots under `weights`: each evaluated submission's
+/// scored loss, the job's qualities (normalised to mean 1), and the penalty with its reason
+/// for the rest.
+pub fn score_slots(
+    job_id: &JobId,
+    slots: &BTreeMap<PeerIdStr, MinerSlot>,
+    weights: &ScoringWeights,
+) -> Vec<JobScore> {
+    let losses: Vec<Option<f64>> = slots
+        .values()
+        .map(|s| match s.submission {
+            SubmissionState::Evaluated {
+                test_loss,
+                synthetic_loss,
+                ..
+            } => Some(weights.scored_loss(test_loss, synthetic_loss)),
+            _ => None,
+        })
+        .collect();
+    let qs = qualities(&losses, weights.penalty_quality);
+    slots
+        .iter()
+        .zip(losses.iter().zip(qs))
+        .map(|((m, slot), (loss, quality))| JobScore {
+            job_id: job_id.clone(),
+            miner: m.clone(),
+            loss: *loss,
+            quality,
+            penalty_reason: match &slot.submission {
+                SubmissionState::Failed { reason, .. } => Some(reason.clone()),
+                _ => None,
+            },
+            verdicts: match &slot.submission {
+                SubmissionState::Failed { verdicts, .. }
+                | SubmissionState::Evaluated { verdicts, .. } => verdicts.clone(),
+                _ => vec![],
+            },
+        })
+        .collect()
+}
+
+/// The scores of every finished, scored job of `jobs` again, under `weights`, from the
+/// losses stored with each submission: what a proposed scoring formula would have given.
+/// Jobs not finished, or finished without scores (cancelled, unscorable), are left out;
+/// the second value counts the jobs replayed.
+pub fn replay_scores<'a>(
+    jobs: impl IntoIterator<Item = &'a JobState>,
+    weights: &ScoringWeights,
+) -> (Vec<JobScore>, u32) {
+    let mut out = Vec::new();
+    let mut n = 0;
+    for j in jobs {
+        if matches!(j.phase, JobPhase::Done { .. }) && !j.scores.is_empty() {
+            out.extend(score_slots(&j.plan.job_id, &j.slots, weights));
+            n += 1;
+        }
+    }
+    (out, n)
 }
 
 /// Why a job that must be scored on a synthetic set cannot be (None: every evaluated

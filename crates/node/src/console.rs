@@ -704,6 +704,56 @@ impl ConsoleService for Console {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    async fn replay(
+        &self,
+        req: Request<pb::ReplayRequest>,
+    ) -> Result<Response<pb::ReplayResult>, Status> {
+        self.check(&req, Action::Leaderboard, "replay scoring")?;
+        let r = req.into_inner();
+        let proposed: tunenet_types::ScoringWeights = serde_json::from_str(&r.scoring_json)
+            .map_err(|e| {
+                Status::invalid_argument(format!(
+                    "not a scoring formula ({e}); give test, synthetic and penalty_quality"
+                ))
+            })?;
+        let ok_weight = |w: f64| w.is_finite() && w >= 0.0;
+        if !ok_weight(proposed.test)
+            || !ok_weight(proposed.synthetic)
+            || proposed.test + proposed.synthetic <= 0.0
+            || !ok_weight(proposed.penalty_quality)
+        {
+            return Err(Status::invalid_argument(format!(
+                "scoring weights must be finite and not negative, test + synthetic above 0: got test {}, synthetic {}, penalty_quality {}",
+                proposed.test, proposed.synthetic, proposed.penalty_quality
+            )));
+        }
+        let id = r.competition_id.clone();
+        let weights = proposed.clone();
+        let (now, replayed, jobs, current) = self
+            .shared
+            .with(move |v: &mut Validator| {
+                let engine = &v.comp(&id)?.engine;
+                let now = leaderboard_of(engine);
+                let (scores, jobs) = tunenet_engine::replay_scores(engine.jobs(), &weights);
+                let mut replayed = tunenet_types::leaderboard(
+                    &engine.plan().id,
+                    &scores,
+                    now.jobs_done,
+                    now.jobs_total,
+                );
+                replayed.kind = now.kind;
+                Ok((now, replayed, jobs, engine.plan().scoring.clone()))
+            })
+            .await?;
+        Ok(Response::new(pb::ReplayResult {
+            now: Some(now.into()),
+            replayed: Some(replayed.into()),
+            scoring_now_json: serde_json::to_string(&current).map_err(internal)?,
+            scoring_replayed_json: serde_json::to_string(&proposed).map_err(internal)?,
+            jobs_replayed: jobs,
+        }))
+    }
+
     async fn export(
         &self,
         req: Request<pb::ExportRequest>,

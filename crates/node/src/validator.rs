@@ -709,6 +709,53 @@ pub fn format_leaderboard(lb: &Leaderboard) -> String {
     s
 }
 
+/// Two leaderboards of the same competition side by side, row by miner in the proposed
+/// order: the rank now and under the proposed formula, how far it moved, and the standing
+/// and mean scored loss under each.
+pub fn format_replay(now: &Leaderboard, proposed: &Leaderboard) -> String {
+    let mut s = format!(
+        "{:<54} {:>8} {:>8} {:>6} {:>12} {:>12} {:>10} {:>10}\n",
+        "miner",
+        "rank now",
+        "proposed",
+        "moved",
+        "standing now",
+        "proposed",
+        "loss now",
+        "proposed"
+    );
+    let num = |x: Option<f64>| x.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into());
+    let mut moved = 0;
+    for p in &proposed.rows {
+        let n = now.rows.iter().find(|r| r.miner == p.miner);
+        let shift = match n {
+            Some(n) if n.rank > p.rank => format!("+{}", n.rank - p.rank),
+            Some(n) if n.rank < p.rank => format!("-{}", p.rank - n.rank),
+            Some(_) => "=".into(),
+            None => "new".into(),
+        };
+        if shift != "=" {
+            moved += 1;
+        }
+        s.push_str(&format!(
+            "{:<54} {:>8} {:>8} {:>6} {:>12.4} {:>12.4} {:>10} {:>10}\n",
+            p.miner,
+            n.map(|n| n.rank.to_string()).unwrap_or_else(|| "-".into()),
+            p.rank,
+            shift,
+            n.map_or(0.0, |n| n.standing),
+            p.standing,
+            num(n.and_then(|n| n.mean_loss)),
+            num(p.mean_loss),
+        ));
+    }
+    s.push_str(&format!(
+        "{moved} of {} miners would change rank\n",
+        proposed.rows.len()
+    ));
+    s
+}
+
 /// The validator loop's state: every competition, the stores, and the ways out.
 pub(crate) struct Validator {
     pub(crate) comps: Vec<Comp>,

@@ -67,6 +67,17 @@ enum ConsoleCmd {
         #[arg(long, default_value = "")]
         competition: String,
     },
+    /// Recompute a competition's finished jobs under a proposed scoring formula and show
+    /// the rank changes beside today's leaderboard; nothing is changed.
+    Replay {
+        /// Competition id.
+        id: String,
+        /// The proposed formula, a TOML file of scoring weights: `test`, `synthetic` (the
+        /// weights of the hidden test loss and the synthetic-set loss) and
+        /// `penalty_quality` (the quality of a missing or failed submission).
+        #[arg(long)]
+        scoring: PathBuf,
+    },
     /// Export a competition's scores.
     Export {
         /// Competition id.
@@ -728,6 +739,46 @@ async fn run_async(a: ConsoleArgs) -> Result<()> {
                 } else {
                     println!("[{}] {}", e.competition_id, e.message);
                 }
+            }
+        }
+        ConsoleCmd::Replay { id, scoring } => {
+            let text = std::fs::read_to_string(&scoring)
+                .with_context(|| format!("cannot read {}", scoring.display()))?;
+            let weights: tunenet_types::ScoringWeights = toml::from_str(&text).map_err(|e| {
+                anyhow::anyhow!("{}: not a scoring formula: {e}", scoring.display())
+            })?;
+            let r = call!(c.replay(pb::ReplayRequest {
+                competition_id: id,
+                scoring_json: serde_json::to_string(&weights)?,
+            }));
+            let board = |lb: Option<tunenet_proto::v1::Leaderboard>| {
+                tunenet_types::Leaderboard::try_from(lb.unwrap_or_default())
+                    .map_err(|e| anyhow::anyhow!("bad leaderboard: {e}"))
+            };
+            let (now, replayed) = (board(r.now)?, board(r.replayed)?);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "jobs_replayed": r.jobs_replayed,
+                        "scoring_now": serde_json::from_str::<serde_json::Value>(&r.scoring_now_json)?,
+                        "scoring_replayed": serde_json::from_str::<serde_json::Value>(&r.scoring_replayed_json)?,
+                        "now": now,
+                        "replayed": replayed,
+                    }))?
+                );
+            } else {
+                println!(
+                    "replay of `{}` over {} finished jobs\n  now:      {}\n  proposed: {}",
+                    now.competition_id,
+                    r.jobs_replayed,
+                    r.scoring_now_json,
+                    r.scoring_replayed_json
+                );
+                print!(
+                    "{}",
+                    tunenet_node::validator::format_replay(&now, &replayed)
+                );
             }
         }
         ConsoleCmd::Export { id, format } => {

@@ -226,6 +226,9 @@ fn full_job_scores_follow_loss_with_mean_one() {
         .max_by(|a, b| a.quality.total_cmp(&b.quality))
         .unwrap();
     assert_eq!(best.loss, Some(2.0));
+    // A replay under the formula in force gives the stored scores back exactly.
+    let (again, jobs) = crate::replay_scores(w.v.jobs(), &w.v.plan().scoring);
+    assert_eq!((again.as_slice(), jobs), (job.scores.as_slice(), 1));
 }
 
 #[test]
