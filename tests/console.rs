@@ -419,7 +419,7 @@ fn console_roles_specs_and_a_competition_that_survives_sigkill() {
     };
     std::fs::write(
         &spec,
-        "test = 1.0\nsynthetic = 0.0\npenalty_quality = 0.0\n",
+        "test = 1.0\nsynthetic = 0.0\npenalty_quality = 0.0\ntemperature = 2.0\n",
     )
     .unwrap();
     let r = replay(&viewer_tok);
@@ -433,8 +433,8 @@ fn console_roles_specs_and_a_competition_that_survives_sigkill() {
     std::fs::write(
         &spec,
         format!(
-            "test = {}\nsynthetic = {}\npenalty_quality = {}\n",
-            f["test"], f["synthetic"], f["penalty_quality"]
+            "test = {}\nsynthetic = {}\npenalty_quality = {}\ntemperature = {}\n",
+            f["test"], f["synthetic"], f["penalty_quality"], f["temperature"]
         ),
     )
     .unwrap();

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use tunenet_types::{
     Assignment, BlobId, Commitment, CompetitionId, Decision, DecisionReply, HparamBounds, Identity,
     IntegritySettings, JobId, JobKind, JobScore, Offer, Outcome, PeerIdStr, Receipt,
-    ScoringWeights, UnixMillis, UploadHeader, Verdict, commit_hash, qualities,
+    ScoringWeights, UnixMillis, UploadHeader, Verdict, commit_hash,
 };
 
 /// The most different commitments one miner may make to one job (each replaces the last;
@@ -1391,7 +1391,7 @@ pub fn score_slots(
             _ => None,
         })
         .collect();
-    let qs = qualities(&losses, weights.penalty_quality);
+    let qs = weights.qualities(&losses);
     slots
         .iter()
         .zip(losses.iter().zip(qs))

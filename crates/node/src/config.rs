@@ -438,6 +438,9 @@ impl CompetitionConfig {
         if self.max_artifact_mb == 0 {
             return fail("`max_artifact_mb` must be above 0".into());
         }
+        if let Err(why) = self.scoring.check() {
+            return fail(format!("[scoring]: {why}"));
+        }
         if let Err(e) = self.hardware.validate() {
             return fail(e);
         }

@@ -713,20 +713,10 @@ impl ConsoleService for Console {
         let proposed: tunenet_types::ScoringWeights = serde_json::from_str(&r.scoring_json)
             .map_err(|e| {
                 Status::invalid_argument(format!(
-                    "not a scoring formula ({e}); give test, synthetic and penalty_quality"
+                    "not a scoring formula ({e}); give test, synthetic, penalty_quality and temperature"
                 ))
             })?;
-        let ok_weight = |w: f64| w.is_finite() && w >= 0.0;
-        if !ok_weight(proposed.test)
-            || !ok_weight(proposed.synthetic)
-            || proposed.test + proposed.synthetic <= 0.0
-            || !ok_weight(proposed.penalty_quality)
-        {
-            return Err(Status::invalid_argument(format!(
-                "scoring weights must be finite and not negative, test + synthetic above 0: got test {}, synthetic {}, penalty_quality {}",
-                proposed.test, proposed.synthetic, proposed.penalty_quality
-            )));
-        }
+        proposed.check().map_err(Status::invalid_argument)?;
         let id = r.competition_id.clone();
         let weights = proposed.clone();
         let (now, replayed, jobs, current) = self

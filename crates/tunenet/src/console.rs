@@ -73,8 +73,9 @@ enum ConsoleCmd {
         /// Competition id.
         id: String,
         /// The proposed formula, a TOML file of scoring weights: `test`, `synthetic` (the
-        /// weights of the hidden test loss and the synthetic-set loss) and
-        /// `penalty_quality` (the quality of a missing or failed submission).
+        /// weights of the hidden test loss and the synthetic-set loss), `penalty_quality`
+        /// (the quality of a missing or failed submission) and `temperature` (quality is
+        /// exp(-loss / temperature)); fields left out keep their defaults.
         #[arg(long)]
         scoring: PathBuf,
     },

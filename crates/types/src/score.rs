@@ -15,6 +15,10 @@ pub struct ScoringWeights {
     pub synthetic: f64,
     /// Quality given to a submission that is missing or fails a check.
     pub penalty_quality: f64,
+    /// How sharply scored losses separate submissions: a submission's quality is
+    /// `exp(-loss / temperature)`, normalised to mean 1 within its job. 1 makes it the
+    /// inverse perplexity; above 1 flattens the differences, below 1 sharpens them.
+    pub temperature: f64,
 }
 
 impl Default for ScoringWeights {
@@ -23,11 +27,49 @@ impl Default for ScoringWeights {
             test: 0.5,
             synthetic: 0.5,
             penalty_quality: 0.0,
+            temperature: 1.0,
         }
     }
 }
 
 impl ScoringWeights {
+    /// Why these weights make no formula, if they do not: every weight finite and not
+    /// negative, `test + synthetic` above 0, `temperature` above 0.
+    pub fn check(&self) -> Result<(), String> {
+        let ok = |w: f64| w.is_finite() && w >= 0.0;
+        if !ok(self.test) || !ok(self.synthetic) || self.test + self.synthetic <= 0.0 {
+            return Err(format!(
+                "scoring weights `test` and `synthetic` must be finite and not negative, with a sum above 0: got {} and {}",
+                self.test, self.synthetic
+            ));
+        }
+        if !ok(self.penalty_quality) {
+            return Err(format!(
+                "`penalty_quality` must be finite and not negative, got {}",
+                self.penalty_quality
+            ));
+        }
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return Err(format!(
+                "`temperature` must be finite and above 0, got {}",
+                self.temperature
+            ));
+        }
+        Ok(())
+    }
+
+    /// The qualities of one job's scored losses under these weights (see [`qualities`]),
+    /// the losses divided by `temperature` first.
+    pub fn qualities(&self, losses: &[Option<f64>]) -> Vec<f64> {
+        let t = if self.temperature.is_finite() && self.temperature > 0.0 {
+            self.temperature
+        } else {
+            1.0
+        };
+        let scaled: Vec<Option<f64>> = losses.iter().map(|l| l.map(|v| v / t)).collect();
+        qualities(&scaled, self.penalty_quality)
+    }
+
     /// The scored loss: the weighted mean of the test and synthetic losses, or the test
     /// loss alone when there is no synthetic loss (or the weights make no mean).
     pub fn scored_loss(&self, test: f64, synthetic: Option<f64>) -> f64 {
@@ -252,6 +294,70 @@ mod tests {
             serde_json::from_str(r#"{"enabled":true,"sketch_dim":16}"#).unwrap();
         assert_eq!(old.leak_fail_z, IntegritySettings::default().leak_fail_z);
         assert!(serde_json::from_str::<IntegritySettings>(r#"{"bogus":1}"#).is_err());
+    }
+
+    /// Temperature 1 is the plain inverse perplexity; a higher one flattens the qualities
+    /// (still mean 1), a lower one sharpens them; weights that make no formula are refused
+    /// saying which; weights stored before `temperature` existed load with it at 1.
+    #[test]
+    fn temperature_scales_the_spread_of_qualities_and_bad_weights_are_refused() {
+        let losses = [Some(2.0), Some(2.5), None];
+        let w = ScoringWeights::default();
+        assert_eq!(w.qualities(&losses), qualities(&losses, 0.0));
+        let flat = ScoringWeights {
+            temperature: 4.0,
+            ..w.clone()
+        }
+        .qualities(&losses);
+        let sharp = ScoringWeights {
+            temperature: 0.25,
+            ..w.clone()
+        }
+        .qualities(&losses);
+        let spread = |q: &[f64]| q[0] / q[1];
+        let base = w.qualities(&losses);
+        assert!(spread(&flat) < spread(&base) && spread(&base) < spread(&sharp));
+        assert!(((flat[0] + flat[1]) / 2.0 - 1.0).abs() < 1e-12);
+        assert!((spread(&flat) - (0.5f64 / 4.0).exp()).abs() < 1e-12);
+        assert_eq!(flat[2], 0.0);
+        assert!(w.check().is_ok());
+        for (bad, says) in [
+            (
+                ScoringWeights {
+                    test: -1.0,
+                    ..w.clone()
+                },
+                "`test` and `synthetic`",
+            ),
+            (
+                ScoringWeights {
+                    test: 0.0,
+                    synthetic: 0.0,
+                    ..w.clone()
+                },
+                "sum above 0",
+            ),
+            (
+                ScoringWeights {
+                    penalty_quality: f64::NAN,
+                    ..w.clone()
+                },
+                "`penalty_quality`",
+            ),
+            (
+                ScoringWeights {
+                    temperature: 0.0,
+                    ..w.clone()
+                },
+                "`temperature`",
+            ),
+        ] {
+            let e = bad.check().unwrap_err();
+            assert!(e.contains(says), "{e}");
+        }
+        let old: ScoringWeights =
+            serde_json::from_str(r#"{"test":0.7,"synthetic":0.3,"penalty_quality":0.0}"#).unwrap();
+        assert_eq!(old.temperature, 1.0);
     }
 
     #[test]
