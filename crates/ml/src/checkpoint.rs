@@ -134,10 +134,7 @@ fn f32_slice<'a>(
     s: &'a candle_core::CpuStorage,
     l: &candle_core::Layout,
 ) -> candle_core::Result<&'a [f32]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("adamw: a strided tensor".into()))?;
-    Ok(&s.as_slice::<f32>()?[start..end])
+    crate::fused::contiguous(s, l, "adamw: a tensor")
 }
 
 /// The contiguous f32 slice of a tensor updated in place (`what` names it in errors).

@@ -34,14 +34,16 @@ pub(crate) fn nll_rows_composed(logits: &Tensor, targets: &Tensor) -> Result<Ten
     logp.gather(&targets.reshape((n, 1))?, 1)?.reshape(n)?.neg()
 }
 
-fn contiguous<'a, T: candle_core::WithDType>(
+/// The contiguous slice a CPU tensor's storage and layout describe; `what` names the
+/// op and the tensor in the error for a strided one.
+pub(crate) fn contiguous<'a, T: candle_core::WithDType>(
     s: &'a CpuStorage,
     l: &Layout,
     what: &str,
 ) -> Result<&'a [T]> {
     let (start, end) = l
         .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("cross-entropy: strided {what}")))?;
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what} is strided")))?;
     Ok(&s.as_slice::<T>()?[start..end])
 }
 
@@ -53,8 +55,8 @@ fn inputs<'a>(
     l2: &Layout,
 ) -> Result<(&'a [f32], &'a [u32], usize)> {
     let (n, v) = l1.shape().dims2()?;
-    let logits = contiguous::<f32>(s1, l1, "logits")?;
-    let targets = contiguous::<u32>(s2, l2, "targets")?;
+    let logits = contiguous::<f32>(s1, l1, "cross-entropy: the logits")?;
+    let targets = contiguous::<u32>(s2, l2, "cross-entropy: the targets")?;
     if targets.len() != n || v == 0 {
         candle_core::bail!(
             "cross-entropy: {} targets for {n} rows of {v} logits",
@@ -138,7 +140,7 @@ impl CustomOp3 for CrossEntropyGrad {
     ) -> Result<(CpuStorage, Shape)> {
         use rayon::prelude::*;
         let (logits, targets, v) = inputs(s1, l1, s2, l2)?;
-        let grad = contiguous::<f32>(s3, l3, "gradient")?;
+        let grad = contiguous::<f32>(s3, l3, "cross-entropy: the gradient")?;
         if grad.len() != targets.len() {
             candle_core::bail!(
                 "cross-entropy: a gradient of {} for {} rows",

@@ -658,6 +658,11 @@ pub fn leaderboard_of(engine: &ValidatorEngine) -> Leaderboard {
     lb
 }
 
+/// A figure to four decimals, or `-` where there is none.
+fn num(x: Option<f64>) -> String {
+    x.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into())
+}
+
 /// Prints a leaderboard as a table.
 pub fn format_leaderboard(lb: &Leaderboard) -> String {
     let inference = lb.kind == tunenet_types::JobKind::Inference;
@@ -678,7 +683,6 @@ pub fn format_leaderboard(lb: &Leaderboard) -> String {
             String::new()
         }
     );
-    let num = |x: Option<f64>| x.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into());
     for r in &lb.rows {
         // An inference job's scored loss is ln(seconds per item): its exp(-loss) is speed.
         let figure = if inference {
@@ -724,7 +728,6 @@ pub fn format_replay(now: &Leaderboard, proposed: &Leaderboard) -> String {
         "loss now",
         "proposed"
     );
-    let num = |x: Option<f64>| x.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into());
     let mut moved = 0;
     for p in &proposed.rows {
         let n = now.rows.iter().find(|r| r.miner == p.miner);
