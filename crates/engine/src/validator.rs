@@ -181,6 +181,13 @@ pub enum SubmissionState {
         /// The integrity checks' verdicts, when the failure is theirs.
         #[serde(default)]
         verdicts: Vec<Verdict>,
+        /// The artifact, when one was revealed and stored: a failed submission is still
+        /// the original that a later copy of it is named against.
+        #[serde(default)]
+        artifact: Option<BlobId>,
+        /// Its delta sketch, when it was evaluated, for the same reason.
+        #[serde(default)]
+        sketch: Vec<f32>,
     },
 }
 
@@ -689,6 +696,8 @@ impl ValidatorEngine {
                     slot.submission = SubmissionState::Failed {
                         verdicts: vec![],
                         reason: format!("assignment could not be delivered: {e}"),
+                        artifact: None,
+                        sketch: vec![],
                     };
                     fx.push(ValidatorEffect::Event(format!(
                         "job {job_id}: assignment to {miner} failed: {e}"
@@ -728,6 +737,8 @@ impl ValidatorEngine {
                             SubmissionState::Failed {
                                 reason,
                                 verdicts: ev.verdicts,
+                                artifact: Some(artifact),
+                                sketch: ev.sketch,
                             }
                         }
                         Ok(Evaluation {
@@ -761,10 +772,14 @@ impl ValidatorEngine {
                         Ok(ev) => SubmissionState::Failed {
                             verdicts: ev.verdicts,
                             reason: format!("evaluation gave no finite loss ({:?})", ev.test_loss),
+                            artifact: Some(artifact),
+                            sketch: ev.sketch,
                         },
                         Err(e) => SubmissionState::Failed {
                             verdicts: vec![],
                             reason: format!("artifact could not be evaluated: {e}"),
+                            artifact: Some(artifact),
+                            sketch: vec![],
                         },
                     };
                     fx.push(ValidatorEffect::Persist(Box::new(job.clone())));
@@ -1245,6 +1260,8 @@ impl ValidatorEngine {
                         slot.submission = SubmissionState::Failed {
                             verdicts: vec![],
                             reason: "no commitment before the deadline".into(),
+                            artifact: None,
+                            sketch: vec![],
                         };
                         fx.push(ValidatorEffect::Event(format!(
                             "job {id}: {miner} did not commit in time"
@@ -1272,6 +1289,8 @@ impl ValidatorEngine {
                             slot.submission = SubmissionState::Failed {
                                 verdicts: vec![],
                                 reason: "artifact not revealed within the reveal window".into(),
+                                artifact: None,
+                                sketch: vec![],
                             };
                         }
                     }
@@ -1333,20 +1352,35 @@ impl ValidatorEngine {
                         )));
                     }
                     match (&mut slot.submission, v.outcome) {
-                        (SubmissionState::Evaluated { verdicts, .. }, Outcome::Fail) => {
+                        (
+                            SubmissionState::Evaluated {
+                                verdicts,
+                                artifact,
+                                sketch,
+                                ..
+                            },
+                            Outcome::Fail,
+                        ) => {
                             let mut all = std::mem::take(verdicts);
                             all.push(v);
                             let reason = failed_reasons(&all);
                             slot.submission = SubmissionState::Failed {
                                 reason,
                                 verdicts: all,
+                                artifact: Some(*artifact),
+                                sketch: std::mem::take(sketch),
                             };
                         }
                         (SubmissionState::Evaluated { verdicts, .. }, _) => verdicts.push(v),
                         // Already failed by an earlier finding of this job: every further
                         // finding is kept too (a copy of two earlier submissions names
                         // both), and the reason lists them all.
-                        (SubmissionState::Failed { verdicts, reason }, _) => {
+                        (
+                            SubmissionState::Failed {
+                                verdicts, reason, ..
+                            },
+                            _,
+                        ) => {
                             verdicts.push(v);
                             if verdicts.iter().any(|x| x.outcome == Outcome::Fail) {
                                 *reason = failed_reasons(verdicts);
@@ -1717,35 +1751,42 @@ fn duplicate_findings(
             m
         });
         for (m, slot) in &j.slots {
-            if let SubmissionState::Evaluated {
-                artifact, sketch, ..
-            } = &slot.submission
-            {
-                let received = slot
-                    .receipt
-                    .as_ref()
-                    .map(|r| r.received_at_ms)
-                    .unwrap_or(u64::MAX);
-                let residual = match &mean {
-                    Some(mean) if mean.len() == sketch.len() => {
-                        sketch.iter().zip(mean).map(|(a, b)| a - b).collect()
-                    }
-                    _ => sketch.clone(),
-                };
-                let norm = sketch
-                    .iter()
-                    .map(|x| (*x as f64) * (*x as f64))
-                    .sum::<f64>()
-                    .sqrt();
-                all.push(Sub {
-                    job: &j.plan.job_id,
-                    miner: m,
-                    artifact: *artifact,
-                    received,
-                    sketch: residual,
-                    norm,
-                });
-            }
+            // Failed submissions count too: a copy of one that failed is no less a copy.
+            let (artifact, sketch) = match &slot.submission {
+                SubmissionState::Evaluated {
+                    artifact, sketch, ..
+                } => (artifact, sketch),
+                SubmissionState::Failed {
+                    artifact: Some(artifact),
+                    sketch,
+                    ..
+                } => (artifact, sketch),
+                _ => continue,
+            };
+            let received = slot
+                .receipt
+                .as_ref()
+                .map(|r| r.received_at_ms)
+                .unwrap_or(u64::MAX);
+            let residual = match &mean {
+                Some(mean) if mean.len() == sketch.len() => {
+                    sketch.iter().zip(mean).map(|(a, b)| a - b).collect()
+                }
+                _ => sketch.clone(),
+            };
+            let norm = sketch
+                .iter()
+                .map(|x| (*x as f64) * (*x as f64))
+                .sum::<f64>()
+                .sqrt();
+            all.push(Sub {
+                job: &j.plan.job_id,
+                miner: m,
+                artifact: *artifact,
+                received,
+                sketch: residual,
+                norm,
+            });
         }
     }
     let mut out = Vec::new();

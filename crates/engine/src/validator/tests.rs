@@ -932,6 +932,59 @@ fn failed_integrity_checks_give_the_penalty_with_the_reason() {
 }
 
 #[test]
+fn a_copy_of_a_failed_submission_is_still_named_a_copy() {
+    let mut w = World::new(3, 1);
+    // Miner 0's artifact fails its own checks; miner 1 reveals the same bytes later.
+    let hs = reveal_all(&mut w, &[b"same", b"same", b"honest"]);
+    let bad = Verdict {
+        check: "fine_tuned".into(),
+        outcome: Outcome::Fail,
+        value: None,
+        threshold: None,
+        reason: "the artifact equals the base model".into(),
+    };
+    w.v.handle(
+        ValidatorInput::Evaluated {
+            job_id: job0(),
+            miner: hs[0].miner.clone(),
+            result: Ok(Evaluation {
+                test_loss: Some(2.0),
+                verdicts: vec![bad],
+                sketch: vec![1.0, 0.0],
+                ..Default::default()
+            }),
+        },
+        w.now,
+        &mut w.rng,
+    );
+    for (i, sketch) in [(1, vec![1.0, 0.0]), (2, vec![0.0, 1.0])] {
+        w.v.handle(
+            ValidatorInput::Evaluated {
+                job_id: job0(),
+                miner: hs[i].miner.clone(),
+                result: eval(2.0, sketch),
+            },
+            w.now,
+            &mut w.rng,
+        );
+    }
+    let original = match &w.v.job(&job0()).unwrap().slots[&hs[0].miner].submission {
+        SubmissionState::Failed { artifact, .. } => *artifact,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(original, Some(hs[0].artifact), "the failed artifact is kept");
+    let copy = score_of(&w, &hs[1].miner);
+    let dup = copy
+        .verdicts
+        .iter()
+        .find(|v| v.check == "exact_duplicate")
+        .unwrap_or_else(|| panic!("{copy:?}"));
+    assert_eq!(dup.outcome, Outcome::Fail);
+    assert!(dup.reason.contains(&hs[0].miner.0), "{}", dup.reason);
+    assert!(score_of(&w, &hs[2].miner).penalty_reason.is_none());
+}
+
+#[test]
 fn runs_that_point_the_same_way_but_differ_in_size_are_not_near_duplicates() {
     let mut w = World::new(2, 1);
     let hs = reveal_all(&mut w, &[b"short run", b"longer run"]);
