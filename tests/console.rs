@@ -316,6 +316,11 @@ fn console_roles_specs_and_a_competition_that_survives_sigkill() {
         log: feed_log.clone(),
     };
     std::thread::sleep(Duration::from_millis(500));
+    let none = c.ok(&admin, &["receipts", "live"]);
+    assert!(
+        none.contains("0 evaluation receipts") && none.contains("withheld"),
+        "{none}"
+    );
     c.ok(&op_tok, &["competition", "start", "live"]);
 
     // SIGKILL the validator while job 0 is running, then restart it.
@@ -463,6 +468,106 @@ fn console_roles_specs_and_a_competition_that_survives_sigkill() {
     let after: serde_json::Value =
         serde_json::from_str(&c.ok(&miner_tok, &["--json", "leaderboard", "live"])).unwrap();
     assert_eq!(after, lb, "a replay changes nothing");
+
+    // Evaluation receipts: every revealed submission's, signed by the validator. A miner
+    // token reads its own; the competition has finished, so they carry their per-record
+    // losses and `tunenet verify-receipt` recomputes them from the artifact, the base model
+    // and the hidden sets, now published.
+    let scored_slot = detail["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|j| j["slots"].as_object().unwrap().iter())
+        .find(|(_, s)| s["submission"].get("Evaluated").is_some())
+        .map(|(m, _)| m.clone())
+        .expect("a scored submission");
+    let own_tok = c.token(&admin, "miner", &["--miner-peer-id", &scored_slot]);
+    let rfile = root.join("receipts.json");
+    let table = c.ok(
+        &own_tok,
+        &["receipts", "live", "--out", rfile.to_str().unwrap()],
+    );
+    assert!(
+        table.contains("is finished") && table.contains("valid"),
+        "{table}"
+    );
+    c.refused(
+        Some(&own_tok),
+        &["receipts", "live", "--miner", miner_peer],
+        &["its own receipts only"],
+    );
+    let receipts: Vec<tunenet_types::EvaluationReceipt> =
+        serde_json::from_str(&std::fs::read_to_string(&rfile).unwrap()).unwrap();
+    assert!(receipts.iter().all(|r| r.miner.0 == scored_slot));
+    let r = receipts
+        .iter()
+        .find(|r| r.test_records > 0)
+        .expect("a receipt with losses");
+    r.verify().unwrap();
+    assert_eq!(r.losses.len() as u64, r.test_records + r.synthetic_records);
+    let all = c.ok(&admin, &["--json", "receipts", "live"]);
+    let all: Vec<tunenet_types::EvaluationReceipt> = serde_json::from_str(&all).unwrap();
+    let revealed = detail["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|j| j["slots"].as_object().unwrap().values())
+        .filter(|s| {
+            s["submission"].get("Evaluated").is_some()
+                || s["submission"]["Failed"]["artifact"].is_string()
+        })
+        .count();
+    assert_eq!(
+        all.len(),
+        revealed,
+        "one receipt per revealed submission: {all:?}"
+    );
+    // The artifact as the miner kept it: any file under the test's root with its blake3.
+    fn find(dir: &Path, id: &tunenet_types::BlobId) -> Option<std::path::PathBuf> {
+        for e in std::fs::read_dir(dir).ok()?.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                if let Some(f) = find(&p, id) {
+                    return Some(f);
+                }
+            } else if std::fs::read(&p).is_ok_and(|b| tunenet_types::BlobId::of(&b) == *id) {
+                return Some(p);
+            }
+        }
+        None
+    }
+    let artifact = find(root, &r.artifact).expect("the artifact on disk");
+    let verify = |file: &Path| {
+        Command::new(BIN)
+            .args(["verify-receipt", file.to_str().unwrap(), "--job"])
+            .arg(r.job_id.as_str())
+            .args(["--base", model.to_str().unwrap(), "--artifact"])
+            .arg(&artifact)
+            .args(["--validator", &c.url])
+            .output()
+            .unwrap()
+    };
+    let out = verify(&rfile);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.contains("the receipt holds"),
+        "{said}"
+    );
+    // A loss changed after signing is caught.
+    let mut t = r.clone();
+    t.losses[0] = t.losses[0].map(|l| l + 0.5);
+    let tfile = root.join("tampered.json");
+    std::fs::write(&tfile, serde_json::to_string(&t).unwrap()).unwrap();
+    let out = verify(&tfile);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("signed root"),
+        "{said}"
+    );
 
     // The audit log, the feed's history in CSV, and the metrics endpoint.
     let audit = c.ok(&admin, &["audit"]);

@@ -241,6 +241,9 @@ pub struct JobState {
     /// seen the test split, against which the leakage test screens its references.
     #[serde(default)]
     pub base_records: Option<BaseRecords>,
+    /// The job's synthetic set as stored (JSON lines), once evaluation made it.
+    #[serde(default)]
+    pub synthetic_set: Option<BlobId>,
 }
 
 /// The base model's per-record mean token losses on a job's test and synthetic sets, in each set's
@@ -356,6 +359,9 @@ pub struct Evaluation {
     /// The base model's per-record losses on the same sets (None: not measured), kept
     /// once per job for the leakage test.
     pub base_records: Option<BaseRecords>,
+    /// The job's synthetic set as stored (JSON lines), when it has one: named in the
+    /// evaluation receipts and published when the competition ends.
+    pub synthetic_set: Option<BlobId>,
 }
 
 pub enum ValidatorInput {
@@ -479,6 +485,7 @@ impl ValidatorEngine {
                 retries: BTreeMap::new(),
                 settled_at: None,
                 base_records: None,
+                synthetic_set: None,
             });
             order.push(p.job_id.clone());
             jobs.insert(p.job_id.clone(), st);
@@ -723,6 +730,14 @@ impl ValidatorEngine {
                     && base.test.len() == result.as_ref().map_or(0, |e| e.test_records.len())
                 {
                     job.base_records = Some(base.clone());
+                }
+                if let Some(job) = self.jobs.get_mut(&job_id)
+                    && let Ok(Evaluation {
+                        synthetic_set: Some(set),
+                        ..
+                    }) = &result
+                {
+                    job.synthetic_set = Some(*set);
                 }
                 if let Some(job) = self.jobs.get_mut(&job_id)
                     && let Some(slot) = job.slots.get_mut(&miner)

@@ -744,6 +744,52 @@ impl ConsoleService for Console {
         }))
     }
 
+    async fn receipts(
+        &self,
+        req: Request<pb::ReceiptRequest>,
+    ) -> Result<Response<pb::ReceiptList>, Status> {
+        let who = self.check(&req, Action::Leaderboard, "read evaluation receipts")?;
+        let r = req.into_inner();
+        // A miner token sees its own receipts only; a role that reads everything sees any.
+        let miner = if who.role.allows(Action::Read) {
+            (!r.miner.is_empty()).then_some(r.miner)
+        } else {
+            let me = who.miner_peer_id.clone().ok_or_else(|| {
+                Status::failed_precondition(
+                    "this token names no miner; issue a miner token with --miner-peer-id",
+                )
+            })?;
+            if !r.miner.is_empty() && r.miner != me {
+                return Err(Status::permission_denied(
+                    "a miner token reads its own receipts only",
+                ));
+            }
+            Some(me)
+        };
+        let id = r.competition_id.clone();
+        let job = (!r.job_id.is_empty()).then_some(r.job_id);
+        let (mut receipts, published) = self
+            .shared
+            .with(move |v: &mut Validator| {
+                let finished = v.comp(&id)?.engine.is_finished();
+                let rs =
+                    crate::receipts::load(v.store.as_ref(), &id, job.as_deref(), miner.as_deref())
+                        .map_err(internal)?;
+                Ok((rs, finished))
+            })
+            .await?;
+        if !published {
+            // Per-record losses on hidden records stay hidden with them until the end.
+            for r in &mut receipts {
+                r.losses.clear();
+            }
+        }
+        Ok(Response::new(pb::ReceiptList {
+            receipts_json: serde_json::to_string_pretty(&receipts).map_err(internal)?,
+            published,
+        }))
+    }
+
     async fn export(
         &self,
         req: Request<pb::ExportRequest>,

@@ -1203,6 +1203,16 @@ impl Validator {
                     if let Err(e) = self.store.put_json(trees::SCORES, &key, &scores) {
                         tracing::error!(%job_id, error = %e, "could not store scores");
                     }
+                    // A signed receipt per revealed submission: what it was scored on and
+                    // how, for its miner to check once the hidden sets are published.
+                    let c = &self.comps[comp];
+                    if let Some(job) = c.engine.job(&job_id) {
+                        let signed =
+                            crate::receipts::sign_job(&self.identity, &c.record, job, now_ms());
+                        if let Err(e) = crate::receipts::store(self.store.as_ref(), &signed) {
+                            tracing::error!(%job_id, error = %e, "could not store evaluation receipts");
+                        }
+                    }
                     let _ = self.store.flush();
                     for s in &scores {
                         let verdict = if s.penalty_reason.is_some() {
@@ -1234,6 +1244,14 @@ impl Validator {
                 ValidatorEffect::CompetitionFinished(id) => {
                     tracing::info!(competition = %id, "competition finished");
                     self.emit(&cid, "", "competition finished".into());
+                    let n = self.publish_hidden_sets(comp);
+                    if n > 0 {
+                        self.emit(
+                            &cid,
+                            "",
+                            format!("{n} hidden sets published (test split, synthetic sets): miners can check their receipts with `tunenet verify-receipt`"),
+                        );
+                    }
                 }
                 ValidatorEffect::Event(s) => {
                     tracing::info!(competition = %cid, "{s}");
@@ -1259,6 +1277,36 @@ impl Validator {
             unstored.get_or_insert(e.to_string());
         }
         unstored.map_or(Ok(()), Err)
+    }
+
+    /// Once competition `comp` is finished, its test split and its jobs' synthetic sets
+    /// are served to anyone, so that miners can recompute their receipts; a blob another
+    /// competition still running holds hidden (the same split) stays private. Returns how
+    /// many blobs were published.
+    fn publish_hidden_sets(&self, comp: usize) -> usize {
+        let c = &self.comps[comp];
+        if !c.engine.is_finished() {
+            return 0;
+        }
+        let still_hidden: HashSet<BlobId> = self
+            .comps
+            .iter()
+            .filter(|o| !o.engine.is_finished())
+            .flat_map(|o| {
+                [Some(o.record.test_blob), o.record.control_blob]
+                    .into_iter()
+                    .flatten()
+                    .chain(o.engine.jobs().filter_map(|j| j.synthetic_set))
+            })
+            .collect();
+        let sets: Vec<BlobId> = std::iter::once(c.record.test_blob)
+            .chain(c.engine.jobs().filter_map(|j| j.synthetic_set))
+            .filter(|b| !still_hidden.contains(b))
+            .collect();
+        match self.shared.public.write() {
+            Ok(mut p) => sets.into_iter().filter(|b| p.insert(*b)).count(),
+            Err(_) => 0,
+        }
     }
 
     /// Makes `job`'s record durable now if an earlier save of it failed (see
@@ -2023,6 +2071,7 @@ pub fn evaluate_submission(
                 .map(<[_]>::to_vec)
                 .unwrap_or_default(),
             base_records: sets.base_scored.clone(),
+            synthetic_set: None,
         },
         checks,
     ))
@@ -2046,6 +2095,8 @@ fn spawn_evaluator(
             let mut tests: BTreeMap<BlobId, Vec<tunenet_ml::Record>> = BTreeMap::new();
             // Per job: its sets and the base losses found so far (at most 8 jobs kept).
             let mut jobs: BTreeMap<JobId, (Option<u64>, JobSets)> = BTreeMap::new();
+            // Per job: its synthetic set's blob, stored once made (receipts name it).
+            let mut synthetic_blobs: BTreeMap<JobId, BlobId> = BTreeMap::new();
             while let Ok(req) = erx.recv() {
                 let result = (|| -> Result<Evaluation, String> {
                     let model = match models.get(&req.model) {
@@ -2084,10 +2135,19 @@ fn spawn_evaluator(
                         jobs.remove(&req.job_id);
                     }
                     if !jobs.contains_key(&req.job_id) {
+                        synthetic_blobs.remove(&req.job_id);
                         let synthetic = match &req.synthetic {
                             Some(s) => {
                                 let t0 = std::time::Instant::now();
                                 let set = synthetic_set(s, test, &model, &devices[0], req.max_seq_len)?;
+                                // Stored, so that a receipt can name it and it can be
+                                // published when the competition ends.
+                                match blobs.put(&tunenet_ml::to_jsonl(&set)) {
+                                    Ok(id) => {
+                                        synthetic_blobs.insert(req.job_id.clone(), id);
+                                    }
+                                    Err(e) => tracing::warn!(job_id = %req.job_id, error = %e, "could not store the synthetic set"),
+                                }
                                 tracing::info!(competition = %req.comp, job_id = %req.job_id, generator = %s.generator, records = set.len(), secs = t0.elapsed().as_secs_f64(), "synthetic set made");
                                 Some(set)
                             }
@@ -2097,8 +2157,10 @@ fn spawn_evaluator(
                             Some(b) => tunenet_ml::parse_jsonl(&blobs.get(&b).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?,
                             None => vec![],
                         };
-                        while jobs.len() >= 8 {
-                            jobs.pop_first();
+                        while let Some((old, _)) = (jobs.len() >= 8).then(|| jobs.pop_first()).flatten() {
+                            if old != req.job_id {
+                                synthetic_blobs.remove(&old);
+                            }
                         }
                         jobs.insert(req.job_id.clone(), (seed, JobSets {
                             test: test.clone(),
@@ -2115,7 +2177,10 @@ fn spawn_evaluator(
                     let path = blobs.path(&req.artifact);
                     let t0 = std::time::Instant::now();
                     let binding = req.nonce.as_ref().map(|nonce| Binding { nonce, job: &req.job_id, miner: &req.miner });
-                    let (ev, checks) = evaluate_submission(&model, &path, sets, binding, &req.bounds, &req.integrity, req.max_seq_len, &devices)?;
+                    let (mut ev, checks) = evaluate_submission(&model, &path, sets, binding, &req.bounds, &req.integrity, req.max_seq_len, &devices)?;
+                    if sets.synthetic.is_some() {
+                        ev.synthetic_set = synthetic_blobs.get(&req.job_id).copied();
+                    }
                     metrics::histogram!("tunenet_evaluation_seconds").record(t0.elapsed().as_secs_f64());
                     metrics::histogram!("tunenet_integrity_seconds").record(checks);
                     tracing::info!(competition = %req.comp, job_id = %req.job_id, miner = %req.miner, loss = ?ev.test_loss, synthetic_loss = ?ev.synthetic_loss, secs = t0.elapsed().as_secs_f64(), check_secs = checks, "evaluated");

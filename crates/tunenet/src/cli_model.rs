@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
@@ -657,5 +657,145 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         "mean token loss {:.4} over {} tokens in {} records ({:.1} s)",
         r.mean_loss, r.tokens, r.records, r.seconds
     );
+    Ok(())
+}
+
+/// `tunenet verify-receipt`: checks a validator's evaluation receipt and recomputes its
+/// per-record losses from the artifact, the base model and the published sets.
+#[derive(clap::Args)]
+pub struct VerifyReceiptArgs {
+    /// The receipt: a JSON file with one receipt, or the array `tunenet console receipts
+    /// --out` writes (then `--job` picks one when it holds several).
+    receipt: PathBuf,
+    /// The job whose receipt to check, when the file holds several.
+    #[arg(long)]
+    job: Option<String>,
+    /// The base model's directory (Hugging Face layout), as the job named it.
+    #[arg(long)]
+    base: PathBuf,
+    /// The artifact that was submitted (its blake3 must be the receipt's).
+    #[arg(long)]
+    artifact: PathBuf,
+    /// The published test split (JSON lines); default: downloaded from --validator by the
+    /// id the receipt names.
+    #[arg(long)]
+    test: Option<PathBuf>,
+    /// The published synthetic set, likewise.
+    #[arg(long)]
+    synthetic: Option<PathBuf>,
+    /// The validator's gRPC URL, to download the published sets from.
+    #[arg(long, env = "TUNENET_VALIDATOR")]
+    validator: Option<String>,
+    /// Largest difference per record (mean nats per token) that still agrees.
+    #[arg(long, default_value_t = tunenet_node::receipts::DEFAULT_TOLERANCE)]
+    tolerance: f64,
+    /// `cpu` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Reads a set from `path`, or downloads blob `id` from the validator.
+fn published_set(
+    path: Option<&Path>,
+    id: tunenet_types::BlobId,
+    validator: Option<&str>,
+    what: &str,
+) -> anyhow::Result<Vec<u8>> {
+    if let Some(p) = path {
+        return std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+    }
+    let Some(url) = validator else {
+        anyhow::bail!(
+            "give the {what} (--{what}) or the validator to download it from (--validator)"
+        );
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let bytes = rt
+        .block_on(async {
+            let mut c = tunenet_rpc::ValidatorClient::connect(url).await?;
+            let mut buf = Vec::new();
+            c.download(id, 0, 1 << 30, &mut |b: &[u8]| {
+                buf.extend_from_slice(b);
+                Ok(())
+            })
+            .await?;
+            Ok::<_, tunenet_rpc::RpcError>(buf)
+        })
+        .with_context(|| {
+            format!("cannot download the {what} {id} from {url} (is the competition finished?)")
+        })?;
+    anyhow::ensure!(
+        tunenet_types::BlobId::of(&bytes) == id,
+        "the validator sent a {what} whose blake3 is not {id}"
+    );
+    Ok(bytes)
+}
+
+pub fn verify_receipt(a: VerifyReceiptArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&a.receipt)
+        .with_context(|| format!("cannot read {}", a.receipt.display()))?;
+    let all: Vec<tunenet_types::EvaluationReceipt> = match serde_json::from_str(&text) {
+        Ok(one) => vec![one],
+        Err(_) => serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{}: not an evaluation receipt or a list of them",
+                a.receipt.display()
+            )
+        })?,
+    };
+    let mut picked: Vec<_> = all
+        .into_iter()
+        .filter(|r| a.job.as_deref().is_none_or(|j| r.job_id.as_str() == j))
+        .collect();
+    let receipt = match picked.len() {
+        1 => picked.remove(0),
+        0 => anyhow::bail!("{}: no receipt for that job", a.receipt.display()),
+        n => anyhow::bail!(
+            "{} holds {n} receipts: pick one with --job",
+            a.receipt.display()
+        ),
+    };
+    let test = published_set(
+        a.test.as_deref(),
+        receipt.test_split,
+        a.validator.as_deref(),
+        "test",
+    )?;
+    let synthetic = match receipt.synthetic_set {
+        Some(id) => Some(published_set(
+            a.synthetic.as_deref(),
+            id,
+            a.validator.as_deref(),
+            "synthetic",
+        )?),
+        None => None,
+    };
+    let base = tunenet_ml::ModelDir::open(&a.base)?;
+    let device = tunenet_ml::parse_device(&a.device)?;
+    let v = tunenet_node::receipts::verify(
+        &receipt,
+        &base,
+        &a.artifact,
+        &test,
+        synthetic.as_deref(),
+        &[device],
+        a.tolerance,
+    )
+    .map_err(|e| anyhow::anyhow!("receipt for job {} does not hold: {e}", receipt.job_id))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "job {} miner {} validator {}: signature ok, per-record losses match the signed root",
+            receipt.job_id, receipt.miner, receipt.validator
+        );
+        println!("{}", v.summary());
+    }
+    anyhow::ensure!(v.agrees(), "the recomputation disagrees with the receipt");
     Ok(())
 }

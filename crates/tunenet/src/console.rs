@@ -79,6 +79,21 @@ enum ConsoleCmd {
         #[arg(long)]
         scoring: PathBuf,
     },
+    /// Signed evaluation receipts (a miner token gets its own). Once the competition has
+    /// finished they carry per-record losses, and `tunenet verify-receipt` recomputes them.
+    Receipts {
+        /// Competition id.
+        id: String,
+        /// Only this job.
+        #[arg(long, default_value = "")]
+        job: String,
+        /// Only this miner (a miner token: its own).
+        #[arg(long, default_value = "")]
+        miner: String,
+        /// Write the receipts (a JSON array) to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Export a competition's scores.
     Export {
         /// Competition id.
@@ -780,6 +795,36 @@ async fn run_async(a: ConsoleArgs) -> Result<()> {
                     "{}",
                     tunenet_node::validator::format_replay(&now, &replayed)
                 );
+            }
+        }
+        ConsoleCmd::Receipts {
+            id,
+            job,
+            miner,
+            out,
+        } => {
+            let r = call!(c.receipts(pb::ReceiptRequest {
+                competition_id: id.clone(),
+                job_id: job,
+                miner,
+            }));
+            let receipts: Vec<tunenet_types::EvaluationReceipt> =
+                serde_json::from_str(&r.receipts_json)
+                    .map_err(|e| anyhow::anyhow!("bad receipts from the validator: {e}"))?;
+            if let Some(path) = &out {
+                std::fs::write(path, &r.receipts_json)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            if json {
+                println!("{}", r.receipts_json);
+            } else {
+                print!(
+                    "{}",
+                    tunenet_node::receipts::format_receipts(&id, &receipts, r.published)
+                );
+                if let Some(path) = &out {
+                    println!("written to {}", path.display());
+                }
             }
         }
         ConsoleCmd::Export { id, format } => {

@@ -123,6 +123,10 @@ enum Cmd {
     Train(cli_model::TrainArgs),
     /// Evaluate a model (optionally with an artifact) on a dataset.
     Eval(cli_model::EvalArgs),
+    /// Check a validator's signed evaluation receipt: its signature, its per-record losses
+    /// against the signed Merkle root, and those losses recomputed from the artifact, the
+    /// base model and the sets published when the competition finished.
+    VerifyReceipt(cli_model::VerifyReceiptArgs),
     /// Join the p2p network briefly and list the peers seen, with their miner adverts.
     Peers {
         /// Peers to join through, each ending in /p2p/<peer id> (repeatable).
@@ -459,6 +463,7 @@ fn run(cmd: Cmd) -> Result<()> {
         Cmd::Dataset { cmd } => cli_model::dataset(cmd)?,
         Cmd::Train(a) => cli_model::train(a)?,
         Cmd::Eval(a) => cli_model::eval(a)?,
+        Cmd::VerifyReceipt(a) => cli_model::verify_receipt(a)?,
         Cmd::Demo(a) => demo::run(a)?,
         Cmd::Chaos {
             seed,

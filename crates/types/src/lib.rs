@@ -6,6 +6,7 @@ pub mod identity;
 pub mod ids;
 pub mod job;
 pub mod model;
+pub mod receipt;
 pub mod score;
 pub mod stats;
 pub mod time;
@@ -14,5 +15,9 @@ pub use identity::{Identity, SignatureError, verify_signature};
 pub use ids::{BlobId, CompetitionId, IdError, JobId, PeerIdStr};
 pub use job::*;
 pub use model::{ManifestError, ModelFile, ModelManifest};
+pub use receipt::{
+    EvaluationReceipt, LossComparison, ReceiptError, compare_losses, loss_proof, losses_root,
+    verify_loss,
+};
 pub use score::*;
 pub use time::UnixMillis;

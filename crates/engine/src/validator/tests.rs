@@ -972,7 +972,11 @@ fn a_copy_of_a_failed_submission_is_still_named_a_copy() {
         SubmissionState::Failed { artifact, .. } => *artifact,
         other => panic!("{other:?}"),
     };
-    assert_eq!(original, Some(hs[0].artifact), "the failed artifact is kept");
+    assert_eq!(
+        original,
+        Some(hs[0].artifact),
+        "the failed artifact is kept"
+    );
     let copy = score_of(&w, &hs[1].miner);
     let dup = copy
         .verdicts
