@@ -557,6 +557,98 @@ fn console_roles_specs_and_a_competition_that_survives_sigkill() {
         out.status.success() && said.contains("the receipt holds"),
         "{said}"
     );
+    // A dispute round trip: the miner files its own recomputation; the admin sees both
+    // computations side by side; a receipt is disputed once; only its miner may.
+    let mine = Command::new(BIN)
+        .args(["verify-receipt", rfile.to_str().unwrap(), "--json", "--job"])
+        .arg(r.job_id.as_str())
+        .args(["--base", model.to_str().unwrap(), "--artifact"])
+        .arg(&artifact)
+        .args(["--validator", &c.url])
+        .output()
+        .unwrap();
+    assert!(mine.status.success());
+    let mine_file = root.join("mine.json");
+    std::fs::write(&mine_file, &mine.stdout).unwrap();
+    let dispute = |tok: &str| {
+        c.run(
+            Some(tok),
+            &[
+                "dispute",
+                "live",
+                r.job_id.as_str(),
+                "--recomputed",
+                mine_file.to_str().unwrap(),
+                "--reason",
+                "my loss looks high",
+            ],
+        )
+    };
+    let filed = dispute(&own_tok);
+    let said = String::from_utf8_lossy(&filed.stdout);
+    assert!(
+        filed.status.success() && said.contains("the two computations agree"),
+        "{said}{}",
+        String::from_utf8_lossy(&filed.stderr)
+    );
+    let seen = c.ok(&admin, &["disputes", "live"]);
+    assert!(
+        seen.contains("1 disputes")
+            && seen.contains("my loss looks high")
+            && seen.contains(&format!("validator {:.4}", r.test_loss.unwrap())),
+        "{seen}"
+    );
+    c.refused(
+        Some(&own_tok),
+        &[
+            "dispute",
+            "live",
+            r.job_id.as_str(),
+            "--recomputed",
+            mine_file.to_str().unwrap(),
+        ],
+        &["already disputed"],
+    );
+    c.refused(
+        Some(&miner_tok),
+        &[
+            "dispute",
+            "live",
+            r.job_id.as_str(),
+            "--recomputed",
+            mine_file.to_str().unwrap(),
+        ],
+        &["no evaluation receipt for miner"],
+    );
+    c.refused(
+        Some(&viewer_tok),
+        &[
+            "dispute",
+            "live",
+            r.job_id.as_str(),
+            "--recomputed",
+            mine_file.to_str().unwrap(),
+        ],
+        &["may not"],
+    );
+
+    // The published split is not reused: a new competition that would draw the same
+    // hidden records is refused.
+    write_spec("", &data, &model);
+    let again = root.join("comp.toml");
+    std::fs::write(
+        &again,
+        std::fs::read_to_string(&again)
+            .unwrap()
+            .replace("id = \"live\"", "id = \"again\""),
+    )
+    .unwrap();
+    c.refused(
+        Some(&op_tok),
+        &["competition", "create", again.to_str().unwrap()],
+        &["published for its receipts", "seed"],
+    );
+
     // A loss changed after signing is caught.
     let mut t = r.clone();
     t.losses[0] = t.losses[0].map(|l| l + 0.5);

@@ -267,6 +267,10 @@ pub struct CompetitionConfig {
     /// Seconds after the deadline in which artifacts may be revealed.
     #[serde(default = "d_reveal")]
     pub reveal_window_secs: u64,
+    /// Seconds after the competition finishes in which a miner may dispute its
+    /// evaluation receipt (`tunenet console dispute`).
+    #[serde(default = "d_dispute")]
+    pub dispute_window_secs: u64,
     /// Seconds to wait for decisions on an offer.
     #[serde(default = "d_offer")]
     pub offer_timeout_secs: u64,
@@ -390,6 +394,9 @@ fn d_test() -> f64 {
 }
 fn d_reveal() -> u64 {
     60
+}
+fn d_dispute() -> u64 {
+    7 * 24 * 3600
 }
 fn d_offer() -> u64 {
     10

@@ -263,6 +263,16 @@ impl ConsoleService for Console {
         .map_err(internal)?
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
         record.state = CompState::Created;
+        // A finished competition's test split is published for its receipts: a new one
+        // drawing the same split would be scored on records miners already hold.
+        let published = self.shared.public.read().is_ok_and(|p| {
+            p.contains(&record.test_blob) || record.control_blob.is_some_and(|b| p.contains(&b))
+        });
+        if published {
+            return Err(Status::invalid_argument(
+                "field `seed`: this dataset, seed and test_fraction give the hidden records of a finished competition, which were published for its receipts; choose another seed",
+            ));
+        }
         self.shared
             .store
             .put_json(trees::COMPETITIONS, &cfg.id, &record)
@@ -787,6 +797,103 @@ impl ConsoleService for Console {
         Ok(Response::new(pb::ReceiptList {
             receipts_json: serde_json::to_string_pretty(&receipts).map_err(internal)?,
             published,
+        }))
+    }
+
+    async fn file_dispute(
+        &self,
+        req: Request<pb::DisputeRequest>,
+    ) -> Result<Response<pb::DisputeList>, Status> {
+        let who = self.check(&req, Action::OwnJobs, "dispute its receipts")?;
+        let me = who.miner_peer_id.clone().ok_or_else(|| {
+            Status::failed_precondition(
+                "this token names no miner; a dispute is filed with a miner token (--miner-peer-id)",
+            )
+        })?;
+        let r = req.into_inner();
+        let recomputed: crate::receipts::Verification = serde_json::from_str(&r.recomputed_json)
+            .map_err(|e| {
+                Status::invalid_argument(format!(
+                    "not a recomputation ({e}); give what `tunenet verify-receipt --json` prints"
+                ))
+            })?;
+        let (id, job, miner) = (r.competition_id.clone(), r.job_id.clone(), me.clone());
+        let reason = r.reason;
+        let filed = self
+            .shared
+            .with(move |v: &mut Validator| {
+                let c = v.comp(&id)?;
+                if !c.engine.is_finished() {
+                    return Err(Status::failed_precondition(format!(
+                        "competition `{id}` has not finished: its hidden sets are published, and receipts can be disputed, once it has"
+                    )));
+                }
+                let window_ms = c.record.config.dispute_window_secs.saturating_mul(1000);
+                let store = v.store.as_ref();
+                let receipt = crate::receipts::load(store, &id, Some(&job), Some(&miner))
+                    .map_err(internal)?
+                    .pop()
+                    .ok_or_else(|| {
+                        Status::not_found(format!(
+                            "no evaluation receipt for miner {miner} in job `{job}` of `{id}`"
+                        ))
+                    })?;
+                let now = tunenet_types::time::now_ms();
+                let finished = crate::receipts::finished_at(store, &id)
+                    .map_err(internal)?
+                    .unwrap_or(now);
+                crate::receipts::file_dispute(
+                    store,
+                    receipt,
+                    &recomputed,
+                    &reason,
+                    finished,
+                    window_ms,
+                    now,
+                )
+                .map_err(Status::failed_precondition)
+            })
+            .await?;
+        self.audit(
+            &who,
+            "dispute.file",
+            &format!(
+                "{} {}: {} of {} records disagree",
+                r.competition_id,
+                r.job_id,
+                filed.comparison.disagreeing.len(),
+                filed.comparison.records
+            ),
+        );
+        Ok(Response::new(pb::DisputeList {
+            disputes_json: serde_json::to_string_pretty(&[filed]).map_err(internal)?,
+        }))
+    }
+
+    async fn disputes(
+        &self,
+        req: Request<pb::CompetitionRef>,
+    ) -> Result<Response<pb::DisputeList>, Status> {
+        let who = self.check(&req, Action::Leaderboard, "read disputes")?;
+        let miner = if who.role.allows(Action::Read) {
+            None
+        } else {
+            Some(
+                who.miner_peer_id
+                    .clone()
+                    .ok_or_else(|| Status::failed_precondition("this token names no miner"))?,
+            )
+        };
+        let id = req.into_inner().id;
+        let found = self
+            .shared
+            .with(move |v: &mut Validator| {
+                v.comp(&id)?;
+                crate::receipts::disputes(v.store.as_ref(), &id, miner.as_deref()).map_err(internal)
+            })
+            .await?;
+        Ok(Response::new(pb::DisputeList {
+            disputes_json: serde_json::to_string_pretty(&found).map_err(internal)?,
         }))
     }
 

@@ -342,6 +342,188 @@ pub fn format_receipts(
     s
 }
 
+/// The store tree of disputes, keyed `competition/job/miner`.
+pub const DISPUTES: &str = "disputes";
+/// When each competition first finished (ms since epoch), keyed by competition id: the
+/// dispute window runs from then.
+pub const FINISHED: &str = "competitions_finished";
+
+/// The longest reason a dispute may give, in bytes.
+pub const MAX_DISPUTE_REASON: usize = 4096;
+
+/// A miner's dispute of its evaluation receipt: the validator's computation (the receipt,
+/// with its per-record losses) beside the miner's, compared record by record.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Dispute {
+    /// The receipt disputed, as the validator signed it.
+    pub receipt: EvaluationReceipt,
+    /// When it was filed.
+    pub filed_at_ms: UnixMillis,
+    /// The miner's words.
+    pub reason: String,
+    /// The miner's recomputed mean test loss.
+    pub miner_test_loss: Option<f64>,
+    /// The miner's recomputed mean synthetic loss.
+    pub miner_synthetic_loss: Option<f64>,
+    /// The miner's per-record losses, test records then synthetic ones.
+    pub miner_losses: Vec<Option<f64>>,
+    /// The receipt's losses against the miner's, at the validator's tolerance.
+    pub comparison: LossComparison,
+    /// That tolerance.
+    pub tolerance: f64,
+}
+
+/// Notes that competition `id` finished at `now`, unless it already had (a restart
+/// finishes it again).
+pub fn mark_finished(store: &dyn Store, id: &str, now: UnixMillis) -> Result<(), StoreError> {
+    if store.get_json::<UnixMillis>(FINISHED, id)?.is_none() {
+        store.put_json(FINISHED, id, &now)?;
+    }
+    Ok(())
+}
+
+/// When competition `id` finished, if it has.
+pub fn finished_at(store: &dyn Store, id: &str) -> Result<Option<UnixMillis>, StoreError> {
+    store.get_json(FINISHED, id)
+}
+
+/// Files a dispute of `receipt` with the miner's `recomputed` losses, if the window is
+/// open (it closes `window_ms` after `finished`) and the receipt was not disputed before.
+/// Bad input is refused saying what was wrong; nothing stored changes then.
+pub fn file_dispute(
+    store: &dyn Store,
+    receipt: EvaluationReceipt,
+    recomputed: &Verification,
+    reason: &str,
+    finished: UnixMillis,
+    window_ms: u64,
+    now: UnixMillis,
+) -> Result<Dispute, String> {
+    let closes = finished.saturating_add(window_ms);
+    if now > closes {
+        return Err(format!(
+            "the dispute window closed {} s after the competition finished ({} s ago)",
+            window_ms / 1000,
+            (now - closes) / 1000
+        ));
+    }
+    if reason.len() > MAX_DISPUTE_REASON {
+        return Err(format!(
+            "the reason is {} bytes; at most {MAX_DISPUTE_REASON}",
+            reason.len()
+        ));
+    }
+    if receipt.losses.is_empty() {
+        return Err(format!(
+            "the receipt for job {} has no per-record losses to dispute (the submission failed before it was scored)",
+            receipt.job_id
+        ));
+    }
+    if recomputed.losses.len() != receipt.losses.len() {
+        return Err(format!(
+            "the recomputation gives {} per-record losses; the receipt has {}",
+            recomputed.losses.len(),
+            receipt.losses.len()
+        ));
+    }
+    let finite = |l: &Option<f64>| l.is_none_or(|x| x.is_finite() && x >= 0.0);
+    if let Some(i) = recomputed.losses.iter().position(|l| !finite(l)) {
+        return Err(format!(
+            "recomputed loss {i} is not a finite non-negative number"
+        ));
+    }
+    if ![recomputed.test_loss, recomputed.synthetic_loss]
+        .iter()
+        .all(finite)
+    {
+        return Err("the recomputed mean losses must be finite and non-negative".into());
+    }
+    let key = key(
+        receipt.competition.as_str(),
+        receipt.job_id.as_str(),
+        &receipt.miner.0,
+    );
+    if let Some(earlier) = store
+        .get_json::<Dispute>(DISPUTES, &key)
+        .map_err(|e| e.to_string())?
+    {
+        return Err(format!(
+            "this receipt was already disputed (at {} ms since epoch); a receipt is disputed once",
+            earlier.filed_at_ms
+        ));
+    }
+    let d = Dispute {
+        comparison: tunenet_types::compare_losses(
+            &receipt.losses,
+            &recomputed.losses,
+            DEFAULT_TOLERANCE,
+        ),
+        tolerance: DEFAULT_TOLERANCE,
+        receipt,
+        filed_at_ms: now,
+        reason: reason.to_string(),
+        miner_test_loss: recomputed.test_loss,
+        miner_synthetic_loss: recomputed.synthetic_loss,
+        miner_losses: recomputed.losses.clone(),
+    };
+    store
+        .put_json(DISPUTES, &key, &d)
+        .map_err(|e| e.to_string())?;
+    store.flush().map_err(|e| e.to_string())?;
+    Ok(d)
+}
+
+/// The disputes of a competition, optionally of one miner.
+pub fn disputes(
+    store: &dyn Store,
+    competition: &str,
+    miner: Option<&str>,
+) -> Result<Vec<Dispute>, StoreError> {
+    Ok(store
+        .scan_json::<Dispute>(DISPUTES, &format!("{competition}/"))?
+        .into_iter()
+        .map(|(_, d)| d)
+        .filter(|d| miner.is_none_or(|m| d.receipt.miner.0 == m))
+        .collect())
+}
+
+/// Disputes as the admin reads them: each with the validator's and the miner's numbers.
+pub fn format_disputes(competition: &str, disputes: &[Dispute]) -> String {
+    let f = |l: Option<f64>| l.map_or("-".to_string(), |l| format!("{l:.4}"));
+    let mut s = format!("{} disputes in `{competition}`\n", disputes.len());
+    for d in disputes {
+        let r = &d.receipt;
+        s.push_str(&format!(
+            "job {} miner {} (filed at {} ms): {}\n  test loss: validator {}, miner {}; synthetic loss: validator {}, miner {}\n  {} of {} records disagree by more than {:.0e} (largest difference {:.2e}){}\n",
+            r.job_id,
+            r.miner,
+            d.filed_at_ms,
+            if d.reason.is_empty() { "(no reason given)" } else { &d.reason },
+            f(r.test_loss),
+            f(d.miner_test_loss),
+            f(r.synthetic_loss),
+            f(d.miner_synthetic_loss),
+            d.comparison.disagreeing.len(),
+            d.comparison.records,
+            d.tolerance,
+            d.comparison.max_abs_diff,
+            if d.comparison.agrees() {
+                ": the two computations agree"
+            } else {
+                ""
+            }
+        ));
+        for (i, v, m) in d.comparison.disagreeing.iter().take(10) {
+            s.push_str(&format!(
+                "    record {i}: validator {}, miner {}\n",
+                f(*v),
+                f(*m)
+            ));
+        }
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -474,5 +656,67 @@ mod tests {
         assert!(e.contains("test split given is not the one"), "{e}");
         let e = check(&honest, &artifact, &test, None).unwrap_err();
         assert!(e.contains("give it too"), "{e}");
+    }
+
+    #[test]
+    fn a_dispute_is_filed_once_within_its_window_and_bad_ones_are_refused() {
+        let store = tunenet_store::MemStore::default();
+        let id = Identity::generate();
+        let dir = tempfile::tempdir().unwrap();
+        let art = dir.path().join("a.safetensors");
+        std::fs::write(&art, b"artifact").unwrap();
+        let (test, syn) = (jsonl("t", 3), jsonl("s", 2));
+        let theirs = vec![Some(1.0), Some(1.5), None, Some(2.0), Some(2.5)];
+        let r = receipt(&id, &art, &test, &syn, theirs.clone(), 3);
+        let mine = |losses: Vec<Option<f64>>| Verification {
+            receipt_test_loss: r.test_loss,
+            receipt_synthetic_loss: r.synthetic_loss,
+            test_loss: Some(1.25),
+            synthetic_loss: Some(2.25),
+            comparison: tunenet_types::compare_losses(&theirs, &losses, DEFAULT_TOLERANCE),
+            tolerance: DEFAULT_TOLERANCE,
+            losses,
+        };
+        let day = 86_400_000;
+        let file = |v: &Verification, reason: &str, now: u64| {
+            file_dispute(&store, r.clone(), v, reason, 1_000, day, now)
+        };
+        let mut lied = theirs.clone();
+        lied[1] = Some(1.2);
+        // Refusals store nothing.
+        let e = file(&mine(lied.clone()), "x", 1_000 + day + 1).unwrap_err();
+        assert!(e.contains("window closed"), "{e}");
+        let e = file(&mine(lied[..4].to_vec()), "x", 2_000).unwrap_err();
+        assert!(
+            e.contains("gives 4 per-record losses; the receipt has 5"),
+            "{e}"
+        );
+        let mut nan = lied.clone();
+        nan[0] = Some(f64::NAN);
+        let e = file(&mine(nan), "x", 2_000).unwrap_err();
+        assert!(e.contains("recomputed loss 0 is not a finite"), "{e}");
+        let e = file(
+            &mine(lied.clone()),
+            &"x".repeat(MAX_DISPUTE_REASON + 1),
+            2_000,
+        )
+        .unwrap_err();
+        assert!(e.contains("at most 4096"), "{e}");
+        assert!(disputes(&store, "c", None).unwrap().is_empty());
+        // Filed: both computations side by side, the disagreeing record named.
+        let d = file(&mine(lied.clone()), "record 1 is wrong", 2_000).unwrap();
+        assert_eq!(d.comparison.disagreeing, vec![(1, Some(1.5), Some(1.2))]);
+        let listed = disputes(&store, "c", Some("m")).unwrap();
+        assert_eq!(listed.len(), 1);
+        let text = format_disputes("c", &listed);
+        assert!(
+            text.contains("record 1: validator 1.5000, miner 1.2000")
+                && text.contains("record 1 is wrong")
+                && text.contains("1 of 5 records disagree"),
+            "{text}"
+        );
+        let e = file(&mine(theirs.clone()), "again", 3_000).unwrap_err();
+        assert!(e.contains("already disputed"), "{e}");
+        assert!(disputes(&store, "c", Some("other")).unwrap().is_empty());
     }
 }

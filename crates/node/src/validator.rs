@@ -818,6 +818,21 @@ impl Validator {
             }));
         }
         let fx = engine.resume(now_ms());
+        if !engine.is_finished()
+            && let Ok(mut p) = self.shared.public.write()
+        {
+            // Hidden records another, finished competition published stay unserved while
+            // this one runs (the console refuses to create such a competition; a config
+            // file may still name one).
+            for b in [Some(record.test_blob), record.control_blob]
+                .into_iter()
+                .flatten()
+            {
+                if p.remove(&b) {
+                    tracing::warn!(competition = %record.config.id, blob = %b, "this competition's hidden records were published when an earlier competition finished: miners may hold them; give it another seed");
+                }
+            }
+        }
         self.publish(&record);
         self.comps.push(Comp { engine, record });
         let i = self.comps.len() - 1;
@@ -1244,6 +1259,11 @@ impl Validator {
                 ValidatorEffect::CompetitionFinished(id) => {
                     tracing::info!(competition = %id, "competition finished");
                     self.emit(&cid, "", "competition finished".into());
+                    if let Err(e) =
+                        crate::receipts::mark_finished(self.store.as_ref(), cid.as_str(), now_ms())
+                    {
+                        tracing::error!(competition = %cid, error = %e, "could not store when the competition finished");
+                    }
                     let n = self.publish_hidden_sets(comp);
                     if n > 0 {
                         self.emit(

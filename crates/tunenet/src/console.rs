@@ -94,6 +94,27 @@ enum ConsoleCmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Dispute your evaluation receipt for a job (a miner token), with your own
+    /// recomputation: the JSON `tunenet verify-receipt --json` prints. The admin sees
+    /// both computations side by side (`disputes`).
+    Dispute {
+        /// Competition id.
+        id: String,
+        /// The job.
+        job: String,
+        /// Your recomputation (`tunenet verify-receipt ... --json > mine.json`).
+        #[arg(long)]
+        recomputed: PathBuf,
+        /// Why, in words.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Disputes filed in a competition, each with the validator's and the miner's numbers
+    /// (a miner token: its own).
+    Disputes {
+        /// Competition id.
+        id: String,
+    },
     /// Export a competition's scores.
     Export {
         /// Competition id.
@@ -825,6 +846,43 @@ async fn run_async(a: ConsoleArgs) -> Result<()> {
                 if let Some(path) = &out {
                     println!("written to {}", path.display());
                 }
+            }
+        }
+        ConsoleCmd::Dispute {
+            id,
+            job,
+            recomputed,
+            reason,
+        } => {
+            let text = std::fs::read_to_string(&recomputed)
+                .with_context(|| format!("cannot read {}", recomputed.display()))?;
+            let r = call!(c.file_dispute(pb::DisputeRequest {
+                competition_id: id.clone(),
+                job_id: job,
+                recomputed_json: text,
+                reason,
+            }));
+            if json {
+                println!("{}", r.disputes_json);
+            } else {
+                let d: Vec<tunenet_node::receipts::Dispute> =
+                    serde_json::from_str(&r.disputes_json)
+                        .map_err(|e| anyhow::anyhow!("bad dispute from the validator: {e}"))?;
+                print!(
+                    "filed: {}",
+                    tunenet_node::receipts::format_disputes(&id, &d)
+                );
+            }
+        }
+        ConsoleCmd::Disputes { id } => {
+            let r = call!(c.disputes(pb::CompetitionRef { id: id.clone() }));
+            if json {
+                println!("{}", r.disputes_json);
+            } else {
+                let d: Vec<tunenet_node::receipts::Dispute> =
+                    serde_json::from_str(&r.disputes_json)
+                        .map_err(|e| anyhow::anyhow!("bad disputes from the validator: {e}"))?;
+                print!("{}", tunenet_node::receipts::format_disputes(&id, &d));
             }
         }
         ConsoleCmd::Export { id, format } => {
