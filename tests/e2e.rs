@@ -2099,20 +2099,14 @@ async fn an_artifact_submitted_to_two_validators_fails_as_a_copy_on_the_later_on
         ),
     ] {
         let grpc = port();
-        let conf = root.join(format!("{name}.toml"));
-        std::fs::write(
-            &conf,
-            format!(
+        let (d, admin) = common::validator_daemon(
+            root,
+            name,
+            &format!(
                 "data_dir = {:?}\nlisten = \"127.0.0.1:{grpc}\"\nminers = [{miner:?}, \"http://127.0.0.1:{cport}\"]\nartifact_record_grace_secs = 10\ntrusted_validators = [\"{trusted}\"]\n[[competitions]]\nid = \"{id}\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 1\nminers_per_job = 2\nmin_miners = 2\ntime_budget_secs = 20\nreveal_window_secs = 30\noffer_timeout_secs = 10\neval_max_seq_len = 48\n{}",
                 root.join(name),
                 p2p_section(&listen, boot)
             ),
-        )
-        .unwrap();
-        let admin = common::admin_token(&conf);
-        let d = Daemon::start(
-            &["validator", "--config", conf.to_str().unwrap()],
-            &root.join(format!("{name}.log")),
         );
         validators.push((d, id, format!("http://127.0.0.1:{grpc}"), admin));
         if name == "va" {
@@ -2811,21 +2805,15 @@ fn a_competition_on_a_hub_model_and_dataset_with_a_chat_template_and_its_test_re
     let mut urls = Vec::new();
     // Two miners of their own settings (seeds and learning rates differ, as real ones do).
     for (i, lr) in [(0, 0.002), (1, 0.004)] {
-        let mport = port();
-        let mconf = root.join(format!("m{i}.toml"));
-        std::fs::write(
-            &mconf,
-            format!(
-                "data_dir = {:?}\nlisten = \"127.0.0.1:{mport}\"\n[training]\nlearning_rate = {lr}\nseed = {i}\nmax_seq_len = 256\nbatch_size = 4\ncommit_margin_secs = 1.0\n",
-                root.join(format!("m{i}"))
+        let (d, url) = common::miner_daemon(
+            root,
+            &format!("m{i}"),
+            &format!(
+                "learning_rate = {lr}\nseed = {i}\nmax_seq_len = 256\nbatch_size = 4\ncommit_margin_secs = 1.0\n"
             ),
-        )
-        .unwrap();
-        miners.push(Daemon::start(
-            &["miner", "--config", mconf.to_str().unwrap()],
-            &root.join(format!("m{i}.log")),
-        ));
-        urls.push(format!("\"http://127.0.0.1:{mport}\""));
+        );
+        miners.push(d);
+        urls.push(format!("{url:?}"));
     }
     let vport = port();
     let vconf = root.join("v.toml");
@@ -2971,4 +2959,143 @@ fn a_competition_on_a_hub_model_and_dataset_with_a_chat_template_and_its_test_re
             && err.contains(&new),
         "{err}"
     );
+}
+
+/// Three validators run the same competition with the same two miners (one after another:
+/// a miner holds a job id for one validator at a time) and gossip their signed standings.
+/// Every leaderboard row then shows how many validators scored the miner and how many
+/// agree. The third validator scores with a far sharper formula: each of them flags it as
+/// the outlier with its numbers, and ranked by the median it is outvoted.
+#[test]
+fn three_validators_attest_their_standings_and_flag_the_outlier() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (model, data) = common::tiny_model_and_data(root, 5, 300, 9);
+    let miners: Vec<(Daemon, String)> = [10, 80]
+        .into_iter()
+        .enumerate()
+        .map(|(i, steps)| {
+            common::miner_daemon(
+                root,
+                &format!("m{i}"),
+                &format!(
+                    "max_steps = {steps}\nmax_seq_len = 48\nseed = {i}\ncommit_margin_secs = 1.0\n"
+                ),
+            )
+        })
+        .collect();
+    let keys: Vec<Identity> = (0..3)
+        .map(|i| {
+            tunenet_node::keys::load_or_create(&root.join(format!("v{i}/identity.key"))).unwrap()
+        })
+        .collect();
+    let a_p2p = port();
+    let bootstrap = format!("/ip4/127.0.0.1/tcp/{a_p2p}/p2p/{}", keys[0].peer_id());
+    let mut validators: Vec<(Daemon, String, String)> = Vec::new();
+    let logs = |vs: &[(Daemon, String, String)]| {
+        vs.iter()
+            .enumerate()
+            .map(|(i, (d, _, _))| format!("--- v{i}:\n{}", d.log()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    for i in 0..3 {
+        let grpc = port();
+        let trusted: Vec<String> = (0..3)
+            .filter(|j| *j != i)
+            .map(|j| format!("{:?}", keys[j].peer_id().0))
+            .collect();
+        let (listen, boot) = if i == 0 {
+            (format!("/ip4/127.0.0.1/tcp/{a_p2p}"), None)
+        } else {
+            ("/ip4/127.0.0.1/tcp/0".to_string(), Some(bootstrap.as_str()))
+        };
+        // The third validator's formula: quality exp(-loss / 0.02), far sharper than 1.
+        let scoring = if i == 2 {
+            "[competitions.scoring]\ntemperature = 0.02\n"
+        } else {
+            ""
+        };
+        let (d, admin) = common::validator_daemon(
+            root,
+            &format!("v{i}"),
+            &format!(
+                "data_dir = {:?}\nlisten = \"127.0.0.1:{grpc}\"\nminers = [{:?}, {:?}]\ndiscover_miners = false\ntrusted_validators = [{}]\n[[competitions]]\nid = \"q\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 1\nminers_per_job = 2\nmin_miners = 2\ntime_budget_secs = 15\nreveal_window_secs = 20\noffer_timeout_secs = 10\neval_max_seq_len = 48\n[competitions.integrity]\nenabled = false\n{scoring}{}",
+                root.join(format!("v{i}")),
+                miners[0].1,
+                miners[1].1,
+                trusted.join(", "),
+                p2p_section(&listen, boot)
+            ),
+        );
+        let url = format!("http://127.0.0.1:{grpc}");
+        validators.push((d, url.clone(), admin));
+        let since = Instant::now();
+        let lb = leaderboard_when_done(&url, "q", 1, since, 120, &|| logs(&validators));
+        assert_eq!(lb.rows.len(), 2, "v{i}: {lb:?}");
+        assert!(
+            lb.rows.iter().all(|r| r.verdicts.is_empty()),
+            "v{i}: {lb:?}"
+        );
+    }
+
+    // Every validator hears the other two: each row counts three validators, two agree,
+    // and the sharp one is the outlier, named with its numbers.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let board = |url: &str| -> Leaderboard {
+        rt.block_on(async {
+            ValidatorClient::connect(url)
+                .await
+                .ok()?
+                .leaderboard("q")
+                .await
+                .ok()
+        })
+        .unwrap()
+    };
+    let c_id = keys[2].peer_id();
+    let since = Instant::now();
+    for (i, (_, url, _)) in validators.iter().enumerate() {
+        let lb = loop {
+            let lb = board(url);
+            if lb
+                .rows
+                .iter()
+                .all(|r| r.quorum.as_ref().is_some_and(|q| q.validators == 3))
+            {
+                break lb;
+            }
+            assert!(
+                since.elapsed() < Duration::from_secs(60),
+                "v{i} did not hear both others: {lb:?}\n{}",
+                logs(&validators)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        for r in &lb.rows {
+            let q = r.quorum.as_ref().unwrap();
+            assert_eq!(q.agreeing, 2, "v{i} {}: {q:?}", r.miner);
+            assert_eq!(q.outliers.len(), 1, "v{i} {}: {q:?}", r.miner);
+            assert_eq!(q.outliers[0].validator, c_id, "v{i} {}: {q:?}", r.miner);
+        }
+    }
+    // The console shows it, and ranks by the median on request.
+    let (_, url, admin) = &validators[2];
+    let console = |args: &[&str]| {
+        let out = run(&[&["console", "--validator", url, "--token", admin], args].concat());
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let table = console(&["leaderboard", "q"]);
+    assert!(
+        table.contains("validators: 2 of 3 agree")
+            && table.contains(&format!("outlier: validator {c_id}")),
+        "{table}"
+    );
+    let by_median: Leaderboard =
+        serde_json::from_str(&console(&["--json", "leaderboard", "q", "--median"])).unwrap();
+    let first = board(&validators[0].1);
+    let order = |lb: &Leaderboard| lb.rows.iter().map(|r| r.miner.clone()).collect::<Vec<_>>();
+    assert_eq!(order(&by_median), order(&first));
+    drop(miners);
 }

@@ -115,3 +115,39 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+/// Starts a miner daemon named `name` under `root` (its data dir, config and log there) on
+/// a free port, with `training` as its `[training]` table's lines. Returns the daemon and
+/// its gRPC URL.
+#[allow(dead_code)]
+pub fn miner_daemon(root: &Path, name: &str, training: &str) -> (Daemon, String) {
+    let p = port();
+    let conf = root.join(format!("{name}.toml"));
+    std::fs::write(
+        &conf,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{p}\"\n[training]\n{training}",
+            root.join(name)
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(
+        &["miner", "--config", conf.to_str().unwrap()],
+        &root.join(format!("{name}.log")),
+    );
+    (d, format!("http://127.0.0.1:{p}"))
+}
+
+/// Writes validator config `text` as `root/name.toml`, issues its first admin token (before
+/// the daemon holds the store) and starts the daemon, logging to `root/name.log`.
+#[allow(dead_code)]
+pub fn validator_daemon(root: &Path, name: &str, text: &str) -> (Daemon, String) {
+    let conf = root.join(format!("{name}.toml"));
+    std::fs::write(&conf, text).unwrap();
+    let admin = admin_token(&conf);
+    let d = Daemon::start(
+        &["validator", "--config", conf.to_str().unwrap()],
+        &root.join(format!("{name}.log")),
+    );
+    (d, admin)
+}

@@ -489,6 +489,27 @@ impl MinerEngine {
         {
             return (Decision::Accept, vec![]);
         }
+        // A job id is held for one validator at a time: validators running the same
+        // competition offer the same ids, and taking a second would overwrite the first.
+        if let Some(j) = self.jobs.get(&offer.job_id)
+            && j.offer.validator != offer.validator
+            && !matches!(j.phase, MinerPhase::Uploaded | MinerPhase::Failed)
+        {
+            let r = RejectReason {
+                code: RejectCode::Busy,
+                detail: format!(
+                    "already working on job {} for validator {}; a job id is held for one validator at a time",
+                    offer.job_id, j.offer.validator
+                ),
+            };
+            return (
+                Decision::Reject(r.clone()),
+                vec![MinerEffect::Event(format!(
+                    "job {}: rejected: {r}",
+                    offer.job_id
+                ))],
+            );
+        }
         let mut d = self.policy.decide(&offer, self.running(), memory_needed);
         if d == Decision::Accept
             && let Err(e) = offer.verify()

@@ -97,6 +97,11 @@ impl ArtifactGossip {
     }
 
     /// How long a job waits after its last evaluation before it is scored, in ms.
+    /// Whether records and attestations signed by `validator` are believed.
+    pub(crate) fn trusts(&self, validator: &str) -> bool {
+        self.trusted.contains(validator)
+    }
+
     pub(crate) fn grace_ms(&self) -> u64 {
         self.grace_ms
     }

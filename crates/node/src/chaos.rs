@@ -365,7 +365,10 @@ impl Console {
         let detail = self
             .client()
             .await?
-            .show_competition(self.request(pb::CompetitionRef { id: COMP.into() })?)
+            .show_competition(self.request(pb::CompetitionRef {
+                id: COMP.into(),
+                ..Default::default()
+            })?)
             .await
             .map_err(|s| other(s.message()))?
             .into_inner();
@@ -376,7 +379,10 @@ impl Console {
         let lb = self
             .client()
             .await?
-            .competition_leaderboard(self.request(pb::CompetitionRef { id: COMP.into() })?)
+            .competition_leaderboard(self.request(pb::CompetitionRef {
+                id: COMP.into(),
+                ..Default::default()
+            })?)
             .await
             .map_err(|s| other(s.message()))?
             .into_inner();

@@ -545,6 +545,10 @@ pub struct ValidatorConfig {
     /// are ignored: any peer can sign a receipt, and a forged, backdated one would get an
     /// honest miner failed as a copier.
     pub trusted_validators: Vec<String>,
+    /// Validator quorum: how far (relative to the median) a trusted validator's standing
+    /// for a miner may be from the median of all validators' and still agree; further
+    /// out, the leaderboard flags it as an outlier with its numbers.
+    pub quorum_tolerance: f64,
     /// How miners' hardware is benchmarked and verified (`[hardware]`).
     pub hardware: crate::hardware::HardwareConfig,
     /// Per-address limits on the gRPC server (`[limits]`): connections, requests a
@@ -571,6 +575,7 @@ impl Default for ValidatorConfig {
             discover_miners: true,
             artifact_record_grace_secs: None,
             trusted_validators: vec![],
+            quorum_tolerance: tunenet_types::DEFAULT_QUORUM_TOLERANCE,
             hardware: Default::default(),
             limits: Default::default(),
             competitions: vec![],

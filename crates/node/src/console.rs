@@ -416,10 +416,15 @@ impl ConsoleService for Console {
         req: Request<pb::CompetitionRef>,
     ) -> Result<Response<Leaderboard>, Status> {
         self.check(&req, Action::Leaderboard, "read leaderboards")?;
-        let id = req.into_inner().id;
+        let r = req.into_inner();
+        let (id, by_median) = (r.id, r.by_median);
         let lb = self
             .shared
-            .with(move |v: &mut Validator| Ok(leaderboard_of(&v.comp(&id)?.engine)))
+            .with(move |v: &mut Validator| {
+                v.comp(&id)?;
+                let i = v.comps.iter().position(|c| c.id() == id).unwrap_or(0);
+                Ok(crate::quorum::leaderboard(v, i, by_median))
+            })
             .await?;
         Ok(Response::new(lb.into()))
     }

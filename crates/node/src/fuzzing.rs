@@ -212,10 +212,11 @@ pub fn upload(data: &[u8]) {
 /// anything is believed: size, decoding, freshness, signer and signature.
 pub fn p2p_gossip(data: &[u8]) {
     let (which, bytes) = split(data);
-    let topic = match which % 3 {
+    let topic = match which % 4 {
         0 => tunenet_p2p::ADVERT_TOPIC,
         1 => tunenet_p2p::COMPETITION_TOPIC,
-        _ => tunenet_p2p::ARTIFACT_RECORD_TOPIC,
+        2 => tunenet_p2p::ARTIFACT_RECORD_TOPIC,
+        _ => tunenet_p2p::SCORE_ATTESTATION_TOPIC,
     };
     let _ = tunenet_p2p::gossip::validate(
         topic,
@@ -225,6 +226,9 @@ pub fn p2p_gossip(data: &[u8]) {
         tunenet_p2p::gossip::MAX_CLOCK_SKEW_MS,
     );
     let _ = tunenet_p2p::gossip::decode_record(bytes);
+    if let Ok(a) = tunenet_p2p::gossip::decode_attestation(bytes) {
+        let _ = a.verify();
+    }
 }
 
 /// Frames on the p2p request and stream protocols: a length-prefixed job request or
@@ -778,6 +782,7 @@ mod tests {
                 verdicts: vec!["pass".into()],
                 acc_norm: None,
                 seconds: None,
+                quorum: None,
             }],
             jobs_done: 1,
             jobs_total: 2,
@@ -852,6 +857,30 @@ mod tests {
         };
         ann.sign(validator.keypair(), now);
         put("p2p_gossip", "announcement", &sel(1, &ann.encode_to_vec()));
+        let standings = t::Leaderboard {
+            competition_id: t::CompetitionId::new("c1").unwrap(),
+            rows: vec![t::LeaderboardRow {
+                rank: 1,
+                miner: miner.peer_id(),
+                jobs: 2,
+                mean_loss: Some(1.25),
+                mean_quality: 1.0,
+                standing: 1.0,
+                verdicts: vec![],
+                acc_norm: None,
+                seconds: None,
+                quorum: None,
+            }],
+            jobs_done: 2,
+            jobs_total: 2,
+            kind: Default::default(),
+        };
+        let attestation = t::ScoreAttestation::of(&standings, &validator, now);
+        put(
+            "p2p_gossip",
+            "attestation",
+            &sel(3, &tunenet_p2p::gossip::encode_attestation(&attestation)),
+        );
 
         // p2p frames: a 4-byte big-endian length, then the message.
         let p2p_frame = |m: &[u8]| [&(m.len() as u32).to_be_bytes()[..], m].concat();

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod miner;
 pub mod models;
 pub mod presence;
+pub mod quorum;
 pub mod receipts;
 pub mod redteam;
 pub mod registry;

@@ -435,6 +435,9 @@ pub trait P2pHandler: Send + Sync + 'static {
     fn advert(&self, _peer: PeerId, _advert: &MinerAdvert) {}
     /// Another validator's artifact record arrived (signatures checked by the p2p layer).
     fn artifact_record(&self, _peer: PeerId, _record: ArtifactRecord) {}
+    /// Another validator's score attestation arrived (its signature checked by the p2p
+    /// layer).
+    fn attestation(&self, _peer: PeerId, _attestation: tunenet_types::ScoreAttestation) {}
 }
 
 /// Pumps the p2p event stream until it ends: job requests are answered by `handler`, each
@@ -471,6 +474,7 @@ pub fn serve(
                 }
                 Event::MinerAdvert { peer, advert } => handler.advert(peer, &advert),
                 Event::ArtifactRecord { peer, record } => handler.artifact_record(peer, record),
+                Event::Attestation { peer, attestation } => handler.attestation(peer, attestation),
                 Event::GossipRejected {
                     peer,
                     topic,
@@ -581,6 +585,9 @@ pub type OnAdvert = Box<dyn Fn(PeerId, &MinerAdvert) + Send + Sync>;
 /// What a validator does with another validator's valid artifact record.
 pub type OnRecord = Box<dyn Fn(PeerId, ArtifactRecord) + Send + Sync>;
 
+/// What a validator does with another validator's valid score attestation.
+pub type OnAttestation = Box<dyn Fn(PeerId, tunenet_types::ScoreAttestation) + Send + Sync>;
+
 /// A validator's answers to job requests over libp2p.
 pub struct ValidatorP2p<S: RevealSink> {
     /// The validator loop's entry points.
@@ -591,6 +598,8 @@ pub struct ValidatorP2p<S: RevealSink> {
     pub on_advert: OnAdvert,
     /// Called with each valid artifact record from another validator.
     pub on_record: OnRecord,
+    /// Called with each valid score attestation from another validator.
+    pub on_attestation: OnAttestation,
 }
 
 #[tonic::async_trait]
@@ -669,6 +678,10 @@ impl<S: RevealSink> P2pHandler for ValidatorP2p<S> {
 
     fn artifact_record(&self, peer: PeerId, record: ArtifactRecord) {
         (self.on_record)(peer, record)
+    }
+
+    fn attestation(&self, peer: PeerId, attestation: tunenet_types::ScoreAttestation) {
+        (self.on_attestation)(peer, attestation)
     }
 }
 

@@ -709,6 +709,22 @@ pub fn format_leaderboard(lb: &Leaderboard) -> String {
                 r.verdicts.join(", ")
             }
         ));
+        // With other validators' attestations: how many agree, and who does not.
+        if let Some(q) = r.quorum.as_ref().filter(|q| q.validators > 1) {
+            s.push_str(&format!(
+                "      validators: {} of {} agree; median standing {:.4}\n",
+                q.agreeing, q.validators, q.median_standing
+            ));
+            for o in &q.outliers {
+                s.push_str(&format!(
+                    "      outlier: validator {} gives standing {:.4}, loss {} over {} jobs\n",
+                    o.validator,
+                    o.standing,
+                    num(o.mean_loss),
+                    o.jobs
+                ));
+            }
+        }
     }
     s
 }
@@ -764,11 +780,11 @@ pub(crate) struct Validator {
     pub(crate) comps: Vec<Comp>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) shared: Arc<Shared>,
-    identity: Identity,
+    pub(crate) identity: Identity,
     config_miners: Vec<String>,
     /// Miners found by their p2p adverts (`p2p:<peer id>`).
     discovered: std::collections::BTreeSet<String>,
-    transport: Transport,
+    pub(crate) transport: Transport,
     tx: mpsc::Sender<Cmd>,
     evals: std::sync::mpsc::Sender<EvalRequest>,
     inference_evals: std::sync::mpsc::Sender<crate::inference::EvalRequest>,
@@ -777,6 +793,8 @@ pub(crate) struct Validator {
     pub(crate) artifact_gossip: crate::artifact_gossip::ArtifactGossip,
     /// The miner list the hardware checker benchmarks.
     hardware_miners: Option<tokio::sync::watch::Sender<Vec<String>>>,
+    /// How far from the median of all validators' standings a validator's may be and agree.
+    pub(crate) quorum_tolerance: f64,
     /// Jobs (competition index, id) to store at the next tick.
     unsaved: std::sync::Mutex<std::collections::BTreeSet<(usize, JobId)>>,
 }
@@ -939,9 +957,13 @@ impl Validator {
 
     /// Re-announces every competition still taking part.
     fn announce_all(&self) {
-        for c in &self.comps {
+        for (i, c) in self.comps.iter().enumerate() {
             if !c.engine.is_finished() && c.record.state != CompState::Archived {
                 self.announce(&c.record);
+            }
+            // Standings again, for validators that joined since the last scored job.
+            if c.record.state != CompState::Archived {
+                crate::quorum::publish(self, i);
             }
         }
     }
@@ -1228,6 +1250,7 @@ impl Validator {
                             tracing::error!(%job_id, error = %e, "could not store evaluation receipts");
                         }
                     }
+                    crate::quorum::publish(self, comp);
                     let _ = self.store.flush();
                     for s in &scores {
                         let verdict = if s.penalty_reason.is_some() {
@@ -1461,14 +1484,17 @@ impl Validator {
                 let _ = reply.send(r);
             }
             Cmd::Leaderboard(id, reply) => {
-                let c = if id.is_empty() {
-                    self.comps.first()
+                let i = if id.is_empty() {
+                    (!self.comps.is_empty()).then_some(0)
                 } else {
-                    self.comps.iter().find(|c| c.id() == id)
+                    self.comps.iter().position(|c| c.id() == id)
                 };
-                let _ = reply.send(c.map(|c| leaderboard_of(&c.engine)).ok_or_else(|| {
-                    Status::not_found(format!("no competition `{id}` on this validator"))
-                }));
+                let _ = reply.send(
+                    i.map(|i| crate::quorum::leaderboard(self, i, false))
+                        .ok_or_else(|| {
+                            Status::not_found(format!("no competition `{id}` on this validator"))
+                        }),
+                );
             }
         }
     }
@@ -1529,6 +1555,12 @@ fn load_dataset_logged(
 /// Runs a validator until it is stopped (or, with `exit_when_done`, until its
 /// competitions finish).
 pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), NodeError> {
+    if !(cfg.quorum_tolerance.is_finite() && cfg.quorum_tolerance > 0.0) {
+        return Err(NodeError::Other(format!(
+            "`quorum_tolerance` must be a number above 0 (a share of the median standing, e.g. 0.1), got {}",
+            cfg.quorum_tolerance
+        )));
+    }
     let crate::base::NodeBase {
         identity,
         store,
@@ -1632,6 +1664,7 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
                 },
             );
             let on_record = crate::artifact_gossip::on_record(tx.clone());
+            let on_attestation = crate::quorum::on_attestation(tx.clone());
             let sink = shared.clone();
             let client =
                 crate::presence::join(&identity, p.clone(), blobs.clone(), None, move |client| {
@@ -1640,6 +1673,7 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
                         client,
                         on_advert,
                         on_record,
+                        on_attestation,
                     })
                 })
                 .await?;
@@ -1680,6 +1714,7 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
         )
         .trust(&cfg.trusted_validators),
         hardware_miners: None,
+        quorum_tolerance: cfg.quorum_tolerance,
         unsaved: Default::default(),
     };
     for r in records {

@@ -5,7 +5,10 @@ use crate::chunks::{CHUNK_SIZE, MAX_BLOB_SIZE};
 use crate::codec::ProstCodec;
 use crate::config::P2pConfig;
 use crate::error::P2pError;
-use crate::gossip::{ADVERT_TOPIC, ARTIFACT_RECORD_TOPIC, COMPETITION_TOPIC, MAX_RECORD_BYTES};
+use crate::gossip::{
+    ADVERT_TOPIC, ARTIFACT_RECORD_TOPIC, COMPETITION_TOPIC, MAX_RECORD_BYTES,
+    SCORE_ATTESTATION_TOPIC,
+};
 use crate::messages::{JobRequest, JobResponse, pb};
 use libp2p::gossipsub::{self, IdentTopic};
 use libp2p::kad::{self, store::MemoryStore, store::MemoryStoreConfig};
@@ -105,7 +108,12 @@ impl Behaviour {
         )
         .map_err(|e| setup("gossipsub")(e.to_string()))?;
         let mut score = gossipsub::PeerScoreParams::default();
-        for topic in [ADVERT_TOPIC, COMPETITION_TOPIC, ARTIFACT_RECORD_TOPIC] {
+        for topic in [
+            ADVERT_TOPIC,
+            COMPETITION_TOPIC,
+            ARTIFACT_RECORD_TOPIC,
+            SCORE_ATTESTATION_TOPIC,
+        ] {
             let topic = IdentTopic::new(topic);
             // Rejected messages count against the sender (invalid_message_deliveries_weight).
             score

@@ -12,7 +12,7 @@ use libp2p::{Multiaddr, PeerId};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tunenet_store::BlobStore;
-use tunenet_types::{ArtifactRecord, BlobId};
+use tunenet_types::{ArtifactRecord, BlobId, ScoreAttestation};
 
 /// A handle on the p2p layer; cheap to clone. Dropping every clone stops the event loop.
 #[derive(Clone)]
@@ -90,6 +90,18 @@ impl Client {
             )));
         }
         self.ask(|r| Command::PublishRecord(record, r)).await?
+    }
+
+    /// Publishes a score attestation this node signed on the score-attestation topic
+    /// (peers take one only from its signer). Fails when no peer is subscribed.
+    pub async fn publish_attestation(&self, a: ScoreAttestation) -> Result<(), P2pError> {
+        if a.validator.0 != self.local.to_base58() {
+            return Err(P2pError::Invalid(format!(
+                "a score attestation signed by {} cannot be published by {}: peers take one only from its signer",
+                a.validator, self.local
+            )));
+        }
+        self.ask(|r| Command::PublishAttestation(a, r)).await?
     }
 
     /// Publishes `data` on `topic` as it is, without signing or checking it: for tools and

@@ -6,7 +6,9 @@
 use crate::behaviour::{Behaviour, BehaviourEvent};
 use crate::config::P2pConfig;
 use crate::error::P2pError;
-use crate::gossip::{self, ADVERT_TOPIC, ARTIFACT_RECORD_TOPIC, COMPETITION_TOPIC, Gossip};
+use crate::gossip::{
+    self, ADVERT_TOPIC, ARTIFACT_RECORD_TOPIC, COMPETITION_TOPIC, Gossip, SCORE_ATTESTATION_TOPIC,
+};
 use crate::messages::pb::{CompetitionAnnouncement, MinerAdvert};
 use crate::messages::{JobRequest, JobResponse, pb};
 use crate::serve::{Answer, BlobServer, Served};
@@ -24,7 +26,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tunenet_types::time::now_ms;
-use tunenet_types::{ArtifactRecord, BlobId};
+use tunenet_types::{ArtifactRecord, BlobId, ScoreAttestation};
 
 /// Peers remembered (connected or recently seen) for [`crate::Client::peers`].
 const MAX_PEERS: usize = 4096;
@@ -65,6 +67,13 @@ pub enum Event {
         peer: PeerId,
         /// The record.
         record: ArtifactRecord,
+    },
+    /// A valid score attestation arrived, published and signed by its validator (`peer`).
+    Attestation {
+        /// The validator that signed it.
+        peer: PeerId,
+        /// The attestation.
+        attestation: ScoreAttestation,
     },
     /// A gossip message failed validation and was rejected (its sender loses score).
     GossipRejected {
@@ -131,6 +140,7 @@ pub(crate) enum Command {
     PublishAdvert(MinerAdvert, Reply<()>),
     Announce(CompetitionAnnouncement, Reply<()>),
     PublishRecord(ArtifactRecord, Reply<()>),
+    PublishAttestation(ScoreAttestation, Reply<()>),
     PublishRaw(String, Vec<u8>, Reply<()>),
     Job(PeerId, JobRequest, Reply<JobResponse>),
     Respond(JobChannel, JobResponse, Reply<()>),
@@ -375,6 +385,10 @@ impl EventLoop {
             Command::PublishRecord(record, reply) => {
                 let data = gossip::encode_record(&record);
                 let _ = reply.send(self.publish(ARTIFACT_RECORD_TOPIC, data));
+            }
+            Command::PublishAttestation(a, reply) => {
+                let data = gossip::encode_attestation(&a);
+                let _ = reply.send(self.publish(SCORE_ATTESTATION_TOPIC, data));
             }
             Command::PublishRaw(topic, data, reply) => {
                 let _ = reply.send(self.publish(&topic, data));
@@ -639,6 +653,10 @@ impl EventLoop {
                     Gossip::ArtifactRecord(record) => self.emit(Event::ArtifactRecord {
                         peer: signer,
                         record,
+                    }),
+                    Gossip::Attestation(attestation) => self.emit(Event::Attestation {
+                        peer: signer,
+                        attestation,
                     }),
                 }
             }

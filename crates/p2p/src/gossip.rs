@@ -9,7 +9,8 @@ use libp2p_identity::Keypair;
 use prost::Message;
 use tunenet_types::identity::Canonical;
 use tunenet_types::{
-    ArtifactRecord, BlobId, MAX_RECORD_SKETCH, PeerIdStr, UnixMillis, verify_signature,
+    ArtifactRecord, AttestedStanding, BlobId, CompetitionId, MAX_RECORD_SKETCH, PeerIdStr,
+    ScoreAttestation, UnixMillis, verify_signature,
 };
 
 /// The gossipsub topic of miner adverts.
@@ -18,6 +19,10 @@ pub const ADVERT_TOPIC: &str = "tunenet/v1/miner-adverts";
 pub const COMPETITION_TOPIC: &str = "tunenet/v1/competitions";
 /// The gossipsub topic of validators' signed artifact records.
 pub const ARTIFACT_RECORD_TOPIC: &str = "tunenet/v1/artifact-records";
+/// The gossipsub topic of validators' signed score attestations.
+pub const SCORE_ATTESTATION_TOPIC: &str = "tunenet/v1/score-attestations";
+/// The largest score attestation accepted, in bytes (1024 rows of a peer id and numbers).
+pub const MAX_ATTESTATION_BYTES: usize = 128 * 1024;
 /// The largest miner advert accepted, in bytes.
 pub const MAX_ADVERT_BYTES: usize = 4 * 1024;
 /// The largest competition announcement accepted, in bytes.
@@ -37,6 +42,8 @@ pub enum Gossip {
     Competition(CompetitionAnnouncement),
     /// A validator's record of an artifact it received.
     ArtifactRecord(ArtifactRecord),
+    /// A validator's signed view of a competition's standings.
+    Attestation(ScoreAttestation),
 }
 
 fn sign_bytes(keypair: &Keypair, bytes: &[u8]) -> Vec<u8> {
@@ -159,6 +166,56 @@ pub fn decode_record(data: &[u8]) -> Result<ArtifactRecord, String> {
     })
 }
 
+/// The wire form of a score attestation.
+pub fn encode_attestation(a: &ScoreAttestation) -> Vec<u8> {
+    pb::ScoreAttestation {
+        competition: a.competition.to_string(),
+        jobs_done: a.jobs_done,
+        jobs_total: a.jobs_total,
+        rows: a
+            .rows
+            .iter()
+            .map(|r| pb::AttestedStanding {
+                miner: r.miner.0.clone(),
+                jobs: r.jobs,
+                mean_loss: r.mean_loss,
+                standing: r.standing,
+            })
+            .collect(),
+        issued_at_ms: a.issued_at_ms,
+        validator: a.validator.0.clone(),
+        validator_key: a.validator_key.clone(),
+        signature: a.signature.clone(),
+    }
+    .encode_to_vec()
+}
+
+/// Reads a score attestation off the wire (its ids checked, its signature not).
+pub fn decode_attestation(data: &[u8]) -> Result<ScoreAttestation, String> {
+    let a = pb::ScoreAttestation::decode(data).map_err(|e| format!("score attestation: {e}"))?;
+    let competition = CompetitionId::new(a.competition)
+        .map_err(|e| format!("score attestation: competition: {e}"))?;
+    Ok(ScoreAttestation {
+        competition,
+        jobs_done: a.jobs_done,
+        jobs_total: a.jobs_total,
+        rows: a
+            .rows
+            .into_iter()
+            .map(|r| AttestedStanding {
+                miner: PeerIdStr(r.miner),
+                jobs: r.jobs,
+                mean_loss: r.mean_loss,
+                standing: r.standing,
+            })
+            .collect(),
+        issued_at_ms: a.issued_at_ms,
+        validator: PeerIdStr(a.validator),
+        validator_key: a.validator_key,
+        signature: a.signature,
+    })
+}
+
 fn check_fresh(timestamp: UnixMillis, now: UnixMillis, max_age_ms: u64) -> Result<(), String> {
     if timestamp > now.saturating_add(MAX_CLOCK_SKEW_MS) {
         return Err(format!(
@@ -240,6 +297,21 @@ pub fn validate(
                 .verify()
                 .map_err(|e| format!("artifact record: {e}"))?;
             Ok((signer, Gossip::ArtifactRecord(record)))
+        }
+        SCORE_ATTESTATION_TOPIC => {
+            if data.len() > MAX_ATTESTATION_BYTES {
+                return Err(format!(
+                    "score attestation of {} bytes is over the limit of {MAX_ATTESTATION_BYTES}",
+                    data.len()
+                ));
+            }
+            let a = decode_attestation(data)?;
+            // A later attestation supersedes an earlier one; only the future is refused.
+            check_fresh(a.issued_at_ms, now, u64::MAX)?;
+            let publisher = publisher.ok_or("a score attestation must come from its signer")?;
+            let signer = check_signer(&a.validator.0, Some(publisher))?;
+            a.verify()?;
+            Ok((signer, Gossip::Attestation(a)))
         }
         other => Err(format!("unknown topic {other:?}")),
     }
@@ -442,5 +514,80 @@ mod tests {
                 .unwrap_err()
                 .contains("receipt")
         );
+    }
+
+    fn attestation(id: &tunenet_types::Identity, rows: usize, at: u64) -> ScoreAttestation {
+        let lb = tunenet_types::Leaderboard {
+            competition_id: CompetitionId::new("q").unwrap(),
+            rows: (0..rows)
+                .map(|i| tunenet_types::LeaderboardRow {
+                    rank: i as u32 + 1,
+                    miner: PeerIdStr(format!("12D3KooW{i:044}")),
+                    jobs: 3,
+                    mean_loss: Some(1.5),
+                    mean_quality: 1.0,
+                    standing: 1.0 - i as f64 / 4096.0,
+                    verdicts: vec![],
+                    acc_norm: None,
+                    seconds: None,
+                    quorum: None,
+                })
+                .collect(),
+            jobs_done: 3,
+            jobs_total: 4,
+            kind: Default::default(),
+        };
+        ScoreAttestation::of(&lb, id, at)
+    }
+
+    #[test]
+    fn score_attestations_pass_only_from_their_signer_and_unchanged() {
+        let v = tunenet_types::Identity::generate();
+        let me = pid(v.keypair());
+        let check = |a: &ScoreAttestation, from: Option<&PeerId>| {
+            validate(
+                SCORE_ATTESTATION_TOPIC,
+                &encode_attestation(a),
+                from,
+                NOW,
+                AGE,
+            )
+        };
+        let good = attestation(&v, 5, NOW - 10 * AGE);
+        let (signer, g) = check(&good, Some(&me)).unwrap();
+        assert_eq!(signer, me);
+        assert_eq!(g, Gossip::Attestation(good.clone()));
+        // The most rows allowed fit the byte limit and the transmit size.
+        let full = attestation(&v, tunenet_types::quorum::MAX_ATTESTED_ROWS, NOW);
+        assert!(encode_attestation(&full).len() <= MAX_ATTESTATION_BYTES);
+        check(&full, Some(&me)).unwrap();
+        // `of` keeps the most allowed; one more, signed, is refused.
+        let mut over = full.clone();
+        over.rows.push(AttestedStanding {
+            miner: PeerIdStr("12D3KooWextra".into()),
+            jobs: 1,
+            mean_loss: None,
+            standing: 0.5,
+        });
+        over.signature = v.sign(&over.signing_bytes());
+        let why = check(&over, Some(&me)).map(|_| ()).unwrap_err();
+        assert!(why.contains("rows"), "{why}");
+        // Changed numbers, another publisher, a forged key, the future.
+        let mut t = good.clone();
+        t.rows[0].standing = 9.0;
+        assert!(check(&t, Some(&me)).unwrap_err().contains("signature"));
+        let other = tunenet_types::Identity::generate();
+        assert!(
+            check(&good, Some(&pid(other.keypair())))
+                .unwrap_err()
+                .contains("signed by")
+        );
+        assert!(check(&good, None).unwrap_err().contains("signer"));
+        let mut forged = good.clone();
+        forged.signature = other.sign(&forged.signing_bytes());
+        assert!(check(&forged, Some(&me)).unwrap_err().contains("signature"));
+        let future = attestation(&v, 1, NOW + 2 * MAX_CLOCK_SKEW_MS);
+        assert!(check(&future, Some(&me)).unwrap_err().contains("future"));
+        assert!(validate(SCORE_ATTESTATION_TOPIC, &[0xff; 3], Some(&me), NOW, AGE).is_err());
     }
 }

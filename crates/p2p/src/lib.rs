@@ -23,7 +23,7 @@ pub use client::Client;
 pub use config::P2pConfig;
 pub use error::P2pError;
 pub use event_loop::{Event, EventLoop, JobChannel, PeerInfo};
-pub use gossip::{ADVERT_TOPIC, ARTIFACT_RECORD_TOPIC, COMPETITION_TOPIC};
+pub use gossip::{ADVERT_TOPIC, ARTIFACT_RECORD_TOPIC, COMPETITION_TOPIC, SCORE_ATTESTATION_TOPIC};
 pub use libp2p::{Multiaddr, PeerId};
 pub use messages::{CompetitionAnnouncement, JobRequest, JobResponse, MinerAdvert};
 pub use rate::RateBuckets;

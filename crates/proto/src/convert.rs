@@ -377,6 +377,21 @@ impl From<t::Leaderboard> for v1::Leaderboard {
                     verdicts: r.verdicts,
                     acc_norm: r.acc_norm,
                     seconds: r.seconds,
+                    quorum: r.quorum.map(|q| v1::QuorumRow {
+                        validators: q.validators,
+                        agreeing: q.agreeing,
+                        median_standing: q.median_standing,
+                        outliers: q
+                            .outliers
+                            .into_iter()
+                            .map(|o| v1::QuorumOutlier {
+                                validator: o.validator.0,
+                                standing: o.standing,
+                                mean_loss: o.mean_loss,
+                                jobs: o.jobs,
+                            })
+                            .collect(),
+                    }),
                 })
                 .collect(),
             jobs_done: l.jobs_done,
@@ -405,6 +420,27 @@ impl TryFrom<v1::Leaderboard> for t::Leaderboard {
                         verdicts: r.verdicts.into_iter().take(64).collect(),
                         acc_norm: r.acc_norm,
                         seconds: r.seconds,
+                        quorum: match r.quorum {
+                            Some(q) => Some(t::QuorumRow {
+                                validators: q.validators,
+                                agreeing: q.agreeing,
+                                median_standing: q.median_standing,
+                                outliers: q
+                                    .outliers
+                                    .into_iter()
+                                    .take(64)
+                                    .map(|o| {
+                                        Ok(t::Outlier {
+                                            validator: peer("validator", &o.validator)?,
+                                            standing: o.standing,
+                                            mean_loss: o.mean_loss,
+                                            jobs: o.jobs,
+                                        })
+                                    })
+                                    .collect::<Result<_, ConvertError>>()?,
+                            }),
+                            None => None,
+                        },
                     })
                 })
                 .collect::<Result<_, ConvertError>>()?,

@@ -43,6 +43,10 @@ enum ConsoleCmd {
     Leaderboard {
         /// Competition id; omit for the overall leaderboard.
         id: Option<String>,
+        /// Rank by the median standing across the validators running the competition
+        /// (their signed attestations), not this validator's own.
+        #[arg(long)]
+        median: bool,
     },
     /// Miners: register, ban, unban, list.
     #[command(subcommand)]
@@ -539,7 +543,10 @@ async fn run_async(a: ConsoleArgs) -> Result<()> {
                 }
             }
             CompCmd::Show { id } => {
-                let d = call!(c.show_competition(pb::CompetitionRef { id }));
+                let d = call!(c.show_competition(pb::CompetitionRef {
+                    id,
+                    ..Default::default()
+                }));
                 if json {
                     println!(
                         "{{\"config\": {}, \"jobs\": {}, \"eligibility\": {}}}",
@@ -608,9 +615,12 @@ async fn run_async(a: ConsoleArgs) -> Result<()> {
                 println!("integrity settings of `{}` now: {}", v.id, v.settings_json);
             }
         },
-        ConsoleCmd::Leaderboard { id } => {
+        ConsoleCmd::Leaderboard { id, median } => {
             let lb = match id {
-                Some(id) => call!(c.competition_leaderboard(pb::CompetitionRef { id })),
+                Some(id) => call!(c.competition_leaderboard(pb::CompetitionRef {
+                    id,
+                    by_median: median
+                })),
                 None => call!(c.overall_leaderboard(pb::Empty {})),
             };
             let lb: tunenet_types::Leaderboard = lb
@@ -875,7 +885,10 @@ async fn run_async(a: ConsoleArgs) -> Result<()> {
             }
         }
         ConsoleCmd::Disputes { id } => {
-            let r = call!(c.disputes(pb::CompetitionRef { id: id.clone() }));
+            let r = call!(c.disputes(pb::CompetitionRef {
+                id: id.clone(),
+                ..Default::default()
+            }));
             if json {
                 println!("{}", r.disputes_json);
             } else {

@@ -6,6 +6,7 @@ pub mod identity;
 pub mod ids;
 pub mod job;
 pub mod model;
+pub mod quorum;
 pub mod receipt;
 pub mod score;
 pub mod stats;
@@ -15,6 +16,10 @@ pub use identity::{Identity, SignatureError, verify_signature};
 pub use ids::{BlobId, CompetitionId, IdError, JobId, PeerIdStr};
 pub use job::*;
 pub use model::{ManifestError, ModelFile, ModelManifest};
+pub use quorum::{
+    AttestedStanding, DEFAULT_QUORUM_TOLERANCE, Outlier, QuorumRow, ScoreAttestation, quorum,
+    with_quorum,
+};
 pub use receipt::{
     EvaluationReceipt, LossComparison, ReceiptError, compare_losses, loss_proof, losses_root,
     verify_loss,

@@ -164,6 +164,9 @@ pub struct LeaderboardRow {
     /// validator's clock.
     #[serde(default)]
     pub seconds: Option<f64>,
+    /// How the validators that scored this miner agree (None: not computed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quorum: Option<crate::QuorumRow>,
 }
 
 /// A competition's leaderboard.
@@ -243,6 +246,7 @@ pub fn leaderboard(
                 verdicts,
                 acc_norm: mean_of("accuracy", |v| v.value),
                 seconds: mean_of("timing", |v| v.threshold),
+                quorum: None,
             }
         })
         .collect();

@@ -626,6 +626,39 @@ fn miner_refuses_forged_or_foreign_assignments() {
 }
 
 #[test]
+fn a_job_id_held_for_one_validator_is_refused_to_another_until_it_ends() {
+    let mut w = World::new(1, 1);
+    let offer = first_offer(&mut w);
+    let m = &mut w.miners[0].1;
+    m.set_policy(MinerPolicy {
+        max_concurrent_jobs: 4,
+        ..MinerPolicy::default()
+    });
+    let (d, _) = m.offer(offer.clone(), w.now, None);
+    assert_eq!(d, Decision::Accept);
+    // Another validator running the same competition offers the same job id.
+    let other = Identity::generate();
+    let mut theirs = offer.clone();
+    theirs.validator = other.peer_id();
+    theirs.sign(&other);
+    let (d, _) = m.offer(theirs.clone(), w.now, None);
+    match d {
+        Decision::Reject(r) => assert!(
+            r.detail.contains("held for one validator at a time")
+                && r.detail.contains(&offer.validator.0),
+            "{r}"
+        ),
+        Decision::Accept => panic!("the first validator's job would be overwritten"),
+    }
+    // The first validator's job is untouched, and its re-sent offer is still taken.
+    assert_eq!(m.offer(offer.clone(), w.now, None).0, Decision::Accept);
+    assert_eq!(
+        m.job(&offer.job_id).unwrap().offer.validator,
+        offer.validator
+    );
+}
+
+#[test]
 fn a_miner_takes_only_offers_signed_by_the_validator_they_name() {
     let mut w = World::new(1, 1);
     let offer = first_offer(&mut w);
