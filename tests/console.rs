@@ -116,11 +116,12 @@ fn console_roles_specs_and_a_competition_that_survives_sigkill() {
 
     let vport = port();
     let mport = port();
+    let wport = port();
     let vconf = root.join("v.toml");
     std::fs::write(
         &vconf,
         format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nmetrics_listen = \"127.0.0.1:{mport}\"\nminers = [{:?}, {:?}]\n",
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nmetrics_listen = \"127.0.0.1:{mport}\"\nminers = [{:?}, {:?}]\n[web]\nlisten = \"127.0.0.1:{wport}\"\n",
             root.join("v"),
             miner_urls[0],
             miner_urls[1]
@@ -660,6 +661,69 @@ fn console_roles_specs_and_a_competition_that_survives_sigkill() {
         !out.status.success() && said.contains("signed root"),
         "{said}"
     );
+
+    // The public site, in a real browser: each page renders what it should and nothing
+    // hidden (no record of the dataset, so neither test split nor canary, and no nonce).
+    let site = format!("http://127.0.0.1:{wport}");
+    let secrets: Vec<String> = std::fs::read_to_string(&data)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["response"].as_str().map(str::to_string))
+        .filter(|r| r.len() > 24)
+        .collect();
+    assert!(!secrets.is_empty());
+    let job0 = detail["jobs"][0]["plan"]["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pages = [
+        (
+            "index",
+            site.clone(),
+            vec!["id=\"competitions\"", "href=\"/competitions/live\""],
+        ),
+        (
+            "competition",
+            format!("{site}/competitions/live"),
+            vec![
+                "id=\"leaderboard\"",
+                "class=\"miner\"",
+                "<svg",
+                "id=\"jobs\"",
+            ],
+        ),
+        (
+            "job",
+            format!("{site}/competitions/live/jobs/{job0}"),
+            vec!["id=\"submissions\"", "scored"],
+        ),
+        (
+            "miner",
+            format!("{site}/miners/{scored_slot}"),
+            vec!["id=\"history\"", "live"],
+        ),
+    ];
+    for (name, url, wants) in &pages {
+        let Some(dom) = common::browser_dom(url, name) else {
+            break;
+        };
+        for w in wants {
+            assert!(dom.contains(w), "{name} page lacks {w}:\n{dom}");
+        }
+        assert!(!dom.to_lowercase().contains("nonce"), "{name} page: {dom}");
+        for r in &secrets {
+            assert!(
+                !dom.contains(r.as_str()),
+                "{name} page shows a dataset record: {r}"
+            );
+        }
+    }
+    if let Some(dom) = common::browser_dom(&format!("{site}/competitions/live"), "svg-count") {
+        assert!(dom.matches("<svg").count() >= 3, "{dom}");
+        let rows = dom.matches("class=\"miner\"").count();
+        assert!(rows >= 2, "{dom}");
+    }
 
     // The audit log, the feed's history in CSV, and the metrics endpoint.
     let audit = c.ok(&admin, &["audit"]);

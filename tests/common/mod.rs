@@ -119,7 +119,6 @@ impl Drop for Tmpfs {
 /// Starts a miner daemon named `name` under `root` (its data dir, config and log there) on
 /// a free port, with `training` as its `[training]` table's lines. Returns the daemon and
 /// its gRPC URL.
-#[allow(dead_code)]
 pub fn miner_daemon(root: &Path, name: &str, training: &str) -> (Daemon, String) {
     let p = port();
     let conf = root.join(format!("{name}.toml"));
@@ -140,7 +139,6 @@ pub fn miner_daemon(root: &Path, name: &str, training: &str) -> (Daemon, String)
 
 /// Writes validator config `text` as `root/name.toml`, issues its first admin token (before
 /// the daemon holds the store) and starts the daemon, logging to `root/name.log`.
-#[allow(dead_code)]
 pub fn validator_daemon(root: &Path, name: &str, text: &str) -> (Daemon, String) {
     let conf = root.join(format!("{name}.toml"));
     std::fs::write(&conf, text).unwrap();
@@ -150,4 +148,66 @@ pub fn validator_daemon(root: &Path, name: &str, text: &str) -> (Daemon, String)
         &root.join(format!("{name}.log")),
     );
     (d, admin)
+}
+
+/// Loads `url` in headless Chromium and returns the rendered DOM, saving a screenshot as
+/// `web-screenshots/<name>.png` under cargo's test scratch directory. Without Chromium
+/// it says so and returns None, unless `TUNENET_REQUIRE_BROWSER` is set (CI sets it where
+/// Chromium is installed), where it fails.
+pub fn browser_dom(url: &str, name: &str) -> Option<String> {
+    let bin = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|b| {
+            Command::new(b)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+    let Some(bin) = bin else {
+        assert!(
+            std::env::var_os("TUNENET_REQUIRE_BROWSER").is_none(),
+            "TUNENET_REQUIRE_BROWSER is set but no chromium is installed"
+        );
+        eprintln!("skipped the browser checks: no chromium (Debian: apt-get install chromium)");
+        return None;
+    };
+    let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("web-screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let common = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        "--window-size=1280,1600",
+        "--timeout=10000",
+    ];
+    let shot = Command::new(bin)
+        .args(common)
+        .arg(format!(
+            "--screenshot={}",
+            shots.join(format!("{name}.png")).display()
+        ))
+        .arg(url)
+        .output()
+        .unwrap();
+    assert!(
+        shot.status.success(),
+        "chromium could not screenshot {url}: {}",
+        String::from_utf8_lossy(&shot.stderr)
+    );
+    let out = Command::new(bin)
+        .args(common)
+        .arg("--dump-dom")
+        .arg(url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "chromium could not load {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dom = String::from_utf8(out.stdout).unwrap();
+    assert!(dom.contains("</main>"), "{url} rendered no page: {dom}");
+    Some(dom)
 }

@@ -545,6 +545,8 @@ pub struct ValidatorConfig {
     /// are ignored: any peer can sign a receipt, and a forged, backdated one would get an
     /// honest miner failed as a copier.
     pub trusted_validators: Vec<String>,
+    /// The public, read-only web site (`[web] listen = "host:port"`); off when absent.
+    pub web: Option<crate::web::WebConfig>,
     /// Validator quorum: how far (relative to the median) a trusted validator's standing
     /// for a miner may be from the median of all validators' and still agree; further
     /// out, the leaderboard flags it as an outlier with its numbers.
@@ -576,6 +578,7 @@ impl Default for ValidatorConfig {
             artifact_record_grace_secs: None,
             trusted_validators: vec![],
             quorum_tolerance: tunenet_types::DEFAULT_QUORUM_TOLERANCE,
+            web: None,
             hardware: Default::default(),
             limits: Default::default(),
             competitions: vec![],

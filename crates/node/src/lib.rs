@@ -29,6 +29,7 @@ pub mod snapshot;
 pub mod sources;
 pub mod transport;
 pub mod validator;
+pub mod web;
 pub mod wire_redteam;
 
 pub use error::NodeError;

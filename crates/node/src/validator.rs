@@ -1624,6 +1624,9 @@ pub async fn run(cfg: ValidatorConfig, opts: ValidatorOptions) -> Result<(), Nod
         reply_to: reply_to.clone(),
         eval_devices: eval_devices.clone(),
     });
+    if let Some(web) = &cfg.web {
+        crate::web::serve(web, shared.clone())?;
+    }
     let mut builder = crate::limits::with_tls(
         cfg.limits.builder(),
         cfg.tls_cert.as_deref(),

@@ -233,6 +233,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         }
     );
     let vport = free_port()?;
+    let wport = free_port()?;
     let vdir = root.join("validator");
     std::fs::create_dir_all(&vdir)?;
     let p2p = a.transport == "p2p";
@@ -322,7 +323,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     std::fs::write(
         &vconf,
         format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n\n[[competitions]]\nid = \"demo\"\nkind = \"{kind}\"\nbase_model = {:?}\ndataset = {:?}\njobs = {}\nminers_per_job = 3\nmin_miners = 3\ntime_budget_secs = {}\ntest_fraction = {test_fraction}\nseed = 1\nreveal_window_secs = {reveal}\noffer_timeout_secs = 10\neval_max_seq_len = {seq}\nmax_artifact_mb = 4096\n{synthetic}{validator_p2p}",
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{vport}\"\nminers = [{}]\n\n[web]\nlisten = \"127.0.0.1:{wport}\"\n\n[[competitions]]\nid = \"demo\"\nkind = \"{kind}\"\nbase_model = {:?}\ndataset = {:?}\njobs = {}\nminers_per_job = 3\nmin_miners = 3\ntime_budget_secs = {}\ntest_fraction = {test_fraction}\nseed = 1\nreveal_window_secs = {reveal}\noffer_timeout_secs = 10\neval_max_seq_len = {seq}\nmax_artifact_mb = 4096\n{synthetic}{validator_p2p}",
             vdir.join("data"),
             miners.join(", "),
             model,
@@ -362,7 +363,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
             "  over libp2p: the miners join through {bootstrap} and the validator finds them by their adverts"
         );
     }
-    println!("  validator on 127.0.0.1:{vport}; miners (status endpoints):");
+    println!(
+        "  validator on 127.0.0.1:{vport}; public site on http://127.0.0.1:{wport}/ while it runs; miners (status endpoints):"
+    );
     for (name, url) in &miner_urls {
         println!("    {name:<14} {url}");
     }
