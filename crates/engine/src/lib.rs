@@ -6,7 +6,7 @@ pub mod miner;
 pub mod validator;
 
 pub use miner::{
-    MinerEffect, MinerEngine, MinerError, MinerInput, MinerJob, MinerPhase, MinerPolicy,
+    MinerEffect, MinerEngine, MinerError, MinerInput, MinerJob, MinerPhase, MinerPolicy, OfferGate,
 };
 pub use validator::{
     BaseRecords, CompetitionPlan, Evaluation, JobPhase, JobPlan, JobState, LEAKAGE_CHECK,

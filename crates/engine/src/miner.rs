@@ -296,6 +296,43 @@ pub struct MinerEngine {
     clocks: BTreeMap<PeerIdStr, std::collections::VecDeque<i64>>,
 }
 
+/// What a miner's request handlers may decide without its main loop: a snapshot of the
+/// policy and the jobs held, enough to give every refusal the engine would give (an offer
+/// it might take still goes to the engine). Taken after each change to the engine.
+#[derive(Clone, Debug, Default)]
+pub struct OfferGate {
+    policy: MinerPolicy,
+    held: u32,
+    /// Jobs not yet ended, and the validator each is held for.
+    holders: BTreeMap<JobId, PeerIdStr>,
+}
+
+impl OfferGate {
+    /// The refusal the engine would give `offer` (memory aside: that check needs the
+    /// device and only refuses more), or None when the engine must decide.
+    pub fn refusal(&self, offer: &Offer) -> Option<Decision> {
+        match self.holders.get(&offer.job_id) {
+            Some(v) if *v == offer.validator => return None,
+            Some(v) => return Some(Decision::Reject(held_elsewhere(&offer.job_id, v))),
+            None => {}
+        }
+        match self.policy.decide(offer, self.held, None) {
+            Decision::Accept => None,
+            refusal => Some(refusal),
+        }
+    }
+}
+
+/// The refusal of a job id already held for validator `v`.
+fn held_elsewhere(job: &JobId, v: &PeerIdStr) -> RejectReason {
+    RejectReason {
+        code: RejectCode::Busy,
+        detail: format!(
+            "already working on job {job} for validator {v}; a job id is held for one validator at a time"
+        ),
+    }
+}
+
 fn held(phase: &MinerPhase) -> bool {
     matches!(
         phase,
@@ -433,6 +470,20 @@ impl MinerEngine {
         fx
     }
 
+    /// The snapshot request handlers refuse offers by, without the main loop.
+    pub fn offer_gate(&self) -> OfferGate {
+        OfferGate {
+            policy: self.policy.clone(),
+            held: self.running(),
+            holders: self
+                .jobs
+                .iter()
+                .filter(|(_, j)| !matches!(j.phase, MinerPhase::Uploaded | MinerPhase::Failed))
+                .map(|(id, j)| (id.clone(), j.offer.validator.clone()))
+                .collect(),
+        }
+    }
+
     /// Jobs that hold a slot (accepted, training or committing).
     pub fn running(&self) -> u32 {
         self.jobs.values().filter(|j| held(&j.phase)).count() as u32
@@ -495,13 +546,7 @@ impl MinerEngine {
             && j.offer.validator != offer.validator
             && !matches!(j.phase, MinerPhase::Uploaded | MinerPhase::Failed)
         {
-            let r = RejectReason {
-                code: RejectCode::Busy,
-                detail: format!(
-                    "already working on job {} for validator {}; a job id is held for one validator at a time",
-                    offer.job_id, j.offer.validator
-                ),
-            };
+            let r = held_elsewhere(&offer.job_id, &j.offer.validator);
             return (
                 Decision::Reject(r.clone()),
                 vec![MinerEffect::Event(format!(

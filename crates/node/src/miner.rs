@@ -38,6 +38,12 @@ enum Cmd {
 struct Shared {
     tx: mpsc::Sender<Cmd>,
     bench: Arc<crate::hardware::MinerBench>,
+    /// The engine's refusals, decided here without a trip through the main loop (which
+    /// renews it after every change): a flood of offers the miner cannot take costs the
+    /// loop nothing.
+    gate: std::sync::RwLock<tunenet_engine::OfferGate>,
+    /// Offers refused since the last summary line.
+    rejected: std::sync::Mutex<RejectedOffers>,
 }
 
 impl Shared {
@@ -69,6 +75,20 @@ impl MinerBackend for Shared {
                     code: tunenet_types::RejectCode::Hardware,
                     detail,
                 }),
+            ));
+        }
+        let refusal = self.gate.read().ok().and_then(|g| g.refusal(&offer));
+        if let Some(tunenet_types::Decision::Reject(r)) = refusal {
+            metrics::counter!("tunenet_offers_rejected_total", "reason" => format!("{:?}", r.code))
+                .increment(1);
+            tracing::debug!(job_id = %offer.job_id, reason = %r, "offer rejected");
+            if let Ok(mut counted) = self.rejected.lock() {
+                counted.count(r.code);
+            }
+            return Ok(DecisionReply::unsigned(
+                offer.job_id,
+                self.bench.peer_id(),
+                tunenet_types::Decision::Reject(r),
             ));
         }
         self.ask(|tx| Cmd::Offer(offer, tx)).await
@@ -594,7 +614,10 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
             cfg.benchmark_max_n,
             price,
         ),
+        gate: Default::default(),
+        rejected: Default::default(),
     });
+    let gate_shared = shared.clone();
     let advert = |inv: &tunenet_hw::Inventory| {
         crate::presence::miner_advert(&identity, &cfg.device, &cfg.policy, inv, price)
     };
@@ -654,10 +677,12 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
         models: cfg.data_dir.join("models"),
     };
     let mut rng = rand::rngs::StdRng::from_os_rng();
-    let mut rejected = RejectedOffers::default();
     // Training cut short by a restart picks up from its checkpoint in work/<job>.
     let fx = engine.resume(now_ms());
     ctx.execute(fx);
+    if let Ok(mut g) = gate_shared.gate.write() {
+        *g = engine.offer_gate();
+    }
 
     let buckets = crate::limits::request_buckets(&cfg.limits);
     let mut builder = crate::limits::with_tls(
@@ -686,7 +711,9 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
             _ = tick.tick() => {
                 let fx = engine.handle(MinerInput::Tick, now_ms(), &mut rng);
                 ctx.execute(fx);
-                rejected.maybe_log();
+                if let Ok(mut r) = gate_shared.rejected.lock() {
+                    r.maybe_log();
+                }
             }
             Some(cmd) = rx.recv() => {
                 let now = now_ms();
@@ -705,7 +732,9 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
                             // A refused offer changes nothing here: one debug line, and a
                             // summary a minute (an offer flood must not fill the disk).
                             tracing::debug!(%job_id, reason = %r, "offer rejected");
-                            rejected.count(r.code);
+                            if let Ok(mut counted) = gate_shared.rejected.lock() {
+                                counted.count(r.code);
+                            }
                             ctx.execute(fx.into_iter().filter(|f| !matches!(f, MinerEffect::Event(_))).collect());
                         } else {
                             ctx.execute(fx);
@@ -752,6 +781,11 @@ pub async fn run(cfg: MinerConfig) -> Result<(), NodeError> {
                     }
                 }
             }
+        }
+        // The request handlers refuse by what the engine holds now.
+        let gate = engine.offer_gate();
+        if let Ok(mut g) = gate_shared.gate.write() {
+            *g = gate;
         }
     }
     store.flush()?;

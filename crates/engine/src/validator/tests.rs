@@ -659,6 +659,58 @@ fn a_job_id_held_for_one_validator_is_refused_to_another_until_it_ends() {
 }
 
 #[test]
+fn the_offer_gate_refuses_exactly_what_the_engine_would() {
+    let mut w = World::new(1, 1);
+    let offer = first_offer(&mut w);
+    let other = Identity::generate();
+    let with = |f: &dyn Fn(&mut Offer)| {
+        let mut o = offer.clone();
+        f(&mut o);
+        o
+    };
+    let offers = [
+        offer.clone(),
+        with(&|o| o.job_id = JobId::new("c-9").unwrap()),
+        with(&|o| o.kind = JobKind::Inference),
+        with(&|o| o.base_params = u64::MAX),
+        with(&|o| o.time_budget_ms = 1),
+        with(&|o| {
+            o.validator = other.peer_id();
+            o.sign(&other);
+        }),
+    ];
+    let m = &mut w.miners[0].1;
+    let mut refused = 0;
+    for policy in [
+        MinerPolicy::default(),
+        MinerPolicy {
+            paused: true,
+            ..MinerPolicy::default()
+        },
+        MinerPolicy {
+            max_concurrent_jobs: 2,
+            ..MinerPolicy::default()
+        },
+    ] {
+        m.set_policy(policy);
+        // Before and after the first job is taken: every refusal the gate gives is the
+        // engine's own, word for word; what the gate lets through, the engine decides.
+        for round in 0..2 {
+            for (k, o) in offers.iter().enumerate() {
+                let gate = m.offer_gate().refusal(o);
+                let (d, _) = m.offer(o.clone(), w.now, None);
+                if let Some(g) = gate {
+                    assert_eq!(g, d, "round {round} offer {k}");
+                    refused += 1;
+                }
+            }
+            let _ = m.offer(offer.clone(), w.now, None);
+        }
+    }
+    assert!(refused >= 8, "the gate refused {refused} offers");
+}
+
+#[test]
 fn a_miner_takes_only_offers_signed_by_the_validator_they_name() {
     let mut w = World::new(1, 1);
     let offer = first_offer(&mut w);
