@@ -322,6 +322,23 @@ fn console_roles_specs_and_a_competition_that_survives_sigkill() {
         none.contains("0 evaluation receipts") && none.contains("withheld"),
         "{none}"
     );
+    // The public site's live updates: a server-sent event stream from before the start.
+    let sse = std::thread::spawn(move || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", wport)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.write_all(b"GET /events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+            .unwrap();
+        let mut seen = String::new();
+        let mut buf = [0u8; 4096];
+        while !seen.contains("offered to 2 miners") {
+            match s.read(&mut buf) {
+                Ok(n) if n > 0 => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+                _ => break,
+            }
+        }
+        seen
+    });
+    std::thread::sleep(Duration::from_millis(300));
     c.ok(&op_tok, &["competition", "start", "live"]);
 
     // SIGKILL the validator while job 0 is running, then restart it.
@@ -360,6 +377,14 @@ fn console_roles_specs_and_a_competition_that_survives_sigkill() {
             String::from_utf8_lossy(&out.stdout).contains("\"finished\"")
         },
         || format!("{}\n---\n{}", validator2.log(), show(&admin)),
+    );
+
+    let streamed = sse.join().unwrap();
+    assert!(
+        streamed.contains("text/event-stream")
+            && streamed.contains("data: {")
+            && streamed.contains("offered to 2 miners"),
+        "{streamed}"
     );
 
     // The feed showed the offers before the validator was killed.
