@@ -700,7 +700,22 @@ pub fn render_miner(
     page(&short(peer), &b)
 }
 
-type Web = Arc<Shared>;
+/// What the handlers share: the validator loop, and the live-update streams allowed.
+#[derive(Clone)]
+struct Web {
+    shared: Arc<Shared>,
+    streams: Arc<tokio::sync::Semaphore>,
+}
+
+/// Live-update streams open at once; more are refused (each holds a task and a queue).
+pub const MAX_STREAMS: usize = 256;
+
+impl std::ops::Deref for Web {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
+}
 
 fn html(s: String) -> Response {
     ([(header::CACHE_CONTROL, "no-store")], Html(s)).into_response()
@@ -796,8 +811,16 @@ async fn miner(State(w): State<Web>, Path(peer): Path<String>) -> Response {
 }
 
 async fn events(State(w): State<Web>) -> Response {
+    let Ok(permit) = w.streams.clone().try_acquire_owned() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{MAX_STREAMS} live-update streams are open; try again later"),
+        )
+            .into_response();
+    };
     let mut rx = w.events.subscribe();
     let stream = async_stream_events(move |tx| async move {
+        let _permit = permit;
         loop {
             match rx.recv().await {
                 Ok(e) => {
@@ -847,7 +870,10 @@ pub(crate) fn router(shared: Arc<Shared>) -> axum::Router {
         .route("/competitions/{id}/jobs/{job}", get(job))
         .route("/miners/{peer}", get(miner))
         .route("/events", get(events))
-        .with_state(shared)
+        .with_state(Web {
+            shared,
+            streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
+        })
 }
 
 /// Binds `cfg.listen` now (a port in use fails the start) and serves the site.
