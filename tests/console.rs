@@ -750,6 +750,22 @@ fn console_roles_specs_and_a_competition_that_survives_sigkill() {
         assert!(rows >= 2, "{dom}");
     }
 
+    // A client loading pages faster than the site allows is told to slow down.
+    let statuses: Vec<String> = (0..60)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", wport)).unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut body = String::new();
+            s.read_to_string(&mut body).unwrap();
+            body.lines().next().unwrap_or_default().to_string()
+        })
+        .collect();
+    assert!(
+        statuses.iter().any(|l| l.contains("429")) && statuses[0].contains("200"),
+        "{statuses:?}"
+    );
+
     // The audit log, the feed's history in CSV, and the metrics endpoint.
     let audit = c.ok(&admin, &["audit"]);
     for action in [

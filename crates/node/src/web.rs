@@ -9,7 +9,7 @@
 //! no commitment or artifact before its job is scored.
 
 use crate::validator::{Shared, Validator};
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use std::collections::BTreeMap;
@@ -705,10 +705,36 @@ pub fn render_miner(
 struct Web {
     shared: Arc<Shared>,
     streams: Arc<tokio::sync::Semaphore>,
+    /// Page requests per client address.
+    pages: Arc<tunenet_p2p::RateBuckets<std::net::IpAddr>>,
 }
 
 /// Live-update streams open at once; more are refused (each holds a task and a queue).
 pub const MAX_STREAMS: usize = 256;
+/// Pages one client address may load per second, on average, and in a burst: each is a
+/// pass over the validator's state on its loop.
+pub const PAGES_PER_SEC: f64 = 10.0;
+/// See [`PAGES_PER_SEC`].
+pub const PAGE_BURST: u32 = 30;
+
+/// The refusal of a client past its page rate, saying so (None: serve it).
+fn refuse(w: &Web, from: std::net::SocketAddr) -> Option<Response> {
+    if w.pages.allow(&from.ip()) {
+        None
+    } else {
+        Some(
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, "1")],
+                format!(
+                    "more than {PAGES_PER_SEC} pages a second from {}; slow down",
+                    from.ip()
+                ),
+            )
+                .into_response(),
+        )
+    }
+}
 
 impl std::ops::Deref for Web {
     type Target = Shared;
@@ -729,7 +755,13 @@ fn not_found(what: String) -> Response {
         .into_response()
 }
 
-async fn index(State(w): State<Web>) -> Response {
+async fn index(
+    State(w): State<Web>,
+    ConnectInfo(from): ConnectInfo<std::net::SocketAddr>,
+) -> Response {
+    if let Some(r) = refuse(&w, from) {
+        return r;
+    }
     match w
         .with(|v: &mut Validator| {
             Ok((0..v.comps.len())
@@ -743,7 +775,14 @@ async fn index(State(w): State<Web>) -> Response {
     }
 }
 
-async fn competition(State(w): State<Web>, Path(id): Path<String>) -> Response {
+async fn competition(
+    State(w): State<Web>,
+    ConnectInfo(from): ConnectInfo<std::net::SocketAddr>,
+    Path(id): Path<String>,
+) -> Response {
+    if let Some(r) = refuse(&w, from) {
+        return r;
+    }
     let want = id.clone();
     let r = w
         .with(move |v: &mut Validator| {
@@ -760,7 +799,14 @@ async fn competition(State(w): State<Web>, Path(id): Path<String>) -> Response {
     }
 }
 
-async fn job(State(w): State<Web>, Path((id, job)): Path<(String, String)>) -> Response {
+async fn job(
+    State(w): State<Web>,
+    ConnectInfo(from): ConnectInfo<std::net::SocketAddr>,
+    Path((id, job)): Path<(String, String)>,
+) -> Response {
+    if let Some(r) = refuse(&w, from) {
+        return r;
+    }
     let (want, want_job) = (id.clone(), job.clone());
     let r = w
         .with(move |v: &mut Validator| {
@@ -779,7 +825,14 @@ async fn job(State(w): State<Web>, Path((id, job)): Path<(String, String)>) -> R
     }
 }
 
-async fn miner(State(w): State<Web>, Path(peer): Path<String>) -> Response {
+async fn miner(
+    State(w): State<Web>,
+    ConnectInfo(from): ConnectInfo<std::net::SocketAddr>,
+    Path(peer): Path<String>,
+) -> Response {
+    if let Some(r) = refuse(&w, from) {
+        return r;
+    }
     let want = peer.clone();
     let r = w
         .with(move |v: &mut Validator| {
@@ -873,6 +926,10 @@ pub(crate) fn router(shared: Arc<Shared>) -> axum::Router {
         .with_state(Web {
             shared,
             streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
+            pages: Arc::new(
+                tunenet_p2p::RateBuckets::new(PAGES_PER_SEC, PAGE_BURST)
+                    .expect("a positive page rate"),
+            ),
         })
 }
 
@@ -891,6 +948,7 @@ pub(crate) fn serve(cfg: &WebConfig, shared: Arc<Shared>) -> Result<(), crate::e
     tracing::info!(listen = %cfg.listen, "public web site serving");
     let app = router(shared);
     tokio::spawn(async move {
+        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "the web site stopped");
         }
