@@ -1346,10 +1346,22 @@ impl Validator {
             .chain(c.engine.jobs().filter_map(|j| j.synthetic_set))
             .filter(|b| !still_hidden.contains(b))
             .collect();
-        match self.shared.public.write() {
-            Ok(mut p) => sets.into_iter().filter(|b| p.insert(*b)).count(),
-            Err(_) => 0,
+        let published: Vec<BlobId> = match self.shared.public.write() {
+            Ok(mut p) => sets.into_iter().filter(|b| p.insert(*b)).collect(),
+            Err(_) => vec![],
+        };
+        // Over libp2p too, for miners that reach this validator only there.
+        if let Some(client) = self.transport.p2p().cloned() {
+            let ids = published.clone();
+            tokio::spawn(async move {
+                for id in ids {
+                    if let Err(e) = client.serve(id).await {
+                        tracing::warn!(blob = %id, error = %e, "could not serve a published set over p2p");
+                    }
+                }
+            });
         }
+        published.len()
     }
 
     /// Makes `job`'s record durable now if an earlier save of it failed (see
