@@ -233,7 +233,8 @@ pub fn quorum(
     out
 }
 
-/// `lb` with each row's quorum filled in from `attestations`, and, when `by_median`, ranked
+/// `lb` with each row's quorum filled in from `attestations` (rows no other validator
+/// scored keep none), and, when `by_median`, ranked
 /// by the median standing across validators instead of this validator's own.
 pub fn with_quorum(
     me: &PeerIdStr,
@@ -243,8 +244,10 @@ pub fn with_quorum(
     by_median: bool,
 ) -> Leaderboard {
     let q = quorum(me, &lb, attestations, tolerance);
+    // Only where another validator scored the miner too: alone, there is nothing to agree
+    // on, and the board stays as this validator's scores made it.
     for r in &mut lb.rows {
-        r.quorum = q.get(&r.miner).cloned();
+        r.quorum = q.get(&r.miner).filter(|q| q.validators > 1).cloned();
     }
     if by_median {
         let key =
@@ -315,9 +318,10 @@ mod tests {
         let ranked = with_quorum(&a.peer_id(), own.clone(), &[from_b, from_c], 0.1, true);
         assert_eq!(ranked.rows[0].miner.0, "m1");
         assert!(ranked.rows[0].quorum.is_some());
-        // Alone, a validator agrees with itself.
+        // Alone, a validator agrees with itself, and its board is left as it was.
         let alone = quorum(&a.peer_id(), &own, &[], 0.1);
         assert_eq!(alone[&PeerIdStr("m1".into())].agreeing, 1);
+        assert_eq!(with_quorum(&a.peer_id(), own.clone(), &[], 0.1, false), own);
     }
 
     #[test]
