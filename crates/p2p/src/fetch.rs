@@ -183,7 +183,7 @@ pub(crate) async fn fetch_blob(
             tracing::info!(blob = %id, chunks_held = have, round, problem = %d.last_problem, "blob download resumes");
             tokio::time::sleep(wait).await;
         }
-        let providers: Vec<PeerId> = match client.providers(id).await {
+        let mut providers: Vec<PeerId> = match client.providers(id).await {
             Ok(p) => {
                 let mut all: Vec<PeerId> = hints.to_vec();
                 all.extend(p.into_iter().filter(|p| !hints.contains(p)));
@@ -201,7 +201,7 @@ pub(crate) async fn fetch_blob(
             continue;
         }
         if d.manifest.is_none() {
-            d.get_manifest(client, &providers).await?;
+            d.get_manifest(client, &mut providers).await?;
         }
         let Some(manifest) = d.manifest.clone() else {
             if let Some(size) = d.too_large {
@@ -237,7 +237,7 @@ impl Download {
     async fn get_manifest(
         &mut self,
         client: &Client,
-        providers: &[PeerId],
+        providers: &mut Vec<PeerId>,
     ) -> Result<(), P2pError> {
         let id = self.id;
         let ask = |peer: PeerId| async move {
@@ -247,11 +247,15 @@ impl Download {
             (peer, answer)
         };
         let mut waiting = FuturesUnordered::new();
-        let mut next = providers.iter().copied();
+        let mut next: std::collections::VecDeque<PeerId> = providers.iter().copied().collect();
+        let mut asked: HashSet<PeerId> = HashSet::new();
         loop {
             if waiting.is_empty() {
-                match next.next() {
-                    Some(peer) => waiting.push(ask(peer)),
+                match next.pop_front() {
+                    Some(peer) => {
+                        asked.insert(peer);
+                        waiting.push(ask(peer));
+                    }
                     None => return Ok(()),
                 }
             }
@@ -260,7 +264,30 @@ impl Download {
                 Ok(Some(a)) => a,
                 Ok(None) => continue,
                 Err(_) => {
-                    if let Some(peer) = next.next() {
+                    // Every provider known is asked and none has answered: the lookup that
+                    // found them may have returned before it found the rest (it answers
+                    // with the first found), so look again rather than wait out a provider
+                    // gone silent.
+                    if next.is_empty()
+                        && let Ok(Ok(more)) =
+                            tokio::time::timeout(MANIFEST_STAGGER, client.providers(id)).await
+                    {
+                        for p in more {
+                            if !asked.contains(&p)
+                                && !next.contains(&p)
+                                && !self.dropped.contains(&p)
+                                && p != client.local
+                            {
+                                next.push_back(p);
+                                // The round's download asks them too.
+                                if !providers.contains(&p) {
+                                    providers.push(p);
+                                }
+                            }
+                        }
+                    }
+                    if let Some(peer) = next.pop_front() {
+                        asked.insert(peer);
                         waiting.push(ask(peer));
                     }
                     continue;
