@@ -624,39 +624,21 @@ fn console_roles_specs_and_a_competition_that_survives_sigkill() {
             && seen.contains(&format!("validator {:.4}", r.test_loss.unwrap())),
         "{seen}"
     );
-    c.refused(
-        Some(&own_tok),
-        &[
-            "dispute",
-            "live",
-            r.job_id.as_str(),
-            "--recomputed",
-            mine_file.to_str().unwrap(),
-        ],
-        &["already disputed"],
-    );
-    c.refused(
-        Some(&miner_tok),
-        &[
-            "dispute",
-            "live",
-            r.job_id.as_str(),
-            "--recomputed",
-            mine_file.to_str().unwrap(),
-        ],
-        &["no evaluation receipt for miner"],
-    );
-    c.refused(
-        Some(&viewer_tok),
-        &[
-            "dispute",
-            "live",
-            r.job_id.as_str(),
-            "--recomputed",
-            mine_file.to_str().unwrap(),
-        ],
-        &["may not"],
-    );
+    // Once per receipt; only its own miner's token; not a reading role.
+    let again = [
+        "dispute",
+        "live",
+        r.job_id.as_str(),
+        "--recomputed",
+        mine_file.to_str().unwrap(),
+    ];
+    for (tok, why) in [
+        (&own_tok, "already disputed"),
+        (&miner_tok, "no evaluation receipt for miner"),
+        (&viewer_tok, "may not"),
+    ] {
+        c.refused(Some(tok), &again, &[why]);
+    }
 
     // The published split is not reused: a new competition that would draw the same
     // hidden records is refused.
