@@ -8,8 +8,18 @@
 //! per row; its backward pass writes the one `[rows, vocab]` gradient, `softmax - one-hot`,
 //! in a single pass after two reading ones. Off the CPU (or for other dtypes) the same
 //! function takes candle's composition, so CUDA keeps one code path.
+//!
+//! A linear layer with a frozen weight: candle's matmul backward computes the gradient of
+//! both factors, so LoRA's frozen base paid a full fine-tuning's weight gradients (a
+//! matmul the size of the forward one per layer, and a zeroed weight-sized buffer to add
+//! it into, held to the end of the backward pass). [`linear`] records the product as an
+//! op whose backward gives the input its gradient and nothing else; its forward is
+//! candle's own matmul on the same storages (CPU and CUDA), so the same bits.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Storage, Tensor,
+};
 
 /// Rows per rayon task: enough work per task that splitting costs nothing.
 const ROWS_PER_TASK: usize = 4;
@@ -24,6 +34,68 @@ pub(crate) fn nll_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         logits.apply_op2(&targets, CrossEntropy)
     } else {
         nll_rows_composed(logits, targets)
+    }
+}
+
+/// `x wᵀ` for `x: [n, in]` and `w: [out, in]`. Where `w` is frozen (neither a variable
+/// nor computed from one) and `x` carries a gradient, the backward pass computes `x`'s
+/// gradient only; otherwise (and off the CPU and CUDA) it is candle's matmul.
+pub(crate) fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let frozen = !w.track_op() && x.track_op();
+    if frozen && x.rank() == 2 && w.rank() == 2 && (x.device().is_cpu() || x.device().is_cuda()) {
+        x.apply_op1(FrozenLinear { w: w.clone() })
+    } else {
+        x.matmul(&w.t()?)
+    }
+}
+
+/// `x wᵀ` with `w` held outside the graph: see [`linear`].
+struct FrozenLinear {
+    w: Tensor,
+}
+
+impl FrozenLinear {
+    /// The `(batch, m, n, k)` of the product and `wᵀ`'s layout, checked against `x`'s.
+    fn dims(&self, l: &Layout, wl: &Layout) -> Result<((usize, usize, usize, usize), Layout)> {
+        let (m, k) = l.shape().dims2()?;
+        let (n, k2) = wl.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("linear: an input of {k} features for a weight of {k2}");
+        }
+        Ok(((1, m, n, k), wl.transpose(0, 1)?))
+    }
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (w, wl) = self.w.storage_and_layout();
+        let Storage::Cpu(w) = &*w else {
+            candle_core::bail!("linear: the input is on the CPU, the weight is not");
+        };
+        let (bmnk, wt) = self.dims(l, wl)?;
+        Ok((s.matmul(w, bmnk, l, &wt)?, Shape::from((bmnk.1, bmnk.2))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (w, wl) = self.w.storage_and_layout();
+        let Storage::Cuda(w) = &*w else {
+            candle_core::bail!("linear: the input is on a GPU, the weight is not");
+        };
+        let (bmnk, wt) = self.dims(l, wl)?;
+        Ok((s.matmul(w, bmnk, l, &wt)?, Shape::from((bmnk.1, bmnk.2))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.w)?))
     }
 }
 
@@ -221,6 +293,56 @@ mod tests {
             assert!(max_abs_diff(&nll_f, &nll_c) < 1e-5, "{n}x{v} forward");
             assert!(max_abs_diff(&g_f, &g_c) < 1e-6, "{n}x{v} gradient");
         }
+    }
+
+    /// `[n, k]` of values in [-1, 1).
+    fn uniform(n: usize, k: usize, seed: u64) -> Tensor {
+        (random(n, k, seed).0 * 0.1).unwrap()
+    }
+
+    /// With a frozen weight, [`linear`] gives the same forward bits and the same input
+    /// gradient as candle's matmul, on odd shapes, and forms no gradient for the weight
+    /// (candle's matmul backward forms one for every factor).
+    #[test]
+    fn frozen_linear_matches_the_matmul_and_forms_no_weight_gradient() {
+        for (n, k, out, seed) in [
+            (1, 1, 1, 1),
+            (7, 13, 5, 2),
+            (33, 64, 129, 3),
+            (5, 576, 1, 4),
+        ] {
+            let x0 = uniform(n, k, seed);
+            let w = uniform(out, k, seed + 10);
+            let head = uniform(n, out, seed + 20);
+            let run = |fused: bool| {
+                let x = Var::from_tensor(&x0).unwrap();
+                // A tracked input, as a layer's input is after the first adapter.
+                let xin = (x.as_tensor() * 1.0).unwrap();
+                let y = if fused {
+                    linear(&xin, &w).unwrap()
+                } else {
+                    xin.matmul(&w.t().unwrap()).unwrap()
+                };
+                let grads = (&y * &head).unwrap().sum_all().unwrap().backward().unwrap();
+                let g = grads.get(x.as_tensor()).unwrap().clone();
+                (y, g, grads.get_ids().count())
+            };
+            let (y_f, g_f, n_f) = run(true);
+            let (y_c, g_c, n_c) = run(false);
+            assert_eq!(max_abs_diff(&y_f, &y_c), 0.0, "{n}x{k}x{out} forward");
+            assert!(max_abs_diff(&g_f, &g_c) < 1e-6, "{n}x{k}x{out} gradient");
+            assert_eq!(
+                n_f + 1,
+                n_c,
+                "{n}x{k}x{out}: the weight's gradient was formed"
+            );
+        }
+        // A trainable weight takes candle's matmul, gradient and all.
+        let w = Var::from_tensor(&uniform(3, 4, 9)).unwrap();
+        let x = uniform(2, 4, 8);
+        let y = linear(&x, w.as_tensor()).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(w.as_tensor()).is_some());
     }
 
     #[test]

@@ -61,7 +61,7 @@ impl Linear {
 
     /// `x: [n, in]` -> `[n, out]`; adapter dropout applies in training mode only.
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = crate::fused::linear(x, &self.weight)?;
         match &self.adapter {
             None => Ok(y),
             Some(ad) => {
@@ -196,7 +196,7 @@ impl Llama {
             x = (x + layer.down.forward(&(g * u)?, mode)?)?;
         }
         let x = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, mode)?;
-        let logits = x.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?;
+        let logits = crate::fused::linear(&x, &self.lm_head)?.to_dtype(DType::F32)?;
         logits.reshape((b, t, self.cfg.vocab_size))
     }
 
