@@ -8,6 +8,7 @@
 use std::path::Path;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tunenet_ml::alloc::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize| -> Result<&str, String> {
         args.get(i).map(String::as_str).ok_or_else(|| {

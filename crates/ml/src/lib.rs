@@ -4,6 +4,7 @@
 //! JSONL datasets, artifacts with embedded manifests (and PEFT adapters), tiny test models.
 //! Nothing here touches the network: every model and dataset comes from local files.
 
+pub mod alloc;
 mod artifact;
 mod bench;
 mod chat;
@@ -15,6 +16,7 @@ mod error;
 mod eval;
 mod formats;
 mod fused;
+mod fused_block;
 mod gguf;
 mod hellaswag;
 mod lm;

@@ -2,7 +2,7 @@
 //! grouped-query attention with causal and key-padding masks, SiLU-gated MLP, optional
 //! tied embeddings, and linear layers that can carry a LoRA adapter.
 
-use candle_core::{D, DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::config::{LlamaConfig, RopeScaling};
@@ -93,7 +93,7 @@ pub(crate) enum Mode {
 pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, mode: Mode) -> Result<Tensor> {
     match mode {
         Mode::Infer => candle_nn::ops::rms_norm(x, w, eps as f32),
-        Mode::Train => candle_nn::ops::rms_norm_slow(x, w, eps as f32),
+        Mode::Train => crate::fused_block::rms_norm(x, w, eps),
     }
 }
 
@@ -191,9 +191,10 @@ impl Llama {
             let att = self.attention(layer, &hn, b, t, &mask, &cos, &sin, mode)?;
             x = (x + att)?;
             let hn = rms_norm(&x, &layer.mlp_norm, self.cfg.rms_norm_eps, mode)?;
-            let g = layer.gate.forward(&hn, mode)?.silu()?;
+            let g = layer.gate.forward(&hn, mode)?;
             let u = layer.up.forward(&hn, mode)?;
-            x = (x + layer.down.forward(&(g * u)?, mode)?)?;
+            let gu = crate::fused_block::silu_mul(&g, &u)?;
+            x = (x + layer.down.forward(&gu, mode)?)?;
         }
         let x = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, mode)?;
         let logits = crate::fused::linear(&x, &self.lm_head)?.to_dtype(DType::F32)?;
@@ -227,8 +228,8 @@ impl Llama {
                 candle_nn::rotary_emb::rope(&k, cos, sin)?,
             ),
             Mode::Train => (
-                candle_nn::rotary_emb::rope_slow(&q, cos, sin)?,
-                candle_nn::rotary_emb::rope_slow(&k, cos, sin)?,
+                crate::fused_block::rope(&q, cos, sin)?,
+                crate::fused_block::rope(&k, cos, sin)?,
             ),
         };
         let k = repeat_kv(k, nh / nkv)?;
@@ -238,7 +239,7 @@ impl Llama {
         let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
         let probs = match mode {
             Mode::Infer => candle_nn::ops::softmax_last_dim(&scores)?,
-            Mode::Train => candle_nn::ops::softmax(&scores, D::Minus1)?,
+            Mode::Train => crate::fused_block::softmax_last_dim(&scores)?,
         }
         .to_dtype(v.dtype())?;
         let y = probs.matmul(&v)?; // [b, nh, t, hd]

@@ -224,6 +224,8 @@ fn write_report(out: &std::path::Path, md: &str) -> anyhow::Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
+    // Training and scoring reuse their freed tensors' pages (crates/ml/src/alloc.rs).
+    tunenet_ml::alloc::keep_freed_memory();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

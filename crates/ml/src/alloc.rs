@@ -1,0 +1,45 @@
+//! The C allocator's settings for a process that trains and scores models.
+//!
+//! A training step allocates and frees the same large tensors every time: activations,
+//! their gradients, candle's zeroed gradient accumulators, each a few hundred KiB to tens
+//! of MiB. glibc serves every block above its mmap threshold (128 KiB at first, raised
+//! only as freed blocks teach it) with a fresh `mmap`, and returns the top of its heap to
+//! the kernel once 128 KiB lie free there; so a step's temporaries are faulted in and
+//! zeroed by the kernel again on every step. Profiled on SmolLM2 LoRA training (one
+//! thread), the kernel's page clearing was a quarter of the time (`docs/BENCHMARKS.md`).
+//!
+//! [`keep_freed_memory`] raises the threshold to glibc's maximum and keeps freed memory in
+//! the process, so a step reuses the previous step's pages. The peak is unchanged (the
+//! same tensors live at once); what changes is that the process holds its peak between
+//! steps instead of handing it back and faulting it in again.
+
+/// glibc's largest mmap threshold on 64-bit targets (`DEFAULT_MMAP_THRESHOLD_MAX`):
+/// blocks up to 32 MiB come from the reused heap.
+pub const MMAP_THRESHOLD: i32 = 32 << 20;
+
+/// Free memory at the top of a heap that glibc keeps before returning it (1 GiB).
+pub const TRIM_THRESHOLD: i32 = 1 << 30;
+
+/// Extra bytes glibc asks the kernel for whenever a heap grows (64 MiB; address space
+/// only until touched), so a growing heap does not grow one block at a time.
+pub const TOP_PAD: i32 = 64 << 20;
+
+/// Sets glibc's allocator to keep and reuse freed memory (see the module's note). Call
+/// once, early in `main`; a no-op where the C library is not glibc. Returns whether
+/// every setting took.
+pub fn keep_freed_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only changes the allocator's parameters; glibc serialises it
+        // with allocation, and every value is within the range its manual gives.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+                && libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+                && libc::mallopt(libc::M_TOP_PAD, TOP_PAD) == 1
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
