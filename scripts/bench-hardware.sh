@@ -8,5 +8,5 @@ device="${1:-cpu}"; runs="${2:-3}"
 features=""; [[ "$device" == cuda* ]] && features="--features cuda"
 cargo build --release $features
 for _ in $(seq "$runs"); do
-  ./target/release/tunenet hardware --benchmark 4096 --device "$device" | tail -1
+  "${CARGO_TARGET_DIR:-target}/release/tunenet" hardware --benchmark 4096 --device "$device" | tail -1
 done

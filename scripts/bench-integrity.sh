@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 n="${1:-5}"
 cargo build --release --quiet
 out=$(mktemp -d)/INTEGRITY.md
-./target/release/tunenet redteam --competitions "$n" --out "$out" >/dev/null
+"${CARGO_TARGET_DIR:-target}/release/tunenet" redteam --competitions "$n" --out "$out" >/dev/null
 grep -A2 '^## Cost' "$out" | tail -n 1

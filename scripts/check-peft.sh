@@ -13,7 +13,7 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import torch, transfo
 fi
 cargo build --release --quiet
 work=$(mktemp -d)
-bin=./target/release/tunenet
+bin="${CARGO_TARGET_DIR:-target}/release/tunenet"
 $bin model init --preset tiny --out "$work/base" >/dev/null
 $bin dataset demo --out "$work/data.jsonl" --records 200 >/dev/null
 $bin train --model "$work/base" --data "$work/data.jsonl" --out "$work/run" --method lora --rank 8 --steps 30 --lr 0.003 >/dev/null 2>&1

@@ -143,9 +143,8 @@ fn inputs<'a>(
 
 /// A row's maximum and `ln(sum(exp(x - max)))`, in f32 as candle's `log_softmax` does.
 fn log_sum_exp(row: &[f32]) -> (f32, f32) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
-    (max, sum.ln())
+    let max = crate::simd::max(row);
+    (max, crate::simd::exp_shifted_total(row, max).ln())
 }
 
 struct CrossEntropy;
@@ -232,9 +231,8 @@ impl CustomOp3 for CrossEntropyGrad {
                     }
                     let row = &logits[i * v..(i + 1) * v];
                     let (max, lse) = log_sum_exp(row);
-                    for (o, &x) in o.iter_mut().zip(row) {
-                        *o = g * (x - max - lse).exp();
-                    }
+                    crate::simd::exp_shifted_sum(row, max + lse, o);
+                    o.iter_mut().for_each(|o| *o *= g);
                     o[targets[i] as usize] -= g;
                 }
             });

@@ -361,8 +361,11 @@ impl CustomOp2 for SiluMul {
                     .zip(b.par_chunks(ELEMS_PER_TASK)),
             )
             .for_each(|(o, (a, b))| {
+                // e^-a first, in place, with the vectorised exp.
+                o.iter_mut().zip(a).for_each(|(o, &a)| *o = -a);
+                crate::simd::exp_in_place(o);
                 for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-                    *o = a / (1.0 + (-a).exp()) * b;
+                    *o = a / (1.0 + *o) * b;
                 }
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -416,8 +419,11 @@ impl CustomOp3 for SiluMulGrad {
                     .zip(g.par_chunks(ELEMS_PER_TASK)),
             )
             .for_each(|(((da, db), a), (b, g))| {
+                // e^-a first, in place, with the vectorised exp.
+                da.iter_mut().zip(a).for_each(|(d, &a)| *d = -a);
+                crate::simd::exp_in_place(da);
                 for i in 0..a.len() {
-                    let s = 1.0 / (1.0 + (-a[i]).exp());
+                    let s = 1.0 / (1.0 + da[i]);
                     da[i] = g[i] * b[i] * s * (1.0 + a[i] * (1.0 - s));
                     db[i] = g[i] * a[i] * s;
                 }
@@ -457,12 +463,8 @@ impl CustomOp1 for Softmax {
             .zip(x.par_chunks(chunk))
             .for_each(|(o, x)| {
                 for (o, x) in o.chunks_exact_mut(w).zip(x.chunks_exact(w)) {
-                    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                    let mut sum = 0f32;
-                    for (o, &x) in o.iter_mut().zip(x) {
-                        *o = (x - max).exp();
-                        sum += *o;
-                    }
+                    let max = crate::simd::max(x);
+                    let sum = crate::simd::exp_shifted_sum(x, max, o);
                     o.iter_mut().for_each(|o| *o /= sum);
                 }
             });

@@ -29,6 +29,7 @@ mod model_dir;
 mod parallel;
 mod peft;
 mod scoring;
+mod simd;
 mod synthetic;
 mod tiny;
 mod tokenizer;

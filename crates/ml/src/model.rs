@@ -238,6 +238,10 @@ impl Llama {
         // Masking and softmax in f32: a half-precision mask value would overflow.
         let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
         let probs = match mode {
+            // On the CPU, the fused kernel with the vectorised exp.
+            Mode::Infer if scores.device().is_cpu() => {
+                crate::fused_block::softmax_last_dim(&scores)?
+            }
             Mode::Infer => candle_nn::ops::softmax_last_dim(&scores)?,
             Mode::Train => crate::fused_block::softmax_last_dim(&scores)?,
         }

@@ -656,25 +656,30 @@ impl<'a> StreamingLogSoftmax<'a> {
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        for (r, row) in v.chunks_exact(width.max(1)).enumerate() {
-            let piece_max = row.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
-            let max = self.max[r].max(piece_max);
-            let mut sum = if self.sum[r] > 0.0 {
-                self.sum[r] * (self.max[r] - max).exp()
-            } else {
-                0.0
-            };
-            for &l in row {
-                sum += (l - max).exp();
-            }
-            self.max[r] = max;
-            self.sum[r] = sum;
-            if let Some(local) = (self.targets[r] as usize).checked_sub(offset)
-                && local < width
-            {
-                self.picked[r] = Some(row[local]);
-            }
-        }
+        // Rows in parallel, each with the vectorised exp.
+        use rayon::prelude::*;
+        let targets = &self.targets;
+        self.max
+            .par_iter_mut()
+            .zip(self.sum.par_iter_mut())
+            .zip(self.picked.par_iter_mut())
+            .zip(v.par_chunks_exact(width.max(1)))
+            .enumerate()
+            .for_each(|(r, (((row_max, row_sum), picked), row))| {
+                let max = row_max.max(crate::simd::max(row));
+                let carried = if *row_sum > 0.0 {
+                    *row_sum * (*row_max - max).exp()
+                } else {
+                    0.0
+                };
+                *row_sum = carried + crate::simd::exp_shifted_total(row, max);
+                *row_max = max;
+                if let Some(local) = (targets[r] as usize).checked_sub(offset)
+                    && local < width
+                {
+                    *picked = Some(row[local]);
+                }
+            });
         Ok(())
     }
 
