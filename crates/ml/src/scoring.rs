@@ -97,39 +97,6 @@ const TILE_ELEMS: usize = 1 << 18;
 /// past a handful of rows the expansion and a tiled GEMM win, by far for batched scoring.
 const EXPAND_MIN_ROWS: usize = 16;
 
-/// `x` (`[rows, k]`) rounded the way a quantised dot product rounds its activations for
-/// weights of `dtype` (candle's kernels and llama.cpp's alike): for the 32-value block
-/// types, each block of 32 becomes `round(x / d) * d` with `d = max|x| / 127` stored in
-/// f16 (Q8_0 and Q8_1 blocks). The expanded tiles then multiply what the kernels would,
-/// so a row scores the same whether its batch takes the tiles (many rows) or candle's
-/// kernels (a few), and as llama.cpp scores it. Other types' activations stay as they are.
-fn round_activations(x: &Tensor, dtype: GgmlDType) -> candle_core::Result<Tensor> {
-    const BLOCK: usize = 32;
-    let block_types = [
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q8_0,
-    ];
-    let k = x.dim(D::Minus1)?;
-    if !block_types.contains(&dtype) || k % BLOCK != 0 || x.dtype() != DType::F32 {
-        return Ok(x.clone());
-    }
-    use rayon::prelude::*;
-    let mut v = x.flatten_all()?.to_vec1::<f32>()?;
-    v.par_chunks_mut(BLOCK * 64).for_each(|c| {
-        for b in c.chunks_exact_mut(BLOCK) {
-            let amax = b.iter().fold(0f32, |m, x| m.max(x.abs()));
-            let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let stored = half::f16::from_f32(d).to_f32();
-            b.iter_mut().for_each(|x| *x = (*x * id).round() * stored);
-        }
-    });
-    Tensor::from_vec(v, x.shape(), x.device())
-}
-
 /// A projection's weights.
 #[derive(Debug)]
 enum Weights {
@@ -197,14 +164,6 @@ impl Weights {
             }
             Weights::Whole(mm) => each(0, mm.forward(x)?),
             Weights::Tiles(tiles) => {
-                let rounded;
-                let x = match tiles.first() {
-                    Some(t) if rows >= EXPAND_MIN_ROWS => {
-                        rounded = round_activations(x, t.dtype())?;
-                        &rounded
-                    }
-                    _ => x,
-                };
                 let mut start = 0;
                 for tile in tiles {
                     let y = Self::tile_forward(tile, x, rows)?;
@@ -240,12 +199,7 @@ impl Weights {
         let k = x.dim(D::Minus1)?;
         let rows = x.elem_count() / k.max(1);
         let mut out_dims = x.dims().to_vec();
-        let mut x2 = x.reshape((rows, k))?;
-        if rows >= EXPAND_MIN_ROWS
-            && let Some(t) = tiles.first()
-        {
-            x2 = round_activations(&x2, t.dtype())?;
-        }
+        let x2 = x.reshape((rows, k))?;
         // Tiles in parallel: each expansion runs on one thread, so a second thread would
         // otherwise wait for every expansion.
         use rayon::prelude::*;
@@ -996,8 +950,8 @@ pub(crate) mod tests {
         d.into_iter().fold(0.0, |m, x| m.max(x.abs()))
     }
 
-    /// Tiled quantised weights give candle's quantised kernels' result for every batch
-    /// size (batched calls: the expanded weights times the rounded activations), at SmolLM2's
+    /// Tiled quantised weights give the dense product of the expanded weights for batched
+    /// calls, and candle's quantised kernels' exact result for a few rows, at SmolLM2's
     /// inner dimension (576), with a row count that leaves the last tile short, and inputs
     /// of two and three dimensions.
     #[test]
@@ -1022,31 +976,14 @@ pub(crate) mod tests {
                 let mut want_dims = shape.clone();
                 *want_dims.last_mut().unwrap() = n;
                 assert_eq!(y.dims(), want_dims.as_slice(), "{dtype:?}");
-                // Every batch size gives candle's quantised kernels' result (which round
-                // the activations to 8 bits), and the expanded weights' product of the
-                // rounded activations.
-                // Q4_1's kernel pairs the activations with Q8_1 blocks, whose sum (for the
-                // weights' minimum) it keeps in f16 too; a product of expanded values
-                // cannot round that sum, so Q4_1 agrees to the f16 sum's rounding.
-                let tol = if dtype == GgmlDType::Q4_1 { 5e-3 } else { 1e-4 };
-                let want = whole.forward(&x).unwrap();
-                let d = max_abs_diff(&y, &want);
-                assert!(
-                    d < tol,
-                    "{dtype:?} {shape:?}: differs from the kernels by {d}"
-                );
                 let rows = shape[..shape.len() - 1].iter().product::<usize>();
-                let x2 = x.reshape((rows, k)).unwrap();
-                let rounded = round_activations(&x2, dtype).unwrap();
-                let exact = rounded.matmul(&expanded.t().unwrap()).unwrap();
-                let d = max_abs_diff(&y.reshape((rows, n)).unwrap(), &exact);
-                assert!(
-                    d < tol,
-                    "{dtype:?} {shape:?}: differs from the expansion by {d}"
-                );
-                // The rounding is real: unrounded activations give another product.
-                let unrounded = x2.matmul(&expanded.t().unwrap()).unwrap();
-                assert!(max_abs_diff(&unrounded, &exact) > 1e-3, "{dtype:?}");
+                let want = if rows >= EXPAND_MIN_ROWS {
+                    x.broadcast_matmul(&expanded.t().unwrap()).unwrap()
+                } else {
+                    whole.forward(&x).unwrap()
+                };
+                let d = max_abs_diff(&y, &want);
+                assert!(d < 1e-4, "{dtype:?} {shape:?}: differs by {d}");
             }
         }
         // Dense weights stay one matmul.
@@ -1066,11 +1003,9 @@ pub(crate) mod tests {
         let targets: Vec<u32> = (0..rows as u32).map(|r| (r * 97 + 13) % n as u32).collect();
         let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
         let expanded = q.dequantize(&dev).unwrap();
-        // Quantised tiles multiply the activations as the quantised kernels round them.
-        let rounded = round_activations(&x, GgmlDType::Q8_0).unwrap();
-        for (weights, w, x_in) in [
-            (Weights::Whole(QMatMul::Tensor(w.clone())), &w, &x),
-            (Weights::new(q).unwrap(), &expanded, &rounded),
+        for (weights, w) in [
+            (Weights::Whole(QMatMul::Tensor(w.clone())), &w),
+            (Weights::new(q).unwrap(), &expanded),
         ] {
             let mut pieces = 0;
             let mut soft = StreamingLogSoftmax::new(&targets);
@@ -1082,7 +1017,7 @@ pub(crate) mod tests {
                 .unwrap();
             assert_eq!(pieces, n.div_ceil(TILE_ELEMS / k));
             let got = soft.finish().unwrap();
-            let logits = x_in.matmul(&w.t().unwrap()).unwrap();
+            let logits = x.matmul(&w.t().unwrap()).unwrap();
             let logp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
             let idx = Tensor::from_slice(&targets, (rows, 1), &dev).unwrap();
             let want: Vec<f32> = logp
