@@ -83,7 +83,8 @@ impl Linear {
 }
 
 /// Whether to use candle's fused kernels (inference only: they have no backward pass)
-/// or differentiable compositions of basic ops (training).
+/// or differentiable ops (training): tunenet's fused kernels with backward passes on the
+/// CPU (`fused_block`), candle's compositions of basic ops elsewhere.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Mode {
     Train,
