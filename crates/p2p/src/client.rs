@@ -9,6 +9,7 @@ use crate::event_loop::{Command, JobChannel, PeerInfo};
 use crate::messages::pb::{CompetitionAnnouncement, MinerAdvert};
 use crate::messages::{JobRequest, JobResponse, pb};
 use libp2p::{Multiaddr, PeerId};
+use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tunenet_store::BlobStore;
@@ -23,6 +24,8 @@ pub struct Client {
     pub(crate) local: PeerId,
     pub(crate) store: BlobStore,
     pub(crate) config: P2pConfig,
+    /// Blobs being downloaded, each with the lock its downloads take one after another.
+    pub(crate) fetching: Arc<std::sync::Mutex<HashMap<BlobId, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 impl Client {
@@ -185,7 +188,7 @@ impl Client {
     /// the last good chunk when a provider fails, and a provider that sends bad data is
     /// dropped. Refuses blobs over `max_size` bytes. Returns the blob's size.
     pub async fn fetch_blob(&self, id: BlobId, max_size: u64) -> Result<u64, P2pError> {
-        crate::fetch::fetch_blob(self, id, max_size, &[]).await
+        self.fetch_once(id, max_size, &[]).await
     }
 
     /// [`Client::fetch_blob`], asking `peers` first (e.g. the miner that just revealed an
@@ -196,7 +199,32 @@ impl Client {
         max_size: u64,
         peers: &[PeerId],
     ) -> Result<u64, P2pError> {
-        crate::fetch::fetch_blob(self, id, max_size, peers).await
+        self.fetch_once(id, max_size, peers).await
+    }
+
+    /// One download of a blob at a time: a second caller (two jobs on the same base model)
+    /// waits for the first and then finds the blob stored, instead of fetching it again
+    /// beside it and halving a slow link's speed for both.
+    async fn fetch_once(
+        &self,
+        id: BlobId,
+        max_size: u64,
+        peers: &[PeerId],
+    ) -> Result<u64, P2pError> {
+        let lock = {
+            let mut fetching = self.fetching.lock().unwrap_or_else(|e| e.into_inner());
+            fetching.entry(id).or_default().clone()
+        };
+        let result = {
+            let _turn = lock.lock().await;
+            crate::fetch::fetch_blob(self, id, max_size, peers).await
+        };
+        let mut fetching = self.fetching.lock().unwrap_or_else(|e| e.into_inner());
+        // Forgotten once no caller holds or waits for it (the map's own reference and ours).
+        if Arc::strong_count(&lock) <= 2 {
+            fetching.remove(&id);
+        }
+        result
     }
 
     pub(crate) async fn blob_request(

@@ -547,9 +547,20 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                connection_id,
+                num_established,
+                cause,
+                ..
+            } if num_established > 0 => {
+                tracing::debug!(peer = %peer_id, ?connection_id, num_established, cause = ?cause, "connection closed");
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                cause,
                 ..
             } => {
+                tracing::debug!(peer = %peer_id, ?connection_id, cause = ?cause, "peer disconnected");
                 self.entry(peer_id).connected = false;
                 self.emit(Event::PeerDisconnected { peer: peer_id });
             }

@@ -32,6 +32,8 @@ const MAX_RANGE_CHUNKS: u64 = 32;
 
 /// How long a manifest request goes unanswered before the next provider is asked too.
 const MANIFEST_STAGGER: Duration = Duration::from_secs(2);
+/// How long a download with named providers waits for the DHT's before starting.
+const HINTED_LOOKUP_WAIT: Duration = Duration::from_secs(1);
 /// How often a download looks for ranges that stalled.
 const TICK: Duration = Duration::from_millis(250);
 /// A range is called stalled after this long without a chunk at the least.
@@ -48,12 +50,10 @@ struct Flight {
     /// Chunks of the range held at the last look, and when that last grew.
     held: u64,
     progress: Instant,
-    /// Already asked of another provider (or is itself such a copy).
-    hedged: bool,
 }
 
 impl Flight {
-    fn new(peer: PeerId, (first, count): (u64, u64), hedged: bool, now: Instant) -> Flight {
+    fn new(peer: PeerId, (first, count): (u64, u64), now: Instant) -> Flight {
         Flight {
             peer,
             first,
@@ -61,7 +61,6 @@ impl Flight {
             since: now,
             held: 0,
             progress: now,
-            hedged,
         }
     }
 
@@ -183,21 +182,33 @@ pub(crate) async fn fetch_blob(
             tracing::info!(blob = %id, chunks_held = have, round, problem = %d.last_problem, "blob download resumes");
             tokio::time::sleep(wait).await;
         }
-        let mut providers: Vec<PeerId> = match client.providers(id).await {
-            Ok(p) => {
-                let mut all: Vec<PeerId> = hints.to_vec();
-                all.extend(p.into_iter().filter(|p| !hints.contains(p)));
-                all.retain(|p| !d.dropped.contains(p) && *p != client.local);
-                all
-            }
-            Err(P2pError::Stopped) => return Err(P2pError::Stopped),
-            Err(e) => {
-                d.last_problem = e.to_string();
-                continue;
+        // With a provider named by the caller, the DHT look-up gets a short while and the
+        // download starts from the named one without it: a look-up that asks a peer whose
+        // link is dark waits for that peer (the other miners' shard fetches took 10-20 s
+        // while one miner was cut off, over links with 50 ms of delay).
+        let lookup = client.providers(id);
+        let found = if hints.is_empty() {
+            lookup.await
+        } else {
+            match tokio::time::timeout(HINTED_LOOKUP_WAIT, lookup).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::debug!(blob = %id, "provider look-up still going: starting from the named providers");
+                    Ok(Vec::new())
+                }
             }
         };
+        let (found, lookup_failed) = match found {
+            Ok(p) => (p, None),
+            Err(P2pError::Stopped) => return Err(P2pError::Stopped),
+            // The named providers are still worth asking.
+            Err(e) => (Vec::new(), Some(e.to_string())),
+        };
+        let mut providers: Vec<PeerId> = hints.to_vec();
+        providers.extend(found.into_iter().filter(|p| !hints.contains(p)));
+        providers.retain(|p| !d.dropped.contains(p) && *p != client.local);
         if providers.is_empty() {
-            d.last_problem = "no provider found".into();
+            d.last_problem = lookup_failed.unwrap_or_else(|| "no provider found".into());
             continue;
         }
         if d.manifest.is_none() {
@@ -361,6 +372,9 @@ impl Download {
         let shared = Arc::new(manifest.clone());
         let timeout = client.config.request_timeout();
         let mut failures: HashMap<PeerId, u32> = HashMap::new();
+        // When each provider's last counted failure was seen: ranges already asked for by
+        // then (several streams on one broken connection) make one failure, not several.
+        let mut failed_at: HashMap<PeerId, Instant> = HashMap::new();
         let mut inflight = FuturesUnordered::new();
         let mut flights: HashMap<u64, Flight> = HashMap::new();
         let mut next_flight = 0u64;
@@ -397,7 +411,6 @@ impl Download {
                 let mut launch =
                     |peer: PeerId,
                      range: (u64, u64),
-                     hedge: bool,
                      claimed: &mut BTreeMap<u64, u32>,
                      flights: &mut HashMap<u64, Flight>| {
                         for i in range.0..range.0 + range.1 {
@@ -405,7 +418,7 @@ impl Download {
                         }
                         let id = next_flight;
                         next_flight += 1;
-                        flights.insert(id, Flight::new(peer, range, hedge, now));
+                        flights.insert(id, Flight::new(peer, range, now));
                         let fetch = fetch_range(
                             client.streams.clone(),
                             peer,
@@ -443,35 +456,52 @@ impl Download {
                         break;
                     };
                     turn = turn.wrapping_add(1);
-                    launch(pick, range, false, &mut claimed, &mut flights);
+                    tracing::trace!(blob = %self.id, peer = %pick, first = range.0, count = range.1, "asking for a range");
+                    launch(pick, range, &mut claimed, &mut flights);
                 }
                 if endgame {
-                    let quiet: Vec<u64> = flights
-                        .iter()
-                        .filter(|(_, f)| !f.hedged && f.stalled(now, stall_after))
-                        .map(|(id, _)| *id)
+                    // Chunks some stream that is still moving will bring. A stalled range's
+                    // other chunks are asked again, as often as it takes: a copy that fails
+                    // (its provider's connection closed, say) leaves them uncovered, and
+                    // the next look asks again instead of waiting out the stalled stream.
+                    let live: HashSet<u64> = flights
+                        .values()
+                        .filter(|f| !f.stalled(now, stall_after))
+                        .flat_map(|f| f.first..f.first + f.count)
                         .collect();
-                    for id in quiet {
-                        let f = &flights[&id];
-                        let Some(first) = (f.first..f.first + f.count).find(|&i| !writer.has(i))
-                        else {
-                            continue;
-                        };
-                        let range = (first, f.first + f.count - first);
-                        let from = f.peer;
+                    // Each uncovered chunk, with the quiet providers that were asked for it,
+                    // in runs of consecutive chunks.
+                    let mut gaps: BTreeMap<u64, HashSet<PeerId>> = BTreeMap::new();
+                    for f in flights.values().filter(|f| f.stalled(now, stall_after)) {
+                        for i in f.first..f.first + f.count {
+                            if !writer.has(i) && !live.contains(&i) {
+                                gaps.entry(i).or_default().insert(f.peer);
+                            }
+                        }
+                    }
+                    let mut runs: Vec<((u64, u64), HashSet<PeerId>)> = Vec::new();
+                    for (i, quiet) in gaps {
+                        match runs.last_mut() {
+                            Some(((first, count), from))
+                                if *first + *count == i && *count < MAX_RANGE_CHUNKS =>
+                            {
+                                *count += 1;
+                                from.extend(quiet);
+                            }
+                            _ => runs.push(((i, 1), quiet)),
+                        }
+                    }
+                    for (range, from) in runs {
                         let Some(to) = active
                             .iter()
                             .copied()
-                            .filter(|p| *p != from && !stalled.contains(p))
+                            .filter(|p| !from.contains(p) && !stalled.contains(p))
                             .min_by_key(|p| flights.values().filter(|g| g.peer == *p).count())
                         else {
-                            break;
+                            continue;
                         };
-                        if let Some(f) = flights.get_mut(&id) {
-                            f.hedged = true;
-                        }
-                        tracing::debug!(blob = %self.id, %from, %to, first = range.0, count = range.1, "asking another provider for a stalled range");
-                        launch(to, range, true, &mut claimed, &mut flights);
+                        tracing::debug!(blob = %self.id, from = ?from, %to, first = range.0, count = range.1, "asking another provider for a stalled range");
+                        launch(to, range, &mut claimed, &mut flights);
                     }
                 }
             }
@@ -492,9 +522,15 @@ impl Download {
             }
             let flight = flights.remove(&id);
             let peer = r.peer;
+            tracing::debug!(blob = %self.id, %peer, first = r.first, count = r.count, end = ?r.end, took_ms = flight.as_ref().map(|f| f.since.elapsed().as_millis()), held = writer.written_chunks(), "range ended");
             match r.end {
                 RangeEnd::Done => {
                     failures.remove(&peer);
+                    // A provider left out after failures that serves a range after all
+                    // (one opened before it was left out) is back in.
+                    if !active.contains(&peer) && !self.dropped.contains(&peer) {
+                        active.push(peer);
+                    }
                     if let Some(f) = flight {
                         pace.done(f.since.elapsed(), r.count);
                     }
@@ -518,10 +554,17 @@ impl Download {
                 }
                 RangeEnd::Failed(e) => {
                     self.last_problem = e;
-                    let n = failures.entry(peer).or_default();
-                    *n += 1;
-                    if *n >= MAX_FAILURES {
-                        active.retain(|p| *p != peer);
+                    // Only a range asked for after the provider's last counted failure
+                    // counts again.
+                    let fresh =
+                        flight.is_none_or(|f| failed_at.get(&peer).is_none_or(|t| f.since > *t));
+                    if fresh {
+                        failed_at.insert(peer, Instant::now());
+                        let n = failures.entry(peer).or_default();
+                        *n += 1;
+                        if *n >= MAX_FAILURES {
+                            active.retain(|p| *p != peer);
+                        }
                     }
                 }
                 RangeEnd::Local(e) => return Err(e),
@@ -594,6 +637,7 @@ impl Download {
         while Arc::strong_count(&writer) > 1 && waited.elapsed() < Duration::from_secs(30) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        tracing::debug!(blob = %self.id, waited_ms = waited.elapsed().as_millis(), "blob download complete");
         let writer = Arc::try_unwrap(writer)
             .map_err(|_| P2pError::Task("blob writer still in use at the end".into()))?;
         tokio::task::spawn_blocking(move || writer.finish())

@@ -95,6 +95,7 @@ pub fn new(
         local: keypair.public().to_peer_id(),
         store,
         config: config.clone(),
+        fetching: Default::default(),
     };
     let event_loop = event_loop::EventLoop::new(
         swarm,

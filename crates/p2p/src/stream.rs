@@ -164,6 +164,7 @@ impl StreamServer {
 }
 
 /// How a range request ended.
+#[derive(Debug)]
 pub(crate) enum RangeEnd {
     /// Every chunk arrived, checked out and was written.
     Done,

@@ -29,6 +29,11 @@ struct Node {
 
 impl Node {
     async fn start(bootstrap: Option<&Node>, tweak: impl FnOnce(&mut P2pConfig)) -> Node {
+        // RUST_LOG=tunenet_p2p=debug shows a failing test's trace (captured per test).
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
         let mut config = P2pConfig::loopback();
