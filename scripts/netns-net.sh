@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # tunenet across separate "hosts": one Linux network namespace per node, each with its own
-# address on a bridge, links shaped with tc (netem: 50 ms delay, 1 % loss, 100 Mbit/s; where
-# the kernel has no netem, tbf at 100 Mbit/s only, and the report says so). A bootstrap
+# address. With --shape every node's link is shaped both ways to 25 ms delay, 0.5 % loss and
+# 100 Mbit/s, so a path between two nodes (two links) has 50 ms one-way delay (100 ms round
+# trip), about 1 % loss each way and 100 Mbit/s: by the kernel's netem where it has one,
+# otherwise by tunenet-linkem, a user-space switch between TAP devices that applies the
+# same delay, loss, rate and queue limit to every frame (--linkem forces it). A bootstrap
 # node, 2 validators and 6 miners, each in its own namespace, run a competition per
 # validator over libp2p alone (no gRPC addresses configured). With --partition, one
 # miner's link (rate-limited to 1 Mbit/s so that transfers take seconds) is taken down
@@ -9,16 +12,21 @@
 # later job so that its upload meets the cut; then every job must end with every
 # submission evaluated, each (job, miner) scored once.
 #
-#   sudo scripts/netns-net.sh [--bin target/debug/tunenet] [--shape] [--partition] [--out DIR]
+#   sudo scripts/netns-net.sh [--bin target/debug/tunenet] [--shape] [--partition] [--linkem]
+#                             [--linkem-bin PATH] [--out DIR]
 #
+# tunenet-linkem is looked for beside --bin (cargo builds it with tunenet).
 # Needs root, `ip` and `tc` (iproute2 is installed with apt-get where missing). Exits 77,
 # saying why, where namespaces cannot be made. Prints `netns-net: RESULT key=value ...`
-# lines (timings in seconds) and exits non-zero if an invariant fails.
+# lines (timings in seconds) and exits non-zero if an invariant fails. NODE_LOG sets the
+# daemons' TUNENET_LOG (default info), e.g. info,tunenet_p2p=debug.
 set -euo pipefail
 
 bin=target/debug/tunenet
 shape=0
 partition=0
+force_linkem=0
+linkem_bin=""
 out=""
 budget=${BUDGET_SECS:-80}
 psecs=${PARTITION_SECS:-15}
@@ -27,6 +35,8 @@ while [ $# -gt 0 ]; do
     --bin) bin=$2; shift 2 ;;
     --shape) shape=1; shift ;;
     --partition) partition=1; shape=1; shift ;;
+    --linkem) force_linkem=1; shape=1; shift ;;
+    --linkem-bin) linkem_bin=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     *) echo "netns-net: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -48,15 +58,27 @@ probe="tnprobe$id"
 ip netns add "$probe" 2>/dev/null || skip "cannot create a network namespace (ip netns add failed)"
 ip netns del "$probe"
 
-# What the kernel can shape with.
+# Per link, each way; a path crosses two links.
+link_delay=25ms
+link_loss=0.5
+link_rate=100mbit
+
+# What shapes the links: the kernel's netem, else tunenet-linkem.
 netem=0
-if [ "$shape" = 1 ]; then
+linkem=0
+if [ "$shape" = 1 ] && [ "$force_linkem" = 0 ]; then
   ip netns add "$probe"
   ip -n "$probe" link add tnq0 type veth peer name tnq1
-  if tc -n "$probe" qdisc add dev tnq0 root netem delay 50ms loss 1% rate 100mbit 2>/dev/null; then
+  if tc -n "$probe" qdisc add dev tnq0 root netem delay "$link_delay" loss "$link_loss%" rate "$link_rate" 2>/dev/null; then
     netem=1
   fi
   ip netns del "$probe"
+fi
+if [ "$shape" = 1 ] && [ "$netem" = 0 ]; then
+  linkem=1
+  linkem_bin=$(readlink -f "${linkem_bin:-$(dirname "$bin")/tunenet-linkem}")
+  [ -x "$linkem_bin" ] || { log "no tunenet-linkem at $linkem_bin (cargo build builds it)"; exit 2; }
+  [ -c /dev/net/tun ] || skip "this kernel has no netem and no /dev/net/tun for tunenet-linkem"
 fi
 
 work=${out:-$(mktemp -d /tmp/tunenet-netns.XXXXXX)}
@@ -66,50 +88,81 @@ br="tnbr$((id % 100000))"
 nodes=(boot v1 v2 m1 m2 m3 m4 m5 m6)
 declare -A addr=([boot]=10 [v1]=11 [v2]=12 [m1]=21 [m2]=22 [m3]=23 [m4]=24 [m5]=25 [m6]=26)
 pids=()
+linkem_pid=""
 declare -a tokens
 ns() { echo "tn$id-$1"; }
 hostif() { echo "tnh$((id % 10000))$1"; }
+ctl="$work/linkem"
 
+stop_linkem() { # writes its counters to $work/linkem-stats
+  [ -n "$linkem_pid" ] || return 0
+  kill -TERM "$linkem_pid" 2>/dev/null || true
+  wait "$linkem_pid" 2>/dev/null || true
+  linkem_pid=""
+}
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   sleep 1
   for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  stop_linkem
   for n in "${nodes[@]}"; do ip netns del "$(ns "$n")" 2>/dev/null || true; done
   ip link del "$br" 2>/dev/null || true
 }
 trap cleanup EXIT
 
-# The "hosts": a namespace per node, a veth into the bridge, its own address.
-ip link add "$br" type bridge
-ip addr add "$net.1/24" dev "$br"
-ip link set "$br" up
+# The "hosts": a namespace per node with its own address, joined by a bridge (veth pairs)
+# or by tunenet-linkem (a TAP device per node, moved into its namespace).
+for n in "${nodes[@]}"; do ip netns add "$(ns "$n")"; done
+if [ "$linkem" = 1 ]; then
+  mkdir -p "$ctl"
+  links=()
+  for n in "${nodes[@]}"; do
+    spec=$(hostif "$n")
+    # In a partition run m1's link is slow, so that its transfers take long enough to cut.
+    [ "$partition" = 1 ] && [ "$n" = m1 ] && spec+=",rate=1mbit"
+    links+=("$spec")
+  done
+  "$linkem_bin" --delay "$link_delay" --loss "$link_loss" --rate "$link_rate" --seed "$id" \
+    --control "$ctl" --ready "$work/linkem-ready" --stats "$work/linkem-stats" "${links[@]}" \
+    2>"$work/linkem.log" &
+  linkem_pid=$!
+  for _ in $(seq 1 100); do [ -s "$work/linkem-ready" ] && break; sleep 0.1; done
+  [ -s "$work/linkem-ready" ] || { log "tunenet-linkem did not start: $(cat "$work/linkem.log")"; exit 1; }
+  for n in "${nodes[@]}"; do
+    ip link set "$(hostif "$n")" netns "$(ns "$n")"
+    ip -n "$(ns "$n")" link set "$(hostif "$n")" name eth0
+  done
+else
+  ip link add "$br" type bridge
+  ip addr add "$net.1/24" dev "$br"
+  ip link set "$br" up
+  for n in "${nodes[@]}"; do
+    ip link add "$(hostif "$n")" type veth peer name eth0 netns "$(ns "$n")"
+    ip link set "$(hostif "$n")" master "$br" up
+  done
+fi
 for n in "${nodes[@]}"; do
-  ip netns add "$(ns "$n")"
-  ip link add "$(hostif "$n")" type veth peer name eth0 netns "$(ns "$n")"
-  ip link set "$(hostif "$n")" master "$br" up
   ip -n "$(ns "$n")" addr add "$net.${addr[$n]}/24" dev eth0
   ip -n "$(ns "$n")" link set eth0 up
   ip -n "$(ns "$n")" link set lo up
 done
 
-# Each node's outgoing link: netem, or tbf where there is no netem (both directions of a
-# node-to-node path cross two such links).
+# With netem, each node's outgoing link on both ends of its veth pair (a path between two
+# nodes crosses two such links each way).
 shaping="none"
 link_shape() { # node rate
-  local q=(tbf rate "$2" burst 64kb latency 400ms)
-  [ "$netem" = 1 ] && q=(netem delay 50ms loss 1% rate "$2")
+  local q=(netem delay "$link_delay" loss "$link_loss%" rate "$2")
   tc -n "$(ns "$1")" qdisc replace dev eth0 root "${q[@]}"
   tc qdisc replace dev "$(hostif "$1")" root "${q[@]}"
 }
-if [ "$shape" = 1 ]; then
-  for n in "${nodes[@]}"; do link_shape "$n" 100mbit; done
-  if [ "$netem" = 1 ]; then
-    shaping="netem delay 50ms loss 1% rate 100mbit on every link, both ways"
-  else
-    shaping="tbf 100mbit on every link, both ways; NO delay or loss: this kernel has no netem (tc: 'Specified qdisc kind is unknown')"
-  fi
+if [ "$netem" = 1 ]; then
+  for n in "${nodes[@]}"; do link_shape "$n" "$link_rate"; done
+  [ "$partition" = 1 ] && link_shape m1 1mbit
+  shaping="netem"
+elif [ "$linkem" = 1 ]; then
+  shaping="linkem"
 fi
-log "shaping: $shaping"
+[ "$shaping" != none ] && log "shaping ($shaping): every link $link_delay, $link_loss % loss, $link_rate each way (a path: twice the delay and about twice the loss)$([ "$partition" = 1 ] && echo "; m1's link 1mbit")"
 
 # Data, keys, configs.
 "$bin" model init --preset tiny --out "$work/model" >/dev/null
@@ -176,7 +229,7 @@ done
 
 start() { # node role
   local n=$1 role=$2
-  ip netns exec "$(ns "$n")" env RAYON_NUM_THREADS=1 TUNENET_LOG=info \
+  ip netns exec "$(ns "$n")" env RAYON_NUM_THREADS=1 TUNENET_LOG="${NODE_LOG:-info}" \
     "$bin" "$role" --config "$work/$n/$role.toml" >"$work/$n.log" 2>&1 &
   pids+=($!)
 }
@@ -187,12 +240,15 @@ for m in m1 m2 m3 m4 m5 m6; do start "$m" miner; done
 for v in v1 v2; do start "$v" validator; done
 now() { echo "$(date +%s.%N) - $t0" | bc; }
 
+# The console and status calls come from the bootstrap node's host where the root
+# namespace has no address on the nodes' network (tunenet-linkem joins only them).
+from_host() { if [ "$linkem" = 1 ]; then ip netns exec "$(ns boot)" "$@"; else "$@"; fi; }
 show() { # validator -> competition JSON
-  "$bin" console --validator "http://$net.${addr[$1]}:7100" --token "${tokens[${addr[$1]}]}" \
+  from_host "$bin" console --validator "http://$net.${addr[$1]}:7100" --token "${tokens[${addr[$1]}]}" \
     --json competition show "net-$1" 2>/dev/null || true
 }
 status() { # miner -> "job phase" lines
-  "$bin" status --miner "http://$net.${addr[$1]}:7101" 2>/dev/null | awk 'NR > 1 {print $1, $2}' || true
+  from_host "$bin" status --miner "http://$net.${addr[$1]}:7101" 2>/dev/null | awk 'NR > 1 {print $1, $2}' || true
 }
 done_jobs() { # validator -> number of jobs Done
   show "$1" | python3 -c 'import json,sys
@@ -201,16 +257,22 @@ except Exception: print(0); sys.exit()
 print(sum(1 for j in d["jobs"] if "Done" in (j["phase"] if isinstance(j["phase"], dict) else {j["phase"]: 0})))'
 }
 
-# The partitions, driven by m1's own status and log.
+# The partitions, driven by m1's own status and log: the link is cut between the hosts
+# (m1's own interface stays up, as when a cable or a router fails).
 cut() { # seconds
-  ip link set "$(hostif m1)" down
-  sleep "$1"
-  ip link set "$(hostif m1)" up
+  if [ "$linkem" = 1 ]; then
+    touch "$ctl/$(hostif m1).down"
+    sleep "$1"
+    rm -f "$ctl/$(hostif m1).down"
+  else
+    ip link set "$(hostif m1)" down
+    sleep "$1"
+    ip link set "$(hostif m1)" up
+  fi
 }
 result_fetch=""
 result_upload=""
 if [ "$partition" = 1 ]; then
-  link_shape m1 1mbit
   (
     # During a model transfer: m1 has a job and has not logged "fetched model" for it.
     fetched() { grep "$1" "$work/m1.log" | grep -q "fetched model"; }
@@ -323,7 +385,13 @@ slowest() { # jobs-regex miners-regex -> the longest transfer among them
   awk -v j="$1" -v m="$2" '$2 ~ j && $1 ~ m && $3 > x {x = $3} END {printf "%.1f", x}' "$work/fetch-times"
 }
 
-line="RESULT shape=$([ "$shape" = 1 ] && { [ "$netem" = 1 ] && echo netem || echo tbf-only; } || echo none)"
+line="RESULT shape=$shaping"
+if [ "$linkem" = 1 ]; then
+  # What the links did: frames carried, lost at random, dropped by the cuts.
+  stop_linkem
+  line+=$(awk '{for (i = 3; i <= NF; i++) {split($i, kv, "="); t[kv[1]] += kv[2]}}
+    END {printf " link_frames=%d link_lost=%d link_cut=%d link_queue_full=%d", t["frames"], t["lost"], t["cut"], t["queue_full"]}' "$work/linkem-stats")
+fi
 line+=" budget_s=$budget v1_done_s=$(printf %.1f "${finished[v1]}") v2_done_s=$(printf %.1f "${finished[v2]}")"
 line+=" fetch_max_s=$(slowest . .)"
 if [ "$partition" = 1 ]; then

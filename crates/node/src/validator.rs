@@ -913,9 +913,14 @@ impl Validator {
             return;
         };
         let blobs = record.public_blobs.clone();
+        // Each blob is served at once and its announcement started, not awaited: one
+        // announcement waits on every peer the record goes to, a miner whose link is dark
+        // for the DHT query's whole timeout, and the blobs behind it (the training shards)
+        // were refused as "not provided here" meanwhile (every miner's shard fetch waited
+        // 10-20 s while one miner was cut off). Miners ask this validator by name.
         tokio::spawn(async move {
             for id in blobs {
-                if let Err(e) = client.provide(id).await {
+                if let Err(e) = client.serve(id).await {
                     tracing::warn!(blob = %id, error = %e, "could not provide a competition blob over p2p");
                 }
             }
