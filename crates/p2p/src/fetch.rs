@@ -20,6 +20,7 @@ use futures::stream::FuturesUnordered;
 use libp2p::PeerId;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tunenet_store::{BlobStore, ChunkedBlobWriter};
 use tunenet_types::BlobId;
@@ -50,6 +51,11 @@ struct Flight {
     /// Chunks of the range held at the last look, and when that last grew.
     held: u64,
     progress: Instant,
+    /// Bytes its stream has read so far (shared with the stream), and at the last look:
+    /// a range on a slow link that is still moving is not stalled, even when a whole
+    /// chunk takes longer than the stall time (1 MiB is 8 s at 1 Mbit/s).
+    received: Arc<AtomicU64>,
+    seen: u64,
 }
 
 impl Flight {
@@ -61,6 +67,8 @@ impl Flight {
             since: now,
             held: 0,
             progress: now,
+            received: Arc::default(),
+            seen: 0,
         }
     }
 
@@ -68,8 +76,10 @@ impl Flight {
         let held = (self.first..self.first + self.count)
             .filter(|&i| writer.has(i))
             .count() as u64;
-        if held > self.held {
+        let received = self.received.load(Ordering::Relaxed);
+        if held > self.held || received > self.seen {
             self.held = held;
+            self.seen = received;
             self.progress = now;
         }
     }
@@ -418,7 +428,7 @@ impl Download {
                         }
                         let id = next_flight;
                         next_flight += 1;
-                        flights.insert(id, Flight::new(peer, range, now));
+                        let flight = Flight::new(peer, range, now);
                         let fetch = fetch_range(
                             client.streams.clone(),
                             peer,
@@ -426,7 +436,9 @@ impl Download {
                             writer.clone(),
                             range,
                             timeout,
+                            flight.received.clone(),
                         );
+                        flights.insert(id, flight);
                         let gone = self.dropped_tx.subscribe();
                         inflight.push(async move {
                         let r = tokio::select! {

@@ -15,6 +15,7 @@ use libp2p::{PeerId, Stream, StreamProtocol};
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc};
@@ -31,6 +32,8 @@ const MAX_RANGE_REQUEST: usize = 256;
 const MAX_REASON: usize = 1024;
 /// How long a peer has to send its range request once the stream is open.
 const REQUEST_WAIT: Duration = Duration::from_secs(10);
+/// Bytes a receiving stream reads at a time.
+const READ_SLICE: usize = 64 << 10;
 /// Chunks read ahead of the one being sent.
 const READ_AHEAD: usize = 2;
 
@@ -208,15 +211,16 @@ pub(crate) async fn fetch_range(
     writer: Arc<ChunkedBlobWriter>,
     (first, count): (u64, u64),
     timeout: Duration,
+    received: Arc<AtomicU64>,
 ) -> RangeResult {
     let end = fetch_chunks(
         &mut control,
         peer,
         &manifest,
         &writer,
-        first,
-        count,
+        (first, count),
         timeout,
+        &received,
     )
     .await;
     RangeResult {
@@ -232,9 +236,9 @@ async fn fetch_chunks(
     peer: PeerId,
     manifest: &Manifest,
     writer: &Arc<ChunkedBlobWriter>,
-    first: u64,
-    count: u64,
+    (first, count): (u64, u64),
     timeout: Duration,
+    received: &AtomicU64,
 ) -> RangeEnd {
     let failed =
         |what: &str, e: &dyn std::fmt::Display| RangeEnd::Failed(format!("{peer}: {what}: {e}"));
@@ -286,17 +290,30 @@ async fn fetch_chunks(
             outcome = RangeEnd::Bad(index);
             break;
         }
+        // Read in slices, counting bytes as they come (the download's stall detector
+        // watches them); each slice has the timeout.
         let mut data = vec![0u8; len];
-        match tokio::time::timeout(timeout, stream.read_exact(&mut data)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                outcome = failed("blob stream broke", &e);
-                break;
+        let mut at = 0;
+        let mut broke = None;
+        while at < len {
+            let end = (at + READ_SLICE).min(len);
+            match tokio::time::timeout(timeout, stream.read_exact(&mut data[at..end])).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    broke = Some(failed("blob stream broke", &e));
+                    break;
+                }
+                Err(_) => {
+                    broke = Some(failed("blob stream stalled", &"timed out"));
+                    break;
+                }
             }
-            Err(_) => {
-                outcome = failed("blob stream stalled", &"timed out");
-                break;
-            }
+            received.fetch_add((end - at) as u64, std::sync::atomic::Ordering::Relaxed);
+            at = end;
+        }
+        if let Some(e) = broke {
+            outcome = e;
+            break;
         }
         // Hash and write this chunk while the next one arrives.
         if let Some((i, job)) = pending.take()
