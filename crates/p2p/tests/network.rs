@@ -712,6 +712,37 @@ async fn quic_transport_carries_the_job_protocol() {
     validator.stop();
 }
 
+/// Two jobs on one base model fetch the same blobs at the same time: the blob is
+/// downloaded once (the provider serves each chunk once), and both callers get it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_blob_asked_twice_at_once_is_downloaded_once() {
+    const CHUNKS: usize = 6;
+    let b = Node::start(None, |_| {}).await;
+    let mut provider = Node::start(Some(&b), |_| {}).await;
+    let data = blob(CHUNKS << 20, 21);
+    let id = provider.store.put(&data).unwrap();
+    provider.client.provide(id).await.unwrap();
+    let c = Node::start(Some(&b), |_| {}).await;
+    let (one, two) = (c.client.clone(), c.client.clone());
+    let (a, bb) = tokio::join!(
+        tokio::spawn(async move { one.fetch_blob_from(id, 64 << 20, &[]).await }),
+        tokio::spawn(async move { two.fetch_blob(id, 64 << 20).await }),
+    );
+    assert_eq!(a.unwrap().unwrap(), data.len() as u64);
+    assert_eq!(bb.unwrap().unwrap(), data.len() as u64);
+    assert_eq!(c.store.get(&id).unwrap(), data);
+    let mut served = 0;
+    while let Ok(e) = provider.events.try_recv() {
+        if matches!(e, Event::BlobServed { peer, .. } if peer == c.peer) {
+            served += 1;
+        }
+    }
+    assert_eq!(served, CHUNKS, "each chunk served once");
+    for n in [b, provider, c] {
+        n.stop();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revealed_artifact_is_fetched_from_the_miner() {
     let mut validator = Node::start(None, |_| {}).await;
