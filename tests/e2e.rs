@@ -1197,8 +1197,9 @@ fn external_trainers_are_scored_or_failed_with_the_reason() {
             }
             "full" => assert!(
                 daemon.log().contains("full weights in Hugging Face layout"),
-                "{}",
-                daemon.log()
+                "status:\n{text}\nminer log:\n{}\nvalidator log:\n{}",
+                daemon.log(),
+                validator.log()
             ),
             "crash" => assert!(
                 text.contains("failed")
