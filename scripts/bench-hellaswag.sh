@@ -13,6 +13,12 @@
 # (RAYON_NUM_THREADS / n_threads), with weights kept quantised on both sides; tunenet also
 # runs the Q4_1 file expanded to f32 at load. Every run reports its peak RSS.
 #
+# A third side checks the arithmetic, not the speed: PyTorch + transformers loads each GGUF
+# with its own reader (the `gguf` package expands the blocks to f32) and scores every ending
+# in f32 with no cache; the script prints each side's agreement with it.
+# HELLASWAG_EXACT=0 skips it. LLAMA_KV=f32 runs llama.cpp with an f32 KV cache (default f16);
+# LLAMA_FRESH=1 evaluates each ending from an empty cache instead of the shared context.
+#
 # First run: fetches the GGUF (scripts/fetch-smollm2.sh) and installs llama-cpp-python
 # into a venv under ~/.cache/tunenet/llama-venv. PyPI has only its source distribution, so
 # pip builds it with cmake (from PyPI too): about 9 minutes on 2 cores. Later runs reuse it.
@@ -41,6 +47,15 @@ if ! "$py" -c 'import llama_cpp' >/dev/null 2>&1; then
     fi
 fi
 
+exact="${HELLASWAG_EXACT:-1}"
+tvenv="$cache/bench-venv"
+tpy="$tvenv/bin/python"
+if [ "$exact" = 1 ] && ! "$tpy" -c 'import torch, transformers, gguf' >/dev/null 2>&1; then
+    echo "bench-hellaswag: installing torch, transformers and gguf into $tvenv" >&2
+    [ -x "$tpy" ] || python3 -m venv "$tvenv"
+    "$tvenv/bin/pip" install -q torch transformers safetensors gguf
+fi
+
 (cd "$root" && cargo build --release -p tunenet-ml --example hellaswag-bench --features bench-example)
 bin="${CARGO_TARGET_DIR:-$root/target}/release/examples/hellaswag-bench"
 
@@ -49,8 +64,36 @@ trap 'rm -rf "$work"' EXIT
 "$bin" demo "$work/items.jsonl" "$items" 1
 cp "$gguf" "$work/q4_1.gguf"
 
+cat > "$work/hellaswag_items.py" <<'PY'
+# lm-eval's HellaSwag preprocessing, and each ending's tokens, shared with the context up to
+# the first token that differs (a space can merge into the ending's first token).
+import re
+
+def preprocess(text):
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+def context_of(it):
+    return preprocess(it["activity_label"] + ": " + it["ctx_a"] + " " + it["ctx_b"].capitalize())
+
+def endings(it, tok):
+    """(context ids, [(whole ids, shared prefix length, ending bytes)])."""
+    ctx = context_of(it)
+    ctx_ids = tok(ctx)
+    out = []
+    for e in it["endings"]:
+        e = preprocess(e)
+        w = tok(ctx + " " + e)
+        s = 0
+        while s < min(len(w), len(ctx_ids)) and w[s] == ctx_ids[s]:
+            s += 1
+        out.append((w, s, max(len(e.encode("utf-8")), 1)))
+    return ctx_ids, out
+PY
+
 cat > "$work/llama_score.py" <<'PY'
-import json, re, resource, sys, time
+import json, os, resource, sys, time
 import numpy as np
 import llama_cpp.llama_cpp as llama_cpp
 from llama_cpp import Llama
@@ -64,13 +107,7 @@ def _params():
     return p
 llama_cpp.llama_model_default_params = _params
 
-def preprocess(text):
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub(r"\[.*?\]", "", text)
-    return text.replace("  ", " ")
-
-def context_of(it):
-    return preprocess(it["activity_label"] + ": " + it["ctx_a"] + " " + it["ctx_b"].capitalize())
+from hellaswag_items import endings
 
 def pick(rows, targets):
     rows = rows.astype(np.float64)
@@ -80,23 +117,17 @@ def pick(rows, targets):
 
 gguf, data, threads, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 items = [json.loads(l) for l in open(data) if l.strip()]
+kv = {"type_k": 0, "type_v": 0} if os.environ.get("LLAMA_KV") == "f32" else {}  # GGML_TYPE_F32
+fresh = os.environ.get("LLAMA_FRESH") == "1"  # each ending from an empty cache
 llm = Llama(model_path=gguf, n_ctx=2048, n_batch=512, n_ubatch=512, n_threads=threads,
-            n_threads_batch=threads, logits_all=True, verbose=False)
+            n_threads_batch=threads, logits_all=True, verbose=False, **kv)
 tok = lambda s: llm.tokenize(s.encode("utf-8"), add_bos=False, special=False)
 start = time.perf_counter()
 right = right_norm = tokens = 0
 results = []
 for idx, it in enumerate(items):
-    ctx = context_of(it)
-    ctx_ids = tok(ctx)
-    wholes, shareds, nbytes = [], [], []
-    for e in it["endings"]:
-        e = preprocess(e)
-        w = tok(ctx + " " + e)
-        s = 0
-        while s < min(len(w), len(ctx_ids)) and w[s] == ctx_ids[s]:
-            s += 1
-        wholes.append(w); shareds.append(s); nbytes.append(max(len(e.encode("utf-8")), 1))
+    ctx_ids, ends = endings(it, tok)
+    wholes, shareds, nbytes = (list(x) for x in zip(*ends))
     # The context runs once; each ending continues from its KV cache (eval truncates
     # the cache back to n_tokens first).
     p = min(shareds)
@@ -104,9 +135,13 @@ for idx, it in enumerate(items):
     llm.eval(ctx_ids[:p])
     lls = []
     for w, s in zip(wholes, shareds):
-        llm.n_tokens = p
-        if len(w) - 1 > p:
-            llm.eval(w[p:-1])
+        if fresh:
+            llm.reset()
+            llm.eval(w[:-1])
+        else:
+            llm.n_tokens = p
+            if len(w) - 1 > p:
+                llm.eval(w[p:-1])
         lls.append(pick(np.asarray(llm.scores[s - 1:len(w) - 1]), np.asarray(w[s:])))
     pred = int(np.argmax(lls)); pred_norm = int(np.argmax([l / b for l, b in zip(lls, nbytes)]))
     right += pred == it["label"]; right_norm += pred_norm == it["label"]
@@ -122,6 +157,44 @@ peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"weights": "llama.cpp", "items": n, "acc": right / n, "acc_norm": right_norm / n,
                   "items_per_sec": n / secs, "tokens_per_sec": tokens / secs, "seconds": secs,
                   "peak_rss_mib": peak}))
+PY
+
+cat > "$work/torch_score.py" <<'PY'
+# The exact reference: transformers reads the GGUF itself (the gguf package expands every
+# block to f32), and each ending is scored from scratch in f32, log-softmax in f64.
+import json, os, sys, time
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hellaswag_items import endings
+
+gguf, data, threads, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+torch.set_num_threads(threads)
+folder, name = os.path.split(os.path.abspath(gguf))
+tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                             attn_implementation="eager").eval()
+tok = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
+items = [json.loads(l) for l in open(data) if l.strip()]
+results, right_norm = [], 0
+start = time.perf_counter()
+with torch.no_grad():
+    for idx, it in enumerate(items):
+        _, ends = endings(it, tok)
+        lls, ntok, nbytes = [], [], []
+        for w, s, b in ends:
+            lp = torch.log_softmax(model(torch.tensor([w[:-1]])).logits[0].double(), dim=-1)
+            lls.append(float(lp[torch.arange(s - 1, len(w) - 1), torch.tensor(w[s:])].sum()))
+            ntok.append(len(w) - s); nbytes.append(b)
+        pred_norm = max(range(len(lls)), key=lambda i: lls[i] / nbytes[i])
+        right_norm += pred_norm == it["label"]
+        results.append({"index": idx, "logliks": lls, "pred": max(range(len(lls)), key=lls.__getitem__),
+                        "pred_norm": pred_norm, "ending_tokens": ntok})
+with open(out, "w") as f:
+    for r in results:
+        f.write(json.dumps(r) + "\n")
+print(json.dumps({"weights": "pytorch f32 (exact reference)", "items": len(items),
+                  "acc_norm": right_norm / len(items), "seconds": time.perf_counter() - start}))
 PY
 
 cat > "$work/agree.py" <<'PY'
@@ -189,5 +262,13 @@ echo "== agreement with llama.cpp on the same GGUF (single-thread runs)"
 for q in q4_1 q8_0 q4_0; do
     "$py" "$work/agree.py" "$work/tn-$q-1.jsonl" "$work/llama-$q-1.jsonl" "quantised $q"
 done
+if [ "$exact" = 1 ]; then
+    echo "== agreement with the exact reference (PyTorch f32 on the GGUF's expanded blocks)"
+    for q in q4_1 q8_0 q4_0; do
+        "$tpy" "$work/torch_score.py" "$work/$q.gguf" "$work/items.jsonl" "$threads_all" "$work/torch-$q.jsonl" 2>/dev/null
+        "$py" "$work/agree.py" "$work/tn-$q-1.jsonl" "$work/torch-$q.jsonl" "tunenet quantised $q vs exact"
+        "$py" "$work/agree.py" "$work/llama-$q-1.jsonl" "$work/torch-$q.jsonl" "llama.cpp $q vs exact"
+    done
+fi
 echo "== table"
 "$py" "$work/table.py" "$results"
