@@ -165,6 +165,46 @@ enum Role {
     Cheat(Cheat),
 }
 
+/// For a cheater its expected checks did not catch: per job, what each of those checks said.
+fn missed_detail<'a>(
+    cheat: Cheat,
+    jobs: impl Iterator<Item = (&'a str, &'a [tunenet_types::Verdict])>,
+) -> Vec<String> {
+    const MAX_REASON: usize = 400;
+    jobs.map(|(job, verdicts)| {
+        let said: Vec<String> = verdicts
+            .iter()
+            .filter(|v| cheat.expected().contains(&v.check.as_str()))
+            .map(|v| {
+                let mut reason = v.reason.clone();
+                if reason.len() > MAX_REASON {
+                    let mut cut = MAX_REASON;
+                    while !reason.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    reason.truncate(cut);
+                    reason.push_str("...");
+                }
+                let value = match (v.value, v.threshold) {
+                    (Some(x), Some(t)) => format!(" {x:.3e} (threshold {t:.3e})"),
+                    (Some(x), None) => format!(" {x:.3e}"),
+                    _ => String::new(),
+                };
+                format!("{} {:?}{value}: {reason}", v.check, v.outcome)
+            })
+            .collect();
+        if said.is_empty() {
+            format!(
+                "job {job}: none of its expected checks ({}) ran",
+                cheat.expected().join(", ")
+            )
+        } else {
+            format!("job {job}: {}", said.join("; "))
+        }
+    })
+    .collect()
+}
+
 /// One cheater's outcome in one competition.
 #[derive(Clone, Debug)]
 pub struct WireCatch {
@@ -181,6 +221,9 @@ pub struct WireCatch {
     /// Its scored rank among all scored submissions of its best job (1 = first), when it
     /// was scored.
     pub rank: Option<usize>,
+    /// When not caught for the expected reason: per job, what the strategy's expected checks
+    /// said (outcome, value against threshold, reason), so a miss can be read in the report.
+    pub missed: Vec<String>,
 }
 
 /// One statistic's values: on honest submissions, and on each strategy's.
@@ -1706,6 +1749,14 @@ fn tally(
             .iter()
             .find(|(b, _)| cheat.expected().contains(&b.as_str()));
         let rank = list.iter().filter_map(|s| s.rank).min();
+        let missed = if right.is_some() {
+            Vec::new()
+        } else {
+            missed_detail(
+                cheat,
+                list.iter().map(|s| (s.job.as_str(), &s.verdicts[..])),
+            )
+        };
         report.catches.push(WireCatch {
             cheat,
             caught: right.is_some(),
@@ -1722,6 +1773,7 @@ fn tally(
                     )
                 }),
             rank,
+            missed,
         });
     }
 }
@@ -1829,6 +1881,23 @@ pub fn markdown(r: &WireReport, command: &str) -> String {
             example
         ));
     }
+    let misses: Vec<&WireCatch> = r.catches.iter().filter(|c| !c.caught).collect();
+    if !misses.is_empty() {
+        s.push_str("\nNot caught for the expected reason, with what the strategy's expected checks said in each of its jobs:\n\n");
+        for c in misses {
+            let jobs = if c.missed.is_empty() {
+                "no submission was scored".to_string()
+            } else {
+                c.missed.join("; ")
+            };
+            s.push_str(&format!(
+                "- {}: {}. {}\n",
+                c.cheat.describe(),
+                c.reason.replace('|', "/"),
+                jobs.replace('|', "/")
+            ));
+        }
+    }
     s.push_str(&format!(
         "\n## Honest miners\n\n{} honest submissions; {} failed or penalised; {} of them evaluated with a synthetic loss and {} with a leakage verdict. Over all evaluated submissions: {} of {} had a synthetic loss.\n\n| check | pass | flag | fail |\n| --- | --- | --- | --- |\n",
         r.honest_submissions,
@@ -1880,4 +1949,88 @@ pub fn markdown(r: &WireReport, command: &str) -> String {
     ));
     s.push_str("\nInference competitions' checks (the dense-only tolerance, the log-likelihood sample's size, accuracy on both sides) are measured and described in `docs/INFERENCE-INTEGRITY.md`; their cheaters run over real gRPC in `tests/e2e.rs` (`inference_cheats_are_caught_with_the_reason`).\n");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tunenet_types::{Outcome, Verdict};
+
+    fn verdict(check: &str, outcome: Outcome, value: Option<f64>, reason: &str) -> Verdict {
+        Verdict {
+            check: check.into(),
+            outcome,
+            value,
+            threshold: value.map(|_| 0.05),
+            reason: reason.into(),
+        }
+    }
+
+    #[test]
+    fn a_miss_is_listed_with_what_its_expected_checks_said_in_each_job() {
+        let j0 = [
+            verdict("finite", Outcome::Pass, None, "all finite"),
+            verdict(
+                "trained_on_job_data",
+                Outcome::Pass,
+                Some(0.031),
+                "its canaries show exposure",
+            ),
+        ];
+        let j1 = [verdict("finite", Outcome::Pass, None, "all finite")];
+        let missed = missed_detail(
+            Cheat::OtherData,
+            [("rt3-0", &j0[..]), ("rt3-1", &j1[..])].into_iter(),
+        );
+        assert_eq!(
+            missed,
+            vec![
+                "job rt3-0: trained_on_job_data Pass 3.100e-2 (threshold 5.000e-2): its canaries show exposure".to_string(),
+                "job rt3-1: none of its expected checks (trained_on_job_data) ran".to_string(),
+            ]
+        );
+        let long = "x".repeat(1000) + "é";
+        let j2 = [verdict("trained_on_job_data", Outcome::Pass, None, &long)];
+        let cut = missed_detail(Cheat::OtherData, [("rt4-0", &j2[..])].into_iter());
+        assert!(cut[0].ends_with("...") && cut[0].len() < 500, "{}", cut[0]);
+
+        let caught = WireCatch {
+            cheat: Cheat::OtherData,
+            caught: true,
+            caught_any: true,
+            by: "trained_on_job_data".into(),
+            reason: "no sign of training on its assigned data".into(),
+            rank: None,
+            missed: Vec::new(),
+        };
+        let report = WireReport {
+            competitions: 2,
+            catches: vec![
+                caught.clone(),
+                WireCatch {
+                    caught: false,
+                    caught_any: false,
+                    by: String::new(),
+                    reason: "passed every check (best rank 1)".into(),
+                    rank: Some(1),
+                    missed,
+                    ..caught
+                },
+            ],
+            ..WireReport::default()
+        };
+        let md = markdown(&report, "tunenet redteam");
+        assert!(md.contains("| 1/2 | 1/2 |"), "{md}");
+        assert!(
+            md.contains("- in-distribution records that are not its assigned data: passed every check (best rank 1). job rt3-0: trained_on_job_data Pass 3.100e-2"),
+            "{md}"
+        );
+        // A run with no miss has no such list.
+        let clean = WireReport {
+            competitions: 1,
+            catches: vec![report.catches[0].clone()],
+            ..WireReport::default()
+        };
+        assert!(!markdown(&clean, "tunenet redteam").contains("Not caught"));
+    }
 }
