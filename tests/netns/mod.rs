@@ -21,9 +21,12 @@ fn netns_hosts_finish_their_competitions_through_a_partition() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/netns-net.sh");
+    let script = format!(
+        "{}/scripts/netns-net.sh",
+        std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into())
+    );
     let out = Command::new("bash")
-        .args([script, "--bin", BIN, "--partition"])
+        .args([script.as_str(), "--bin", BIN, "--partition"])
         .args([
             "--linkem-bin",
             env!("CARGO_BIN_EXE_tunenet-linkem"),

@@ -2567,9 +2567,12 @@ fn malformed_dataset_files_say_where_and_a_mapping_that_fits_nothing_is_refused(
 /// than spending a core for as long as the file keeps it going.
 #[test]
 fn a_parquet_reader_past_its_deadline_stops() {
-    let input = std::fs::read(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../fuzz/regressions/dataset/timeout-6cb82cc2a44d644f3f9531d875339072e2b921ad"
+    // The checkout's path at run time (cargo sets it), not the one compiled in: a build
+    // cache shared between two checkouts can run a binary built in the other.
+    let root =
+        std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into());
+    let input = std::fs::read(format!(
+        "{root}/../../fuzz/regressions/dataset/timeout-6cb82cc2a44d644f3f9531d875339072e2b921ad"
     ))
     .unwrap();
     let map = FieldMap::default();

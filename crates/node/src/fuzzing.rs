@@ -442,11 +442,19 @@ mod tests {
     use super::TARGETS;
     use std::path::{Path, PathBuf};
 
+    /// This crate's directory at run time (cargo sets it), not the one compiled in: a build
+    /// cache shared between two checkouts can run a test binary built in the other.
+    fn manifest_dir() -> PathBuf {
+        std::env::var_os("CARGO_MANIFEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+    }
+
     /// `fuzz/seeds/<target>` (real files each corpus starts from) and
     /// `fuzz/regressions/<target>` (every input the fuzzer found that crashed, hung or ran
     /// out of memory before its fix).
     fn inputs(target: &str) -> Vec<PathBuf> {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz");
+        let root = manifest_dir().join("../../fuzz");
         let mut out = Vec::new();
         for kind in ["seeds", "regressions"] {
             if let Ok(rd) = std::fs::read_dir(root.join(kind).join(target)) {
@@ -484,7 +492,7 @@ mod tests {
     #[test]
     fn seeds_are_inputs_the_decoders_accept() {
         use prost::Message;
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds");
+        let root = manifest_dir().join("../../fuzz/seeds");
         let read = |t: &str, n: &str| std::fs::read(root.join(t).join(n)).unwrap();
         let body = |t: &str, n: &str| read(t, n)[1..].to_vec();
         let offer = tunenet_proto::v1::Offer::decode(&body("job_messages", "offer")[..]).unwrap();
@@ -570,7 +578,7 @@ mod tests {
     /// (2 s for a file this small), not when the reader gives up.
     #[test]
     fn parquet_files_that_crashed_the_reader_are_refused() {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/regressions");
+        let root = manifest_dir().join("../../fuzz/regressions");
         for name in [
             "crash-9b59b77a40b5c10c0a201c81fb48446fb868d083",
             "oom-9e4273cbac33d8b16e73dbaabadac39146c18726",
@@ -597,7 +605,7 @@ mod tests {
     /// overflow itself is `tunenet_ml`'s unit test; this file, minimised, is also cut short).
     #[test]
     fn a_gguf_whose_tensor_dimensions_overflow_is_refused() {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/regressions/gguf");
+        let root = manifest_dir().join("../../fuzz/regressions/gguf");
         let mut seen = 0;
         for entry in std::fs::read_dir(&root).unwrap() {
             let path = entry.unwrap().path();
@@ -635,7 +643,7 @@ mod tests {
         use prost::Message;
         use tunenet_proto::v1;
         use tunenet_types as t;
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds");
+        let root = manifest_dir().join("../../fuzz/seeds");
         let put = |target: &str, name: &str, bytes: &[u8]| {
             let dir = root.join(target);
             std::fs::create_dir_all(&dir).unwrap();
