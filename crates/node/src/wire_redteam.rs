@@ -1886,7 +1886,7 @@ pub fn markdown(r: &WireReport, command: &str) -> String {
         s.push_str("\nNot caught for the expected reason, with what the strategy's expected checks said in each of its jobs:\n\n");
         for c in misses {
             let jobs = if c.missed.is_empty() {
-                "no submission was scored".to_string()
+                "no submission of it is on record".to_string()
             } else {
                 c.missed.join("; ")
             };
