@@ -7,6 +7,15 @@ use std::process::{Child, Command, Stdio};
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_tunenet");
 
+/// The repository root at run time (cargo sets `CARGO_MANIFEST_DIR`), the compiled-in path
+/// only as a fallback: a build cache shared between two checkouts can run a binary built in
+/// the other.
+pub fn repo_root() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 /// A `tunenet` child process with its output in a log file; killed when dropped.
 pub struct Daemon {
     pub child: Child,

@@ -750,9 +750,7 @@ fn dockerfile(root: &Path, uses: &mut Uses, errors: &mut Vec<String>) {
 
 #[test]
 fn deploy_files_use_only_commands_flags_keys_ports_and_variables_that_exist() {
-    let root = &PathBuf::from(
-        std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into()),
-    );
+    let root = &crate::common::repo_root();
     let cli = Cli::load();
     assert!(
         cli.pages.len() > 20 && cli.env.contains("TUNENET_CONFIG"),
@@ -1069,9 +1067,7 @@ fn collect_mounts(doc: &Value, out: &mut BTreeSet<String>) {
 /// config (ports moved to free ones) answers /readyz, /healthz and /metrics.
 #[test]
 fn deploy_probes_answer_on_a_real_miner() {
-    let root = &PathBuf::from(
-        std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into()),
-    );
+    let root = &crate::common::repo_root();
     let tmp = tempfile::tempdir().unwrap();
     let (grpc, metrics, p2p) = (port(), port(), port());
     let text = read(root, "deploy/docker/miner.toml")

@@ -21,12 +21,10 @@ fn netns_hosts_finish_their_competitions_through_a_partition() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let script = format!(
-        "{}/scripts/netns-net.sh",
-        std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into())
-    );
+    let script = crate::common::repo_root().join("scripts/netns-net.sh");
     let out = Command::new("bash")
-        .args([script.as_str(), "--bin", BIN, "--partition"])
+        .arg(&script)
+        .args(["--bin", BIN, "--partition"])
         .args([
             "--linkem-bin",
             env!("CARGO_BIN_EXE_tunenet-linkem"),
