@@ -10,7 +10,9 @@
 # miner's link (rate-limited to 1 Mbit/s so that transfers take seconds) is taken down
 # for PARTITION_SECS (15) while it fetches a job's model, and again over the deadline of a
 # later job so that its upload meets the cut; then every job must end with every
-# submission evaluated, each (job, miner) scored once.
+# submission evaluated, each (job, miner) scored once. The per-record leakage test judges
+# the evaluated submissions at job end and fails an honest one at its level (1e-3): one
+# such finding in a run is shown as a NOTE, more than one fails the run.
 #
 #   sudo scripts/netns-net.sh [--bin target/debug/tunenet] [--shape] [--partition] [--linkem]
 #                             [--linkem-bin PATH] [--out DIR]
@@ -340,10 +342,11 @@ done
 fail=0
 for v in v1 v2; do
   show "$v" >"$work/$v-show.json"
-  python3 - "$work/$v-show.json" "$v" <<'PY' || fail=1
+  python3 - "$work/$v-show.json" "$v" "$work/$v-chance" <<'PY' || fail=1
 import json, sys
 d = json.load(open(sys.argv[1])); v = sys.argv[2]
-bad, evaluated = [], 0
+bad, evaluated, chance = [], 0, []
+CHANCE_CHECK = "test_leakage"
 def variant(x): return next(iter(x)) if isinstance(x, dict) else x
 for j in d["jobs"]:
     jid = j["plan"]["job_id"]
@@ -351,18 +354,36 @@ for j in d["jobs"]:
         bad.append(f"{jid}: still {variant(j['phase'])}")
     for miner, slot in (j.get("slots") or {}).items():
         s = variant(slot["submission"])
+        reason = str((slot["submission"].get(s) or {}).get("reason", "")) if isinstance(slot["submission"], dict) else ""
         if s == "Evaluated":
             evaluated += 1
+        elif s == "Failed" and reason.startswith(f"integrity: {CHANCE_CHECK}:"):
+            # Judged after its evaluation by the per-record leakage test, whose false-positive
+            # rate per honest submission is its level (leak_alpha, 1e-3): about one run in 40
+            # of this test's ~23 honest submissions meets one such chance finding. Counted
+            # and shown, not a network fault; two in one run (about 1 in 4,000 by chance)
+            # fail the run below, as would a check that misjudges honest work outright.
+            evaluated += 1
+            chance.append(f"{jid}: {miner[:16]}: {reason}")
         else:
-            bad.append(f"{jid}: {miner[:16]} submission {s}: {json.dumps(slot['submission'])[:200]}")
+            bad.append(f"{jid}: {miner[:16]} submission {s}: {json.dumps(slot['submission'])}")
     scored = [s["miner"] for s in j.get("scores") or []]
     if len(scored) != len(set(scored)):
         bad.append(f"{jid}: a miner scored twice")
 print(f"netns-net: {v}: {len(d['jobs'])} jobs, {evaluated} submissions evaluated", file=sys.stderr)
 for b in bad: print(f"netns-net: FAIL {v} {b}", file=sys.stderr)
+for c in chance: print(f"netns-net: NOTE {v} an honest submission failed the leakage test by chance at its level: {c}", file=sys.stderr)
+open(sys.argv[3], "w").write(f"{len(chance)}\n")
 sys.exit(1 if bad else 0)
 PY
 done
+# The leakage test's chance findings over both validators: one is its designed rate at
+# work, more is a fault (see above).
+chance=$(cat "$work"/v1-chance "$work"/v2-chance 2>/dev/null | awk '{n += $1} END {print n + 0}')
+if [ "$chance" -gt 1 ]; then
+  log "FAIL: $chance honest submissions failed the leakage test; its false-positive rate (1e-3 each) makes more than one in a run a fault, not chance"
+  fail=1
+fi
 
 # Each miner's model transfers: from "assigned" to "fetched model and shard", per job.
 fetch_times() { # -> "miner job seconds" lines
