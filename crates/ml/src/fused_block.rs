@@ -1,5 +1,6 @@
 //! Fused CPU kernels for the element-wise parts of a Llama block, each with its backward
-//! pass: RMSNorm, rotary embedding, SiLU·mul and softmax over the last dimension.
+//! pass: RMSNorm, rotary embedding, SiLU·mul, softmax over the last dimension and
+//! attention's scaled, masked softmax.
 //!
 //! candle's differentiable compositions of these (`rms_norm_slow`, `rope_slow`, `silu`
 //! then a product, `softmax`) are five to eight ops each. Every op allocates its output,
@@ -472,14 +473,18 @@ impl CustomOp1 for Softmax {
     }
 
     fn bwd(&self, _x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(
-            res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad)?,
-        ))
+        Ok(Some(res.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &SoftmaxGrad { scale: 1.0 },
+        )?))
     }
 }
 
-/// `dx = y ⊙ (g - (g · y))` per row, from the softmax's output `y`.
-struct SoftmaxGrad;
+/// `dx = y ⊙ (g - (g · y)) · scale` per row, from the softmax's output `y` (`scale`: that
+/// of the scores the softmax was taken of, 1 for a plain softmax).
+struct SoftmaxGrad {
+    scale: f32,
+}
 
 impl CustomOp2 for SoftmaxGrad {
     fn name(&self) -> &'static str {
@@ -514,11 +519,106 @@ impl CustomOp2 for SoftmaxGrad {
                 {
                     let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
                     for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
-                        *o = y * (g - dot);
+                        *o = y * (g - dot) * self.scale;
                     }
                 }
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention's scaled, masked softmax
+
+/// Attention's `softmax(scores · scale + mask)` over the last dimension in one pass, for
+/// `scores` `[b, h, t, s]` and an additive `mask` `[b or 1, 1, t, s]` that every head
+/// shares (a constant: it gets no gradient). Differentiable in `scores`. The same
+/// arithmetic, in the same order, as the composition it replaces (scale, add, softmax;
+/// backward softmax's then the scale's), which it falls back to off the CPU, for a dtype
+/// other than f32, or for another mask shape: there the scaling is in the scores' dtype
+/// and the masking and softmax in f32, where a half-precision mask value would overflow.
+pub(crate) fn scaled_masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    let shared_by_heads = match (scores.dims(), mask.dims()) {
+        (&[b, _, t, s], &[mb, 1, mt, ms]) => (mb == b || mb == 1) && mt == t && ms == s,
+        _ => false,
+    };
+    if fusable(&[scores, mask]) && shared_by_heads {
+        let op = ScaledMaskedSoftmax {
+            scale: scale as f32,
+        };
+        return scores.contiguous()?.apply_op2(&mask.contiguous()?, op);
+    }
+    softmax_last_dim(
+        &(scores * scale)?
+            .to_dtype(DType::F32)?
+            .broadcast_add(mask)?,
+    )
+}
+
+struct ScaledMaskedSoftmax {
+    scale: f32,
+}
+
+impl CustomOp2 for ScaledMaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-scaled-masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, h, t, w) = l1.shape().dims4()?;
+        let mb = l2.shape().dims4()?.0;
+        let x = contiguous::<f32>(s1, l1, "masked softmax: the scores")?;
+        let mask = contiguous::<f32>(s2, l2, "masked softmax: the mask")?;
+        if mask.len() != mb * t * w || (mb != b && mb != 1) {
+            candle_core::bail!(
+                "masked softmax: a mask of {:?} for scores of {:?}",
+                l2.shape().dims(),
+                l1.shape().dims()
+            );
+        }
+        let mut out = vec![0f32; x.len()];
+        if w == 0 || t == 0 {
+            return Ok((CpuStorage::F32(out), l1.shape().clone()));
+        }
+        // The mask's row for scores row `r` (ordered batch, head, query).
+        let mask_row = |r: usize| {
+            let batch = if mb == 1 { 0 } else { r / (h * t) };
+            let at = (batch * t + r % t) * w;
+            &mask[at..at + w]
+        };
+        let rows = rows_per_task(w);
+        out.par_chunks_mut(w * rows)
+            .zip(x.par_chunks(w * rows))
+            .enumerate()
+            .for_each(|(task, (o, x))| {
+                let mut z = vec![0f32; w];
+                for (i, (o, x)) in o.chunks_exact_mut(w).zip(x.chunks_exact(w)).enumerate() {
+                    for ((z, &x), &m) in z.iter_mut().zip(x).zip(mask_row(task * rows + i)) {
+                        *z = x * self.scale + m;
+                    }
+                    let max = crate::simd::max(&z);
+                    let sum = crate::simd::exp_shifted_sum(&z, max, o);
+                    o.iter_mut().for_each(|o| *o /= sum);
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _scores: &Tensor,
+        _mask: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let op = SoftmaxGrad { scale: self.scale };
+        Ok((Some(res.apply_op2_no_bwd(&grad.contiguous()?, &op)?), None))
     }
 }
 
@@ -663,6 +763,54 @@ mod tests {
             });
             assert_close(&fused, &composed, 1e-6, &what);
         }
+    }
+
+    #[test]
+    fn fused_scaled_masked_softmax_matches_the_composition_forward_and_backward() {
+        // (batch, heads, queries, keys, one mask per batch row or one for all), as
+        // attention's masks come: causal, with padded keys in some rows.
+        for (b, h, t, s, per_batch, seed) in [
+            (1, 1, 1, 1, false, 1),
+            (2, 3, 5, 5, true, 2),
+            (3, 9, 33, 33, true, 3),
+            (2, 2, 4, 1001, false, 4),
+        ] {
+            let scores = (random(&[b, h, t, s], seed) * 5.0).unwrap();
+            let mb = if per_batch { b } else { 1 };
+            let mask: Vec<f32> = (0..mb * t * s)
+                .map(|i| {
+                    let (batch, q, k) = (i / (t * s), i / s % t, i % s);
+                    let padded = batch % 2 == 1 && k == s - 1 && k > 0;
+                    if k > q + (s - t) || padded { -1e9 } else { 0.0 }
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (mb, 1, t, s), &Device::Cpu).unwrap();
+            let scale = 1.0 / (s as f64).sqrt();
+            let what = format!("{b}x{h}x{t}x{s} mask of {mb}");
+            let fused = run(&[&scores], seed + 200, &|v| {
+                scaled_masked_softmax(&v[0], &mask, scale).unwrap()
+            });
+            let composed = run(&[&scores], seed + 200, &|v| {
+                let z = (&v[0] * scale).unwrap().broadcast_add(&mask).unwrap();
+                candle_nn::ops::softmax(&z, D::Minus1).unwrap()
+            });
+            assert_close(&fused, &composed, 1e-6, &what);
+            // Against the composition it replaced in the model (scale, add, the fused
+            // softmax): the same arithmetic in the same order, so the same bits.
+            let replaced = run(&[&scores], seed + 200, &|v| {
+                let z = (&v[0] * scale).unwrap().broadcast_add(&mask).unwrap();
+                softmax_last_dim(&z).unwrap()
+            });
+            assert_close(&fused, &replaced, f32::MIN_POSITIVE, &what);
+        }
+        // A mask that is not shared by the heads takes the composition, with the same
+        // result.
+        let scores = random(&[1, 2, 3, 3], 9);
+        let mask = random(&[1, 2, 3, 3], 10);
+        let fused = scaled_masked_softmax(&scores, &mask, 0.5).unwrap();
+        let z = (&scores * 0.5).unwrap().broadcast_add(&mask).unwrap();
+        let composed = candle_nn::ops::softmax(&z, D::Minus1).unwrap();
+        assert!(max_abs_diff(&fused, &composed) < 1e-6);
     }
 
     #[test]

@@ -235,16 +235,19 @@ impl Llama {
         };
         let k = repeat_kv(k, nh / nkv)?;
         let v = repeat_kv(v, nh / nkv)?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        // Masking and softmax in f32: a half-precision mask value would overflow.
-        let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
+        let scores = q.matmul(&k.t()?)?;
+        let scale = 1.0 / (hd as f64).sqrt();
         let probs = match mode {
-            // On the CPU, the fused kernel with the vectorised exp.
-            Mode::Infer if scores.device().is_cpu() => {
-                crate::fused_block::softmax_last_dim(&scores)?
+            // Off the CPU, for inference, candle's softmax kernel. Masking and softmax in
+            // f32: a half-precision mask value would overflow.
+            Mode::Infer if !scores.device().is_cpu() => {
+                let scores = (scores * scale)?
+                    .to_dtype(DType::F32)?
+                    .broadcast_add(mask)?;
+                candle_nn::ops::softmax_last_dim(&scores)?
             }
-            Mode::Infer => candle_nn::ops::softmax_last_dim(&scores)?,
-            Mode::Train => crate::fused_block::softmax_last_dim(&scores)?,
+            // Otherwise scaled, masked and normalised in one fused pass (on the CPU).
+            _ => crate::fused_block::scaled_masked_softmax(&scores, mask, scale)?,
         }
         .to_dtype(v.dtype())?;
         let y = probs.matmul(&v)?; // [b, nh, t, hd]
