@@ -447,6 +447,13 @@ pub(crate) fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 struct Softmax;
 
+/// One row's softmax, `x` into `o`, with the vectorised exp.
+fn softmax_row(x: &[f32], o: &mut [f32]) {
+    let max = crate::simd::max(x);
+    let sum = crate::simd::exp_shifted_sum(x, max, o);
+    o.iter_mut().for_each(|o| *o /= sum);
+}
+
 impl CustomOp1 for Softmax {
     fn name(&self) -> &'static str {
         "fused-softmax"
@@ -464,9 +471,7 @@ impl CustomOp1 for Softmax {
             .zip(x.par_chunks(chunk))
             .for_each(|(o, x)| {
                 for (o, x) in o.chunks_exact_mut(w).zip(x.chunks_exact(w)) {
-                    let max = crate::simd::max(x);
-                    let sum = crate::simd::exp_shifted_sum(x, max, o);
-                    o.iter_mut().for_each(|o| *o /= sum);
+                    softmax_row(x, o);
                 }
             });
         Ok((CpuStorage::F32(out), l.shape().clone()))
@@ -602,9 +607,7 @@ impl CustomOp2 for ScaledMaskedSoftmax {
                     for ((z, &x), &m) in z.iter_mut().zip(x).zip(mask_row(task * rows + i)) {
                         *z = x * self.scale + m;
                     }
-                    let max = crate::simd::max(&z);
-                    let sum = crate::simd::exp_shifted_sum(&z, max, o);
-                    o.iter_mut().for_each(|o| *o /= sum);
+                    softmax_row(&z, o);
                 }
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
