@@ -39,31 +39,34 @@ pub(crate) fn nll_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 
 /// `x wᵀ` for `x: [n, in]` and `w: [out, in]`. Where `w` is frozen (neither a variable
 /// nor computed from one) and `x` carries a gradient, the backward pass computes `x`'s
-/// gradient only; otherwise (and off the CPU and CUDA) it is candle's matmul.
+/// gradient only. Where `w` trains, the backward pass writes `w`'s gradient in `w`'s own
+/// layout, `gᵀ x`: candle's matmul of `x` by the view `wᵀ` computes it as `xᵀ g` for the
+/// view, then sums it into a zeroed buffer for the view and again, transposed (a strided
+/// pass), into one for `w`. Otherwise (and off the CPU and CUDA) it is candle's matmul.
 pub(crate) fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let frozen = !w.track_op() && x.track_op();
-    if frozen && x.rank() == 2 && w.rank() == 2 && (x.device().is_cpu() || x.device().is_cuda()) {
+    let shapes = x.rank() == 2 && w.rank() == 2 && (x.device().is_cpu() || x.device().is_cuda());
+    if shapes && !w.track_op() && x.track_op() {
         x.apply_op1(FrozenLinear { w: w.clone() })
+    } else if shapes && w.track_op() {
+        x.apply_op2(w, TrainedLinear)
     } else {
         x.matmul(&w.t()?)
     }
 }
 
+/// The `(batch, m, n, k)` of `x wᵀ` and `wᵀ`'s layout, checked against `x`'s.
+fn linear_dims(l: &Layout, wl: &Layout) -> Result<((usize, usize, usize, usize), Layout)> {
+    let (m, k) = l.shape().dims2()?;
+    let (n, k2) = wl.shape().dims2()?;
+    if k != k2 {
+        candle_core::bail!("linear: an input of {k} features for a weight of {k2}");
+    }
+    Ok(((1, m, n, k), wl.transpose(0, 1)?))
+}
+
 /// `x wᵀ` with `w` held outside the graph: see [`linear`].
 struct FrozenLinear {
     w: Tensor,
-}
-
-impl FrozenLinear {
-    /// The `(batch, m, n, k)` of the product and `wᵀ`'s layout, checked against `x`'s.
-    fn dims(&self, l: &Layout, wl: &Layout) -> Result<((usize, usize, usize, usize), Layout)> {
-        let (m, k) = l.shape().dims2()?;
-        let (n, k2) = wl.shape().dims2()?;
-        if k != k2 {
-            candle_core::bail!("linear: an input of {k} features for a weight of {k2}");
-        }
-        Ok(((1, m, n, k), wl.transpose(0, 1)?))
-    }
 }
 
 impl CustomOp1 for FrozenLinear {
@@ -76,7 +79,7 @@ impl CustomOp1 for FrozenLinear {
         let Storage::Cpu(w) = &*w else {
             candle_core::bail!("linear: the input is on the CPU, the weight is not");
         };
-        let (bmnk, wt) = self.dims(l, wl)?;
+        let (bmnk, wt) = linear_dims(l, wl)?;
         Ok((s.matmul(w, bmnk, l, &wt)?, Shape::from((bmnk.1, bmnk.2))))
     }
 
@@ -90,12 +93,59 @@ impl CustomOp1 for FrozenLinear {
         let Storage::Cuda(w) = &*w else {
             candle_core::bail!("linear: the input is on a GPU, the weight is not");
         };
-        let (bmnk, wt) = self.dims(l, wl)?;
+        let (bmnk, wt) = linear_dims(l, wl)?;
         Ok((s.matmul(w, bmnk, l, &wt)?, Shape::from((bmnk.1, bmnk.2))))
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(grad.matmul(&self.w)?))
+    }
+}
+
+/// `x wᵀ` with `w` training: see [`linear`].
+struct TrainedLinear;
+
+impl CustomOp2 for TrainedLinear {
+    fn name(&self) -> &'static str {
+        "trained-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (bmnk, wt) = linear_dims(l, wl)?;
+        Ok((s.matmul(w, bmnk, l, &wt)?, Shape::from((bmnk.1, bmnk.2))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (bmnk, wt) = linear_dims(l, wl)?;
+        Ok((s.matmul(w, bmnk, l, &wt)?, Shape::from((bmnk.1, bmnk.2))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = if x.track_op() {
+            Some(grad.matmul(w)?)
+        } else {
+            None
+        };
+        Ok((dx, Some(grad.t()?.matmul(x)?)))
     }
 }
 
@@ -335,12 +385,57 @@ mod tests {
                 "{n}x{k}x{out}: the weight's gradient was formed"
             );
         }
-        // A trainable weight takes candle's matmul, gradient and all.
-        let w = Var::from_tensor(&uniform(3, 4, 9)).unwrap();
-        let x = uniform(2, 4, 8);
-        let y = linear(&x, w.as_tensor()).unwrap();
-        let grads = y.sum_all().unwrap().backward().unwrap();
-        assert!(grads.get(w.as_tensor()).is_some());
+    }
+
+    #[test]
+    fn trained_linear_matches_the_matmul_forward_and_backward() {
+        for (n, k, out, seed) in [
+            (1, 1, 1, 1),
+            (7, 13, 5, 2),
+            (33, 64, 129, 3),
+            (5, 576, 1, 4),
+            (64, 576, 1536, 5),
+        ] {
+            let x0 = uniform(n, k, seed);
+            let w0 = uniform(out, k, seed + 10);
+            let head = uniform(n, out, seed + 20);
+            let run = |fused: bool, x_trains: bool| {
+                let x = Var::from_tensor(&x0).unwrap();
+                let w = Var::from_tensor(&w0).unwrap();
+                let xin = if x_trains {
+                    (x.as_tensor() * 1.0).unwrap()
+                } else {
+                    x0.clone()
+                };
+                let y = if fused {
+                    linear(&xin, w.as_tensor()).unwrap()
+                } else {
+                    xin.matmul(&w.as_tensor().t().unwrap()).unwrap()
+                };
+                let grads = (&y * &head).unwrap().sum_all().unwrap().backward().unwrap();
+                let gw = grads.get(w.as_tensor()).unwrap().clone();
+                let gx = grads.get(x.as_tensor()).cloned();
+                (y, gw, gx, grads.get_ids().count())
+            };
+            for x_trains in [true, false] {
+                let what = format!("{n}x{k}x{out}, input trains: {x_trains}");
+                let (y_f, gw_f, gx_f, n_f) = run(true, x_trains);
+                let (y_c, gw_c, gx_c, n_c) = run(false, x_trains);
+                // The same products on the same storages: the same bits.
+                assert_eq!(max_abs_diff(&y_f, &y_c), 0.0, "{what}: forward");
+                assert_eq!(max_abs_diff(&gw_f, &gw_c), 0.0, "{what}: weight gradient");
+                assert!(gw_f.layout().is_contiguous(), "{what}");
+                match (gx_f, gx_c) {
+                    (Some(a), Some(b)) => {
+                        assert_eq!(max_abs_diff(&a, &b), 0.0, "{what}: input gradient")
+                    }
+                    (None, None) => assert!(!x_trains),
+                    _ => panic!("{what}: an input gradient on one side only"),
+                }
+                // A constant input gets no gradient (candle's matmul forms one).
+                assert_eq!(n_f + usize::from(!x_trains), n_c, "{what}: gradients kept");
+            }
+        }
     }
 
     #[test]

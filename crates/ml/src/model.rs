@@ -73,8 +73,8 @@ impl Linear {
                 {
                     xa = d.apply(&xa)?;
                 }
-                let h = xa.matmul(&ad.a.t()?)?;
-                let d = (h.matmul(&ad.b.t()?)? * ad.scale)?;
+                let h = crate::fused::linear(&xa, &ad.a)?;
+                let d = (crate::fused::linear(&h, &ad.b)? * ad.scale)?;
                 let d = d.to_dtype(y.dtype())?;
                 y + d
             }
