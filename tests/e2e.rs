@@ -965,7 +965,14 @@ fn chaos_short_seed_keeps_every_invariant() {
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{report}");
     assert!(report.contains("+30.0 s from the validator's"), "{report}");
-    assert!(report.contains("6 evaluated, 0 failed"), "{report}");
+    // Every submission evaluated, but for at most one the per-record leakage test fails
+    // at its level by chance (the command says so, and fails on two).
+    assert!(
+        report.contains("6 evaluated, 0 failed")
+            || (report.contains("6 submissions: 5 evaluated, 1 failed")
+                && report.contains("one submission failed the per-record leakage test")),
+        "{report}"
+    );
 }
 
 #[test]

@@ -986,8 +986,12 @@ fn stored_miner(data: &Path) -> Result<Vec<MinerJob>, NodeError> {
         .collect())
 }
 
+/// How a failure by the per-record leakage test begins (its check's name).
+const CHANCE_FINDING: &str = "integrity: test_leakage:";
+
 /// Every accepted job ends scored or failed with a reason; no submission, on the
-/// validator or on a miner, is left in a state that is not final.
+/// validator or on a miner, is left in a state that is not final. With nothing killed,
+/// nothing excuses a failure, except one chance finding of the per-record leakage test.
 fn check_final(
     jobs: &[Value],
     statuses: &[(String, Result<tunenet_proto::v1::MinerStatus, NodeError>)],
@@ -996,7 +1000,7 @@ fn check_final(
     no_kills: bool,
 ) -> Check {
     let mut bad = Vec::new();
-    let (mut scored, mut failed, mut abandoned) = (0, 0, 0);
+    let (mut scored, mut failed, mut abandoned, mut chance) = (0, 0, 0, 0);
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     for j in jobs {
         let id = j["plan"]["job_id"].as_str().unwrap_or("?");
@@ -1025,6 +1029,10 @@ fn check_final(
                         .unwrap_or("");
                     if r.trim().is_empty() {
                         bad.push(format!("{id}: {miner} failed without a reason"));
+                    } else if no_kills && r.starts_with(CHANCE_FINDING) {
+                        // Judged after its evaluation by the per-record leakage test, which
+                        // fails an honest submission at its level (leak_alpha): see below.
+                        chance += 1;
                     } else if no_kills {
                         // Nothing was killed, so nothing excuses it (a skewed clock
                         // making a miner late or early would show here).
@@ -1091,11 +1099,21 @@ fn check_final(
             "no submission was evaluated, so nothing was tested (see the validator's log)".into(),
         );
     }
+    if chance > 1 {
+        bad.push(format!(
+            "{chance} submissions failed the per-record leakage test with no kill: it fails an honest one at its level (leak_alpha, 1e-3 by default), so more than one in a run is a fault, not chance"
+        ));
+    }
     let mut detail = vec![format!(
         "{} jobs ({abandoned} ended with a note); {} submissions: {scored} evaluated, {failed} failed; {miner_jobs} jobs on the miners' side",
         jobs.len(),
         scored + failed
     )];
+    if chance == 1 {
+        detail.push(
+            "one submission failed the per-record leakage test with no kill: the test fails an honest submission at its level (leak_alpha) by chance, so one in a run is not a fault".into(),
+        );
+    }
     if !reasons.is_empty() {
         detail.push(format!(
             "reasons: {}",
@@ -1426,6 +1444,69 @@ mod tests {
             t.apply(event);
             assert_eq!(t.phase(), want, "after `{event}`");
         }
+    }
+
+    #[test]
+    fn with_no_kill_one_chance_leakage_finding_passes_and_two_do_not() {
+        let failed = |reason: &str| serde_json::json!({"submission": {"Failed": {"artifact": "x", "reason": reason}}});
+        let ev = serde_json::json!({"submission": {"Evaluated": {}}});
+        let leak = "integrity: test_leakage: the hidden test split leaked into training";
+        let job = |id: &str, slots: Value| {
+            serde_json::json!({
+                "plan": {"job_id": id},
+                "phase": {"Done": {"note": null}},
+                "slots": slots,
+                "scores": [{"miner": "m1", "loss": 1.0}, {"miner": "m2", "loss": 1.0}],
+            })
+        };
+        let stored = Ok(Stored {
+            jobs: Vec::new(),
+            scores: BTreeMap::new(),
+        });
+        let check = |jobs: &[Value]| check_final(jobs, &[], &stored, &[], true);
+        let one = check(&[
+            job(
+                "a",
+                serde_json::json!({"m1": ev.clone(), "m2": failed(leak)}),
+            ),
+            job("b", serde_json::json!({"m1": ev.clone(), "m2": ev.clone()})),
+        ]);
+        assert!(one.pass, "{:?}", one.detail);
+        assert!(
+            one.detail
+                .iter()
+                .any(|d| d.contains("one submission failed the per-record leakage test")),
+            "{:?}",
+            one.detail
+        );
+        let two = check(&[
+            job(
+                "a",
+                serde_json::json!({"m1": ev.clone(), "m2": failed(leak)}),
+            ),
+            job(
+                "b",
+                serde_json::json!({"m1": failed(leak), "m2": ev.clone()}),
+            ),
+        ]);
+        assert!(!two.pass, "{:?}", two.detail);
+        assert!(
+            two.detail
+                .iter()
+                .any(|d| d.contains("is a fault, not chance"))
+        );
+        // Any other failure with no kill is a fault at once.
+        let other = check(&[job(
+            "a",
+            serde_json::json!({"m1": ev, "m2": failed("integrity: finite: NaN")}),
+        )]);
+        assert!(
+            !other.pass
+                && other
+                    .detail
+                    .iter()
+                    .any(|d| d.contains("failed with no kill"))
+        );
     }
 
     #[test]
