@@ -16,7 +16,10 @@
 //! op whose backward gives the input its gradient and nothing else; its forward is
 //! candle's own matmul on the same storages (CPU and CUDA), so the same bits.
 
+use std::sync::{Arc, Mutex};
+
 use candle_core::backend::BackendStorage;
+use candle_core::backprop::GradStore;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Storage, Tensor,
 };
@@ -43,14 +46,66 @@ pub(crate) fn nll_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// layout, `gᵀ x`: candle's matmul of `x` by the view `wᵀ` computes it as `xᵀ g` for the
 /// view, then sums it into a zeroed buffer for the view and again, transposed (a strided
 /// pass), into one for `w`. Otherwise (and off the CPU and CUDA) it is candle's matmul.
-pub(crate) fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+///
+/// Where `w` trains and `kept` is given, the backward pass hands `w`'s gradient to
+/// `kept` instead of candle's gradient store, which would sum it into a freshly zeroed
+/// buffer (a weight-sized memset and a pass, for every weight, every step); see
+/// [`KeptGrads`].
+pub(crate) fn linear(x: &Tensor, w: &Tensor, kept: Option<&Arc<KeptGrads>>) -> Result<Tensor> {
     let shapes = x.rank() == 2 && w.rank() == 2 && (x.device().is_cpu() || x.device().is_cuda());
     if shapes && !w.track_op() && x.track_op() {
         x.apply_op1(FrozenLinear { w: w.clone() })
     } else if shapes && w.track_op() {
-        x.apply_op2(w, TrainedLinear)
+        x.apply_op2(
+            w,
+            TrainedLinear {
+                kept: kept.cloned(),
+            },
+        )
     } else {
         x.matmul(&w.t()?)
+    }
+}
+
+/// Weight gradients that trained linears' backward passes handed over (see
+/// [`linear`]), by weight, each summed if the weight served several. The
+/// trainer moves them into candle's gradient store after the backward pass
+/// ([`KeptGrads::drain_into`]): a gradient arrives there as computed, where candle would
+/// add it to zeros, the same values.
+#[derive(Debug, Default)]
+pub(crate) struct KeptGrads(Mutex<Vec<(Tensor, Tensor)>>);
+
+impl KeptGrads {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Tensor, Tensor)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn add(&self, w: &Tensor, grad: Tensor) -> Result<()> {
+        let mut kept = self.lock();
+        match kept.iter_mut().find(|(k, _)| k.id() == w.id()) {
+            Some((_, sum)) => *sum = sum.add(&grad)?,
+            None => kept.push((w.clone(), grad)),
+        }
+        Ok(())
+    }
+
+    /// Drops whatever an earlier backward pass left here (one whose step failed before its
+    /// gradients were taken), so that it cannot be summed into the next step's.
+    pub(crate) fn clear(&self) {
+        self.lock().clear();
+    }
+
+    /// Moves every kept gradient into `store`, summed with the store's own for the same
+    /// weight (a tied embedding's lookup), leaving nothing kept.
+    pub(crate) fn drain_into(&self, store: &mut GradStore) -> Result<()> {
+        for (w, grad) in std::mem::take(&mut *self.lock()) {
+            let grad = match store.remove(&w) {
+                Some(other) => grad.add(&other)?,
+                None => grad,
+            };
+            store.insert(&w, grad);
+        }
+        Ok(())
     }
 }
 
@@ -102,8 +157,10 @@ impl CustomOp1 for FrozenLinear {
     }
 }
 
-/// `x wᵀ` with `w` training: see [`linear`].
-struct TrainedLinear;
+/// `x wᵀ` with `w` training: see [`linear`]; `kept`: see [`linear`].
+struct TrainedLinear {
+    kept: Option<Arc<KeptGrads>>,
+}
 
 impl CustomOp2 for TrainedLinear {
     fn name(&self) -> &'static str {
@@ -145,7 +202,14 @@ impl CustomOp2 for TrainedLinear {
         } else {
             None
         };
-        Ok((dx, Some(grad.t()?.matmul(x)?)))
+        let dw = grad.t()?.matmul(x)?;
+        match &self.kept {
+            Some(kept) => {
+                kept.add(w, dw)?;
+                Ok((dx, None))
+            }
+            None => Ok((dx, Some(dw))),
+        }
     }
 }
 
@@ -367,7 +431,7 @@ mod tests {
                 // A tracked input, as a layer's input is after the first adapter.
                 let xin = (x.as_tensor() * 1.0).unwrap();
                 let y = if fused {
-                    linear(&xin, &w).unwrap()
+                    linear(&xin, &w, None).unwrap()
                 } else {
                     xin.matmul(&w.t().unwrap()).unwrap()
                 };
@@ -408,7 +472,7 @@ mod tests {
                     x0.clone()
                 };
                 let y = if fused {
-                    linear(&xin, w.as_tensor()).unwrap()
+                    linear(&xin, w.as_tensor(), None).unwrap()
                 } else {
                     xin.matmul(&w.as_tensor().t().unwrap()).unwrap()
                 };
@@ -436,6 +500,41 @@ mod tests {
                 assert_eq!(n_f + usize::from(!x_trains), n_c, "{what}: gradients kept");
             }
         }
+    }
+
+    #[test]
+    fn kept_weight_gradients_are_candles_bits() {
+        // A weight that serves two linears, and one that serves a lookup and a linear
+        // (a tied embedding): what the kept store hands back, summed with the store's own,
+        // is what candle's store holds. The lookup's backward adds each row into the sum
+        // so far, so a weight that serves one keeps its linear's gradient in candle's
+        // store (`kept` None), as `Llama::forward` does for a tied head.
+        let (vocab, h, n) = (11, 6, 5);
+        let e0 = uniform(vocab, h, 1);
+        let w0 = uniform(h, h, 2);
+        let ids = Tensor::new(&[3u32, 0, 7, 3, 10], &Device::Cpu).unwrap();
+        let head = uniform(n, vocab, 3);
+        let run = |kept: Option<&Arc<KeptGrads>>| {
+            let e = Var::from_tensor(&e0).unwrap();
+            let w = Var::from_tensor(&w0).unwrap();
+            let x = e.as_tensor().index_select(&ids, 0).unwrap();
+            let x = linear(&x, w.as_tensor(), kept).unwrap();
+            let x = linear(&x, w.as_tensor(), kept).unwrap();
+            let y = linear(&x, e.as_tensor(), None).unwrap();
+            let mut grads = (&y * &head).unwrap().sum_all().unwrap().backward().unwrap();
+            if let Some(k) = kept {
+                assert!(grads.get(w.as_tensor()).is_none());
+                k.drain_into(&mut grads).unwrap();
+            }
+            let g = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
+            (g(&e), g(&w))
+        };
+        let kept = Arc::new(KeptGrads::default());
+        let (ge_k, gw_k) = run(Some(&kept));
+        let (ge_c, gw_c) = run(None);
+        assert_eq!(max_abs_diff(&ge_k, &ge_c), 0.0, "the tied weight");
+        assert_eq!(max_abs_diff(&gw_k, &gw_c), 0.0, "the weight used twice");
+        assert!(kept.lock().is_empty(), "drained");
     }
 
     #[test]

@@ -5,7 +5,10 @@
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use std::sync::Arc;
+
 use crate::config::{LlamaConfig, RopeScaling};
+use crate::fused::KeptGrads;
 use crate::lora::{Dropout, LoraWeights};
 
 /// A large negative number used to mask attention scores (finite, so no NaNs appear).
@@ -59,9 +62,10 @@ impl Linear {
         }
     }
 
-    /// `x: [n, in]` -> `[n, out]`; adapter dropout applies in training mode only.
-    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let y = crate::fused::linear(x, &self.weight)?;
+    /// `x: [n, in]` -> `[n, out]`; adapter dropout applies in training mode only. Trained
+    /// weights hand their gradients to `kept` where given (see `fused::linear`).
+    fn forward(&self, x: &Tensor, mode: Mode, kept: Option<&Arc<KeptGrads>>) -> Result<Tensor> {
+        let y = crate::fused::linear(x, &self.weight, kept)?;
         match &self.adapter {
             None => Ok(y),
             Some(ad) => {
@@ -73,8 +77,8 @@ impl Linear {
                 {
                     xa = d.apply(&xa)?;
                 }
-                let h = crate::fused::linear(&xa, &ad.a)?;
-                let d = (crate::fused::linear(&h, &ad.b)? * ad.scale)?;
+                let h = crate::fused::linear(&xa, &ad.a, kept)?;
+                let d = (crate::fused::linear(&h, &ad.b, kept)? * ad.scale)?;
                 let d = d.to_dtype(y.dtype())?;
                 y + d
             }
@@ -121,6 +125,19 @@ pub(crate) struct Llama {
     lm_head: Tensor,
     cos: Tensor,
     sin: Tensor,
+    kept: Kept,
+}
+
+/// Where a training forward pass's trained weights hand their gradients (see
+/// [`Llama::kept_grads`]). A clone of the model gets a store of its own, so that two
+/// copies trained at once never take each other's gradients.
+#[derive(Debug, Default)]
+struct Kept(Arc<KeptGrads>);
+
+impl Clone for Kept {
+    fn clone(&self) -> Kept {
+        Kept::default()
+    }
 }
 
 impl Llama {
@@ -170,7 +187,15 @@ impl Llama {
             lm_head,
             cos,
             sin,
+            kept: Kept::default(),
         })
+    }
+
+    /// The gradients of trained weights that the last `Mode::Train` forward pass's
+    /// backward pass formed: they are not in candle's gradient store until moved there
+    /// (`KeptGrads::drain_into`).
+    pub(crate) fn kept_grads(&self) -> &KeptGrads {
+        &self.kept.0
     }
 
     /// Logits `[b, t, vocab]` for token ids `[b, t]` (u32); `key_mask` `[b, t]` (f32) is 1
@@ -186,43 +211,45 @@ impl Llama {
         let mask = attention_mask(key_mask, t, self.cfg.sliding_window)?;
         let cos = self.cos.narrow(0, 0, t)?;
         let sin = self.sin.narrow(0, 0, t)?;
+        let kept = (mode == Mode::Train).then_some(&self.kept.0);
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?; // [b*t, h]
         for layer in &self.layers {
             let hn = rms_norm(&x, &layer.attn_norm, self.cfg.rms_norm_eps, mode)?;
-            let att = self.attention(layer, &hn, b, t, &mask, &cos, &sin, mode)?;
+            let att = self.attention(layer, &hn, (b, t), &mask, (&cos, &sin), mode)?;
             x = (x + att)?;
             let hn = rms_norm(&x, &layer.mlp_norm, self.cfg.rms_norm_eps, mode)?;
-            let g = layer.gate.forward(&hn, mode)?;
-            let u = layer.up.forward(&hn, mode)?;
+            let g = layer.gate.forward(&hn, mode, kept)?;
+            let u = layer.up.forward(&hn, mode, kept)?;
             let gu = crate::fused_block::silu_mul(&g, &u)?;
-            x = (x + layer.down.forward(&gu, mode)?)?;
+            x = (x + layer.down.forward(&gu, mode, kept)?)?;
         }
         let x = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, mode)?;
-        let logits = crate::fused::linear(&x, &self.lm_head)?.to_dtype(DType::F32)?;
+        // A head tied to the embedding leaves its gradient in candle's store: the lookup's
+        // backward adds its rows into the sum so far, and that order is kept (same bits).
+        let head_kept = kept.filter(|_| !self.cfg.tie_word_embeddings);
+        let logits = crate::fused::linear(&x, &self.lm_head, head_kept)?.to_dtype(DType::F32)?;
         logits.reshape((b, t, self.cfg.vocab_size))
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         layer: &Block,
         x: &Tensor,
-        b: usize,
-        t: usize,
+        (b, t): (usize, usize),
         mask: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
         mode: Mode,
     ) -> Result<Tensor> {
+        let kept = (mode == Mode::Train).then_some(&self.kept.0);
         let nh = self.cfg.num_attention_heads;
         let nkv = self.cfg.kv_heads();
         let hd = self.cfg.head_dim();
         let split = |y: Tensor, heads: usize| -> Result<Tensor> {
             y.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous()
         };
-        let q = split(layer.q.forward(x, mode)?, nh)?;
-        let k = split(layer.k.forward(x, mode)?, nkv)?;
-        let v = split(layer.v.forward(x, mode)?, nkv)?;
+        let q = split(layer.q.forward(x, mode, kept)?, nh)?;
+        let k = split(layer.k.forward(x, mode, kept)?, nkv)?;
+        let v = split(layer.v.forward(x, mode, kept)?, nkv)?;
         let (q, k) = match mode {
             Mode::Infer => (
                 candle_nn::rotary_emb::rope(&q, cos, sin)?,
@@ -252,7 +279,7 @@ impl Llama {
         .to_dtype(v.dtype())?;
         let y = probs.matmul(&v)?; // [b, nh, t, hd]
         let y = y.transpose(1, 2)?.reshape((b * t, nh * hd))?;
-        layer.o.forward(&y, mode)
+        layer.o.forward(&y, mode, kept)
     }
 }
 
@@ -373,9 +400,9 @@ impl Llama {
             let split = |y: Tensor, heads: usize| -> Result<Tensor> {
                 y.reshape((1, t, heads, hd))?.transpose(1, 2)?.contiguous()
             };
-            let q = split(layer.q.forward(&hn, Mode::Infer)?, nh)?;
-            let k = split(layer.k.forward(&hn, Mode::Infer)?, nkv)?;
-            let v = split(layer.v.forward(&hn, Mode::Infer)?, nkv)?;
+            let q = split(layer.q.forward(&hn, Mode::Infer, None)?, nh)?;
+            let k = split(layer.k.forward(&hn, Mode::Infer, None)?, nkv)?;
+            let v = split(layer.v.forward(&hn, Mode::Infer, None)?, nkv)?;
             let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
             let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
             let (k, v) = match slot.take() {
@@ -394,11 +421,11 @@ impl Llama {
                     probs.matmul(&v)?.transpose(1, 2)?.reshape((t, nh * hd))?
                 }
             };
-            x = (x + layer.o.forward(&y, Mode::Infer)?)?;
+            x = (x + layer.o.forward(&y, Mode::Infer, None)?)?;
             let hn = rms_norm(&x, &layer.mlp_norm, eps, Mode::Infer)?;
-            let g = layer.gate.forward(&hn, Mode::Infer)?.silu()?;
-            let u = layer.up.forward(&hn, Mode::Infer)?;
-            x = (x + layer.down.forward(&(g * u)?, Mode::Infer)?)?;
+            let g = layer.gate.forward(&hn, Mode::Infer, None)?.silu()?;
+            let u = layer.up.forward(&hn, Mode::Infer, None)?;
+            x = (x + layer.down.forward(&(g * u)?, Mode::Infer, None)?)?;
         }
         cache.pos = total;
         let x = rms_norm(&x, &self.norm, eps, Mode::Infer)?;

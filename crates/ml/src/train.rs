@@ -874,11 +874,14 @@ fn micro_step(
     device: &Device,
 ) -> candle_core::Result<(f32, usize, Vec<Tensor>)> {
     let batch = make_batch(picked, device)?;
+    // The trained weights' gradients come back through the model's kept store.
+    llama.kept_grads().clear();
     let logits = llama.forward(&batch.inputs, &batch.key_mask, Mode::Train)?;
     let sum = masked_nll_sum(&logits, &batch.targets, &batch.loss_mask)?;
     let loss = (sum / predicted as f64)?;
     let scaled = (&loss / accum as f64)?;
-    let store = scaled.backward()?;
+    let mut store = scaled.backward()?;
+    llama.kept_grads().drain_into(&mut store)?;
     let grads = opt
         .vars
         .iter()
