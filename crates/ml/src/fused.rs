@@ -89,6 +89,20 @@ impl KeptGrads {
         Ok(())
     }
 
+    /// Adds row `i` of `grad` into row `ids[i]` of `w`'s kept gradient, in place and in
+    /// the order of `ids` (from zeros if there is none yet).
+    fn index_add(&self, w: &Tensor, ids: &Tensor, grad: &Tensor) -> Result<()> {
+        let mut kept = self.lock();
+        let at = match kept.iter().position(|(k, _)| k.id() == w.id()) {
+            Some(at) => at,
+            None => {
+                kept.push((w.clone(), w.zeros_like()?));
+                kept.len() - 1
+            }
+        };
+        kept[at].1.inplace_op3(ids, grad, &RowsAdd)
+    }
+
     /// Drops whatever an earlier backward pass left here (one whose step failed before its
     /// gradients were taken), so that it cannot be summed into the next step's.
     pub(crate) fn clear(&self) {
@@ -117,6 +131,125 @@ fn linear_dims(l: &Layout, wl: &Layout) -> Result<((usize, usize, usize, usize),
         candle_core::bail!("linear: an input of {k} features for a weight of {k2}");
     }
     Ok(((1, m, n, k), wl.transpose(0, 1)?))
+}
+
+/// Rows `ids` (`[n]`) of `w` (`[v, h]`): an embedding lookup. Where `w` trains, on the
+/// CPU in f32, and `kept` is given, the backward pass adds each row's gradient into `w`'s
+/// kept gradient in place, in the order of `ids`: candle's lookup backward adds them the
+/// same way into the sum so far (a tied head's gradient, or zeros), but into a copy of a
+/// zeroed buffer. Otherwise candle's `index_select`.
+pub(crate) fn embedding(w: &Tensor, ids: &Tensor, kept: Option<&Arc<KeptGrads>>) -> Result<Tensor> {
+    match kept {
+        Some(kept)
+            if w.track_op()
+                && w.device().is_cpu()
+                && w.dtype() == DType::F32
+                && w.rank() == 2
+                && ids.rank() == 1 =>
+        {
+            let ids = ids.to_dtype(DType::U32)?.contiguous()?;
+            w.apply_op2(&ids, Embedding { kept: kept.clone() })
+        }
+        _ => w.index_select(ids, 0),
+    }
+}
+
+/// See [`embedding`].
+struct Embedding {
+    kept: Arc<KeptGrads>,
+}
+
+/// The rows `[v, h]` of a table and the ids `[n]`, checked.
+fn table_and_ids<'a>(
+    s1: &'a CpuStorage,
+    l1: &Layout,
+    s2: &'a CpuStorage,
+    l2: &Layout,
+    what: &str,
+) -> Result<(&'a [f32], &'a [u32], usize)> {
+    let (v, h) = l1.shape().dims2()?;
+    let table = contiguous::<f32>(s1, l1, what)?;
+    let ids = contiguous::<u32>(s2, l2, "embedding: the ids")?;
+    if let Some(id) = ids.iter().find(|&&id| id as usize >= v) {
+        candle_core::bail!("embedding: id {id} is outside the table of {v} rows");
+    }
+    Ok((table, ids, h))
+}
+
+impl CustomOp2 for Embedding {
+    fn name(&self) -> &'static str {
+        "embedding"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (table, ids, h) = table_and_ids(s1, l1, s2, l2, "embedding: the table")?;
+        let mut out = Vec::with_capacity(ids.len() * h);
+        for &id in ids {
+            out.extend_from_slice(&table[id as usize * h..][..h]);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((ids.len(), h))))
+    }
+
+    fn bwd(
+        &self,
+        w: &Tensor,
+        ids: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        self.kept.index_add(w, ids, &grad.contiguous()?)?;
+        Ok((None, None))
+    }
+}
+
+/// `sum[ids[i]] += grad[i]`, row by row in the order of `ids`, in place in `sum`.
+struct RowsAdd;
+
+impl candle_core::InplaceOp3 for RowsAdd {
+    fn name(&self) -> &'static str {
+        "rows-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let (_, h) = l1.shape().dims2()?;
+        let grad = contiguous::<f32>(s3, l3, "embedding: the gradient")?;
+        let ids = contiguous::<u32>(s2, l2, "embedding: the ids")?;
+        let (start, end) = l1
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("embedding: the sum is strided".into()))?;
+        let CpuStorage::F32(sum) = s1 else {
+            candle_core::bail!("embedding: the sum is not f32");
+        };
+        let sum = &mut sum[start..end];
+        if grad.len() != ids.len() * h || ids.iter().any(|&id| (id as usize + 1) * h > sum.len()) {
+            candle_core::bail!(
+                "embedding: a gradient of {} for {} ids",
+                grad.len(),
+                ids.len()
+            );
+        }
+        for (i, &id) in ids.iter().enumerate() {
+            let row = &mut sum[id as usize * h..][..h];
+            for (d, &g) in row.iter_mut().zip(&grad[i * h..][..h]) {
+                *d += g;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `x wᵀ` with `w` held outside the graph: see [`linear`].
@@ -505,10 +638,7 @@ mod tests {
     #[test]
     fn kept_weight_gradients_are_candles_bits() {
         // A weight that serves two linears, and one that serves a lookup and a linear
-        // (a tied embedding): what the kept store hands back, summed with the store's own,
-        // is what candle's store holds. The lookup's backward adds each row into the sum
-        // so far, so a weight that serves one keeps its linear's gradient in candle's
-        // store (`kept` None), as `Llama::forward` does for a tied head.
+        // (a tied embedding): what the kept store hands back is what candle's store holds.
         let (vocab, h, n) = (11, 6, 5);
         let e0 = uniform(vocab, h, 1);
         let w0 = uniform(h, h, 2);
@@ -517,24 +647,55 @@ mod tests {
         let run = |kept: Option<&Arc<KeptGrads>>| {
             let e = Var::from_tensor(&e0).unwrap();
             let w = Var::from_tensor(&w0).unwrap();
-            let x = e.as_tensor().index_select(&ids, 0).unwrap();
+            let x = embedding(e.as_tensor(), &ids, kept).unwrap();
             let x = linear(&x, w.as_tensor(), kept).unwrap();
-            let x = linear(&x, w.as_tensor(), kept).unwrap();
-            let y = linear(&x, e.as_tensor(), None).unwrap();
+            let x2 = linear(&x, w.as_tensor(), kept).unwrap();
+            let y = linear(&x2, e.as_tensor(), kept).unwrap();
             let mut grads = (&y * &head).unwrap().sum_all().unwrap().backward().unwrap();
             if let Some(k) = kept {
-                assert!(grads.get(w.as_tensor()).is_none());
+                assert!(grads.get(w.as_tensor()).is_none() && grads.get(e.as_tensor()).is_none());
                 k.drain_into(&mut grads).unwrap();
             }
             let g = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
-            (g(&e), g(&w))
+            (x, g(&e), g(&w))
         };
         let kept = Arc::new(KeptGrads::default());
-        let (ge_k, gw_k) = run(Some(&kept));
-        let (ge_c, gw_c) = run(None);
+        let (x_k, ge_k, gw_k) = run(Some(&kept));
+        let (x_c, ge_c, gw_c) = run(None);
+        assert_eq!(max_abs_diff(&x_k, &x_c), 0.0, "forward");
         assert_eq!(max_abs_diff(&ge_k, &ge_c), 0.0, "the tied weight");
         assert_eq!(max_abs_diff(&gw_k, &gw_c), 0.0, "the weight used twice");
         assert!(kept.lock().is_empty(), "drained");
+
+        // An embedding alone (an untied one) is summed from zeros, as candle's is; an id
+        // outside the table is an error that says so.
+        let e = Var::from_tensor(&e0).unwrap();
+        let y = embedding(e.as_tensor(), &ids, Some(&kept)).unwrap();
+        let head = uniform(n, h, 4);
+        let mut grads = (&y * &head).unwrap().sum_all().unwrap().backward().unwrap();
+        kept.drain_into(&mut grads).unwrap();
+        let mine = grads.get(e.as_tensor()).unwrap().clone();
+        let e2 = Var::from_tensor(&e0).unwrap();
+        let y2 = e2.as_tensor().index_select(&ids, 0).unwrap();
+        let theirs = (&y2 * &head)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert_eq!(max_abs_diff(&y, &y2), 0.0);
+        assert_eq!(
+            max_abs_diff(&mine, theirs.get(e2.as_tensor()).unwrap()),
+            0.0
+        );
+        let bad = Tensor::new(&[3u32, 11], &Device::Cpu).unwrap();
+        let err = embedding(e.as_tensor(), &bad, Some(&kept))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("id 11 is outside the table of 11 rows"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -212,7 +212,7 @@ impl Llama {
         let cos = self.cos.narrow(0, 0, t)?;
         let sin = self.sin.narrow(0, 0, t)?;
         let kept = (mode == Mode::Train).then_some(&self.kept.0);
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?; // [b*t, h]
+        let mut x = crate::fused::embedding(&self.embed, &ids.flatten_all()?, kept)?; // [b*t, h]
         for layer in &self.layers {
             let hn = rms_norm(&x, &layer.attn_norm, self.cfg.rms_norm_eps, mode)?;
             let att = self.attention(layer, &hn, (b, t), &mask, (&cos, &sin), mode)?;
@@ -224,10 +224,7 @@ impl Llama {
             x = (x + layer.down.forward(&gu, mode, kept)?)?;
         }
         let x = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, mode)?;
-        // A head tied to the embedding leaves its gradient in candle's store: the lookup's
-        // backward adds its rows into the sum so far, and that order is kept (same bits).
-        let head_kept = kept.filter(|_| !self.cfg.tie_word_embeddings);
-        let logits = crate::fused::linear(&x, &self.lm_head, head_kept)?.to_dtype(DType::F32)?;
+        let logits = crate::fused::linear(&x, &self.lm_head, kept)?.to_dtype(DType::F32)?;
         logits.reshape((b, t, self.cfg.vocab_size))
     }
 
