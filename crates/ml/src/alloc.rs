@@ -19,8 +19,15 @@
 //! turned off altogether (`M_MMAP_MAX` 0): every block comes from a heap, and a freed large
 //! block is reused by the next step. Measured on SmolLM2 (`docs/BENCHMARKS.md`): LoRA
 //! training +19-23 %, full +15-21 %, evaluation +5-10 %, for 2-3 % more peak RSS (freed
-//! blocks are kept where a fresh mapping would have been released). A heap gives memory
-//! back only from its top, so a long-lived process keeps about its peak.
+//! blocks are kept where a fresh mapping would have been released).
+//!
+//! Nor does glibc trim the heap's top on its own: with a threshold (it was 1 GiB), a step
+//! whose frees left more than that free at the top handed it back, and the next step
+//! faulted it all in again; full fine-tuning of SmolLM2 hit it once its weight gradients
+//! were allocated in a different order (the kernel's page clearing became 42 % of a
+//! step). Instead a training run gives its free memory back when it ends
+//! ([`GiveBackWhenDone`], glibc's `malloc_trim`), so a miner between jobs does not hold its
+//! last job's peak. A validator, which evaluates all the time, keeps its evaluations'.
 
 /// glibc's largest mmap threshold on 64-bit targets (`DEFAULT_MMAP_THRESHOLD_MAX`):
 /// blocks up to 32 MiB come from the reused heap.
@@ -29,8 +36,9 @@ pub const MMAP_THRESHOLD: i32 = 32 << 20;
 /// Blocks glibc may serve with their own `mmap`: none (see the module's note).
 pub const MMAP_MAX: i32 = 0;
 
-/// Free memory at the top of a heap that glibc keeps before returning it (1 GiB).
-pub const TRIM_THRESHOLD: i32 = 1 << 30;
+/// Free memory at the top of a heap that glibc keeps before returning it: -1, never on
+/// its own (see the module's note; [`give_back_freed_memory`] does it when a job ends).
+pub const TRIM_THRESHOLD: i32 = -1;
 
 /// Extra bytes glibc asks the kernel for whenever a heap grows (64 MiB; address space
 /// only until touched), so a growing heap does not grow one block at a time.
@@ -54,5 +62,30 @@ pub fn keep_freed_memory() -> bool {
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {
         false
+    }
+}
+
+/// Hands the heap's free memory back to the kernel (glibc's `malloc_trim`), which
+/// [`keep_freed_memory`] stops glibc from doing on its own. Returns whether any was
+/// released; a no-op where the C library is not glibc.
+pub fn give_back_freed_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim only returns free pages; glibc locks every arena it walks.
+        unsafe { libc::malloc_trim(0) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
+/// Calls [`give_back_freed_memory`] when dropped: made first in a training run, so that it
+/// runs last, after the run's tensors are freed, however the run ends.
+pub(crate) struct GiveBackWhenDone;
+
+impl Drop for GiveBackWhenDone {
+    fn drop(&mut self) {
+        give_back_freed_memory();
     }
 }

@@ -355,6 +355,8 @@ pub fn train_data_parallel(
     progress: &mut dyn FnMut(&Progress),
     out_dir: &Path,
 ) -> Result<TrainReport, MlError> {
+    // Dropped last: the run's free memory goes back to the kernel when it ends.
+    let _give_back = crate::alloc::GiveBackWhenDone;
     let start = Instant::now();
     cfg.validate()?;
     let Some(lead_device) = devices.first() else {
