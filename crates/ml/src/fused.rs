@@ -159,23 +159,6 @@ struct Embedding {
     kept: Arc<KeptGrads>,
 }
 
-/// The rows `[v, h]` of a table and the ids `[n]`, checked.
-fn table_and_ids<'a>(
-    s1: &'a CpuStorage,
-    l1: &Layout,
-    s2: &'a CpuStorage,
-    l2: &Layout,
-    what: &str,
-) -> Result<(&'a [f32], &'a [u32], usize)> {
-    let (v, h) = l1.shape().dims2()?;
-    let table = contiguous::<f32>(s1, l1, what)?;
-    let ids = contiguous::<u32>(s2, l2, "embedding: the ids")?;
-    if let Some(id) = ids.iter().find(|&&id| id as usize >= v) {
-        candle_core::bail!("embedding: id {id} is outside the table of {v} rows");
-    }
-    Ok((table, ids, h))
-}
-
 impl CustomOp2 for Embedding {
     fn name(&self) -> &'static str {
         "embedding"
@@ -188,7 +171,12 @@ impl CustomOp2 for Embedding {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (table, ids, h) = table_and_ids(s1, l1, s2, l2, "embedding: the table")?;
+        let (v, h) = l1.shape().dims2()?;
+        let table = contiguous::<f32>(s1, l1, "embedding: the table")?;
+        let ids = contiguous::<u32>(s2, l2, "embedding: the ids")?;
+        if let Some(id) = ids.iter().find(|&&id| id as usize >= v) {
+            candle_core::bail!("embedding: id {id} is outside the table of {v} rows");
+        }
         let mut out = Vec::with_capacity(ids.len() * h);
         for &id in ids {
             out.extend_from_slice(&table[id as usize * h..][..h]);
