@@ -123,14 +123,16 @@ impl KeptGrads {
     }
 }
 
-/// The `(batch, m, n, k)` of `x wᵀ` and `wᵀ`'s layout, checked against `x`'s.
-fn linear_dims(l: &Layout, wl: &Layout) -> Result<((usize, usize, usize, usize), Layout)> {
+/// `x wᵀ` on a device's storages: candle's own matmul, `x` `[m, k]` by the view `wᵀ` of
+/// `w` `[n, k]`, the shapes checked.
+fn linear_product<B: BackendStorage>(x: &B, l: &Layout, w: &B, wl: &Layout) -> Result<(B, Shape)> {
     let (m, k) = l.shape().dims2()?;
     let (n, k2) = wl.shape().dims2()?;
     if k != k2 {
         candle_core::bail!("linear: an input of {k} features for a weight of {k2}");
     }
-    Ok(((1, m, n, k), wl.transpose(0, 1)?))
+    let product = x.matmul(w, (1, m, n, k), l, &wl.transpose(0, 1)?)?;
+    Ok((product, Shape::from((m, n))))
 }
 
 /// Rows `ids` (`[n]`) of `w` (`[v, h]`): an embedding lookup. Where `w` trains, on the
@@ -255,8 +257,7 @@ impl CustomOp1 for FrozenLinear {
         let Storage::Cpu(w) = &*w else {
             candle_core::bail!("linear: the input is on the CPU, the weight is not");
         };
-        let (bmnk, wt) = linear_dims(l, wl)?;
-        Ok((s.matmul(w, bmnk, l, &wt)?, Shape::from((bmnk.1, bmnk.2))))
+        linear_product(s, l, w, wl)
     }
 
     #[cfg(feature = "cuda")]
@@ -269,8 +270,7 @@ impl CustomOp1 for FrozenLinear {
         let Storage::Cuda(w) = &*w else {
             candle_core::bail!("linear: the input is on a GPU, the weight is not");
         };
-        let (bmnk, wt) = linear_dims(l, wl)?;
-        Ok((s.matmul(w, bmnk, l, &wt)?, Shape::from((bmnk.1, bmnk.2))))
+        linear_product(s, l, w, wl)
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -295,8 +295,7 @@ impl CustomOp2 for TrainedLinear {
         w: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (bmnk, wt) = linear_dims(l, wl)?;
-        Ok((s.matmul(w, bmnk, l, &wt)?, Shape::from((bmnk.1, bmnk.2))))
+        linear_product(s, l, w, wl)
     }
 
     #[cfg(feature = "cuda")]
@@ -307,8 +306,7 @@ impl CustomOp2 for TrainedLinear {
         w: &candle_core::CudaStorage,
         wl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (bmnk, wt) = linear_dims(l, wl)?;
-        Ok((s.matmul(w, bmnk, l, &wt)?, Shape::from((bmnk.1, bmnk.2))))
+        linear_product(s, l, w, wl)
     }
 
     fn bwd(
@@ -536,17 +534,29 @@ mod tests {
     /// With a frozen weight, [`linear`] gives the same forward bits and the same input
     /// gradient as candle's matmul, on odd shapes, and forms no gradient for the weight
     /// (candle's matmul backward forms one for every factor).
+    /// `(rows, in, out, seed)` of the linear tests: odd sizes, one output, and a SmolLM2
+    /// MLP projection.
+    const LINEAR_SHAPES: [(usize, usize, usize, u64); 5] = [
+        (1, 1, 1, 1),
+        (7, 13, 5, 2),
+        (33, 64, 129, 3),
+        (5, 576, 1, 4),
+        (64, 576, 1536, 5),
+    ];
+
+    /// The input `[n, k]`, the weight `[out, k]` and the output's gradient `[n, out]`.
+    fn linear_inputs(n: usize, k: usize, out: usize, seed: u64) -> (Tensor, Tensor, Tensor) {
+        (
+            uniform(n, k, seed),
+            uniform(out, k, seed + 10),
+            uniform(n, out, seed + 20),
+        )
+    }
+
     #[test]
     fn frozen_linear_matches_the_matmul_and_forms_no_weight_gradient() {
-        for (n, k, out, seed) in [
-            (1, 1, 1, 1),
-            (7, 13, 5, 2),
-            (33, 64, 129, 3),
-            (5, 576, 1, 4),
-        ] {
-            let x0 = uniform(n, k, seed);
-            let w = uniform(out, k, seed + 10);
-            let head = uniform(n, out, seed + 20);
+        for (n, k, out, seed) in LINEAR_SHAPES {
+            let (x0, w, head) = linear_inputs(n, k, out, seed);
             let run = |fused: bool| {
                 let x = Var::from_tensor(&x0).unwrap();
                 // A tracked input, as a layer's input is after the first adapter.
@@ -574,16 +584,8 @@ mod tests {
 
     #[test]
     fn trained_linear_matches_the_matmul_forward_and_backward() {
-        for (n, k, out, seed) in [
-            (1, 1, 1, 1),
-            (7, 13, 5, 2),
-            (33, 64, 129, 3),
-            (5, 576, 1, 4),
-            (64, 576, 1536, 5),
-        ] {
-            let x0 = uniform(n, k, seed);
-            let w0 = uniform(out, k, seed + 10);
-            let head = uniform(n, out, seed + 20);
+        for (n, k, out, seed) in LINEAR_SHAPES {
+            let (x0, w0, head) = linear_inputs(n, k, out, seed);
             let run = |fused: bool, x_trains: bool| {
                 let x = Var::from_tensor(&x0).unwrap();
                 let w = Var::from_tensor(&w0).unwrap();
