@@ -2974,6 +2974,11 @@ fn a_competition_on_a_hub_model_and_dataset_with_a_chat_template_and_its_test_re
 /// Every leaderboard row then shows how many validators scored the miner and how many
 /// agree. The third validator scores with a far sharper formula: each of them flags it as
 /// the outlier with its numbers, and ranked by the median it is outvoted.
+///
+/// Each validator scores three jobs: its jobs are its own secret draws (held-out records,
+/// canaries), so one job's standing carries that draw's noise. With one job each, the two
+/// honest validators' standings for the weaker miner differed by 0.9-8.7 % in eleven runs
+/// here and by 11 % in one CI run, past the 10 % tolerance; over three jobs, by 0.7-4 %.
 #[test]
 fn three_validators_attest_their_standings_and_flag_the_outlier() {
     let tmp = tempfile::tempdir().unwrap();
@@ -3028,7 +3033,7 @@ fn three_validators_attest_their_standings_and_flag_the_outlier() {
             root,
             &format!("v{i}"),
             &format!(
-                "data_dir = {:?}\nlisten = \"127.0.0.1:{grpc}\"\nminers = [{:?}, {:?}]\ndiscover_miners = false\ntrusted_validators = [{}]\n[[competitions]]\nid = \"q\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 1\nminers_per_job = 2\nmin_miners = 2\ntime_budget_secs = 15\nreveal_window_secs = 20\noffer_timeout_secs = 10\neval_max_seq_len = 48\n[competitions.integrity]\nenabled = false\n{scoring}{}",
+                "data_dir = {:?}\nlisten = \"127.0.0.1:{grpc}\"\nminers = [{:?}, {:?}]\ndiscover_miners = false\ntrusted_validators = [{}]\n[[competitions]]\nid = \"q\"\nbase_model = {model:?}\ndataset = {data:?}\njobs = 3\nminers_per_job = 2\nmin_miners = 2\ntime_budget_secs = 15\nreveal_window_secs = 20\noffer_timeout_secs = 10\neval_max_seq_len = 48\n[competitions.integrity]\nenabled = false\n{scoring}{}",
                 root.join(format!("v{i}")),
                 miners[0].1,
                 miners[1].1,
@@ -3039,7 +3044,7 @@ fn three_validators_attest_their_standings_and_flag_the_outlier() {
         let url = format!("http://127.0.0.1:{grpc}");
         validators.push((d, url.clone(), admin));
         let since = Instant::now();
-        let lb = leaderboard_when_done(&url, "q", 1, since, 120, &|| logs(&validators));
+        let lb = leaderboard_when_done(&url, "q", 3, since, 300, &|| logs(&validators));
         assert_eq!(lb.rows.len(), 2, "v{i}: {lb:?}");
         assert!(
             lb.rows.iter().all(|r| r.verdicts.is_empty()),
