@@ -1,7 +1,7 @@
 //! Training artifacts: a safetensors file (LoRA adapter tensors or full weights) with the
 //! manifest embedded in its metadata, plus the manifest as `manifest.json`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -58,17 +58,15 @@ pub(crate) fn write_artifact(
         .map_err(|e| MlError::io("cannot create output dir", out_dir, e))?;
     let json = serde_json::to_string(manifest)
         .map_err(|e| MlError::Invalid(format!("cannot serialise the artifact manifest: {e}")))?;
-    let metadata = HashMap::from([
+    let metadata = BTreeMap::from([
         ("format".to_string(), "pt".to_string()),
         (MANIFEST_METADATA_KEY.to_string(), json),
     ]);
     let path = out_dir.join(ARTIFACT_FILE);
     let tmp = out_dir.join(format!("{ARTIFACT_FILE}.tmp"));
-    safetensors::serialize_to_file(tensors, Some(metadata), &tmp).map_err(|e| {
-        MlError::Artifact {
-            path: tmp.clone(),
-            problem: format!("cannot write: {e}"),
-        }
+    crate::st_write::write(&tmp, tensors, &metadata).map_err(|e| MlError::Artifact {
+        path: tmp.clone(),
+        problem: format!("cannot write: {e}"),
     })?;
     std::fs::rename(&tmp, &path)
         .map_err(|e| MlError::io("cannot move artifact into place", &path, e))?;

@@ -1,7 +1,7 @@
 //! Resumable training state: an AdamW whose moments can be saved, and checkpoints that
 //! hold the trainable weights, the moments and the run's counters.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -313,9 +313,9 @@ pub(crate) fn save_checkpoint(
         run: run.clone(),
     })
     .map_err(|e| MlError::Invalid(format!("cannot serialise the training state: {e}")))?;
-    let meta = HashMap::from([(STATE_KEY.to_string(), state)]);
+    let meta = BTreeMap::from([(STATE_KEY.to_string(), state)]);
     let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(tensors, Some(meta), &tmp).map_err(|e| MlError::Artifact {
+    crate::st_write::write(&tmp, tensors, &meta).map_err(|e| MlError::Artifact {
         path: tmp.clone(),
         problem: format!("cannot write checkpoint: {e}"),
     })?;

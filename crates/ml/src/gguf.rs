@@ -2,7 +2,7 @@
 //! wheel) into a Hugging Face model directory, and exporting a model directory as an f32
 //! GGUF (used by tests; llama.cpp and candle's `quantized_llama` read it).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufReader, BufWriter};
 use std::path::Path;
@@ -133,12 +133,10 @@ pub fn import_gguf(gguf: &Path, out: &Path) -> Result<LlamaConfig, MlError> {
 
     std::fs::create_dir_all(out).map_err(|e| MlError::io("cannot create model dir", out, e))?;
     let weights = out.join(WEIGHTS_FILE);
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(tensors, Some(meta), &weights).map_err(|e| {
-        MlError::ModelDir {
-            path: out.to_path_buf(),
-            problem: format!("cannot write {WEIGHTS_FILE}: {e}"),
-        }
+    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    crate::st_write::write(&weights, tensors, &meta).map_err(|e| MlError::ModelDir {
+        path: out.to_path_buf(),
+        problem: format!("cannot write {WEIGHTS_FILE}: {e}"),
     })?;
     let cpath = out.join(CONFIG_FILE);
     let json = serde_json::to_vec_pretty(&cfg)

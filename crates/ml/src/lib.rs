@@ -30,6 +30,7 @@ mod parallel;
 mod peft;
 mod scoring;
 mod simd;
+mod st_write;
 mod synthetic;
 mod tiny;
 mod tokenizer;

@@ -1,7 +1,7 @@
 //! Merging a LoRA artifact into full weights: `W += (alpha / rank) · B A` for every
 //! adapted module, written as a new model directory.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -64,8 +64,8 @@ pub fn merge_adapter(base: &ModelDir, adapter: &Path, out: &Path) -> Result<(), 
     }
     merged.sort_by(|a, b| a.0.cmp(&b.0));
     std::fs::create_dir_all(out).map_err(|e| MlError::io("cannot create model dir", out, e))?;
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(merged, Some(meta), &out.join(WEIGHTS_FILE)).map_err(|e| {
+    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    crate::st_write::write(&out.join(WEIGHTS_FILE), merged, &meta).map_err(|e| {
         MlError::ModelDir {
             path: out.to_path_buf(),
             problem: format!("cannot write {WEIGHTS_FILE}: {e}"),

@@ -1,7 +1,7 @@
 //! LoRA adapters in PEFT layout (`adapter_config.json` + `adapter_model.safetensors`), so
 //! other tools can load what tunenet trains.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::Tensor;
@@ -46,12 +46,10 @@ pub(crate) fn write_peft_adapter(
         .map_err(|e| MlError::Invalid(format!("cannot serialise adapter_config.json: {e}")))?;
     std::fs::write(&cpath, json).map_err(|e| MlError::io("cannot write", &cpath, e))?;
     let wpath = out_dir.join(PEFT_WEIGHTS_FILE);
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(tensors.to_vec(), Some(meta), &wpath).map_err(|e| {
-        MlError::Artifact {
-            path: wpath.clone(),
-            problem: format!("cannot write the PEFT adapter: {e}"),
-        }
+    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    crate::st_write::write(&wpath, tensors.to_vec(), &meta).map_err(|e| MlError::Artifact {
+        path: wpath.clone(),
+        problem: format!("cannot write the PEFT adapter: {e}"),
     })
 }
 

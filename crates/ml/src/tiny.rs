@@ -1,6 +1,6 @@
 //! A random tiny Llama in Hugging Face layout, for tests and demos.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::f64::consts::PI;
 use std::path::Path;
 
@@ -99,12 +99,10 @@ pub fn init_tiny(out: &Path, seed: u64) -> Result<LlamaConfig, MlError> {
         tensors.push((name, t));
     }
     let weights = out.join(WEIGHTS_FILE);
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(tensors, Some(metadata), &weights).map_err(|e| {
-        MlError::ModelDir {
-            path: out.to_path_buf(),
-            problem: format!("cannot write {WEIGHTS_FILE}: {e}"),
-        }
+    let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    crate::st_write::write(&weights, tensors, &metadata).map_err(|e| MlError::ModelDir {
+        path: out.to_path_buf(),
+        problem: format!("cannot write {WEIGHTS_FILE}: {e}"),
     })?;
     let config_path = out.join(CONFIG_FILE);
     let json = serde_json::to_vec_pretty(&cfg)
