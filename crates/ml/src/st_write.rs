@@ -58,7 +58,6 @@ fn sort_header(path: &Path) -> Result<(), String> {
     sorted.resize(n, b' ');
     file.seek(SeekFrom::Start(8))
         .and_then(|_| file.write_all(&sorted))
-        .and_then(|_| file.sync_data())
         .map_err(|e| format!("cannot rewrite its header: {e}"))
 }
 
