@@ -129,7 +129,9 @@ done
 
 # Where evaluation's time goes is the linear layers' matrix products: each side's rate on
 # SmolLM2's evaluation shapes (M = batch x (seq - 1) rows; q/o, k/v, gate/up, down, the
-# vocabulary head), x wT in f32, the same threads.
+# vocabulary head), x wT in f32, the same threads: tunenet's product on a packed weight
+# (what evaluation runs), candle's matmul (what it ran before, and what training runs),
+# and torch's linear.
 if [ -z "${SKIP_SMOLLM2:-}" ]; then
   cat > "$work/gemm_torch.py" <<'PY'
 import json, os, sys, time
@@ -149,13 +151,14 @@ PY
   gflops='import json,sys; print(json.loads(sys.stdin.read().strip().splitlines()[-1])["gflops"])'
   {
     echo
-    echo "| product (M x K x N) | layer | tunenet GFLOP/s | PyTorch GFLOP/s | tunenet / PyTorch |"
-    echo "| --- | --- | ---: | ---: | ---: |"
+    echo "| product (M x K x N) | layer | tunenet GFLOP/s | candle's matmul GFLOP/s | PyTorch GFLOP/s | tunenet / PyTorch |"
+    echo "| --- | --- | ---: | ---: | ---: | ---: |"
     for shape in "576:576:q, o" "576:192:k, v" "576:1536:gate, up" "1536:576:down" "576:49152:head"; do
       IFS=: read -r k n layer <<<"$shape"
-      ours=$("$tn" gemm "$m" "$k" "$n" | python3 -c "$gflops")
+      ours=$("$tn" gemm "$m" "$k" "$n" packed | python3 -c "$gflops")
+      candle=$("$tn" gemm "$m" "$k" "$n" candle | python3 -c "$gflops")
       theirs=$("$venv/bin/python" "$work/gemm_torch.py" "$m" "$k" "$n" | python3 -c "$gflops")
-      printf '| %s x %s x %s | %s | %.1f | %.1f | %.2f |\n' "$m" "$k" "$n" "$layer" "$ours" "$theirs" "$(python3 -c "print($ours / $theirs)")"
+      printf '| %s x %s x %s | %s | %.1f | %.1f | %.1f | %.2f |\n' "$m" "$k" "$n" "$layer" "$ours" "$candle" "$theirs" "$(python3 -c "print($ours / $theirs)")"
     done
   } | tee -a "${BENCH_OUT:-/dev/null}"
 fi

@@ -2,12 +2,13 @@
 //! does not depend on the rest of the workspace:
 //!
 //!   ml-bench init OUT | ml-bench import GGUF OUT | ml-bench bench DIR MODE BATCH SEQ STEPS
-//!   ml-bench gemm M K N
+//!   ml-bench gemm M K N [packed|candle]
 //!
 //! `bench` prints one JSON object: the throughput and the process's peak resident memory.
 //! `gemm` prints the rate of the matrix product a linear layer runs on the CPU, `x wᵀ` for
-//! `x` `[M, K]` and `w` `[N, K]` in f32 (candle's matmul, as evaluation calls it), in
-//! GFLOP/s over about two seconds of repetitions.
+//! `x` `[M, K]` and `w` `[N, K]` in f32, in GFLOP/s over about two seconds of repetitions:
+//! tunenet's product on a packed weight (`packed`, the default: what evaluation runs on
+//! an x86-64 CPU with AVX2 and FMA) or candle's matmul (`candle`).
 
 use std::path::Path;
 
@@ -16,7 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize| -> Result<&str, String> {
         args.get(i).map(String::as_str).ok_or_else(|| {
-            "usage: ml-bench init OUT | import GGUF OUT | bench DIR MODE BATCH SEQ STEPS | gemm M K N"
+            "usage: ml-bench init OUT | import GGUF OUT | bench DIR MODE BATCH SEQ STEPS | gemm M K N [packed|candle]"
                 .to_string()
         })
     };
@@ -49,17 +50,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "gemm" => {
             let (m, k, n): (usize, usize, usize) =
                 (arg(1)?.parse()?, arg(2)?.parse()?, arg(3)?.parse()?);
-            let dev = candle_core::Device::Cpu;
-            let x = candle_core::Tensor::randn(0f32, 1.0, (m, k), &dev)?;
-            let w = candle_core::Tensor::randn(0f32, 1.0, (n, k), &dev)?;
-            let flops = 2.0 * (m * k * n) as f64;
-            x.matmul(&w.t()?)?;
-            let (mut reps, start) = (0u32, std::time::Instant::now());
-            while reps < 3 || start.elapsed().as_secs_f64() < 2.0 {
-                x.matmul(&w.t()?)?;
-                reps += 1;
-            }
-            let gflops = flops * f64::from(reps) / start.elapsed().as_secs_f64() / 1e9;
+            let packed = match args.get(4).map(String::as_str) {
+                None | Some("packed") => true,
+                Some("candle") => false,
+                Some(other) => {
+                    return Err(format!("unknown product {other:?}: packed or candle").into());
+                }
+            };
+            let gflops = tunenet_ml::bench_linear_product(m, k, n, packed, 2.0)?;
             println!(
                 "{}",
                 serde_json::json!({ "m": m, "k": k, "n": n, "gflops": gflops })

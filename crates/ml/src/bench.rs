@@ -182,3 +182,52 @@ pub fn bench_throughput(
         model_tflops: tokens_per_sec * flops_per_token / 1e12,
     })
 }
+
+/// The rate, in GFLOP/s over about `seconds` of repetitions, of the matrix product a linear
+/// layer runs at inference on the CPU: `x wᵀ` for `x` `[m, k]` and `w` `[n, k]` in f32,
+/// random values. `packed`: tunenet's product on a weight packed once (what evaluation
+/// uses where the CPU has AVX2 and FMA); otherwise candle's matmul on the weight as stored.
+pub fn bench_linear_product(
+    m: usize,
+    k: usize,
+    n: usize,
+    packed: bool,
+    seconds: f64,
+) -> Result<f64, MlError> {
+    use crate::error::CandleContext;
+    let dev = Device::Cpu;
+    let x = candle_core::Tensor::randn(0f32, 1.0, (m, k), &dev).ctx("making x")?;
+    let w = candle_core::Tensor::randn(0f32, 1.0, (n, k), &dev).ctx("making w")?;
+    let run: Box<dyn Fn() -> Result<(), MlError>> = if packed {
+        if !crate::pgemm::available() {
+            return Err(MlError::Invalid(
+                "the packed product needs an x86-64 CPU with AVX2 and FMA".into(),
+            ));
+        }
+        let wv = w
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .ctx("reading w")?;
+        let xv = x
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .ctx("reading x")?;
+        let pw = crate::pgemm::PackedWeight::pack(&wv, n, k);
+        Box::new(move || {
+            std::hint::black_box(pw.matmul(&xv, m));
+            Ok(())
+        })
+    } else {
+        Box::new(move || {
+            std::hint::black_box(w.t().and_then(|wt| x.matmul(&wt)).ctx("matmul")?);
+            Ok(())
+        })
+    };
+    run()?;
+    let (mut reps, start) = (0u32, Instant::now());
+    while reps < 3 || start.elapsed().as_secs_f64() < seconds {
+        run()?;
+        reps += 1;
+    }
+    Ok(2.0 * (m * k * n) as f64 * f64::from(reps) / start.elapsed().as_secs_f64() / 1e9)
+}

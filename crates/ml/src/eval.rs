@@ -218,10 +218,13 @@ impl Runner {
     ) -> Result<Runner, MlError> {
         match devices {
             [] => Err(MlError::Invalid("evaluation needs a device".into())),
-            [one] => Ok(Runner::One(
-                Box::new(load_model(model, cfg, artifact, DType::F32, one)?),
-                one.clone(),
-            )),
+            [one] => {
+                let mut llama = load_model(model, cfg, artifact, DType::F32, one)?;
+                llama
+                    .pack_for_cpu_inference()
+                    .ctx("packing the weights for inference")?;
+                Ok(Runner::One(Box::new(llama), one.clone()))
+            }
             many => Ok(Runner::Split(Box::new(crate::tp::TensorParallelLm::load(
                 model,
                 artifact,

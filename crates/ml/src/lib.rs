@@ -28,6 +28,7 @@ mod model;
 mod model_dir;
 mod parallel;
 mod peft;
+mod pgemm;
 mod scoring;
 mod simd;
 mod st_write;
@@ -43,7 +44,7 @@ pub use artifact::{
     ARTIFACT_FILE, ARTIFACT_FORMAT, ArtifactManifest, MANIFEST_FILE, MANIFEST_METADATA_KEY,
     MAX_HEADER_BYTES, read_artifact_manifest,
 };
-pub use bench::{BENCH_TEXT, BenchResult, BenchSpec, bench_throughput};
+pub use bench::{BENCH_TEXT, BenchResult, BenchSpec, bench_linear_product, bench_throughput};
 pub use chat::{ChatTemplate, PLAIN_TEMPLATE, Turn};
 pub use checkpoint::CHECKPOINT_FILE;
 pub use config::{LlamaConfig, RopeScaling, SUPPORTED_ARCHITECTURES, SUPPORTED_MODEL_TYPES};

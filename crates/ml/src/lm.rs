@@ -49,7 +49,10 @@ impl CausalLm {
     ) -> Result<CausalLm, MlError> {
         let cfg = model.config()?;
         let tok = load_tokenizer(model, &cfg)?;
-        let llama = load_model(model, &cfg, artifact, dtype.resolve(device), device)?;
+        let mut llama = load_model(model, &cfg, artifact, dtype.resolve(device), device)?;
+        llama
+            .pack_for_cpu_inference()
+            .ctx("packing the weights for inference")?;
         Ok(CausalLm {
             llama,
             cfg,

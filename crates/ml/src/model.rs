@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::fused::KeptGrads;
 use crate::lora::{Dropout, LoraWeights};
+use crate::pgemm::PackedWeight;
 
 /// A large negative number used to mask attention scores (finite, so no NaNs appear).
 pub(crate) const MASK_VALUE: f64 = -1e9;
@@ -23,10 +24,75 @@ struct Adapter {
     dropout: Option<Dropout>,
 }
 
+/// A weight `[out, in]` (or an embedding table `[vocab, hidden]`): as loaded, or, in a
+/// model for inference on an x86-64 CPU, packed for tunenet's own matrix product
+/// (`pgemm`, which is faster than candle's on every SmolLM2 shape). A packed weight is
+/// the only copy: [`Llama::pack_for_cpu_inference`] drops the tensor it came from.
+#[derive(Clone, Debug)]
+pub(crate) enum Weight {
+    Dense(Tensor),
+    Packed(Arc<PackedWeight>),
+}
+
+impl Weight {
+    /// The weight as a tensor: itself, or unpacked (a copy).
+    pub(crate) fn dense(&self) -> Result<Tensor> {
+        match self {
+            Weight::Dense(t) => Ok(t.clone()),
+            Weight::Packed(p) => crate::pgemm::unpack_tensor(p),
+        }
+    }
+
+    fn dtype(&self) -> DType {
+        match self {
+            Weight::Dense(t) => t.dtype(),
+            Weight::Packed(_) => DType::F32,
+        }
+    }
+
+    /// `x wᵀ` for `x` `[n, in]`; trained dense weights hand their gradients to `kept`.
+    fn product(&self, x: &Tensor, kept: Option<&Arc<KeptGrads>>) -> Result<Tensor> {
+        match self {
+            Weight::Dense(w) => crate::fused::linear(x, w, kept),
+            Weight::Packed(p) => {
+                if kept.is_some() {
+                    candle_core::bail!("a model packed for inference cannot be trained");
+                }
+                crate::pgemm::linear(x, p)
+            }
+        }
+    }
+
+    /// Rows `ids` (u32, any shape) of an embedding table: `[ids, hidden]`.
+    fn rows(&self, ids: &Tensor, kept: Option<&Arc<KeptGrads>>) -> Result<Tensor> {
+        match self {
+            Weight::Dense(w) => crate::fused::embedding(w, &ids.flatten_all()?, kept),
+            Weight::Packed(p) => {
+                if kept.is_some() {
+                    candle_core::bail!("a model packed for inference cannot be trained");
+                }
+                crate::pgemm::rows(p, ids)
+            }
+        }
+    }
+
+    /// Packed, where that is possible (a dense f32 CPU weight and a CPU with the kernel).
+    fn packed(self) -> Result<Weight> {
+        match self {
+            Weight::Dense(t)
+                if t.device().is_cpu() && t.dtype() == DType::F32 && crate::pgemm::available() =>
+            {
+                Ok(Weight::Packed(Arc::new(crate::pgemm::pack_tensor(&t)?)))
+            }
+            other => Ok(other),
+        }
+    }
+}
+
 /// A bias-free linear layer (`weight: [out, in]`) with an optional LoRA adapter.
 #[derive(Clone, Debug)]
 struct Linear {
-    weight: Tensor,
+    weight: Weight,
     adapter: Option<Adapter>,
 }
 
@@ -39,7 +105,7 @@ impl Linear {
         lora: Option<&LoraWeights>,
     ) -> Result<Linear> {
         let vb = vb.pp(name);
-        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let weight = Weight::Dense(vb.get((out_dim, in_dim), "weight")?);
         let adapter = lora.and_then(|l| {
             l.map.get(vb.prefix().as_str()).map(|(a, b)| Adapter {
                 a: a.clone(),
@@ -54,10 +120,10 @@ impl Linear {
     /// The weight with the adapter (if any) merged in: `W + scale * B A`.
     fn merged(&self) -> Result<Tensor> {
         match &self.adapter {
-            None => Ok(self.weight.clone()),
+            None => self.weight.dense(),
             Some(ad) => {
                 let d = (ad.b.matmul(&ad.a)? * ad.scale)?.to_dtype(self.weight.dtype())?;
-                &self.weight + d
+                self.weight.dense()? + d
             }
         }
     }
@@ -65,7 +131,7 @@ impl Linear {
     /// `x: [n, in]` -> `[n, out]`; adapter dropout applies in training mode only. Trained
     /// weights hand their gradients to `kept` where given (see `fused::linear`).
     fn forward(&self, x: &Tensor, mode: Mode, kept: Option<&Arc<KeptGrads>>) -> Result<Tensor> {
-        let y = crate::fused::linear(x, &self.weight, kept)?;
+        let y = self.weight.product(x, kept)?;
         match &self.adapter {
             None => Ok(y),
             Some(ad) => {
@@ -119,10 +185,10 @@ struct Block {
 #[derive(Clone, Debug)]
 pub(crate) struct Llama {
     cfg: LlamaConfig,
-    embed: Tensor,
+    embed: Weight,
     layers: Vec<Block>,
     norm: Tensor,
-    lm_head: Tensor,
+    lm_head: Weight,
     cos: Tensor,
     sin: Tensor,
     kept: Kept,
@@ -181,10 +247,10 @@ impl Llama {
         let (cos, sin) = (cos.to_dtype(embed.dtype())?, sin.to_dtype(embed.dtype())?);
         Ok(Llama {
             cfg: cfg.clone(),
-            embed,
+            embed: Weight::Dense(embed),
             layers,
             norm,
-            lm_head,
+            lm_head: Weight::Dense(lm_head),
             cos,
             sin,
             kept: Kept::default(),
@@ -198,9 +264,79 @@ impl Llama {
         &self.kept.0
     }
 
+    /// Packs every linear layer's weight, and the output head (with the embedding table
+    /// when they are tied), for tunenet's CPU matrix product, dropping the tensors they
+    /// came from: for a model that only runs inference, on a CPU that has the kernel (f32
+    /// weights; otherwise nothing changes). LoRA adapters stay as they are. The packed
+    /// model cannot be trained (its forward pass in `Mode::Train` is an error).
+    pub(crate) fn pack_for_cpu_inference(&mut self) -> Result<()> {
+        if std::env::var("TUNENET_NO_PACK").is_ok() {
+            return Ok(());
+        }
+        for layer in &mut self.layers {
+            for l in [
+                &mut layer.q,
+                &mut layer.k,
+                &mut layer.v,
+                &mut layer.o,
+                &mut layer.gate,
+                &mut layer.up,
+                &mut layer.down,
+            ] {
+                l.weight = l.weight.clone().packed()?;
+            }
+        }
+        let tied = match (&self.embed, &self.lm_head) {
+            (Weight::Dense(e), Weight::Dense(h)) => e.id() == h.id(),
+            _ => false,
+        };
+        self.lm_head = self.lm_head.clone().packed()?;
+        if tied {
+            self.embed = self.lm_head.clone();
+        }
+        Ok(())
+    }
+
     /// Logits `[b, t, vocab]` for token ids `[b, t]` (u32); `key_mask` `[b, t]` (f32) is 1
     /// for real tokens and 0 for padding, which no position may attend to.
+    ///
+    /// Inference on the CPU with several threads and sequences runs the sequences in as
+    /// many groups as there are threads, side by side, each group's pass on one thread:
+    /// a whole pass per thread has no per-operation hand-offs between threads, and every
+    /// operation of it (not only the matrix products) uses every core. Each row's logits
+    /// are the same bits as in one pass over the whole batch (no operation mixes rows).
     pub(crate) fn forward(&self, ids: &Tensor, key_mask: &Tensor, mode: Mode) -> Result<Tensor> {
+        let b = ids.dim(0)?;
+        let threads = rayon::current_num_threads();
+        if mode == Mode::Infer
+            && ids.device().is_cpu()
+            && threads > 1
+            && b > 1
+            && !crate::pgemm::in_serial()
+        {
+            use rayon::prelude::*;
+            let per = b.div_ceil(threads.min(b));
+            let groups: Vec<usize> = (0..b).step_by(per).collect();
+            let logits = groups
+                .par_iter()
+                .map(|&start| {
+                    let n = per.min(b - start);
+                    crate::pgemm::serially(|| {
+                        self.forward_pass(
+                            &ids.narrow(0, start, n)?,
+                            &key_mask.narrow(0, start, n)?,
+                            mode,
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            return Tensor::cat(&logits, 0);
+        }
+        self.forward_pass(ids, key_mask, mode)
+    }
+
+    /// [`Llama::forward`] as one pass over the batch.
+    fn forward_pass(&self, ids: &Tensor, key_mask: &Tensor, mode: Mode) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if t > self.cfg.max_position_embeddings {
             candle_core::bail!(
@@ -212,7 +348,7 @@ impl Llama {
         let cos = self.cos.narrow(0, 0, t)?;
         let sin = self.sin.narrow(0, 0, t)?;
         let kept = (mode == Mode::Train).then_some(&self.kept.0);
-        let mut x = crate::fused::embedding(&self.embed, &ids.flatten_all()?, kept)?; // [b*t, h]
+        let mut x = self.embed.rows(ids, kept)?; // [b*t, h]
         for layer in &self.layers {
             let hn = rms_norm(&x, &layer.attn_norm, self.cfg.rms_norm_eps, mode)?;
             let att = self.attention(layer, &hn, (b, t), &mask, (&cos, &sin), mode)?;
@@ -224,7 +360,7 @@ impl Llama {
             x = (x + layer.down.forward(&gu, mode, kept)?)?;
         }
         let x = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, mode)?;
-        let logits = crate::fused::linear(&x, &self.lm_head, kept)?.to_dtype(DType::F32)?;
+        let logits = self.lm_head.product(&x, kept)?.to_dtype(DType::F32)?;
         logits.reshape((b, t, self.cfg.vocab_size))
     }
 
@@ -324,11 +460,16 @@ impl Llama {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let embed = self.embed.dense()?;
+        let lm_head = match (&self.embed, &self.lm_head) {
+            (Weight::Packed(e), Weight::Packed(h)) if Arc::ptr_eq(e, h) => embed.clone(),
+            (_, head) => head.dense()?,
+        };
         Ok(DenseParts {
-            embed: self.embed.clone(),
+            embed,
             layers,
             norm: self.norm.clone(),
-            lm_head: self.lm_head.clone(),
+            lm_head,
             cos: self.cos.clone(),
             sin: self.sin.clone(),
         })
@@ -366,7 +507,7 @@ impl Llama {
         if cache.layers.len() != self.layers.len() {
             cache.layers = vec![None; self.layers.len()];
         }
-        let device = self.embed.device();
+        let device = self.cos.device();
         let window = self.cfg.sliding_window.unwrap_or(usize::MAX).max(1);
         let total = pos + t;
         let mask: Vec<f32> = (0..t)
@@ -385,7 +526,7 @@ impl Llama {
         let cos = self.cos.narrow(0, pos, t)?;
         let sin = self.sin.narrow(0, pos, t)?;
         let input = Tensor::from_slice(ids, t, device)?;
-        let mut x = self.embed.index_select(&input, 0)?;
+        let mut x = self.embed.rows(&input, None)?;
         let (nh, nkv, hd) = (
             self.cfg.num_attention_heads,
             self.cfg.kv_heads(),
@@ -426,7 +567,7 @@ impl Llama {
         }
         cache.pos = total;
         let x = rms_norm(&x, &self.norm, eps, Mode::Infer)?;
-        x.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)
+        self.lm_head.product(&x, None)?.to_dtype(DType::F32)
     }
 }
 
@@ -572,4 +713,179 @@ pub(crate) fn masked_nll_sum(
     let (b, t, v) = logits.dims3()?;
     let nll = crate::fused::nll_rows(&logits.reshape((b * t, v))?, &targets.reshape(b * t)?)?;
     (nll * loss_mask.reshape(b * t)?)?.sum_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// A random tiny model (hidden 64, MLP 172, vocabulary 259: widths that are not whole
+    /// panels), its head tied to the embedding or not.
+    fn random_model(tied: bool) -> Llama {
+        let mut cfg = crate::tiny::tiny_config();
+        cfg.tie_word_embeddings = tied;
+        let dev = Device::Cpu;
+        let (h, v, inter) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
+        let kv = cfg.kv_heads() * cfg.head_dim();
+        let mut map: HashMap<String, Tensor> = HashMap::new();
+        let mut put = |name: String, shape: &[usize]| {
+            let t = Tensor::randn(0f32, 0.2, shape, &dev).unwrap();
+            map.insert(name, t);
+        };
+        put("model.embed_tokens.weight".into(), &[v, h]);
+        put("model.norm.weight".into(), &[h]);
+        if !tied {
+            put("lm_head.weight".into(), &[v, h]);
+        }
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            put(format!("{p}.input_layernorm.weight"), &[h]);
+            put(format!("{p}.post_attention_layernorm.weight"), &[h]);
+            put(format!("{p}.self_attn.q_proj.weight"), &[h, h]);
+            put(format!("{p}.self_attn.k_proj.weight"), &[kv, h]);
+            put(format!("{p}.self_attn.v_proj.weight"), &[kv, h]);
+            put(format!("{p}.self_attn.o_proj.weight"), &[h, h]);
+            put(format!("{p}.mlp.gate_proj.weight"), &[inter, h]);
+            put(format!("{p}.mlp.up_proj.weight"), &[inter, h]);
+            put(format!("{p}.mlp.down_proj.weight"), &[h, inter]);
+        }
+        let vb = VarBuilder::from_tensors(map, DType::F32, &dev);
+        Llama::new(&cfg, &vb, None).unwrap()
+    }
+
+    /// Three sequences, the last two padded at the end.
+    fn batch() -> (Tensor, Tensor) {
+        let (b, t) = (3usize, 21usize);
+        let ids: Vec<u32> = (0..b * t).map(|i| ((i * 37 + 5) % 259) as u32).collect();
+        let mask: Vec<f32> = (0..b * t)
+            .map(|i| if i % t < t - 4 * (i / t) { 1.0 } else { 0.0 })
+            .collect();
+        let dev = Device::Cpu;
+        (
+            Tensor::from_vec(ids, (b, t), &dev).unwrap(),
+            Tensor::from_vec(mask, (b, t), &dev).unwrap(),
+        )
+    }
+
+    fn pool(threads: usize) -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn packed_inference_matches_the_plain_model_and_splitting_the_batch_changes_no_bit() {
+        if !crate::pgemm::available() {
+            return;
+        }
+        for tied in [false, true] {
+            let plain = random_model(tied);
+            let mut packed = plain.clone();
+            packed.pack_for_cpu_inference().unwrap();
+            assert!(matches!(packed.lm_head, Weight::Packed(_)), "head packed");
+            assert!(
+                matches!(packed.layers[0].k.weight, Weight::Packed(_)),
+                "k packed"
+            );
+            assert_eq!(
+                matches!(packed.embed, Weight::Packed(_)),
+                tied,
+                "the embedding is packed exactly when it is the head"
+            );
+            let (ids, mask) = batch();
+            let want = pool(1)
+                .install(|| plain.forward(&ids, &mask, Mode::Infer))
+                .unwrap();
+            let one = pool(1)
+                .install(|| packed.forward(&ids, &mask, Mode::Infer))
+                .unwrap();
+            let split = pool(3)
+                .install(|| packed.forward(&ids, &mask, Mode::Infer))
+                .unwrap();
+            let halves = pool(2)
+                .install(|| packed.forward(&ids, &mask, Mode::Infer))
+                .unwrap();
+            let diff = (&one - &want).unwrap().abs().unwrap().max_all().unwrap();
+            let scale = want.abs().unwrap().max_all().unwrap();
+            let (diff, scale) = (
+                diff.to_scalar::<f32>().unwrap(),
+                scale.to_scalar::<f32>().unwrap(),
+            );
+            assert!(
+                diff <= 1e-5 * scale.max(1.0),
+                "tied {tied}: packed differs by {diff} (scale {scale})"
+            );
+            let bits = |t: &Tensor| -> Vec<u32> {
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect()
+            };
+            assert_eq!(
+                bits(&one),
+                bits(&split),
+                "tied {tied}: one group per sequence"
+            );
+            assert_eq!(
+                bits(&one),
+                bits(&halves),
+                "tied {tied}: groups of two and one"
+            );
+            // The plain model split across threads gives its one-thread bits too.
+            let plain_split = pool(3)
+                .install(|| plain.forward(&ids, &mask, Mode::Infer))
+                .unwrap();
+            assert_eq!(
+                bits(&want),
+                bits(&plain_split),
+                "tied {tied}: plain model split"
+            );
+
+            // Decoding with the cache reads the packed embedding and head.
+            let mut cache = KvCache::default();
+            let step = packed.forward_cached(&[3, 9, 27], &mut cache).unwrap();
+            let mut cache = KvCache::default();
+            let plain_step = plain.forward_cached(&[3, 9, 27], &mut cache).unwrap();
+            let d = (&step - &plain_step)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            assert!(
+                d.to_scalar::<f32>().unwrap() <= 1e-5 * scale.max(1.0),
+                "tied {tied}: decoding"
+            );
+
+            // The weights come back unchanged for code that needs them as tensors.
+            let (a, b) = (plain.dense_parts().unwrap(), packed.dense_parts().unwrap());
+            for (x, y) in [
+                (&a.embed, &b.embed),
+                (&a.lm_head, &b.lm_head),
+                (&a.layers[1].down, &b.layers[1].down),
+            ] {
+                assert_eq!(bits(x), bits(y), "tied {tied}: unpacked weight");
+            }
+        }
+    }
+
+    #[test]
+    fn a_model_packed_for_inference_refuses_to_train() {
+        if !crate::pgemm::available() {
+            return;
+        }
+        let mut m = random_model(true);
+        m.pack_for_cpu_inference().unwrap();
+        let (ids, mask) = batch();
+        let err = m.forward(&ids, &mask, Mode::Train).unwrap_err().to_string();
+        assert!(
+            err.contains("packed for inference cannot be trained"),
+            "{err}"
+        );
+    }
 }
