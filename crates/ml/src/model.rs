@@ -270,9 +270,6 @@ impl Llama {
     /// weights; otherwise nothing changes). LoRA adapters stay as they are. The packed
     /// model cannot be trained (its forward pass in `Mode::Train` is an error).
     pub(crate) fn pack_for_cpu_inference(&mut self) -> Result<()> {
-        if std::env::var("TUNENET_NO_PACK").is_ok() {
-            return Ok(());
-        }
         for layer in &mut self.layers {
             for l in [
                 &mut layer.q,
