@@ -117,13 +117,18 @@ impl Linear {
         Ok(Linear { weight, adapter })
     }
 
-    /// The weight with the adapter (if any) merged in: `W + scale * B A`.
-    fn merged(&self) -> Result<Tensor> {
+    /// The weight with the adapter (if any) merged in: `W + scale * B A` (packed again
+    /// where the weight was packed).
+    fn merged(&self) -> Result<Weight> {
         match &self.adapter {
-            None => self.weight.dense(),
+            None => Ok(self.weight.clone()),
             Some(ad) => {
                 let d = (ad.b.matmul(&ad.a)? * ad.scale)?.to_dtype(self.weight.dtype())?;
-                self.weight.dense()? + d
+                let merged = Weight::Dense((self.weight.dense()? + d)?);
+                match self.weight {
+                    Weight::Packed(_) => merged.packed(),
+                    Weight::Dense(_) => Ok(merged),
+                }
             }
         }
     }
@@ -416,23 +421,24 @@ impl Llama {
 /// The weights of one block for inference-only code (adapters merged).
 pub(crate) struct DenseBlock {
     pub(crate) attn_norm: Tensor,
-    pub(crate) q: Tensor,
-    pub(crate) k: Tensor,
-    pub(crate) v: Tensor,
-    pub(crate) o: Tensor,
+    pub(crate) q: Weight,
+    pub(crate) k: Weight,
+    pub(crate) v: Weight,
+    pub(crate) o: Weight,
     pub(crate) mlp_norm: Tensor,
-    pub(crate) gate: Tensor,
-    pub(crate) up: Tensor,
-    pub(crate) down: Tensor,
+    pub(crate) gate: Weight,
+    pub(crate) up: Weight,
+    pub(crate) down: Weight,
 }
 
 /// All weights of the model for inference-only code (adapters merged), with the rotary
-/// tables in the weights' dtype. Unadapted weights are shared, not copied.
+/// tables in the weights' dtype. Unadapted weights are shared, not copied (packed ones
+/// stay packed: [`Weight::dense`] unpacks a copy where a tensor is needed).
 pub(crate) struct DenseParts {
-    pub(crate) embed: Tensor,
+    pub(crate) embed: Weight,
     pub(crate) layers: Vec<DenseBlock>,
     pub(crate) norm: Tensor,
-    pub(crate) lm_head: Tensor,
+    pub(crate) lm_head: Weight,
     pub(crate) cos: Tensor,
     pub(crate) sin: Tensor,
 }
@@ -457,16 +463,11 @@ impl Llama {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let embed = self.embed.dense()?;
-        let lm_head = match (&self.embed, &self.lm_head) {
-            (Weight::Packed(e), Weight::Packed(h)) if Arc::ptr_eq(e, h) => embed.clone(),
-            (_, head) => head.dense()?,
-        };
         Ok(DenseParts {
-            embed,
+            embed: self.embed.clone(),
             layers,
             norm: self.norm.clone(),
-            lm_head,
+            lm_head: self.lm_head.clone(),
             cos: self.cos.clone(),
             sin: self.sin.clone(),
         })
@@ -866,7 +867,11 @@ mod tests {
                 (&a.lm_head, &b.lm_head),
                 (&a.layers[1].down, &b.layers[1].down),
             ] {
-                assert_eq!(bits(x), bits(y), "tied {tied}: unpacked weight");
+                assert_eq!(
+                    bits(&x.dense().unwrap()),
+                    bits(&y.dense().unwrap()),
+                    "tied {tied}: unpacked weight"
+                );
             }
         }
     }

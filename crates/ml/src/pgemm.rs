@@ -115,6 +115,16 @@ impl PackedWeight {
         PackedWeight { n, k, lines }
     }
 
+    /// Output features.
+    pub(crate) fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Input features.
+    pub(crate) fn k(&self) -> usize {
+        self.k
+    }
+
     /// Row `i` of the weight (`k` values), e.g. a tied embedding's lookup.
     pub(crate) fn row(&self, i: usize, out: &mut [f32]) {
         assert!(
@@ -139,11 +149,22 @@ impl PackedWeight {
     /// `x wᵀ` for `x` row-major `[m, k]`: `[m, n]` row-major, split across rayon's threads
     /// when large enough.
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        self.matmul_on(kernel(), x, m)
+        self.matmul_on(kernel(), x, m, 0..self.n.div_ceil(NR))
     }
 
-    /// [`PackedWeight::matmul`] with a given kernel (which the CPU must have).
-    fn matmul_on(&self, kernel: Kernel, x: &[f32], m: usize) -> Vec<f32> {
+    /// Output features `cols` (a range starting at a multiple of [`NR`]) of `x wᵀ`:
+    /// `[m, cols.len()]` row-major.
+    pub(crate) fn matmul_cols(&self, x: &[f32], m: usize, cols: Range<usize>) -> Vec<f32> {
+        assert!(
+            cols.start.is_multiple_of(NR) && cols.start <= cols.end && cols.end <= self.n,
+            "PackedWeight::matmul_cols: columns {cols:?} of {}",
+            self.n
+        );
+        self.matmul_on(kernel(), x, m, cols.start / NR..cols.end.div_ceil(NR))
+    }
+
+    /// Output panels `panels` of `x wᵀ` with a given kernel (which the CPU must have).
+    fn matmul_on(&self, kernel: Kernel, x: &[f32], m: usize, panels: Range<usize>) -> Vec<f32> {
         assert_eq!(
             x.len(),
             m * self.k,
@@ -151,20 +172,29 @@ impl PackedWeight {
             x.len(),
             self.k
         );
-        let n = self.n;
-        let mut out: Vec<f32> = Vec::with_capacity(m * n);
-        let panels = n.div_ceil(NR);
+        let first = panels.start * NR;
+        let width = (panels.end * NR).min(self.n).saturating_sub(first);
+        let mut out: Vec<f32> = Vec::with_capacity(m * width);
+        if width == 0 {
+            return out;
+        }
+        let count = panels.len();
         let threads = rayon::current_num_threads();
-        let dst = Dst(out.as_mut_ptr());
-        if threads <= 1 || m * n * self.k < PARALLEL_MIN || in_serial() {
+        let dst = Dst {
+            ptr: out.as_mut_ptr(),
+            ldc: width,
+            first,
+        };
+        if threads <= 1 || m * width * self.k < PARALLEL_MIN || in_serial() {
             // SAFETY: every element of `out` is written once (rows 0..m, all panels).
-            unsafe { self.run(kernel, x, m, &dst, 0..m, 0..panels) };
-        } else if panels >= 4 * threads {
+            unsafe { self.run(kernel, x, m, &dst, 0..m, panels) };
+        } else if count >= 4 * threads {
             // Split by panels: each thread reads every row of x, its own share of w.
-            let per = panels.div_ceil(threads);
+            let per = count.div_ceil(threads);
             rayon::scope(|s| {
                 for t in 0..threads {
-                    let ps = (t * per).min(panels)..((t + 1) * per).min(panels);
+                    let ps = panels.start + (t * per).min(count)
+                        ..panels.start + ((t + 1) * per).min(count);
                     let dst = &dst;
                     s.spawn(move |_| unsafe { self.run(kernel, x, m, dst, 0..m, ps) });
                 }
@@ -176,20 +206,21 @@ impl PackedWeight {
             rayon::scope(|s| {
                 for t in 0..threads {
                     let rs = (t * per).min(m)..((t + 1) * per).min(m);
-                    let dst = &dst;
-                    s.spawn(move |_| unsafe { self.run(kernel, x, m, dst, rs, 0..panels) });
+                    let (dst, panels) = (&dst, panels.clone());
+                    s.spawn(move |_| unsafe { self.run(kernel, x, m, dst, rs, panels) });
                 }
             });
         }
-        // SAFETY: the tasks above wrote all m * n elements.
-        unsafe { out.set_len(m * n) };
+        // SAFETY: the tasks above wrote all m * width elements.
+        unsafe { out.set_len(m * width) };
         out
     }
 
-    /// Writes rows `rows` x panels `panels` of the product into `dst` (`[m, n]`).
+    /// Writes rows `rows` x panels `panels` of the product into `dst`.
     ///
     /// # Safety
-    /// `dst` points at `m * n` writable values that no other thread writes in this region.
+    /// `dst` holds `m` rows covering the panels' columns, writable, and no other thread
+    /// writes this region.
     unsafe fn run(
         &self,
         kernel: Kernel,
@@ -232,9 +263,9 @@ impl PackedWeight {
                         } else {
                             std::ptr::null()
                         },
-                        // SAFETY: r < m and c0 < n, inside the output.
-                        c: unsafe { dst.0.add(r * n + c0) },
-                        ldc: n,
+                        // SAFETY: r < m and c0 is one of dst's columns, inside the output.
+                        c: unsafe { dst.ptr.add(r * dst.ldc + c0 - dst.first) },
+                        ldc: dst.ldc,
                         cols,
                         first: b == 0,
                     };
@@ -248,8 +279,13 @@ impl PackedWeight {
     }
 }
 
-/// The output, shared by the threads that write disjoint parts of it.
-struct Dst(*mut f32);
+/// The output, shared by the threads that write disjoint parts of it: row stride `ldc`,
+/// its first column being the product's column `first`.
+struct Dst {
+    ptr: *mut f32,
+    ldc: usize,
+    first: usize,
+}
 // SAFETY: threads write disjoint elements (see `PackedWeight::run`).
 unsafe impl Sync for Dst {}
 
@@ -486,6 +522,36 @@ pub(crate) fn linear(
     x.contiguous()?.apply_op1_no_bwd(&PackedProduct(w.clone()))
 }
 
+/// `x wᵀ` (`x` `[m, k]` on the CPU, f32) handed to `each` in pieces of about `per`
+/// output features (whole panels), with the column each starts at: for consumers that
+/// need not hold all of a wide output at once.
+pub(crate) fn linear_pieces(
+    x: &candle_core::Tensor,
+    w: &PackedWeight,
+    per: usize,
+    each: &mut dyn FnMut(usize, candle_core::Tensor) -> candle_core::Result<()>,
+) -> candle_core::Result<()> {
+    let (m, k) = x.dims2()?;
+    if k != w.k {
+        candle_core::bail!("linear: an input of {k} features for a weight of {}", w.k);
+    }
+    let xs = x
+        .contiguous()?
+        .flatten_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1::<f32>()?;
+    let per = per.div_ceil(NR).max(1) * NR;
+    for start in (0..w.n).step_by(per) {
+        let end = (start + per).min(w.n);
+        let piece = w.matmul_cols(&xs, m, start..end);
+        each(
+            start,
+            candle_core::Tensor::from_vec(piece, (m, end - start), &candle_core::Device::Cpu)?,
+        )?;
+    }
+    Ok(())
+}
+
 /// Rows `ids` of the weight (an embedding lookup): `[ids, k]` on the CPU.
 pub(crate) fn rows(
     w: &PackedWeight,
@@ -575,6 +641,19 @@ mod tests {
                 );
             }
             assert_eq!(packed.unpack(), w, "unpack gives the weight back");
+            // Column pieces are the same columns of the whole product, bit for bit.
+            for start in (0..n).step_by(NR) {
+                let end = (start + 2 * NR).min(n);
+                let piece = packed.matmul_cols(&x, m, start..end);
+                for i in 0..m {
+                    let whole = &got[i * n + start..i * n + end];
+                    assert_eq!(
+                        &piece[i * (end - start)..(i + 1) * (end - start)],
+                        whole,
+                        "columns {start}..{end}"
+                    );
+                }
+            }
         }
     }
 
@@ -594,8 +673,9 @@ mod tests {
             let x = random(m * k, 3);
             let w = random(n * k, 4);
             let packed = PackedWeight::pack(&w, n, k);
-            let a = packed.matmul_on(Kernel::Avx512, &x, m);
-            let b = packed.matmul_on(Kernel::Avx2, &x, m);
+            let all = 0..n.div_ceil(NR);
+            let a = packed.matmul_on(Kernel::Avx512, &x, m, all.clone());
+            let b = packed.matmul_on(Kernel::Avx2, &x, m, all);
             assert!(
                 a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
                 "[{m},{n},{k}]"

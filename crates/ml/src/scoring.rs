@@ -14,7 +14,7 @@ use candle_core::{D, DType, Device, Module, Tensor};
 use crate::config::LlamaConfig;
 use crate::error::{CandleContext, MlError};
 use crate::lm::CausalLm;
-use crate::model::{MASK_VALUE, rope_tables};
+use crate::model::{MASK_VALUE, Weight, rope_tables};
 use crate::tokenizer::TextTokenizer;
 
 /// A shared prefix and the continuations that follow it. Continuation `i` is the token
@@ -107,6 +107,8 @@ enum Weights {
     /// about [`TILE_ELEMS`]. The quantised bytes stay the only copy: a call with many
     /// rows expands one tile at a time (see [`EXPAND_MIN_ROWS`]).
     Tiles(Vec<std::sync::Arc<QTensor>>),
+    /// Dense f32 weights packed for tunenet's CPU product (a [`CausalLm`]'s, shared).
+    Packed(std::sync::Arc<crate::pgemm::PackedWeight>),
 }
 
 impl Weights {
@@ -163,6 +165,10 @@ impl Weights {
                 Ok(())
             }
             Weights::Whole(mm) => each(0, mm.forward(x)?),
+            Weights::Packed(w) => {
+                let per = (TILE_ELEMS / w.k().max(1)).clamp(1, w.n().max(1));
+                crate::pgemm::linear_pieces(x, w, per, each)
+            }
             Weights::Tiles(tiles) => {
                 let mut start = 0;
                 for tile in tiles {
@@ -194,6 +200,15 @@ impl Weights {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let tiles = match self {
             Weights::Whole(mm) => return mm.forward(x),
+            Weights::Packed(w) => {
+                let k = x.dim(D::Minus1)?;
+                let mut out_dims = x.dims().to_vec();
+                let y = crate::pgemm::linear(&x.reshape((x.elem_count() / k.max(1), k))?, w)?;
+                if let Some(last) = out_dims.last_mut() {
+                    *last = w.n();
+                }
+                return y.reshape(out_dims);
+            }
             Weights::Tiles(tiles) => tiles,
         };
         let k = x.dim(D::Minus1)?;
@@ -257,6 +272,8 @@ impl Proj {
 #[derive(Debug)]
 enum Embedding {
     Dense(Tensor),
+    /// A [`CausalLm`]'s packed table (shared with its output head).
+    Packed(std::sync::Arc<crate::pgemm::PackedWeight>),
     Quantized {
         dtype: GgmlDType,
         rows: usize,
@@ -302,6 +319,7 @@ impl Embedding {
     fn lookup(&self, ids: &Tensor, id_list: &[u32]) -> candle_core::Result<Tensor> {
         match self {
             Embedding::Dense(t) => t.index_select(ids, 0),
+            Embedding::Packed(w) => crate::pgemm::rows(w, ids),
             Embedding::Quantized {
                 dtype,
                 rows,
@@ -371,11 +389,19 @@ impl std::fmt::Debug for ScoringModel {
     }
 }
 
-fn dense(w: Tensor) -> Proj {
-    let n = w.dims().first().copied().unwrap_or(0);
-    Proj {
-        mm: Weights::Whole(QMatMul::Tensor(w)),
-        widths: vec![n],
+fn dense(w: Weight) -> Proj {
+    match w {
+        Weight::Dense(w) => {
+            let n = w.dims().first().copied().unwrap_or(0);
+            Proj {
+                mm: Weights::Whole(QMatMul::Tensor(w)),
+                widths: vec![n],
+            }
+        }
+        Weight::Packed(w) => Proj {
+            widths: vec![w.n()],
+            mm: Weights::Packed(w),
+        },
     }
 }
 
@@ -388,8 +414,8 @@ impl ScoringModel {
             .dense_parts()
             .ctx("merging adapters for scoring")?;
         let tok = ScoreTokenizer::File(lm.tokenizer().clone());
-        let dtype = parts.embed.dtype();
-        let device = parts.embed.device().clone();
+        let dtype = parts.norm.dtype();
+        let device = parts.norm.device().clone();
         let layers = parts
             .layers
             .into_iter()
@@ -405,7 +431,10 @@ impl ScoringModel {
         Ok(ScoringModel {
             cfg: lm.config().clone(),
             tok,
-            embed: Embedding::Dense(parts.embed),
+            embed: match parts.embed {
+                Weight::Dense(t) => Embedding::Dense(t),
+                Weight::Packed(w) => Embedding::Packed(w),
+            },
             layers,
             norm: parts.norm,
             lm_head: dense(parts.lm_head),

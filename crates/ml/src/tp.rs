@@ -181,24 +181,32 @@ impl TensorParallelLm {
                 .map(|b| {
                     Ok(ShardBlock {
                         attn_norm: put(&b.attn_norm)?,
-                        q: put(&b.q.narrow(0, qs, ql)?.contiguous()?)?,
-                        k: put(&b.k.narrow(0, ks, kl)?.contiguous()?)?,
-                        v: put(&b.v.narrow(0, ks, kl)?.contiguous()?)?,
-                        o: put(&b.o.narrow(1, qs, ql)?.contiguous()?)?,
+                        q: put(&b.q.dense()?.narrow(0, qs, ql)?.contiguous()?)?,
+                        k: put(&b.k.dense()?.narrow(0, ks, kl)?.contiguous()?)?,
+                        v: put(&b.v.dense()?.narrow(0, ks, kl)?.contiguous()?)?,
+                        o: put(&b.o.dense()?.narrow(1, qs, ql)?.contiguous()?)?,
                         mlp_norm: put(&b.mlp_norm)?,
-                        gate: put(&b.gate.narrow(0, r * ipr, ipr)?.contiguous()?)?,
-                        up: put(&b.up.narrow(0, r * ipr, ipr)?.contiguous()?)?,
-                        down: put(&b.down.narrow(1, r * ipr, ipr)?.contiguous()?)?,
+                        gate: put(&b.gate.dense()?.narrow(0, r * ipr, ipr)?.contiguous()?)?,
+                        up: put(&b.up.dense()?.narrow(0, r * ipr, ipr)?.contiguous()?)?,
+                        down: put(&b.down.dense()?.narrow(1, r * ipr, ipr)?.contiguous()?)?,
                     })
                 })
                 .collect::<candle_core::Result<Vec<_>>>()
                 .ctx("placing a model slice on its device")?;
             shards.push(Shard {
                 device: device.clone(),
-                embed: put(&parts.embed).ctx("placing the embedding")?,
+                embed: parts
+                    .embed
+                    .dense()
+                    .and_then(|e| put(&e))
+                    .ctx("placing the embedding")?,
                 layers,
                 norm: put(&parts.norm).ctx("placing the final norm")?,
-                lm_head: put(&parts.lm_head).ctx("placing the output head")?,
+                lm_head: parts
+                    .lm_head
+                    .dense()
+                    .and_then(|h| put(&h))
+                    .ctx("placing the output head")?,
                 cos: put(&parts.cos).ctx("placing the rotary table")?,
                 sin: put(&parts.sin).ctx("placing the rotary table")?,
                 heads: qpr,
