@@ -303,14 +303,17 @@ impl Llama {
     /// for real tokens and 0 for padding, which no position may attend to.
     ///
     /// Inference on the CPU with several threads and sequences runs the sequences in as
-    /// many groups as there are threads, side by side, each group's pass on one thread:
-    /// a whole pass per thread has no per-operation hand-offs between threads, and every
-    /// operation of it (not only the matrix products) uses every core. Each row's logits
-    /// are the same bits as in one pass over the whole batch (no operation mixes rows).
+    /// many groups as there are threads, side by side, each group's pass through the
+    /// layers on one thread: a whole pass per thread has no per-operation hand-offs
+    /// between threads, and every operation of it (not only the matrix products) uses
+    /// every core. The output head then runs once over all rows (split across the threads
+    /// by its columns), so the logits are made once, in place. Each row's logits are the
+    /// same bits as in one pass over the whole batch (no operation mixes rows).
     pub(crate) fn forward(&self, ids: &Tensor, key_mask: &Tensor, mode: Mode) -> Result<Tensor> {
-        let b = ids.dim(0)?;
+        let (b, t) = ids.dims2()?;
         let threads = rayon::current_num_threads();
-        if mode == Mode::Infer
+        let kept = (mode == Mode::Train).then_some(&self.kept.0);
+        let x = if mode == Mode::Infer
             && ids.device().is_cpu()
             && threads > 1
             && b > 1
@@ -319,26 +322,24 @@ impl Llama {
             use rayon::prelude::*;
             let per = b.div_ceil(threads.min(b));
             let groups: Vec<usize> = (0..b).step_by(per).collect();
-            let logits = groups
+            let hidden = groups
                 .par_iter()
                 .map(|&start| {
                     let n = per.min(b - start);
-                    crate::pgemm::serially(|| {
-                        self.forward_pass(
-                            &ids.narrow(0, start, n)?,
-                            &key_mask.narrow(0, start, n)?,
-                            mode,
-                        )
-                    })
+                    let (ids, key_mask) = (ids.narrow(0, start, n)?, key_mask.narrow(0, start, n)?);
+                    crate::pgemm::serially(|| self.hidden(&ids, &key_mask, mode))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            return Tensor::cat(&logits, 0);
-        }
-        self.forward_pass(ids, key_mask, mode)
+            Tensor::cat(&hidden, 0)?
+        } else {
+            self.hidden(ids, key_mask, mode)?
+        };
+        let logits = self.lm_head.product(&x, kept)?.to_dtype(DType::F32)?;
+        logits.reshape((b, t, self.cfg.vocab_size))
     }
 
-    /// [`Llama::forward`] as one pass over the batch.
-    fn forward_pass(&self, ids: &Tensor, key_mask: &Tensor, mode: Mode) -> Result<Tensor> {
+    /// The final normed hidden states `[b * t, hidden]` of one pass over the batch.
+    fn hidden(&self, ids: &Tensor, key_mask: &Tensor, mode: Mode) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if t > self.cfg.max_position_embeddings {
             candle_core::bail!(
@@ -361,9 +362,7 @@ impl Llama {
             let gu = crate::fused_block::silu_mul(&g, &u)?;
             x = (x + layer.down.forward(&gu, mode, kept)?)?;
         }
-        let x = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, mode)?;
-        let logits = self.lm_head.product(&x, kept)?.to_dtype(DType::F32)?;
-        logits.reshape((b, t, self.cfg.vocab_size))
+        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, mode)
     }
 
     fn attention(

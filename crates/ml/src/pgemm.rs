@@ -343,12 +343,15 @@ impl Tile {
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("PackedWeight is used only where available() is true ({rows} rows)");
+        unreachable!(
+            "PackedWeight is used only where available() is true ({kernel:?}, {rows} rows)"
+        );
     }
 }
 
 /// Which tile kernel this CPU runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 enum Kernel {
     /// 6 rows x 16 columns in 12 eight-lane registers.
     Avx2,
