@@ -58,10 +58,16 @@ thread_local! {
 /// Runs `f` with this thread's products kept on this thread: for work that is already
 /// split across threads at a coarser grain (several sequences' passes side by side).
 pub(crate) fn serially<T>(f: impl FnOnce() -> T) -> T {
-    let was = SERIAL.with(|s| s.replace(true));
-    let out = f();
-    SERIAL.with(|s| s.set(was));
-    out
+    /// Restores the flag as it was, also when `f` panics (the thread is a pool's worker
+    /// and outlives the panic).
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SERIAL.with(|s| s.set(self.0));
+        }
+    }
+    let _restore = Restore(SERIAL.with(|s| s.replace(true)));
+    f()
 }
 
 /// Whether this thread is inside [`serially`].
