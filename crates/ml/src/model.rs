@@ -55,9 +55,7 @@ impl Weight {
         match self {
             Weight::Dense(w) => crate::fused::linear(x, w, kept),
             Weight::Packed(p) => {
-                if kept.is_some() {
-                    candle_core::bail!("a model packed for inference cannot be trained");
-                }
+                refuse_training(kept)?;
                 crate::pgemm::linear(x, p)
             }
         }
@@ -68,9 +66,7 @@ impl Weight {
         match self {
             Weight::Dense(w) => crate::fused::embedding(w, &ids.flatten_all()?, kept),
             Weight::Packed(p) => {
-                if kept.is_some() {
-                    candle_core::bail!("a model packed for inference cannot be trained");
-                }
+                refuse_training(kept)?;
                 crate::pgemm::rows(p, ids)
             }
         }
@@ -87,6 +83,15 @@ impl Weight {
             other => Ok(other),
         }
     }
+}
+
+/// Packed weights run inference only: a training pass (which hands weights' gradients to
+/// `kept`) is an error.
+fn refuse_training(kept: Option<&Arc<KeptGrads>>) -> Result<()> {
+    if kept.is_some() {
+        candle_core::bail!("a model packed for inference cannot be trained");
+    }
+    Ok(())
 }
 
 /// A bias-free linear layer (`weight: [out, in]`) with an optional LoRA adapter.
@@ -792,18 +797,17 @@ mod tests {
                 "the embedding is packed exactly when it is the head"
             );
             let (ids, mask) = batch();
-            let want = pool(1)
-                .install(|| plain.forward(&ids, &mask, Mode::Infer))
-                .unwrap();
-            let one = pool(1)
-                .install(|| packed.forward(&ids, &mask, Mode::Infer))
-                .unwrap();
-            let split = pool(3)
-                .install(|| packed.forward(&ids, &mask, Mode::Infer))
-                .unwrap();
-            let halves = pool(2)
-                .install(|| packed.forward(&ids, &mask, Mode::Infer))
-                .unwrap();
+            let run = |m: &Llama, threads: usize| {
+                pool(threads)
+                    .install(|| m.forward(&ids, &mask, Mode::Infer))
+                    .unwrap()
+            };
+            let (want, one, split, halves) = (
+                run(&plain, 1),
+                run(&packed, 1),
+                run(&packed, 3),
+                run(&packed, 2),
+            );
             let diff = (&one - &want).unwrap().abs().unwrap().max_all().unwrap();
             let scale = want.abs().unwrap().max_all().unwrap();
             let (diff, scale) = (
@@ -834,9 +838,7 @@ mod tests {
                 "tied {tied}: groups of two and one"
             );
             // The plain model split across threads gives its one-thread bits too.
-            let plain_split = pool(3)
-                .install(|| plain.forward(&ids, &mask, Mode::Infer))
-                .unwrap();
+            let plain_split = run(&plain, 3);
             assert_eq!(
                 bits(&want),
                 bits(&plain_split),
