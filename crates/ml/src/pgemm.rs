@@ -693,6 +693,30 @@ mod tests {
     }
 
     #[test]
+    fn bad_inputs_are_errors_that_say_what_was_wrong() {
+        if !available() {
+            return;
+        }
+        let dev = candle_core::Device::Cpu;
+        let w = std::sync::Arc::new(PackedWeight::pack(&random(20 * 8, 5), 20, 8));
+        let x = candle_core::Tensor::zeros((3, 7), candle_core::DType::F32, &dev).unwrap();
+        let err = linear(&x, &w).unwrap_err().to_string();
+        assert!(
+            err.contains("an input of 7 features for a weight of 8"),
+            "{err}"
+        );
+        let x = candle_core::Tensor::zeros((3, 8), candle_core::DType::F64, &dev).unwrap();
+        let err = linear(&x, &w).unwrap_err().to_string();
+        assert!(err.contains("not f32"), "{err}");
+        let ids = candle_core::Tensor::new(&[1u32, 20], &dev).unwrap();
+        let err = rows(&w, &ids).unwrap_err().to_string();
+        assert!(
+            err.contains("token id 20 is outside the vocabulary of 20"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn results_do_not_depend_on_the_thread_split() {
         if !available() {
             return;
