@@ -17,6 +17,7 @@ use tunenet_ml::HellaSwagScorer;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     tunenet_ml::alloc::keep_freed_memory();
+    tunenet_ml::threads::one_tensor_pool();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize| -> Result<&str, String> {
         args.get(i).map(String::as_str).ok_or_else(|| {

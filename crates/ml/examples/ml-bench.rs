@@ -2,22 +2,25 @@
 //! does not depend on the rest of the workspace:
 //!
 //!   ml-bench init OUT | ml-bench import GGUF OUT | ml-bench bench DIR MODE BATCH SEQ STEPS
-//!   ml-bench gemm M K N [packed|candle]
+//!   ml-bench gemm M K N [packed|candle] [forward|backward]
 //!
 //! `bench` prints one JSON object: the throughput and the process's peak resident memory.
 //! `gemm` prints the rate of the matrix product a linear layer runs on the CPU, `x wᵀ` for
 //! `x` `[M, K]` and `w` `[N, K]` in f32, in GFLOP/s over about two seconds of repetitions:
 //! tunenet's product on a packed weight (`packed`, the default: what evaluation runs on
-//! an x86-64 CPU with AVX2 and FMA) or candle's matmul (`candle`).
+//! an x86-64 CPU with AVX2 and FMA) or candle's matmul (`candle`); `backward` times the
+//! product LoRA training's backward pass runs for a frozen weight instead, `g w` for `g`
+//! `[M, N]`.
 
 use std::path::Path;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     tunenet_ml::alloc::keep_freed_memory();
+    tunenet_ml::threads::one_tensor_pool();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize| -> Result<&str, String> {
         args.get(i).map(String::as_str).ok_or_else(|| {
-            "usage: ml-bench init OUT | import GGUF OUT | bench DIR MODE BATCH SEQ STEPS | gemm M K N [packed|candle]"
+            "usage: ml-bench init OUT | import GGUF OUT | bench DIR MODE BATCH SEQ STEPS | gemm M K N [packed|candle] [forward|backward]"
                 .to_string()
         })
     };
@@ -57,10 +60,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     return Err(format!("unknown product {other:?}: packed or candle").into());
                 }
             };
-            let gflops = tunenet_ml::bench_linear_product(m, k, n, packed, 2.0)?;
+            let backward = match args.get(5).map(String::as_str) {
+                None | Some("forward") => false,
+                Some("backward") => true,
+                Some(other) => {
+                    return Err(format!("unknown pass {other:?}: forward or backward").into());
+                }
+            };
+            let gflops = tunenet_ml::bench_linear_product(m, k, n, packed, backward, 2.0)?;
             println!(
                 "{}",
-                serde_json::json!({ "m": m, "k": k, "n": n, "gflops": gflops })
+                serde_json::json!({ "m": m, "k": k, "n": n, "backward": backward, "gflops": gflops })
             );
         }
         other => return Err(format!("unknown command {other:?}").into()),

@@ -184,19 +184,23 @@ pub fn bench_throughput(
 }
 
 /// The rate, in GFLOP/s over about `seconds` of repetitions, of the matrix product a linear
-/// layer runs at inference on the CPU: `x wᵀ` for `x` `[m, k]` and `w` `[n, k]` in f32,
-/// random values. `packed`: tunenet's product on a weight packed once (what evaluation
-/// uses where the CPU has AVX2 and FMA); otherwise candle's matmul on the weight as stored.
+/// layer runs on the CPU, for `w` `[n, k]` in f32 and random values: forward, `x wᵀ` for
+/// `x` `[m, k]`; or `backward`, `g w` for `g` `[m, n]` (the gradient its input gets when
+/// `w` is frozen, as in LoRA training). `packed`: tunenet's product on a weight packed once
+/// (what evaluation and LoRA training use where the CPU has AVX2 and FMA); otherwise
+/// candle's matmul on the weight as stored.
 pub fn bench_linear_product(
     m: usize,
     k: usize,
     n: usize,
     packed: bool,
+    backward: bool,
     seconds: f64,
 ) -> Result<f64, MlError> {
     use crate::error::CandleContext;
     let dev = Device::Cpu;
-    let x = candle_core::Tensor::randn(0f32, 1.0, (m, k), &dev).ctx("making x")?;
+    let x = candle_core::Tensor::randn(0f32, 1.0, (m, if backward { n } else { k }), &dev)
+        .ctx("making x")?;
     let w = candle_core::Tensor::randn(0f32, 1.0, (n, k), &dev).ctx("making w")?;
     let run: Box<dyn Fn() -> Result<(), MlError>> = if packed {
         if !crate::pgemm::available() {
@@ -214,12 +218,21 @@ pub fn bench_linear_product(
             .ctx("reading x")?;
         let pw = crate::pgemm::PackedWeight::pack(&wv, n, k);
         Box::new(move || {
-            std::hint::black_box(pw.matmul(&xv, m));
+            std::hint::black_box(if backward {
+                pw.matmul_t(&xv, m)
+            } else {
+                pw.matmul(&xv, m)
+            });
             Ok(())
         })
     } else {
         Box::new(move || {
-            std::hint::black_box(w.t().and_then(|wt| x.matmul(&wt)).ctx("matmul")?);
+            let y = if backward {
+                x.matmul(&w)
+            } else {
+                w.t().and_then(|wt| x.matmul(&wt))
+            };
+            std::hint::black_box(y.ctx("matmul")?);
             Ok(())
         })
     };

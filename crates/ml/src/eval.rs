@@ -221,7 +221,7 @@ impl Runner {
             [one] => {
                 let mut llama = load_model(model, cfg, artifact, DType::F32, one)?;
                 llama
-                    .pack_for_cpu_inference()
+                    .pack_frozen_for_cpu()
                     .ctx("packing the weights for inference")?;
                 Ok(Runner::One(Box::new(llama), one.clone()))
             }

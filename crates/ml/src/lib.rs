@@ -33,6 +33,7 @@ mod scoring;
 mod simd;
 mod st_write;
 mod synthetic;
+pub mod threads;
 mod tiny;
 mod tokenizer;
 mod tp;

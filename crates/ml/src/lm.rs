@@ -51,7 +51,7 @@ impl CausalLm {
         let tok = load_tokenizer(model, &cfg)?;
         let mut llama = load_model(model, &cfg, artifact, dtype.resolve(device), device)?;
         llama
-            .pack_for_cpu_inference()
+            .pack_frozen_for_cpu()
             .ctx("packing the weights for inference")?;
         Ok(CausalLm {
             llama,

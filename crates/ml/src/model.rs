@@ -24,10 +24,11 @@ struct Adapter {
     dropout: Option<Dropout>,
 }
 
-/// A weight `[out, in]` (or an embedding table `[vocab, hidden]`): as loaded, or, in a
-/// model for inference on an x86-64 CPU, packed for tunenet's own matrix product
-/// (`pgemm`, which is faster than candle's on every SmolLM2 shape). A packed weight is
-/// the only copy: [`Llama::pack_for_cpu_inference`] drops the tensor it came from.
+/// A weight `[out, in]` (or an embedding table `[vocab, hidden]`): as loaded, or, where it
+/// does not train (inference, or a LoRA base) on an x86-64 CPU, packed for tunenet's own
+/// matrix product (`pgemm`, which is faster than candle's on SmolLM2's shapes). A packed
+/// weight is the only copy: [`Llama::pack_frozen_for_cpu`] drops the tensor it came from.
+/// It is frozen: gradients pass through it to its input, never to it.
 #[derive(Clone, Debug)]
 pub(crate) enum Weight {
     Dense(Tensor),
@@ -54,10 +55,7 @@ impl Weight {
     fn product(&self, x: &Tensor, kept: Option<&Arc<KeptGrads>>) -> Result<Tensor> {
         match self {
             Weight::Dense(w) => crate::fused::linear(x, w, kept),
-            Weight::Packed(p) => {
-                refuse_training(kept)?;
-                crate::pgemm::linear(x, p)
-            }
+            Weight::Packed(p) => crate::pgemm::linear(x, p),
         }
     }
 
@@ -65,33 +63,25 @@ impl Weight {
     fn rows(&self, ids: &Tensor, kept: Option<&Arc<KeptGrads>>) -> Result<Tensor> {
         match self {
             Weight::Dense(w) => crate::fused::embedding(w, &ids.flatten_all()?, kept),
-            Weight::Packed(p) => {
-                refuse_training(kept)?;
-                crate::pgemm::rows(p, ids)
-            }
+            Weight::Packed(p) => crate::pgemm::rows(p, ids),
         }
     }
 
-    /// Packed, where that is possible (a dense f32 CPU weight and a CPU with the kernel).
+    /// Packed, where that is possible: a dense f32 CPU weight that does not train (not a
+    /// variable), on a CPU with the kernel.
     fn packed(self) -> Result<Weight> {
         match self {
             Weight::Dense(t)
-                if t.device().is_cpu() && t.dtype() == DType::F32 && crate::pgemm::available() =>
+                if t.device().is_cpu()
+                    && t.dtype() == DType::F32
+                    && !t.is_variable()
+                    && crate::pgemm::available() =>
             {
                 Ok(Weight::Packed(Arc::new(crate::pgemm::pack_tensor(&t)?)))
             }
             other => Ok(other),
         }
     }
-}
-
-/// Packed weights run inference only: a training pass (which hands weights' gradients to
-/// `kept`) is an error.
-fn refuse_training(kept: Option<&Arc<KeptGrads>>) -> Result<()> {
-    if kept.is_some() {
-        candle_core::bail!("a model packed for inference cannot be trained");
-    }
-    Ok(())
 }
 
 /// A bias-free linear layer (`weight: [out, in]`) with an optional LoRA adapter.
@@ -274,12 +264,13 @@ impl Llama {
         &self.kept.0
     }
 
-    /// Packs every linear layer's weight, and the output head (with the embedding table
-    /// when they are tied), for tunenet's CPU matrix product, dropping the tensors they
-    /// came from: for a model that only runs inference, on a CPU that has the kernel (f32
-    /// weights; otherwise nothing changes). LoRA adapters stay as they are. The packed
-    /// model cannot be trained (its forward pass in `Mode::Train` is an error).
-    pub(crate) fn pack_for_cpu_inference(&mut self) -> Result<()> {
+    /// Packs every frozen linear layer's weight, and the output head (with the embedding
+    /// table when they are tied), for tunenet's CPU matrix product, dropping the tensors
+    /// they came from: for a model that runs inference, or trains LoRA adapters on a
+    /// frozen base, on a CPU that has the kernel (f32 weights; otherwise nothing changes).
+    /// Weights that train (variables) and LoRA adapters stay as they are; gradients pass
+    /// through packed weights to their inputs as through the plain ones.
+    pub(crate) fn pack_frozen_for_cpu(&mut self) -> Result<()> {
         for layer in &mut self.layers {
             for l in [
                 &mut layer.q,
@@ -725,6 +716,13 @@ mod tests {
     /// A random tiny model (hidden 64, MLP 172, vocabulary 259: widths that are not whole
     /// panels), its head tied to the embedding or not.
     fn random_model(tied: bool) -> Llama {
+        let (cfg, map) = random_weights(tied);
+        let vb = VarBuilder::from_tensors(map, DType::F32, &Device::Cpu);
+        Llama::new(&cfg, &vb, None).unwrap()
+    }
+
+    /// The config and weights of [`random_model`].
+    fn random_weights(tied: bool) -> (LlamaConfig, HashMap<String, Tensor>) {
         let mut cfg = crate::tiny::tiny_config();
         cfg.tie_word_embeddings = tied;
         let dev = Device::Cpu;
@@ -752,8 +750,7 @@ mod tests {
             put(format!("{p}.mlp.up_proj.weight"), &[inter, h]);
             put(format!("{p}.mlp.down_proj.weight"), &[h, inter]);
         }
-        let vb = VarBuilder::from_tensors(map, DType::F32, &dev);
-        Llama::new(&cfg, &vb, None).unwrap()
+        (cfg, map)
     }
 
     /// Three sequences, the last two padded at the end.
@@ -785,7 +782,7 @@ mod tests {
         for tied in [false, true] {
             let plain = random_model(tied);
             let mut packed = plain.clone();
-            packed.pack_for_cpu_inference().unwrap();
+            packed.pack_frozen_for_cpu().unwrap();
             assert!(matches!(packed.lm_head, Weight::Packed(_)), "head packed");
             assert!(
                 matches!(packed.layers[0].k.weight, Weight::Packed(_)),
@@ -878,17 +875,110 @@ mod tests {
     }
 
     #[test]
-    fn a_model_packed_for_inference_refuses_to_train() {
+    fn packing_leaves_weights_that_train_as_they_are() {
+        // Full fine-tuning: every weight a variable, the head tied or not.
+        for tied in [true, false] {
+            let (cfg, map) = random_weights(tied);
+            let vars: HashMap<String, Tensor> = map
+                .into_iter()
+                .map(|(n, t)| {
+                    (
+                        n,
+                        candle_core::Var::from_tensor(&t)
+                            .unwrap()
+                            .as_tensor()
+                            .clone(),
+                    )
+                })
+                .collect();
+            let vb = VarBuilder::from_tensors(vars, DType::F32, &Device::Cpu);
+            let mut m = Llama::new(&cfg, &vb, None).unwrap();
+            m.pack_frozen_for_cpu().unwrap();
+            let dense = |w: &Weight| matches!(w, Weight::Dense(t) if t.is_variable());
+            assert!(dense(&m.embed) && dense(&m.lm_head), "tied {tied}");
+            for l in &m.layers {
+                for lin in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
+                    assert!(dense(&lin.weight), "tied {tied}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn lora_on_a_packed_base_trains_as_on_the_plain_one() {
         if !crate::pgemm::available() {
             return;
         }
-        let mut m = random_model(true);
-        m.pack_for_cpu_inference().unwrap();
-        let (ids, mask) = batch();
-        let err = m.forward(&ids, &mask, Mode::Train).unwrap_err().to_string();
-        assert!(
-            err.contains("packed for inference cannot be trained"),
-            "{err}"
-        );
+        let dev = Device::Cpu;
+        for tied in [true, false] {
+            let (cfg, map) = random_weights(tied);
+            let targets: Vec<String> = ["q_proj", "v_proj", "down_proj"]
+                .iter()
+                .map(|t| t.to_string())
+                .collect();
+            let (varmap, lora) = crate::lora::init_lora(&cfg, &targets, 4, 8.0, 7, &dev).unwrap();
+            // B starts at zero, which would leave A without a gradient: random B instead.
+            let vars: Vec<(String, candle_core::Var)> = {
+                let data = varmap.data().lock().unwrap();
+                data.iter().map(|(n, v)| (n.clone(), v.clone())).collect()
+            };
+            for (_, v) in &vars {
+                v.set(&Tensor::randn(0f32, 0.3, v.shape(), &dev).unwrap())
+                    .unwrap();
+            }
+            let vb = VarBuilder::from_tensors(map, DType::F32, &dev);
+            let plain = Llama::new(&cfg, &vb, Some(&lora)).unwrap();
+            let mut packed = plain.clone();
+            packed.pack_frozen_for_cpu().unwrap();
+            assert!(matches!(packed.lm_head, Weight::Packed(_)), "head packed");
+            assert!(
+                matches!(packed.layers[0].q.weight, Weight::Packed(_)),
+                "base packed"
+            );
+            let (ids, mask) = batch();
+            let (b, t) = ids.dims2().unwrap();
+            let next: Vec<u32> = (0..b * t).map(|i| ((i * 37 + 6) % 259) as u32).collect();
+            let targets_ids = Tensor::from_vec(next, (b, t), &dev).unwrap();
+            let step = |m: &Llama| {
+                let logits = m.forward(&ids, &mask, Mode::Train).unwrap();
+                let loss = (masked_nll_sum(&logits, &targets_ids, &mask).unwrap() / (b * t) as f64)
+                    .unwrap();
+                let mut grads = loss.backward().unwrap();
+                m.kept_grads().drain_into(&mut grads).unwrap();
+                let loss = loss.to_scalar::<f32>().unwrap();
+                let grads: Vec<Tensor> = vars
+                    .iter()
+                    .map(|(n, v)| {
+                        grads
+                            .get(v.as_tensor())
+                            .unwrap_or_else(|| panic!("no gradient for {n}"))
+                            .clone()
+                    })
+                    .collect();
+                (loss, grads)
+            };
+            let (l1, g1) = step(&plain);
+            let (l2, g2) = step(&packed);
+            assert!(
+                (l1 - l2).abs() <= 1e-5 * l1.abs(),
+                "tied {tied}: loss {l1} vs {l2}"
+            );
+            for ((n, _), (a, b)) in vars.iter().zip(g1.iter().zip(&g2)) {
+                let scale = a
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+                let d = d.to_scalar::<f32>().unwrap();
+                assert!(scale > 0.0, "tied {tied}: {n} has a zero gradient");
+                assert!(
+                    d <= 1e-4 * scale,
+                    "tied {tied}: {n} off by {d} (of {scale})"
+                );
+            }
+        }
     }
 }

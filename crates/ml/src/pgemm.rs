@@ -31,6 +31,9 @@ pub(crate) const NR: usize = 16;
 /// SmolLM2 shape (k = 576 and 1536: 36 and 96 KiB per panel, read from L2), ahead of
 /// blocks that fit L1 (128 or 256 steps): blocks cost a second pass over the output.
 const KC: usize = 4096;
+/// Most depth steps per block of `x w` (the backward pass's product, whose depth is the
+/// layer's output width: 49 152 for SmolLM2's vocabulary head).
+const KC_T: usize = 4096;
 /// Products smaller than this many multiply-adds run on the calling thread.
 const PARALLEL_MIN: usize = 1 << 20;
 
@@ -155,7 +158,15 @@ impl PackedWeight {
     /// `x wᵀ` for `x` row-major `[m, k]`: `[m, n]` row-major, split across rayon's threads
     /// when large enough.
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        self.matmul_on(kernel(), x, m, 0..self.n.div_ceil(NR))
+        self.matmul_on(kernel(), Side::W, x, m, 0..self.n.div_ceil(NR))
+    }
+
+    /// `g w` for `g` row-major `[m, n]`: `[m, k]` row-major, the gradient of `x wᵀ` with
+    /// respect to `x` (for a frozen weight). The same kernel runs on panels of `wᵀ`, each
+    /// gathered from `w`'s lines into a buffer as the product reaches it (sixteen of `w`'s
+    /// lines at a time, transposed): the weight is held once, in one layout.
+    pub(crate) fn matmul_t(&self, g: &[f32], m: usize) -> Vec<f32> {
+        self.matmul_on(kernel(), Side::Wt, g, m, 0..self.k.div_ceil(NR))
     }
 
     /// Output features `cols` (a range starting at a multiple of [`NR`]) of `x wᵀ`:
@@ -166,20 +177,34 @@ impl PackedWeight {
             "PackedWeight::matmul_cols: columns {cols:?} of {}",
             self.n
         );
-        self.matmul_on(kernel(), x, m, cols.start / NR..cols.end.div_ceil(NR))
+        self.matmul_on(
+            kernel(),
+            Side::W,
+            x,
+            m,
+            cols.start / NR..cols.end.div_ceil(NR),
+        )
     }
 
-    /// Output panels `panels` of `x wᵀ` with a given kernel (which the CPU must have).
-    fn matmul_on(&self, kernel: Kernel, x: &[f32], m: usize, panels: Range<usize>) -> Vec<f32> {
+    /// Output panels `panels` of `x wᵀ` (or of `x w`, by `side`) with a given kernel (which
+    /// the CPU must have).
+    fn matmul_on(
+        &self,
+        kernel: Kernel,
+        side: Side,
+        x: &[f32],
+        m: usize,
+        panels: Range<usize>,
+    ) -> Vec<f32> {
+        let (n, k) = self.dims(side);
         assert_eq!(
             x.len(),
-            m * self.k,
-            "PackedWeight::matmul: {} values for [{m}, {}]",
+            m * k,
+            "PackedWeight::matmul: {} values for [{m}, {k}]",
             x.len(),
-            self.k
         );
         let first = panels.start * NR;
-        let width = (panels.end * NR).min(self.n).saturating_sub(first);
+        let width = (panels.end * NR).min(n).saturating_sub(first);
         let mut out: Vec<f32> = Vec::with_capacity(m * width);
         if width == 0 {
             return out;
@@ -191,9 +216,9 @@ impl PackedWeight {
             ldc: width,
             first,
         };
-        if threads <= 1 || m * width * self.k < PARALLEL_MIN || in_serial() {
+        if threads <= 1 || m * width * k < PARALLEL_MIN || in_serial() {
             // SAFETY: every element of `out` is written once (rows 0..m, all panels).
-            unsafe { self.run(kernel, x, m, &dst, 0..m, panels) };
+            unsafe { self.run(kernel, side, x, m, &dst, 0..m, panels) };
         } else if count >= 4 * threads {
             // Split by panels: each thread reads every row of x, its own share of w.
             let per = count.div_ceil(threads);
@@ -202,7 +227,7 @@ impl PackedWeight {
                     let ps = panels.start + (t * per).min(count)
                         ..panels.start + ((t + 1) * per).min(count);
                     let dst = &dst;
-                    s.spawn(move |_| unsafe { self.run(kernel, x, m, dst, 0..m, ps) });
+                    s.spawn(move |_| unsafe { self.run(kernel, side, x, m, dst, 0..m, ps) });
                 }
             });
         } else {
@@ -213,7 +238,7 @@ impl PackedWeight {
                 for t in 0..threads {
                     let rs = (t * per).min(m)..((t + 1) * per).min(m);
                     let (dst, panels) = (&dst, panels.clone());
-                    s.spawn(move |_| unsafe { self.run(kernel, x, m, dst, rs, panels) });
+                    s.spawn(move |_| unsafe { self.run(kernel, side, x, m, dst, rs, panels) });
                 }
             });
         }
@@ -222,14 +247,24 @@ impl PackedWeight {
         out
     }
 
-    /// Writes rows `rows` x panels `panels` of the product into `dst`.
+    /// (output features, depth) of the product on `side`.
+    fn dims(&self, side: Side) -> (usize, usize) {
+        match side {
+            Side::W => (self.n, self.k),
+            Side::Wt => (self.k, self.n),
+        }
+    }
+
+    /// Writes rows `rows` x panels `panels` of the product on `side` into `dst`.
     ///
     /// # Safety
     /// `dst` holds `m` rows covering the panels' columns, writable, and no other thread
     /// writes this region.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn run(
         &self,
         kernel: Kernel,
+        side: Side,
         x: &[f32],
         m: usize,
         dst: &Dst,
@@ -237,32 +272,75 @@ impl PackedWeight {
         panels: Range<usize>,
     ) {
         debug_assert!(rows.end <= m);
-        let (n, k) = (self.n, self.k);
-        let blocks = k.div_ceil(KC).max(1);
-        let kc = k.div_ceil(blocks);
-        let last = panels.end;
+        let (n, k) = self.dims(side);
+        let most = match side {
+            Side::W => KC,
+            Side::Wt => KC_T,
+        };
+        let blocks = k.div_ceil(most).max(1);
+        // Whole lines of `w` per block, so that `wᵀ`'s blocks gather whole 16 x 16 squares.
+        let kc = k.div_ceil(blocks).div_ceil(NR) * NR;
         let mr = kernel.rows();
-        for p in panels {
-            let c0 = p * NR;
-            let cols = NR.min(n - c0);
-            for b in 0..blocks {
-                let d0 = b * kc;
-                let depth = kc.min(k - d0.min(k));
-                let panel = &self.lines[p * k + d0..][..depth];
-                // The first tile fetches the next block's lines into the cache as it goes.
-                let next = if b + 1 < blocks {
-                    self.lines[p * k + d0 + depth..].as_ptr()
-                } else if p + 1 < last {
-                    self.lines[(p + 1) * k..].as_ptr()
-                } else {
-                    std::ptr::null()
+        let mut gathered = match side {
+            Side::W => Vec::new(),
+            Side::Wt => vec![Line([0.0; NR]); kc.min(k)],
+        };
+        // Rows of x a multiple of 4 KiB apart fall into the same sets of the L1 cache (a
+        // tile reads 12 of them at once): such blocks are copied with a padded stride.
+        let copy = k.is_multiple_of(1024);
+        let ld = kc.next_multiple_of(256) + NR;
+        let mut xb = if copy {
+            vec![0f32; (rows.end - rows.start) * ld]
+        } else {
+            Vec::new()
+        };
+        // Blocks of depth outermost: every panel passes over one block of x's columns
+        // while it is in the cache.
+        for b in 0..blocks {
+            let d0 = b * kc;
+            let depth = kc.min(k - d0.min(k));
+            if depth == 0 && b > 0 {
+                continue;
+            }
+            let (xs, xoff, lda) = if copy {
+                for (i, r) in rows.clone().enumerate() {
+                    xb[i * ld..][..depth].copy_from_slice(&x[r * k + d0..][..depth]);
+                }
+                (&xb[..], rows.start, ld)
+            } else {
+                (x, 0, k)
+            };
+            for p in panels.clone() {
+                let c0 = p * NR;
+                let cols = NR.min(n - c0);
+                let (panel, next): (&[Line], *const Line) = match side {
+                    Side::W => (
+                        &self.lines[p * k + d0..][..depth],
+                        // The first tile fetches the next panel's lines into the cache as
+                        // it goes.
+                        if p + 1 < panels.end {
+                            self.lines[(p + 1) * k + d0..].as_ptr()
+                        } else if d0 + depth < k {
+                            self.lines[panels.start * k + d0 + depth..].as_ptr()
+                        } else {
+                            std::ptr::null()
+                        },
+                    ),
+                    Side::Wt => {
+                        self.gather_t(p, d0, &mut gathered[..depth]);
+                        (&gathered[..depth], std::ptr::null())
+                    }
                 };
                 let mut r = rows.start;
                 while r < rows.end {
                     let t = Tile {
                         depth,
-                        a: x[r * k + d0..].as_ptr(),
-                        lda: k,
+                        a: if copy {
+                            xs[(r - xoff) * lda..].as_ptr()
+                        } else {
+                            xs[r * lda + d0..].as_ptr()
+                        },
+                        lda,
                         b: panel.as_ptr(),
                         prefetch: if r == rows.start {
                             next
@@ -281,6 +359,45 @@ impl PackedWeight {
                     r += rs;
                 }
             }
+        }
+    }
+
+    /// Lines `d0 ..` of panel `j` of `wᵀ` into `out` (`d0` a multiple of [`NR`]): line `o`
+    /// holds `w[o, j NR .. j NR + NR]` (zeros past `k`), gathered from the sixteen lines
+    /// `j NR ..` of each of `w`'s panels, transposed.
+    fn gather_t(&self, j: usize, d0: usize, out: &mut [Line]) {
+        debug_assert!(d0.is_multiple_of(NR) && d0 + out.len() <= self.n);
+        let c0 = j * NR;
+        let valid = NR.min(self.k - c0);
+        for (q, dst) in out.chunks_mut(NR).enumerate() {
+            let panel = d0 / NR + q;
+            let src = &self.lines[panel * self.k + c0..][..valid];
+            transpose(src, dst);
+        }
+    }
+}
+
+/// Which product a packed weight `w` runs: `x wᵀ`, or `x w` (the backward pass's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Side {
+    W,
+    Wt,
+}
+
+/// `dst[o][c] = src[c][o]` for the lines given (`src` may be short: its missing lines
+/// read as zeros; `dst` may be short: the rest is not written).
+fn transpose(src: &[Line], dst: &mut [Line]) {
+    #[cfg(target_arch = "x86_64")]
+    if dst.len() == NR && available() {
+        let zero = Line([0.0; NR]);
+        let rows: [&Line; NR] = std::array::from_fn(|c| src.get(c).unwrap_or(&zero));
+        // SAFETY: `available()` checked that the CPU has AVX2; 16 lines each side.
+        unsafe { avx2::transpose(&rows, dst) };
+        return;
+    }
+    for (o, d) in dst.iter_mut().enumerate() {
+        for (c, v) in d.0.iter_mut().enumerate() {
+            *v = src.get(c).map_or(0.0, |s| s.0[o]);
         }
     }
 }
@@ -433,7 +550,7 @@ mod avx512 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{NR, Tile};
+    use super::{Line, NR, Tile};
     use std::arch::x86_64::*;
 
     /// `R` rows of the tile (see [`Tile`]).
@@ -487,14 +604,61 @@ mod avx2 {
             }
         }
     }
+
+    /// `dst[o][c] = src[c][o]` for a 16 x 16 square, as four 8 x 8 squares in registers.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn transpose(src: &[&Line; NR], dst: &mut [Line]) {
+        assert_eq!(dst.len(), NR);
+        unsafe {
+            // Square (c0, o0): lines c0..c0+8 of src, lanes o0..o0+8 -> lines o0..o0+8 of
+            // dst, lanes c0..c0+8.
+            for (c0, o0) in [(0, 0), (0, 8), (8, 0), (8, 8)] {
+                let r: [__m256; 8] =
+                    std::array::from_fn(|i| _mm256_load_ps(src[c0 + i].0.as_ptr().add(o0)));
+                let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+                let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+                let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+                let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+                let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+                let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+                let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+                let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+                let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                let out = [
+                    _mm256_permute2f128_ps::<0x20>(u0, u4),
+                    _mm256_permute2f128_ps::<0x20>(u1, u5),
+                    _mm256_permute2f128_ps::<0x20>(u2, u6),
+                    _mm256_permute2f128_ps::<0x20>(u3, u7),
+                    _mm256_permute2f128_ps::<0x31>(u0, u4),
+                    _mm256_permute2f128_ps::<0x31>(u1, u5),
+                    _mm256_permute2f128_ps::<0x31>(u2, u6),
+                    _mm256_permute2f128_ps::<0x31>(u3, u7),
+                ];
+                for (i, v) in out.into_iter().enumerate() {
+                    _mm256_store_ps(dst[o0 + i].0.as_mut_ptr().add(c0), v);
+                }
+            }
+        }
+    }
 }
 
-/// `x wᵀ` as a candle op on a CPU tensor `x` `[m, k]` (f32, no gradient).
-struct PackedProduct(std::sync::Arc<PackedWeight>);
+/// `x wᵀ` (or `x w`, by [`Side`]) as a candle op on a CPU tensor `x` (f32, `[m, k]`, or
+/// `[m, n]` for `x w`).
+struct PackedProduct(std::sync::Arc<PackedWeight>, Side);
 
 impl candle_core::CustomOp1 for PackedProduct {
     fn name(&self) -> &'static str {
-        "packed-linear"
+        match self.1 {
+            Side::W => "packed-linear",
+            Side::Wt => "packed-linear-backward",
+        }
     }
 
     fn cpu_fwd(
@@ -503,11 +667,9 @@ impl candle_core::CustomOp1 for PackedProduct {
         l: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let (m, k) = l.shape().dims2()?;
-        if k != self.0.k {
-            candle_core::bail!(
-                "linear: an input of {k} features for a weight of {}",
-                self.0.k
-            );
+        let (n, depth) = self.0.dims(self.1);
+        if k != depth {
+            candle_core::bail!("linear: an input of {k} features for a weight of {depth}");
         }
         let candle_core::CpuStorage::F32(xs) = s else {
             candle_core::bail!(
@@ -518,17 +680,40 @@ impl candle_core::CustomOp1 for PackedProduct {
         let Some((start, end)) = l.contiguous_offsets() else {
             candle_core::bail!("packed linear: input is not contiguous");
         };
-        let out = self.0.matmul(&xs[start..end], m);
-        Ok((candle_core::CpuStorage::F32(out), (m, self.0.n).into()))
+        let xs = &xs[start..end];
+        let out = match self.1 {
+            Side::W => self.0.matmul(xs, m),
+            Side::Wt => self.0.matmul_t(xs, m),
+        };
+        Ok((candle_core::CpuStorage::F32(out), (m, n).into()))
+    }
+
+    /// The gradient with respect to `x` (the weight is frozen: it has none). `x w`'s own
+    /// backward pass is never taken (a gradient of a gradient).
+    fn bwd(
+        &self,
+        _x: &candle_core::Tensor,
+        _res: &candle_core::Tensor,
+        grad: &candle_core::Tensor,
+    ) -> candle_core::Result<Option<candle_core::Tensor>> {
+        match self.1 {
+            Side::W => Ok(Some(
+                grad.contiguous()?
+                    .apply_op1_no_bwd(&PackedProduct(self.0.clone(), Side::Wt))?,
+            )),
+            Side::Wt => candle_core::bail!("packed linear: no second-order gradient"),
+        }
     }
 }
 
-/// `x wᵀ` for a CPU tensor `x` `[m, k]` in f32: `[m, n]`. Inference only (no gradient).
+/// `x wᵀ` for a CPU tensor `x` `[m, k]` in f32: `[m, n]`. The weight is frozen: where `x`
+/// carries a gradient, the backward pass hands on `grad w` (the same packed weight, read
+/// transposed) and `w` gets none.
 pub(crate) fn linear(
     x: &candle_core::Tensor,
     w: &std::sync::Arc<PackedWeight>,
 ) -> candle_core::Result<candle_core::Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(&PackedProduct(w.clone()))
+    x.contiguous()?.apply_op1(PackedProduct(w.clone(), Side::W))
 }
 
 /// `x wᵀ` (`x` `[m, k]` on the CPU, f32) handed to `each` in pieces of about `per`
@@ -624,6 +809,18 @@ mod tests {
         out
     }
 
+    /// `got` within f32 rounding of `want`, for sums of `depth` products of values in [-1, 1].
+    fn assert_near(got: &[f32], want: &[f64], depth: usize, what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}");
+        let tol = 1e-5 * (depth as f64).sqrt() * 4.0;
+        for (i, (&g, &r)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g as f64 - r).abs() <= tol,
+                "{what} element {i}: {g} vs {r}"
+            );
+        }
+    }
+
     #[test]
     fn packed_product_matches_the_definition_on_odd_shapes() {
         if !available() {
@@ -641,14 +838,12 @@ mod tests {
             let w = random(n * k, (n * 17 + k) as u64);
             let packed = PackedWeight::pack(&w, n, k);
             let got = packed.matmul(&x, m);
-            let want = reference(&x, &w, m, n, k);
-            for (i, (&g, &r)) in got.iter().zip(&want).enumerate() {
-                let tol = 1e-5 * (k as f64).sqrt() * 4.0;
-                assert!(
-                    (g as f64 - r).abs() <= tol,
-                    "[{m},{n},{k}] element {i}: {g} vs {r}"
-                );
-            }
+            assert_near(
+                &got,
+                &reference(&x, &w, m, n, k),
+                k,
+                &format!("[{m},{n},{k}]"),
+            );
             assert_eq!(packed.unpack(), w, "unpack gives the weight back");
             // Column pieces are the same columns of the whole product, bit for bit.
             for start in (0..n).step_by(NR) {
@@ -683,11 +878,19 @@ mod tests {
             let w = random(n * k, 4);
             let packed = PackedWeight::pack(&w, n, k);
             let all = 0..n.div_ceil(NR);
-            let a = packed.matmul_on(Kernel::Avx512, &x, m, all.clone());
-            let b = packed.matmul_on(Kernel::Avx2, &x, m, all);
+            let a = packed.matmul_on(Kernel::Avx512, Side::W, &x, m, all.clone());
+            let b = packed.matmul_on(Kernel::Avx2, Side::W, &x, m, all);
             assert!(
                 a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
                 "[{m},{n},{k}]"
+            );
+            let g = random(m * n, 6);
+            let all = 0..k.div_ceil(NR);
+            let a = packed.matmul_on(Kernel::Avx512, Side::Wt, &g, m, all.clone());
+            let b = packed.matmul_on(Kernel::Avx2, Side::Wt, &g, m, all);
+            assert!(
+                a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "[{m},{n},{k}] transposed"
             );
         }
     }
@@ -740,6 +943,101 @@ mod tests {
                 a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
                 "[{m},{n},{k}]"
             );
+            let g = random(m * n, 3);
+            let a = one.install(|| packed.matmul_t(&g, m));
+            let b = three.install(|| packed.matmul_t(&g, m));
+            assert!(
+                a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "[{m},{n},{k}] transposed"
+            );
+        }
+    }
+
+    #[test]
+    fn the_transposed_product_matches_the_definition_on_odd_shapes() {
+        if !available() {
+            return;
+        }
+        // Depths (n) past one block of KC lines, widths (k) off the panel width.
+        for (m, n, k) in [
+            (1, 1, 1),
+            (7, 17, 5),
+            (13, 33, 300),
+            (6, 16, 256),
+            (25, 40, 513),
+            (3, 4100, 21),
+            (14, 8200, 40),
+        ] {
+            let g = random(m * n, (m * 7 + n) as u64);
+            let w = random(n * k, (n * 3 + k) as u64);
+            let packed = PackedWeight::pack(&w, n, k);
+            let got = packed.matmul_t(&g, m);
+            assert_eq!(got.len(), m * k);
+            // g w = g (wᵀ)ᵀ: the reference with wᵀ as the weight.
+            let mut wt = vec![0f32; k * n];
+            for i in 0..n {
+                for j in 0..k {
+                    wt[j * n + i] = w[i * k + j];
+                }
+            }
+            assert_near(
+                &got,
+                &reference(&g, &wt, m, k, n),
+                n,
+                &format!("[{m},{n},{k}] transposed"),
+            );
+        }
+    }
+
+    #[test]
+    fn a_frozen_packed_weight_hands_its_input_the_gradient_of_the_plain_product() {
+        if !available() {
+            return;
+        }
+        use candle_core::{Device, Tensor, Var};
+        let dev = Device::Cpu;
+        for (m, n, k) in [(5, 37, 19), (30, 64, 100), (9, 300, 33)] {
+            let w = random(n * k, (m + n + k) as u64);
+            let wt = Tensor::from_vec(w.clone(), (n, k), &dev).unwrap();
+            let packed = std::sync::Arc::new(PackedWeight::pack(&w, n, k));
+            let x = Var::from_tensor(&Tensor::from_vec(random(m * k, 9), (m, k), &dev).unwrap())
+                .unwrap();
+            // A loss that weighs every output differently, so the gradient is not uniform.
+            let weights = Tensor::from_vec(random(m * n, 10), (m, n), &dev).unwrap();
+            let loss = |y: Tensor| (y * &weights).unwrap().sum_all().unwrap();
+            let ours = loss(linear(x.as_tensor(), &packed).unwrap());
+            let plain = loss(x.as_tensor().matmul(&wt.t().unwrap()).unwrap());
+            let close = |a: &Tensor, b: &Tensor, what: &str| {
+                let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+                let d = d.to_scalar::<f32>().unwrap();
+                assert!(d <= 1e-4, "[{m},{n},{k}] {what}: off by {d}");
+            };
+            close(&ours, &plain, "loss");
+            let (g1, g2) = (ours.backward().unwrap(), plain.backward().unwrap());
+            close(
+                g1.get(x.as_tensor()).unwrap(),
+                g2.get(x.as_tensor()).unwrap(),
+                "gradient",
+            );
+        }
+    }
+
+    #[test]
+    fn a_square_of_lines_transposes_whole_and_short() {
+        let lines: Vec<Line> = (0..NR)
+            .map(|c| Line(std::array::from_fn(|o| (c * 100 + o) as f32)))
+            .collect();
+        for valid in [NR, 5, 1] {
+            for out_len in [NR, 3] {
+                let mut dst = vec![Line([-1.0; NR]); out_len];
+                transpose(&lines[..valid], &mut dst);
+                for (o, d) in dst.iter().enumerate() {
+                    for (c, &v) in d.0.iter().enumerate() {
+                        let want = if c < valid { (c * 100 + o) as f32 } else { 0.0 };
+                        assert_eq!(v, want, "valid {valid}, line {o}, lane {c}");
+                    }
+                }
+            }
         }
     }
 }

@@ -571,13 +571,18 @@ fn build_replica(
                 init_lora(base_cfg, &targets, *rank, *alpha, cfg.seed, device)?;
             let dropout = (cfg.lora_dropout > 0.0).then(|| Dropout::new(cfg.lora_dropout, 0));
             weights.dropout = dropout.clone();
-            let llama = load_base(
+            let mut llama = load_base(
                 model,
                 base_cfg,
                 cfg.dtype.resolve(device),
                 device,
                 Some(&weights),
             )?;
+            // The base is frozen: on a CPU its weights run tunenet's packed product, forward
+            // and backward (f32 only; elsewhere nothing changes).
+            llama
+                .pack_frozen_for_cpu()
+                .ctx("packing the frozen base weights")?;
             let mut named: Vec<(String, Var)> = varmap
                 .data()
                 .lock()

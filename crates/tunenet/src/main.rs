@@ -226,6 +226,9 @@ fn write_report(out: &std::path::Path, md: &str) -> anyhow::Result<()> {
 fn main() -> std::process::ExitCode {
     // Training and scoring reuse their freed tensors' pages (crates/ml/src/alloc.rs).
     tunenet_ml::alloc::keep_freed_memory();
+    // candle's element-wise operations stay on their calling threads: its own spinning
+    // pool beside rayon's took the cores the products run on (crates/ml/src/threads.rs).
+    tunenet_ml::threads::one_tensor_pool();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
