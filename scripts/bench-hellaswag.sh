@@ -15,7 +15,8 @@
 #
 # A third side checks the arithmetic, not the speed: PyTorch + transformers loads each GGUF
 # with its own reader (the `gguf` package expands the blocks to f32) and scores every ending
-# in f32 with no cache; the script prints each side's agreement with it.
+# in f32 with no cache; the script prints each side's agreement with it, and llama.cpp's on
+# the Q4_1 file expanded to f32 by its own quantizer (its products then round nothing).
 # HELLASWAG_EXACT=0 skips it. LLAMA_KV=f32 runs llama.cpp with an f32 KV cache (default f16);
 # LLAMA_FRESH=1 evaluates each ending from an empty cache instead of the shared context.
 #
@@ -215,7 +216,8 @@ import ctypes, sys
 import llama_cpp
 src, threads = sys.argv[1], int(sys.argv[2])
 for out, ftype in ((sys.argv[3], llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0),
-                   (sys.argv[4], llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)):
+                   (sys.argv[4], llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0),
+                   (sys.argv[5], llama_cpp.LLAMA_FTYPE_ALL_F32)):
     p = llama_cpp.llama_model_quantize_default_params()
     p.ftype = ftype
     p.allow_requantize = True
@@ -238,8 +240,9 @@ for r in runs:
           f'| {r["tokens_per_sec"]:.0f} | {ratio} | {r["peak_rss_mib"]:.0f} | {r["acc_norm"]:.3f} |')
 PY
 
-# Q8_0 and Q4_0 files made by llama.cpp's quantizer, so both sides read the same bytes.
-"$py" "$work/quantize.py" "$gguf" "$threads_all" "$work/q8_0.gguf" "$work/q4_0.gguf"
+# Q8_0 and Q4_0 files made by llama.cpp's quantizer, so both sides read the same bytes;
+# and the Q4_1 file expanded to f32 by it (the same values), for the arithmetic check.
+"$py" "$work/quantize.py" "$gguf" "$threads_all" "$work/q8_0.gguf" "$work/q4_0.gguf" "$work/f32.gguf"
 
 results="$work/results.jsonl"
 record() { # side label quant threads json
@@ -269,6 +272,11 @@ if [ "$exact" = 1 ]; then
         "$py" "$work/agree.py" "$work/tn-$q-1.jsonl" "$work/torch-$q.jsonl" "tunenet quantised $q vs exact"
         "$py" "$work/agree.py" "$work/llama-$q-1.jsonl" "$work/torch-$q.jsonl" "llama.cpp $q vs exact"
     done
+    # llama.cpp on the same weights expanded to f32: its products then take f32 activations
+    # (with quantised weights it rounds each block of 32 activations to 8 bits first).
+    OMP_NUM_THREADS=1 "$py" "$work/llama_score.py" "$work/f32.gguf" "$work/items.jsonl" 1 "$work/llama-f32-1.jsonl" >/dev/null
+    "$py" "$work/agree.py" "$work/llama-f32-1.jsonl" "$work/torch-q4_1.jsonl" "llama.cpp on q4_1 expanded to f32 vs exact"
+    "$py" "$work/agree.py" "$work/llama-f32-1.jsonl" "$work/tn-f32-1.jsonl" "llama.cpp on q4_1 expanded to f32 vs tunenet"
 fi
 echo "== table"
 "$py" "$work/table.py" "$results"

@@ -127,11 +127,12 @@ done
   echo "CPU: $(nproc --all) cores, ${BENCH_THREADS:-all} threads per side, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'); torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)'), transformers $("$venv/bin/python" -c 'import transformers; print(transformers.__version__)'); $(date -u +%Y-%m-%d)"
 } | tee "${BENCH_OUT:-/dev/null}"
 
-# Where evaluation's time goes is the linear layers' matrix products: each side's rate on
-# SmolLM2's evaluation shapes (M = batch x (seq - 1) rows; q/o, k/v, gate/up, down, the
-# vocabulary head), x wT in f32, the same threads: tunenet's product on a packed weight
-# (what evaluation runs), candle's matmul (what it ran before, and what training runs),
-# and torch's linear.
+# Where evaluation's and LoRA training's time goes is the linear layers' matrix products:
+# each side's rate on SmolLM2's shapes (M = batch x (seq - 1) rows; q/o, k/v, gate/up,
+# down, the vocabulary head) in f32, the same threads. Forward, x wT: tunenet's product on
+# a packed weight (what evaluation and LoRA's frozen base run), candle's matmul (what
+# they ran before, and what full fine-tuning runs), and torch's linear. Backward, g w for
+# g [M, N] (the gradient a frozen weight's input gets in LoRA training): the same three.
 if [ -z "${SKIP_SMOLLM2:-}" ]; then
   cat > "$work/gemm_torch.py" <<'PY'
 import json, os, sys, time
@@ -139,11 +140,18 @@ import torch
 if os.environ.get("BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
 m, k, n = (int(a) for a in sys.argv[1:4])
-x, w = torch.randn(m, k), torch.randn(n, k)
-torch.nn.functional.linear(x, w)
+backward = len(sys.argv) > 4 and sys.argv[4] == "backward"
+w = torch.randn(n, k)
+if backward:
+    x = torch.randn(m, n)
+    op = lambda: torch.matmul(x, w)
+else:
+    x = torch.randn(m, k)
+    op = lambda: torch.nn.functional.linear(x, w)
+op()
 reps, start = 0, time.perf_counter()
 while reps < 3 or time.perf_counter() - start < 2.0:
-    torch.nn.functional.linear(x, w)
+    op()
     reps += 1
 print(json.dumps({"gflops": 2.0 * m * k * n * reps / (time.perf_counter() - start) / 1e9}))
 PY
@@ -151,14 +159,16 @@ PY
   gflops='import json,sys; print(json.loads(sys.stdin.read().strip().splitlines()[-1])["gflops"])'
   {
     echo
-    echo "| product (M x K x N) | layer | tunenet GFLOP/s | candle's matmul GFLOP/s | PyTorch GFLOP/s | tunenet / PyTorch |"
-    echo "| --- | --- | ---: | ---: | ---: | ---: |"
-    for shape in "576:576:q, o" "576:192:k, v" "576:1536:gate, up" "1536:576:down" "576:49152:head"; do
-      IFS=: read -r k n layer <<<"$shape"
-      ours=$("$tn" gemm "$m" "$k" "$n" packed | python3 -c "$gflops")
-      candle=$("$tn" gemm "$m" "$k" "$n" candle | python3 -c "$gflops")
-      theirs=$("$venv/bin/python" "$work/gemm_torch.py" "$m" "$k" "$n" | python3 -c "$gflops")
-      printf '| %s x %s x %s | %s | %.1f | %.1f | %.1f | %.2f |\n' "$m" "$k" "$n" "$layer" "$ours" "$candle" "$theirs" "$(python3 -c "print($ours / $theirs)")"
+    echo "| product (M x K x N) | layer | pass | tunenet GFLOP/s | candle's matmul GFLOP/s | PyTorch GFLOP/s | tunenet / PyTorch |"
+    echo "| --- | --- | --- | ---: | ---: | ---: | ---: |"
+    for pass in forward backward; do
+      for shape in "576:576:q, o" "576:192:k, v" "576:1536:gate, up" "1536:576:down" "576:49152:head"; do
+        IFS=: read -r k n layer <<<"$shape"
+        ours=$("$tn" gemm "$m" "$k" "$n" packed "$pass" | python3 -c "$gflops")
+        candle=$("$tn" gemm "$m" "$k" "$n" candle "$pass" | python3 -c "$gflops")
+        theirs=$("$venv/bin/python" "$work/gemm_torch.py" "$m" "$k" "$n" "$pass" | python3 -c "$gflops")
+        printf '| %s x %s x %s | %s | %s | %.1f | %.1f | %.1f | %.2f |\n' "$m" "$k" "$n" "$layer" "$pass" "$ours" "$candle" "$theirs" "$(python3 -c "print($ours / $theirs)")"
+      done
     done
   } | tee -a "${BENCH_OUT:-/dev/null}"
 fi

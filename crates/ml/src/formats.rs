@@ -84,6 +84,7 @@ fn parquet_rows(bytes: &[u8]) -> Result<Vec<Row>, (Option<usize>, String)> {
     let owned = Guarded {
         bytes: bytes::Bytes::copy_from_slice(bytes),
         stop: stop.clone(),
+        pause: READ_PAUSE.with(|p| p.get()),
     };
     let deadline = parquet_deadline(bytes.len());
     let (tx, rx) = std::sync::mpsc::channel();
@@ -135,6 +136,21 @@ fn parquet_deadline(len: usize) -> std::time::Duration {
     std::time::Duration::from_secs_f64(2.0 + len as f64 / 1e6)
 }
 
+thread_local! {
+    /// See [`pause_parquet_reads_on_this_thread`].
+    static READ_PAUSE: std::cell::Cell<std::time::Duration> =
+        const { std::cell::Cell::new(std::time::Duration::ZERO) };
+}
+
+/// Tests: every read of a Parquet file's bytes by a reader this thread starts pauses for
+/// `pause` first, so that a file which keeps the reader busy does so past its deadline
+/// however fast the build is (an input slow to read in a debug build can take
+/// milliseconds in an optimised one).
+#[doc(hidden)]
+pub fn pause_parquet_reads_on_this_thread(pause: std::time::Duration) {
+    READ_PAUSE.with(|p| p.set(pause));
+}
+
 /// Parquet readers running now, the ones told to stop included.
 static PARQUET_READERS: AtomicUsize = AtomicUsize::new(0);
 
@@ -160,14 +176,19 @@ impl Drop for Running {
     }
 }
 
-/// A Parquet file's bytes whose every read fails once `stop` is set.
+/// A Parquet file's bytes whose every read fails once `stop` is set (and pauses for
+/// `pause` first: zero but in tests).
 struct Guarded {
     bytes: bytes::Bytes,
     stop: Arc<AtomicBool>,
+    pause: std::time::Duration,
 }
 
 impl Guarded {
-    fn check(stop: &AtomicBool) -> std::io::Result<()> {
+    fn check(stop: &AtomicBool, pause: std::time::Duration) -> std::io::Result<()> {
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
+        }
         if stop.load(Ordering::Relaxed) {
             Err(std::io::Error::other("stopped: past the reading deadline"))
         } else {
@@ -186,15 +207,16 @@ impl parquet::file::reader::ChunkReader for Guarded {
     type T = GuardedRead;
 
     fn get_read(&self, start: u64) -> parquet::errors::Result<GuardedRead> {
-        Guarded::check(&self.stop)?;
+        Guarded::check(&self.stop, self.pause)?;
         Ok(GuardedRead {
             inner: parquet::file::reader::ChunkReader::get_read(&self.bytes, start)?,
             stop: self.stop.clone(),
+            pause: self.pause,
         })
     }
 
     fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<bytes::Bytes> {
-        Guarded::check(&self.stop)?;
+        Guarded::check(&self.stop, self.pause)?;
         parquet::file::reader::ChunkReader::get_bytes(&self.bytes, start, length)
     }
 }
@@ -202,11 +224,12 @@ impl parquet::file::reader::ChunkReader for Guarded {
 struct GuardedRead {
     inner: bytes::buf::Reader<bytes::Bytes>,
     stop: Arc<AtomicBool>,
+    pause: std::time::Duration,
 }
 
 impl std::io::Read for GuardedRead {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        Guarded::check(&self.stop)?;
+        Guarded::check(&self.stop, self.pause)?;
         std::io::Read::read(&mut self.inner, buf)
     }
 }

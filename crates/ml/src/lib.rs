@@ -57,6 +57,7 @@ pub use error::MlError;
 pub use eval::{EvalReport, RecordLosses, evaluate, evaluate_on, record_losses, record_losses_on};
 pub use formats::{
     BadRecord, DatasetLoad, FieldMap, load_dataset, parquet_readers_running, parse_dataset,
+    pause_parquet_reads_on_this_thread,
 };
 pub use gguf::{export_gguf, export_gguf_quantized, import_gguf};
 pub use hellaswag::{

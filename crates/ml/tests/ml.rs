@@ -2572,7 +2572,9 @@ fn malformed_dataset_files_say_where_and_a_mapping_that_fits_nothing_is_refused(
 
 /// A Parquet file that keeps the reader busy (page headers skipped a byte at a time; found
 /// by fuzzing) is an error at its deadline, and the reader thread stops there too rather
-/// than spending a core for as long as the file keeps it going.
+/// than spending a core for as long as the file keeps it going. The input took seconds in
+/// a debug build and takes milliseconds in an optimised one, so each of its reads pauses
+/// 50 ms here: it stays busy past the deadline (2 s) in any build.
 #[test]
 fn a_parquet_reader_past_its_deadline_stops() {
     // The checkout's path at run time (cargo sets it), not the one compiled in: a build
@@ -2584,10 +2586,12 @@ fn a_parquet_reader_past_its_deadline_stops() {
     ))
     .unwrap();
     let map = FieldMap::default();
+    pause_parquet_reads_on_this_thread(Duration::from_millis(50));
     let started = Instant::now();
     let e = parse_dataset(&input[1..], "parquet", &map, "slow.parquet")
         .unwrap_err()
         .to_string();
+    pause_parquet_reads_on_this_thread(Duration::ZERO);
     assert!(
         e.contains("slow.parquet") && e.contains("still reading"),
         "{e}"
