@@ -823,6 +823,15 @@ mod tests {
 
     /// `x wᵀ`, and the backward pass's `g w`, against the definition; for `g w` the depth is
     /// `n`, past one block of `KC_T` lines in the last two shapes.
+    /// `a` and `b` the same bits, element for element.
+    fn assert_same_bits(a: &[f32], b: &[f32], what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}");
+        assert!(
+            a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "{what}"
+        );
+    }
+
     #[test]
     fn packed_product_matches_the_definition_on_odd_shapes() {
         if !available() {
@@ -898,18 +907,12 @@ mod tests {
             let all = 0..n.div_ceil(NR);
             let a = packed.matmul_on(Kernel::Avx512, Side::W, &x, m, all.clone());
             let b = packed.matmul_on(Kernel::Avx2, Side::W, &x, m, all);
-            assert!(
-                a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
-                "[{m},{n},{k}]"
-            );
+            assert_same_bits(&a, &b, &format!("[{m},{n},{k}]"));
             let g = random(m * n, 6);
             let all = 0..k.div_ceil(NR);
             let a = packed.matmul_on(Kernel::Avx512, Side::Wt, &g, m, all.clone());
             let b = packed.matmul_on(Kernel::Avx2, Side::Wt, &g, m, all);
-            assert!(
-                a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
-                "[{m},{n},{k}] transposed"
-            );
+            assert_same_bits(&a, &b, &format!("[{m},{n},{k}] transposed"));
         }
     }
 
@@ -957,17 +960,11 @@ mod tests {
                 .unwrap();
             let a = one.install(|| packed.matmul(&x, m));
             let b = three.install(|| packed.matmul(&x, m));
-            assert!(
-                a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
-                "[{m},{n},{k}]"
-            );
+            assert_same_bits(&a, &b, &format!("[{m},{n},{k}]"));
             let g = random(m * n, 3);
             let a = one.install(|| packed.matmul_t(&g, m));
             let b = three.install(|| packed.matmul_t(&g, m));
-            assert!(
-                a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
-                "[{m},{n},{k}] transposed"
-            );
+            assert_same_bits(&a, &b, &format!("[{m},{n},{k}] transposed"));
         }
     }
 
