@@ -4,7 +4,8 @@
 # of the ending tokens' log-probabilities; acc_norm divides by the ending's UTF-8 bytes).
 # Prints one JSON line per run, per-item agreement with llama.cpp, then a Markdown table.
 #
-#   scripts/bench-hellaswag.sh [ITEMS]    # default 200
+#   scripts/bench-hellaswag.sh [ITEMS]              # default 200
+#   scripts/bench-hellaswag.sh --ceiling [ITEMS]    # the agreement ceiling only (below)
 #
 # ITEMS synthetic items in HellaSwag's layout (`hellaswag-bench demo`, the generator behind
 # `tunenet eval hellaswag-demo`). The same GGUF files go to both sides: the shipped Q4_1
@@ -20,6 +21,14 @@
 # HELLASWAG_EXACT=0 skips it. LLAMA_KV=f32 runs llama.cpp with an f32 KV cache (default f16);
 # LLAMA_FRESH=1 evaluates each ending from an empty cache instead of the shared context.
 #
+# --ceiling measures no speed: on the Q8_0 file it scores the items with tunenet, the exact
+# reference, the exact reference with every linear layer's input rounded as ggml's Q8_0
+# products round it (blocks of 32, 8-bit values, an f16 scale) in f32 and again in f64
+# (and the exact reference in f64, to show how little f32 against f64 moves it unrounded),
+# and llama.cpp with its f16 and with an f32 KV cache, and prints every pair's acc_norm
+# agreement: how far any implementation can agree with llama.cpp's quantised arithmetic,
+# and how far llama.cpp agrees with itself.
+#
 # First run: fetches the GGUF (scripts/fetch-smollm2.sh) and installs llama-cpp-python
 # into a venv under ~/.cache/tunenet/llama-venv. PyPI has only its source distribution, so
 # pip builds it with cmake (from PyPI too): about 9 minutes on 2 cores. Later runs reuse it.
@@ -27,6 +36,8 @@ set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cache="${TUNENET_CACHE:-${HOME}/.cache/tunenet}"
+mode=speed
+if [ "${1:-}" = --ceiling ]; then mode=ceiling; shift; fi
 items="${1:-200}"
 threads_all="$(nproc)"
 
@@ -51,7 +62,7 @@ fi
 exact="${HELLASWAG_EXACT:-1}"
 tvenv="$cache/bench-venv"
 tpy="$tvenv/bin/python"
-if [ "$exact" = 1 ] && ! "$tpy" -c 'import torch, transformers, gguf' >/dev/null 2>&1; then
+if { [ "$exact" = 1 ] || [ "$mode" = ceiling ]; } && ! "$tpy" -c 'import torch, transformers, gguf' >/dev/null 2>&1; then
     echo "bench-hellaswag: installing torch, transformers and gguf into $tvenv" >&2
     [ -x "$tpy" ] || python3 -m venv "$tvenv"
     "$tvenv/bin/pip" install -q torch transformers safetensors gguf
@@ -163,6 +174,9 @@ PY
 cat > "$work/torch_score.py" <<'PY'
 # The exact reference: transformers reads the GGUF itself (the gguf package expands every
 # block to f32), and each ending is scored from scratch in f32, log-softmax in f64.
+# ROUND=q8 rounds every linear layer's input as ggml's Q8_0 products do before their int8
+# dot products: per block of 32, x * (127 / amax) rounded to an integer, times the scale
+# amax / 127 stored as f16. PRECISION=f64 runs the whole model in f64.
 import json, os, sys, time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -175,6 +189,20 @@ folder, name = os.path.split(os.path.abspath(gguf))
 tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
 model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
                                              attn_implementation="eager").eval()
+
+def round_q8_0(x):
+    blocks = x.reshape(-1, 32)
+    amax = blocks.abs().amax(dim=1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    scale = (amax / 127).to(torch.float16).to(x.dtype)
+    return (torch.round(blocks * inv) * scale).reshape(x.shape)
+
+if os.environ.get("ROUND") == "q8":
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_pre_hook(lambda mod, args: (round_q8_0(args[0]),))
+if os.environ.get("PRECISION") == "f64":
+    model.double()
 tok = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
 items = [json.loads(l) for l in open(data) if l.strip()]
 results, right_norm = [], 0
@@ -243,6 +271,44 @@ PY
 # Q8_0 and Q4_0 files made by llama.cpp's quantizer, so both sides read the same bytes;
 # and the Q4_1 file expanded to f32 by it (the same values), for the arithmetic check.
 "$py" "$work/quantize.py" "$gguf" "$threads_all" "$work/q8_0.gguf" "$work/q4_0.gguf" "$work/f32.gguf"
+
+if [ "$mode" = ceiling ]; then
+    cat > "$work/matrix.py" <<'PY'
+# Every pair's acc_norm agreement (share of items where both pick the same ending) and mean
+# |difference in summed log-likelihood|, as a Markdown table; arguments are label=path.
+import json, sys
+runs = [(a.split("=", 1)[0], {r["index"]: r for r in map(json.loads, open(a.split("=", 1)[1]))})
+        for a in sys.argv[1:]]
+print("| | " + " | ".join(l for l, _ in runs) + " |")
+print("| --- |" + " ---: |" * len(runs))
+for la, a in runs:
+    cells = []
+    for lb, b in runs:
+        if la == lb:
+            cells.append("-")
+            continue
+        common = sorted(set(a) & set(b))
+        same = sum(a[i]["pred_norm"] == b[i]["pred_norm"] for i in common)
+        d = [abs(x - y) for i in common for x, y in zip(a[i]["logliks"], b[i]["logliks"])]
+        cells.append(f"{100 * same / len(common):.1f} % ({sum(d) / len(d):.2g})")
+    print(f"| {la} | " + " | ".join(cells) + " |")
+print(f"\n{len(common)} items; each cell: acc_norm choice agreement (mean |Δ loglik| in nats).")
+PY
+    q="$work/q8_0.gguf"
+    echo "bench-hellaswag --ceiling: $items items on the Q8_0 file" >&2
+    RAYON_NUM_THREADS=1 "$bin" score gguf "$q" "$work/items.jsonl" 1024 "$work/c-tunenet.jsonl"
+    OMP_NUM_THREADS=1 "$py" "$work/llama_score.py" "$q" "$work/items.jsonl" 1 "$work/c-llama.jsonl"
+    OMP_NUM_THREADS=1 LLAMA_KV=f32 "$py" "$work/llama_score.py" "$q" "$work/items.jsonl" 1 "$work/c-llama-kv.jsonl"
+    "$tpy" "$work/torch_score.py" "$q" "$work/items.jsonl" "$threads_all" "$work/c-exact.jsonl" 2>/dev/null
+    PRECISION=f64 "$tpy" "$work/torch_score.py" "$q" "$work/items.jsonl" "$threads_all" "$work/c-exact64.jsonl" 2>/dev/null
+    ROUND=q8 "$tpy" "$work/torch_score.py" "$q" "$work/items.jsonl" "$threads_all" "$work/c-r32.jsonl" 2>/dev/null
+    ROUND=q8 PRECISION=f64 "$tpy" "$work/torch_score.py" "$q" "$work/items.jsonl" "$threads_all" "$work/c-r64.jsonl" 2>/dev/null
+    "$py" "$work/matrix.py" "tunenet=$work/c-tunenet.jsonl" "exact f32=$work/c-exact.jsonl" \
+        "exact f64=$work/c-exact64.jsonl" \
+        "rounded f32=$work/c-r32.jsonl" "rounded f64=$work/c-r64.jsonl" \
+        "llama.cpp=$work/c-llama.jsonl" "llama.cpp, f32 KV=$work/c-llama-kv.jsonl"
+    exit 0
+fi
 
 results="$work/results.jsonl"
 record() { # side label quant threads json
