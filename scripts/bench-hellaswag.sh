@@ -20,12 +20,14 @@
 # the Q4_1 file expanded to f32 by its own quantizer (its products then round nothing).
 # HELLASWAG_EXACT=0 skips it. LLAMA_KV=f32 runs llama.cpp with an f32 KV cache (default f16);
 # LLAMA_FRESH=1 evaluates each ending from an empty cache instead of the shared context.
+# HELLASWAG_KEEP=1 keeps the work folder (the items and every run's per-item scores).
 #
 # --ceiling measures no speed: on the Q8_0 file it scores the items with tunenet, the exact
 # reference, the exact reference with every linear layer's input rounded as ggml's Q8_0
 # products round it (blocks of 32, 8-bit values, an f16 scale) in f32 and again in f64
 # (and the exact reference in f64, to show how little f32 against f64 moves it unrounded),
-# and llama.cpp with its f16 and with an f32 KV cache, and prints every pair's acc_norm
+# and llama.cpp with its f16 and with an f32 KV cache and as built for another x86 level
+# (AVX without AVX2/FMA, a second venv, llama-venv-avx), and prints every pair's acc_norm
 # agreement: how far any implementation can agree with llama.cpp's quantised arithmetic,
 # and how far llama.cpp agrees with itself.
 #
@@ -42,37 +44,55 @@ items="${1:-200}"
 threads_all="$(nproc)"
 
 gguf="$("$root/scripts/fetch-smollm2.sh")"
-venv="$cache/llama-venv"
-py="$venv/bin/python"
-if ! "$py" -c 'import llama_cpp' >/dev/null 2>&1; then
-    echo "bench-hellaswag: installing llama-cpp-python into $venv" >&2
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install -q --upgrade pip
-    "$venv/bin/pip" install -q cmake ninja numpy
-    if ! "$venv/bin/pip" install -q --only-binary=:all: llama-cpp-python 2>/dev/null; then
+# install_llama VENV CMAKE_ARGS: llama-cpp-python in VENV, built from source with CMAKE_ARGS
+# where PyPI has no wheel (it has none: about 9 minutes on 2 cores, once). No pip cache: a
+# wheel built for one venv's flags must not be reused for the other's.
+install_llama() {
+    "$1/bin/python" -c 'import llama_cpp' >/dev/null 2>&1 && return
+    echo "bench-hellaswag: installing llama-cpp-python into $1" >&2
+    python3 -m venv "$1"
+    "$1/bin/pip" install -q --upgrade pip
+    "$1/bin/pip" install -q cmake ninja numpy
+    if ! "$1/bin/pip" install -q --only-binary=:all: llama-cpp-python 2>/dev/null; then
         echo "bench-hellaswag: no wheel; building llama-cpp-python from source (~9 min on 2 cores)" >&2
-        start=$(date +%s)
+        local start; start=$(date +%s)
         CMAKE_BUILD_PARALLEL_LEVEL="$threads_all" \
-        CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
-            "$venv/bin/pip" install --no-binary llama-cpp-python llama-cpp-python
+        CMAKE_ARGS="$2 -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+            "$1/bin/pip" install --no-cache-dir --no-binary llama-cpp-python llama-cpp-python
         echo "bench-hellaswag: built in $(( $(date +%s) - start )) s" >&2
     fi
+}
+venv="$cache/llama-venv"
+py="$venv/bin/python"
+install_llama "$venv" "-DGGML_NATIVE=ON"
+if [ "$mode" = ceiling ]; then
+    # The same llama.cpp built for another x86 level (AVX and F16C, no AVX2 or FMA): its
+    # kernels round and sum in another order, as on an older or differently built machine.
+    avx_venv="$cache/llama-venv-avx"
+    install_llama "$avx_venv" "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_F16C=ON -DGGML_AVX2=OFF -DGGML_FMA=OFF -DGGML_AVX512=OFF"
 fi
 
 exact="${HELLASWAG_EXACT:-1}"
 tvenv="$cache/bench-venv"
 tpy="$tvenv/bin/python"
-if { [ "$exact" = 1 ] || [ "$mode" = ceiling ]; } && ! "$tpy" -c 'import torch, transformers, gguf' >/dev/null 2>&1; then
-    echo "bench-hellaswag: installing torch, transformers and gguf into $tvenv" >&2
+if { [ "$exact" = 1 ] || [ "$mode" = ceiling ]; } && ! "$tpy" -c 'import torch, transformers, gguf, accelerate' >/dev/null 2>&1; then
+    # Recent transformers refuses to load a GGUF without accelerate installed.
+    echo "bench-hellaswag: installing torch, transformers, gguf and accelerate into $tvenv" >&2
     [ -x "$tpy" ] || python3 -m venv "$tvenv"
-    "$tvenv/bin/pip" install -q torch transformers safetensors gguf
+    "$tvenv/bin/pip" install -q torch transformers safetensors gguf accelerate
 fi
 
 (cd "$root" && cargo build --release -p tunenet-ml --example hellaswag-bench --features bench-example)
 bin="${CARGO_TARGET_DIR:-$root/target}/release/examples/hellaswag-bench"
 
 work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+# HELLASWAG_KEEP=1 keeps the work folder (items, every run's per-item scores) and says where.
+if [ -n "${HELLASWAG_KEEP:-}" ]; then
+    trap 'echo "bench-hellaswag: work folder kept at $work" >&2' EXIT
+else
+    trap 'rm -rf "$work"' EXIT
+fi
+export TQDM_DISABLE=1  # transformers' progress bars while it expands the GGUF
 "$bin" demo "$work/items.jsonl" "$items" 1
 cp "$gguf" "$work/q4_1.gguf"
 
@@ -222,7 +242,8 @@ with torch.no_grad():
 with open(out, "w") as f:
     for r in results:
         f.write(json.dumps(r) + "\n")
-print(json.dumps({"weights": "pytorch f32 (exact reference)", "items": len(items),
+label = os.environ.get("PRECISION", "f32") + (", linear inputs rounded to Q8_0" if os.environ.get("ROUND") else "")
+print(json.dumps({"weights": f"pytorch {label} (reference)", "items": len(items),
                   "acc_norm": right_norm / len(items), "seconds": time.perf_counter() - start}))
 PY
 
@@ -299,14 +320,16 @@ PY
     RAYON_NUM_THREADS=1 "$bin" score gguf "$q" "$work/items.jsonl" 1024 "$work/c-tunenet.jsonl"
     OMP_NUM_THREADS=1 "$py" "$work/llama_score.py" "$q" "$work/items.jsonl" 1 "$work/c-llama.jsonl"
     OMP_NUM_THREADS=1 LLAMA_KV=f32 "$py" "$work/llama_score.py" "$q" "$work/items.jsonl" 1 "$work/c-llama-kv.jsonl"
-    "$tpy" "$work/torch_score.py" "$q" "$work/items.jsonl" "$threads_all" "$work/c-exact.jsonl" 2>/dev/null
-    PRECISION=f64 "$tpy" "$work/torch_score.py" "$q" "$work/items.jsonl" "$threads_all" "$work/c-exact64.jsonl" 2>/dev/null
-    ROUND=q8 "$tpy" "$work/torch_score.py" "$q" "$work/items.jsonl" "$threads_all" "$work/c-r32.jsonl" 2>/dev/null
-    ROUND=q8 PRECISION=f64 "$tpy" "$work/torch_score.py" "$q" "$work/items.jsonl" "$threads_all" "$work/c-r64.jsonl" 2>/dev/null
+    OMP_NUM_THREADS=1 "$avx_venv/bin/python" "$work/llama_score.py" "$q" "$work/items.jsonl" 1 "$work/c-llama-avx.jsonl"
+    "$tpy" "$work/torch_score.py" "$q" "$work/items.jsonl" "$threads_all" "$work/c-exact.jsonl"
+    PRECISION=f64 "$tpy" "$work/torch_score.py" "$q" "$work/items.jsonl" "$threads_all" "$work/c-exact64.jsonl"
+    ROUND=q8 "$tpy" "$work/torch_score.py" "$q" "$work/items.jsonl" "$threads_all" "$work/c-r32.jsonl"
+    ROUND=q8 PRECISION=f64 "$tpy" "$work/torch_score.py" "$q" "$work/items.jsonl" "$threads_all" "$work/c-r64.jsonl"
     "$py" "$work/matrix.py" "tunenet=$work/c-tunenet.jsonl" "exact f32=$work/c-exact.jsonl" \
         "exact f64=$work/c-exact64.jsonl" \
         "rounded f32=$work/c-r32.jsonl" "rounded f64=$work/c-r64.jsonl" \
-        "llama.cpp=$work/c-llama.jsonl" "llama.cpp, f32 KV=$work/c-llama-kv.jsonl"
+        "llama.cpp=$work/c-llama.jsonl" "llama.cpp, f32 KV=$work/c-llama-kv.jsonl" \
+        "llama.cpp, AVX build=$work/c-llama-avx.jsonl"
     exit 0
 fi
 
@@ -334,7 +357,7 @@ done
 if [ "$exact" = 1 ]; then
     echo "== agreement with the exact reference (PyTorch f32 on the GGUF's expanded blocks)"
     for q in q4_1 q8_0 q4_0; do
-        "$tpy" "$work/torch_score.py" "$work/$q.gguf" "$work/items.jsonl" "$threads_all" "$work/torch-$q.jsonl" 2>/dev/null
+        "$tpy" "$work/torch_score.py" "$work/$q.gguf" "$work/items.jsonl" "$threads_all" "$work/torch-$q.jsonl"
         "$py" "$work/agree.py" "$work/tn-$q-1.jsonl" "$work/torch-$q.jsonl" "tunenet quantised $q vs exact"
         "$py" "$work/agree.py" "$work/llama-$q-1.jsonl" "$work/torch-$q.jsonl" "llama.cpp $q vs exact"
     done
