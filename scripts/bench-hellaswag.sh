@@ -314,6 +314,15 @@ for la, a in runs:
         cells.append(f"{100 * same / len(common):.1f} % ({sum(d) / len(d):.2g})")
     print(f"| {la} | " + " | ".join(cells) + " |")
 print(f"\n{len(common)} items; each cell: acc_norm choice agreement (mean |Δ loglik| in nats).")
+# Where every llama.cpp run picks the same ending, how often each other run picks it too.
+llamas = [r for l, r in runs if l.startswith("llama.cpp")]
+if len(llamas) > 1:
+    firm = [i for i in common if len({r[i]["pred_norm"] for r in llamas}) == 1]
+    print(f"\nOn the {len(firm)} items where the {len(llamas)} llama.cpp runs all pick the same ending:")
+    for la, a in runs:
+        if not la.startswith("llama.cpp"):
+            same = sum(a[i]["pred_norm"] == llamas[0][i]["pred_norm"] for i in firm)
+            print(f"- {la} picks it on {same} ({100 * same / len(firm):.1f} %)")
 PY
     q="$work/q8_0.gguf"
     echo "bench-hellaswag --ceiling: $items items on the Q8_0 file" >&2
