@@ -263,10 +263,14 @@ PY
 cat > "$work/quantize.py" <<'PY'
 import ctypes, sys
 import llama_cpp
+# quantize.py SRC THREADS OUT=TYPE...: TYPE is q8_0, q4_0 or f32.
+types = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
+         "f32": llama_cpp.LLAMA_FTYPE_ALL_F32}
 src, threads = sys.argv[1], int(sys.argv[2])
-for out, ftype in ((sys.argv[3], llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0),
-                   (sys.argv[4], llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0),
-                   (sys.argv[5], llama_cpp.LLAMA_FTYPE_ALL_F32)):
+for out, ftype in (a.rsplit("=", 1) for a in sys.argv[3:]):
+    if ftype not in types:
+        sys.exit(f"quantize.py: unknown type {ftype!r} for {out} (one of {', '.join(types)})")
+    ftype = types[ftype]
     p = llama_cpp.llama_model_quantize_default_params()
     p.ftype = ftype
     p.allow_requantize = True
@@ -291,7 +295,12 @@ PY
 
 # Q8_0 and Q4_0 files made by llama.cpp's quantizer, so both sides read the same bytes;
 # and the Q4_1 file expanded to f32 by it (the same values), for the arithmetic check.
-"$py" "$work/quantize.py" "$gguf" "$threads_all" "$work/q8_0.gguf" "$work/q4_0.gguf" "$work/f32.gguf"
+# (--ceiling needs only the Q8_0 file.)
+if [ "$mode" = ceiling ]; then
+    "$py" "$work/quantize.py" "$gguf" "$threads_all" "$work/q8_0.gguf=q8_0"
+else
+    "$py" "$work/quantize.py" "$gguf" "$threads_all" "$work/q8_0.gguf=q8_0" "$work/q4_0.gguf=q4_0" "$work/f32.gguf=f32"
+fi
 
 if [ "$mode" = ceiling ]; then
     cat > "$work/matrix.py" <<'PY'
